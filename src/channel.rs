@@ -1,0 +1,477 @@
+//! [`Channel`]: a session channel (exec, shell, subsystem) with tokio
+//! `AsyncRead`/`AsyncWrite` for stdout/stdin and a separate stderr reader.
+
+use std::cell::{Cell, RefCell};
+use std::ffi::CString;
+use std::io;
+use std::os::raw::{c_char, c_int, c_uint};
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{Context, Poll, ready};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use crate::error::{Error, Result};
+use crate::ffi;
+use crate::session::{Abandon, SessionInner, code};
+use crate::transport::{Link, OUTBOUND_HIGH_WATER};
+
+/// How a remote process ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExitStatus {
+    /// The exit code the server reported (0 if it reported none).
+    pub code: i32,
+    /// The signal that ended the process (`"TERM"`, `"KILL"`, …), if any.
+    pub signal: Option<String>,
+}
+
+impl ExitStatus {
+    /// Exited with code 0 and no signal.
+    pub fn success(&self) -> bool {
+        self.code == 0 && self.signal.is_none()
+    }
+}
+
+/// A session channel. Reading it yields the remote stdout, writing it feeds
+/// the remote stdin; [`Channel::stderr`] gives a reader of stderr.
+///
+/// Dropping a channel never blocks: the close it owes the server is sent
+/// and awaited by its session in the background.
+pub struct Channel {
+    inner: Rc<ChannelInner>,
+}
+
+/// A reader of a channel's stderr (extended data stream 1).
+pub struct Stderr {
+    inner: Rc<ChannelInner>,
+}
+
+pub(crate) struct ChannelInner {
+    pub(crate) session: Rc<SessionInner>,
+    raw: Cell<*mut ffi::LIBSSH2_CHANNEL>,
+    /// A request (exec, pty, …) was abandoned half-way.
+    abandoned: Cell<bool>,
+    /// Data accepted from the caller that libssh2 has not taken yet.
+    pending_write: RefCell<Vec<u8>>,
+    eof_sent: Cell<bool>,
+}
+
+/// libssh2 writes at most this much per call.
+const MAX_WRITE: usize = 32700;
+
+impl ChannelInner {
+    pub(crate) fn new(session: Rc<SessionInner>, raw: *mut ffi::LIBSSH2_CHANNEL) -> Rc<Self> {
+        Rc::new(ChannelInner {
+            session,
+            raw: Cell::new(raw),
+            abandoned: Cell::new(false),
+            pending_write: RefCell::new(Vec::new()),
+            eof_sent: Cell::new(false),
+        })
+    }
+
+    fn raw(&self) -> Result<*mut ffi::LIBSSH2_CHANNEL> {
+        let raw = self.raw.get();
+        if raw.is_null() {
+            Err(Error::Closed("channel"))
+        } else {
+            Ok(raw)
+        }
+    }
+
+    /// Repeats a libssh2 call on this channel until it stops saying EAGAIN.
+    async fn call<T>(
+        &self,
+        mut f: impl FnMut(*mut ffi::LIBSSH2_CHANNEL) -> std::result::Result<T, c_int>,
+    ) -> Result<T> {
+        std::future::poll_fn(|cx| {
+            let raw = match self.raw() {
+                Ok(r) => r,
+                Err(e) => return Poll::Ready(Err(e)),
+            };
+            self.session.poll_call(cx, &mut |_| f(raw))
+        })
+        .await
+    }
+
+    /// A channel request (exec, pty, env, …): libssh2 keeps its half-done
+    /// state in the channel, so an abandoned one makes the channel unusable.
+    async fn request(
+        &self,
+        operation: &'static str,
+        f: impl FnMut(*mut ffi::LIBSSH2_CHANNEL) -> std::result::Result<(), c_int>,
+    ) -> Result<()> {
+        self.session
+            .with_timeout(operation, async {
+                if self.abandoned.get() {
+                    return Err(Error::Poisoned("channel"));
+                }
+                let guard = Abandon::new(&self.abandoned);
+                let r = self.call(f).await;
+                guard.done();
+                r
+            })
+            .await
+    }
+
+    fn poll_read_stream(
+        &self,
+        cx: &mut Context<'_>,
+        stream: c_int,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let raw = self.raw()?;
+        // SAFETY: libssh2 only writes into the unfilled part; we mark as
+        // initialized exactly the bytes it reports.
+        let dst = unsafe { buf.unfilled_mut() };
+        if dst.is_empty() {
+            return Poll::Ready(Ok(()));
+        }
+        // SAFETY: live channel; `dst` is writable for its length.
+        let n = unsafe {
+            ffi::libssh2_channel_read_ex(raw, stream, dst.as_mut_ptr() as *mut c_char, dst.len())
+        };
+        let session = &self.session;
+        session.transport.pump();
+        if n >= 0 {
+            let n = n as usize;
+            // SAFETY: libssh2 wrote `n` bytes at the start of `dst`.
+            unsafe { buf.assume_init(n) };
+            buf.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        if n as c_int == ffi::LIBSSH2_ERROR_EAGAIN {
+            if !matches!(session.transport.bridge().link(), Link::Open | Link::Disconnected) {
+                return Poll::Ready(Err(session.error(ffi::LIBSSH2_ERROR_SOCKET_RECV).into()));
+            }
+            session.transport.register(cx.waker());
+            return Poll::Pending;
+        }
+        Poll::Ready(Err(session.error(n as c_int).into()))
+    }
+
+    /// Hands `pending_write` to libssh2 until it is all taken.
+    fn poll_drive_pending(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        loop {
+            let mut pending = self.pending_write.borrow_mut();
+            if pending.is_empty() {
+                return Poll::Ready(Ok(()));
+            }
+            let raw = self.raw()?;
+            // SAFETY: live channel; the buffer outlives the call.
+            let n = unsafe {
+                ffi::libssh2_channel_write_ex(
+                    raw,
+                    0,
+                    pending.as_ptr() as *const c_char,
+                    pending.len(),
+                )
+            };
+            self.session.transport.pump();
+            match n {
+                n if n > 0 => {
+                    pending.drain(..n as usize);
+                }
+                n if n == 0 || n as c_int == ffi::LIBSSH2_ERROR_EAGAIN => {
+                    drop(pending);
+                    return self.wait_transport(cx);
+                }
+                n => return Poll::Ready(Err(self.session.error(n as c_int).into())),
+            }
+        }
+    }
+
+    fn wait_transport(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let session = &self.session;
+        if !matches!(session.transport.bridge().link(), Link::Open) {
+            return Poll::Ready(Err(session.error(ffi::LIBSSH2_ERROR_SOCKET_SEND).into()));
+        }
+        session.transport.register(cx.waker());
+        Poll::Pending
+    }
+
+    fn poll_write(&self, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+        ready!(self.poll_drive_pending(cx))?;
+        let session = &self.session;
+        // Backpressure before libssh2: its send callback must always take
+        // the whole packet.
+        if session.transport.outbound_pending() >= OUTBOUND_HIGH_WATER {
+            session.transport.pump();
+            ready!(self.wait_transport(cx))?;
+        }
+        let raw = self.raw()?;
+        let len = data.len().min(MAX_WRITE);
+        // SAFETY: live channel; `data` outlives the call.
+        let n = unsafe { ffi::libssh2_channel_write_ex(raw, 0, data.as_ptr() as *const c_char, len) };
+        session.transport.pump();
+        match n {
+            n if n > 0 => Poll::Ready(Ok(n as usize)),
+            n if n == 0 || n as c_int == ffi::LIBSSH2_ERROR_EAGAIN => {
+                // libssh2 may hold half-built state that must be resumed
+                // with the same bytes: keep a copy and report it taken.
+                self.pending_write.borrow_mut().extend_from_slice(&data[..len]);
+                Poll::Ready(Ok(len))
+            }
+            n => Poll::Ready(Err(session.error(n as c_int).into())),
+        }
+    }
+
+    fn poll_flush(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        ready!(self.poll_drive_pending(cx))?;
+        let t = &self.session.transport;
+        t.pump();
+        if t.outbound_pending() == 0 {
+            return Poll::Ready(Ok(()));
+        }
+        self.wait_transport(cx)
+    }
+
+    fn poll_send_eof(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        ready!(self.poll_flush(cx))?;
+        if self.eof_sent.get() {
+            return Poll::Ready(Ok(()));
+        }
+        let raw = self.raw()?;
+        let r = ready!(self.session.poll_call(cx, &mut |_| {
+            // SAFETY: live channel.
+            code(unsafe { ffi::libssh2_channel_send_eof(raw) })
+        }));
+        r?;
+        self.eof_sent.set(true);
+        self.poll_flush(cx)
+    }
+
+    /// Sends EOF and CLOSE, then waits for the peer's CLOSE.
+    pub(crate) async fn close(&self) -> Result<()> {
+        let _ = std::future::poll_fn(|cx| self.poll_flush(cx)).await;
+        self.call(|raw| {
+            // SAFETY: live channel.
+            code(unsafe { ffi::libssh2_channel_close(raw) })
+        })
+        .await
+    }
+
+    /// Gives the libssh2 channel back to the session (freed now or later).
+    pub(crate) fn release(&self) {
+        let raw = self.raw.replace(std::ptr::null_mut());
+        if raw.is_null() {
+            return;
+        }
+        if self.session.is_open() {
+            self.session.free_channel(raw);
+        } else {
+            // The session is being torn down: its transport is dead, so the
+            // free does no IO and cannot wait.
+            // SAFETY: `raw` belongs to this session and is freed once, here.
+            unsafe { ffi::libssh2_channel_free(raw) };
+        }
+    }
+
+    fn exit_status(&self) -> Result<ExitStatus> {
+        let raw = self.raw()?;
+        // SAFETY: live channel; the signal name is copied and then freed
+        // with libssh2's allocator, as its docs require.
+        unsafe {
+            let code = ffi::libssh2_channel_get_exit_status(raw);
+            let mut sig: *mut c_char = std::ptr::null_mut();
+            let mut sig_len = 0usize;
+            ffi::libssh2_channel_get_exit_signal(
+                raw,
+                &mut sig,
+                &mut sig_len,
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+            );
+            let signal = if sig.is_null() {
+                None
+            } else {
+                let s = String::from_utf8_lossy(std::slice::from_raw_parts(sig as *const u8, sig_len))
+                    .into_owned();
+                if let Ok(sess) = self.session.raw() {
+                    ffi::libssh2_free(sess, sig as *mut _);
+                }
+                Some(s)
+            };
+            Ok(ExitStatus { code, signal })
+        }
+    }
+}
+
+impl Drop for ChannelInner {
+    fn drop(&mut self) {
+        self.release();
+        self.session.prune_channels();
+    }
+}
+
+fn c(what: &str, s: &str) -> Result<CString> {
+    CString::new(s).map_err(|_| Error::InvalidInput(format!("{what} contains a NUL byte")))
+}
+
+impl Channel {
+    pub(crate) fn from_inner(inner: Rc<ChannelInner>) -> Self {
+        Channel { inner }
+    }
+
+    async fn process_startup(&mut self, request: &'static str, message: Option<&str>) -> Result<()> {
+        let msg = message.map(|m| c(request, m)).transpose()?;
+        self.inner
+            .request(request, |raw| {
+                // SAFETY: live channel; the strings outlive the call.
+                code(unsafe {
+                    ffi::libssh2_channel_process_startup(
+                        raw,
+                        request.as_ptr() as *const c_char,
+                        request.len() as c_uint,
+                        msg.as_ref().map_or(std::ptr::null(), |m| m.as_ptr()),
+                        msg.as_ref().map_or(0, |m| m.as_bytes().len() as c_uint),
+                    )
+                })
+            })
+            .await
+    }
+
+    /// Runs `command` through the user's shell on the server.
+    pub async fn exec(&mut self, command: &str) -> Result<()> {
+        self.process_startup("exec", Some(command)).await
+    }
+
+    /// Starts the user's login shell.
+    pub async fn shell(&mut self) -> Result<()> {
+        self.process_startup("shell", None).await
+    }
+
+    /// Starts a subsystem (`sftp`, …).
+    pub async fn subsystem(&mut self, name: &str) -> Result<()> {
+        self.process_startup("subsystem", Some(name)).await
+    }
+
+    /// Asks for a pseudo-terminal of type `term` (`"xterm"`, …) and size.
+    pub async fn request_pty(&mut self, term: &str, columns: u32, rows: u32) -> Result<()> {
+        self.inner
+            .request("pty request", |raw| {
+                // SAFETY: live channel; `term` outlives the call.
+                code(unsafe {
+                    ffi::libssh2_channel_request_pty_ex(
+                        raw,
+                        term.as_ptr() as *const c_char,
+                        term.len() as c_uint,
+                        std::ptr::null(),
+                        0,
+                        columns as c_int,
+                        rows as c_int,
+                        0,
+                        0,
+                    )
+                })
+            })
+            .await
+    }
+
+    /// Sets an environment variable for the command (the server must accept
+    /// it: OpenSSH's `AcceptEnv`).
+    pub async fn setenv(&mut self, name: &str, value: &str) -> Result<()> {
+        self.inner
+            .request("env request", |raw| {
+                // SAFETY: live channel; the strings outlive the call.
+                code(unsafe {
+                    ffi::libssh2_channel_setenv_ex(
+                        raw,
+                        name.as_ptr() as *const c_char,
+                        name.len() as c_uint,
+                        value.as_ptr() as *const c_char,
+                        value.len() as c_uint,
+                    )
+                })
+            })
+            .await
+    }
+
+    /// A reader of the remote stderr, usable at the same time as this channel.
+    pub fn stderr(&self) -> Stderr {
+        Stderr {
+            inner: self.inner.clone(),
+        }
+    }
+
+    /// Sends EOF: the remote stdin ends. Writing afterwards fails.
+    pub async fn send_eof(&mut self) -> Result<()> {
+        let inner = &self.inner;
+        inner
+            .session
+            .with_timeout("send EOF", async {
+                std::future::poll_fn(|cx| inner.poll_send_eof(cx))
+                    .await
+                    .map_err(Error::from)
+            })
+            .await
+    }
+
+    /// Whether the server has sent EOF (no more stdout/stderr data after
+    /// what is buffered).
+    pub fn eof(&self) -> bool {
+        self.inner
+            .raw()
+            // SAFETY: live channel.
+            .map(|raw| unsafe { ffi::libssh2_channel_eof(raw) } != 0)
+            .unwrap_or(true)
+    }
+
+    /// Closes the channel (EOF, CLOSE, and the server's CLOSE) and returns
+    /// how the remote process ended. Read stdout and stderr to their end
+    /// first: a server whose output window is full cannot finish.
+    pub async fn wait(&mut self) -> Result<ExitStatus> {
+        let inner = &self.inner;
+        inner
+            .session
+            .with_timeout("channel close", async { inner.close().await })
+            .await?;
+        inner.exit_status()
+    }
+
+    /// The exit status reported so far (code 0 until the server sends one).
+    pub fn exit_status(&self) -> Result<ExitStatus> {
+        self.inner.exit_status()
+    }
+}
+
+impl AsyncRead for Channel {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        self.inner.poll_read_stream(cx, 0, buf)
+    }
+}
+
+impl AsyncRead for Stderr {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        self.inner.poll_read_stream(cx, 1, buf)
+    }
+}
+
+impl AsyncWrite for Channel {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.inner.poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.inner.poll_flush(cx)
+    }
+
+    /// Flushes and sends EOF.
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.inner.poll_send_eof(cx)
+    }
+}

@@ -1,0 +1,245 @@
+//! One error type for the crate, mapped to [`std::io::ErrorKind`] where one fits.
+
+use std::fmt;
+use std::io;
+use std::time::Duration;
+
+/// Everything that can go wrong in this crate.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Error {
+    /// libssh2 reported an error: its code (`LIBSSH2_ERROR_*`) and message,
+    /// copied when the call failed.
+    Ssh {
+        /// The `LIBSSH2_ERROR_*` code.
+        code: i32,
+        /// libssh2's message for it.
+        message: String,
+    },
+    /// An operating-system error, or the transport under the session failed
+    /// (connection refused or reset, peer closed the connection).
+    Io(io::Error),
+    /// An operation did not finish within its configured timeout.
+    Timeout {
+        /// What was being done.
+        operation: &'static str,
+        /// The timeout that expired.
+        after: Duration,
+    },
+    /// The server's host key did not pass verification.
+    HostKey(HostKeyError),
+    /// The kernel cannot run the reactor.
+    Kernel(KernelSupportError),
+    /// The crate is used outside of what it supports (wrong runtime flavour).
+    Runtime(String),
+    /// A caller passed something unusable (a string with a NUL byte, a
+    /// missing file, a negative size).
+    InvalidInput(String),
+    /// The session or channel was closed, or torn down, before this call.
+    Closed(&'static str),
+    /// An earlier call on the same object was abandoned half-way (its future
+    /// was dropped or timed out) in a way libssh2 cannot resume; the object
+    /// must be dropped.
+    Poisoned(&'static str),
+}
+
+/// Why a host key was rejected.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum HostKeyError {
+    /// The host is not in the known_hosts file and the policy is strict.
+    Unknown {
+        /// `host` or `[host]:port` as looked up.
+        host: String,
+        /// The key's type name (`ssh-ed25519`, …).
+        key_type: String,
+        /// `SHA256:` fingerprint of the key the server presented.
+        fingerprint: String,
+    },
+    /// The host is known with a different key: possibly an attack.
+    Changed {
+        /// `host` or `[host]:port` as looked up.
+        host: String,
+        /// The key's type name.
+        key_type: String,
+        /// `SHA256:` fingerprint of the key the server presented.
+        fingerprint: String,
+    },
+    /// The known_hosts file could not be read or written.
+    File {
+        /// The file.
+        path: String,
+        /// What failed.
+        reason: String,
+    },
+}
+
+/// Why the reactor cannot run on this kernel.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum KernelSupportError {
+    /// io_uring cannot be set up at all.
+    Unavailable {
+        /// A sentence naming the likely cause.
+        reason: String,
+        /// The error from the system call.
+        source: io::Error,
+    },
+    /// The kernel lacks an opcode the reactor needs.
+    MissingOpcode {
+        /// The opcode's name.
+        opcode: &'static str,
+        /// The kernel release that added it.
+        since: &'static str,
+    },
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::Ssh { code, message } => write!(f, "libssh2 error {code}: {message}"),
+            Error::Io(e) => write!(f, "{e}"),
+            Error::Timeout { operation, after } => {
+                write!(f, "{operation} timed out after {after:?}")
+            }
+            Error::HostKey(e) => write!(f, "{e}"),
+            Error::Kernel(e) => write!(f, "{e}"),
+            Error::Runtime(m) => write!(f, "{m}"),
+            Error::InvalidInput(m) => write!(f, "invalid input: {m}"),
+            Error::Closed(what) => write!(f, "{what} is closed"),
+            Error::Poisoned(what) => write!(
+                f,
+                "{what} is unusable: an earlier call on it was abandoned half-way"
+            ),
+        }
+    }
+}
+
+impl fmt::Display for HostKeyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HostKeyError::Unknown {
+                host,
+                key_type,
+                fingerprint,
+            } => write!(
+                f,
+                "host key for {host} is not in known_hosts ({key_type} {fingerprint})"
+            ),
+            HostKeyError::Changed {
+                host,
+                key_type,
+                fingerprint,
+            } => write!(
+                f,
+                "host key for {host} has CHANGED: the server presented {key_type} {fingerprint}, \
+                 which differs from the key in known_hosts"
+            ),
+            HostKeyError::File { path, reason } => write!(f, "known_hosts file {path}: {reason}"),
+        }
+    }
+}
+
+impl fmt::Display for KernelSupportError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            KernelSupportError::Unavailable { reason, source } => {
+                write!(f, "io_uring unavailable: {reason} ({source})")
+            }
+            KernelSupportError::MissingOpcode { opcode, since } => write!(
+                f,
+                "io_uring lacks {opcode}, which needs Linux {since} or newer"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Error::Io(e) => Some(e),
+            Error::Kernel(KernelSupportError::Unavailable { source, .. }) => Some(source),
+            _ => None,
+        }
+    }
+}
+
+impl std::error::Error for HostKeyError {}
+impl std::error::Error for KernelSupportError {}
+
+impl Error {
+    /// The closest [`io::ErrorKind`].
+    pub fn kind(&self) -> io::ErrorKind {
+        use io::ErrorKind as K;
+        match self {
+            Error::Io(e) => e.kind(),
+            Error::Timeout { .. } => K::TimedOut,
+            Error::HostKey(_) => K::PermissionDenied,
+            Error::Kernel(_) => K::Unsupported,
+            Error::Runtime(_) => K::Unsupported,
+            Error::InvalidInput(_) => K::InvalidInput,
+            Error::Closed(_) => K::NotConnected,
+            Error::Poisoned(_) => K::Other,
+            Error::Ssh { code, .. } => match *code {
+                libssh2_sys::LIBSSH2_ERROR_AUTHENTICATION_FAILED
+                | libssh2_sys::LIBSSH2_ERROR_PUBLICKEY_UNVERIFIED
+                | libssh2_sys::LIBSSH2_ERROR_PASSWORD_EXPIRED
+                | libssh2_sys::LIBSSH2_ERROR_KEYFILE_AUTH_FAILED => K::PermissionDenied,
+                libssh2_sys::LIBSSH2_ERROR_FILE => K::NotFound,
+                libssh2_sys::LIBSSH2_ERROR_TIMEOUT | libssh2_sys::LIBSSH2_ERROR_SOCKET_TIMEOUT => {
+                    K::TimedOut
+                }
+                libssh2_sys::LIBSSH2_ERROR_SOCKET_DISCONNECT => K::ConnectionAborted,
+                libssh2_sys::LIBSSH2_ERROR_CHANNEL_CLOSED
+                | libssh2_sys::LIBSSH2_ERROR_CHANNEL_EOF_SENT => K::BrokenPipe,
+                libssh2_sys::LIBSSH2_ERROR_INVAL | libssh2_sys::LIBSSH2_ERROR_BAD_USE => {
+                    K::InvalidInput
+                }
+                libssh2_sys::LIBSSH2_ERROR_ALLOC => K::OutOfMemory,
+                libssh2_sys::LIBSSH2_ERROR_PROTO
+                | libssh2_sys::LIBSSH2_ERROR_INVALID_MAC
+                | libssh2_sys::LIBSSH2_ERROR_DECRYPT => K::InvalidData,
+                _ => K::Other,
+            },
+        }
+    }
+
+    /// The libssh2 error code, if this error came from libssh2.
+    pub fn ssh_code(&self) -> Option<i32> {
+        match self {
+            Error::Ssh { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+
+    /// Whether the server rejected the credentials offered.
+    pub fn is_auth_failure(&self) -> bool {
+        matches!(
+            self.ssh_code(),
+            Some(
+                libssh2_sys::LIBSSH2_ERROR_AUTHENTICATION_FAILED
+                    | libssh2_sys::LIBSSH2_ERROR_PUBLICKEY_UNVERIFIED
+                    | libssh2_sys::LIBSSH2_ERROR_KEYFILE_AUTH_FAILED
+                    | libssh2_sys::LIBSSH2_ERROR_METHOD_NONE
+            )
+        )
+    }
+}
+
+impl From<io::Error> for Error {
+    fn from(e: io::Error) -> Self {
+        Error::Io(e)
+    }
+}
+
+impl From<Error> for io::Error {
+    fn from(e: Error) -> Self {
+        match e {
+            Error::Io(e) => e,
+            other => io::Error::new(other.kind(), other),
+        }
+    }
+}
+
+/// Shorthand for results of this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

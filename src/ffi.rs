@@ -1,0 +1,32 @@
+//! The libssh2 declarations that `libssh2-sys` lacks. They link against the
+//! libssh2 that `libssh2-sys` builds from its vendored sources (1.11.x).
+
+use std::os::raw::{c_int, c_void};
+
+pub use libssh2_sys::*;
+
+/// `cbtype` for the send callback.
+pub const LIBSSH2_CALLBACK_SEND: c_int = 5;
+/// `cbtype` for the recv callback.
+pub const LIBSSH2_CALLBACK_RECV: c_int = 6;
+
+/// `ssize_t cb(libssh2_socket_t, const void *, size_t, int, void **)`.
+pub type SendCallback =
+    unsafe extern "C" fn(libssh2_socket_t, *const c_void, usize, c_int, *mut *mut c_void) -> isize;
+/// `ssize_t cb(libssh2_socket_t, void *, size_t, int, void **)`.
+pub type RecvCallback =
+    unsafe extern "C" fn(libssh2_socket_t, *mut c_void, usize, c_int, *mut *mut c_void) -> isize;
+
+unsafe extern "C" {
+    /// Sets one of the session's callbacks; returns the previous one.
+    /// Present from libssh2 1.11.1.
+    pub fn libssh2_session_callback_set2(
+        session: *mut LIBSSH2_SESSION,
+        cbtype: c_int,
+        callback: *mut c_void,
+    ) -> *mut c_void;
+
+    /// The libssh2 version string at run time (`"1.11.2_DEV"`, …) when
+    /// `required` is 0.
+    pub fn libssh2_version(required: c_int) -> *const std::os::raw::c_char;
+}

@@ -1,0 +1,79 @@
+//! SSH over io_uring: libssh2's protocol engine with its socket IO replaced
+//! by a per-thread io_uring ring.
+//!
+//! # Design
+//!
+//! * [`reactor`]: one ring per thread, knowing nothing of SSH. Operations
+//!   own their buffers until their own completion arrives; submissions of
+//!   every session on the thread go to the kernel in one `io_uring_enter`
+//!   per scheduler tick.
+//! * [`transport`]: libssh2's send and recv callbacks. The send callback
+//!   takes each packet whole into an outbound queue (never short, never
+//!   `EAGAIN`, which would pin libssh2 to that packet); the recv callback
+//!   reads from a buffer that 64 KiB ring recvs fill. libssh2 is handed a
+//!   dummy non-blocking fd; the real, blocking socket is seen only by the
+//!   ring.
+//! * [`Session`] and [`Channel`]: async wrappers. Each libssh2 call that
+//!   says `EAGAIN` waits for the session's next socket event and is
+//!   resumed; calls libssh2 keeps half-done state for are queued per object.
+//!
+//! # What Drop promises
+//!
+//! Dropping a [`Session`] (its last handle) at any moment — mid-handshake,
+//! mid-transfer — never blocks and never waits for the peer: the transport
+//! is marked dead so both callbacks fail, `IORING_OP_ASYNC_CANCEL` is
+//! submitted for the session's in-flight ops together with a `SHUTDOWN`,
+//! libssh2 frees channels and session at once without IO, and the ring keeps
+//! each buffer (and the socket) until that op's own completion arrives.
+//! Dropping a [`Channel`] while its session lives frees it without blocking;
+//! the EOF/CLOSE it owes is finished by the session later.
+//!
+//! The graceful path, [`Session::close`], closes channels, sends
+//! `SSH_MSG_DISCONNECT`, waits until it has left, and only then shuts the
+//! socket down: nothing is sent after the DISCONNECT.
+//!
+//! # Example
+//!
+//! ```no_run
+//! use tokio::io::AsyncReadExt;
+//! use uring_ssh::{Config, Session};
+//!
+//! #[tokio::main(flavor = "current_thread")]
+//! async fn main() -> Result<(), uring_ssh::Error> {
+//!     let session = Session::connect("127.0.0.1", 22, Config::new()).await?;
+//!     let key = std::path::Path::new("/root/.ssh/id_ed25519");
+//!     session.auth_pubkey_file("root", key, None).await?;
+//!     let mut channel = session.exec("uname -a").await?;
+//!     let mut out = String::new();
+//!     channel.read_to_string(&mut out).await?;
+//!     let status = channel.wait().await?;
+//!     println!("{out} (exit {})", status.code);
+//!     session.close("bye").await
+//! }
+//! ```
+#![warn(missing_docs)]
+
+mod channel;
+mod error;
+mod ffi;
+pub mod knownhosts;
+pub mod reactor;
+mod session;
+pub mod transport;
+
+pub use channel::{Channel, ExitStatus, Stderr};
+pub use error::{Error, HostKeyError, KernelSupportError, Result};
+pub use knownhosts::{HostKey, HostKeyPolicy};
+pub use session::{
+    Config, DEFAULT_CIPHERS, DEFAULT_PACKET, DEFAULT_WINDOW, MethodType, Session, SessionStats,
+    leaked_objects,
+};
+pub use transport::callbacks::{libssh2_blocks_outstanding, libssh2_bytes_outstanding};
+
+/// The libssh2 version linked, as it reports itself at run time.
+pub fn libssh2_version() -> String {
+    // SAFETY: returns a static NUL-terminated string.
+    unsafe { std::ffi::CStr::from_ptr(ffi::libssh2_version(0)) }
+        .to_string_lossy()
+        .into_owned()
+}

@@ -1,0 +1,226 @@
+//! Operations: what each SQE owns until its completion, and the future that
+//! waits for one.
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::RawFd;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{Context, Poll};
+
+use io_uring::{opcode, types};
+
+use super::{OpId, Reactor};
+
+/// Everything the kernel may touch while an op is in flight.
+///
+/// Owned by the op's slot in the reactor and dropped only after the op's own
+/// CQE (or leaked if the ring goes away first).
+#[derive(Default)]
+pub(crate) struct Resources {
+    /// Data buffer (send source or recv destination).
+    pub buf: Vec<u8>,
+    /// Start of the part of `buf` a send still has to move.
+    pub offset: usize,
+    /// The file the op works on, kept open until the op completes.
+    pub fd: Option<Rc<SharedFd>>,
+    /// Timespec of a timeout op (only held, for the kernel to read).
+    #[allow(dead_code)]
+    pub timespec: Option<Box<types::Timespec>>,
+    /// Socket address of a connect op (only held, for the kernel to read).
+    #[allow(dead_code)]
+    pub addr: Option<Box<(libc::sockaddr_storage, libc::socklen_t)>>,
+}
+
+/// The result of one op, and the resources it gives back.
+pub(crate) struct Completion {
+    raw: i32,
+    /// The op's resources, returned to the caller.
+    pub resources: Resources,
+}
+
+impl Completion {
+    pub(super) fn new(raw: i32, resources: Resources) -> Self {
+        Completion { raw, resources }
+    }
+
+    /// The CQE's `res`: a count, or a negated errno.
+    pub fn raw(&self) -> i32 {
+        self.raw
+    }
+
+    /// `res` as an io result.
+    pub fn result(&self) -> io::Result<u32> {
+        if self.raw < 0 {
+            Err(io::Error::from_raw_os_error(-self.raw))
+        } else {
+            Ok(self.raw as u32)
+        }
+    }
+}
+
+/// A future for one op's completion. Dropping it before the completion
+/// cancels the op; the reactor keeps its resources until the CQE arrives.
+pub(crate) struct Op {
+    reactor: Rc<Reactor>,
+    id: OpId,
+    finished: bool,
+}
+
+impl Op {
+    pub(super) fn new(reactor: Rc<Reactor>, id: OpId) -> Self {
+        Op {
+            reactor,
+            id,
+            finished: false,
+        }
+    }
+}
+
+impl Future for Op {
+    type Output = Completion;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Completion> {
+        let done = self.reactor.poll_op(self.id, cx);
+        if done.is_ready() {
+            self.finished = true;
+        }
+        done
+    }
+}
+
+impl Drop for Op {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.reactor.abandon(self.id);
+        }
+    }
+}
+
+/// A file descriptor shared by the ops that use it; closed when the last
+/// holder (often an op whose completion just arrived) lets go.
+pub(crate) struct SharedFd {
+    fd: RawFd,
+}
+
+impl SharedFd {
+    /// Takes ownership of `fd`.
+    pub fn new(fd: RawFd) -> Rc<SharedFd> {
+        Rc::new(SharedFd { fd })
+    }
+
+    /// The raw number, valid while this value lives.
+    pub fn raw(&self) -> RawFd {
+        self.fd
+    }
+}
+
+impl Drop for SharedFd {
+    fn drop(&mut self) {
+        // Close through the ring (batched with everything else) when this
+        // thread has one; a plain close(2) during thread teardown.
+        let fd = self.fd;
+        let queued = Reactor::with_existing(|r| {
+            r.submit_detached(opcode::Close::new(types::Fd(fd)).build(), Resources::default())
+        });
+        if queued.is_none() {
+            // SAFETY: `fd` is owned by this value and closed exactly once, here.
+            unsafe { libc::close(fd) };
+        }
+    }
+}
+
+/// Builders for the socket ops the transport uses.
+impl Reactor {
+    /// `recv(2)` into `buf[..]` (its full length).
+    pub(crate) fn recv_sqe(fd: &SharedFd, buf: &mut [u8]) -> io_uring::squeue::Entry {
+        opcode::Recv::new(types::Fd(fd.raw()), buf.as_mut_ptr(), buf.len() as u32).build()
+    }
+
+    /// `send(2)` of `buf[offset..]` with MSG_NOSIGNAL.
+    pub(crate) fn send_sqe(fd: &SharedFd, buf: &[u8], offset: usize) -> io_uring::squeue::Entry {
+        let rest = &buf[offset..];
+        opcode::Send::new(types::Fd(fd.raw()), rest.as_ptr(), rest.len() as u32)
+            .flags(libc::MSG_NOSIGNAL)
+            .build()
+    }
+
+    /// `shutdown(2)` with SHUT_RDWR, detached: nobody waits for it.
+    pub(crate) fn shutdown_detached(&self, fd: &Rc<SharedFd>) {
+        let sqe = opcode::Shutdown::new(types::Fd(fd.raw()), libc::SHUT_RDWR).build();
+        let resources = Resources {
+            fd: Some(fd.clone()),
+            ..Resources::default()
+        };
+        self.submit_detached(sqe, resources);
+    }
+
+    /// `shutdown(2)` with SHUT_RDWR, awaited.
+    pub(crate) fn shutdown(self: &Rc<Self>, fd: &Rc<SharedFd>) -> Op {
+        let sqe = opcode::Shutdown::new(types::Fd(fd.raw()), libc::SHUT_RDWR).build();
+        let resources = Resources {
+            fd: Some(fd.clone()),
+            ..Resources::default()
+        };
+        self.submit_op(sqe, resources)
+    }
+
+    /// `connect(2)` to `addr`, cancelled by the kernel after `timeout`.
+    pub(crate) fn connect(
+        self: &Rc<Self>,
+        fd: &Rc<SharedFd>,
+        addr: SocketAddr,
+        timeout: std::time::Duration,
+    ) -> Op {
+        let mut storage = Box::new(sockaddr_from(addr));
+        let sqe = opcode::Connect::new(
+            types::Fd(fd.raw()),
+            &mut storage.0 as *mut libc::sockaddr_storage as *const libc::sockaddr,
+            storage.1,
+        )
+        .build();
+        let resources = Resources {
+            fd: Some(fd.clone()),
+            addr: Some(storage),
+            ..Resources::default()
+        };
+        self.submit_op_with_timeout(sqe, resources, timeout)
+    }
+}
+
+/// A `sockaddr_storage` holding `addr`, and its length.
+fn sockaddr_from(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: sockaddr_storage is plain old data; all-zero is a valid value.
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let len = match addr {
+        SocketAddr::V4(a) => {
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: a.port().to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(a.ip().octets()),
+                },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in.
+            unsafe { std::ptr::write(&mut storage as *mut _ as *mut libc::sockaddr_in, sin) };
+            std::mem::size_of::<libc::sockaddr_in>()
+        }
+        SocketAddr::V6(a) => {
+            let sin6 = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                sin6_port: a.port().to_be(),
+                sin6_flowinfo: a.flowinfo(),
+                sin6_addr: libc::in6_addr {
+                    s6_addr: a.ip().octets(),
+                },
+                sin6_scope_id: a.scope_id(),
+            };
+            // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in6.
+            unsafe { std::ptr::write(&mut storage as *mut _ as *mut libc::sockaddr_in6, sin6) };
+            std::mem::size_of::<libc::sockaddr_in6>()
+        }
+    };
+    (storage, len as libc::socklen_t)
+}

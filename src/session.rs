@@ -1,0 +1,1071 @@
+//! [`Session`]: connect, handshake, host-key check, authentication,
+//! keepalive, channels, and teardown.
+
+use std::cell::{Cell, RefCell};
+use std::ffi::CString;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::os::raw::{c_char, c_int, c_uint};
+use std::path::{Path, PathBuf};
+use std::rc::{Rc, Weak};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use crate::channel::{Channel, ChannelInner};
+use crate::error::{Error, Result};
+use crate::ffi;
+use crate::knownhosts::{self, HostKey, HostKeyPolicy};
+use crate::reactor::{OpId, Reactor, SharedFd};
+use crate::transport::callbacks::{self, KbdResponder};
+use crate::transport::{BridgeStats, Link, Transport};
+
+/// Cipher order offered by default. chacha20-poly1305 comes first: libssh2
+/// decrypts AES-GCM one 16-byte block per backend call, which measured 207
+/// MB/s against 366 MB/s for chacha20-poly1305 on the same machine.
+pub const DEFAULT_CIPHERS: &str = "chacha20-poly1305@openssh.com,aes128-gcm@openssh.com,\
+aes256-gcm@openssh.com,aes128-ctr,aes192-ctr,aes256-ctr";
+
+/// Channel window offered by default: throughput is bounded by window / RTT.
+pub const DEFAULT_WINDOW: u32 = 8 * 1024 * 1024;
+/// Largest packet libssh2 accepts (its receive buffer holds ~35000 bytes).
+pub const DEFAULT_PACKET: u32 = 32768;
+
+/// A class of algorithms whose preference order can be set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum MethodType {
+    /// Key exchange.
+    Kex,
+    /// Host-key algorithms.
+    HostKey,
+    /// Ciphers, client to server.
+    CipherClientToServer,
+    /// Ciphers, server to client.
+    CipherServerToClient,
+    /// MACs, client to server.
+    MacClientToServer,
+    /// MACs, server to client.
+    MacServerToClient,
+    /// Compression, client to server.
+    CompressionClientToServer,
+    /// Compression, server to client.
+    CompressionServerToClient,
+}
+
+impl MethodType {
+    fn raw(self) -> c_int {
+        match self {
+            MethodType::Kex => ffi::LIBSSH2_METHOD_KEX,
+            MethodType::HostKey => ffi::LIBSSH2_METHOD_HOSTKEY,
+            MethodType::CipherClientToServer => ffi::LIBSSH2_METHOD_CRYPT_CS,
+            MethodType::CipherServerToClient => ffi::LIBSSH2_METHOD_CRYPT_SC,
+            MethodType::MacClientToServer => ffi::LIBSSH2_METHOD_MAC_CS,
+            MethodType::MacServerToClient => ffi::LIBSSH2_METHOD_MAC_SC,
+            MethodType::CompressionClientToServer => ffi::LIBSSH2_METHOD_COMP_CS,
+            MethodType::CompressionServerToClient => ffi::LIBSSH2_METHOD_COMP_SC,
+        }
+    }
+}
+
+/// How a session connects, verifies and behaves.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub(crate) connect_timeout: Duration,
+    pub(crate) timeout: Option<Duration>,
+    pub(crate) keepalive: Option<Duration>,
+    pub(crate) keepalive_count_max: u32,
+    pub(crate) known_hosts: Option<PathBuf>,
+    pub(crate) host_key_policy: HostKeyPolicy,
+    pub(crate) methods: Vec<(MethodType, String)>,
+    pub(crate) banner: Option<String>,
+    pub(crate) window_size: u32,
+    pub(crate) packet_size: u32,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            connect_timeout: Duration::from_secs(10),
+            timeout: Some(Duration::from_secs(60)),
+            keepalive: Some(Duration::from_secs(30)),
+            keepalive_count_max: 3,
+            known_hosts: knownhosts::default_known_hosts(),
+            host_key_policy: HostKeyPolicy::Strict,
+            methods: vec![
+                (MethodType::CipherClientToServer, DEFAULT_CIPHERS.into()),
+                (MethodType::CipherServerToClient, DEFAULT_CIPHERS.into()),
+            ],
+            banner: None,
+            window_size: DEFAULT_WINDOW,
+            packet_size: DEFAULT_PACKET,
+        }
+    }
+}
+
+impl Config {
+    /// The defaults: 10 s connect timeout, 60 s per operation, keepalive every
+    /// 30 s (3 missed replies end the session), strict host-key checking
+    /// against `~/.ssh/known_hosts`, chacha20-poly1305 first.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Time allowed for the TCP connect.
+    pub fn connect_timeout(mut self, t: Duration) -> Self {
+        self.connect_timeout = t;
+        self
+    }
+
+    /// Time allowed for each async call (handshake, each auth attempt,
+    /// channel open, each channel request, graceful close). `None`: no limit.
+    /// Stream reads and writes are not limited by it: keepalive detects a
+    /// dead peer.
+    pub fn timeout(mut self, t: Option<Duration>) -> Self {
+        self.timeout = t;
+        self
+    }
+
+    /// Sends a keepalive after this much idle time; after `count_max`
+    /// intervals with nothing received the session fails with `TimedOut`.
+    /// `None` disables keepalive.
+    pub fn keepalive(mut self, interval: Option<Duration>, count_max: u32) -> Self {
+        self.keepalive = interval;
+        self.keepalive_count_max = count_max.max(1);
+        self
+    }
+
+    /// The known_hosts file to check against (`None`: no file; only
+    /// [`HostKeyPolicy::InsecureAcceptAny`] then connects).
+    pub fn known_hosts(mut self, path: Option<impl Into<PathBuf>>) -> Self {
+        self.known_hosts = path.map(Into::into);
+        self
+    }
+
+    /// What to do with unknown host keys.
+    pub fn host_key_policy(mut self, p: HostKeyPolicy) -> Self {
+        self.host_key_policy = p;
+        self
+    }
+
+    /// Sets the preference list (comma-separated names) for one method type,
+    /// replacing an earlier setting for the same type.
+    pub fn method(mut self, kind: MethodType, prefs: impl Into<String>) -> Self {
+        self.methods.retain(|(k, _)| *k != kind);
+        self.methods.push((kind, prefs.into()));
+        self
+    }
+
+    /// Sets the cipher preference in both directions.
+    pub fn ciphers(self, prefs: &str) -> Self {
+        self.method(MethodType::CipherClientToServer, prefs)
+            .method(MethodType::CipherServerToClient, prefs)
+    }
+
+    /// The identification string sent to the server (after `SSH-2.0-`).
+    pub fn banner(mut self, banner: impl Into<String>) -> Self {
+        self.banner = Some(banner.into());
+        self
+    }
+
+    /// Default receive window and maximum packet size of new channels.
+    pub fn channel_window(mut self, window: u32, packet: u32) -> Self {
+        self.window_size = window.max(packet);
+        self.packet_size = packet.clamp(1024, DEFAULT_PACKET);
+        self
+    }
+}
+
+/// Counters of one session.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SessionStats {
+    /// Bytes libssh2 holds for this session.
+    pub libssh2_bytes: i64,
+    /// Blocks libssh2 holds for this session.
+    pub libssh2_blocks: i64,
+    /// The send and recv callbacks' counters.
+    pub bridge: BridgeStats,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Open,
+    Closing,
+    Closed,
+}
+
+/// An SSH session over the thread's io_uring ring.
+///
+/// Cheap to clone: clones share one connection. Every channel keeps its
+/// session alive. Not `Send`: a session lives on the thread whose ring it
+/// uses; run one current-thread runtime per thread to use several cores.
+///
+/// Dropping the last handle tears the session down at once without blocking:
+/// see the crate documentation.
+#[derive(Clone)]
+pub struct Session {
+    pub(crate) inner: Rc<SessionInner>,
+}
+
+pub(crate) struct SessionInner {
+    raw: Cell<*mut ffi::LIBSSH2_SESSION>,
+    pub(crate) transport: Rc<Transport>,
+    pub(crate) config: Config,
+    state: Cell<State>,
+    /// Session-wide single-flight calls (libssh2 keeps their state in the session).
+    auth_lock: tokio::sync::Mutex<()>,
+    open_lock: tokio::sync::Mutex<()>,
+    /// A channel open was abandoned half-way; the next opener finishes it.
+    open_abandoned: Cell<bool>,
+    auth_abandoned: Cell<bool>,
+    channels: RefCell<Vec<Weak<ChannelInner>>>,
+    /// Channels dropped while their close was still owed to the peer.
+    deferred_frees: RefCell<Vec<*mut ffi::LIBSSH2_CHANNEL>>,
+    keepalive_op: Cell<Option<OpId>>,
+    reactor: Rc<Reactor>,
+    host_key: RefCell<Option<HostKey>>,
+}
+
+/// libssh2 objects freed while libssh2 still said EAGAIN (leaked rather
+/// than spun on), over the process.
+static LEAKED_OBJECTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// libssh2 objects (sessions, channels) that could not be freed without
+/// waiting and were leaked instead; 0 in a correct run.
+pub fn leaked_objects() -> u64 {
+    LEAKED_OBJECTS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+fn cstring(what: &str, s: &str) -> Result<CString> {
+    CString::new(s).map_err(|_| Error::InvalidInput(format!("{what} contains a NUL byte")))
+}
+
+fn path_cstring(what: &str, p: &Path) -> Result<CString> {
+    if !p.exists() {
+        return Err(Error::InvalidInput(format!(
+            "{what} {} does not exist",
+            p.display()
+        )));
+    }
+    CString::new(p.as_os_str().as_encoded_bytes())
+        .map_err(|_| Error::InvalidInput(format!("{what} path contains a NUL byte")))
+}
+
+/// Sets a flag if dropped before `done()`: marks half-done libssh2 calls.
+pub(crate) struct Abandon<'a>(Option<&'a Cell<bool>>);
+
+impl<'a> Abandon<'a> {
+    pub(crate) fn new(flag: &'a Cell<bool>) -> Self {
+        Abandon(Some(flag))
+    }
+    pub(crate) fn done(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for Abandon<'_> {
+    fn drop(&mut self) {
+        if let Some(f) = self.0 {
+            f.set(true);
+        }
+    }
+}
+
+impl Session {
+    /// Connects to `host:port` (resolved with the system resolver), runs the
+    /// handshake and verifies the host key under `config`'s policy. The name
+    /// `host` is what known_hosts is searched for.
+    pub async fn connect(host: &str, port: u16, config: Config) -> Result<Session> {
+        let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host, port))
+            .await
+            .map_err(|e| Error::Io(std::io::Error::new(e.kind(), format!("{host}: {e}"))))?
+            .collect();
+        let mut last = None;
+        for addr in addrs {
+            match Self::connect_addr_as(addr, host, config.clone()).await {
+                Ok(s) => return Ok(s),
+                Err(e @ (Error::Io(_) | Error::Timeout { .. })) => last = Some(e),
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| Error::InvalidInput(format!("{host} has no address"))))
+    }
+
+    /// Connects to `addr`; known_hosts is searched for its IP address.
+    pub async fn connect_addr(addr: SocketAddr, config: Config) -> Result<Session> {
+        Self::connect_addr_as(addr, &addr.ip().to_string(), config).await
+    }
+
+    async fn connect_addr_as(addr: SocketAddr, host: &str, config: Config) -> Result<Session> {
+        let reactor = Reactor::current()?;
+        let fd = tcp_socket(addr)?;
+        let done = reactor.connect(&fd, addr, config.connect_timeout).await;
+        match done.raw() {
+            0 => {}
+            r if r == -libc::ECANCELED || r == -libc::ETIME => {
+                return Err(Error::Timeout {
+                    operation: "connect",
+                    after: config.connect_timeout,
+                });
+            }
+            r => {
+                let e = std::io::Error::from_raw_os_error(-r);
+                return Err(Error::Io(std::io::Error::new(
+                    e.kind(),
+                    format!("connect to {addr}: {e}"),
+                )));
+            }
+        }
+        drop(done);
+        let transport = Transport::new(reactor.clone(), fd);
+        // SAFETY: `transport.shared` is boxed inside the Rc'd transport, which
+        // the session keeps until after `libssh2_session_free` (SessionInner
+        // frees the session before its fields drop).
+        let raw = unsafe { callbacks::new_session(&*transport.shared) };
+        if raw.is_null() {
+            return Err(Error::Ssh {
+                code: ffi::LIBSSH2_ERROR_ALLOC,
+                message: "libssh2_session_init_ex failed".into(),
+            });
+        }
+        let inner = Rc::new(SessionInner {
+            raw: Cell::new(raw),
+            transport,
+            config,
+            state: Cell::new(State::Open),
+            auth_lock: tokio::sync::Mutex::new(()),
+            open_lock: tokio::sync::Mutex::new(()),
+            open_abandoned: Cell::new(false),
+            auth_abandoned: Cell::new(false),
+            channels: RefCell::new(Vec::new()),
+            deferred_frees: RefCell::new(Vec::new()),
+            keepalive_op: Cell::new(None),
+            reactor,
+            host_key: RefCell::new(None),
+        });
+        let weak = Rc::downgrade(&inner);
+        inner.transport.set_after_recv(Box::new(move || {
+            if let Some(s) = weak.upgrade() {
+                s.retry_deferred_frees();
+            }
+        }));
+        inner.apply_config()?;
+        inner
+            .with_timeout("handshake", async {
+                inner
+                    .call(|s| {
+                        // SAFETY: live session; the dummy fd stays open for the process.
+                        let rc = unsafe { ffi::libssh2_session_handshake(s, callbacks::dummy_fd()) };
+                        code(rc)
+                    })
+                    .await
+            })
+            .await?;
+        let key = knownhosts::session_host_key(inner.raw()?).ok_or_else(|| Error::Ssh {
+            code: ffi::LIBSSH2_ERROR_HOSTKEY_INIT,
+            message: "the server presented no host key".into(),
+        })?;
+        knownhosts::verify(
+            inner.raw()?,
+            host,
+            addr.port(),
+            &key,
+            inner.config.known_hosts.as_deref(),
+            inner.config.host_key_policy,
+        )?;
+        *inner.host_key.borrow_mut() = Some(key);
+        SessionInner::start_keepalive(&inner);
+        Ok(Session { inner })
+    }
+
+    /// The key the server presented.
+    pub fn host_key(&self) -> Option<HostKey> {
+        self.inner.host_key.borrow().clone()
+    }
+
+    /// The server's identification string (`SSH-2.0-OpenSSH_9.2p1 …`).
+    pub fn remote_banner(&self) -> Option<String> {
+        let raw = self.inner.raw().ok()?;
+        // SAFETY: live session; the string is copied at once.
+        unsafe {
+            let p = ffi::libssh2_session_banner_get(raw);
+            (!p.is_null()).then(|| std::ffi::CStr::from_ptr(p).to_string_lossy().into_owned())
+        }
+    }
+
+    /// The algorithm negotiated for `kind` (e.g. the cipher in use).
+    pub fn negotiated(&self, kind: MethodType) -> Option<String> {
+        let raw = self.inner.raw().ok()?;
+        // SAFETY: live session; the string is copied at once.
+        unsafe {
+            let p = ffi::libssh2_session_methods(raw, kind.raw());
+            (!p.is_null()).then(|| std::ffi::CStr::from_ptr(p).to_string_lossy().into_owned())
+        }
+    }
+
+    /// The authentication methods the server offers `user`, or an empty list
+    /// if `none` authentication succeeded.
+    pub async fn auth_methods(&self, user: &str) -> Result<Vec<String>> {
+        let c_user = cstring("user name", user)?;
+        let inner = &self.inner;
+        inner
+            .auth("auth methods", |s| {
+                // SAFETY: live session; `c_user` outlives the call.
+                let p = unsafe {
+                    ffi::libssh2_userauth_list(s, c_user.as_ptr(), user.len() as c_uint)
+                };
+                if p.is_null() {
+                    // SAFETY: live session.
+                    if unsafe { ffi::libssh2_userauth_authenticated(s) } != 0 {
+                        return Ok(Vec::new());
+                    }
+                    // SAFETY: live session.
+                    return Err(unsafe { ffi::libssh2_session_last_errno(s) });
+                }
+                // SAFETY: libssh2 returned a NUL-terminated string it owns.
+                let list = unsafe { std::ffi::CStr::from_ptr(p) }.to_string_lossy();
+                Ok(list.split(',').map(str::to_owned).collect())
+            })
+            .await
+    }
+
+    /// Whether authentication has succeeded.
+    pub fn authenticated(&self) -> bool {
+        self.inner
+            .raw()
+            // SAFETY: live session.
+            .map(|s| unsafe { ffi::libssh2_userauth_authenticated(s) } != 0)
+            .unwrap_or(false)
+    }
+
+    /// Authenticates with a private key file (OpenSSH or PEM format); the
+    /// public key is derived from it. `passphrase` decrypts an encrypted key.
+    pub async fn auth_pubkey_file(
+        &self,
+        user: &str,
+        private_key: &Path,
+        passphrase: Option<&str>,
+    ) -> Result<()> {
+        let c_user = cstring("user name", user)?;
+        let c_key = path_cstring("private key", private_key)?;
+        let c_pass = passphrase.map(|p| cstring("passphrase", p)).transpose()?;
+        self.inner
+            .auth("public-key authentication", |s| {
+                // SAFETY: live session; every string outlives the call.
+                code(unsafe {
+                    ffi::libssh2_userauth_publickey_fromfile_ex(
+                        s,
+                        c_user.as_ptr(),
+                        user.len() as c_uint,
+                        std::ptr::null(),
+                        c_key.as_ptr(),
+                        c_pass.as_ref().map_or(std::ptr::null(), |p| p.as_ptr()),
+                    )
+                })
+            })
+            .await
+    }
+
+    /// Authenticates with a private key held in memory (PEM or OpenSSH text).
+    pub async fn auth_pubkey_memory(
+        &self,
+        user: &str,
+        private_key: &str,
+        passphrase: Option<&str>,
+    ) -> Result<()> {
+        let c_pass = passphrase.map(|p| cstring("passphrase", p)).transpose()?;
+        self.inner
+            .auth("public-key authentication", |s| {
+                // SAFETY: live session; the buffers outlive the call.
+                code(unsafe {
+                    ffi::libssh2_userauth_publickey_frommemory(
+                        s,
+                        user.as_ptr() as *const c_char,
+                        user.len(),
+                        std::ptr::null(),
+                        0,
+                        private_key.as_ptr() as *const c_char,
+                        private_key.len(),
+                        c_pass.as_ref().map_or(std::ptr::null(), |p| p.as_ptr()),
+                    )
+                })
+            })
+            .await
+    }
+
+    /// Authenticates with a password.
+    pub async fn auth_password(&self, user: &str, password: &str) -> Result<()> {
+        self.inner
+            .auth("password authentication", |s| {
+                // SAFETY: live session; the buffers outlive the call.
+                code(unsafe {
+                    ffi::libssh2_userauth_password_ex(
+                        s,
+                        user.as_ptr() as *const c_char,
+                        user.len() as c_uint,
+                        password.as_ptr() as *const c_char,
+                        password.len() as c_uint,
+                        None,
+                    )
+                })
+            })
+            .await
+    }
+
+    /// Keyboard-interactive authentication: `respond(name, instruction,
+    /// prompts)` returns one answer per prompt (a prompt is its text and
+    /// whether the answer may be echoed).
+    pub async fn auth_keyboard_interactive<F>(&self, user: &str, mut respond: F) -> Result<()>
+    where
+        F: FnMut(&str, &str, &[(String, bool)]) -> Vec<String>,
+    {
+        let shared = &self.inner.transport.shared;
+        let responder: &mut KbdResponder<'_> = &mut respond;
+        // SAFETY: only the lifetime is erased; the pointer is cleared below
+        // before `respond` goes out of scope, on every path (guard).
+        let ptr: *mut KbdResponder<'static> = unsafe { std::mem::transmute(responder) };
+        struct Clear<'a>(&'a RefCell<Option<*mut KbdResponder<'static>>>);
+        impl Drop for Clear<'_> {
+            fn drop(&mut self) {
+                *self.0.borrow_mut() = None;
+            }
+        }
+        let _clear = Clear(&shared.kbd);
+        self.inner
+            .auth("keyboard-interactive authentication", |s| {
+                *shared.kbd.borrow_mut() = Some(ptr);
+                // SAFETY: live session; the callback reads `shared.kbd`.
+                let rc = unsafe {
+                    ffi::libssh2_userauth_keyboard_interactive_ex(
+                        s,
+                        user.as_ptr() as *const c_char,
+                        user.len() as c_uint,
+                        Some(callbacks::kbd_cb),
+                    )
+                };
+                *shared.kbd.borrow_mut() = None;
+                code(rc)
+            })
+            .await
+    }
+
+    /// Authenticates with each identity of the ssh-agent at `$SSH_AUTH_SOCK`
+    /// in turn until one is accepted.
+    pub async fn auth_agent(&self, user: &str) -> Result<()> {
+        let c_user = cstring("user name", user)?;
+        let raw = self.inner.raw()?;
+        // SAFETY: live session; the agent is freed by `AgentGuard`.
+        let agent = AgentGuard(unsafe { ffi::libssh2_agent_init(raw) });
+        if agent.0.is_null() {
+            return Err(self.inner.error(ffi::LIBSSH2_ERROR_ALLOC));
+        }
+        // Connecting and listing talk to the local agent socket (blocking,
+        // local, short).
+        // SAFETY: live agent.
+        let rc = unsafe { ffi::libssh2_agent_connect(agent.0) };
+        if rc != 0 {
+            return Err(self.inner.error(rc));
+        }
+        // SAFETY: live, connected agent.
+        let rc = unsafe { ffi::libssh2_agent_list_identities(agent.0) };
+        if rc != 0 {
+            return Err(self.inner.error(rc));
+        }
+        let mut prev: *mut ffi::libssh2_agent_publickey = std::ptr::null_mut();
+        let mut last_err = None;
+        loop {
+            let mut id = std::ptr::null_mut();
+            // SAFETY: live agent; `prev` is null or an identity it returned.
+            let rc = unsafe { ffi::libssh2_agent_get_identity(agent.0, &mut id, prev) };
+            if rc == 1 {
+                break;
+            }
+            if rc < 0 {
+                return Err(self.inner.error(rc));
+            }
+            prev = id;
+            let r = self
+                .inner
+                .auth("agent authentication", |_| {
+                    // SAFETY: live agent and identity; `c_user` outlives the call.
+                    code(unsafe { ffi::libssh2_agent_userauth(agent.0, c_user.as_ptr(), id) })
+                })
+                .await;
+            match r {
+                Ok(()) => return Ok(()),
+                Err(e) if e.is_auth_failure() => last_err = Some(e),
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last_err.unwrap_or_else(|| Error::Ssh {
+            code: ffi::LIBSSH2_ERROR_AUTHENTICATION_FAILED,
+            message: "the agent holds no identity".into(),
+        }))
+    }
+
+    /// Opens a session channel with the configured window and packet size.
+    pub async fn channel_session(&self) -> Result<Channel> {
+        let c = &self.inner.config;
+        self.channel_session_with(c.window_size, c.packet_size).await
+    }
+
+    /// Opens a session channel with the given receive window and packet size.
+    pub async fn channel_session_with(&self, window: u32, packet: u32) -> Result<Channel> {
+        let inner = &self.inner;
+        inner
+            .with_timeout("channel open", async {
+                let _lock = inner.open_lock.lock().await;
+                inner.finish_abandoned_open().await?;
+                let guard = Abandon::new(&inner.open_abandoned);
+                let r = inner.call(|s| open_session_channel(s, window, packet)).await;
+                guard.done();
+                let raw = r?;
+                let ch = ChannelInner::new(inner.clone(), raw);
+                inner.channels.borrow_mut().push(Rc::downgrade(&ch));
+                Ok(Channel::from_inner(ch))
+            })
+            .await
+    }
+
+    /// Opens a channel and runs `command` on it.
+    pub async fn exec(&self, command: &str) -> Result<Channel> {
+        let mut ch = self.channel_session().await?;
+        ch.exec(command).await?;
+        Ok(ch)
+    }
+
+    /// Counters of this session.
+    pub fn stats(&self) -> SessionStats {
+        let shared = &self.inner.transport.shared;
+        SessionStats {
+            libssh2_bytes: shared.bytes_outstanding(),
+            libssh2_blocks: shared.blocks_outstanding(),
+            bridge: shared.bridge.stats(),
+        }
+    }
+
+    /// Graceful close: closes every channel (EOF, CLOSE, the peer's CLOSE),
+    /// sends SSH_MSG_DISCONNECT with `description`, waits until it has left,
+    /// shuts the socket down and frees libssh2's state. Nothing is sent after
+    /// the DISCONNECT. Bounded by the configured timeout; on timeout the
+    /// session is torn down as on drop and `Error::Timeout` is returned.
+    pub async fn close(&self, description: &str) -> Result<()> {
+        let inner = &self.inner;
+        if inner.state.get() != State::Open {
+            return Ok(());
+        }
+        inner.state.set(State::Closing);
+        let desc = cstring("description", description)?;
+        let r = inner
+            .with_timeout("close", async {
+                inner.close_channels().await;
+                let s = inner.raw()?;
+                // SSH_DISCONNECT_BY_APPLICATION
+                inner
+                    .call(|s| {
+                        // SAFETY: live session; `desc` outlives the call.
+                        code(unsafe {
+                            ffi::libssh2_session_disconnect_ex(s, 11, desc.as_ptr(), c"".as_ptr())
+                        })
+                    })
+                    .await?;
+                let _ = s;
+                inner.transport.bridge().set_disconnected();
+                inner.transport.drain().await;
+                inner
+                    .transport
+                    .shutdown(inner.config.timeout.unwrap_or(Duration::from_secs(5)))
+                    .await;
+                Ok(())
+            })
+            .await;
+        inner.free_now();
+        r
+    }
+
+    /// Whether the session was closed or its connection failed.
+    pub fn is_closed(&self) -> bool {
+        self.inner.state.get() != State::Open
+            || !matches!(self.inner.transport.bridge().link(), Link::Open)
+    }
+}
+
+struct AgentGuard(*mut ffi::LIBSSH2_AGENT);
+
+impl Drop for AgentGuard {
+    fn drop(&mut self) {
+        if !self.0.is_null() {
+            // SAFETY: the agent was created by libssh2_agent_init and is freed
+            // once; disconnecting closes only the local agent socket.
+            unsafe {
+                ffi::libssh2_agent_disconnect(self.0);
+                ffi::libssh2_agent_free(self.0);
+            }
+        }
+    }
+}
+
+fn open_session_channel(
+    s: *mut ffi::LIBSSH2_SESSION,
+    window: u32,
+    packet: u32,
+) -> std::result::Result<*mut ffi::LIBSSH2_CHANNEL, c_int> {
+    const KIND: &str = "session";
+    // SAFETY: live session; the type string outlives the call.
+    let p = unsafe {
+        ffi::libssh2_channel_open_ex(
+            s,
+            KIND.as_ptr() as *const c_char,
+            KIND.len() as c_uint,
+            window,
+            packet,
+            std::ptr::null(),
+            0,
+        )
+    };
+    if p.is_null() {
+        // SAFETY: live session.
+        Err(unsafe { ffi::libssh2_session_last_errno(s) })
+    } else {
+        Ok(p)
+    }
+}
+
+/// A libssh2 return code as a result.
+pub(crate) fn code(rc: c_int) -> std::result::Result<(), c_int> {
+    if rc < 0 { Err(rc) } else { Ok(()) }
+}
+
+/// A blocking TCP socket with TCP_NODELAY, owned for the ring.
+fn tcp_socket(addr: SocketAddr) -> Result<Rc<SharedFd>> {
+    let domain = if addr.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
+    // SAFETY: plain syscalls on a descriptor we own.
+    unsafe {
+        let fd = libc::socket(domain, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(Error::Io(std::io::Error::last_os_error()));
+        }
+        let fd = SharedFd::new(fd);
+        let one: c_int = 1;
+        libc::setsockopt(
+            fd.raw(),
+            libc::IPPROTO_TCP,
+            libc::TCP_NODELAY,
+            &one as *const c_int as *const libc::c_void,
+            std::mem::size_of::<c_int>() as libc::socklen_t,
+        );
+        Ok(fd)
+    }
+}
+
+impl SessionInner {
+    /// The libssh2 session, unless it was freed.
+    pub(crate) fn raw(&self) -> Result<*mut ffi::LIBSSH2_SESSION> {
+        let raw = self.raw.get();
+        if raw.is_null() {
+            Err(Error::Closed("session"))
+        } else {
+            Ok(raw)
+        }
+    }
+
+    fn apply_config(&self) -> Result<()> {
+        let raw = self.raw()?;
+        for (kind, prefs) in &self.config.methods {
+            let c = cstring("method preference", prefs)?;
+            // SAFETY: live session; `c` outlives the call.
+            let rc = unsafe { ffi::libssh2_session_method_pref(raw, kind.raw(), c.as_ptr()) };
+            if rc < 0 {
+                return Err(self.error(rc));
+            }
+        }
+        if let Some(b) = &self.config.banner {
+            let c = cstring("banner", &format!("SSH-2.0-{b}"))?;
+            // SAFETY: live session; libssh2 copies the banner.
+            let rc = unsafe { ffi::libssh2_session_banner_set(raw, c.as_ptr()) };
+            if rc < 0 {
+                return Err(self.error(rc));
+            }
+        }
+        Ok(())
+    }
+
+    /// libssh2's last error for `rc`, or the transport failure behind it.
+    pub(crate) fn error(&self, rc: c_int) -> Error {
+        let message = self
+            .raw()
+            .ok()
+            .map(|s| {
+                let mut msg: *mut c_char = std::ptr::null_mut();
+                let mut len: c_int = 0;
+                // SAFETY: live session; the message is copied at once (it
+                // points into a session buffer reused by the next error).
+                unsafe {
+                    ffi::libssh2_session_last_error(s, &mut msg, &mut len, 0);
+                    if msg.is_null() || len <= 0 {
+                        String::new()
+                    } else {
+                        String::from_utf8_lossy(std::slice::from_raw_parts(
+                            msg as *const u8,
+                            len as usize,
+                        ))
+                        .into_owned()
+                    }
+                }
+            })
+            .unwrap_or_default();
+        match self.transport.bridge().link() {
+            Link::PeerClosed => Error::Io(std::io::Error::new(
+                std::io::ErrorKind::ConnectionReset,
+                format!("connection closed by the server ({message})"),
+            )),
+            Link::Failed(errno) => {
+                let e = std::io::Error::from_raw_os_error(errno);
+                Error::Io(std::io::Error::new(e.kind(), format!("{e} ({message})")))
+            }
+            Link::Dead => Error::Closed("session"),
+            Link::Open | Link::Disconnected => Error::Ssh { code: rc, message },
+        }
+    }
+
+    /// Runs `fut` under the per-operation timeout.
+    pub(crate) async fn with_timeout<T>(
+        &self,
+        operation: &'static str,
+        fut: impl Future<Output = Result<T>>,
+    ) -> Result<T> {
+        match self.config.timeout {
+            Some(after) => tokio::time::timeout(after, fut)
+                .await
+                .map_err(|_| Error::Timeout { operation, after })?,
+            None => fut.await,
+        }
+    }
+
+    /// One attempt of a libssh2 call: `Pending` (with the waker registered
+    /// for this session's next socket event) while it says EAGAIN.
+    pub(crate) fn poll_call<T>(
+        &self,
+        cx: &mut Context<'_>,
+        f: &mut impl FnMut(*mut ffi::LIBSSH2_SESSION) -> std::result::Result<T, c_int>,
+    ) -> Poll<Result<T>> {
+        let raw = match self.raw() {
+            Ok(r) => r,
+            Err(e) => return Poll::Ready(Err(e)),
+        };
+        let r = f(raw);
+        self.transport.pump();
+        match r {
+            Ok(v) => Poll::Ready(Ok(v)),
+            Err(ffi::LIBSSH2_ERROR_EAGAIN) => {
+                if !matches!(self.transport.bridge().link(), Link::Open | Link::Disconnected) {
+                    return Poll::Ready(Err(self.error(ffi::LIBSSH2_ERROR_SOCKET_RECV)));
+                }
+                self.transport.register(cx.waker());
+                Poll::Pending
+            }
+            Err(rc) => Poll::Ready(Err(self.error(rc))),
+        }
+    }
+
+    /// Repeats a libssh2 call until it stops saying EAGAIN.
+    pub(crate) async fn call<T>(
+        &self,
+        mut f: impl FnMut(*mut ffi::LIBSSH2_SESSION) -> std::result::Result<T, c_int>,
+    ) -> Result<T> {
+        std::future::poll_fn(|cx| self.poll_call(cx, &mut f)).await
+    }
+
+    /// An authentication call: one at a time per session, under the timeout.
+    async fn auth<T>(
+        &self,
+        operation: &'static str,
+        f: impl FnMut(*mut ffi::LIBSSH2_SESSION) -> std::result::Result<T, c_int>,
+    ) -> Result<T> {
+        self.with_timeout(operation, async {
+            let _lock = self.auth_lock.lock().await;
+            if self.auth_abandoned.get() {
+                return Err(Error::Poisoned("session authentication"));
+            }
+            let guard = Abandon::new(&self.auth_abandoned);
+            let r = self.call(f).await;
+            guard.done();
+            r
+        })
+        .await
+    }
+
+    /// Finishes a channel open whose caller went away, and frees the channel.
+    async fn finish_abandoned_open(&self) -> Result<()> {
+        if !self.open_abandoned.get() {
+            return Ok(());
+        }
+        // libssh2 resumes the half-done open whatever the arguments.
+        let r = self
+            .call(|s| open_session_channel(s, DEFAULT_WINDOW, DEFAULT_PACKET))
+            .await;
+        self.open_abandoned.set(false);
+        if let Ok(raw) = r {
+            self.free_channel(raw);
+        }
+        Ok(())
+    }
+
+    /// Frees a channel without waiting: whatever close it still owes is
+    /// finished later by the session (or skipped if the session dies first).
+    pub(crate) fn free_channel(&self, raw: *mut ffi::LIBSSH2_CHANNEL) {
+        // SAFETY: `raw` belongs to this live session and is freed once:
+        // either now, or later from the deferred list.
+        let rc = unsafe { ffi::libssh2_channel_free(raw) };
+        if rc == ffi::LIBSSH2_ERROR_EAGAIN {
+            self.deferred_frees.borrow_mut().push(raw);
+        }
+        self.transport.pump();
+    }
+
+    fn retry_deferred_frees(&self) {
+        let pending = std::mem::take(&mut *self.deferred_frees.borrow_mut());
+        if pending.is_empty() {
+            return;
+        }
+        for raw in pending {
+            self.free_channel(raw);
+        }
+    }
+
+    /// Graceful close of every live channel, then the deferred frees.
+    async fn close_channels(&self) {
+        let live: Vec<Rc<ChannelInner>> = self
+            .channels
+            .borrow()
+            .iter()
+            .filter_map(Weak::upgrade)
+            .collect();
+        for ch in live {
+            let _ = ch.close().await;
+            ch.release();
+        }
+        self.channels.borrow_mut().clear();
+        loop {
+            let pending = std::mem::take(&mut *self.deferred_frees.borrow_mut());
+            if pending.is_empty() {
+                break;
+            }
+            for raw in pending {
+                // Any result but EAGAIN means libssh2 freed the channel.
+                let _ = self
+                    .call(|_| {
+                        // SAFETY: a channel of this session taken off the
+                        // deferred list; `call` repeats only on EAGAIN, when
+                        // libssh2 has not freed it yet.
+                        code(unsafe { ffi::libssh2_channel_free(raw) })
+                    })
+                    .await;
+            }
+        }
+    }
+
+    fn start_keepalive(this: &Rc<Self>) {
+        let Some(interval) = this.config.keepalive else {
+            return;
+        };
+        if let Ok(s) = this.raw() {
+            // SAFETY: live session.
+            unsafe { ffi::libssh2_keepalive_config(s, 1, interval.as_secs().max(1) as c_uint) };
+        }
+        Self::arm_keepalive(this, interval);
+    }
+
+    fn arm_keepalive(this: &Rc<Self>, after: Duration) {
+        let weak = Rc::downgrade(this);
+        let id = this.reactor.submit_timer(
+            after,
+            Box::new(move |done| {
+                if done.raw() != -libc::ETIME {
+                    return;
+                }
+                if let Some(s) = weak.upgrade() {
+                    s.keepalive_op.set(None);
+                    s.keepalive_tick(&s);
+                }
+            }),
+        );
+        this.keepalive_op.set(Some(id));
+    }
+
+    fn keepalive_tick(&self, this: &Rc<Self>) {
+        let (Some(interval), Ok(s)) = (self.config.keepalive, self.raw()) else {
+            return;
+        };
+        if self.state.get() != State::Open || !matches!(self.transport.bridge().link(), Link::Open)
+        {
+            return;
+        }
+        let silent = Instant::now().duration_since(self.transport.last_rx());
+        if silent >= interval * self.config.keepalive_count_max {
+            self.transport.fail(libc::ETIMEDOUT);
+            return;
+        }
+        let mut next: c_int = 0;
+        // SAFETY: live session; no libssh2 call is running (single thread,
+        // and completions never run inside one).
+        unsafe { ffi::libssh2_keepalive_send(s, &mut next) };
+        self.transport.pump();
+        self.retry_deferred_frees();
+        Self::arm_keepalive(this, interval);
+    }
+
+    /// Non-blocking teardown: the transport fails both callbacks, the ring
+    /// cancels what is in flight (keeping its buffers until their CQEs),
+    /// libssh2 frees everything without IO.
+    fn free_now(&self) {
+        self.state.set(State::Closed);
+        if let Some(op) = self.keepalive_op.take() {
+            self.reactor.abandon(op);
+        }
+        self.transport.kill();
+        let live: Vec<Rc<ChannelInner>> = self
+            .channels
+            .borrow_mut()
+            .drain(..)
+            .filter_map(|w| w.upgrade())
+            .collect();
+        for ch in live {
+            ch.release();
+        }
+        for raw in std::mem::take(&mut *self.deferred_frees.borrow_mut()) {
+            // SAFETY: a channel of this session, freed once. With the
+            // transport dead its close cannot wait for anything.
+            if unsafe { ffi::libssh2_channel_free(raw) } == ffi::LIBSSH2_ERROR_EAGAIN {
+                LEAKED_OBJECTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+        let raw = self.raw.replace(std::ptr::null_mut());
+        if !raw.is_null() {
+            // SAFETY: the session is freed once; both callbacks now fail, so
+            // libssh2 does no IO and never waits.
+            if unsafe { ffi::libssh2_session_free(raw) } == ffi::LIBSSH2_ERROR_EAGAIN {
+                LEAKED_OBJECTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Whether the session is still usable for new calls.
+    pub(crate) fn is_open(&self) -> bool {
+        self.state.get() == State::Open
+    }
+
+    /// Drops registry entries of channels that no longer exist.
+    pub(crate) fn prune_channels(&self) {
+        self.channels.borrow_mut().retain(|w| w.strong_count() > 0);
+    }
+}
+
+impl Drop for SessionInner {
+    fn drop(&mut self) {
+        self.free_now();
+    }
+}

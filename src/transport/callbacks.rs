@@ -1,0 +1,359 @@
+//! The C side of the bridge: libssh2's allocator and IO callbacks, and the
+//! creation of a libssh2 session wired to them.
+//!
+//! Every callback receives `abstract`, a pointer to the session's abstract
+//! pointer, which points at the session's [`Shared`]. No panic may unwind
+//! through these functions: each body runs under `catch_unwind`.
+
+use std::cell::{Cell, RefCell};
+use std::os::raw::{c_char, c_int, c_uint, c_void};
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicI64, Ordering};
+
+use super::bridge::Bridge;
+use crate::ffi;
+
+/// Bytes and blocks libssh2 holds right now, over all sessions.
+static GLOBAL_BYTES: AtomicI64 = AtomicI64::new(0);
+static GLOBAL_BLOCKS: AtomicI64 = AtomicI64::new(0);
+
+/// Bytes libssh2 has allocated through our allocator and not freed, over all
+/// sessions of the process.
+pub fn libssh2_bytes_outstanding() -> i64 {
+    GLOBAL_BYTES.load(Ordering::Relaxed)
+}
+
+/// Blocks libssh2 has allocated through our allocator and not freed, over all
+/// sessions of the process.
+pub fn libssh2_blocks_outstanding() -> i64 {
+    GLOBAL_BLOCKS.load(Ordering::Relaxed)
+}
+
+/// Answers keyboard-interactive prompts: `(name, instruction, prompts)` →
+/// one response per prompt. A prompt is its text and whether to echo it.
+pub type KbdResponder<'a> = dyn FnMut(&str, &str, &[(String, bool)]) -> Vec<String> + 'a;
+
+/// What libssh2's abstract pointer points at: one per session.
+pub struct Shared {
+    /// The byte queues and link state.
+    pub bridge: Bridge,
+    bytes: Cell<i64>,
+    blocks: Cell<i64>,
+    /// The responder of a keyboard-interactive call in progress. Only set
+    /// while that call runs (borrowed, lifetime erased).
+    pub(crate) kbd: RefCell<Option<*mut KbdResponder<'static>>>,
+    /// Set if a callback caught a panic (then it returned an error).
+    pub panicked: Cell<bool>,
+}
+
+impl Default for Shared {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Shared {
+    /// A fresh bridge and zeroed counters.
+    pub fn new() -> Self {
+        Shared {
+            bridge: Bridge::new(),
+            bytes: Cell::new(0),
+            blocks: Cell::new(0),
+            kbd: RefCell::new(None),
+            panicked: Cell::new(false),
+        }
+    }
+
+    /// Bytes libssh2 holds for this session.
+    pub fn bytes_outstanding(&self) -> i64 {
+        self.bytes.get()
+    }
+
+    /// Blocks libssh2 holds for this session.
+    pub fn blocks_outstanding(&self) -> i64 {
+        self.blocks.get()
+    }
+
+    fn account(&self, bytes: i64, blocks: i64) {
+        self.bytes.set(self.bytes.get() + bytes);
+        self.blocks.set(self.blocks.get() + blocks);
+        GLOBAL_BYTES.fetch_add(bytes, Ordering::Relaxed);
+        GLOBAL_BLOCKS.fetch_add(blocks, Ordering::Relaxed);
+    }
+
+    /// Copies `data` (plus a NUL) into a block from this session's allocator,
+    /// for strings libssh2 will free itself (keyboard-interactive answers).
+    pub(crate) fn alloc_copy(&self, data: &[u8]) -> *mut c_char {
+        let p = self.alloc(data.len() + 1) as *mut u8;
+        if !p.is_null() {
+            // SAFETY: `p` points at `data.len() + 1` writable bytes just allocated.
+            unsafe {
+                std::ptr::copy_nonoverlapping(data.as_ptr(), p, data.len());
+                *p.add(data.len()) = 0;
+            }
+        }
+        p as *mut c_char
+    }
+
+    fn alloc(&self, size: usize) -> *mut c_void {
+        // SAFETY: malloc with a size checked for overflow; the header stores
+        // the size so free and realloc can account for it.
+        unsafe {
+            let Some(total) = size.checked_add(HEADER) else {
+                return std::ptr::null_mut();
+            };
+            let base = libc::malloc(total) as *mut usize;
+            if base.is_null() {
+                return std::ptr::null_mut();
+            }
+            *base = size;
+            self.account(size as i64, 1);
+            (base as *mut u8).add(HEADER) as *mut c_void
+        }
+    }
+}
+
+/// Bytes in front of each block, keeping malloc's 16-byte alignment.
+const HEADER: usize = 16;
+
+/// # Safety
+/// `abstract_` must be a libssh2 abstract pointer to a live `Shared`.
+unsafe fn shared<'a>(abstract_: *mut *mut c_void) -> Option<&'a Shared> {
+    // SAFETY: per the contract, `*abstract_` is our `Shared` (set at
+    // `libssh2_session_init_ex`) and outlives the libssh2 session.
+    unsafe {
+        if abstract_.is_null() || (*abstract_).is_null() {
+            return None;
+        }
+        Some(&*(*abstract_ as *const Shared))
+    }
+}
+
+extern "C" fn alloc_cb(size: libc::size_t, abstract_: *mut *mut c_void) -> *mut c_void {
+    catch_unwind(|| {
+        // SAFETY: libssh2 passes the abstract pointer we gave it.
+        match unsafe { shared(abstract_) } {
+            Some(s) => s.alloc(size),
+            None => std::ptr::null_mut(),
+        }
+    })
+    .unwrap_or(std::ptr::null_mut())
+}
+
+extern "C" fn free_cb(ptr: *mut c_void, abstract_: *mut *mut c_void) {
+    let _ = catch_unwind(|| {
+        if ptr.is_null() {
+            return;
+        }
+        // SAFETY: `ptr` came from `alloc_cb`/`realloc_cb`, so a header with
+        // its size precedes it; libssh2 frees each block once.
+        unsafe {
+            let base = (ptr as *mut u8).sub(HEADER) as *mut usize;
+            let size = *base;
+            if let Some(s) = shared(abstract_) {
+                s.account(-(size as i64), -1);
+            }
+            libc::free(base as *mut c_void);
+        }
+    });
+}
+
+extern "C" fn realloc_cb(
+    ptr: *mut c_void,
+    size: libc::size_t,
+    abstract_: *mut *mut c_void,
+) -> *mut c_void {
+    catch_unwind(|| {
+        // SAFETY: as in `free_cb` for the old block; the new block gets a
+        // fresh header. On failure the old block stays valid, as realloc promises.
+        unsafe {
+            let Some(s) = shared(abstract_) else {
+                return std::ptr::null_mut();
+            };
+            if ptr.is_null() {
+                return s.alloc(size);
+            }
+            let Some(total) = size.checked_add(HEADER) else {
+                return std::ptr::null_mut();
+            };
+            let base = (ptr as *mut u8).sub(HEADER) as *mut usize;
+            let old = *base;
+            let new = libc::realloc(base as *mut c_void, total) as *mut usize;
+            if new.is_null() {
+                return std::ptr::null_mut();
+            }
+            *new = size;
+            s.account(size as i64 - old as i64, 0);
+            (new as *mut u8).add(HEADER) as *mut c_void
+        }
+    })
+    .unwrap_or(std::ptr::null_mut())
+}
+
+unsafe extern "C" fn send_cb(
+    fd: ffi::libssh2_socket_t,
+    buf: *const c_void,
+    len: usize,
+    flags: c_int,
+    abstract_: *mut *mut c_void,
+) -> isize {
+    if fd != dummy_fd() {
+        // libssh2's agent code talks to the agent's unix socket through the
+        // session's send callback: that is a plain local socket of its own.
+        // SAFETY: libssh2 passes its own fd and a buffer of `len` bytes.
+        return os_result(unsafe { libc::send(fd, buf, len, flags) });
+    }
+    catch_unwind(AssertUnwindSafe(|| {
+        // SAFETY: libssh2 passes our abstract pointer and a buffer of `len`
+        // readable bytes that lives for this call.
+        let (s, data) = unsafe {
+            let Some(s) = shared(abstract_) else {
+                return -(libc::EBADF as isize);
+            };
+            (s, std::slice::from_raw_parts(buf as *const u8, len))
+        };
+        s.bridge.on_send(data)
+    }))
+    .unwrap_or_else(|_| panicked(abstract_))
+}
+
+unsafe extern "C" fn recv_cb(
+    fd: ffi::libssh2_socket_t,
+    buf: *mut c_void,
+    len: usize,
+    flags: c_int,
+    abstract_: *mut *mut c_void,
+) -> isize {
+    if fd != dummy_fd() {
+        // The agent's socket (see `send_cb`).
+        // SAFETY: libssh2 passes its own fd and a buffer of `len` writable bytes.
+        return os_result(unsafe { libc::recv(fd, buf, len, flags) });
+    }
+    catch_unwind(AssertUnwindSafe(|| {
+        // SAFETY: libssh2 passes our abstract pointer and a buffer of `len`
+        // writable bytes that lives for this call.
+        let (s, out) = unsafe {
+            let Some(s) = shared(abstract_) else {
+                return -(libc::EBADF as isize);
+            };
+            (s, std::slice::from_raw_parts_mut(buf as *mut u8, len))
+        };
+        s.bridge.on_recv(out)
+    }))
+    .unwrap_or_else(|_| panicked(abstract_))
+}
+
+/// A send/recv return value in the callbacks' convention (-errno on error).
+fn os_result(n: isize) -> isize {
+    if n < 0 {
+        -(std::io::Error::last_os_error()
+            .raw_os_error()
+            .unwrap_or(libc::EIO) as isize)
+    } else {
+        n
+    }
+}
+
+/// After a caught panic: kill the link so the session fails cleanly.
+fn panicked(abstract_: *mut *mut c_void) -> isize {
+    // SAFETY: same pointer the callback was given.
+    if let Some(s) = unsafe { shared(abstract_) } {
+        s.panicked.set(true);
+        s.bridge.kill();
+    }
+    -(libc::ECONNABORTED as isize)
+}
+
+/// libssh2's keyboard-interactive callback: asks the responder stored in
+/// `Shared::kbd` and hands libssh2 answers allocated with its allocator.
+pub(crate) extern "C" fn kbd_cb(
+    name: *const c_char,
+    name_len: c_int,
+    instruction: *const c_char,
+    instruction_len: c_int,
+    num_prompts: c_int,
+    prompts: *const ffi::LIBSSH2_USERAUTH_KBDINT_PROMPT,
+    responses: *mut ffi::LIBSSH2_USERAUTH_KBDINT_RESPONSE,
+    abstract_: *mut *mut c_void,
+) {
+    let _ = catch_unwind(AssertUnwindSafe(|| {
+        // SAFETY: libssh2 passes valid (pointer, length) pairs for the name,
+        // instruction and `num_prompts` prompts, and `num_prompts` writable
+        // responses; the responder pointer is valid while the auth call runs.
+        unsafe {
+            let Some(s) = shared(abstract_) else { return };
+            let text = |p: *const c_char, n: c_int| -> String {
+                if p.is_null() || n <= 0 {
+                    String::new()
+                } else {
+                    String::from_utf8_lossy(std::slice::from_raw_parts(p as *const u8, n as usize))
+                        .into_owned()
+                }
+            };
+            let name = text(name, name_len);
+            let instruction = text(instruction, instruction_len);
+            let n = num_prompts.max(0) as usize;
+            let asked: Vec<(String, bool)> = (0..n)
+                .map(|i| {
+                    let p = &*prompts.add(i);
+                    (text(p.text as *const c_char, p.length as c_int), p.echo != 0)
+                })
+                .collect();
+            let Some(responder) = *s.kbd.borrow() else { return };
+            let answers = (*responder)(&name, &instruction, &asked);
+            for i in 0..n {
+                let r = &mut *responses.add(i);
+                let answer = answers.get(i).map(|a| a.as_bytes()).unwrap_or(b"");
+                r.text = s.alloc_copy(answer);
+                r.length = if r.text.is_null() { 0 } else { answer.len() as c_uint };
+            }
+        }
+    }));
+}
+
+/// A process-wide non-blocking eventfd handed to every libssh2 session as
+/// its "socket". libssh2 only inspects its flags; the real socket is never
+/// shown to it.
+pub(crate) fn dummy_fd() -> c_int {
+    static FD: OnceLock<c_int> = OnceLock::new();
+    *FD.get_or_init(|| {
+        // SAFETY: plain syscall; the fd lives for the whole process.
+        unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) }
+    })
+}
+
+/// A libssh2 session allocating through `shared`'s counters and doing its IO
+/// through `shared`'s bridge, in non-blocking mode.
+///
+/// # Safety
+/// `shared` must outlive the returned session (until `libssh2_session_free`
+/// has returned).
+pub(crate) unsafe fn new_session(shared: *const Shared) -> *mut ffi::LIBSSH2_SESSION {
+    ffi::init();
+    // SAFETY: the allocator functions honour libssh2's contract; `shared`
+    // outlives the session per this function's contract.
+    unsafe {
+        let raw = ffi::libssh2_session_init_ex(
+            Some(alloc_cb),
+            Some(free_cb),
+            Some(realloc_cb),
+            shared as *mut c_void,
+        );
+        if raw.is_null() {
+            return raw;
+        }
+        ffi::libssh2_session_callback_set2(
+            raw,
+            ffi::LIBSSH2_CALLBACK_SEND,
+            send_cb as ffi::SendCallback as *mut c_void,
+        );
+        ffi::libssh2_session_callback_set2(
+            raw,
+            ffi::LIBSSH2_CALLBACK_RECV,
+            recv_cb as ffi::RecvCallback as *mut c_void,
+        );
+        ffi::libssh2_session_set_blocking(raw, 0);
+        raw
+    }
+}

@@ -1,0 +1,321 @@
+//! The bridge between libssh2 and the ring.
+//!
+//! libssh2 calls our send and recv callbacks ([`callbacks`]), which only
+//! touch the session's [`Bridge`]: packets go into an outbound queue whole,
+//! received bytes come out of an inbound buffer. [`Transport`] moves those
+//! bytes between the bridge and the real socket with ring operations whose
+//! completions run as callbacks on the reactor's driver task, so the socket
+//! keeps flowing even when no future of the session is being polled.
+
+pub mod bridge;
+pub mod callbacks;
+
+use std::cell::{Cell, RefCell};
+use std::rc::{Rc, Weak};
+use std::task::Waker;
+use std::time::{Duration, Instant};
+
+use crate::reactor::{Completion, OpId, Reactor, Resources, SharedFd};
+pub use bridge::{Bridge, BridgeStats, Link};
+pub use callbacks::Shared;
+
+/// Bytes asked for by each ring recv.
+pub(crate) const RECV_SIZE: usize = 64 * 1024;
+
+/// Received bytes libssh2 has not read yet, above which no new recv is
+/// submitted (libssh2 reads at most ~35000 bytes per callback).
+const READAHEAD_LIMIT: usize = 256 * 1024;
+
+/// Bytes waiting to be sent above which writers wait before calling libssh2.
+pub(crate) const OUTBOUND_HIGH_WATER: usize = 1024 * 1024;
+
+/// One session's socket, the ops in flight on it and the tasks waiting for it.
+pub(crate) struct Transport {
+    /// What libssh2's abstract pointer points at (boxed: stable address).
+    pub shared: Box<Shared>,
+    reactor: Rc<Reactor>,
+    fd: RefCell<Option<Rc<SharedFd>>>,
+    send_op: Cell<Option<OpId>>,
+    /// Bytes of the send op in flight that the kernel has not taken yet.
+    sending: Cell<usize>,
+    recv_op: Cell<Option<OpId>>,
+    spare_out: RefCell<Vec<u8>>,
+    spare_in: RefCell<Vec<u8>>,
+    waiters: RefCell<Vec<Waker>>,
+    last_rx: Cell<Instant>,
+    /// Runs after each receive (the session retries deferred channel frees).
+    after_recv: RefCell<Option<Box<dyn Fn()>>>,
+    this: Weak<Transport>,
+}
+
+impl Transport {
+    /// A transport over the connected (blocking) socket `fd`.
+    pub fn new(reactor: Rc<Reactor>, fd: Rc<SharedFd>) -> Rc<Transport> {
+        Rc::new_cyclic(|this| Transport {
+            shared: Box::new(Shared::new()),
+            reactor,
+            fd: RefCell::new(Some(fd)),
+            send_op: Cell::new(None),
+            sending: Cell::new(0),
+            recv_op: Cell::new(None),
+            spare_out: RefCell::new(Vec::new()),
+            spare_in: RefCell::new(Vec::new()),
+            waiters: RefCell::new(Vec::new()),
+            last_rx: Cell::new(Instant::now()),
+            after_recv: RefCell::new(None),
+            this: this.clone(),
+        })
+    }
+
+    /// The bridge the callbacks use.
+    pub fn bridge(&self) -> &Bridge {
+        &self.shared.bridge
+    }
+
+    /// Sets the hook run after each receive.
+    pub fn set_after_recv(&self, hook: Box<dyn Fn()>) {
+        *self.after_recv.borrow_mut() = Some(hook);
+    }
+
+    /// When bytes last arrived.
+    pub fn last_rx(&self) -> Instant {
+        self.last_rx.get()
+    }
+
+    /// Bytes queued or in flight towards the socket.
+    pub fn outbound_pending(&self) -> usize {
+        self.bridge().outbound_len() + self.sending.get()
+    }
+
+    /// Wakes `waker` at the next socket event of this session.
+    pub fn register(&self, waker: &Waker) {
+        let mut w = self.waiters.borrow_mut();
+        if !w.iter().any(|x| x.will_wake(waker)) {
+            w.push(waker.clone());
+        }
+    }
+
+    fn wake_all(&self) {
+        let waiters = std::mem::take(&mut *self.waiters.borrow_mut());
+        for w in waiters {
+            w.wake();
+        }
+    }
+
+    /// Moves queued packets to the socket and keeps a recv in flight. Called
+    /// after every libssh2 call and from completions.
+    pub fn pump(&self) {
+        self.flush_out();
+        self.ensure_recv();
+    }
+
+    fn link_usable(&self) -> bool {
+        matches!(self.bridge().link(), Link::Open | Link::Disconnected)
+    }
+
+    fn flush_out(&self) {
+        if self.send_op.get().is_some() || self.bridge().outbound_len() == 0 {
+            return;
+        }
+        let Some(fd) = self.fd.borrow().clone() else {
+            return;
+        };
+        if !self.link_usable() {
+            return;
+        }
+        let buf = self
+            .bridge()
+            .take_outbound(std::mem::take(&mut *self.spare_out.borrow_mut()));
+        self.submit_send(fd, buf, 0);
+    }
+
+    fn submit_send(&self, fd: Rc<SharedFd>, buf: Vec<u8>, offset: usize) {
+        self.sending.set(buf.len() - offset);
+        let sqe = Reactor::send_sqe(&fd, &buf, offset);
+        let this = self.this.clone();
+        let resources = Resources {
+            buf,
+            offset,
+            fd: Some(fd),
+            ..Resources::default()
+        };
+        let id = self.reactor.submit_with_callback(
+            sqe,
+            resources,
+            Box::new(move |c| {
+                if let Some(t) = this.upgrade() {
+                    t.send_done(c)
+                }
+            }),
+        );
+        self.send_op.set(Some(id));
+    }
+
+    fn send_done(&self, c: Completion) {
+        self.send_op.set(None);
+        self.sending.set(0);
+        let result = c.result();
+        let Completion { mut resources, .. } = c;
+        match result {
+            Ok(n) => {
+                let offset = resources.offset + n as usize;
+                if offset < resources.buf.len() && n > 0 {
+                    // A blocking socket sends everything unless interrupted;
+                    // send the rest with the same buffer.
+                    if let Some(fd) = resources.fd.take() {
+                        self.submit_send(fd, std::mem::take(&mut resources.buf), offset);
+                    }
+                } else if offset < resources.buf.len() {
+                    self.bridge().set_failed(libc::EPIPE);
+                } else {
+                    let mut buf = std::mem::take(&mut resources.buf);
+                    buf.clear();
+                    *self.spare_out.borrow_mut() = buf;
+                    self.flush_out();
+                }
+            }
+            Err(e) => self
+                .bridge()
+                .set_failed(e.raw_os_error().unwrap_or(libc::EIO)),
+        }
+        self.wake_all();
+    }
+
+    fn ensure_recv(&self) {
+        if self.recv_op.get().is_some()
+            || !self.link_usable()
+            || self.bridge().inbound_len() >= READAHEAD_LIMIT
+        {
+            return;
+        }
+        let Some(fd) = self.fd.borrow().clone() else {
+            return;
+        };
+        let mut buf = std::mem::take(&mut *self.spare_in.borrow_mut());
+        buf.clear();
+        buf.reserve_exact(RECV_SIZE);
+        let spare = buf.spare_capacity_mut();
+        let sqe = Reactor::recv_sqe(
+            &fd,
+            // SAFETY: the kernel only writes into this capacity; we read back
+            // just the bytes the completion reports (see `recv_done`).
+            unsafe {
+                std::slice::from_raw_parts_mut(spare.as_mut_ptr() as *mut u8, RECV_SIZE)
+            },
+        );
+        let this = self.this.clone();
+        let resources = Resources {
+            buf,
+            fd: Some(fd),
+            ..Resources::default()
+        };
+        let id = self.reactor.submit_with_callback(
+            sqe,
+            resources,
+            Box::new(move |c| {
+                if let Some(t) = this.upgrade() {
+                    t.recv_done(c)
+                }
+            }),
+        );
+        self.recv_op.set(Some(id));
+    }
+
+    fn recv_done(&self, c: Completion) {
+        self.recv_op.set(None);
+        let result = c.result();
+        let Completion { mut resources, .. } = c;
+        match result {
+            Ok(0) => self.bridge().set_peer_closed(),
+            Ok(n) => {
+                let mut buf = std::mem::take(&mut resources.buf);
+                // SAFETY: the kernel wrote `n` bytes (n <= RECV_SIZE, the
+                // capacity reserved) at the start of the buffer.
+                unsafe { buf.set_len(n as usize) };
+                self.last_rx.set(Instant::now());
+                let spare = self.bridge().deliver(buf);
+                *self.spare_in.borrow_mut() = spare;
+                self.ensure_recv();
+            }
+            Err(e) => self
+                .bridge()
+                .set_failed(e.raw_os_error().unwrap_or(libc::EIO)),
+        }
+        if let Some(hook) = self.after_recv.borrow().as_ref() {
+            hook();
+        }
+        self.wake_all();
+    }
+
+    /// Fails the link with `errno` (keepalive timeout), waking every waiter.
+    pub fn fail(&self, errno: i32) {
+        self.bridge().set_failed(errno);
+        self.wake_all();
+    }
+
+    /// Waits until everything queued has left for the socket or the link
+    /// failed. Returns whether everything left.
+    pub async fn drain(&self) -> bool {
+        std::future::poll_fn(|cx| {
+            self.pump();
+            if self.outbound_pending() == 0 {
+                return std::task::Poll::Ready(true);
+            }
+            if !self.link_usable() {
+                return std::task::Poll::Ready(false);
+            }
+            self.register(cx.waker());
+            std::task::Poll::Pending
+        })
+        .await
+    }
+
+    /// Graceful end: shutdown(2) through the ring, awaited (bounded by
+    /// `timeout`); the recv in flight then completes and is reaped.
+    pub async fn shutdown(&self, timeout: Duration) {
+        let fd = self.fd.borrow_mut().take();
+        if let Some(fd) = fd {
+            let op = self.reactor.shutdown(&fd);
+            let _ = tokio::time::timeout(timeout, op).await;
+        }
+        self.kill();
+    }
+
+    /// Teardown without waiting: both callbacks fail from now on, the ops in
+    /// flight are cancelled (the ring keeps their buffers until their CQEs),
+    /// a shutdown is submitted, and the socket is closed once the last op
+    /// holding it completes.
+    pub fn kill(&self) {
+        self.bridge().kill();
+        *self.after_recv.borrow_mut() = None;
+        let ops = [self.send_op.take(), self.recv_op.take()];
+        let fd = self.fd.borrow_mut().take();
+        match &fd {
+            // One SQE cancels every op on the socket.
+            Some(fd) if self.reactor.features().cancel_by_fd => {
+                let mut any = false;
+                for op in ops.into_iter().flatten() {
+                    any |= self.reactor.orphan(op);
+                }
+                if any {
+                    self.reactor.cancel_fd(fd);
+                }
+            }
+            _ => {
+                for op in ops.into_iter().flatten() {
+                    self.reactor.abandon(op);
+                }
+            }
+        }
+        if let Some(fd) = fd {
+            self.reactor.shutdown_detached(&fd);
+        }
+        self.wake_all();
+    }
+}
+
+impl Drop for Transport {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
