@@ -241,7 +241,20 @@ impl ChannelInner {
         self.poll_flush(cx)
     }
 
-    /// Sends EOF and CLOSE, then waits for the peer's CLOSE.
+    /// Sends EOF, waits for the server's EOF (its output is complete), then
+    /// closes. Closing before the server's EOF can make it discard stdin
+    /// data it has not yet written to the process.
+    async fn finish(&self) -> Result<()> {
+        std::future::poll_fn(|cx| self.poll_send_eof(cx)).await?;
+        self.call(|raw| {
+            // SAFETY: live channel.
+            code(unsafe { ffi::libssh2_channel_wait_eof(raw) })
+        })
+        .await?;
+        self.close().await
+    }
+
+    /// Sends EOF and CLOSE at once, then waits for the peer's CLOSE.
     pub(crate) async fn close(&self) -> Result<()> {
         let _ = std::future::poll_fn(|cx| self.poll_flush(cx)).await;
         self.call(|raw| {
@@ -419,14 +432,15 @@ impl Channel {
             .unwrap_or(true)
     }
 
-    /// Closes the channel (EOF, CLOSE, and the server's CLOSE) and returns
-    /// how the remote process ended. Read stdout and stderr to their end
-    /// first: a server whose output window is full cannot finish.
+    /// Ends the channel in order — EOF, the server's EOF, CLOSE, the
+    /// server's CLOSE — and returns how the remote process ended. Read
+    /// stdout and stderr to their end first: a process whose output window
+    /// is full cannot finish.
     pub async fn wait(&mut self) -> Result<ExitStatus> {
         let inner = &self.inner;
         inner
             .session
-            .with_timeout("channel close", async { inner.close().await })
+            .with_timeout("channel close", async { inner.finish().await })
             .await?;
         inner.exit_status()
     }

@@ -551,12 +551,23 @@ impl Session {
     /// Authenticates with each identity of the ssh-agent at `$SSH_AUTH_SOCK`
     /// in turn until one is accepted.
     pub async fn auth_agent(&self, user: &str) -> Result<()> {
+        self.auth_agent_at(user, None).await
+    }
+
+    /// Like [`Session::auth_agent`], with the agent's socket given
+    /// explicitly (`None`: `$SSH_AUTH_SOCK`).
+    pub async fn auth_agent_at(&self, user: &str, socket: Option<&Path>) -> Result<()> {
         let c_user = cstring("user name", user)?;
+        let c_socket = socket.map(|p| path_cstring("agent socket", p)).transpose()?;
         let raw = self.inner.raw()?;
         // SAFETY: live session; the agent is freed by `AgentGuard`.
         let agent = AgentGuard(unsafe { ffi::libssh2_agent_init(raw) });
         if agent.0.is_null() {
             return Err(self.inner.error(ffi::LIBSSH2_ERROR_ALLOC));
+        }
+        if let Some(path) = &c_socket {
+            // SAFETY: live agent; libssh2 copies the path.
+            unsafe { ffi::libssh2_agent_set_identity_path(agent.0, path.as_ptr()) };
         }
         // Connecting and listing talk to the local agent socket (blocking,
         // local, short).

@@ -17,6 +17,7 @@
 
 mod op;
 mod probe;
+#[cfg(test)] mod tests;
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;

@@ -46,6 +46,8 @@ pub struct Bridge {
     link: Cell<Link>,
     /// Set when libssh2 asked for bytes that were not there.
     want_recv: Cell<bool>,
+    /// SSH_MSG_DISCONNECT has been queued.
+    disconnect_sent: Cell<bool>,
     stats: Cell<BridgeStats>,
 }
 
@@ -63,6 +65,7 @@ impl Bridge {
             inbound: RefCell::new(Inbound::default()),
             link: Cell::new(Link::Open),
             want_recv: Cell::new(false),
+            disconnect_sent: Cell::new(false),
             stats: Cell::new(BridgeStats::default()),
         }
     }
@@ -86,6 +89,10 @@ impl Bridge {
     /// The send callback's logic: take the whole packet, never a part, and
     /// never ask libssh2 to retry (a retry pins libssh2 to this packet).
     pub fn on_send(&self, data: &[u8]) -> isize {
+        if self.disconnect_sent.get() {
+            // Whatever the link state: nothing may follow the DISCONNECT.
+            self.bump(|s| s.sends_after_disconnect += 1);
+        }
         match self.link.get() {
             Link::Open => {
                 self.outbound.borrow_mut().extend_from_slice(data);
@@ -95,10 +102,7 @@ impl Bridge {
                 });
                 data.len() as isize
             }
-            Link::Disconnected => {
-                self.bump(|s| s.sends_after_disconnect += 1);
-                -(libc::ESHUTDOWN as isize)
-            }
+            Link::Disconnected => -(libc::ESHUTDOWN as isize),
             Link::PeerClosed => -(libc::EPIPE as isize),
             Link::Failed(errno) => -(errno as isize),
             Link::Dead => -(libc::ECONNABORTED as isize),
@@ -194,6 +198,7 @@ impl Bridge {
 
     /// SSH_MSG_DISCONNECT has been queued: refuse every later send.
     pub fn set_disconnected(&self) {
+        self.disconnect_sent.set(true);
         if self.link.get() == Link::Open {
             self.link.set(Link::Disconnected);
         }
@@ -279,5 +284,9 @@ mod tests {
         let _ = b.deliver(b"r".to_vec());
         let mut out = [0u8; 1];
         assert_eq!(b.on_recv(&mut out), 1);
+        // and teardown does not hide a late send from the count
+        b.kill();
+        assert!(b.on_send(b"later") < 0);
+        assert_eq!(b.stats().sends_after_disconnect, 2);
     }
 }

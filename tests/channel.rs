@@ -1,0 +1,306 @@
+//! Channels against a real sshd: exec, stdio, exit status, big transfers with
+//! SHA-256 end to end, many sessions and many channels on one thread.
+
+mod common;
+
+use std::time::Duration;
+
+use common::sshd::Sshd;
+use common::util::{Prng, connect, hex, sha256_file, write_random_file};
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const MIB: usize = 1024 * 1024;
+
+#[tokio::test]
+async fn exec_reports_stdout_stderr_and_exit_status() {
+    let sshd = Sshd::start();
+    let s = connect(&sshd).await;
+    let mut ch = s
+        .exec("echo out; echo err >&2; exit 7")
+        .await
+        .expect("exec");
+    let mut out = String::new();
+    ch.read_to_string(&mut out).await.unwrap();
+    let mut err = String::new();
+    ch.stderr().read_to_string(&mut err).await.unwrap();
+    let status = ch.wait().await.unwrap();
+    assert_eq!(out, "out\n");
+    assert_eq!(err, "err\n");
+    assert_eq!(status.code, 7);
+    assert!(status.signal.is_none());
+    assert!(!status.success());
+}
+
+#[tokio::test]
+async fn exit_signal_is_reported() {
+    let sshd = Sshd::start();
+    let s = connect(&sshd).await;
+    let mut ch = s.exec("kill -TERM $$").await.unwrap();
+    let mut out = Vec::new();
+    ch.read_to_end(&mut out).await.unwrap();
+    let status = ch.wait().await.unwrap();
+    assert_eq!(status.signal.as_deref(), Some("TERM"));
+    assert!(!status.success());
+}
+
+#[tokio::test]
+async fn stdin_round_trip_through_cat() {
+    let sshd = Sshd::start();
+    let s = connect(&sshd).await;
+    let mut ch = s.exec("cat").await.unwrap();
+    let mut data = vec![0u8; 3 * MIB + 12345];
+    Prng::new(1).fill(&mut data);
+    // Write and read at once: cat's output window must be drained while we write.
+    let mut reader = ch.stderr(); // keep stderr drained too (it stays empty)
+    let (mut r, mut w) = tokio::io::split(ch);
+    let writer = async {
+        w.write_all(&data).await.unwrap();
+        w.shutdown().await.unwrap(); // EOF to cat
+        w
+    };
+    let read = async {
+        let mut back = Vec::new();
+        r.read_to_end(&mut back).await.unwrap();
+        back
+    };
+    let (w, back) = tokio::join!(writer, read);
+    let mut err = Vec::new();
+    reader.read_to_end(&mut err).await.unwrap();
+    assert_eq!(back.len(), data.len());
+    assert!(back == data, "cat returned different bytes");
+    assert!(err.is_empty());
+    let mut ch = r.unsplit(w);
+    assert!(ch.wait().await.unwrap().success());
+}
+
+#[tokio::test]
+async fn pty_env_and_subsystem_requests() {
+    let sshd = Sshd::start();
+    let s = connect(&sshd).await;
+
+    let mut ch = s.channel_session().await.unwrap();
+    ch.setenv("URING_TEST", "forty-two").await.unwrap();
+    ch.request_pty("xterm", 100, 40).await.unwrap();
+    ch.exec("echo $URING_TEST; stty size; test -t 0 && echo tty")
+        .await
+        .unwrap();
+    let mut out = String::new();
+    ch.read_to_string(&mut out).await.unwrap();
+    assert!(out.contains("forty-two"), "{out:?}");
+    assert!(out.contains("40 100"), "{out:?}");
+    assert!(out.contains("tty"), "{out:?}");
+    ch.wait().await.unwrap();
+
+    // The sftp subsystem answers an SSH_FXP_INIT with SSH_FXP_VERSION.
+    let mut ch = s.channel_session().await.unwrap();
+    ch.subsystem("sftp").await.unwrap();
+    ch.write_all(&[0, 0, 0, 5, 1, 0, 0, 0, 3]).await.unwrap();
+    ch.flush().await.unwrap();
+    let mut head = [0u8; 5];
+    ch.read_exact(&mut head).await.unwrap();
+    assert_eq!(head[4], 2, "SSH_FXP_VERSION");
+}
+
+#[tokio::test]
+async fn shell_runs_commands_from_stdin() {
+    let sshd = Sshd::start();
+    let s = connect(&sshd).await;
+    let mut ch = s.channel_session().await.unwrap();
+    ch.shell().await.unwrap();
+    ch.write_all(b"echo from-shell\nexit 3\n").await.unwrap();
+    ch.flush().await.unwrap();
+    let mut out = String::new();
+    ch.read_to_string(&mut out).await.unwrap();
+    assert!(out.contains("from-shell"), "{out:?}");
+    assert_eq!(ch.wait().await.unwrap().code, 3);
+}
+
+#[tokio::test]
+async fn read_256_mib_sha256_matches() {
+    let sshd = Sshd::start();
+    let path = sshd.dir().join("big-read");
+    let want = write_random_file(&path, 256 * MIB, 0x5eed);
+    let s = connect(&sshd).await;
+    let mut ch = s.exec(&format!("cat {}", path.display())).await.unwrap();
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut total = 0usize;
+    let start = std::time::Instant::now();
+    loop {
+        let n = ch.read(&mut buf).await.unwrap();
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+        total += n;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    assert_eq!(total, 256 * MIB);
+    assert_eq!(hex(&h.finalize()), want);
+    assert!(ch.wait().await.unwrap().success());
+    let st = uring_ssh::reactor::stats().unwrap();
+    eprintln!(
+        "read 256 MiB: {:.0} MB/s, {} io_uring_enter, {} SQEs",
+        total as f64 / secs / 1e6,
+        st.enter_calls,
+        st.sqes_submitted
+    );
+}
+
+#[tokio::test]
+async fn write_256_mib_sha256_matches() {
+    let sshd = Sshd::start();
+    let path = sshd.dir().join("big-write");
+    let s = connect(&sshd).await;
+    let mut ch = s.exec(&format!("cat > {}", path.display())).await.unwrap();
+    let mut rng = Prng::new(0xfeed);
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; MIB];
+    for _ in 0..256 {
+        rng.fill(&mut buf);
+        h.update(&buf);
+        ch.write_all(&buf).await.unwrap();
+    }
+    ch.shutdown().await.unwrap();
+    let status = ch.wait().await.unwrap();
+    assert!(status.success());
+    assert_eq!(std::fs::metadata(&path).unwrap().len(), 256 * MIB as u64);
+    assert_eq!(sha256_file(&path), hex(&h.finalize()));
+}
+
+#[tokio::test]
+async fn sixty_four_sessions_on_one_thread_each_move_data() {
+    const SESSIONS: usize = 64;
+    const EACH: usize = 4 * MIB;
+    let sshd = Sshd::start();
+    let before = {
+        uring_ssh::reactor::init().unwrap();
+        uring_ssh::reactor::stats().unwrap()
+    };
+    let local = tokio::task::LocalSet::new();
+    let sshd = &sshd;
+    let results = local
+        .run_until(async move {
+            let mut tasks = Vec::new();
+            for i in 0..SESSIONS {
+                let seed = i as u64 + 1;
+                let sshd_addr = sshd.addr();
+                let known = sshd.known_hosts();
+                let user = sshd.user();
+                let key = sshd.user_key();
+                tasks.push(tokio::task::spawn_local(async move {
+                    let cfg = uring_ssh::Config::new().known_hosts(Some(known));
+                    let s = uring_ssh::Session::connect_addr(sshd_addr, cfg).await.unwrap();
+                    s.auth_pubkey_file(&user, &key, None).await.unwrap();
+                    // Each session pushes its own bytes through cat and checks them.
+                    let ch = s.exec("cat").await.unwrap();
+                    let (mut r, mut w) = tokio::io::split(ch);
+                    let mut data = vec![0u8; EACH];
+                    Prng::new(seed).fill(&mut data);
+                    let expect = hex(&Sha256::digest(&data));
+                    let writer = async {
+                        w.write_all(&data).await.unwrap();
+                        w.shutdown().await.unwrap();
+                    };
+                    let reader = async {
+                        let mut h = Sha256::new();
+                        let mut buf = vec![0u8; 64 * 1024];
+                        let mut n_total = 0;
+                        loop {
+                            let n = r.read(&mut buf).await.unwrap();
+                            if n == 0 {
+                                break;
+                            }
+                            n_total += n;
+                            h.update(&buf[..n]);
+                        }
+                        (n_total, hex(&h.finalize()))
+                    };
+                    let ((), (n, got)) = tokio::join!(writer, reader);
+                    assert_eq!(n, EACH);
+                    assert_eq!(got, expect, "session {i} corrupted its data");
+                    s.close("done").await.unwrap();
+                    n
+                }));
+            }
+            let mut moved = 0;
+            for t in tasks {
+                moved += t.await.expect("session task");
+            }
+            moved
+        })
+        .await;
+    assert_eq!(results, SESSIONS * EACH);
+    let after = uring_ssh::reactor::stats().unwrap();
+    let sqes = after.sqes_submitted - before.sqes_submitted;
+    let enters = after.enter_calls - before.enter_calls;
+    eprintln!(
+        "64 sessions: {sqes} SQEs in {enters} io_uring_enter ({:.2} per enter)",
+        sqes as f64 / enters as f64
+    );
+    // Batching: sessions share io_uring_enter calls.
+    assert!(sqes > enters, "{sqes} SQEs in {enters} enters: no batching");
+}
+
+#[tokio::test]
+async fn channels_of_one_session_progress_concurrently() {
+    let sshd = Sshd::start();
+    let s = connect(&sshd).await;
+
+    // A channel whose output nobody reads: its window fills and the server
+    // stops sending on it, but must keep sending on the others.
+    let stalled = s.exec("cat /dev/zero").await.unwrap();
+
+    let mut tasks = Vec::new();
+    for i in 0..8u64 {
+        let s = s.clone();
+        tasks.push(async move {
+            let n = 2_000_000 + i * 1000;
+            let mut ch = s.exec(&format!("seq 1 {n}")).await.unwrap();
+            let mut out = Vec::new();
+            ch.read_to_end(&mut out).await.unwrap();
+            let expect: Vec<u8> = (1..=n).flat_map(|k| format!("{k}\n").into_bytes()).collect();
+            assert!(out == expect, "channel {i} output differs");
+            assert!(ch.wait().await.unwrap().success());
+            out.len()
+        });
+    }
+    let lens = tokio::time::timeout(Duration::from_secs(120), join_all(tasks))
+        .await
+        .expect("channels blocked each other");
+    assert_eq!(lens.len(), 8);
+    drop(stalled);
+    // The session still works after the stalled channel was dropped.
+    let mut ch = s.exec("echo alive").await.unwrap();
+    let mut out = String::new();
+    ch.read_to_string(&mut out).await.unwrap();
+    assert_eq!(out, "alive\n");
+}
+
+/// Polls every future on this task until all are done.
+async fn join_all<F: std::future::Future>(futs: Vec<F>) -> Vec<F::Output> {
+    let mut futs: Vec<_> = futs.into_iter().map(Box::pin).map(Some).collect();
+    let mut out: Vec<Option<F::Output>> = futs.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (i, f) in futs.iter_mut().enumerate() {
+            if let Some(fut) = f {
+                match fut.as_mut().poll(cx) {
+                    std::task::Poll::Ready(v) => {
+                        out[i] = Some(v);
+                        *f = None;
+                    }
+                    std::task::Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            std::task::Poll::Pending
+        } else {
+            std::task::Poll::Ready(())
+        }
+    })
+    .await;
+    out.into_iter().map(|o| o.unwrap()).collect()
+}

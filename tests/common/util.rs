@@ -1,0 +1,119 @@
+//! Helpers shared by the integration tests: a connected session, a fast
+//! deterministic byte generator, hashing, and leak probes.
+
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+use uring_ssh::{Config, Session};
+
+use super::sshd::Sshd;
+
+/// Strict host-key checking against the fixture's known_hosts.
+pub fn config(sshd: &Sshd) -> Config {
+    Config::new().known_hosts(Some(sshd.known_hosts()))
+}
+
+/// A session to `sshd`, authenticated with the fixture's user key.
+pub async fn connect(sshd: &Sshd) -> Session {
+    connect_with(sshd, config(sshd)).await
+}
+
+/// Like [`connect`] with a custom config.
+pub async fn connect_with(sshd: &Sshd, config: Config) -> Session {
+    let s = Session::connect_addr(sshd.addr(), config)
+        .await
+        .expect("connect + handshake");
+    s.auth_pubkey_file(&sshd.user(), &sshd.user_key(), None)
+        .await
+        .expect("public-key auth");
+    s
+}
+
+/// xorshift64*: deterministic, fast, good enough to make every byte matter.
+pub struct Prng(u64);
+
+impl Prng {
+    /// A generator from a non-zero seed.
+    pub fn new(seed: u64) -> Self {
+        Prng(seed.max(1))
+    }
+
+    /// The next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    /// A number in `0..n`.
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n.max(1)
+    }
+
+    /// Fills `buf` with random bytes.
+    pub fn fill(&mut self, buf: &mut [u8]) {
+        for chunk in buf.chunks_mut(8) {
+            let v = self.next_u64().to_le_bytes();
+            chunk.copy_from_slice(&v[..chunk.len()]);
+        }
+    }
+}
+
+/// Writes `len` pseudo-random bytes from `seed` to `path`; returns their SHA-256.
+pub fn write_random_file(path: &std::path::Path, len: usize, seed: u64) -> String {
+    use std::io::Write;
+    let mut f = std::io::BufWriter::new(std::fs::File::create(path).expect("create file"));
+    let mut rng = Prng::new(seed);
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(buf.len());
+        rng.fill(&mut buf[..n]);
+        h.update(&buf[..n]);
+        f.write_all(&buf[..n]).expect("write file");
+        left -= n;
+    }
+    f.flush().expect("flush file");
+    hex(&h.finalize())
+}
+
+/// SHA-256 of a file, hex.
+pub fn sha256_file(path: &std::path::Path) -> String {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).expect("open file");
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).expect("read file");
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    hex(&h.finalize())
+}
+
+/// Lower-case hex.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Open file descriptors of this process.
+pub fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").expect("/proc/self/fd").count()
+}
+
+/// Waits (bounded) until the ring has reaped the completions of every op
+/// whose owner is gone; returns the last counters.
+pub async fn settle_orphans(limit: Duration) -> uring_ssh::reactor::Stats {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let s = uring_ssh::reactor::stats().expect("this thread has a ring");
+        if s.orphaned_outstanding == 0 || tokio::time::Instant::now() >= deadline {
+            return s;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
