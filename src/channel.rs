@@ -127,56 +127,64 @@ impl ChannelInner {
         if dst.is_empty() {
             return Poll::Ready(Ok(()));
         }
-        // SAFETY: live channel; `dst` is writable for its length.
-        let n = unsafe {
-            ffi::libssh2_channel_read_ex(raw, stream, dst.as_mut_ptr() as *mut c_char, dst.len())
-        };
-        let session = &self.session;
-        session.transport.pump();
-        if n >= 0 {
-            let n = n as usize;
-            // SAFETY: libssh2 wrote `n` bytes at the start of `dst`.
-            unsafe { buf.assume_init(n) };
-            buf.advance(n);
-            return Poll::Ready(Ok(()));
-        }
-        if n as c_int == ffi::LIBSSH2_ERROR_EAGAIN {
-            if !matches!(session.transport.bridge().link(), Link::Open | Link::Disconnected) {
-                return Poll::Ready(Err(session.error(ffi::LIBSSH2_ERROR_SOCKET_RECV).into()));
+        let n = ready!(self.session.poll_call(cx, &mut |_| {
+            // SAFETY: live channel; `dst` is writable for its length.
+            let n = unsafe {
+                ffi::libssh2_channel_read_ex(
+                    raw,
+                    stream,
+                    dst.as_mut_ptr() as *mut c_char,
+                    dst.len(),
+                )
+            };
+            if n < 0 {
+                Err(n as c_int)
+            } else {
+                Ok(n as usize)
             }
-            session.transport.register(cx.waker());
-            return Poll::Pending;
-        }
-        Poll::Ready(Err(session.error(n as c_int).into()))
+        }))?;
+        // SAFETY: libssh2 wrote `n` bytes at the start of the unfilled part.
+        unsafe { buf.assume_init(n) };
+        buf.advance(n);
+        Poll::Ready(Ok(()))
+    }
+
+    /// One libssh2 write of `data` (at most [`MAX_WRITE`] bytes): bytes
+    /// taken, or `Pending` while the window or the socket is full.
+    fn poll_write_raw(&self, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+        let raw = self.raw()?;
+        let len = data.len().min(MAX_WRITE);
+        let n = ready!(self.session.poll_call(cx, &mut |_| {
+            // SAFETY: live channel; `data` outlives the call.
+            let n = unsafe {
+                ffi::libssh2_channel_write_ex(raw, 0, data.as_ptr() as *const c_char, len)
+            };
+            // 0: no window left and nothing to read; wait like for EAGAIN.
+            match n {
+                0 => Err(ffi::LIBSSH2_ERROR_EAGAIN),
+                n if n < 0 => Err(n as c_int),
+                n => Ok(n as usize),
+            }
+        }))?;
+        Poll::Ready(Ok(n))
     }
 
     /// Hands `pending_write` to libssh2 until it is all taken.
     fn poll_drive_pending(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         loop {
-            let mut pending = self.pending_write.borrow_mut();
+            let pending = std::mem::take(&mut *self.pending_write.borrow_mut());
             if pending.is_empty() {
                 return Poll::Ready(Ok(()));
             }
-            let raw = self.raw()?;
-            // SAFETY: live channel; the buffer outlives the call.
-            let n = unsafe {
-                ffi::libssh2_channel_write_ex(
-                    raw,
-                    0,
-                    pending.as_ptr() as *const c_char,
-                    pending.len(),
-                )
-            };
-            self.session.transport.pump();
-            match n {
-                n if n > 0 => {
-                    pending.drain(..n as usize);
+            let r = self.poll_write_raw(cx, &pending);
+            let mut slot = self.pending_write.borrow_mut();
+            *slot = pending;
+            match r {
+                Poll::Ready(Ok(n)) => {
+                    slot.drain(..n);
                 }
-                n if n == 0 || n as c_int == ffi::LIBSSH2_ERROR_EAGAIN => {
-                    drop(pending);
-                    return self.wait_transport(cx);
-                }
-                n => return Poll::Ready(Err(self.session.error(n as c_int).into())),
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
             }
         }
     }
@@ -199,20 +207,18 @@ impl ChannelInner {
             session.transport.pump();
             ready!(self.wait_transport(cx))?;
         }
-        let raw = self.raw()?;
-        let len = data.len().min(MAX_WRITE);
-        // SAFETY: live channel; `data` outlives the call.
-        let n = unsafe { ffi::libssh2_channel_write_ex(raw, 0, data.as_ptr() as *const c_char, len) };
-        session.transport.pump();
-        match n {
-            n if n > 0 => Poll::Ready(Ok(n as usize)),
-            n if n == 0 || n as c_int == ffi::LIBSSH2_ERROR_EAGAIN => {
+        match self.poll_write_raw(cx, data) {
+            Poll::Ready(r) => Poll::Ready(r),
+            Poll::Pending => {
                 // libssh2 may hold half-built state that must be resumed
-                // with the same bytes: keep a copy and report it taken.
-                self.pending_write.borrow_mut().extend_from_slice(&data[..len]);
+                // with the same bytes: keep a copy and report it taken. The
+                // waker is registered; the copy is driven by the next call.
+                let len = data.len().min(MAX_WRITE);
+                self.pending_write
+                    .borrow_mut()
+                    .extend_from_slice(&data[..len]);
                 Poll::Ready(Ok(len))
             }
-            n => Poll::Ready(Err(session.error(n as c_int).into())),
         }
     }
 
@@ -300,8 +306,9 @@ impl ChannelInner {
             let signal = if sig.is_null() {
                 None
             } else {
-                let s = String::from_utf8_lossy(std::slice::from_raw_parts(sig as *const u8, sig_len))
-                    .into_owned();
+                let s =
+                    String::from_utf8_lossy(std::slice::from_raw_parts(sig as *const u8, sig_len))
+                        .into_owned();
                 if let Ok(sess) = self.session.raw() {
                     ffi::libssh2_free(sess, sig as *mut _);
                 }
@@ -328,7 +335,11 @@ impl Channel {
         Channel { inner }
     }
 
-    async fn process_startup(&mut self, request: &'static str, message: Option<&str>) -> Result<()> {
+    async fn process_startup(
+        &mut self,
+        request: &'static str,
+        message: Option<&str>,
+    ) -> Result<()> {
         let msg = message.map(|m| c(request, m)).transpose()?;
         self.inner
             .request(request, |raw| {

@@ -185,7 +185,9 @@ impl Error {
                 | libssh2_sys::LIBSSH2_ERROR_PUBLICKEY_UNVERIFIED
                 | libssh2_sys::LIBSSH2_ERROR_PASSWORD_EXPIRED
                 | libssh2_sys::LIBSSH2_ERROR_KEYFILE_AUTH_FAILED => K::PermissionDenied,
-                libssh2_sys::LIBSSH2_ERROR_FILE => K::NotFound,
+                // A key file that exists (we check first) but cannot be
+                // used: wrong passphrase or unsupported format.
+                libssh2_sys::LIBSSH2_ERROR_FILE => K::InvalidData,
                 libssh2_sys::LIBSSH2_ERROR_TIMEOUT | libssh2_sys::LIBSSH2_ERROR_SOCKET_TIMEOUT => {
                     K::TimedOut
                 }

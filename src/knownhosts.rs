@@ -141,11 +141,17 @@ pub(crate) fn verify(
             });
         }
         if exists {
-            let rc =
-                ffi::libssh2_knownhost_readfile(kh, c_path.as_ptr(), ffi::LIBSSH2_KNOWNHOST_FILE_OPENSSH);
+            let rc = ffi::libssh2_knownhost_readfile(
+                kh,
+                c_path.as_ptr(),
+                ffi::LIBSSH2_KNOWNHOST_FILE_OPENSSH,
+            );
             if rc < 0 {
                 ffi::libssh2_knownhost_free(kh);
-                return Err(file_err(path, format!("cannot be parsed (libssh2 error {rc})")));
+                return Err(file_err(
+                    path,
+                    format!("cannot be parsed (libssh2 error {rc})"),
+                ));
             }
         }
         let mut entry = std::ptr::null_mut();
@@ -155,7 +161,11 @@ pub(crate) fn verify(
             port as i32,
             key.blob.as_ptr() as *const _,
             key.blob.len(),
-            ffi::LIBSSH2_KNOWNHOST_TYPE_PLAIN | ffi::LIBSSH2_KNOWNHOST_KEYENC_RAW,
+            // With the key type given, an entry of another type for this
+            // host is "not found" (a new key type), not a changed key.
+            ffi::LIBSSH2_KNOWNHOST_TYPE_PLAIN
+                | ffi::LIBSSH2_KNOWNHOST_KEYENC_RAW
+                | knownhost_key_bits(key.key_type),
             &mut entry,
         );
         ffi::libssh2_knownhost_free(kh);
@@ -173,7 +183,10 @@ pub(crate) fn verify(
                 .map_err(|e| file_err(path, format!("cannot add the new key: {e}"))),
             _ => Err(unknown()),
         },
-        other => Err(file_err(path, format!("check failed (libssh2 result {other})"))),
+        other => Err(file_err(
+            path,
+            format!("check failed (libssh2 result {other})"),
+        )),
     }
 }
 
@@ -189,8 +202,26 @@ fn append(path: &Path, name: &str, key: &HostKey) -> std::io::Result<()> {
     let mut f = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
+        .read(true)
         .open(path)?;
-    writeln!(f, "{name} {} {}", key.key_type, base64_padded(&key.blob))
+    // Never glue the entry onto a last line that lacks its newline.
+    let len = f.metadata()?.len();
+    let mut prefix = "";
+    if len > 0 {
+        use std::io::{Read, Seek, SeekFrom};
+        let mut last = [0u8; 1];
+        f.seek(SeekFrom::Start(len - 1))?;
+        f.read_exact(&mut last)?;
+        if last[0] != b'\n' {
+            prefix = "\n";
+        }
+    }
+    writeln!(
+        f,
+        "{prefix}{name} {} {}",
+        key.key_type,
+        base64_padded(&key.blob)
+    )
 }
 
 const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";

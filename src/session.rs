@@ -27,6 +27,9 @@ aes256-gcm@openssh.com,aes128-ctr,aes192-ctr,aes256-ctr";
 
 /// Channel window offered by default: throughput is bounded by window / RTT.
 pub const DEFAULT_WINDOW: u32 = 8 * 1024 * 1024;
+/// Times a libssh2 call is repeated at once while it has input to process.
+const MAX_REPEATS: usize = 64;
+
 /// Largest packet libssh2 accepts (its receive buffer holds ~35000 bytes).
 pub const DEFAULT_PACKET: u32 = 32768;
 
@@ -354,7 +357,8 @@ impl Session {
                 inner
                     .call(|s| {
                         // SAFETY: live session; the dummy fd stays open for the process.
-                        let rc = unsafe { ffi::libssh2_session_handshake(s, callbacks::dummy_fd()) };
+                        let rc =
+                            unsafe { ffi::libssh2_session_handshake(s, callbacks::dummy_fd()) };
                         code(rc)
                     })
                     .await
@@ -410,9 +414,8 @@ impl Session {
         inner
             .auth("auth methods", |s| {
                 // SAFETY: live session; `c_user` outlives the call.
-                let p = unsafe {
-                    ffi::libssh2_userauth_list(s, c_user.as_ptr(), user.len() as c_uint)
-                };
+                let p =
+                    unsafe { ffi::libssh2_userauth_list(s, c_user.as_ptr(), user.len() as c_uint) };
                 if p.is_null() {
                     // SAFETY: live session.
                     if unsafe { ffi::libssh2_userauth_authenticated(s) } != 0 {
@@ -463,6 +466,7 @@ impl Session {
                 })
             })
             .await
+            .map_err(|e| key_error(e, &private_key.display().to_string()))
     }
 
     /// Authenticates with a private key held in memory (PEM or OpenSSH text).
@@ -490,6 +494,7 @@ impl Session {
                 })
             })
             .await
+            .map_err(|e| key_error(e, "the key in memory"))
     }
 
     /// Authenticates with a password.
@@ -558,7 +563,9 @@ impl Session {
     /// explicitly (`None`: `$SSH_AUTH_SOCK`).
     pub async fn auth_agent_at(&self, user: &str, socket: Option<&Path>) -> Result<()> {
         let c_user = cstring("user name", user)?;
-        let c_socket = socket.map(|p| path_cstring("agent socket", p)).transpose()?;
+        let c_socket = socket
+            .map(|p| path_cstring("agent socket", p))
+            .transpose()?;
         let raw = self.inner.raw()?;
         // SAFETY: live session; the agent is freed by `AgentGuard`.
         let agent = AgentGuard(unsafe { ffi::libssh2_agent_init(raw) });
@@ -616,7 +623,8 @@ impl Session {
     /// Opens a session channel with the configured window and packet size.
     pub async fn channel_session(&self) -> Result<Channel> {
         let c = &self.inner.config;
-        self.channel_session_with(c.window_size, c.packet_size).await
+        self.channel_session_with(c.window_size, c.packet_size)
+            .await
     }
 
     /// Opens a session channel with the given receive window and packet size.
@@ -627,7 +635,9 @@ impl Session {
                 let _lock = inner.open_lock.lock().await;
                 inner.finish_abandoned_open().await?;
                 let guard = Abandon::new(&inner.open_abandoned);
-                let r = inner.call(|s| open_session_channel(s, window, packet)).await;
+                let r = inner
+                    .call(|s| open_session_channel(s, window, packet))
+                    .await;
                 guard.done();
                 let raw = r?;
                 let ch = ChannelInner::new(inner.clone(), raw);
@@ -738,6 +748,19 @@ fn open_session_channel(
         Err(unsafe { ffi::libssh2_session_last_errno(s) })
     } else {
         Ok(p)
+    }
+}
+
+/// libssh2 reports an undecryptable key as a file error: say what it means.
+fn key_error(e: Error, which: &str) -> Error {
+    match e {
+        Error::Ssh { code, message } if code == ffi::LIBSSH2_ERROR_FILE => Error::Ssh {
+            code,
+            message: format!(
+                "cannot use private key {which}: wrong passphrase or unsupported format ({message})"
+            ),
+        },
+        e => e,
     }
 }
 
@@ -856,8 +879,13 @@ impl SessionInner {
         }
     }
 
-    /// One attempt of a libssh2 call: `Pending` (with the waker registered
-    /// for this session's next socket event) while it says EAGAIN.
+    /// Runs a libssh2 call: `Pending` (with the waker registered for this
+    /// session's next socket event) while it says EAGAIN for want of input.
+    ///
+    /// libssh2 also says EAGAIN with input still buffered: it stops after
+    /// decrypting the first block of a packet whose rest it has not read yet
+    /// (AEAD ciphers), without asking for more. No socket event would come
+    /// for that, so such a call is simply repeated.
     pub(crate) fn poll_call<T>(
         &self,
         cx: &mut Context<'_>,
@@ -867,19 +895,29 @@ impl SessionInner {
             Ok(r) => r,
             Err(e) => return Poll::Ready(Err(e)),
         };
-        let r = f(raw);
-        self.transport.pump();
-        match r {
-            Ok(v) => Poll::Ready(Ok(v)),
-            Err(ffi::LIBSSH2_ERROR_EAGAIN) => {
-                if !matches!(self.transport.bridge().link(), Link::Open | Link::Disconnected) {
-                    return Poll::Ready(Err(self.error(ffi::LIBSSH2_ERROR_SOCKET_RECV)));
+        let bridge = self.transport.bridge();
+        for _ in 0..MAX_REPEATS {
+            bridge.clear_wants_recv();
+            let r = f(raw);
+            self.transport.pump();
+            match r {
+                Ok(v) => return Poll::Ready(Ok(v)),
+                Err(ffi::LIBSSH2_ERROR_EAGAIN) => {
+                    if !matches!(bridge.link(), Link::Open | Link::Disconnected) {
+                        return Poll::Ready(Err(self.error(ffi::LIBSSH2_ERROR_SOCKET_RECV)));
+                    }
+                    if !bridge.wants_recv() && bridge.inbound_len() > 0 {
+                        continue;
+                    }
+                    self.transport.register(cx.waker());
+                    return Poll::Pending;
                 }
-                self.transport.register(cx.waker());
-                Poll::Pending
+                Err(rc) => return Poll::Ready(Err(self.error(rc))),
             }
-            Err(rc) => Poll::Ready(Err(self.error(rc))),
         }
+        // Progress without end: let other tasks run, then continue.
+        cx.waker().wake_by_ref();
+        Poll::Pending
     }
 
     /// Repeats a libssh2 call until it stops saying EAGAIN.

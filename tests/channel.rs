@@ -48,7 +48,7 @@ async fn exit_signal_is_reported() {
 async fn stdin_round_trip_through_cat() {
     let sshd = Sshd::start();
     let s = connect(&sshd).await;
-    let mut ch = s.exec("cat").await.unwrap();
+    let ch = s.exec("cat").await.unwrap();
     let mut data = vec![0u8; 3 * MIB + 12345];
     Prng::new(1).fill(&mut data);
     // Write and read at once: cat's output window must be drained while we write.
@@ -191,7 +191,9 @@ async fn sixty_four_sessions_on_one_thread_each_move_data() {
                 let key = sshd.user_key();
                 tasks.push(tokio::task::spawn_local(async move {
                     let cfg = uring_ssh::Config::new().known_hosts(Some(known));
-                    let s = uring_ssh::Session::connect_addr(sshd_addr, cfg).await.unwrap();
+                    let s = uring_ssh::Session::connect_addr(sshd_addr, cfg)
+                        .await
+                        .unwrap();
                     s.auth_pubkey_file(&user, &key, None).await.unwrap();
                     // Each session pushes its own bytes through cat and checks them.
                     let ch = s.exec("cat").await.unwrap();
@@ -260,7 +262,9 @@ async fn channels_of_one_session_progress_concurrently() {
             let mut ch = s.exec(&format!("seq 1 {n}")).await.unwrap();
             let mut out = Vec::new();
             ch.read_to_end(&mut out).await.unwrap();
-            let expect: Vec<u8> = (1..=n).flat_map(|k| format!("{k}\n").into_bytes()).collect();
+            let expect: Vec<u8> = (1..=n)
+                .flat_map(|k| format!("{k}\n").into_bytes())
+                .collect();
             assert!(out == expect, "channel {i} output differs");
             assert!(ch.wait().await.unwrap().success());
             out.len()

@@ -17,7 +17,8 @@
 
 mod op;
 mod probe;
-#[cfg(test)] mod tests;
+#[cfg(test)]
+mod tests;
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
@@ -56,9 +57,6 @@ pub struct Stats {
     /// Operations whose owner is gone and whose buffers the ring still holds
     /// until their completion arrives.
     pub orphaned_outstanding: u64,
-    /// Operations left in flight when a ring was torn down, whose buffers were
-    /// leaked on purpose because the kernel might still write to them.
-    pub leaked_at_teardown: u64,
 }
 
 /// A completion callback: runs on the driver task, after the ring borrow is released.
@@ -107,7 +105,10 @@ pub struct Reactor {
     next_generation: Cell<u32>,
     driver_waker: RefCell<Option<Waker>>,
     driver_scheduled: Cell<bool>,
-    driver_alive: Cell<bool>,
+    /// The runtime whose task drives the ring now, if any.
+    driver_runtime: Cell<Option<tokio::runtime::Id>>,
+    /// Bumped for each new driver task; an older one stops.
+    driver_epoch: Cell<u64>,
     features: Features,
     stats: Cell<Stats>,
     thread: ThreadId,
@@ -145,6 +146,7 @@ impl Reactor {
     /// This thread's reactor, created on first use, with a driver task on the
     /// current tokio runtime.
     pub(crate) fn current() -> Result<Rc<Reactor>, Error> {
+        let handle = current_thread_runtime()?;
         let reactor = CURRENT.with(|c| -> Result<Rc<Reactor>, Error> {
             if let Some(r) = c.borrow().as_ref() {
                 return Ok(r.clone());
@@ -153,7 +155,7 @@ impl Reactor {
             *c.borrow_mut() = Some(r.clone());
             Ok(r)
         })?;
-        reactor.ensure_driver()?;
+        reactor.ensure_driver(&handle)?;
         Ok(reactor)
     }
 
@@ -176,7 +178,8 @@ impl Reactor {
             next_generation: Cell::new(1),
             driver_waker: RefCell::new(None),
             driver_scheduled: Cell::new(false),
-            driver_alive: Cell::new(false),
+            driver_runtime: Cell::new(None),
+            driver_epoch: Cell::new(0),
             features,
             stats: Cell::new(Stats::default()),
             thread: std::thread::current().id(),
@@ -199,19 +202,9 @@ impl Reactor {
         self.stats.set(s);
     }
 
-    fn ensure_driver(&self) -> Result<(), Error> {
-        if self.driver_alive.get() {
+    fn ensure_driver(&self, handle: &tokio::runtime::Handle) -> Result<(), Error> {
+        if self.driver_runtime.get() == Some(handle.id()) {
             return Ok(());
-        }
-        let handle = tokio::runtime::Handle::try_current().map_err(|_| {
-            Error::Runtime("uring-ssh must be used inside a tokio current-thread runtime".into())
-        })?;
-        if handle.runtime_flavor() != tokio::runtime::RuntimeFlavor::CurrentThread {
-            return Err(Error::Runtime(
-                "uring-ssh keeps one ring per thread and needs a current-thread runtime \
-                 (run one per thread instead of a multi-thread runtime)"
-                    .into(),
-            ));
         }
         use std::os::fd::{AsRawFd, BorrowedFd};
         // The driver task may outlive this reactor (runtime and thread-local
@@ -224,12 +217,17 @@ impl Reactor {
         // it stays open and the same for the AsyncFd's whole lifetime.
         let fd = unsafe { AsyncFd::register_with_interest(owned, tokio::io::Interest::READABLE) }
             .map_err(|e| Error::Io(e.into()))?;
-        self.driver_alive.set(true);
+        // A driver in another runtime of this thread (idle while this one
+        // runs) stops at its next poll; this runtime's driver takes over.
+        let epoch = self.driver_epoch.get() + 1;
+        self.driver_epoch.set(epoch);
+        self.driver_runtime.set(Some(handle.id()));
         self.driver_scheduled.set(false);
         *self.driver_waker.borrow_mut() = None;
         let _task = handle.spawn(Driver {
             fd,
             thread: self.thread,
+            epoch,
         });
         Ok(())
     }
@@ -299,8 +297,8 @@ impl Reactor {
     /// `IORING_ASYNC_CANCEL_FD` (see [`Features::cancel_by_fd`]).
     pub(crate) fn cancel_fd(&self, fd: &Rc<SharedFd>) {
         debug_assert!(self.features.cancel_by_fd);
-        let sqe = opcode::AsyncCancel2::new(types::CancelBuilder::fd(types::Fd(fd.raw())).all())
-            .build();
+        let sqe =
+            opcode::AsyncCancel2::new(types::CancelBuilder::fd(types::Fd(fd.raw())).all()).build();
         let resources = Resources {
             fd: Some(fd.clone()),
             ..Resources::default()
@@ -328,14 +326,20 @@ impl Reactor {
         }
         let n = sqes.len() as u64;
         self.bump(|s| s.ops_in_flight += n);
+        // Keep submission order: once something waits in the backlog,
+        // everything after it waits too.
         let mut backlog = self.backlog.borrow_mut();
-        if backlog.is_empty() && !self.try_push_group(&sqes) {
-            backlog.push_back(sqes);
-        } else if !backlog.is_empty() {
+        if !backlog.is_empty() || !self.try_push_group(&sqes) {
             backlog.push_back(sqes);
         }
         drop(backlog);
-        self.schedule_driver();
+        if self.driver_runtime.get().is_none() {
+            // No task will submit (a drop after the runtime is gone):
+            // enter the kernel now so cancels, shutdowns and closes happen.
+            let _ = self.flush();
+        } else {
+            self.schedule_driver();
+        }
         ids
     }
 
@@ -351,7 +355,8 @@ impl Reactor {
         // dropped only after the op's own CQE is reaped (or leaked if the ring
         // is torn down first). The reactor keeps this invariant.
         unsafe { sq.push_multiple(sqes) }.is_ok() && {
-            self.unsubmitted.set(self.unsubmitted.get() + sqes.len() as u32);
+            self.unsubmitted
+                .set(self.unsubmitted.get() + sqes.len() as u32);
             true
         }
     }
@@ -369,14 +374,19 @@ impl Reactor {
     /// everything queued (more often only if the queue fills up).
     fn flush(&self) -> io::Result<()> {
         loop {
-            while let Some(group) = self.backlog.borrow_mut().pop_front() {
+            loop {
+                let Some(group) = self.backlog.borrow_mut().pop_front() else {
+                    break;
+                };
                 if !self.try_push_group(&group) {
                     self.backlog.borrow_mut().push_front(group);
                     break;
                 }
             }
             let pending = self.unsubmitted.get();
-            if pending == 0 {
+            // Completions that overflowed the CQ ring stay in the kernel
+            // until an enter with GETEVENTS (io-uring's submit adds it).
+            if pending == 0 && !self.ring.borrow_mut().submission().cq_overflow() {
                 return Ok(());
             }
             match self.ring.borrow().submit() {
@@ -467,7 +477,13 @@ impl Reactor {
     pub(crate) fn poll_op(&self, id: OpId, cx: &mut Context<'_>) -> Poll<Completion> {
         let mut slots = self.slots.borrow_mut();
         let slot = &mut slots[id.key()];
-        debug_assert_eq!(slot.generation, id.generation());
+        // An `Op` is polled only until it completes (Op::poll checks), so
+        // its slot cannot have been reused.
+        assert_eq!(
+            slot.generation,
+            id.generation(),
+            "op polled after completion"
+        );
         match &mut slot.notify {
             Notify::Done(result) => {
                 let result = *result;
@@ -524,7 +540,6 @@ impl Reactor {
             Notify::Detached | Notify::Orphaned => false,
         }
     }
-
 }
 
 impl Drop for Reactor {
@@ -579,6 +594,21 @@ impl Drop for Reactor {
     }
 }
 
+/// The current tokio runtime, if it is a current-thread one.
+fn current_thread_runtime() -> Result<tokio::runtime::Handle, Error> {
+    let handle = tokio::runtime::Handle::try_current().map_err(|_| {
+        Error::Runtime("uring-ssh must be used inside a tokio current-thread runtime".into())
+    })?;
+    if handle.runtime_flavor() != tokio::runtime::RuntimeFlavor::CurrentThread {
+        return Err(Error::Runtime(
+            "uring-ssh keeps one ring per thread and needs a current-thread runtime \
+             (run one per thread instead of a multi-thread runtime)"
+                .into(),
+        ));
+    }
+    Ok(handle)
+}
+
 /// Ops leaked on purpose by rings torn down with requests still in flight.
 pub(crate) static GLOBAL_LEAKED_AT_TEARDOWN: std::sync::atomic::AtomicU64 =
     std::sync::atomic::AtomicU64::new(0);
@@ -593,6 +623,7 @@ pub fn leaked_at_teardown() -> u64 {
 struct Driver {
     fd: AsyncFd<std::os::fd::OwnedFd>,
     thread: ThreadId,
+    epoch: u64,
 }
 
 impl std::future::Future for Driver {
@@ -607,6 +638,10 @@ impl std::future::Future for Driver {
         let Some(reactor) = Reactor::with_existing(|r| r.clone()) else {
             return Poll::Ready(());
         };
+        if reactor.driver_epoch.get() != self.epoch {
+            // A newer driver (in another runtime of this thread) took over.
+            return Poll::Ready(());
+        }
         {
             let mut w = reactor.driver_waker.borrow_mut();
             if !w.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
@@ -637,10 +672,15 @@ impl std::future::Future for Driver {
 
 impl Drop for Driver {
     fn drop(&mut self) {
+        // Dropped on another thread (a runtime dropped elsewhere): that
+        // thread's reactor is not ours. Ours notices the dead runtime on
+        // its next `current()` through the runtime id.
         if std::thread::current().id() == self.thread {
             Reactor::with_existing(|r| {
-                r.driver_alive.set(false);
-                *r.driver_waker.borrow_mut() = None;
+                if r.driver_epoch.get() == self.epoch {
+                    r.driver_runtime.set(None);
+                    *r.driver_waker.borrow_mut() = None;
+                }
             });
         }
     }

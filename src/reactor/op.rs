@@ -82,6 +82,7 @@ impl Future for Op {
     type Output = Completion;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Completion> {
+        assert!(!self.finished, "io_uring op polled after completion");
         let done = self.reactor.poll_op(self.id, cx);
         if done.is_ready() {
             self.finished = true;
@@ -122,7 +123,10 @@ impl Drop for SharedFd {
         // thread has one; a plain close(2) during thread teardown.
         let fd = self.fd;
         let queued = Reactor::with_existing(|r| {
-            r.submit_detached(opcode::Close::new(types::Fd(fd)).build(), Resources::default())
+            r.submit_detached(
+                opcode::Close::new(types::Fd(fd)).build(),
+                Resources::default(),
+            )
         });
         if queued.is_none() {
             // SAFETY: `fd` is owned by this value and closed exactly once, here.

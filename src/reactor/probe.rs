@@ -31,7 +31,7 @@ pub(crate) fn setup(entries: u32) -> Result<(IoUring, Features), Error> {
         .build(entries)
         .map_err(|e| {
             let why = match e.raw_os_error() {
-                Some(libc::ENOSYS) => "the kernel has no io_uring (ENOSYS: too old, or compiled out)",
+                Some(libc::ENOSYS) => "io_uring_setup is not available (ENOSYS: kernel too old or built without it, or a seccomp filter)",
                 Some(libc::EPERM) => {
                     "io_uring is forbidden here (EPERM: kernel.io_uring_disabled, or a seccomp \
                      profile such as Docker's default)"

@@ -177,9 +177,15 @@ impl Bridge {
         }
     }
 
-    /// Whether libssh2 asked for bytes since the last delivery.
+    /// Whether libssh2 asked for bytes that were not there, since the last
+    /// delivery or [`Self::clear_wants_recv`].
     pub fn wants_recv(&self) -> bool {
         self.want_recv.get()
+    }
+
+    /// Forgets an earlier unanswered ask (before a new libssh2 call).
+    pub fn clear_wants_recv(&self) {
+        self.want_recv.set(false);
     }
 
     /// The peer closed its side.

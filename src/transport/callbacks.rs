@@ -297,16 +297,25 @@ pub(crate) extern "C" fn kbd_cb(
             let asked: Vec<(String, bool)> = (0..n)
                 .map(|i| {
                     let p = &*prompts.add(i);
-                    (text(p.text as *const c_char, p.length as c_int), p.echo != 0)
+                    (
+                        text(p.text as *const c_char, p.length as c_int),
+                        p.echo != 0,
+                    )
                 })
                 .collect();
-            let Some(responder) = *s.kbd.borrow() else { return };
+            let Some(responder) = *s.kbd.borrow() else {
+                return;
+            };
             let answers = (*responder)(&name, &instruction, &asked);
             for i in 0..n {
                 let r = &mut *responses.add(i);
                 let answer = answers.get(i).map(|a| a.as_bytes()).unwrap_or(b"");
                 r.text = s.alloc_copy(answer);
-                r.length = if r.text.is_null() { 0 } else { answer.len() as c_uint };
+                r.length = if r.text.is_null() {
+                    0
+                } else {
+                    answer.len() as c_uint
+                };
             }
         }
     }));

@@ -2,7 +2,7 @@
 //!
 //! libssh2 calls our send and recv callbacks ([`callbacks`]), which only
 //! touch the session's [`Bridge`]: packets go into an outbound queue whole,
-//! received bytes come out of an inbound buffer. [`Transport`] moves those
+//! received bytes come out of an inbound buffer. `Transport` moves those
 //! bytes between the bridge and the real socket with ring operations whose
 //! completions run as callbacks on the reactor's driver task, so the socket
 //! keeps flowing even when no future of the session is being polled.
@@ -199,9 +199,7 @@ impl Transport {
             &fd,
             // SAFETY: the kernel only writes into this capacity; we read back
             // just the bytes the completion reports (see `recv_done`).
-            unsafe {
-                std::slice::from_raw_parts_mut(spare.as_mut_ptr() as *mut u8, RECV_SIZE)
-            },
+            unsafe { std::slice::from_raw_parts_mut(spare.as_mut_ptr() as *mut u8, RECV_SIZE) },
         );
         let this = self.this.clone();
         let resources = Resources {

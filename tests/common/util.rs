@@ -102,7 +102,9 @@ pub fn hex(bytes: &[u8]) -> String {
 
 /// Open file descriptors of this process.
 pub fn open_fds() -> usize {
-    std::fs::read_dir("/proc/self/fd").expect("/proc/self/fd").count()
+    std::fs::read_dir("/proc/self/fd")
+        .expect("/proc/self/fd")
+        .count()
 }
 
 /// Waits (bounded) until the ring has reaped the completions of every op

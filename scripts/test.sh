@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# The project's test command: sets up a fresh Debian/Ubuntu machine (as root)
+# for the SSH integration tests, then builds and runs them.
+# Usage: bash scripts/test.sh [extra `cargo test` args, e.g. --test fixture]
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+
+if [ "$(id -u)" -ne 0 ]; then
+    echo "scripts/test.sh: run as root (installs packages, creates a test user)" >&2
+    exit 1
+fi
+
+# System packages: only touch apt when something is missing, so re-runs are fast.
+packages=(openssh-server openssh-client libssl-dev pkg-config zlib1g-dev cmake build-essential)
+missing=()
+for p in "${packages[@]}"; do
+    status=$(dpkg-query -W -f='${Status}' "$p" 2>/dev/null || true)
+    [ "$status" = "install ok installed" ] || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+    echo "installing: ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    # Keep the package from starting a system sshd on :22 (the test user has a
+    # known password); the tests start their own sshd on loopback.
+    policy=/usr/sbin/policy-rc.d
+    if [ ! -e "$policy" ]; then
+        printf '#!/bin/sh\nexit 101\n' >"$policy"
+        chmod 755 "$policy"
+        trap 'rm -f "$policy"' EXIT
+    fi
+    apt-get update
+    apt-get install -y "${missing[@]}"
+fi
+
+# sshd's privilege separation directory.
+mkdir -p /run/sshd
+chmod 755 /run/sshd
+
+# Password-auth test user; name and password come from the fixture's constants.
+fixture=tests/common/sshd.rs
+test_user=$(sed -n 's/^pub const TEST_USER: &str = "\(.*\)";$/\1/p' "$fixture")
+test_password=$(sed -n 's/^pub const TEST_PASSWORD: &str = "\(.*\)";$/\1/p' "$fixture")
+if [ -z "$test_user" ] || [ -z "$test_password" ]; then
+    echo "scripts/test.sh: cannot read TEST_USER/TEST_PASSWORD from $fixture" >&2
+    exit 1
+fi
+if ! id "$test_user" >/dev/null 2>&1; then
+    useradd --create-home --shell /bin/bash "$test_user"
+    echo "$test_user:$test_password" | chpasswd
+fi
+
+# cargo: rustup puts it in ~/.cargo/bin.
+if ! command -v cargo >/dev/null 2>&1 && [ -f "${HOME:-/root}/.cargo/env" ]; then
+    # shellcheck disable=SC1091
+    . "${HOME:-/root}/.cargo/env"
+fi
+if ! command -v cargo >/dev/null 2>&1; then
+    echo "scripts/test.sh: cargo not found (install Rust, e.g. via rustup)" >&2
+    exit 1
+fi
+
+# Release: some tests move 256 MiB. Two test threads (= --test-threads=2) via
+# the environment, so "$@" may carry its own `-- <libtest args>`.
+RUST_TEST_THREADS="${RUST_TEST_THREADS:-2}" cargo test --release "$@"

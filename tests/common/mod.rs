@@ -1,0 +1,5 @@
+#![allow(dead_code)]
+//! Shared helpers for the integration tests.
+
+pub mod sshd;
+pub mod util;

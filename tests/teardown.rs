@@ -1,0 +1,192 @@
+//! Teardown against a real sshd: graceful close sends nothing after
+//! DISCONNECT, drops never block, a dead server is an error, not a hang.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::sshd::Sshd;
+use common::util::{config, connect, settle_orphans};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use uring_ssh::{Error, Session};
+
+#[tokio::test]
+async fn graceful_close_sends_nothing_after_disconnect() {
+    let sshd = Sshd::start();
+    let s = connect(&sshd).await;
+
+    // Leave work behind that owes the server packets: a channel still
+    // streaming, one with unsent stdin, and one dropped (its close deferred).
+    let streaming = s.exec("cat /dev/zero").await.unwrap();
+    let mut writing = s.exec("cat > /dev/null").await.unwrap();
+    writing.write_all(&[7u8; 100_000]).await.unwrap();
+    let dropped = s.exec("sleep 30").await.unwrap();
+    drop(dropped);
+
+    let before = s.stats().bridge;
+    s.close("test over").await.expect("graceful close");
+    let after = s.stats().bridge;
+    assert!(
+        after.packets_sent > before.packets_sent,
+        "close sent nothing"
+    );
+    assert_eq!(
+        after.sends_after_disconnect, 0,
+        "packets handed to the send callback after SSH_MSG_DISCONNECT"
+    );
+    assert!(s.is_closed());
+
+    // The channels are gone with the session.
+    drop((streaming, writing));
+    let log_has = |needle: &str| {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            if sshd.log().contains(needle) {
+                return true;
+            }
+            if Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    assert!(
+        log_has("Received disconnect from 127.0.0.1"),
+        "sshd did not see a clean DISCONNECT:\n{}",
+        sshd.log()
+    );
+    assert!(log_has("test over"), "{}", sshd.log());
+    let log = sshd.log();
+    for bad in [
+        "Connection reset",
+        "Bad packet length",
+        "message authentication code",
+    ] {
+        assert!(!log.contains(bad), "sshd logged {bad:?}:\n{log}");
+    }
+
+    // Calls after close fail cleanly.
+    match s.channel_session().await {
+        Err(Error::Closed(_)) => {}
+        Err(e) => panic!("expected Closed, got {e}"),
+        Ok(_) => panic!("a closed session opened a channel"),
+    }
+    let st = settle_orphans(Duration::from_secs(2)).await;
+    assert_eq!(st.orphaned_outstanding, 0);
+}
+
+#[tokio::test]
+async fn killed_server_mid_transfer_is_an_error_not_a_hang() {
+    let sshd = Sshd::start();
+    let s = connect(&sshd).await;
+    let mut ch = s.exec("cat /dev/zero").await.unwrap();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut got = 0usize;
+    while got < 8 << 20 {
+        got += ch.read(&mut buf).await.unwrap();
+    }
+    sshd.kill_connections();
+    let outcome = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            match ch.read(&mut buf).await {
+                Ok(0) => return Ok(()),
+                Ok(_) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    })
+    .await
+    .expect("read hung after the server died");
+    let err = outcome.expect_err("a killed server must give an error, not a clean EOF");
+    eprintln!("server killed: {err} ({:?})", err.kind());
+    assert!(matches!(
+        err.kind(),
+        std::io::ErrorKind::ConnectionReset
+            | std::io::ErrorKind::ConnectionAborted
+            | std::io::ErrorKind::BrokenPipe
+            | std::io::ErrorKind::UnexpectedEof
+    ));
+    // Later calls fail at once too.
+    let t = Instant::now();
+    assert!(s.channel_session().await.is_err());
+    assert!(t.elapsed() < Duration::from_secs(5));
+}
+
+#[tokio::test]
+async fn dropped_channel_is_closed_later_by_its_session() {
+    let sshd = Sshd::start();
+    let s = connect(&sshd).await;
+    for _ in 0..20 {
+        let mut ch = s.exec("cat /dev/zero").await.unwrap();
+        let mut buf = [0u8; 1000];
+        ch.read_exact(&mut buf).await.unwrap();
+        let t = Instant::now();
+        drop(ch);
+        assert!(
+            t.elapsed() < Duration::from_millis(100),
+            "channel drop blocked"
+        );
+    }
+    // The session keeps working, and sshd sees every channel closed
+    // (MaxSessions would refuse new ones if they leaked server-side).
+    for _ in 0..80 {
+        let mut ch = s.exec("true").await.unwrap();
+        assert!(ch.wait().await.unwrap().success());
+    }
+    s.close("bye").await.unwrap();
+    assert_eq!(s.stats().bridge.sends_after_disconnect, 0);
+}
+
+#[tokio::test]
+async fn drop_mid_handshake_and_mid_auth_is_immediate() {
+    let sshd = Sshd::start();
+    for phase in 0..2 {
+        let addr = sshd.addr();
+        let cfg = config(&sshd);
+        let user = sshd.user();
+        let key = sshd.user_key();
+        let fut = async move {
+            let s = Session::connect_addr(addr, cfg).await?;
+            if phase == 1 {
+                s.auth_pubkey_file(&user, &key, None).await?;
+            }
+            std::future::pending::<()>().await;
+            Ok::<_, Error>(s)
+        };
+        let mut fut = Box::pin(fut);
+        // Poll long enough for the connect to start, not to finish the phase.
+        let _ = tokio::time::timeout(Duration::from_millis(2 + 3 * phase), &mut fut).await;
+        let t = Instant::now();
+        drop(fut);
+        assert!(t.elapsed() < Duration::from_millis(50), "drop blocked");
+    }
+    let st = settle_orphans(Duration::from_secs(2)).await;
+    assert_eq!(st.orphaned_outstanding, 0, "{st:?}");
+}
+
+#[tokio::test]
+async fn keepalive_detects_a_stopped_server() {
+    let sshd = Sshd::start();
+    let cfg = config(&sshd).keepalive(Some(Duration::from_secs(1)), 2);
+    let s = common::util::connect_with(&sshd, cfg).await;
+    let mut ch = s.exec("sleep 60").await.unwrap();
+    // Freeze the server's side of this connection: it stays open, silent.
+    let pids = sshd.connection_pids();
+    assert!(!pids.is_empty());
+    for p in &pids {
+        // SAFETY: plain kill(2) on processes of our own sshd.
+        unsafe { libc::kill(*p as i32, libc::SIGSTOP) };
+    }
+    let t = Instant::now();
+    let mut buf = [0u8; 16];
+    let r = tokio::time::timeout(Duration::from_secs(20), ch.read(&mut buf))
+        .await
+        .expect("keepalive did not fire");
+    for p in &pids {
+        // SAFETY: as above.
+        unsafe { libc::kill(*p as i32, libc::SIGCONT) };
+    }
+    let err = r.expect_err("a silent server must end in an error");
+    assert_eq!(err.kind(), std::io::ErrorKind::TimedOut, "{err}");
+    eprintln!("keepalive fired after {:?}: {err}", t.elapsed());
+}
