@@ -11,31 +11,7 @@ if [ "$(id -u)" -ne 0 ]; then
     exit 1
 fi
 
-# System packages: only touch apt when something is missing, so re-runs are fast.
-packages=(openssh-server openssh-client libssl-dev pkg-config zlib1g-dev cmake build-essential)
-missing=()
-for p in "${packages[@]}"; do
-    status=$(dpkg-query -W -f='${Status}' "$p" 2>/dev/null || true)
-    [ "$status" = "install ok installed" ] || missing+=("$p")
-done
-if [ "${#missing[@]}" -gt 0 ]; then
-    echo "installing: ${missing[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    # Keep the package from starting a system sshd on :22 (the test user has a
-    # known password); the tests start their own sshd on loopback.
-    policy=/usr/sbin/policy-rc.d
-    if [ ! -e "$policy" ]; then
-        printf '#!/bin/sh\nexit 101\n' >"$policy"
-        chmod 755 "$policy"
-        trap 'rm -f "$policy"' EXIT
-    fi
-    apt-get update
-    apt-get install -y "${missing[@]}"
-fi
-
-# sshd's privilege separation directory.
-mkdir -p /run/sshd
-chmod 755 /run/sshd
+bash scripts/setup.sh
 
 # Password-auth test user; name and password come from the fixture's constants.
 fixture=tests/common/sshd.rs

@@ -9,6 +9,8 @@
 
 pub mod bridge;
 pub mod callbacks;
+#[cfg(test)]
+mod fake_peer;
 
 use std::cell::{Cell, RefCell};
 use std::rc::{Rc, Weak};
@@ -19,12 +21,16 @@ use crate::reactor::{Completion, OpId, Reactor, Resources, SharedFd};
 pub use bridge::{Bridge, BridgeStats, Link};
 pub use callbacks::Shared;
 
-/// Bytes asked for by each ring recv.
-pub(crate) const RECV_SIZE: usize = 64 * 1024;
+/// Bytes asked for by a ring recv on a quiet session.
+pub(crate) const RECV_MIN: usize = 64 * 1024;
+
+/// Bytes asked for by a ring recv on a session that fills every recv: one
+/// `io_uring_enter` then carries up to this much.
+pub(crate) const RECV_MAX: usize = 512 * 1024;
 
 /// Received bytes libssh2 has not read yet, above which no new recv is
 /// submitted (libssh2 reads at most ~35000 bytes per callback).
-const READAHEAD_LIMIT: usize = 256 * 1024;
+const READAHEAD_LIMIT: usize = 2 * RECV_MAX;
 
 /// Bytes waiting to be sent above which writers wait before calling libssh2.
 pub(crate) const OUTBOUND_HIGH_WATER: usize = 1024 * 1024;
@@ -39,6 +45,9 @@ pub(crate) struct Transport {
     /// Bytes of the send op in flight that the kernel has not taken yet.
     sending: Cell<usize>,
     recv_op: Cell<Option<OpId>>,
+    /// Size of the next recv: doubles while recvs come back full, halves
+    /// when they come back mostly empty.
+    recv_size: Cell<usize>,
     spare_out: RefCell<Vec<u8>>,
     spare_in: RefCell<Vec<u8>>,
     waiters: RefCell<Vec<Waker>>,
@@ -58,6 +67,7 @@ impl Transport {
             send_op: Cell::new(None),
             sending: Cell::new(0),
             recv_op: Cell::new(None),
+            recv_size: Cell::new(RECV_MIN),
             spare_out: RefCell::new(Vec::new()),
             spare_in: RefCell::new(Vec::new()),
             waiters: RefCell::new(Vec::new()),
@@ -191,15 +201,17 @@ impl Transport {
         let Some(fd) = self.fd.borrow().clone() else {
             return;
         };
+        let size = self.recv_size.get();
         let mut buf = std::mem::take(&mut *self.spare_in.borrow_mut());
         buf.clear();
-        buf.reserve_exact(RECV_SIZE);
+        buf.reserve_exact(size);
         let spare = buf.spare_capacity_mut();
         let sqe = Reactor::recv_sqe(
             &fd,
-            // SAFETY: the kernel only writes into this capacity; we read back
-            // just the bytes the completion reports (see `recv_done`).
-            unsafe { std::slice::from_raw_parts_mut(spare.as_mut_ptr() as *mut u8, RECV_SIZE) },
+            // SAFETY: the kernel only writes into this capacity (at least
+            // `size` bytes, reserved above); we read back just the bytes the
+            // completion reports (see `recv_done`).
+            unsafe { std::slice::from_raw_parts_mut(spare.as_mut_ptr() as *mut u8, size) },
         );
         let this = self.this.clone();
         let resources = Resources {
@@ -226,10 +238,17 @@ impl Transport {
         match result {
             Ok(0) => self.bridge().set_peer_closed(),
             Ok(n) => {
+                let n = n as usize;
+                let size = self.recv_size.get();
+                if n == size {
+                    self.recv_size.set((size * 2).min(RECV_MAX));
+                } else if n < size / 4 {
+                    self.recv_size.set((size / 2).max(RECV_MIN));
+                }
                 let mut buf = std::mem::take(&mut resources.buf);
-                // SAFETY: the kernel wrote `n` bytes (n <= RECV_SIZE, the
-                // capacity reserved) at the start of the buffer.
-                unsafe { buf.set_len(n as usize) };
+                // SAFETY: the kernel wrote `n` bytes (no more than the
+                // capacity reserved for this recv) at the start of the buffer.
+                unsafe { buf.set_len(n) };
                 self.last_rx.set(Instant::now());
                 let spare = self.bridge().deliver(buf);
                 *self.spare_in.borrow_mut() = spare;

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Installs what building and running uring-ssh against a throwaway loopback
+# sshd needs on a fresh Debian/Ubuntu machine (as root). Re-runs are fast:
+# apt is only touched when a package is missing.
+set -euo pipefail
+
+if [ "$(id -u)" -ne 0 ]; then
+    echo "scripts/setup.sh: run as root (installs packages)" >&2
+    exit 1
+fi
+
+# System packages: only touch apt when something is missing, so re-runs are fast.
+packages=(openssh-server openssh-client libssl-dev pkg-config zlib1g-dev cmake build-essential)
+missing=()
+for p in "${packages[@]}"; do
+    status=$(dpkg-query -W -f='${Status}' "$p" 2>/dev/null || true)
+    [ "$status" = "install ok installed" ] || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+    echo "installing: ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    # Keep the package from starting a system sshd on :22 (the test user has a
+    # known password); the tests start their own sshd on loopback.
+    policy=/usr/sbin/policy-rc.d
+    if [ ! -e "$policy" ]; then
+        printf '#!/bin/sh\nexit 101\n' >"$policy"
+        chmod 755 "$policy"
+        trap 'rm -f "$policy"' EXIT
+    fi
+    apt-get update
+    apt-get install -y "${missing[@]}"
+fi
+
+# sshd's privilege separation directory.
+mkdir -p /run/sshd
+chmod 755 /run/sshd
+
