@@ -1,0 +1,71 @@
+//! A whole SSH session (connect, auth, exec, close) in each runtime setup the
+//! crate supports: a plain current-thread runtime, a `LocalSet`, and
+//! `tokio_uring::start` (whose own ring lives beside ours).
+
+mod common;
+
+use common::sshd::Sshd;
+use common::util::connect;
+use tokio::io::AsyncReadExt;
+
+async fn exec_echo(sshd: &Sshd) -> String {
+    let s = connect(sshd).await;
+    let mut ch = s.exec("echo hello from $0").await.unwrap();
+    let mut out = String::new();
+    ch.read_to_string(&mut out).await.unwrap();
+    assert!(ch.wait().await.unwrap().success());
+    s.close("bye").await.unwrap();
+    assert_eq!(s.stats().bridge.sends_after_disconnect, 0);
+    out
+}
+
+#[test]
+fn session_in_current_thread_runtime() {
+    let sshd = Sshd::start();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let out = rt.block_on(exec_echo(&sshd));
+    assert!(out.starts_with("hello from"), "{out:?}");
+}
+
+#[test]
+fn session_in_local_set_task() {
+    let sshd = Sshd::start();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let local = tokio::task::LocalSet::new();
+    let out = local.block_on(&rt, async {
+        let sshd = &sshd;
+        // Sessions are not Send: a local task holds one.
+        let addr = sshd.addr();
+        let known = sshd.known_hosts();
+        let (user, key) = (sshd.user(), sshd.user_key());
+        tokio::task::spawn_local(async move {
+            let cfg = uring_ssh::Config::new().known_hosts(Some(known));
+            let s = uring_ssh::Session::connect_addr(addr, cfg).await.unwrap();
+            s.auth_pubkey_file(&user, &key, None).await.unwrap();
+            let mut ch = s.exec("echo local").await.unwrap();
+            let mut out = String::new();
+            ch.read_to_string(&mut out).await.unwrap();
+            out
+        })
+        .await
+        .unwrap()
+    });
+    assert_eq!(out, "local\n");
+}
+
+#[test]
+fn session_inside_tokio_uring_start() {
+    let sshd = Sshd::start();
+    let out = tokio_uring::start(async {
+        // tokio-uring's own ring works beside ours on the same thread.
+        tokio_uring::no_op().await.unwrap();
+        exec_echo(&sshd).await
+    });
+    assert!(out.starts_with("hello from"), "{out:?}");
+}
