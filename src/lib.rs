@@ -61,6 +61,20 @@ pub mod reactor;
 mod session;
 pub mod transport;
 
+/// Design notes from `kernel-notes/`, rendered with the API docs.
+pub mod notes {
+    /// What the reactor relies on, per kernel version, and the tests that
+    /// prove it on the running kernel.
+    pub mod io_uring {
+        #![doc = include_str!("../kernel-notes/io_uring.md")]
+    }
+    /// Freeing a libssh2 session: close order, IO in the free functions,
+    /// non-blocking teardown, and the traps met on the way.
+    pub mod teardown {
+        #![doc = include_str!("../kernel-notes/teardown.md")]
+    }
+}
+
 pub use channel::{Channel, ExitStatus, Stderr};
 pub use error::{Error, HostKeyError, KernelSupportError, Result};
 pub use knownhosts::{HostKey, HostKeyPolicy};

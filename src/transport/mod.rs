@@ -87,8 +87,12 @@ impl Transport {
         *self.after_recv.borrow_mut() = Some(hook);
     }
 
-    /// When bytes last arrived.
+    /// When bytes last arrived, or now if receiving is paused because
+    /// libssh2 has not read what arrived (the peer is not silent then).
     pub fn last_rx(&self) -> Instant {
+        if self.bridge().inbound_len() >= READAHEAD_LIMIT {
+            return Instant::now();
+        }
         self.last_rx.get()
     }
 
