@@ -903,11 +903,17 @@ impl SessionInner {
             match r {
                 Ok(v) => return Poll::Ready(Ok(v)),
                 Err(ffi::LIBSSH2_ERROR_EAGAIN) => {
+                    // Bytes that arrived before an EOF or a failure are still
+                    // valid (an exit status, the server's DISCONNECT reason):
+                    // let libssh2 read them before reporting the link.
+                    if !bridge.wants_recv()
+                        && bridge.inbound_len() > 0
+                        && bridge.link() != Link::Dead
+                    {
+                        continue;
+                    }
                     if !matches!(bridge.link(), Link::Open | Link::Disconnected) {
                         return Poll::Ready(Err(self.error(ffi::LIBSSH2_ERROR_SOCKET_RECV)));
-                    }
-                    if !bridge.wants_recv() && bridge.inbound_len() > 0 {
-                        continue;
                     }
                     self.transport.register(cx.waker());
                     return Poll::Pending;

@@ -28,7 +28,6 @@ const EAGAIN: c_int = ffi::LIBSSH2_ERROR_EAGAIN;
 const SERVER_BANNER: &[u8] = b"SSH-2.0-FakePeer_1.0\r\n";
 
 /// SSH message numbers the tests look at (RFC 4253, RFC 5656).
-const MSG_DISCONNECT: u8 = 1;
 const MSG_KEXINIT: u8 = 20;
 /// SSH_MSG_KEXDH_INIT / SSH_MSG_KEX_ECDH_INIT: a client's first key-exchange
 /// message for every fixed-group, ECDH, curve25519 and ML-KEM hybrid method.
@@ -218,7 +217,7 @@ impl Client {
 
     /// Up to libssh2's KEXINIT, sent after the server's banner; returns it
     /// (one packet, framing checked).
-    fn to_kexinit(&mut self) -> Vec<u8> {
+    fn drive_to_kexinit(&mut self) -> Vec<u8> {
         self.start();
         self.deliver(SERVER_BANNER);
         let rc = self.handshake_until_blocked();
@@ -233,8 +232,8 @@ impl Client {
 
     /// Up to libssh2's first key-exchange message, sent in answer to an
     /// agreeable server KEXINIT; returns that message's payload.
-    fn to_kex_reply_wait(&mut self) -> Vec<u8> {
-        let client = name_lists(&self.to_kexinit());
+    fn drive_to_kex_reply_wait(&mut self) -> Vec<u8> {
+        let client = name_lists(&self.drive_to_kexinit());
         self.deliver(&packet(&kexinit(&agreeable(&client))));
         let rc = self.handshake_until_blocked();
         assert_eq!(
@@ -358,7 +357,7 @@ fn agreeable(client: &NameLists) -> NameLists {
 /// lists depend only on the libssh2 build, not on the session).
 fn client_name_lists() -> NameLists {
     let mut c = Client::new();
-    let lists = name_lists(&c.to_kexinit());
+    let lists = name_lists(&c.drive_to_kexinit());
     c.free_and_check();
     lists
 }
@@ -430,32 +429,36 @@ fn server_banner_one_byte_per_call_reaches_kexinit() {
     c.free_and_check();
 }
 
-/// The server's banner and KEXINIT in pieces of random size (seeded), and
-/// one byte at a time: libssh2 only ever says EAGAIN after asking for input
-/// until it has the whole KEXINIT, then sends its first key-exchange message.
+/// The server's banner and KEXINIT in pieces of random size (seeded), up to
+/// three delivered between two calls (as ring recvs completing back to back
+/// would), and one byte per call: libssh2 only ever says EAGAIN after asking
+/// for input until it has the whole KEXINIT, then sends its first
+/// key-exchange message.
 #[test]
 fn server_banner_and_kexinit_in_random_pieces_reach_kex_init() {
     let server_kexinit = packet(&kexinit(&agreeable(&client_name_lists())));
     let mut stream = SERVER_BANNER.to_vec();
     stream.extend_from_slice(&server_kexinit);
-    // (seed, largest piece); largest piece 1 = one byte per call.
+    // (seed, largest piece, most pieces per call).
     let cases = [
-        (1, 1),
-        (7, 3),
-        (42, 16),
-        (0xdead_beef, 64),
-        (0x9e37_79b9_7f4a_7c15, 700),
+        (1, 1, 1),
+        (7, 3, 3),
+        (42, 16, 3),
+        (0xdead_beef, 64, 3),
+        (0x9e37_79b9_7f4a_7c15, 700, 3),
     ];
-    for (seed, max_piece) in cases {
+    for (seed, max_piece, max_pieces) in cases {
         let mut rng = XorShift::new(seed);
         let mut c = Client::new();
         c.start();
         let mut pos = 0;
         let mut out = Vec::new();
         while pos < stream.len() {
-            let n = (1 + rng.below(max_piece)).min(stream.len() - pos);
-            c.deliver(&stream[pos..pos + n]);
-            pos += n;
+            for _ in 0..1 + rng.below(max_pieces) {
+                let n = (1 + rng.below(max_piece)).min(stream.len() - pos);
+                c.deliver(&stream[pos..pos + n]);
+                pos += n;
+            }
             let rc = c.handshake_until_blocked();
             assert_eq!(rc, EAGAIN, "seed {seed}, at {pos}: {}", c.last_error());
             assert!(c.bridge().wants_recv());
@@ -485,7 +488,7 @@ fn server_banner_and_kexinit_in_random_pieces_reach_kex_init() {
             "seed {seed}: {} silent EAGAINs",
             c.silent_eagains
         );
-        if max_piece == 1 {
+        if max_piece == 1 && max_pieces == 1 {
             assert_eq!(c.silent_eagains, 4, "seed {seed}");
         }
         c.free_and_check();
@@ -513,9 +516,10 @@ fn run_to_end(c: &mut Client) -> c_int {
 
 #[test]
 fn server_closes_after_its_banner() {
-    // After libssh2's KEXINIT went out, banner + EOF arrive together, or
-    // EOF comes once the banner was read.
-    for eof_with_banner in [true, false] {
+    // Banner and EOF arrive together (libssh2 reads the banner, then its
+    // KEXINIT is refused: the bridge takes no sends after EOF), or EOF comes
+    // once libssh2 read the banner and sent its KEXINIT.
+    for (eof_with_banner, sends) in [(true, 1), (false, 2)] {
         let mut c = Client::new();
         c.start();
         c.deliver(SERVER_BANNER);
@@ -538,6 +542,11 @@ fn server_closes_after_its_banner() {
         for _ in 0..3 {
             assert!(is_error(c.handshake()));
         }
+        assert_eq!(
+            c.stats().packets_sent,
+            sends,
+            "eof with banner {eof_with_banner}"
+        );
         c.free_and_check();
     }
 }
@@ -577,10 +586,8 @@ fn lines_before_the_server_banner_are_skipped_without_limit() {
         let rc = c.handshake();
         assert_eq!(rc, EAGAIN, "line {i}: {}", c.last_error());
         assert!(c.bridge().wants_recv());
-        if i % 100 == 0 {
-            // The same call reads every byte delivered so far.
-            assert_eq!(c.bridge().inbound_len(), 0);
-        }
+        // The same call read every byte delivered so far.
+        assert_eq!(c.bridge().inbound_len(), 0);
     }
     assert_eq!(c.stats().packets_sent, 1, "nothing sent before a banner");
     c.deliver(SERVER_BANNER);
@@ -605,7 +612,7 @@ fn nul_in_the_server_banner_fails() {
 // ---------------------------------------------------------------------------
 
 /// Feeds `next_piece()` after the server banner until the handshake fails;
-/// asserts it fails within [`MAX_CALLS`] calls, then frees the session.
+/// asserts it fails within [`GARBAGE_CALLS`] calls, then frees the session.
 fn feed_until_error(label: &str, mut next_piece: impl FnMut() -> Vec<u8>) -> c_int {
     let mut c = Client::new();
     c.start();
@@ -614,7 +621,6 @@ fn feed_until_error(label: &str, mut next_piece: impl FnMut() -> Vec<u8>) -> c_i
         let rc = c.handshake_until_blocked();
         if rc != EAGAIN {
             assert!(is_error(rc), "{label}: handshake returned {rc}");
-            assert!(c.bridge().inbound_len() <= 1 << 20, "{label}");
             c.free_and_check();
             return rc;
         }
@@ -735,12 +741,12 @@ fn client_at(stage: Stage) -> Client {
             assert_eq!(c.handshake_until_blocked(), EAGAIN);
         }
         Stage::KexinitSent => {
-            c.to_kexinit();
+            c.drive_to_kexinit();
         }
         Stage::ServerKexinitBuffered
         | Stage::InsideServerKexinitHeader
         | Stage::ServerKexinitHeaderBuffered => {
-            let server = packet(&kexinit(&agreeable(&name_lists(&c.to_kexinit()))));
+            let server = packet(&kexinit(&agreeable(&name_lists(&c.drive_to_kexinit()))));
             match stage {
                 Stage::ServerKexinitBuffered => c.deliver(&server),
                 Stage::ServerKexinitHeaderBuffered => c.deliver(&server[..3]),
@@ -751,7 +757,7 @@ fn client_at(stage: Stage) -> Client {
             }
         }
         Stage::KexReplyAwaited => {
-            c.to_kex_reply_wait();
+            c.drive_to_kex_reply_wait();
         }
     }
     assert_eq!(c.bridge().outbound_len(), 0);
@@ -888,7 +894,7 @@ fn process_wide_counters_return_to_their_baseline() {
 /// The handshake's result once the server answers with `server` lists.
 fn negotiate(server: &NameLists) -> (c_int, Vec<Vec<u8>>) {
     let mut c = Client::new();
-    c.to_kexinit();
+    c.drive_to_kexinit();
     let sent_before = c.stats().packets_sent;
     c.deliver(&packet(&kexinit(server)));
     let rc = c.handshake_until_blocked();
@@ -930,9 +936,10 @@ fn server_kexinit_without_a_common_algorithm_fails_the_kex() {
         server[index] = none.clone();
         let (rc, after) = negotiate(&server);
         assert_eq!(rc, ffi::LIBSSH2_ERROR_KEX_FAILURE, "no common {what}");
+        // libssh2 gives up silently: not even a DISCONNECT.
         assert!(
-            after.iter().all(|p| p[0] == MSG_DISCONNECT),
-            "no common {what}: libssh2 went on and sent {:?}",
+            after.is_empty(),
+            "no common {what}: libssh2 sent {:?}",
             after.iter().map(|p| p[0]).collect::<Vec<_>>()
         );
     }
@@ -1019,7 +1026,7 @@ fn malformed_server_kexinit_fails_the_kex() {
 /// As [`negotiate`], with a raw server KEXINIT payload.
 fn negotiate_raw(payload: &[u8]) -> (c_int, Vec<Vec<u8>>) {
     let mut c = Client::new();
-    c.to_kexinit();
+    c.drive_to_kexinit();
     c.deliver(&packet(payload));
     let rc = c.handshake_until_blocked();
     let after = unpack(&c.take_out());
