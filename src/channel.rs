@@ -277,7 +277,7 @@ impl ChannelInner {
             return;
         }
         if self.session.is_open() {
-            self.session.free_channel(raw);
+            SessionInner::defer_free(&self.session, raw);
         } else {
             // The session is being torn down: its transport is dead, so the
             // free does no IO and cannot wait.

@@ -223,6 +223,8 @@ pub(crate) struct SessionInner {
     channels: RefCell<Vec<Weak<ChannelInner>>>,
     /// Channels dropped while their close was still owed to the peer.
     deferred_frees: RefCell<Vec<*mut ffi::LIBSSH2_CHANNEL>>,
+    /// A driver callback that frees the deferred channels is queued.
+    frees_scheduled: Cell<bool>,
     keepalive_op: Cell<Option<OpId>>,
     reactor: Rc<Reactor>,
     host_key: RefCell<Option<HostKey>>,
@@ -341,6 +343,7 @@ impl Session {
             auth_abandoned: Cell::new(false),
             channels: RefCell::new(Vec::new()),
             deferred_frees: RefCell::new(Vec::new()),
+            frees_scheduled: Cell::new(false),
             keepalive_op: Cell::new(None),
             reactor,
             host_key: RefCell::new(None),
@@ -979,6 +982,25 @@ impl SessionInner {
             self.deferred_frees.borrow_mut().push(raw);
         }
         self.transport.pump();
+    }
+
+    /// Hands a dropped channel to the session: its free (which sends EOF and
+    /// CLOSE and may first process buffered input, ~100 µs mid-transfer)
+    /// runs on the driver task, not on the dropper's path.
+    pub(crate) fn defer_free(this: &Rc<Self>, raw: *mut ffi::LIBSSH2_CHANNEL) {
+        this.deferred_frees.borrow_mut().push(raw);
+        if this.frees_scheduled.replace(true) {
+            return;
+        }
+        let weak = Rc::downgrade(this);
+        this.reactor.run_soon(Box::new(move |_| {
+            if let Some(s) = weak.upgrade() {
+                s.frees_scheduled.set(false);
+                if s.is_open() {
+                    s.retry_deferred_frees();
+                }
+            }
+        }));
     }
 
     fn retry_deferred_frees(&self) {

@@ -248,6 +248,12 @@ impl Reactor {
         self.push(vec![(sqe, resources, Notify::Callback(callback))])[0]
     }
 
+    /// Runs `callback` on the driver task soon (after a no-op's round trip,
+    /// batched with everything else): work moved off a caller's path.
+    pub(crate) fn run_soon(&self, callback: Callback) {
+        self.submit_with_callback(opcode::Nop::new().build(), Resources::default(), callback);
+    }
+
     /// Queues one SQE that nobody waits for; its resources are dropped on completion.
     pub(crate) fn submit_detached(&self, sqe: squeue::Entry, resources: Resources) -> OpId {
         self.push(vec![(sqe, resources, Notify::Detached)])[0]
