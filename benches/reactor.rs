@@ -4,8 +4,6 @@
 
 use std::cell::Cell;
 use std::future::Future;
-use std::pin::Pin;
-use std::task::Poll;
 use std::time::Duration;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
@@ -22,27 +20,9 @@ fn runtime() -> tokio::runtime::Runtime {
 
 /// Awaits every future on this task; panics on the first error.
 async fn join_all<F: Future<Output = Result<(), uring_ssh::Error>>>(futs: Vec<F>) {
-    let mut futs: Vec<Option<Pin<Box<F>>>> = futs.into_iter().map(|f| Some(Box::pin(f))).collect();
-    std::future::poll_fn(|cx| {
-        let mut pending = false;
-        for slot in futs.iter_mut() {
-            if let Some(f) = slot {
-                match f.as_mut().poll(cx) {
-                    Poll::Ready(r) => {
-                        r.expect("nop");
-                        *slot = None;
-                    }
-                    Poll::Pending => pending = true,
-                }
-            }
-        }
-        if pending {
-            Poll::Pending
-        } else {
-            Poll::Ready(())
-        }
-    })
-    .await
+    for r in futures::future::join_all(futs).await {
+        r.expect("nop");
+    }
 }
 
 fn per_nop(label: &str, before: Stats, after: Stats, nops: u64) {

@@ -16,6 +16,7 @@ use std::cell::Cell;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
+use futures::future::join_all;
 use tokio::io::AsyncReadExt;
 use uring_ssh::{Config, Session};
 
@@ -172,9 +173,9 @@ async fn run(o: Options) {
     s.close("done").await.expect("close");
 
     // 2. N sessions at once on this thread.
-    let sessions = futures_join((0..o.sessions).map(|_| session(&sshd, &o.cipher)).collect()).await;
+    let sessions = join_all((0..o.sessions).map(|_| session(&sshd, &o.cipher))).await;
     let m = Measure::start();
-    let moved: u64 = futures_join(sessions.iter().map(|s| read_zeros(s, o.mib_each)).collect())
+    let moved: u64 = join_all(sessions.iter().map(|s| read_zeros(s, o.mib_each)))
         .await
         .into_iter()
         .sum();
@@ -253,32 +254,4 @@ fn open_fds() -> usize {
     std::fs::read_dir("/proc/self/fd")
         .map(|d| d.count())
         .unwrap_or(0)
-}
-
-/// Runs futures concurrently on this task and collects their outputs in order.
-async fn futures_join<F: std::future::Future>(futs: Vec<F>) -> Vec<F::Output> {
-    let handles: Vec<_> = futs.into_iter().map(Box::pin).collect();
-    let mut slots: Vec<Option<F::Output>> = handles.iter().map(|_| None).collect();
-    let mut handles: Vec<_> = handles.into_iter().map(Some).collect();
-    std::future::poll_fn(|cx| {
-        let mut pending = false;
-        for (i, h) in handles.iter_mut().enumerate() {
-            if let Some(f) = h {
-                match f.as_mut().poll(cx) {
-                    std::task::Poll::Ready(v) => {
-                        slots[i] = Some(v);
-                        *h = None;
-                    }
-                    std::task::Poll::Pending => pending = true,
-                }
-            }
-        }
-        if pending {
-            std::task::Poll::Pending
-        } else {
-            std::task::Poll::Ready(())
-        }
-    })
-    .await;
-    slots.into_iter().map(|s| s.expect("done")).collect()
 }

@@ -270,7 +270,7 @@ async fn channels_of_one_session_progress_concurrently() {
             out.len()
         });
     }
-    let lens = tokio::time::timeout(Duration::from_secs(120), join_all(tasks))
+    let lens = tokio::time::timeout(Duration::from_secs(120), futures::future::join_all(tasks))
         .await
         .expect("channels blocked each other");
     assert_eq!(lens.len(), 8);
@@ -280,31 +280,4 @@ async fn channels_of_one_session_progress_concurrently() {
     let mut out = String::new();
     ch.read_to_string(&mut out).await.unwrap();
     assert_eq!(out, "alive\n");
-}
-
-/// Polls every future on this task until all are done.
-async fn join_all<F: std::future::Future>(futs: Vec<F>) -> Vec<F::Output> {
-    let mut futs: Vec<_> = futs.into_iter().map(Box::pin).map(Some).collect();
-    let mut out: Vec<Option<F::Output>> = futs.iter().map(|_| None).collect();
-    std::future::poll_fn(|cx| {
-        let mut pending = false;
-        for (i, f) in futs.iter_mut().enumerate() {
-            if let Some(fut) = f {
-                match fut.as_mut().poll(cx) {
-                    std::task::Poll::Ready(v) => {
-                        out[i] = Some(v);
-                        *f = None;
-                    }
-                    std::task::Poll::Pending => pending = true,
-                }
-            }
-        }
-        if pending {
-            std::task::Poll::Pending
-        } else {
-            std::task::Poll::Ready(())
-        }
-    })
-    .await;
-    out.into_iter().map(|o| o.unwrap()).collect()
 }
