@@ -30,11 +30,13 @@ async fn thousand_random_drops_leak_nothing() {
     let sshd = Sshd::builder().extra("MaxStartups 1000:30:1000").start();
 
     // Warm up (OpenSSL, the ring, the shared dummy fd) and time how long a
-    // session takes to reach its transfer, then take the baseline.
+    // session takes to authenticate and to reach its transfer.
+    let mut to_auth = Duration::ZERO;
     let mut setup = Duration::ZERO;
     for _ in 0..3 {
         let t = Instant::now();
         let s = common::util::connect(&sshd).await;
+        to_auth = to_auth.max(t.elapsed());
         let ch = s.exec("true").await.unwrap();
         setup = setup.max(t.elapsed());
         drop(ch);
@@ -57,9 +59,15 @@ async fn thousand_random_drops_leak_nothing() {
         let phase = Rc::new(Cell::new(Phase::Connecting));
         let job = transfer(&sshd, phase.clone());
         let mut job = Box::pin(job);
-        // Uniform over twice the setup time: about half the drops land
-        // before the transfer, spread over its phases, half during it.
-        let delay = Duration::from_micros(rng.below(2 * setup.as_micros() as u64));
+        // A third of the drops before authentication ends, the rest
+        // spread over opening the channel and transferring.
+        let (from, to) = if rng.below(3) == 0 {
+            (Duration::ZERO, to_auth)
+        } else {
+            (to_auth, 2 * setup)
+        };
+        let span = (to - from).as_micros().max(1) as u64;
+        let delay = from + Duration::from_micros(rng.below(span));
         let outcome = tokio::time::timeout(delay, &mut job).await;
         assert!(outcome.is_err(), "the job ended by itself: {outcome:?}");
         let t = Instant::now();
@@ -79,7 +87,7 @@ async fn thousand_random_drops_leak_nothing() {
     durations.sort();
     let pct = |p: f64| durations[((durations.len() - 1) as f64 * p) as usize];
     eprintln!(
-        "session setup {setup:?}; {DROPS} drops (connecting {}, authenticating {}, opening {}, transferring {}): \
+        "session setup {setup:?} (auth done at {to_auth:?}); {DROPS} drops (connecting {}, authenticating {}, opening {}, transferring {}): \
          p50 {:?}, p99 {:?}, max {:?}; ring after: {stats:?}",
         phases[0],
         phases[1],
