@@ -26,6 +26,7 @@ struct Options {
     mib_each: usize,
     drops: usize,
     cipher: Option<String>,
+    window: Option<u32>,
 }
 
 fn options() -> Options {
@@ -35,6 +36,7 @@ fn options() -> Options {
         mib_each: 64,
         drops: 200,
         cipher: None,
+        window: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -49,9 +51,10 @@ fn options() -> Options {
             "--mib-each" => o.mib_each = num("--mib-each"),
             "--drops" => o.drops = num("--drops"),
             "--cipher" => o.cipher = args.next(),
+            "--window-kib" => o.window = Some(num("--window-kib") as u32 * 1024),
             "--help" | "-h" => {
                 println!(
-                    "demo [--sessions N] [--mib-single M] [--mib-each M] [--drops D] [--cipher NAME]"
+                    "demo [--sessions N] [--mib-single M] [--mib-each M] [--drops D] [--cipher NAME] [--window-kib K]"
                 );
                 std::process::exit(0);
             }
@@ -109,10 +112,13 @@ impl Measure {
     }
 }
 
-async fn session(sshd: &sshd::Sshd, cipher: &Option<String>) -> Session {
+async fn session(sshd: &sshd::Sshd, o: &Options) -> Session {
     let mut cfg = Config::new().known_hosts(Some(sshd.known_hosts()));
-    if let Some(c) = cipher {
+    if let Some(c) = &o.cipher {
         cfg = cfg.ciphers(c);
+    }
+    if let Some(w) = o.window {
+        cfg = cfg.channel_window(w, uring_ssh::DEFAULT_PACKET);
     }
     let s = Session::connect_addr(sshd.addr(), cfg)
         .await
@@ -161,7 +167,7 @@ async fn run(o: Options) {
     );
 
     // 1. One session.
-    let s = session(&sshd, &o.cipher).await;
+    let s = session(&sshd, &o).await;
     println!(
         "cipher {}",
         s.negotiated(uring_ssh::MethodType::CipherServerToClient)
@@ -173,7 +179,7 @@ async fn run(o: Options) {
     s.close("done").await.expect("close");
 
     // 2. N sessions at once on this thread.
-    let sessions = join_all((0..o.sessions).map(|_| session(&sshd, &o.cipher))).await;
+    let sessions = join_all((0..o.sessions).map(|_| session(&sshd, &o))).await;
     let m = Measure::start();
     let moved: u64 = join_all(sessions.iter().map(|s| read_zeros(s, o.mib_each)))
         .await
@@ -199,9 +205,9 @@ async fn run(o: Options) {
         let transferring = Rc::new(Cell::new(false));
         let flag = transferring.clone();
         let sshd = &sshd;
-        let cipher = &o.cipher;
+        let o = &o;
         let mut job = Box::pin(async move {
-            let s = session(sshd, cipher).await;
+            let s = session(sshd, o).await;
             let mut ch = s.exec("cat /dev/zero").await.expect("exec");
             flag.set(true);
             let mut buf = vec![0u8; 65536];

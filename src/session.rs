@@ -25,8 +25,13 @@ use crate::transport::{BridgeStats, Link, Transport};
 pub const DEFAULT_CIPHERS: &str = "chacha20-poly1305@openssh.com,aes128-gcm@openssh.com,\
 aes256-gcm@openssh.com,aes128-ctr,aes192-ctr,aes256-ctr";
 
-/// Channel window offered by default: throughput is bounded by window / RTT.
-pub const DEFAULT_WINDOW: u32 = 8 * 1024 * 1024;
+/// Channel receive window offered by default. Throughput is at most
+/// window / RTT, so raise it ([`Config::channel_window`]) for long links. On
+/// loopback a larger window only costs: one session reading over exec
+/// measured ~385 MB/s and 0.1 s sys CPU per GiB at 1–2 MiB, ~375 MB/s and
+/// 0.2 s at 4–8 MiB, and ~210 MB/s at 16 MiB (more bytes in flight than the
+/// caches hold).
+pub const DEFAULT_WINDOW: u32 = 2 * 1024 * 1024;
 /// Times a libssh2 call is repeated at once while it has input to process.
 const MAX_REPEATS: usize = 64;
 
