@@ -462,6 +462,23 @@ impl Channel {
     }
 }
 
+impl std::fmt::Debug for Channel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Channel")
+            .field("open", &!self.inner.raw.get().is_null())
+            .field("eof_sent", &self.inner.eof_sent.get())
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for Stderr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Stderr")
+            .field("open", &!self.inner.raw.get().is_null())
+            .finish()
+    }
+}
+
 impl AsyncRead for Channel {
     fn poll_read(
         self: Pin<&mut Self>,

@@ -51,7 +51,7 @@
 //!     session.close("bye").await
 //! }
 //! ```
-#![warn(missing_docs)]
+#![warn(missing_docs, missing_debug_implementations)]
 
 mod channel;
 mod error;

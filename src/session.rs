@@ -718,6 +718,24 @@ impl Session {
     }
 }
 
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("state", &self.inner.state.get())
+            .field("link", &self.inner.transport.bridge().link())
+            .field(
+                "host_key",
+                &self
+                    .inner
+                    .host_key
+                    .borrow()
+                    .as_ref()
+                    .map(|k| k.fingerprint.clone()),
+            )
+            .finish()
+    }
+}
+
 struct AgentGuard(*mut ffi::LIBSSH2_AGENT);
 
 impl Drop for AgentGuard {

@@ -525,7 +525,7 @@ async fn connection_refused_is_io_error() {
     };
     let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
     let r = guarded("refused", Session::connect_addr(addr, no_host_keys())).await;
-    let err = r.err().expect("connect to a closed port must fail");
+    let err = r.expect_err("connect to a closed port must fail");
     println!("refused -> {err} ({err:?})");
     match &err {
         Error::Io(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused, "{e:?}"),
@@ -599,7 +599,7 @@ async fn connect_timeout_is_reported() {
     .await
     .expect("connect with a 300 ms connect timeout hung for 10 s");
     let elapsed = start.elapsed();
-    let err = r.err().expect("connect to a full accept queue must fail");
+    let err = r.expect_err("connect to a full accept queue must fail");
     println!("connect timeout -> {err} ({err:?}) after {elapsed:?}");
     match &err {
         Error::Timeout { operation, after } => {
@@ -643,7 +643,7 @@ async fn handshake_timeout_is_reported() {
     .await
     .expect("connect to a silent server hung for 10 s");
     let elapsed = start.elapsed();
-    let err = r.err().expect("a silent server must fail the handshake");
+    let err = r.expect_err("a silent server must fail the handshake");
     println!("silent server -> {err} ({err:?}) after {elapsed:?}");
     match &err {
         Error::Timeout { operation, after } => {
@@ -690,7 +690,7 @@ async fn garbage_server_fails_without_hanging() {
     .await
     .expect("connect to a garbage server hung for 10 s");
     let elapsed = start.elapsed();
-    let err = r.err().expect("a garbage server must not yield a session");
+    let err = r.expect_err("a garbage server must not yield a session");
     println!(
         "garbage server -> {err} ({err:?}), kind {:?}, after {elapsed:?}",
         err.kind(),
@@ -710,9 +710,7 @@ async fn server_closing_at_once_is_an_error() {
     )
     .await
     .expect("connect to a closing server hung for 10 s");
-    let err = r
-        .err()
-        .expect("a server that closes at once must fail the handshake");
+    let err = r.expect_err("a server that closes at once must fail the handshake");
     println!("closing server -> {err} ({err:?}), kind {:?}", err.kind());
     assert!(
         matches!(err, Error::Io(_) | Error::Ssh { .. }),

@@ -150,8 +150,7 @@ async fn strict_is_the_default_policy() {
     let cfg = Config::new().known_hosts(Some(&empty));
     let err = try_connect(&sshd, cfg)
         .await
-        .err()
-        .expect("the default policy must refuse an unknown host");
+        .expect_err("the default policy must refuse an unknown host");
     assert!(
         matches!(err, Error::HostKey(HostKeyError::Unknown { .. })),
         "{err:?}"
@@ -166,8 +165,7 @@ async fn empty_known_hosts_is_unknown() {
     std::fs::write(&empty, "").unwrap();
     let err = try_connect(&sshd, config(Some(empty.clone()), HostKeyPolicy::Strict))
         .await
-        .err()
-        .expect("an unknown host must be refused under Strict");
+        .expect_err("an unknown host must be refused under Strict");
     println!("empty known_hosts -> {err} ({err:?})");
     let want_fp = server_fingerprint(&sshd);
     match &err {
@@ -211,8 +209,7 @@ async fn changed_key_is_refused() {
     std::fs::write(&kh, &content).unwrap();
     let err = try_connect(&sshd, config(Some(kh.clone()), HostKeyPolicy::Strict))
         .await
-        .err()
-        .expect("a changed host key must be refused");
+        .expect_err("a changed host key must be refused");
     println!("changed key -> {err} ({err:?})");
     let want_fp = server_fingerprint(&sshd);
     match &err {
@@ -286,8 +283,7 @@ async fn accept_new_still_refuses_a_changed_key() {
     std::fs::write(&kh, &content).unwrap();
     let err = try_connect(&sshd, config(Some(kh.clone()), HostKeyPolicy::AcceptNew))
         .await
-        .err()
-        .expect("AcceptNew must refuse a changed key");
+        .expect_err("AcceptNew must refuse a changed key");
     println!("AcceptNew + changed key -> {err} ({err:?})");
     match &err {
         Error::HostKey(HostKeyError::Changed { fingerprint, .. }) => {
@@ -322,8 +318,7 @@ async fn strict_without_file_is_unknown() {
     let sshd = Sshd::start();
     let err = try_connect(&sshd, config(None, HostKeyPolicy::Strict))
         .await
-        .err()
-        .expect("Strict without a known_hosts file must refuse");
+        .expect_err("Strict without a known_hosts file must refuse");
     println!("strict without file -> {err} ({err:?})");
     match &err {
         Error::HostKey(HostKeyError::Unknown {

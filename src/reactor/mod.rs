@@ -114,6 +114,15 @@ pub struct Reactor {
     thread: ThreadId,
 }
 
+impl std::fmt::Debug for Reactor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reactor")
+            .field("stats", &self.stats())
+            .field("features", &self.features)
+            .finish()
+    }
+}
+
 thread_local! {
     static CURRENT: RefCell<Option<Rc<Reactor>>> = const { RefCell::new(None) };
 }

@@ -51,6 +51,17 @@ pub struct Bridge {
     stats: Cell<BridgeStats>,
 }
 
+impl std::fmt::Debug for Bridge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Bridge")
+            .field("link", &self.link.get())
+            .field("outbound", &self.outbound_len())
+            .field("inbound", &self.inbound_len())
+            .field("stats", &self.stats.get())
+            .finish()
+    }
+}
+
 impl Default for Bridge {
     fn default() -> Self {
         Self::new()

@@ -47,6 +47,16 @@ pub struct Shared {
     pub panicked: Cell<bool>,
 }
 
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("bridge", &self.bridge)
+            .field("bytes", &self.bytes.get())
+            .field("blocks", &self.blocks.get())
+            .finish()
+    }
+}
+
 impl Default for Shared {
     fn default() -> Self {
         Self::new()
