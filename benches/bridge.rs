@@ -39,7 +39,7 @@ fn bench_bridge(c: &mut Criterion) {
         b.iter_batched(
             || vec![0xa5u8; DELIVERY],
             |buf| {
-                let back = bridge.deliver(buf);
+                let back = bridge.deliver(buf, DELIVERY);
                 let mut got = 0usize;
                 loop {
                     let n = bridge.on_recv(black_box(&mut out));

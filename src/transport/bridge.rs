@@ -33,10 +33,14 @@ pub struct BridgeStats {
     pub sends_after_disconnect: u64,
 }
 
+/// Received bytes: `buf[pos..end]` is unread. `buf` stays fully initialized
+/// (it is zeroed when it grows, then reused), so the kernel writes into
+/// initialized memory and memory checkers see it as such.
 #[derive(Default)]
 struct Inbound {
     buf: Vec<u8>,
     pos: usize,
+    end: usize,
 }
 
 /// Outbound queue, inbound buffer and link state of one session.
@@ -128,15 +132,15 @@ impl Bridge {
             return -(libc::ECONNABORTED as isize);
         }
         let mut inbound = self.inbound.borrow_mut();
-        let available = inbound.buf.len() - inbound.pos;
+        let available = inbound.end - inbound.pos;
         if available > 0 && !out.is_empty() {
             let n = available.min(out.len());
             let start = inbound.pos;
             out[..n].copy_from_slice(&inbound.buf[start..start + n]);
             inbound.pos += n;
-            if inbound.pos == inbound.buf.len() {
-                inbound.buf.clear();
+            if inbound.pos == inbound.end {
                 inbound.pos = 0;
+                inbound.end = 0;
             }
             drop(inbound);
             self.bump(|s| s.bytes_received += n as u64);
@@ -167,25 +171,37 @@ impl Bridge {
     /// Bytes received and not yet read by libssh2.
     pub fn inbound_len(&self) -> usize {
         let inbound = self.inbound.borrow();
-        inbound.buf.len() - inbound.pos
+        inbound.end - inbound.pos
     }
 
-    /// Hands received bytes (`buf`) to libssh2's side. When nothing is
-    /// buffered the vector itself becomes the buffer (no copy). Returns a
-    /// vector to receive into next.
-    pub fn deliver(&self, mut buf: Vec<u8>) -> Vec<u8> {
+    /// Hands received bytes, the first `n` of `buf`, to libssh2's side. When
+    /// nothing is buffered the vector itself becomes the buffer (no copy).
+    /// Returns a vector to receive into next (its length is kept: the bytes
+    /// are initialized and are overwritten by the next receive).
+    pub fn deliver(&self, mut buf: Vec<u8>, n: usize) -> Vec<u8> {
+        assert!(n <= buf.len(), "delivered more bytes than the buffer holds");
         self.want_recv.set(false);
-        let mut inbound = self.inbound.borrow_mut();
-        if inbound.pos == inbound.buf.len() {
-            std::mem::swap(&mut inbound.buf, &mut buf);
-            inbound.pos = 0;
-            buf.clear();
-            buf
-        } else {
-            inbound.buf.extend_from_slice(&buf);
-            buf.clear();
-            buf
+        let mut ib = self.inbound.borrow_mut();
+        if ib.pos == ib.end {
+            std::mem::swap(&mut ib.buf, &mut buf);
+            ib.pos = 0;
+            ib.end = n;
+            return buf;
         }
+        if ib.end + n > ib.buf.len() {
+            let (pos, end) = (ib.pos, ib.end);
+            ib.buf.copy_within(pos..end, 0);
+            ib.end -= pos;
+            ib.pos = 0;
+            let need = ib.end + n;
+            if need > ib.buf.len() {
+                ib.buf.resize(need, 0);
+            }
+        }
+        let end = ib.end;
+        ib.buf[end..end + n].copy_from_slice(&buf[..n]);
+        ib.end += n;
+        buf
     }
 
     /// Whether libssh2 asked for bytes that were not there, since the last
@@ -250,12 +266,12 @@ mod tests {
         let mut out = [0u8; 4];
         assert_eq!(b.on_recv(&mut out), -(libc::EAGAIN as isize));
         assert!(b.wants_recv());
-        let spare = b.deliver(b"abcdef".to_vec());
+        let spare = b.deliver(b"abcdef".to_vec(), 6);
         assert!(spare.is_empty());
         assert!(!b.wants_recv());
         assert_eq!(b.on_recv(&mut out), 4);
         assert_eq!(&out, b"abcd");
-        let _ = b.deliver(b"gh".to_vec());
+        let _ = b.deliver(b"gh?".to_vec(), 2);
         assert_eq!(b.inbound_len(), 4);
         assert_eq!(b.on_recv(&mut out), 4);
         assert_eq!(&out, b"efgh");
@@ -265,7 +281,7 @@ mod tests {
     #[test]
     fn eof_and_failure_are_errors_after_buffered_bytes() {
         let b = Bridge::new();
-        let _ = b.deliver(b"xy".to_vec());
+        let _ = b.deliver(b"xy".to_vec(), 2);
         b.set_peer_closed();
         let mut out = [0u8; 8];
         assert_eq!(b.on_recv(&mut out), 2);
@@ -281,7 +297,7 @@ mod tests {
     #[test]
     fn dead_link_fails_both_ways_even_with_bytes_buffered() {
         let b = Bridge::new();
-        let _ = b.deliver(b"data".to_vec());
+        let _ = b.deliver(b"data".to_vec(), 4);
         b.kill();
         let mut out = [0u8; 8];
         assert_eq!(b.on_recv(&mut out), -(libc::ECONNABORTED as isize));
@@ -298,7 +314,7 @@ mod tests {
         assert_eq!(b.stats().sends_after_disconnect, 1);
         assert_eq!(b.stats().packets_sent, 1);
         // receiving still works after DISCONNECT
-        let _ = b.deliver(b"r".to_vec());
+        let _ = b.deliver(b"r".to_vec(), 1);
         let mut out = [0u8; 1];
         assert_eq!(b.on_recv(&mut out), 1);
         // and teardown does not hide a late send from the count

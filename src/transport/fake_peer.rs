@@ -155,7 +155,7 @@ impl Client {
 
     /// Bytes from the peer.
     fn deliver(&self, bytes: &[u8]) {
-        let _spare = self.bridge().deliver(bytes.to_vec());
+        let _spare = self.bridge().deliver(bytes.to_vec(), bytes.len());
     }
 
     /// libssh2's last error message, for assertion messages.

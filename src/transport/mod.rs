@@ -206,17 +206,13 @@ impl Transport {
             return;
         };
         let size = self.recv_size.get();
+        // Receive buffers stay initialized: zeroed once when they grow
+        // (calloc'd pages for large sizes), then recycled.
         let mut buf = std::mem::take(&mut *self.spare_in.borrow_mut());
-        buf.clear();
-        buf.reserve_exact(size);
-        let spare = buf.spare_capacity_mut();
-        let sqe = Reactor::recv_sqe(
-            &fd,
-            // SAFETY: the kernel only writes into this capacity (at least
-            // `size` bytes, reserved above); we read back just the bytes the
-            // completion reports (see `recv_done`).
-            unsafe { std::slice::from_raw_parts_mut(spare.as_mut_ptr() as *mut u8, size) },
-        );
+        if buf.len() < size {
+            buf.resize(size, 0);
+        }
+        let sqe = Reactor::recv_sqe(&fd, &mut buf[..size]);
         let this = self.this.clone();
         let resources = Resources {
             buf,
@@ -249,12 +245,9 @@ impl Transport {
                 } else if n < size / 4 {
                     self.recv_size.set((size / 2).max(RECV_MIN));
                 }
-                let mut buf = std::mem::take(&mut resources.buf);
-                // SAFETY: the kernel wrote `n` bytes (no more than the
-                // capacity reserved for this recv) at the start of the buffer.
-                unsafe { buf.set_len(n) };
+                let buf = std::mem::take(&mut resources.buf);
                 self.last_rx.set(Instant::now());
-                let spare = self.bridge().deliver(buf);
+                let spare = self.bridge().deliver(buf, n);
                 *self.spare_in.borrow_mut() = spare;
                 self.ensure_recv();
             }
