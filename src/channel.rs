@@ -2,7 +2,6 @@
 //! `AsyncRead`/`AsyncWrite` for stdout/stdin and a separate stderr reader.
 
 use std::cell::{Cell, RefCell};
-use std::ffi::CString;
 use std::io;
 use std::os::raw::{c_char, c_int, c_uint};
 use std::pin::Pin;
@@ -13,7 +12,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::error::{Error, Result};
 use crate::ffi;
-use crate::session::{Abandon, SessionInner, code};
+use crate::session::{Abandon, SessionInner, code, cstring};
 use crate::transport::{Link, OUTBOUND_HIGH_WATER};
 
 /// How a remote process ended.
@@ -72,7 +71,8 @@ impl ChannelInner {
 
     fn raw(&self) -> Result<*mut ffi::LIBSSH2_CHANNEL> {
         let raw = self.raw.get();
-        if raw.is_null() {
+        // A freed session took its channels with it.
+        if raw.is_null() || self.session.raw().is_err() {
             Err(Error::Closed("channel"))
         } else {
             Ok(raw)
@@ -257,10 +257,18 @@ impl ChannelInner {
             code(unsafe { ffi::libssh2_channel_wait_eof(raw) })
         })
         .await?;
-        self.close().await
+        self.close().await?;
+        // libssh2's close stops waiting after the first packet of any kind;
+        // the exit status comes before the server's CLOSE, so wait for that.
+        self.call(|raw| {
+            // SAFETY: live channel whose remote EOF has been seen.
+            code(unsafe { ffi::libssh2_channel_wait_closed(raw) })
+        })
+        .await
     }
 
-    /// Sends EOF and CLOSE at once, then waits for the peer's CLOSE.
+    /// Sends EOF and CLOSE at once and processes input until a packet
+    /// arrives (libssh2's close does not wait for the peer's CLOSE itself).
     pub(crate) async fn close(&self) -> Result<()> {
         let _ = std::future::poll_fn(|cx| self.poll_flush(cx)).await;
         self.call(|raw| {
@@ -276,13 +284,11 @@ impl ChannelInner {
         if raw.is_null() {
             return;
         }
-        if self.session.is_open() {
-            SessionInner::defer_free(&self.session, raw);
+        if self.session.transport.bridge().link() == Link::Dead {
+            // Teardown: the free does no IO and cannot wait.
+            self.session.free_channel_dead(raw);
         } else {
-            // The session is being torn down: its transport is dead, so the
-            // free does no IO and cannot wait.
-            // SAFETY: `raw` belongs to this session and is freed once, here.
-            unsafe { ffi::libssh2_channel_free(raw) };
+            SessionInner::defer_free(&self.session, raw);
         }
     }
 
@@ -326,10 +332,6 @@ impl Drop for ChannelInner {
     }
 }
 
-fn c(what: &str, s: &str) -> Result<CString> {
-    CString::new(s).map_err(|_| Error::InvalidInput(format!("{what} contains a NUL byte")))
-}
-
 impl Channel {
     pub(crate) fn from_inner(inner: Rc<ChannelInner>) -> Self {
         Channel { inner }
@@ -340,7 +342,7 @@ impl Channel {
         request: &'static str,
         message: Option<&str>,
     ) -> Result<()> {
-        let msg = message.map(|m| c(request, m)).transpose()?;
+        let msg = message.map(|m| cstring(request, m)).transpose()?;
         self.inner
             .request(request, |raw| {
                 // SAFETY: live channel; the strings outlive the call.
@@ -444,7 +446,8 @@ impl Channel {
     }
 
     /// Ends the channel in order — EOF, the server's EOF, CLOSE, the
-    /// server's CLOSE — and returns how the remote process ended. Read
+    /// server's CLOSE (after which the exit status is final) — and returns
+    /// how the remote process ended. Read
     /// stdout and stderr to their end first: a process whose output window
     /// is full cannot finish.
     pub async fn wait(&mut self) -> Result<ExitStatus> {

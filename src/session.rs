@@ -32,6 +32,9 @@ aes256-gcm@openssh.com,aes128-ctr,aes192-ctr,aes256-ctr";
 /// 0.2 s at 4–8 MiB, and ~210 MB/s at 16 MiB (more bytes in flight than the
 /// caches hold).
 pub const DEFAULT_WINDOW: u32 = 2 * 1024 * 1024;
+/// Bound of a graceful close when no per-operation timeout is configured.
+const CLOSE_LIMIT: Duration = Duration::from_secs(30);
+
 /// Times a libssh2 call is repeated at once while it has input to process.
 const MAX_REPEATS: usize = 64;
 
@@ -245,7 +248,7 @@ pub fn leaked_objects() -> u64 {
     LEAKED_OBJECTS.load(std::sync::atomic::Ordering::Relaxed)
 }
 
-fn cstring(what: &str, s: &str) -> Result<CString> {
+pub(crate) fn cstring(what: &str, s: &str) -> Result<CString> {
     CString::new(s).map_err(|_| Error::InvalidInput(format!("{what} contains a NUL byte")))
 }
 
@@ -354,11 +357,16 @@ impl Session {
             host_key: RefCell::new(None),
         });
         let weak = Rc::downgrade(&inner);
-        inner.transport.set_after_recv(Box::new(move || {
+        inner.transport.set_after_recv(Rc::new(move || {
             if let Some(s) = weak.upgrade() {
                 s.retry_deferred_frees();
             }
         }));
+        inner
+            .transport
+            .shared
+            .agent_timeout
+            .set(inner.config.timeout);
         inner.apply_config()?;
         inner
             .with_timeout("handshake", async {
@@ -536,13 +544,6 @@ impl Session {
         // SAFETY: only the lifetime is erased; the pointer is cleared below
         // before `respond` goes out of scope, on every path (guard).
         let ptr: *mut KbdResponder<'static> = unsafe { std::mem::transmute(responder) };
-        struct Clear<'a>(&'a RefCell<Option<*mut KbdResponder<'static>>>);
-        impl Drop for Clear<'_> {
-            fn drop(&mut self) {
-                *self.0.borrow_mut() = None;
-            }
-        }
-        let _clear = Clear(&shared.kbd);
         self.inner
             .auth("keyboard-interactive authentication", |s| {
                 *shared.kbd.borrow_mut() = Some(ptr);
@@ -584,8 +585,8 @@ impl Session {
             // SAFETY: live agent; libssh2 copies the path.
             unsafe { ffi::libssh2_agent_set_identity_path(agent.0, path.as_ptr()) };
         }
-        // Connecting and listing talk to the local agent socket (blocking,
-        // local, short).
+        // Connecting, listing and signing talk to the local agent socket:
+        // blocking, each exchange bounded by the session's timeout.
         // SAFETY: live agent.
         let rc = unsafe { ffi::libssh2_agent_connect(agent.0) };
         if rc != 0 {
@@ -641,14 +642,22 @@ impl Session {
         inner
             .with_timeout("channel open", async {
                 let _lock = inner.open_lock.lock().await;
+                if !inner.is_open() {
+                    return Err(Error::Closed("session"));
+                }
                 inner.finish_abandoned_open().await?;
                 let guard = Abandon::new(&inner.open_abandoned);
                 let r = inner
                     .call(|s| open_session_channel(s, window, packet))
                     .await;
                 guard.done();
-                let raw = r?;
-                let ch = ChannelInner::new(inner.clone(), raw);
+                let ch = ChannelInner::new(inner.clone(), r?);
+                if !inner.is_open() {
+                    // A close began while the open was in flight: the new
+                    // channel goes with the session (dropping `ch` hands
+                    // it back).
+                    return Err(Error::Closed("session"));
+                }
                 inner.channels.borrow_mut().push(Rc::downgrade(&ch));
                 Ok(Channel::from_inner(ch))
             })
@@ -675,40 +684,52 @@ impl Session {
     /// Graceful close: closes every channel (EOF, CLOSE, the peer's CLOSE),
     /// sends SSH_MSG_DISCONNECT with `description`, waits until it has left,
     /// shuts the socket down and frees libssh2's state. Nothing is sent after
-    /// the DISCONNECT. Bounded by the configured timeout; on timeout the
-    /// session is torn down as on drop and `Error::Timeout` is returned.
+    /// the DISCONNECT.
+    ///
+    /// Bounded by the configured timeout (30 s if none is set); on timeout,
+    /// or if this future is dropped before it finishes, the session is torn
+    /// down as on drop. Closing a closed session is `Ok`; a second close
+    /// while one is running is `Err(Closed)`.
     pub async fn close(&self, description: &str) -> Result<()> {
         let inner = &self.inner;
-        if inner.state.get() != State::Open {
-            return Ok(());
+        match inner.state.get() {
+            State::Closed => return Ok(()),
+            State::Closing => return Err(Error::Closed("session (a close is in progress)")),
+            State::Open => {}
         }
-        inner.state.set(State::Closing);
         let desc = cstring("description", description)?;
-        let r = inner
-            .with_timeout("close", async {
-                inner.close_channels().await;
-                let s = inner.raw()?;
-                // SSH_DISCONNECT_BY_APPLICATION
-                inner
-                    .call(|s| {
-                        // SAFETY: live session; `desc` outlives the call.
-                        code(unsafe {
-                            ffi::libssh2_session_disconnect_ex(s, 11, desc.as_ptr(), c"".as_ptr())
-                        })
+        inner.state.set(State::Closing);
+        // Runs on every way out, including this future being dropped.
+        struct FreeOnExit<'a>(&'a SessionInner);
+        impl Drop for FreeOnExit<'_> {
+            fn drop(&mut self) {
+                self.0.free_now();
+            }
+        }
+        let _free = FreeOnExit(inner);
+        let after = inner.config.timeout.unwrap_or(CLOSE_LIMIT);
+        let graceful = async {
+            inner.close_channels().await;
+            // SSH_DISCONNECT_BY_APPLICATION
+            inner
+                .call(|s| {
+                    // SAFETY: live session; `desc` outlives the call.
+                    code(unsafe {
+                        ffi::libssh2_session_disconnect_ex(s, 11, desc.as_ptr(), c"".as_ptr())
                     })
-                    .await?;
-                let _ = s;
-                inner.transport.bridge().set_disconnected();
-                inner.transport.drain().await;
-                inner
-                    .transport
-                    .shutdown(inner.config.timeout.unwrap_or(Duration::from_secs(5)))
-                    .await;
-                Ok(())
-            })
-            .await;
-        inner.free_now();
-        r
+                })
+                .await?;
+            inner.transport.bridge().set_disconnected();
+            inner.transport.drain().await;
+            inner.transport.shutdown(after).await;
+            Ok(())
+        };
+        tokio::time::timeout(after, graceful)
+            .await
+            .map_err(|_| Error::Timeout {
+                operation: "close",
+                after,
+            })?
     }
 
     /// Whether the session was closed or its connection failed.
@@ -921,20 +942,38 @@ impl SessionInner {
             Ok(r) => r,
             Err(e) => return Poll::Ready(Err(e)),
         };
+        self.reactor.ensure_driver_here();
         let bridge = self.transport.bridge();
+        let mut stalls = 0;
         for _ in 0..MAX_REPEATS {
             bridge.clear_wants_recv();
+            let taken = bridge.stats().bytes_received;
             let r = f(raw);
+            if let Some(panic) = self.transport.shared.take_panic() {
+                // A callback (the keyboard-interactive responder) panicked
+                // inside libssh2; it was caught there, resume it here.
+                std::panic::resume_unwind(panic);
+            }
             self.transport.pump();
             match r {
                 Ok(v) => return Poll::Ready(Ok(v)),
                 Err(ffi::LIBSSH2_ERROR_EAGAIN) => {
                     // Bytes that arrived before an EOF or a failure are still
                     // valid (an exit status, the server's DISCONNECT reason):
-                    // let libssh2 read them before reporting the link.
+                    // let libssh2 read them before reporting the link. Repeat
+                    // only while libssh2 makes progress through them.
+                    if bridge.stats().bytes_received != taken {
+                        stalls = 0;
+                    } else {
+                        stalls += 1;
+                    }
+                    // One repeat without input is allowed in a row (libssh2
+                    // stops once after decrypting a packet's first block from
+                    // bytes it holds); a second means it waits for something else.
                     if !bridge.wants_recv()
                         && bridge.inbound_len() > 0
                         && bridge.link() != Link::Dead
+                        && stalls <= 1
                     {
                         continue;
                     }
@@ -997,7 +1036,7 @@ impl SessionInner {
 
     /// Frees a channel without waiting: whatever close it still owes is
     /// finished later by the session (or skipped if the session dies first).
-    pub(crate) fn free_channel(&self, raw: *mut ffi::LIBSSH2_CHANNEL) {
+    fn free_channel(&self, raw: *mut ffi::LIBSSH2_CHANNEL) {
         // SAFETY: `raw` belongs to this live session and is freed once:
         // either now, or later from the deferred list.
         let rc = unsafe { ffi::libssh2_channel_free(raw) };
@@ -1007,9 +1046,25 @@ impl SessionInner {
         self.transport.pump();
     }
 
+    /// Frees a channel over a dead link: no IO, no waiting. libssh2 may say
+    /// EAGAIN once (an AEAD read that stops before asking for input); the
+    /// second attempt reaches the failing recv. Anything else is counted
+    /// as a leak rather than spun on.
+    pub(crate) fn free_channel_dead(&self, raw: *mut ffi::LIBSSH2_CHANNEL) {
+        for _ in 0..2 {
+            // SAFETY: `raw` belongs to this session; libssh2 frees it on any
+            // result but EAGAIN, after which it is not touched again.
+            if unsafe { ffi::libssh2_channel_free(raw) } != ffi::LIBSSH2_ERROR_EAGAIN {
+                return;
+            }
+        }
+        LEAKED_OBJECTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// Hands a dropped channel to the session: its free (which sends EOF and
     /// CLOSE and may first process buffered input, ~100 µs mid-transfer)
-    /// runs on the driver task, not on the dropper's path.
+    /// runs on the driver task, not on the dropper's path. During a close
+    /// or teardown, the close path frees it.
     pub(crate) fn defer_free(this: &Rc<Self>, raw: *mut ffi::LIBSSH2_CHANNEL) {
         this.deferred_frees.borrow_mut().push(raw);
         if this.frees_scheduled.replace(true) {
@@ -1019,24 +1074,26 @@ impl SessionInner {
         this.reactor.run_soon(Box::new(move |_| {
             if let Some(s) = weak.upgrade() {
                 s.frees_scheduled.set(false);
-                if s.is_open() {
-                    s.retry_deferred_frees();
-                }
+                s.retry_deferred_frees();
             }
         }));
     }
 
+    /// Retries the deferred frees; only while the session is open (a close
+    /// in progress owns the list).
     fn retry_deferred_frees(&self) {
-        let pending = std::mem::take(&mut *self.deferred_frees.borrow_mut());
-        if pending.is_empty() {
+        if !self.is_open() {
             return;
         }
+        let pending = std::mem::take(&mut *self.deferred_frees.borrow_mut());
         for raw in pending {
             self.free_channel(raw);
         }
     }
 
-    /// Graceful close of every live channel, then the deferred frees.
+    /// Graceful close of every live channel, then the deferred frees. A
+    /// channel stays on the deferred list until libssh2 has freed it, so a
+    /// close abandoned half-way leaves nothing behind for `free_now`.
     async fn close_channels(&self) {
         let live: Vec<Rc<ChannelInner>> = self
             .channels
@@ -1048,23 +1105,20 @@ impl SessionInner {
             let _ = ch.close().await;
             ch.release();
         }
-        self.channels.borrow_mut().clear();
         loop {
-            let pending = std::mem::take(&mut *self.deferred_frees.borrow_mut());
-            if pending.is_empty() {
+            let Some(raw) = self.deferred_frees.borrow().last().copied() else {
                 break;
-            }
-            for raw in pending {
-                // Any result but EAGAIN means libssh2 freed the channel.
-                let _ = self
-                    .call(|_| {
-                        // SAFETY: a channel of this session taken off the
-                        // deferred list; `call` repeats only on EAGAIN, when
-                        // libssh2 has not freed it yet.
-                        code(unsafe { ffi::libssh2_channel_free(raw) })
-                    })
-                    .await;
-            }
+            };
+            // Any result but EAGAIN means libssh2 freed the channel.
+            let _ = self
+                .call(|_| {
+                    // SAFETY: a channel on the deferred list, which only this
+                    // loop touches while the session is closing; `call`
+                    // repeats only on EAGAIN, when libssh2 has not freed it.
+                    code(unsafe { ffi::libssh2_channel_free(raw) })
+                })
+                .await;
+            self.deferred_frees.borrow_mut().retain(|&r| r != raw);
         }
     }
 
@@ -1109,6 +1163,13 @@ impl SessionInner {
             self.transport.fail(libc::ETIMEDOUT);
             return;
         }
+        if silent < interval {
+            // Bytes arrived within the interval: the peer is alive, no
+            // keepalive needed (each one leaves a reply in libssh2's packet
+            // list that nothing removes).
+            Self::arm_keepalive(this, interval - silent);
+            return;
+        }
         let mut next: c_int = 0;
         // SAFETY: live session; no libssh2 call is running (single thread,
         // and completions never run inside one).
@@ -1137,17 +1198,18 @@ impl SessionInner {
             ch.release();
         }
         for raw in std::mem::take(&mut *self.deferred_frees.borrow_mut()) {
-            // SAFETY: a channel of this session, freed once. With the
-            // transport dead its close cannot wait for anything.
-            if unsafe { ffi::libssh2_channel_free(raw) } == ffi::LIBSSH2_ERROR_EAGAIN {
-                LEAKED_OBJECTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            }
+            self.free_channel_dead(raw);
         }
         let raw = self.raw.replace(std::ptr::null_mut());
         if !raw.is_null() {
-            // SAFETY: the session is freed once; both callbacks now fail, so
-            // libssh2 does no IO and never waits.
-            if unsafe { ffi::libssh2_session_free(raw) } == ffi::LIBSSH2_ERROR_EAGAIN {
+            // Like `free_channel_dead`: one EAGAIN may precede the failing recv.
+            let freed = (0..2).any(|_| {
+                // SAFETY: the session is freed once (libssh2 frees it on any
+                // result but EAGAIN); both callbacks fail, so no IO happens.
+                let rc = unsafe { ffi::libssh2_session_free(raw) };
+                rc != ffi::LIBSSH2_ERROR_EAGAIN
+            });
+            if !freed {
                 LEAKED_OBJECTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
         }

@@ -211,6 +211,15 @@ impl Reactor {
         self.stats.set(s);
     }
 
+    /// Makes sure a driver runs in the current runtime (if there is a
+    /// current-thread one): sessions made in one runtime of a thread keep
+    /// working when used from another.
+    pub(crate) fn ensure_driver_here(&self) {
+        if let Ok(handle) = current_thread_runtime() {
+            let _ = self.ensure_driver(&handle);
+        }
+    }
+
     fn ensure_driver(&self, handle: &tokio::runtime::Handle) -> Result<(), Error> {
         if self.driver_runtime.get() == Some(handle.id()) {
             return Ok(());
@@ -482,8 +491,18 @@ impl Reactor {
             w.wake();
         }
         drop(dead);
+        // A panicking callback must not cost the others their completion:
+        // run them all, then re-raise the first panic.
+        let mut panic = None;
         for (cb, completion) in callbacks {
-            cb(completion);
+            if let Err(p) =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| cb(completion)))
+            {
+                panic.get_or_insert(p);
+            }
+        }
+        if let Some(p) = panic {
+            std::panic::resume_unwind(p);
         }
         count
     }
@@ -665,11 +684,9 @@ impl std::future::Future for Driver {
         }
         for _ in 0..DRIVER_BUDGET {
             reactor.driver_scheduled.set(false);
-            if let Err(e) = reactor.flush() {
-                // An enter error other than EINTR/EBUSY means the ring is
-                // unusable; ops stay in flight and their owners time out.
-                debug_assert!(false, "io_uring_enter failed: {e}");
-            }
+            // An enter error other than EINTR/EBUSY means the ring is
+            // unusable: its ops stay in flight and their owners time out.
+            let _ = reactor.flush();
             let reaped = reactor.reap();
             if reaped > 0 || reactor.driver_scheduled.get() {
                 continue;
@@ -695,6 +712,9 @@ impl Drop for Driver {
                 if r.driver_epoch.get() == self.epoch {
                     r.driver_runtime.set(None);
                     *r.driver_waker.borrow_mut() = None;
+                    // What was queued in this runtime's last tick (a drop's
+                    // cancel, shutdown and close) still reaches the kernel.
+                    let _ = r.flush();
                 }
             });
         }

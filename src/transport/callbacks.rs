@@ -43,8 +43,11 @@ pub struct Shared {
     /// The responder of a keyboard-interactive call in progress. Only set
     /// while that call runs (borrowed, lifetime erased).
     pub(crate) kbd: RefCell<Option<*mut KbdResponder<'static>>>,
-    /// Set if a callback caught a panic (then it returned an error).
-    pub panicked: Cell<bool>,
+    /// How long an agent request may wait for the agent (`None`: no limit).
+    pub(crate) agent_timeout: Cell<Option<std::time::Duration>>,
+    /// A panic caught in a callback (which then returned an error), to be
+    /// resumed once the libssh2 call that ran the callback has returned.
+    panic: RefCell<Option<Box<dyn std::any::Any + Send>>>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -71,8 +74,15 @@ impl Shared {
             bytes: Cell::new(0),
             blocks: Cell::new(0),
             kbd: RefCell::new(None),
-            panicked: Cell::new(false),
+            panic: RefCell::new(None),
+            agent_timeout: Cell::new(None),
         }
+    }
+
+    /// Takes the panic a callback caught, if any (resume it with
+    /// `std::panic::resume_unwind` outside the libssh2 call).
+    pub fn take_panic(&self) -> Option<Box<dyn std::any::Any + Send>> {
+        self.panic.borrow_mut().take()
     }
 
     /// Bytes libssh2 holds for this session.
@@ -210,9 +220,12 @@ unsafe extern "C" fn send_cb(
 ) -> isize {
     if fd != dummy_fd() {
         // libssh2's agent code talks to the agent's unix socket through the
-        // session's send callback: that is a plain local socket of its own.
+        // session's send callback: a blocking local socket of its own,
+        // bounded by the session's timeout.
         // SAFETY: libssh2 passes its own fd and a buffer of `len` bytes.
-        return os_result(unsafe { libc::send(fd, buf, len, flags) });
+        return agent_io(fd, libc::POLLOUT, abstract_, || unsafe {
+            libc::send(fd, buf, len, flags)
+        });
     }
     catch_unwind(AssertUnwindSafe(|| {
         // SAFETY: libssh2 passes our abstract pointer and a buffer of `len`
@@ -225,7 +238,7 @@ unsafe extern "C" fn send_cb(
         };
         s.bridge.on_send(data)
     }))
-    .unwrap_or_else(|_| panicked(abstract_))
+    .unwrap_or_else(|p| panicked(abstract_, p))
 }
 
 unsafe extern "C" fn recv_cb(
@@ -238,7 +251,9 @@ unsafe extern "C" fn recv_cb(
     if fd != dummy_fd() {
         // The agent's socket (see `send_cb`).
         // SAFETY: libssh2 passes its own fd and a buffer of `len` writable bytes.
-        return os_result(unsafe { libc::recv(fd, buf, len, flags) });
+        return agent_io(fd, libc::POLLIN, abstract_, || unsafe {
+            libc::recv(fd, buf, len, flags)
+        });
     }
     catch_unwind(AssertUnwindSafe(|| {
         // SAFETY: libssh2 passes our abstract pointer and a buffer of `len`
@@ -251,7 +266,33 @@ unsafe extern "C" fn recv_cb(
         };
         s.bridge.on_recv(out)
     }))
-    .unwrap_or_else(|_| panicked(abstract_))
+    .unwrap_or_else(|p| panicked(abstract_, p))
+}
+
+/// One send or recv on the agent's socket, after waiting (at most the
+/// session's timeout) until it is ready: an agent that waits for a user's
+/// confirmation must not hold the thread forever.
+fn agent_io(
+    fd: c_int,
+    events: libc::c_short,
+    abstract_: *mut *mut c_void,
+    io: impl FnOnce() -> isize,
+) -> isize {
+    // SAFETY: the pointer libssh2 gave the callback.
+    let timeout = unsafe { shared(abstract_) }
+        .and_then(|s| s.agent_timeout.get())
+        .map_or(-1, |t| t.as_millis().min(i32::MAX as u128) as c_int);
+    let mut pfd = libc::pollfd {
+        fd,
+        events,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd.
+    match unsafe { libc::poll(&mut pfd, 1, timeout) } {
+        0 => -(libc::ETIMEDOUT as isize),
+        n if n < 0 => os_result(-1),
+        _ => os_result(io()),
+    }
 }
 
 /// A send/recv return value in the callbacks' convention (-errno on error).
@@ -265,11 +306,12 @@ fn os_result(n: isize) -> isize {
     }
 }
 
-/// After a caught panic: kill the link so the session fails cleanly.
-fn panicked(abstract_: *mut *mut c_void) -> isize {
+/// After a caught panic: kill the link so the session fails cleanly, and
+/// keep the panic for the caller of libssh2.
+fn panicked(abstract_: *mut *mut c_void, payload: Box<dyn std::any::Any + Send>) -> isize {
     // SAFETY: same pointer the callback was given.
     if let Some(s) = unsafe { shared(abstract_) } {
-        s.panicked.set(true);
+        s.panic.borrow_mut().get_or_insert(payload);
         s.bridge.kill();
     }
     -(libc::ECONNABORTED as isize)
@@ -287,7 +329,7 @@ pub(crate) extern "C" fn kbd_cb(
     responses: *mut ffi::LIBSSH2_USERAUTH_KBDINT_RESPONSE,
     abstract_: *mut *mut c_void,
 ) {
-    let _ = catch_unwind(AssertUnwindSafe(|| {
+    let caught = catch_unwind(AssertUnwindSafe(|| {
         // SAFETY: libssh2 passes valid (pointer, length) pairs for the name,
         // instruction and `num_prompts` prompts, and `num_prompts` writable
         // responses; the responder pointer is valid while the auth call runs.
@@ -329,6 +371,14 @@ pub(crate) extern "C" fn kbd_cb(
             }
         }
     }));
+    if let Err(payload) = caught {
+        // The answers stay unset: libssh2 sends empty ones, and the caller
+        // re-raises the responder's panic once libssh2 has returned.
+        // SAFETY: same pointer the callback was given.
+        if let Some(s) = unsafe { shared(abstract_) } {
+            s.panic.borrow_mut().get_or_insert(payload);
+        }
+    }
 }
 
 /// A process-wide non-blocking eventfd handed to every libssh2 session as

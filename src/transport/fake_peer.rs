@@ -201,7 +201,7 @@ impl Client {
             0,
             "blocks left after free"
         );
-        assert!(!self.shared.panicked.get(), "a callback panicked");
+        assert!(self.shared.take_panic().is_none(), "a callback panicked");
     }
 
     // -- Scripted openings ------------------------------------------------

@@ -53,7 +53,7 @@ pub(crate) struct Transport {
     waiters: RefCell<Vec<Waker>>,
     last_rx: Cell<Instant>,
     /// Runs after each receive (the session retries deferred channel frees).
-    after_recv: RefCell<Option<Box<dyn Fn()>>>,
+    after_recv: RefCell<Option<Rc<dyn Fn()>>>,
     this: Weak<Transport>,
 }
 
@@ -83,7 +83,7 @@ impl Transport {
     }
 
     /// Sets the hook run after each receive.
-    pub fn set_after_recv(&self, hook: Box<dyn Fn()>) {
+    pub fn set_after_recv(&self, hook: Rc<dyn Fn()>) {
         *self.after_recv.borrow_mut() = Some(hook);
     }
 
@@ -255,7 +255,9 @@ impl Transport {
                 .bridge()
                 .set_failed(e.raw_os_error().unwrap_or(libc::EIO)),
         }
-        if let Some(hook) = self.after_recv.borrow().as_ref() {
+        // Not borrowed while it runs: the hook may end in `kill()`.
+        let hook = self.after_recv.borrow().clone();
+        if let Some(hook) = hook {
             hook();
         }
         self.wake_all();
