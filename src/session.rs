@@ -136,8 +136,9 @@ impl Config {
         self
     }
 
-    /// Sends a keepalive after this much idle time; after `count_max`
-    /// intervals with nothing received the session fails with `TimedOut`.
+    /// Sends a keepalive after this much time with nothing received; when
+    /// `count_max` keepalives in a row go unanswered the session fails with
+    /// `TimedOut` (as OpenSSH's `ServerAliveInterval`/`ServerAliveCountMax`).
     /// `None` disables keepalive.
     pub fn keepalive(mut self, interval: Option<Duration>, count_max: u32) -> Self {
         self.keepalive = interval;
@@ -234,6 +235,8 @@ pub(crate) struct SessionInner {
     /// A driver callback that frees the deferred channels is queued.
     frees_scheduled: Cell<bool>,
     keepalive_op: Cell<Option<OpId>>,
+    /// Keepalives sent since bytes last arrived.
+    keepalives_unanswered: Cell<u32>,
     reactor: Rc<Reactor>,
     host_key: RefCell<Option<HostKey>>,
 }
@@ -353,6 +356,7 @@ impl Session {
             deferred_frees: RefCell::new(Vec::new()),
             frees_scheduled: Cell::new(false),
             keepalive_op: Cell::new(None),
+            keepalives_unanswered: Cell::new(0),
             reactor,
             host_key: RefCell::new(None),
         });
@@ -1159,24 +1163,36 @@ impl SessionInner {
             return;
         }
         let silent = Instant::now().duration_since(self.transport.last_rx());
-        if silent >= interval * self.config.keepalive_count_max {
-            self.transport.fail(libc::ETIMEDOUT);
-            return;
-        }
         if silent < interval {
-            // Bytes arrived within the interval: the peer is alive, no
-            // keepalive needed (each one leaves a reply in libssh2's packet
-            // list that nothing removes).
+            // Bytes arrived within the interval: the peer is alive and no
+            // keepalive is needed (each reply stays in libssh2's packet list,
+            // which nothing empties).
+            self.keepalives_unanswered.set(0);
             Self::arm_keepalive(this, interval - silent);
             return;
         }
+        // Silent for an interval: probe, unless `count_max` probes in a row
+        // went unanswered (as OpenSSH's ServerAliveCountMax).
+        let unanswered = self.keepalives_unanswered.get();
+        if unanswered >= self.config.keepalive_count_max {
+            self.transport.fail(libc::ETIMEDOUT);
+            return;
+        }
+        let sent_before = self.transport.bridge().stats().packets_sent;
         let mut next: c_int = 0;
         // SAFETY: live session; no libssh2 call is running (single thread,
         // and completions never run inside one).
         unsafe { ffi::libssh2_keepalive_send(s, &mut next) };
         self.transport.pump();
         self.retry_deferred_frees();
-        Self::arm_keepalive(this, interval);
+        if self.transport.bridge().stats().packets_sent > sent_before {
+            self.keepalives_unanswered.set(unanswered + 1);
+            Self::arm_keepalive(this, interval);
+        } else {
+            // libssh2 throttles on its own clock (whole seconds, 2 s at
+            // least): come back when it will send.
+            Self::arm_keepalive(this, Duration::from_secs(next.max(1) as u64));
+        }
     }
 
     /// Non-blocking teardown: the transport fails both callbacks, the ring

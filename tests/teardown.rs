@@ -190,3 +190,142 @@ async fn keepalive_detects_a_stopped_server() {
     assert_eq!(err.kind(), std::io::ErrorKind::TimedOut, "{err}");
     eprintln!("keepalive fired after {:?}: {err}", t.elapsed());
 }
+
+#[tokio::test]
+async fn channel_open_during_close_is_refused() {
+    let sshd = Sshd::start();
+    let s = connect(&sshd).await;
+    // Channels whose close takes a while (sshd answers CLOSE when the child exits).
+    let slow = s.exec("sleep 2").await.unwrap();
+    let slow2 = s.exec("sleep 2").await.unwrap();
+    let opener = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        s.channel_session().await
+    };
+    let (closed, opened) = tokio::join!(s.close("bye"), opener);
+    closed.expect("close");
+    match opened {
+        Err(Error::Closed(_)) => {}
+        Err(e) => panic!("expected Closed, got {e}"),
+        Ok(ch) => panic!("a channel was opened during close: {ch:?}"),
+    }
+    // Channels of a closed session report it and drop without harm.
+    assert!(slow.eof());
+    assert!(matches!(slow.exit_status(), Err(Error::Closed(_))));
+    drop((slow, slow2));
+    assert_eq!(s.stats().bridge.sends_after_disconnect, 0);
+}
+
+#[tokio::test]
+async fn a_refused_close_leaves_the_session_usable_and_a_later_close_works() {
+    let sshd = Sshd::start();
+    let s = connect(&sshd).await;
+    match s.close("bad\0description").await {
+        Err(Error::InvalidInput(_)) => {}
+        other => panic!("expected InvalidInput, got {other:?}"),
+    }
+    assert!(!s.is_closed());
+    let mut ch = s.exec("echo alive").await.unwrap();
+    let mut out = String::new();
+    ch.read_to_string(&mut out).await.unwrap();
+    assert_eq!(out, "alive\n");
+    s.close("bye").await.unwrap();
+    assert!(s.is_closed());
+    // Closing again is a no-op.
+    s.close("again").await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !sshd.log().contains("Received disconnect") && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(sshd.log().contains("Received disconnect"), "{}", sshd.log());
+}
+
+#[tokio::test]
+async fn an_abandoned_close_tears_the_session_down() {
+    let sshd = Sshd::start();
+    let s = connect(&sshd).await;
+    let slow = s.exec("sleep 3").await.unwrap();
+    // Give up on the close while it waits for the channel.
+    let r = tokio::time::timeout(Duration::from_millis(200), s.close("bye")).await;
+    assert!(r.is_err(), "close finished too early to test abandoning it");
+    assert!(s.is_closed());
+    assert!(matches!(s.channel_session().await, Err(Error::Closed(_))));
+    drop(slow);
+    let st = settle_orphans(Duration::from_secs(2)).await;
+    assert_eq!(st.orphaned_outstanding, 0);
+}
+
+#[tokio::test]
+async fn wait_reports_the_exit_status_while_a_sibling_streams() {
+    let sshd = Sshd::start();
+    let s = connect(&sshd).await;
+    // Packets of a busy sibling interleave with each command's EOF, exit
+    // status and CLOSE.
+    let mut busy = s.exec("cat /dev/zero").await.unwrap();
+    let reader = async {
+        let mut buf = vec![0u8; 1 << 16];
+        while busy.read(&mut buf).await.unwrap() > 0 {}
+    };
+    let waiter = async {
+        let mut wrong = Vec::new();
+        for i in 0..100 {
+            let mut ch = s.exec(&format!("exit {}", 1 + i % 100)).await.unwrap();
+            let st = ch.wait().await.unwrap();
+            if st.code != 1 + i % 100 {
+                wrong.push((i, st));
+            }
+        }
+        wrong
+    };
+    let wrong = tokio::select! {
+        w = waiter => w,
+        _ = reader => panic!("the streaming sibling ended"),
+    };
+    assert!(wrong.is_empty(), "wrong exit statuses: {wrong:?}");
+}
+
+#[tokio::test]
+async fn keepalive_does_not_end_a_healthy_idle_session() {
+    let sshd = Sshd::start();
+    let cfg = config(&sshd).keepalive(Some(Duration::from_secs(1)), 1);
+    let s = common::util::connect_with(&sshd, cfg).await;
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    let mut ch = s.exec("echo alive").await.expect("idle session was ended");
+    let mut out = String::new();
+    ch.read_to_string(&mut out).await.unwrap();
+    assert_eq!(out, "alive\n");
+}
+
+#[test]
+fn a_drop_just_before_the_runtime_ends_still_closes_the_socket() {
+    let sshd = Sshd::start();
+    let sockets = || {
+        std::fs::read_dir("/proc/self/fd")
+            .unwrap()
+            .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+            .filter(|l| l.to_string_lossy().starts_with("socket:"))
+            .count()
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async { uring_ssh::reactor::init().unwrap() });
+    let before = sockets();
+    rt.block_on(async {
+        let s = connect(&sshd).await;
+        drop(s);
+    });
+    drop(rt);
+    // The shutdown and close were submitted when the driver stopped; their
+    // completions arrive without anyone driving the ring.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while sockets() != before && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(
+        sockets(),
+        before,
+        "the dropped session's socket stayed open"
+    );
+}
