@@ -15,7 +15,11 @@
 //!   ring.
 //! * [`Session`] and [`Channel`]: async wrappers. Each libssh2 call that
 //!   says `EAGAIN` waits for the session's next socket event and is
-//!   resumed; calls libssh2 keeps half-done state for are queued per object.
+//!   resumed. libssh2 keeps the half-done state of a call in its object, so
+//!   such calls never overlap: channel opens and authentications queue per
+//!   session (an open abandoned half-way is finished by the next opener;
+//!   an abandoned authentication makes further ones fail with
+//!   [`Error::Poisoned`]), and a channel's requests take `&mut self`.
 //!
 //! # What Drop promises
 //!
