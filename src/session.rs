@@ -416,6 +416,22 @@ impl Session {
         }
     }
 
+    /// The banner the server sent before authentication (OpenSSH's
+    /// `Banner`). libssh2 keeps it only from [`Session::auth_methods`], the
+    /// first exchange of the authentication protocol: call that first.
+    pub fn auth_banner(&self) -> Option<String> {
+        let raw = self.inner.raw().ok()?;
+        let mut p: *mut c_char = std::ptr::null_mut();
+        // SAFETY: live session; the string belongs to the session and is
+        // copied at once.
+        unsafe {
+            if ffi::libssh2_userauth_banner(raw, &mut p) != 0 || p.is_null() {
+                return None;
+            }
+            Some(std::ffi::CStr::from_ptr(p).to_string_lossy().into_owned())
+        }
+    }
+
     /// The algorithm negotiated for `kind` (e.g. the cipher in use).
     pub fn negotiated(&self, kind: MethodType) -> Option<String> {
         let raw = self.inner.raw().ok()?;

@@ -744,3 +744,32 @@ async fn pubkey_memory_encrypted_key_with_passphrase_succeeds() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn server_banner_is_available_after_auth_methods() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let banner_path = dir.path().join("banner.txt");
+    std::fs::write(&banner_path, "Authorized use only: uring-ssh tests\n").expect("write banner");
+    let sshd = Sshd::builder()
+        .extra(&format!("Banner {}", banner_path.display()))
+        .start();
+    let session = connect(&sshd).await;
+    assert_eq!(
+        session.auth_banner(),
+        None,
+        "no banner before authentication"
+    );
+    let methods = session.auth_methods(&sshd.user()).await.expect("methods");
+    assert!(methods.iter().any(|m| m == "publickey"), "{methods:?}");
+    let banner = session.auth_banner().expect("the server sent a banner");
+    session
+        .auth_pubkey_file(&sshd.user(), &sshd.user_key(), None)
+        .await
+        .expect("auth");
+    assert!(
+        banner.contains("Authorized use only: uring-ssh tests"),
+        "{banner:?}"
+    );
+    let remote = session.remote_banner().expect("identification string");
+    assert!(remote.starts_with("SSH-2.0-OpenSSH"), "{remote}");
+}
