@@ -120,38 +120,60 @@ impl ChannelInner {
         stream: c_int,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        let raw = self.raw()?;
         // SAFETY: libssh2 only writes into the unfilled part; we mark as
         // initialized exactly the bytes it reports.
         let dst = unsafe { buf.unfilled_mut() };
         if dst.is_empty() {
             return Poll::Ready(Ok(()));
         }
-        let n = ready!(self.session.poll_call(cx, &mut |_| {
-            // SAFETY: live channel; `dst` is writable for its length.
-            let n = unsafe {
-                ffi::libssh2_channel_read_ex(
-                    raw,
-                    stream,
-                    dst.as_mut_ptr() as *mut c_char,
-                    dst.len(),
-                )
-            };
-            if n < 0 {
-                Err(n as c_int)
-            } else {
-                Ok(n as usize)
-            }
-        }))?;
+        let n = ready!(self.poll_read_raw(cx, stream, dst.as_mut_ptr() as *mut c_char, dst.len()))?;
         // SAFETY: libssh2 wrote `n` bytes at the start of the unfilled part.
         unsafe { buf.assume_init(n) };
         buf.advance(n);
         Poll::Ready(Ok(()))
     }
 
+    /// One libssh2 read of `stream` into `dst`: bytes read (0 at EOF), or
+    /// `Pending` with the waker registered for the session's next input.
+    pub(crate) fn poll_read_into(
+        &self,
+        cx: &mut Context<'_>,
+        stream: c_int,
+        dst: &mut [u8],
+    ) -> Poll<io::Result<usize>> {
+        self.poll_read_raw(cx, stream, dst.as_mut_ptr() as *mut c_char, dst.len())
+    }
+
+    /// [`Self::poll_read_into`] for memory that may be uninitialized: the
+    /// caller keeps `dst` valid for writes of `len` bytes during the call.
+    fn poll_read_raw(
+        &self,
+        cx: &mut Context<'_>,
+        stream: c_int,
+        dst: *mut c_char,
+        len: usize,
+    ) -> Poll<io::Result<usize>> {
+        let raw = self.raw()?;
+        let n = ready!(self.session.poll_call(cx, &mut |_| {
+            // SAFETY: live channel; the caller keeps `dst` writable for
+            // `len` bytes, and libssh2 writes at most that many.
+            let n = unsafe { ffi::libssh2_channel_read_ex(raw, stream, dst, len) };
+            if n < 0 {
+                Err(n as c_int)
+            } else {
+                Ok(n as usize)
+            }
+        }))?;
+        Poll::Ready(Ok(n))
+    }
+
     /// One libssh2 write of `data` (at most [`MAX_WRITE`] bytes): bytes
     /// taken, or `Pending` while the window or the socket is full.
-    fn poll_write_raw(&self, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+    pub(crate) fn poll_write_raw(
+        &self,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
         let raw = self.raw()?;
         let len = data.len().min(MAX_WRITE);
         let n = ready!(self.session.poll_call(cx, &mut |_| {
@@ -189,7 +211,7 @@ impl ChannelInner {
         }
     }
 
-    fn wait_transport(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+    pub(crate) fn wait_transport(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let session = &self.session;
         if !matches!(session.transport.bridge().link(), Link::Open) {
             return Poll::Ready(Err(session.error(ffi::LIBSSH2_ERROR_SOCKET_SEND).into()));
@@ -335,6 +357,10 @@ impl Drop for ChannelInner {
 impl Channel {
     pub(crate) fn from_inner(inner: Rc<ChannelInner>) -> Self {
         Channel { inner }
+    }
+
+    pub(crate) fn inner(&self) -> &Rc<ChannelInner> {
+        &self.inner
     }
 
     async fn process_startup(

@@ -37,6 +37,18 @@ pub enum Error {
     InvalidInput(String),
     /// The session or channel was closed, or torn down, before this call.
     Closed(&'static str),
+    /// The SFTP server answered a request with an error status.
+    Sftp {
+        /// The `SSH_FX_*` status code (see [`crate::sftp::status`]).
+        code: u32,
+        /// The server's message.
+        message: String,
+        /// The path the request named, if it named one.
+        path: Option<String>,
+    },
+    /// The server sent something the protocol does not allow (a malformed
+    /// or unexpected SFTP reply).
+    Protocol(String),
     /// An earlier call on the same object was abandoned half-way (its future
     /// was dropped or timed out) in a way libssh2 cannot resume; the object
     /// must be dropped.
@@ -107,6 +119,18 @@ impl fmt::Display for Error {
             Error::Runtime(m) => write!(f, "{m}"),
             Error::InvalidInput(m) => write!(f, "invalid input: {m}"),
             Error::Closed(what) => write!(f, "{what} is closed"),
+            Error::Sftp {
+                code,
+                message,
+                path,
+            } => {
+                let name = crate::sftp::status_name(*code);
+                match path {
+                    Some(p) => write!(f, "SFTP {name} for {p}: {message}"),
+                    None => write!(f, "SFTP {name}: {message}"),
+                }
+            }
+            Error::Protocol(m) => write!(f, "protocol error: {m}"),
             Error::Poisoned(what) => write!(
                 f,
                 "{what} is unusable: an earlier call on it was abandoned half-way"
@@ -180,6 +204,19 @@ impl Error {
             Error::InvalidInput(_) => K::InvalidInput,
             Error::Closed(_) => K::NotConnected,
             Error::Poisoned(_) => K::Other,
+            Error::Protocol(_) => K::InvalidData,
+            Error::Sftp { code, .. } => {
+                use crate::sftp::status as st;
+                match *code {
+                    st::EOF => K::UnexpectedEof,
+                    st::NO_SUCH_FILE => K::NotFound,
+                    st::PERMISSION_DENIED => K::PermissionDenied,
+                    st::BAD_MESSAGE => K::InvalidData,
+                    st::NO_CONNECTION | st::CONNECTION_LOST => K::ConnectionAborted,
+                    st::OP_UNSUPPORTED => K::Unsupported,
+                    _ => K::Other,
+                }
+            }
             Error::Ssh { code, .. } => match *code {
                 libssh2_sys::LIBSSH2_ERROR_AUTHENTICATION_FAILED
                 | libssh2_sys::LIBSSH2_ERROR_PUBLICKEY_UNVERIFIED

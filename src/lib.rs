@@ -63,6 +63,7 @@ mod ffi;
 pub mod knownhosts;
 pub mod reactor;
 mod session;
+pub mod sftp;
 pub mod transport;
 
 /// Design notes from `kernel-notes/`, rendered with the API docs.

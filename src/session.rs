@@ -1248,6 +1248,11 @@ impl SessionInner {
     }
 
     /// Whether the session is still usable for new calls.
+    /// The reactor this session runs on.
+    pub(crate) fn reactor(&self) -> &Rc<Reactor> {
+        &self.reactor
+    }
+
     pub(crate) fn is_open(&self) -> bool {
         self.state.get() == State::Open
     }

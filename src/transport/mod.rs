@@ -54,6 +54,9 @@ pub(crate) struct Transport {
     last_rx: Cell<Instant>,
     /// Runs after each receive (the session retries deferred channel frees).
     after_recv: RefCell<Option<Rc<dyn Fn()>>>,
+    /// Run after each receive, failure and teardown, while alive: readers
+    /// of channel data that no task awaits right now.
+    listeners: RefCell<Vec<Weak<dyn Fn()>>>,
     this: Weak<Transport>,
 }
 
@@ -73,6 +76,7 @@ impl Transport {
             waiters: RefCell::new(Vec::new()),
             last_rx: Cell::new(Instant::now()),
             after_recv: RefCell::new(None),
+            listeners: RefCell::new(Vec::new()),
             this: this.clone(),
         })
     }
@@ -85,6 +89,27 @@ impl Transport {
     /// Sets the hook run after each receive.
     pub fn set_after_recv(&self, hook: Rc<dyn Fn()>) {
         *self.after_recv.borrow_mut() = Some(hook);
+    }
+
+    /// Adds a listener run after each receive, failure and teardown, for
+    /// as long as it is alive.
+    pub fn add_listener(&self, listener: Weak<dyn Fn()>) {
+        let mut v = self.listeners.borrow_mut();
+        v.retain(|w| w.strong_count() > 0);
+        v.push(listener);
+    }
+
+    fn notify_listeners(&self) {
+        // Not borrowed while they run: a listener may add another.
+        let live: Vec<_> = self
+            .listeners
+            .borrow()
+            .iter()
+            .filter_map(Weak::upgrade)
+            .collect();
+        for l in live {
+            l();
+        }
     }
 
     /// When bytes last arrived, or now if receiving is paused because
@@ -260,12 +285,14 @@ impl Transport {
         if let Some(hook) = hook {
             hook();
         }
+        self.notify_listeners();
         self.wake_all();
     }
 
     /// Fails the link with `errno` (keepalive timeout), waking every waiter.
     pub fn fail(&self, errno: i32) {
         self.bridge().set_failed(errno);
+        self.notify_listeners();
         self.wake_all();
     }
 
@@ -326,6 +353,7 @@ impl Transport {
         if let Some(fd) = fd {
             self.reactor.shutdown_detached(&fd);
         }
+        self.notify_listeners();
         self.wake_all();
     }
 }
