@@ -60,6 +60,7 @@
 mod channel;
 mod error;
 mod ffi;
+mod forward;
 pub mod knownhosts;
 pub mod reactor;
 mod session;
@@ -81,6 +82,7 @@ pub mod notes {
 
 pub use channel::{Channel, ExitStatus, Stderr};
 pub use error::{Error, HostKeyError, KernelSupportError, Result};
+pub use forward::{DEFAULT_ACCEPT_QUEUE, Listener, LocalForward, LocalForwardStats};
 pub use knownhosts::{HostKey, HostKeyPolicy};
 pub use session::{
     Config, DEFAULT_CIPHERS, DEFAULT_PACKET, DEFAULT_WINDOW, MethodType, Session, SessionStats,
