@@ -63,6 +63,7 @@ mod ffi;
 mod forward;
 pub mod knownhosts;
 pub mod reactor;
+mod scp;
 mod session;
 pub mod transport;
 
@@ -84,6 +85,7 @@ pub use channel::{Channel, ExitStatus, Stderr};
 pub use error::{Error, HostKeyError, KernelSupportError, Result};
 pub use forward::{DEFAULT_ACCEPT_QUEUE, Listener, LocalForward, LocalForwardStats};
 pub use knownhosts::{HostKey, HostKeyPolicy};
+pub use scp::{ScpReader, ScpStat, ScpWriter};
 pub use session::{
     Config, DEFAULT_CIPHERS, DEFAULT_PACKET, DEFAULT_WINDOW, MethodType, Session, SessionStats,
     leaked_objects,
