@@ -57,6 +57,7 @@
 //! ```
 #![warn(missing_docs, missing_debug_implementations)]
 
+mod agent;
 mod channel;
 mod error;
 mod ffi;
@@ -81,6 +82,7 @@ pub mod notes {
     }
 }
 
+pub use agent::{Agent, AgentIdentity};
 pub use channel::{Channel, ExitStatus, Stderr};
 pub use error::{Error, HostKeyError, KernelSupportError, Result};
 pub use forward::{DEFAULT_ACCEPT_QUEUE, Listener, LocalForward, LocalForwardStats};

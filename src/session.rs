@@ -244,6 +244,9 @@ pub(crate) struct SessionInner {
     /// Remote forwarding: listeners, their deferred cancels, the queue of
     /// `forward_listen` calls.
     pub(crate) forwards: crate::forward::Forwards,
+    /// Live [`crate::Agent`]s: freed before the session (libssh2 frees an
+    /// agent through its session).
+    pub(crate) agents: RefCell<Vec<Weak<crate::agent::AgentInner>>>,
     host_key: RefCell<Option<HostKey>>,
 }
 
@@ -366,6 +369,7 @@ impl Session {
             keepalives_unanswered: Cell::new(0),
             reactor,
             forwards: crate::forward::Forwards::new(),
+            agents: RefCell::new(Vec::new()),
             host_key: RefCell::new(None),
         });
         let weak = Rc::downgrade(&inner);
@@ -590,73 +594,6 @@ impl Session {
             .await
     }
 
-    /// Authenticates with each identity of the ssh-agent at `$SSH_AUTH_SOCK`
-    /// in turn until one is accepted.
-    pub async fn auth_agent(&self, user: &str) -> Result<()> {
-        self.auth_agent_at(user, None).await
-    }
-
-    /// Like [`Session::auth_agent`], with the agent's socket given
-    /// explicitly (`None`: `$SSH_AUTH_SOCK`).
-    pub async fn auth_agent_at(&self, user: &str, socket: Option<&Path>) -> Result<()> {
-        let c_user = cstring("user name", user)?;
-        let c_socket = socket
-            .map(|p| path_cstring("agent socket", p))
-            .transpose()?;
-        let raw = self.inner.raw()?;
-        // SAFETY: live session; the agent is freed by `AgentGuard`.
-        let agent = AgentGuard(unsafe { ffi::libssh2_agent_init(raw) });
-        if agent.0.is_null() {
-            return Err(self.inner.error(ffi::LIBSSH2_ERROR_ALLOC));
-        }
-        if let Some(path) = &c_socket {
-            // SAFETY: live agent; libssh2 copies the path.
-            unsafe { ffi::libssh2_agent_set_identity_path(agent.0, path.as_ptr()) };
-        }
-        // Connecting, listing and signing talk to the local agent socket:
-        // blocking, each exchange bounded by the session's timeout.
-        // SAFETY: live agent.
-        let rc = unsafe { ffi::libssh2_agent_connect(agent.0) };
-        if rc != 0 {
-            return Err(self.inner.error(rc));
-        }
-        // SAFETY: live, connected agent.
-        let rc = unsafe { ffi::libssh2_agent_list_identities(agent.0) };
-        if rc != 0 {
-            return Err(self.inner.error(rc));
-        }
-        let mut prev: *mut ffi::libssh2_agent_publickey = std::ptr::null_mut();
-        let mut last_err = None;
-        loop {
-            let mut id = std::ptr::null_mut();
-            // SAFETY: live agent; `prev` is null or an identity it returned.
-            let rc = unsafe { ffi::libssh2_agent_get_identity(agent.0, &mut id, prev) };
-            if rc == 1 {
-                break;
-            }
-            if rc < 0 {
-                return Err(self.inner.error(rc));
-            }
-            prev = id;
-            let r = self
-                .inner
-                .auth("agent authentication", |_| {
-                    // SAFETY: live agent and identity; `c_user` outlives the call.
-                    code(unsafe { ffi::libssh2_agent_userauth(agent.0, c_user.as_ptr(), id) })
-                })
-                .await;
-            match r {
-                Ok(()) => return Ok(()),
-                Err(e) if e.is_auth_failure() => last_err = Some(e),
-                Err(e) => return Err(e),
-            }
-        }
-        Err(last_err.unwrap_or_else(|| Error::Ssh {
-            code: ffi::LIBSSH2_ERROR_AUTHENTICATION_FAILED,
-            message: "the agent holds no identity".into(),
-        }))
-    }
-
     /// Opens a session channel with the configured window and packet size.
     pub async fn channel_session(&self) -> Result<Channel> {
         let c = &self.inner.config;
@@ -763,21 +700,6 @@ impl std::fmt::Debug for Session {
                     .map(|k| k.fingerprint.clone()),
             )
             .finish()
-    }
-}
-
-struct AgentGuard(*mut ffi::LIBSSH2_AGENT);
-
-impl Drop for AgentGuard {
-    fn drop(&mut self) {
-        if !self.0.is_null() {
-            // SAFETY: the agent was created by libssh2_agent_init and is freed
-            // once; disconnecting closes only the local agent socket.
-            unsafe {
-                ffi::libssh2_agent_disconnect(self.0);
-                ffi::libssh2_agent_free(self.0);
-            }
-        }
     }
 }
 
@@ -1021,7 +943,7 @@ impl SessionInner {
     }
 
     /// An authentication call: one at a time per session, under the timeout.
-    async fn auth<T>(
+    pub(crate) async fn auth<T>(
         &self,
         operation: &'static str,
         f: impl FnMut(*mut ffi::LIBSSH2_SESSION) -> std::result::Result<T, c_int>,
@@ -1273,6 +1195,11 @@ impl SessionInner {
             self.reactor.abandon(op);
         }
         self.transport.kill();
+        // Agents first: libssh2 frees them through the session.
+        let agents: Vec<_> = self.agents.borrow_mut().drain(..).collect();
+        for agent in agents.iter().filter_map(Weak::upgrade) {
+            agent.release();
+        }
         // Listeners (live or with a cancel owed) go with `session_free`.
         self.forwards.forget();
         let live: Vec<Rc<ChannelInner>> = self
