@@ -408,6 +408,11 @@ pub(crate) async fn close_listeners(inner: &SessionInner) {
 /// Dropping it cancels the forward without blocking: the cancel request is
 /// sent (and connections not yet accepted are closed) by the session on its
 /// driver task.
+///
+/// libssh2 takes in the server's new connections only while some call on
+/// the session reads (an [`Listener::accept`] in progress, a channel read,
+/// an open): keep an `accept` pending, or the connections wait, unanswered,
+/// in the session's input.
 pub struct Listener {
     inner: Rc<ListenerInner>,
 }

@@ -310,6 +310,11 @@ async fn remote_forward_accepts_connections_and_cancels_on_drop() {
         assert_eq!(&back[data.len()..], trailer.as_bytes());
     }
 
+    // A connection that is never accepted: the cancel frees its channel.
+    let mut pending = StdStream::connect((Ipv4Addr::LOCALHOST, port)).unwrap();
+    pending.write_all(b"never read").unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
     // Dropping the listener never blocks, and the server stops listening.
     let t = Instant::now();
     drop(listener);
@@ -342,6 +347,19 @@ async fn remote_forward_accepts_connections_and_cancels_on_drop() {
     echo_conn(ch).await;
     let (data, back) = c.join().unwrap();
     assert_eq!(&back[..data.len()], &data[..]);
+    // The never-accepted connection was refused once the session read
+    // its open (libssh2 parses packets only while some call reads).
+    pending
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut rest = Vec::new();
+    let r = pending.read_to_end(&mut rest);
+    assert!(
+        matches!(&r, Ok(0))
+            || r.as_ref()
+                .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset),
+        "the never-accepted connection stayed open: {r:?}"
+    );
     // A graceful close cancels the live listener before the DISCONNECT.
     s.close("bye").await.unwrap();
     assert_eq!(s.stats().bridge.sends_after_disconnect, 0);
