@@ -508,3 +508,112 @@ async fn an_abandoned_direct_open_is_finished_with_its_own_function() {
         "libssh2 memory left behind"
     );
 }
+
+#[tokio::test]
+async fn an_abandoned_forward_listen_is_finished_and_cancelled() {
+    let sshd = Sshd::start();
+    let s = connect(&sshd).await;
+    let free_port = || {
+        let l = StdListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let first = free_port();
+    {
+        // Give up once the request is out.
+        let mut fut = Box::pin(s.forward_listen("127.0.0.1", first));
+        assert!(futures::poll!(&mut fut).is_pending());
+    }
+    // The next request finishes the abandoned one (same arguments, so
+    // libssh2 builds the right listener), cancels it, and gets its own.
+    let second = free_port();
+    let l = s.forward_listen("127.0.0.1", second).await.unwrap();
+    assert_eq!(l.port(), second);
+    let c = remote_client(second, 2000, 5);
+    echo_conn(listener_accept(&l).await).await;
+    let (data, back) = c.join().unwrap();
+    assert_eq!(&back[..data.len()], &data[..]);
+    // The abandoned forward does not stay open on the server.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match StdStream::connect((Ipv4Addr::LOCALHOST, first)) {
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => break,
+            _ if Instant::now() > deadline => panic!("the abandoned forward still listens"),
+            _ => {
+                // Let the session read (its deferred cancel runs on the driver).
+                let mut ch = s.exec("true").await.unwrap();
+                ch.wait().await.unwrap();
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn forwards_dropped_midway_leak_nothing() {
+    let sshd = Sshd::start();
+    let echo = tcp_echo_server();
+    let s = connect(&sshd).await;
+    // Warm up, then what libssh2 holds for the idle session.
+    let ch = s
+        .channel_direct_tcpip("127.0.0.1", echo.port(), "127.0.0.1", 1)
+        .await
+        .unwrap();
+    push_and_check(ch, 1000, 1).await;
+    let l = s.forward_listen("127.0.0.1", 0).await.unwrap();
+    drop(l);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let before = s.stats().libssh2_bytes;
+
+    let mut rng = Prng::new(77);
+    for round in 0..4 {
+        // Forwarded channels mid-transfer, dropped at random points.
+        let mut chans = Vec::new();
+        for _ in 0..8 {
+            let mut ch = s
+                .channel_direct_tcpip("127.0.0.1", echo.port(), "127.0.0.1", 2)
+                .await
+                .unwrap();
+            let n = 1 + rng.below(512 * 1024) as usize;
+            ch.write_all(&vec![round as u8; n]).await.unwrap();
+            ch.flush().await.unwrap();
+            let mut buf = vec![0u8; 1 + rng.below(n as u64) as usize];
+            ch.read_exact(&mut buf).await.unwrap();
+            chans.push(ch);
+        }
+        // A listener with a connection queued but never accepted.
+        let l = s.forward_listen("127.0.0.1", 0).await.unwrap();
+        let mut queued = StdStream::connect((Ipv4Addr::LOCALHOST, l.port())).unwrap();
+        queued.write_all(b"x").unwrap();
+        // An open given up half-way.
+        {
+            let mut fut =
+                Box::pin(s.channel_direct_tcpip("127.0.0.1", echo.port(), "127.0.0.1", 3));
+            let _ = futures::poll!(&mut fut);
+        }
+        let t = Instant::now();
+        drop(chans);
+        drop(l);
+        assert!(t.elapsed() < Duration::from_millis(50), "drops blocked");
+        // The session still works (and reads, so the queued open is seen).
+        let ch = s
+            .channel_direct_tcpip("127.0.0.1", echo.port(), "127.0.0.1", 4)
+            .await
+            .unwrap();
+        push_and_check(ch, 10_000, 4).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while s.stats().libssh2_bytes != before && Instant::now() < deadline {
+        let mut ch = s.exec("true").await.unwrap();
+        ch.wait().await.unwrap();
+        drop(ch);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        s.stats().libssh2_bytes,
+        before,
+        "libssh2 memory left behind"
+    );
+    s.close("bye").await.unwrap();
+    assert_eq!(s.stats().bridge.sends_after_disconnect, 0);
+    assert_eq!(s.stats().libssh2_bytes, 0);
+    assert_eq!(uring_ssh::leaked_objects(), 0);
+}
