@@ -257,8 +257,10 @@ impl Session {
                     port: bound as u16,
                 });
                 if !inner.is_open() {
-                    // A close began meanwhile: the session frees it.
+                    // A close began meanwhile: its listener pass (or the
+                    // session's free) cancels it.
                     l.raw.set(std::ptr::null_mut());
+                    f.deferred.borrow_mut().push(raw);
                     return Err(Error::Closed("session"));
                 }
                 f.listeners.borrow_mut().push(Rc::downgrade(&l));
@@ -352,7 +354,7 @@ fn defer_cancel(inner: &Rc<SessionInner>, raw: *mut ffi::LIBSSH2_LISTENER) {
 /// Retries the deferred cancels; only while the session is open (a close
 /// in progress owns the list).
 pub(crate) fn retry_deferred_cancels(inner: &SessionInner) {
-    if !inner.is_open() || inner.raw().is_err() {
+    if inner.forwards.deferred.borrow().is_empty() || !inner.is_open() || inner.raw().is_err() {
         return;
     }
     let pending = std::mem::take(&mut *inner.forwards.deferred.borrow_mut());
