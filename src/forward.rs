@@ -312,7 +312,10 @@ async fn run_listen(
             .await;
         let last = {
             let mut p = inner.forwards.pending.borrow_mut();
-            let req = p.as_mut().expect("pending request");
+            // Only this loop clears the request (under the listen lock).
+            let Some(req) = p.as_mut() else {
+                return Ok(None);
+            };
             req.calls_left -= 1;
             let last = req.calls_left == 0;
             if last {
