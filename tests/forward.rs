@@ -617,3 +617,33 @@ async fn forwards_dropped_midway_leak_nothing() {
     assert_eq!(s.stats().libssh2_bytes, 0);
     assert_eq!(uring_ssh::leaked_objects(), 0);
 }
+
+#[tokio::test]
+async fn a_server_that_forbids_forwarding_refuses_clearly() {
+    let sshd = Sshd::builder()
+        .extra("AllowTcpForwarding no\nAllowStreamLocalForwarding no")
+        .start();
+    let echo = tcp_echo_server();
+    let s = connect(&sshd).await;
+    let e = s
+        .channel_direct_tcpip("127.0.0.1", echo.port(), "127.0.0.1", 1)
+        .await
+        .expect_err("direct-tcpip must be refused");
+    assert_eq!(e.ssh_code(), Some(-21), "{e}"); // LIBSSH2_ERROR_CHANNEL_FAILURE
+    assert!(e.to_string().contains("administratively prohibited"), "{e}");
+    let e = s
+        .forward_listen("127.0.0.1", 0)
+        .await
+        .expect_err("tcpip-forward must be refused");
+    assert_eq!(e.ssh_code(), Some(-32), "{e}"); // LIBSSH2_ERROR_REQUEST_DENIED
+    let e = s
+        .channel_direct_streamlocal("/tmp/any.sock")
+        .await
+        .expect_err("streamlocal must be refused");
+    assert_eq!(e.ssh_code(), Some(-21), "{e}");
+    // Refusals leave the session as it was.
+    let mut ch = s.exec("echo alive").await.unwrap();
+    let mut out = String::new();
+    ch.read_to_string(&mut out).await.unwrap();
+    assert_eq!(out, "alive\n");
+}
