@@ -7,7 +7,7 @@ mod common;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
-use common::sshd::Sshd;
+use common::sshd::{Sshd, TEST_PASSWORD, TEST_USER, require_test_user};
 use common::util::{Prng, connect, hex, open_fds, settle_orphans, sha256_file, write_random_file};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -265,4 +265,30 @@ async fn scp_transfers_dropped_midway_leak_nothing() {
     let st = settle_orphans(Duration::from_secs(2)).await;
     assert_eq!(st.orphaned_outstanding, 0, "{st:?}");
     assert_eq!(open_fds(), fds_before, "fds leaked");
+}
+
+#[tokio::test]
+async fn permission_denied_is_reported_as_such() {
+    let _serial = SERIAL.lock().await;
+    require_test_user();
+    let sshd = Sshd::builder().password_auth(true).start();
+    // A root-only directory: the test user may not enter.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, b"x").unwrap();
+    let s = uring_ssh::Session::connect_addr(sshd.addr(), common::util::config(&sshd))
+        .await
+        .unwrap();
+    s.auth_password(TEST_USER, TEST_PASSWORD).await.unwrap();
+    let e = s
+        .scp_recv(secret.to_str().unwrap())
+        .await
+        .expect_err("the test user cannot read it");
+    assert_eq!(e.kind(), std::io::ErrorKind::PermissionDenied, "{e}");
+    let e = s
+        .scp_send(dir.path().join("new").to_str().unwrap(), 0o644, 1, None)
+        .await
+        .expect_err("the test user cannot write there");
+    assert_eq!(e.kind(), std::io::ErrorKind::PermissionDenied, "{e}");
 }
