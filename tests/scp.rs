@@ -292,3 +292,44 @@ async fn permission_denied_is_reported_as_such() {
         .expect_err("the test user cannot write there");
     assert_eq!(e.kind(), std::io::ErrorKind::PermissionDenied, "{e}");
 }
+
+#[tokio::test]
+async fn many_scp_transfers_run_at_once_on_one_session() {
+    let _serial = SERIAL.lock().await;
+    let sshd = Sshd::start();
+    let dir = tempfile::tempdir().unwrap();
+    let s = connect(&sshd).await;
+    const N: usize = 8;
+    const LEN: usize = 4 * MIB;
+    let sends = (0..N).map(|i| {
+        let s = &s;
+        let path = dir.path().join(format!("up{i}"));
+        async move {
+            let mut data = vec![0u8; LEN];
+            Prng::new(500 + i as u64).fill(&mut data);
+            let mut w = s
+                .scp_send(path.to_str().unwrap(), 0o600, LEN as u64, None)
+                .await
+                .unwrap();
+            w.write_all(&data).await.unwrap();
+            w.finish().await.unwrap();
+            (path, hex(&Sha256::digest(&data)))
+        }
+    });
+    let sent = futures::future::join_all(sends).await;
+    for (path, sum) in &sent {
+        assert_eq!(&sha256_file(path), sum);
+    }
+    let recvs = sent.iter().map(|(path, sum)| {
+        let s = &s;
+        async move {
+            let (mut r, stat) = s.scp_recv(path.to_str().unwrap()).await.unwrap();
+            assert_eq!(stat.size, LEN as u64);
+            let mut all = Vec::new();
+            r.read_to_end(&mut all).await.unwrap();
+            r.finish().await.unwrap();
+            assert_eq!(&hex(&Sha256::digest(&all)), sum);
+        }
+    });
+    futures::future::join_all(recvs).await;
+}
