@@ -10,6 +10,8 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 # System packages: only touch apt when something is missing, so re-runs are fast.
+# openssh-client brings ssh-keygen, ssh-agent and ssh-add (fixture and agent
+# tests) and scp, which the SCP tests run on the server side.
 packages=(openssh-server openssh-client libssl-dev pkg-config zlib1g-dev cmake build-essential)
 missing=()
 for p in "${packages[@]}"; do

@@ -363,6 +363,11 @@ impl Channel {
         &self.inner
     }
 
+    /// The session this channel belongs to.
+    pub(crate) fn session(&self) -> Rc<SessionInner> {
+        self.inner.session.clone()
+    }
+
     async fn process_startup(
         &mut self,
         request: &'static str,

@@ -16,8 +16,10 @@
 //! * [`Session`] and [`Channel`]: async wrappers. Each libssh2 call that
 //!   says `EAGAIN` waits for the session's next socket event and is
 //!   resumed. libssh2 keeps the half-done state of a call in its object, so
-//!   such calls never overlap: channel opens and authentications queue per
-//!   session (an open abandoned half-way is finished by the next opener;
+//!   such calls never overlap: channel opens (session, direct-tcpip,
+//!   streamlocal), `forward_listen` and authentications queue per
+//!   session (an open abandoned half-way is finished by the next opener,
+//!   with the libssh2 function that began it;
 //!   an abandoned authentication makes further ones fail with
 //!   [`Error::Poisoned`]), and a channel's requests take `&mut self`.
 //!
@@ -31,6 +33,10 @@
 //! each buffer (and the socket) until that op's own completion arrives.
 //! Dropping a [`Channel`] while its session lives frees it without blocking;
 //! the EOF/CLOSE it owes is finished by the session later.
+//! The same holds for what is built on channels ([`ScpWriter`],
+//! [`ScpReader`], the connections of a [`LocalForward`]) and for a dropped
+//! [`Listener`], whose `cancel-tcpip-forward` the session sends later; an
+//! [`Agent`] is freed before its session.
 //!
 //! The graceful path, [`Session::close`], closes channels, sends
 //! `SSH_MSG_DISCONNECT`, waits until it has left, and only then shuts the
@@ -57,11 +63,14 @@
 //! ```
 #![warn(missing_docs, missing_debug_implementations)]
 
+mod agent;
 mod channel;
 mod error;
 mod ffi;
+mod forward;
 pub mod knownhosts;
 pub mod reactor;
+mod scp;
 mod session;
 pub mod sftp;
 pub mod transport;
@@ -80,9 +89,12 @@ pub mod notes {
     }
 }
 
+pub use agent::{Agent, AgentIdentity};
 pub use channel::{Channel, ExitStatus, Stderr};
 pub use error::{Error, HostKeyError, KernelSupportError, Result};
+pub use forward::{DEFAULT_ACCEPT_QUEUE, Listener, LocalForward, LocalForwardStats};
 pub use knownhosts::{HostKey, HostKeyPolicy};
+pub use scp::{ScpReader, ScpStat, ScpWriter};
 pub use session::{
     Config, DEFAULT_CIPHERS, DEFAULT_PACKET, DEFAULT_WINDOW, MethodType, Session, SessionStats,
     leaked_objects,

@@ -228,6 +228,9 @@ pub(crate) struct SessionInner {
     open_lock: tokio::sync::Mutex<()>,
     /// A channel open was abandoned half-way; the next opener finishes it.
     open_abandoned: Cell<bool>,
+    /// The libssh2 function of the open in progress (or abandoned): an
+    /// abandoned open must be resumed with the function that began it.
+    open_kind: Cell<OpenKind>,
     auth_abandoned: Cell<bool>,
     channels: RefCell<Vec<Weak<ChannelInner>>>,
     /// Channels dropped while their close was still owed to the peer.
@@ -237,7 +240,13 @@ pub(crate) struct SessionInner {
     keepalive_op: Cell<Option<OpId>>,
     /// Keepalives sent since bytes last arrived.
     keepalives_unanswered: Cell<u32>,
-    reactor: Rc<Reactor>,
+    pub(crate) reactor: Rc<Reactor>,
+    /// Remote forwarding: listeners, their deferred cancels, the queue of
+    /// `forward_listen` calls.
+    pub(crate) forwards: crate::forward::Forwards,
+    /// Live [`crate::Agent`]s: freed before the session (libssh2 frees an
+    /// agent through its session).
+    pub(crate) agents: RefCell<Vec<Weak<crate::agent::AgentInner>>>,
     host_key: RefCell<Option<HostKey>>,
 }
 
@@ -351,6 +360,7 @@ impl Session {
             auth_lock: tokio::sync::Mutex::new(()),
             open_lock: tokio::sync::Mutex::new(()),
             open_abandoned: Cell::new(false),
+            open_kind: Cell::new(OpenKind::Session),
             auth_abandoned: Cell::new(false),
             channels: RefCell::new(Vec::new()),
             deferred_frees: RefCell::new(Vec::new()),
@@ -358,6 +368,8 @@ impl Session {
             keepalive_op: Cell::new(None),
             keepalives_unanswered: Cell::new(0),
             reactor,
+            forwards: crate::forward::Forwards::new(),
+            agents: RefCell::new(Vec::new()),
             host_key: RefCell::new(None),
         });
         let weak = Rc::downgrade(&inner);
@@ -582,73 +594,6 @@ impl Session {
             .await
     }
 
-    /// Authenticates with each identity of the ssh-agent at `$SSH_AUTH_SOCK`
-    /// in turn until one is accepted.
-    pub async fn auth_agent(&self, user: &str) -> Result<()> {
-        self.auth_agent_at(user, None).await
-    }
-
-    /// Like [`Session::auth_agent`], with the agent's socket given
-    /// explicitly (`None`: `$SSH_AUTH_SOCK`).
-    pub async fn auth_agent_at(&self, user: &str, socket: Option<&Path>) -> Result<()> {
-        let c_user = cstring("user name", user)?;
-        let c_socket = socket
-            .map(|p| path_cstring("agent socket", p))
-            .transpose()?;
-        let raw = self.inner.raw()?;
-        // SAFETY: live session; the agent is freed by `AgentGuard`.
-        let agent = AgentGuard(unsafe { ffi::libssh2_agent_init(raw) });
-        if agent.0.is_null() {
-            return Err(self.inner.error(ffi::LIBSSH2_ERROR_ALLOC));
-        }
-        if let Some(path) = &c_socket {
-            // SAFETY: live agent; libssh2 copies the path.
-            unsafe { ffi::libssh2_agent_set_identity_path(agent.0, path.as_ptr()) };
-        }
-        // Connecting, listing and signing talk to the local agent socket:
-        // blocking, each exchange bounded by the session's timeout.
-        // SAFETY: live agent.
-        let rc = unsafe { ffi::libssh2_agent_connect(agent.0) };
-        if rc != 0 {
-            return Err(self.inner.error(rc));
-        }
-        // SAFETY: live, connected agent.
-        let rc = unsafe { ffi::libssh2_agent_list_identities(agent.0) };
-        if rc != 0 {
-            return Err(self.inner.error(rc));
-        }
-        let mut prev: *mut ffi::libssh2_agent_publickey = std::ptr::null_mut();
-        let mut last_err = None;
-        loop {
-            let mut id = std::ptr::null_mut();
-            // SAFETY: live agent; `prev` is null or an identity it returned.
-            let rc = unsafe { ffi::libssh2_agent_get_identity(agent.0, &mut id, prev) };
-            if rc == 1 {
-                break;
-            }
-            if rc < 0 {
-                return Err(self.inner.error(rc));
-            }
-            prev = id;
-            let r = self
-                .inner
-                .auth("agent authentication", |_| {
-                    // SAFETY: live agent and identity; `c_user` outlives the call.
-                    code(unsafe { ffi::libssh2_agent_userauth(agent.0, c_user.as_ptr(), id) })
-                })
-                .await;
-            match r {
-                Ok(()) => return Ok(()),
-                Err(e) if e.is_auth_failure() => last_err = Some(e),
-                Err(e) => return Err(e),
-            }
-        }
-        Err(last_err.unwrap_or_else(|| Error::Ssh {
-            code: ffi::LIBSSH2_ERROR_AUTHENTICATION_FAILED,
-            message: "the agent holds no identity".into(),
-        }))
-    }
-
     /// Opens a session channel with the configured window and packet size.
     pub async fn channel_session(&self) -> Result<Channel> {
         let c = &self.inner.config;
@@ -658,30 +603,10 @@ impl Session {
 
     /// Opens a session channel with the given receive window and packet size.
     pub async fn channel_session_with(&self, window: u32, packet: u32) -> Result<Channel> {
-        let inner = &self.inner;
-        inner
-            .with_timeout("channel open", async {
-                let _lock = inner.open_lock.lock().await;
-                if !inner.is_open() {
-                    return Err(Error::Closed("session"));
-                }
-                inner.finish_abandoned_open().await?;
-                let guard = Abandon::new(&inner.open_abandoned);
-                let r = inner
-                    .call(|s| open_session_channel(s, window, packet))
-                    .await;
-                guard.done();
-                let ch = ChannelInner::new(inner.clone(), r?);
-                if !inner.is_open() {
-                    // A close began while the open was in flight: the new
-                    // channel goes with the session (dropping `ch` hands
-                    // it back).
-                    return Err(Error::Closed("session"));
-                }
-                inner.channels.borrow_mut().push(Rc::downgrade(&ch));
-                Ok(Channel::from_inner(ch))
-            })
-            .await
+        SessionInner::open_channel(&self.inner, OpenKind::Session, |s| {
+            open_session_channel(s, window, packet)
+        })
+        .await
     }
 
     /// Opens a channel and runs `command` on it.
@@ -730,6 +655,7 @@ impl Session {
         let after = inner.config.timeout.unwrap_or(CLOSE_LIMIT);
         let graceful = async {
             inner.close_channels().await;
+            crate::forward::close_listeners(inner).await;
             // SSH_DISCONNECT_BY_APPLICATION
             inner
                 .call(|s| {
@@ -777,21 +703,6 @@ impl std::fmt::Debug for Session {
     }
 }
 
-struct AgentGuard(*mut ffi::LIBSSH2_AGENT);
-
-impl Drop for AgentGuard {
-    fn drop(&mut self) {
-        if !self.0.is_null() {
-            // SAFETY: the agent was created by libssh2_agent_init and is freed
-            // once; disconnecting closes only the local agent socket.
-            unsafe {
-                ffi::libssh2_agent_disconnect(self.0);
-                ffi::libssh2_agent_free(self.0);
-            }
-        }
-    }
-}
-
 fn open_session_channel(
     s: *mut ffi::LIBSSH2_SESSION,
     window: u32,
@@ -829,6 +740,18 @@ fn key_error(e: Error, which: &str) -> Error {
         },
         e => e,
     }
+}
+
+/// Which libssh2 function opens a channel: a half-done open is resumed
+/// only through the function that began it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum OpenKind {
+    /// `libssh2_channel_open_ex` with type "session".
+    Session,
+    /// `libssh2_channel_direct_tcpip_ex` (keeps its message in the session).
+    DirectTcpip,
+    /// `libssh2_channel_direct_streamlocal_ex` (likewise).
+    DirectStreamlocal,
 }
 
 /// A libssh2 return code as a result.
@@ -1020,7 +943,7 @@ impl SessionInner {
     }
 
     /// An authentication call: one at a time per session, under the timeout.
-    async fn auth<T>(
+    pub(crate) async fn auth<T>(
         &self,
         operation: &'static str,
         f: impl FnMut(*mut ffi::LIBSSH2_SESSION) -> std::result::Result<T, c_int>,
@@ -1038,14 +961,62 @@ impl SessionInner {
         .await
     }
 
+    /// Opens a channel with `open`, a libssh2 open function of kind `kind`:
+    /// queued behind the session's other opens (libssh2 keeps a half-done
+    /// open in the session), under the timeout.
+    pub(crate) async fn open_channel(
+        this: &Rc<Self>,
+        kind: OpenKind,
+        open: impl FnMut(
+            *mut ffi::LIBSSH2_SESSION,
+        ) -> std::result::Result<*mut ffi::LIBSSH2_CHANNEL, c_int>,
+    ) -> Result<Channel> {
+        this.with_timeout("channel open", async {
+            let _lock = this.open_lock.lock().await;
+            if !this.is_open() {
+                return Err(Error::Closed("session"));
+            }
+            this.finish_abandoned_open().await?;
+            this.open_kind.set(kind);
+            let guard = Abandon::new(&this.open_abandoned);
+            let r = this.call(open).await;
+            guard.done();
+            Self::adopt_channel(this, r?)
+        })
+        .await
+    }
+
+    /// Wraps a channel libssh2 handed over (opened or accepted) and
+    /// registers it for the close path.
+    pub(crate) fn adopt_channel(
+        this: &Rc<Self>,
+        raw: *mut ffi::LIBSSH2_CHANNEL,
+    ) -> Result<Channel> {
+        let ch = ChannelInner::new(this.clone(), raw);
+        if !this.is_open() {
+            // A close began while the open was in flight: the new channel
+            // goes with the session (dropping `ch` hands it back).
+            return Err(Error::Closed("session"));
+        }
+        this.channels.borrow_mut().push(Rc::downgrade(&ch));
+        Ok(Channel::from_inner(ch))
+    }
+
     /// Finishes a channel open whose caller went away, and frees the channel.
     async fn finish_abandoned_open(&self) -> Result<()> {
         if !self.open_abandoned.get() {
             return Ok(());
         }
-        // libssh2 resumes the half-done open whatever the arguments.
+        // libssh2 resumes the half-done open whatever the arguments, but
+        // only through the function that began it: a direct-tcpip open
+        // keeps its message in the session too.
+        let kind = self.open_kind.get();
         let r = self
-            .call(|s| open_session_channel(s, DEFAULT_WINDOW, DEFAULT_PACKET))
+            .call(|s| match kind {
+                OpenKind::Session => open_session_channel(s, DEFAULT_WINDOW, DEFAULT_PACKET),
+                OpenKind::DirectTcpip => crate::forward::resume_direct_tcpip(s),
+                OpenKind::DirectStreamlocal => crate::forward::resume_direct_streamlocal(s),
+            })
             .await;
         self.open_abandoned.set(false);
         if let Ok(raw) = r {
@@ -1109,6 +1080,7 @@ impl SessionInner {
         for raw in pending {
             self.free_channel(raw);
         }
+        crate::forward::retry_deferred_cancels(self);
     }
 
     /// Graceful close of every live channel, then the deferred frees. A
@@ -1203,6 +1175,9 @@ impl SessionInner {
         self.retry_deferred_frees();
         if self.transport.bridge().stats().packets_sent > sent_before {
             self.keepalives_unanswered.set(unanswered + 1);
+            // Its reply stays in libssh2's packet list, where the next
+            // `forward_listen` would take it for its own.
+            self.forwards.note_stale_reply();
             Self::arm_keepalive(this, interval);
         } else {
             // libssh2 throttles on its own clock (whole seconds, 2 s at
@@ -1220,6 +1195,13 @@ impl SessionInner {
             self.reactor.abandon(op);
         }
         self.transport.kill();
+        // Agents first: libssh2 frees them through the session.
+        let agents: Vec<_> = self.agents.borrow_mut().drain(..).collect();
+        for agent in agents.iter().filter_map(Weak::upgrade) {
+            agent.release();
+        }
+        // Listeners (live or with a cancel owed) go with `session_free`.
+        self.forwards.forget();
         let live: Vec<Rc<ChannelInner>> = self
             .channels
             .borrow_mut()

@@ -1,0 +1,601 @@
+//! SCP: one file to or from the server, as [`ScpWriter`] (`AsyncWrite`)
+//! and [`ScpReader`] (`AsyncRead`).
+//!
+//! The SCP protocol (the remote `scp -t` sink or `scp -f` source, the same
+//! exchange `scp -O` uses) runs here over an ordinary session channel
+//! rather than through libssh2's `libssh2_scp_send64`/`libssh2_scp_recv2`,
+//! for three reasons read off libssh2's `src/scp.c`:
+//!
+//! * on any error (a missing remote file included) libssh2 frees the
+//!   channel in a loop `while(libssh2_channel_free(ch) == EAGAIN);`. With
+//!   our non-blocking callbacks the free waits for the server's CLOSE,
+//!   which only the ring can bring in, on this very thread: the loop would
+//!   spin forever whenever the CLOSE has not arrived yet;
+//! * the server's error text (`scp: /x: No such file or directory`) is read
+//!   and thrown away: libssh2 only reports "Failed to recv file";
+//! * libssh2 keeps a half-done SCP start in the session (`scpSend_state`,
+//!   `scpRecv_state`) on top of the channel open.
+//!
+//! Here the channel open queues with the session's other opens (see
+//! [`Session::channel_session`]), and everything after it belongs to the
+//! channel alone. Dropping an [`ScpWriter`] or [`ScpReader`] half-way drops
+//! its channel, whose close the session finishes in the background.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+
+use crate::channel::Channel;
+use crate::error::{Error, Result};
+use crate::session::Session;
+
+/// Longest header or error line accepted from the remote scp.
+const MAX_LINE: usize = 64 * 1024;
+
+/// What the server reported about a file sent by [`Session::scp_recv`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ScpStat {
+    /// Size in bytes.
+    pub size: u64,
+    /// Permission bits (`0o644`, …).
+    pub mode: u32,
+    /// Last modification, seconds since the Unix epoch.
+    pub mtime: u64,
+    /// Last access, seconds since the Unix epoch.
+    pub atime: u64,
+}
+
+/// `path` quoted for a POSIX shell.
+fn shell_quote(path: &str) -> String {
+    format!("'{}'", path.replace('\'', "'\\''"))
+}
+
+/// An error line (`\x01` warning or `\x02` fatal) from the remote scp.
+fn remote_error(text: &str) -> Error {
+    let text = text.trim_end();
+    let kind = if text.contains("No such file or directory") {
+        io::ErrorKind::NotFound
+    } else if text.contains("Permission denied") {
+        io::ErrorKind::PermissionDenied
+    } else {
+        io::ErrorKind::Other
+    };
+    Error::Io(io::Error::new(kind, format!("remote scp: {text}")))
+}
+
+fn protocol_error(what: String) -> Error {
+    Error::Ssh {
+        code: crate::ffi::LIBSSH2_ERROR_SCP_PROTOCOL,
+        message: what,
+    }
+}
+
+/// Reads one line (without its `\n`) from the remote scp.
+async fn read_line(ch: &mut Channel) -> Result<Option<Vec<u8>>> {
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    loop {
+        if ch.read(&mut byte).await? == 0 {
+            return Ok(if line.is_empty() { None } else { Some(line) });
+        }
+        if byte[0] == b'\n' {
+            return Ok(Some(line));
+        }
+        if line.len() >= MAX_LINE {
+            return Err(protocol_error("overlong line from the remote scp".into()));
+        }
+        line.push(byte[0]);
+    }
+}
+
+/// The remote scp ended without a word on stdout: its stderr (or exit
+/// status) says why, e.g. when `scp` is not installed on the server.
+async fn ended_early(ch: &mut Channel) -> Error {
+    let mut err = Vec::new();
+    let _ = (&mut ch.stderr())
+        .take(MAX_LINE as u64)
+        .read_to_end(&mut err)
+        .await;
+    let text = String::from_utf8_lossy(&err);
+    let text = text.trim();
+    let status = ch.exit_status().map(|s| s.code).unwrap_or(0);
+    Error::Io(io::Error::new(
+        io::ErrorKind::UnexpectedEof,
+        if text.is_empty() {
+            format!("the remote scp ended without answering (exit status {status})")
+        } else {
+            format!("the remote scp ended without answering: {text}")
+        },
+    ))
+}
+
+/// Waits for the remote scp's answer to the last step: `\0` is success.
+async fn read_ack(ch: &mut Channel) -> Result<()> {
+    let mut b = [0u8; 1];
+    if ch.read(&mut b).await? == 0 {
+        return Err(ended_early(ch).await);
+    }
+    match b[0] {
+        0 => Ok(()),
+        1 | 2 => {
+            let line = read_line(ch).await?.unwrap_or_default();
+            Err(remote_error(&String::from_utf8_lossy(&line)))
+        }
+        other => Err(protocol_error(format!(
+            "unexpected byte {other:#04x} from the remote scp"
+        ))),
+    }
+}
+
+impl Session {
+    /// Sends one file to `path` on the server with SCP: returns a writer
+    /// that takes exactly `size` bytes. `mode` gives the permission bits;
+    /// with `times` (`(mtime, atime)`, seconds since the epoch) the remote
+    /// scp runs with `-p` and sets both times and the exact mode (without,
+    /// the server's umask applies to a new file). If `path` is a directory,
+    /// the file goes into it under its last path component.
+    ///
+    /// Finish with [`ScpWriter::finish`] (or `shutdown`): only then is the
+    /// file complete on the server. The channel open queues with the
+    /// session's other opens; the start (open, command, header) runs under
+    /// the per-operation timeout.
+    pub async fn scp_send(
+        &self,
+        path: &str,
+        mode: u32,
+        size: u64,
+        times: Option<(u64, u64)>,
+    ) -> Result<ScpWriter> {
+        if path.contains('\n') || path.contains('\0') {
+            return Err(Error::InvalidInput(
+                "scp path contains a newline or NUL byte".into(),
+            ));
+        }
+        let name = path.rsplit('/').next().unwrap_or(path);
+        if name.is_empty() {
+            return Err(Error::InvalidInput(format!(
+                "scp path {path:?} names no file"
+            )));
+        }
+        self.inner
+            .with_timeout("scp send", async {
+                let mut ch = self.channel_session().await?;
+                let p = if times.is_some() { "-p " } else { "" };
+                ch.exec(&format!("scp {p}-t -- {}", shell_quote(path)))
+                    .await?;
+                read_ack(&mut ch).await?;
+                if let Some((mtime, atime)) = times {
+                    ch.write_all(format!("T{mtime} 0 {atime} 0\n").as_bytes())
+                        .await?;
+                    read_ack(&mut ch).await?;
+                }
+                ch.write_all(format!("C{:04o} {size} {name}\n", mode & 0o7777).as_bytes())
+                    .await?;
+                read_ack(&mut ch).await?;
+                Ok(ScpWriter {
+                    channel: ch,
+                    left: size,
+                    finish: Finish::Data,
+                })
+            })
+            .await
+    }
+
+    /// Fetches one file from `path` on the server with SCP (the remote scp
+    /// runs with `-p`): returns a reader of its bytes and what the server
+    /// reported (size, mode, times). A missing file, a directory or a
+    /// permission problem is the remote scp's own message in an
+    /// [`Error::Io`] (`NotFound`, `PermissionDenied`, or `Other`). The
+    /// start runs under the per-operation timeout, reading does not.
+    pub async fn scp_recv(&self, path: &str) -> Result<(ScpReader, ScpStat)> {
+        if path.contains('\0') {
+            return Err(Error::InvalidInput("scp path contains a NUL byte".into()));
+        }
+        self.inner
+            .with_timeout("scp receive", async {
+                let mut ch = self.channel_session().await?;
+                ch.exec(&format!("scp -p -f -- {}", shell_quote(path)))
+                    .await?;
+                ch.write_all(&[0]).await?;
+                let (mut mtime, mut atime) = (0, 0);
+                loop {
+                    let Some(line) = read_line(&mut ch).await? else {
+                        return Err(ended_early(&mut ch).await);
+                    };
+                    let text = String::from_utf8_lossy(&line).into_owned();
+                    match line.first() {
+                        Some(b'T') => {
+                            let f: Vec<&str> = text[1..].split(' ').collect();
+                            match (f.first(), f.get(2)) {
+                                (Some(m), Some(a)) => {
+                                    mtime = m.parse().map_err(|_| bad_header(&text))?;
+                                    atime = a.parse().map_err(|_| bad_header(&text))?;
+                                }
+                                _ => return Err(bad_header(&text)),
+                            }
+                            ch.write_all(&[0]).await?;
+                        }
+                        Some(b'C') => {
+                            let mut f = text[1..].splitn(3, ' ');
+                            let mode = f
+                                .next()
+                                .and_then(|m| u32::from_str_radix(m, 8).ok())
+                                .ok_or_else(|| bad_header(&text))?;
+                            let size = f
+                                .next()
+                                .and_then(|s| s.parse::<u64>().ok())
+                                .ok_or_else(|| bad_header(&text))?;
+                            ch.write_all(&[0]).await?;
+                            ch.flush().await?;
+                            let stat = ScpStat {
+                                size,
+                                mode,
+                                mtime,
+                                atime,
+                            };
+                            let reader = ScpReader {
+                                channel: ch,
+                                left: size,
+                                state: RecvState::Data,
+                                line: Vec::new(),
+                            };
+                            return Ok((reader, stat));
+                        }
+                        Some(1 | 2) => return Err(remote_error(&text[1..])),
+                        Some(b'D') => {
+                            return Err(Error::Io(io::Error::other(format!(
+                                "remote scp: {path} is a directory"
+                            ))));
+                        }
+                        _ => return Err(bad_header(&text)),
+                    }
+                }
+            })
+            .await
+    }
+}
+
+fn bad_header(line: &str) -> Error {
+    protocol_error(format!("unexpected header from the remote scp: {line:?}"))
+}
+
+#[derive(Debug)]
+enum Finish {
+    /// File bytes are being written.
+    Data,
+    /// The `\0` after the data is being written.
+    Trailer,
+    /// Waiting for the sink's answer; holds an error line being read.
+    Ack(Option<Vec<u8>>),
+    /// Sending EOF.
+    Eof,
+    Done,
+    Failed,
+}
+
+/// Writes one file to the server ([`Session::scp_send`]). Takes exactly
+/// the announced number of bytes; `shutdown` (or [`ScpWriter::finish`])
+/// then waits until the remote scp has written, closed (and, with times,
+/// stamped) the file.
+pub struct ScpWriter {
+    channel: Channel,
+    left: u64,
+    finish: Finish,
+}
+
+impl ScpWriter {
+    /// Bytes still to be written.
+    pub fn remaining(&self) -> u64 {
+        self.left
+    }
+
+    /// Completes the transfer: the end of the data, the remote scp's
+    /// acknowledgement (the file is complete), EOF, and the remote scp's
+    /// exit status (0 expected). Under the per-operation timeout.
+    pub async fn finish(mut self) -> Result<()> {
+        let session = self.channel.session();
+        session
+            .with_timeout("scp send finish", async {
+                self.shutdown().await?;
+                let status = self.channel.wait().await?;
+                if !status.success() {
+                    return Err(Error::Io(io::Error::other(format!(
+                        "remote scp exited with status {}",
+                        status.code
+                    ))));
+                }
+                Ok(())
+            })
+            .await
+    }
+
+    fn poll_finish(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        loop {
+            let ch = Pin::new(&mut self.channel);
+            match &mut self.finish {
+                Finish::Data => {
+                    if self.left > 0 {
+                        self.finish = Finish::Failed;
+                        return Poll::Ready(Err(io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            format!("scp: {} bytes fewer than announced", self.left),
+                        )));
+                    }
+                    self.finish = Finish::Trailer;
+                }
+                Finish::Trailer => {
+                    if ready!(ch.poll_write(cx, &[0]))? == 1 {
+                        self.finish = Finish::Ack(None);
+                    }
+                }
+                Finish::Ack(line) => {
+                    let mut ch = ch;
+                    ready!(ch.as_mut().poll_flush(cx))?;
+                    let mut b = [0u8; 1];
+                    let mut rb = ReadBuf::new(&mut b);
+                    ready!(ch.poll_read(cx, &mut rb))?;
+                    let got = rb.filled().first().copied();
+                    match (line.as_mut(), got) {
+                        (None, Some(0)) => self.finish = Finish::Eof,
+                        (None, Some(1 | 2)) => *line = Some(Vec::new()),
+                        (Some(l), Some(c)) if c != b'\n' && l.len() < MAX_LINE => l.push(c),
+                        (Some(l), _) => {
+                            let e = remote_error(&String::from_utf8_lossy(l));
+                            self.finish = Finish::Failed;
+                            return Poll::Ready(Err(e.into()));
+                        }
+                        (None, None) => {
+                            self.finish = Finish::Failed;
+                            return Poll::Ready(Err(io::Error::new(
+                                io::ErrorKind::UnexpectedEof,
+                                "the remote scp ended before acknowledging the file",
+                            )));
+                        }
+                        (None, Some(c)) => {
+                            self.finish = Finish::Failed;
+                            return Poll::Ready(Err(protocol_error(format!(
+                                "unexpected byte {c:#04x} from the remote scp"
+                            ))
+                            .into()));
+                        }
+                    }
+                }
+                Finish::Eof => {
+                    ready!(ch.poll_shutdown(cx))?;
+                    self.finish = Finish::Done;
+                }
+                Finish::Done => return Poll::Ready(Ok(())),
+                Finish::Failed => {
+                    return Poll::Ready(Err(io::Error::other("the scp transfer failed earlier")));
+                }
+            }
+        }
+    }
+}
+
+impl AsyncWrite for ScpWriter {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        if !matches!(self.finish, Finish::Data) {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "scp: write after shutdown",
+            )));
+        }
+        if buf.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        if self.left == 0 {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "scp: more bytes than the announced size",
+            )));
+        }
+        let n = buf
+            .len()
+            .min(usize::try_from(self.left).unwrap_or(usize::MAX));
+        let this = &mut *self;
+        let n = ready!(Pin::new(&mut this.channel).poll_write(cx, &buf[..n]))?;
+        this.left -= n as u64;
+        Poll::Ready(Ok(n))
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.channel).poll_flush(cx)
+    }
+
+    /// Ends the data, waits for the remote scp's acknowledgement, sends EOF.
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.poll_finish(cx)
+    }
+}
+
+impl std::fmt::Debug for ScpWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ScpWriter")
+            .field("remaining", &self.left)
+            .field("state", &self.finish)
+            .finish()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RecvState {
+    Data,
+    /// The source's status byte after the data.
+    Trailer,
+    /// An error line after a non-zero status byte.
+    ErrorLine,
+    /// Our final acknowledgement.
+    Ack,
+    Done,
+    Failed,
+}
+
+/// Reads one file from the server ([`Session::scp_recv`]). Yields exactly
+/// the announced size, then EOF once the remote scp has confirmed that it
+/// read the whole file (an error it reports then is a read error).
+pub struct ScpReader {
+    channel: Channel,
+    left: u64,
+    state: RecvState,
+    line: Vec<u8>,
+}
+
+impl ScpReader {
+    /// Bytes of the file not read yet.
+    pub fn remaining(&self) -> u64 {
+        self.left
+    }
+
+    /// After reading to the end: the remote scp's exit status (0 expected).
+    /// Under the per-operation timeout.
+    pub async fn finish(mut self) -> Result<()> {
+        if self.left > 0 {
+            return Err(Error::InvalidInput(format!(
+                "scp: {} bytes of the file were not read",
+                self.left
+            )));
+        }
+        let session = self.channel.session();
+        session
+            .with_timeout("scp receive finish", async {
+                let mut rest = Vec::new();
+                self.read_to_end(&mut rest).await?;
+                let status = self.channel.wait().await?;
+                if !status.success() {
+                    return Err(Error::Io(io::Error::other(format!(
+                        "remote scp exited with status {}",
+                        status.code
+                    ))));
+                }
+                Ok(())
+            })
+            .await
+    }
+
+    fn fail(&mut self, e: Error) -> Poll<io::Result<()>> {
+        self.state = RecvState::Failed;
+        Poll::Ready(Err(e.into()))
+    }
+}
+
+impl AsyncRead for ScpReader {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        loop {
+            match this.state {
+                RecvState::Data => {
+                    if this.left == 0 {
+                        this.state = RecvState::Trailer;
+                        continue;
+                    }
+                    if buf.remaining() == 0 {
+                        return Poll::Ready(Ok(()));
+                    }
+                    let max = buf
+                        .remaining()
+                        .min(usize::try_from(this.left).unwrap_or(usize::MAX));
+                    let dst = buf.initialize_unfilled_to(max);
+                    let mut sub = ReadBuf::new(dst);
+                    ready!(Pin::new(&mut this.channel).poll_read(cx, &mut sub))?;
+                    let n = sub.filled().len();
+                    if n == 0 {
+                        return this.fail(Error::Io(io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            format!("scp: the file ended {} bytes early", this.left),
+                        )));
+                    }
+                    buf.advance(n);
+                    this.left -= n as u64;
+                    return Poll::Ready(Ok(()));
+                }
+                RecvState::Trailer | RecvState::ErrorLine => {
+                    let mut b = [0u8; 1];
+                    let mut rb = ReadBuf::new(&mut b);
+                    ready!(Pin::new(&mut this.channel).poll_read(cx, &mut rb))?;
+                    let got = rb.filled().first().copied();
+                    match (this.state, got) {
+                        (RecvState::Trailer, Some(0)) => this.state = RecvState::Ack,
+                        (RecvState::Trailer, Some(1 | 2)) => this.state = RecvState::ErrorLine,
+                        (RecvState::Trailer, Some(c)) => {
+                            return this.fail(protocol_error(format!(
+                                "unexpected byte {c:#04x} after the file from the remote scp"
+                            )));
+                        }
+                        (RecvState::Trailer, None) => {
+                            return this.fail(Error::Io(io::Error::new(
+                                io::ErrorKind::UnexpectedEof,
+                                "the remote scp ended before confirming the file",
+                            )));
+                        }
+                        (_, Some(c)) if c != b'\n' && this.line.len() < MAX_LINE => {
+                            this.line.push(c)
+                        }
+                        _ => {
+                            let e = remote_error(&String::from_utf8_lossy(&this.line));
+                            return this.fail(e);
+                        }
+                    }
+                }
+                RecvState::Ack => {
+                    if ready!(Pin::new(&mut this.channel).poll_write(cx, &[0]))? == 1 {
+                        this.state = RecvState::Done;
+                    }
+                }
+                RecvState::Done => {
+                    ready!(Pin::new(&mut this.channel).poll_flush(cx))?;
+                    return Poll::Ready(Ok(()));
+                }
+                RecvState::Failed => {
+                    return Poll::Ready(Err(io::Error::other("the scp transfer failed earlier")));
+                }
+            }
+        }
+    }
+}
+
+impl std::fmt::Debug for ScpReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ScpReader")
+            .field("remaining", &self.left)
+            .field("state", &self.state)
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shell_quote_survives_quotes_and_spaces() {
+        assert_eq!(shell_quote("a b"), "'a b'");
+        assert_eq!(shell_quote("it's"), "'it'\\''s'");
+        assert_eq!(shell_quote("-x"), "'-x'");
+    }
+
+    #[test]
+    fn remote_errors_map_to_kinds() {
+        assert_eq!(
+            remote_error("scp: /x: No such file or directory\n").kind(),
+            io::ErrorKind::NotFound
+        );
+        assert_eq!(
+            remote_error("scp: /root/x: Permission denied").kind(),
+            io::ErrorKind::PermissionDenied
+        );
+        let e = remote_error("scp: /tmp: not a regular file");
+        assert_eq!(e.kind(), io::ErrorKind::Other);
+        assert!(e.to_string().contains("not a regular file"), "{e}");
+    }
+}
