@@ -87,6 +87,11 @@ pub mod notes {
     pub mod teardown {
         #![doc = include_str!("../kernel-notes/teardown.md")]
     }
+    /// The SFTP client: why our own, how replies reach their waiters, how
+    /// transfers pipeline and never leave a half-written file.
+    pub mod sftp {
+        #![doc = include_str!("../kernel-notes/sftp.md")]
+    }
 }
 
 pub use agent::{Agent, AgentIdentity};
