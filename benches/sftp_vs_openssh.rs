@@ -25,7 +25,7 @@ mod sshd;
 
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use uring_ssh::sftp::{Sftp, TransferOptions, download_tree_over};
 use uring_ssh::{Config, MethodType, Session};
@@ -228,11 +228,10 @@ async fn run() {
                     }
                     1 | 3 => {
                         let cmd = if i == 1 { "get" } else { "put" };
-                        let (a, b) = if i == 1 { (&src, &out) } else { (&src, &out) };
                         sh(&format!(
                             "echo '{cmd} {} {}' | sftp -q -b - -P {port} {opts} {target}",
-                            a.display(),
-                            b.display()
+                            src.display(),
+                            out.display()
                         ));
                     }
                     _ => unreachable!(),
@@ -372,7 +371,6 @@ async fn run() {
             );
         }
     }
-    let _ = Duration::ZERO;
 }
 
 fn write_tree_file(path: &Path, len: usize) {
