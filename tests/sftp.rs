@@ -696,3 +696,60 @@ async fn dropped_files_are_closed_in_the_background() {
         "handles left open by dropped files"
     );
 }
+
+#[tokio::test]
+async fn files_that_changed_since_listing_arrive_whole() {
+    let sshd = Sshd::start();
+    let (_s, sftp) = sftp(&sshd).await;
+    let d = scratch();
+    let (r, w) = sftp.io_sizes();
+    assert!(r == w);
+    let chunk = r as usize;
+    // Sizes around the request size, each listed with a stale size.
+    let cases = [
+        (0, 10),
+        (100, 0),
+        (100, 50),
+        (100, 200),
+        (chunk, chunk - 1),
+        (chunk + 1, chunk),
+        (chunk - 1, chunk),
+        (3 * chunk + 7, chunk),
+        (2 * chunk, 2 * chunk),
+        (2 * chunk, 5 * chunk),
+    ];
+    let mut items = Vec::new();
+    let mut want = Vec::new();
+    for (i, (real, listed)) in cases.iter().enumerate() {
+        let remote = d.path().join(format!("r{i}"));
+        let mut data = vec![0u8; *real];
+        Prng::new(i as u64 + 5).fill(&mut data);
+        std::fs::write(&remote, &data).unwrap();
+        want.push(data);
+        items.push(TransferItem {
+            remote,
+            local: d.path().join(format!("l{i}")),
+            attrs: Some(FileAttributes {
+                size: Some(*listed as u64),
+                ..Default::default()
+            }),
+        });
+    }
+    let report = uring_ssh::sftp::download_many(
+        std::slice::from_ref(&sftp),
+        items,
+        &TransferOptions::default(),
+    )
+    .await;
+    assert!(report.is_complete());
+    for (i, data) in want.iter().enumerate() {
+        let got = std::fs::read(d.path().join(format!("l{i}"))).unwrap();
+        assert!(
+            got == *data,
+            "case {i} {:?}: {} bytes, want {}",
+            cases[i],
+            got.len(),
+            data.len()
+        );
+    }
+}

@@ -359,18 +359,13 @@ async fn download_one(
     // In flight, in offset order: (offset, asked, budget held, reply).
     let mut reads: VecDeque<(u64, u32, SemaphorePermit<'_>, ReplyFuture)> = VecDeque::new();
     let mut next = 0u64;
-    // Past the announced size we keep one probe in flight: the file grew,
-    // or the next reply is the EOF that proves we have it all.
     let mut total = 0u64;
     loop {
-        // Queue reads up to the budget: what the size says, then one probe.
+        // Queue full-size reads over the announced size, up to the budget;
+        // past it, one read at a time (the file grew, or the EOF proves
+        // we have it all).
         while next < size || reads.is_empty() {
-            let len = if next < size {
-                (size - next).min(chunk as u64) as u32
-            } else {
-                chunk
-            };
-            let permits = lane.permits(len);
+            let permits = lane.permits(chunk);
             let permit = if reads.is_empty() {
                 lane.budget.acquire_many(permits).await
             } else {
@@ -380,9 +375,9 @@ async fn download_one(
                 }
             };
             let permit = permit.map_err(|_| Error::Closed("transfer"))?;
-            let f = File::read_request(&sftp.inner.client, h, next, len);
-            reads.push_back((next, len, permit, f));
-            next += len as u64;
+            let f = File::read_request(&sftp.inner.client, h, next, chunk);
+            reads.push_back((next, chunk, permit, f));
+            next += chunk as u64;
         }
         let (off, len, _, f) = reads.front_mut().expect("one read queued");
         let (off, len) = (*off, *len);
@@ -394,9 +389,18 @@ async fn download_one(
                 total += d.len() as u64;
                 progress.set(progress.get() + d.len() as u64);
                 if d.len() < len as usize {
-                    // Short: everything queued behind assumed a full read.
+                    let end = off + d.len() as u64;
+                    if end == size && total == size {
+                        // A short read that ends exactly at the size the
+                        // server announced: the server's read(2) stopped at
+                        // the end of the file. This saves a READ per file
+                        // (a quarter of the requests for small files).
+                        break;
+                    }
+                    // Short elsewhere: everything queued behind assumed a
+                    // full read.
                     reads.clear();
-                    next = off + d.len() as u64;
+                    next = end;
                 }
             }
             Reply::Data(_) => {
