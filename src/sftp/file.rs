@@ -17,11 +17,13 @@ use super::codec::{self, FileAttributes, Reply, fxp, open_flags};
 use super::{Sftp, StatVfs, check_attrs, protocol, wire};
 use crate::error::{Error, Result};
 
-/// Most READ requests in flight ahead of the reader.
-const READ_AHEAD: usize = 16;
+/// Most bytes requested ahead of the reader (at least two requests): enough
+/// to keep a loopback or LAN link busy; more only parks data in memory,
+/// which a dropped file then frees on the dropper's path.
+const READ_AHEAD_BYTES: usize = 1024 * 1024;
 
-/// Most WRITE requests in flight behind the writer.
-const WRITE_BEHIND: usize = 16;
+/// Most bytes of WRITE requests in flight behind the writer.
+const WRITE_BEHIND_BYTES: usize = 2 * 1024 * 1024;
 
 /// How to open a remote file, like [`std::fs::OpenOptions`].
 #[derive(Debug, Clone)]
@@ -179,9 +181,9 @@ enum SeekState {
 }
 
 /// An open remote file. Reads are sequential from the cursor, with up to
-/// 16 READ requests in flight ahead of it once the reading is sequential;
-/// writes are queued as WRITE requests and reported taken at once (up to
-/// 16 in flight); their errors surface on a later write, on flush, or on
+/// 1 MiB of READ requests in flight ahead of it once the reading is
+/// sequential; writes are queued as WRITE requests and reported taken at
+/// once (up to 2 MiB in flight); their errors surface on a later write, on flush, or on
 /// [`File::close`]. Flush before trusting that data is on the server.
 ///
 /// Dropping a file never blocks: its CLOSE is sent in the background.
@@ -500,7 +502,7 @@ impl File {
                         // full one. Ask again from where the data ends.
                         self.reads.clear();
                         self.next_read = off + d.len() as u64;
-                    } else if self.depth < READ_AHEAD {
+                    } else if self.depth * (size as usize) < READ_AHEAD_BYTES {
                         self.depth *= 2;
                     }
                     self.buf = d;
@@ -528,7 +530,8 @@ impl File {
         if !self.reads.is_empty() || self.buf_pos < self.buf.len() {
             self.reset_reads();
         }
-        ready!(self.poll_writes(cx, WRITE_BEHIND - 1))?;
+        let behind = (WRITE_BEHIND_BYTES / self.sftp.inner.write_size as usize).max(2);
+        ready!(self.poll_writes(cx, behind - 1))?;
         let n = data.len().min(self.sftp.inner.write_size as usize);
         if n == 0 {
             return Poll::Ready(Ok(0));
@@ -650,9 +653,24 @@ impl AsyncSeek for File {
 impl Drop for File {
     fn drop(&mut self) {
         // Abandon what is in flight (its replies are discarded on arrival),
-        // then close the handle in the background.
-        self.reads.clear();
-        self.writes.clear();
+        // then close the handle in the background. Read-ahead data can be
+        // a megabyte in large buffers: freed on the driver task, not on
+        // the dropper's path (returning big blocks to the kernel costs
+        // tens of microseconds each).
+        let parked = (
+            std::mem::take(&mut self.reads),
+            std::mem::take(&mut self.writes),
+            std::mem::take(&mut self.buf),
+        );
+        if !parked.0.is_empty() || parked.2.capacity() > 0 {
+            self.sftp
+                .inner
+                .client
+                .chan
+                .session
+                .reactor()
+                .run_soon(Box::new(move |_| drop(parked)));
+        }
         if !self.handle.closed.replace(true) {
             let h = &self.handle.bytes;
             self.client().send_and_forget(|out, id| {
