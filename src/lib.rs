@@ -68,6 +68,9 @@ mod channel;
 mod error;
 mod ffi;
 mod forward;
+#[cfg(fuzzing)]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod knownhosts;
 pub mod reactor;
 mod scp;
@@ -91,6 +94,11 @@ pub mod notes {
     /// transfers pipeline and never leave a half-written file.
     pub mod sftp {
         #![doc = include_str!("../kernel-notes/sftp.md")]
+    }
+    /// What the tests, fault matrix, drop proofs and fuzz targets cover,
+    /// and the commands to repeat them.
+    pub mod testing {
+        #![doc = include_str!("../kernel-notes/testing.md")]
     }
 }
 

@@ -753,3 +753,73 @@ async fn files_that_changed_since_listing_arrive_whole() {
         );
     }
 }
+
+/// A 1 MiB tmpfs mounted for one test (the tests run as root); unmounted
+/// (lazily, in case a server process still holds a file) when dropped.
+struct SmallDisk(tempfile::TempDir);
+
+impl SmallDisk {
+    fn mount() -> SmallDisk {
+        let d = scratch();
+        let st = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=1m,mode=0777", "tmpfs"])
+            .arg(d.path())
+            .status()
+            .expect("mount(8)");
+        assert!(
+            st.success(),
+            "mounting a small tmpfs needs root (run the tests as scripts/test.sh does)"
+        );
+        SmallDisk(d)
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(self.0.path())
+            .status();
+    }
+}
+
+#[tokio::test]
+async fn a_full_disk_fails_the_upload_and_says_how_much_was_acknowledged() {
+    let sshd = Sshd::start();
+    let (_s, sftp) = sftp(&sshd).await;
+    let disk = SmallDisk::mount();
+    let d = scratch();
+    let src = d.path().join("three");
+    write_random_file(&src, 3 * MIB, 8);
+    let small = d.path().join("small");
+    std::fs::write(&small, b"fits").unwrap();
+    let items = vec![TransferItem::new(disk.0.path().join("three"), &src)];
+    let report = uring_ssh::sftp::upload_many(
+        std::slice::from_ref(&sftp),
+        items,
+        &TransferOptions::default(),
+    )
+    .await;
+    let big = &report.files[0];
+    let e = big.result.as_ref().unwrap_err();
+    assert_eq!(sftp_code(e), Some(status::FAILURE), "{e}");
+    assert!(
+        big.bytes_acknowledged > 0 && big.bytes_acknowledged <= MIB as u64,
+        "acknowledged {} bytes of a 3 MiB file on a 1 MiB disk",
+        big.bytes_acknowledged
+    );
+    // Nothing under the failed file's name, and its temporary file is gone
+    // (its REMOVE was queued before this listing, and is answered first):
+    // the space is free again for the next file.
+    assert!(sftp.read_dir_all(disk.0.path()).await.unwrap().is_empty());
+    assert_eq!(
+        sftp.upload(&small, disk.0.path().join("small"))
+            .await
+            .unwrap(),
+        4
+    );
+    eprintln!(
+        "disk full: {e}; {} bytes acknowledged",
+        big.bytes_acknowledged
+    );
+}

@@ -141,6 +141,11 @@ pub struct FileOutcome {
     pub result: Result<u64>,
     /// It was skipped as unchanged.
     pub skipped: bool,
+    /// Bytes that made it, even if the file failed: written locally (a
+    /// download), or acknowledged by the server (an upload: a WRITE the
+    /// server answered with OK). For a failed atomic transfer these bytes
+    /// were in the temporary file, which is removed.
+    pub bytes_acknowledged: u64,
 }
 
 /// What a many-file transfer did, file by file (in completion order).
@@ -317,12 +322,25 @@ impl Drop for LocalTemp {
     }
 }
 
+/// Bytes moved: of the whole transfer (for progress) and of one file.
+struct Moved<'a> {
+    total: &'a Cell<u64>,
+    file: Cell<u64>,
+}
+
+impl Moved<'_> {
+    fn add(&self, n: u64) {
+        self.total.set(self.total.get() + n);
+        self.file.set(self.file.get() + n);
+    }
+}
+
 /// Downloads one file over `lane`. `progress` is credited with each chunk.
 async fn download_one(
     lane: &Lane,
     item: &TransferItem,
     opts: &TransferOptions,
-    progress: &Cell<u64>,
+    progress: &Moved<'_>,
 ) -> Result<u64> {
     let sftp = &lane.sftp;
     let handle = open_remote(sftp, &item.remote, codec::open_flags::READ, 0).await?;
@@ -387,7 +405,7 @@ async fn download_one(
             Reply::Data(d) if !d.is_empty() && d.len() <= len as usize => {
                 out.write_all_at(&d, off).map_err(|e| local_err(&dest, e))?;
                 total += d.len() as u64;
-                progress.set(progress.get() + d.len() as u64);
+                progress.add(d.len() as u64);
                 if d.len() < len as usize {
                     let end = off + d.len() as u64;
                     if end == size && total == size {
@@ -453,7 +471,7 @@ async fn upload_one(
     lane: &Lane,
     item: &TransferItem,
     opts: &TransferOptions,
-    progress: &Cell<u64>,
+    progress: &Moved<'_>,
 ) -> Result<u64> {
     let sftp = &lane.sftp;
     let src = fs::File::open(&item.local).map_err(|e| local_err(&item.local, e))?;
@@ -479,7 +497,7 @@ async fn upload_one(
     let h = handle.bytes.as_deref().expect("open");
     let r: Result<u64> = async {
         let chunk = lane.request_size as usize;
-        let mut writes: VecDeque<(SemaphorePermit<'_>, ReplyFuture)> = VecDeque::new();
+        let mut writes: VecDeque<(SemaphorePermit<'_>, u64, ReplyFuture)> = VecDeque::new();
         let mut buf = vec![0u8; chunk];
         let mut off = 0u64;
         let mut eof = false;
@@ -502,18 +520,20 @@ async fn upload_one(
                 }
                 writes.push_back((
                     permit,
+                    n as u64,
                     File::write_request(&sftp.inner.client, h, off, &buf[..n]),
                 ));
                 off += n as u64;
-                progress.set(progress.get() + n as u64);
                 if n < chunk {
                     eof = true;
                 }
             }
-            if let Some((_, f)) = writes.front_mut() {
+            if let Some((_, n, f)) = writes.front_mut() {
+                let n = *n;
                 let r = f.await;
                 writes.pop_front();
                 status_ok(r?, Some(wire(&dest)))?;
+                progress.add(n);
             }
         }
         if opts.preserve || opts.skip_unchanged {
@@ -674,6 +694,10 @@ async fn run(
             lane.open.set(lane.open.get() + 1);
             let bytes_done = &bytes_done;
             running.push(async move {
+                let moved = Moved {
+                    total: bytes_done,
+                    file: Cell::new(0),
+                };
                 let skip = opts.skip_unchanged && unchanged(lane, &item, dir).await;
                 let r = if skip {
                     Ok(0)
@@ -681,10 +705,8 @@ async fn run(
                     let timeout = lane.sftp.inner.client.chan.session.config.timeout;
                     let work = async {
                         match dir {
-                            Direction::Download => {
-                                download_one(lane, &item, opts, bytes_done).await
-                            }
-                            Direction::Upload => upload_one(lane, &item, opts, bytes_done).await,
+                            Direction::Download => download_one(lane, &item, opts, &moved).await,
+                            Direction::Upload => upload_one(lane, &item, opts, &moved).await,
                         }
                     };
                     // The session's timeout bounds a stall, not a file:
@@ -696,6 +718,7 @@ async fn run(
                     item,
                     result: r,
                     skipped: skip,
+                    bytes_acknowledged: moved.file.get(),
                 }
             });
         }

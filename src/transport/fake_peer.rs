@@ -1033,3 +1033,40 @@ fn negotiate_raw(payload: &[u8]) -> (c_int, Vec<Vec<u8>>) {
     c.free_and_check();
     (rc, after)
 }
+
+/// Fuzzing entry: a server that sends a valid banner, then `data` in
+/// pieces whose sizes come from `data` too; libssh2 must end the handshake
+/// with an error or keep waiting for input, never spin, crash or leak.
+#[cfg(fuzzing)]
+pub(crate) fn fuzz_server_bytes(data: &[u8]) {
+    let mut c = Client::new();
+    c.start();
+    c.deliver(SERVER_BANNER);
+    let mut rest = data;
+    let mut sizes = data.iter().copied().cycle();
+    loop {
+        let rc = c.handshake_until_blocked();
+        c.take_out();
+        if rc != EAGAIN {
+            break;
+        }
+        if rest.is_empty() {
+            // Out of input: the peer closes; libssh2 must then fail.
+            c.bridge().set_peer_closed();
+            c.handshake_until_blocked();
+            break;
+        }
+        let n = (sizes.next().unwrap_or(1) as usize % 64 + 1).min(rest.len());
+        c.deliver(&rest[..n]);
+        rest = &rest[n..];
+    }
+    c.bridge().kill();
+    let rc = c.free();
+    assert_ne!(rc, EAGAIN, "free over a killed link said EAGAIN");
+    assert_eq!(
+        c.shared.bytes_outstanding(),
+        0,
+        "libssh2 bytes left after free"
+    );
+    assert!(c.shared.take_panic().is_none(), "a callback panicked");
+}

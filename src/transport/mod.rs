@@ -9,8 +9,8 @@
 
 pub mod bridge;
 pub mod callbacks;
-#[cfg(test)]
-mod fake_peer;
+#[cfg(any(test, fuzzing))]
+pub(crate) mod fake_peer;
 
 use std::cell::{Cell, RefCell};
 use std::rc::{Rc, Weak};
