@@ -97,7 +97,11 @@ fn main() {
     patches.sort();
     for patch in &patches {
         println!("cargo:rerun-if-changed={}", patch.display());
-        let name = patch.strip_prefix(&manifest_dir).unwrap_or(patch).display().to_string();
+        let name = patch
+            .strip_prefix(&manifest_dir)
+            .unwrap_or(patch)
+            .display()
+            .to_string();
         let text = fs::read_to_string(patch).unwrap_or_else(|e| panic!("read {name}: {e}"));
         if let Err(e) = apply_patch(&tree, &text) {
             panic!(
@@ -198,14 +202,20 @@ fn compile(tree: &Path, out_dir: &Path) {
     // its #cmakedefine lines (everything is defined on the command line).
     let template = fs::read_to_string(src.join("libssh2_config_cmake.h.in"))
         .expect("read libssh2_config_cmake.h.in");
-    let config: Vec<&str> = template.lines().filter(|l| !l.contains("#cmakedefine")).collect();
+    let config: Vec<&str> = template
+        .lines()
+        .filter(|l| !l.contains("#cmakedefine"))
+        .collect();
     fs::write(build.join("libssh2_config.h"), config.join("\n")).expect("write libssh2_config.h");
 
     let mut cfg = cc::Build::new();
     for file in SOURCES {
         cfg.file(src.join(file));
     }
-    cfg.include(&include).include(&src).include(&build).out_dir(&build);
+    cfg.include(&include)
+        .include(&src)
+        .include(&build)
+        .out_dir(&build);
     for define in [
         "HAVE_LONGLONG",
         "HAVE_SNPRINTF",
@@ -267,7 +277,9 @@ fn apply_patch(root: &Path, text: &str) -> Result<(), String> {
     let mut i = 0;
     let mut files = 0;
     while i < lines.len() {
-        if !(lines[i].starts_with("--- ") && i + 1 < lines.len() && lines[i + 1].starts_with("+++ "))
+        if !(lines[i].starts_with("--- ")
+            && i + 1 < lines.len()
+            && lines[i + 1].starts_with("+++ "))
         {
             i += 1;
             continue;
@@ -279,7 +291,11 @@ fn apply_patch(root: &Path, text: &str) -> Result<(), String> {
         while i < lines.len() && lines[i].starts_with("@@ ") {
             let (old_start, old_len, new_len) = parse_hunk_header(lines[i])?;
             i += 1;
-            let mut hunk = Hunk { old_start, old: Vec::new(), new: Vec::new() };
+            let mut hunk = Hunk {
+                old_start,
+                old: Vec::new(),
+                new: Vec::new(),
+            };
             while hunk.old.len() < old_len || hunk.new.len() < new_len {
                 let line = lines
                     .get(i)
@@ -314,7 +330,9 @@ fn apply_patch(root: &Path, text: &str) -> Result<(), String> {
 /// `src/transport.c` from `--- a/src/transport.c` (or `/dev/null`).
 fn diff_path(line: &str) -> &str {
     let path = line[4..].split('\t').next().unwrap_or("").trim_end();
-    path.strip_prefix("a/").or_else(|| path.strip_prefix("b/")).unwrap_or(path)
+    path.strip_prefix("a/")
+        .or_else(|| path.strip_prefix("b/"))
+        .unwrap_or(path)
 }
 
 /// `@@ -l,s +l,s @@` to (old start, old length, new length).
@@ -324,7 +342,10 @@ fn parse_hunk_header(line: &str) -> Result<(usize, usize, usize), String> {
     let range = |part: Option<&str>, sign: char| -> Result<(usize, usize), String> {
         let part = part.and_then(|p| p.strip_prefix(sign)).ok_or_else(bad)?;
         let (start, len) = part.split_once(',').unwrap_or((part, "1"));
-        Ok((start.parse().map_err(|_| bad())?, len.parse().map_err(|_| bad())?))
+        Ok((
+            start.parse().map_err(|_| bad())?,
+            len.parse().map_err(|_| bad())?,
+        ))
     };
     let (old_start, old_len) = range(parts.next(), '-')?;
     let (_, new_len) = range(parts.next(), '+')?;
@@ -370,7 +391,12 @@ fn apply_file(root: &Path, old_path: &str, new_path: &str, hunks: &[Hunk]) -> Re
 
 /// The start of `block` in `content` at or after `floor` nearest to
 /// `expected`, matching exactly.
-fn find_block(content: &[String], block: &[String], expected: usize, floor: usize) -> Option<usize> {
+fn find_block(
+    content: &[String],
+    block: &[String],
+    expected: usize,
+    floor: usize,
+) -> Option<usize> {
     if block.is_empty() {
         return Some(expected.clamp(floor, content.len()));
     }

@@ -3,8 +3,8 @@
 //! and the medians of MB/s and client user/sys CPU seconds per GiB.
 //!
 //! `cargo run --release --example cipher_bench -- [--mib N] [--runs R]
-//! [--cipher NAME]...` (defaults: 1024 MiB, 3 runs, aes128-gcm and
-//! chacha20-poly1305).
+//! [--cipher NAME]... [--only read|write]` (defaults: 1024 MiB, 3 runs,
+//! aes128-gcm and chacha20-poly1305, both directions).
 
 #[path = "../tests/common/sshd.rs"]
 #[allow(dead_code)]
@@ -34,7 +34,11 @@ fn figures(start: Instant, cpu0: (f64, f64), bytes: u64) -> Figures {
     let secs = start.elapsed().as_secs_f64();
     let (u, s) = cpu();
     let gib = bytes as f64 / (1u64 << 30) as f64;
-    (bytes as f64 / secs / 1e6, (u - cpu0.0) / gib, (s - cpu0.1) / gib)
+    (
+        bytes as f64 / secs / 1e6,
+        (u - cpu0.0) / gib,
+        (s - cpu0.1) / gib,
+    )
 }
 
 async fn session(sshd: &sshd::Sshd, cipher: &str) -> Session {
@@ -96,6 +100,7 @@ fn main() {
     let mut mib = 1024;
     let mut runs = 3;
     let mut ciphers = Vec::new();
+    let mut only: Option<String> = None;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut value = || args.next().expect("option value");
@@ -103,8 +108,11 @@ fn main() {
             "--mib" => mib = value().parse().expect("--mib N"),
             "--runs" => runs = value().parse().expect("--runs R"),
             "--cipher" => ciphers.push(value()),
+            "--only" => only = Some(value()),
             _ => {
-                eprintln!("cipher_bench [--mib N] [--runs R] [--cipher NAME]...");
+                eprintln!(
+                    "cipher_bench [--mib N] [--runs R] [--cipher NAME]... [--only read|write]"
+                );
                 std::process::exit(2);
             }
         }
@@ -128,6 +136,9 @@ fn main() {
         );
         for cipher in &ciphers {
             for (dir, is_read) in [("read", true), ("write", false)] {
+                if only.as_deref().is_some_and(|o| o != dir) {
+                    continue;
+                }
                 let mut all = Vec::new();
                 for _ in 0..runs {
                     let s = session(&sshd, cipher).await;
