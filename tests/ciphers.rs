@@ -44,6 +44,25 @@ fn linked_libssh2_is_the_patched_build() {
 }
 
 #[tokio::test]
+async fn default_order_puts_the_cheapest_cipher_for_this_cpu_first() {
+    let sshd = Sshd::start();
+    let s = connect_with(&sshd, config(&sshd)).await;
+    let first = uring_ssh::default_ciphers().split(',').next().unwrap();
+    for kind in [
+        MethodType::CipherClientToServer,
+        MethodType::CipherServerToClient,
+    ] {
+        assert_eq!(s.negotiated(kind).as_deref(), Some(first));
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        let aes = std::arch::is_x86_feature_detected!("aes")
+            && std::arch::is_x86_feature_detected!("pclmulqdq");
+        assert_eq!(first.starts_with("aes128-gcm"), aes, "{first}");
+    }
+}
+
+#[tokio::test]
 async fn sha1_macs_are_not_offered() {
     let sshd = Sshd::start();
     for mac in ["hmac-sha1", "hmac-sha1-etm@openssh.com"] {
