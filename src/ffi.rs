@@ -1,5 +1,6 @@
-//! The libssh2 declarations that `libssh2-sys` lacks. They link against the
-//! libssh2 that `libssh2-sys` builds from its vendored sources (1.11.x).
+//! The libssh2 declarations that `libssh2-sys` lacks. Everything links
+//! against the libssh2 that build.rs compiles from the sources `libssh2-sys`
+//! ships (1.11.x) with `libssh2-patches/` applied.
 
 use std::os::raw::{c_int, c_void};
 
