@@ -126,8 +126,9 @@ fn acceptable(fault: &Fault, e: &Error) -> bool {
     let k = e.kind();
     match fault {
         Fault::Stall => k == ErrorKind::TimedOut,
-        // Anything but a timeout: these are seen at once.
-        _ => k != ErrorKind::TimedOut,
+        // Anything but a timeout (these are seen at once), and never a
+        // verdict on the credentials: the link broke, not the key.
+        _ => k != ErrorKind::TimedOut && !e.is_auth_failure() && k != ErrorKind::PermissionDenied,
     }
 }
 
