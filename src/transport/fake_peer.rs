@@ -16,6 +16,9 @@
 //! key exchange of its own): the furthest a test goes is libssh2's first
 //! key-exchange message, sent in answer to a scripted server KEXINIT.
 
+// Only the fuzz entry point is compiled outside of tests.
+#![cfg_attr(not(test), allow(dead_code, unused_imports))]
+
 use std::os::raw::{c_char, c_int};
 
 use super::bridge::{Bridge, BridgeStats, Link};
