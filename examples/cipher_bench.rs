@@ -3,8 +3,14 @@
 //! and the medians of MB/s and client user/sys CPU seconds per GiB.
 //!
 //! `cargo run --release --example cipher_bench -- [--mib N] [--runs R]
-//! [--cipher NAME]... [--only read|write]` (defaults: 1024 MiB, 3 runs,
-//! aes128-gcm and chacha20-poly1305, both directions).
+//! [--cipher NAME]... [--only read|write] [--peers DIR]` (defaults: 1024
+//! MiB, 3 runs, aes128-gcm and chacha20-poly1305, both directions).
+//!
+//! `--peers DIR`: also run the peer programs built in `DIR` (the
+//! `benches/peers` crate: `cargo build --release` there, then
+//! `--peers benches/peers/target/release`): ssh2-rs and russh doing the same
+//! transfer against the same server, in alternating order with ours, each
+//! reporting its own CPU. Every row pins the cipher and curve25519-sha256.
 
 #[path = "../tests/common/sshd.rs"]
 #[allow(dead_code)]
@@ -91,6 +97,36 @@ async fn write(s: &Session, mib: usize) -> Figures {
     figures(start, cpu0, (mib as u64) << 20)
 }
 
+/// Runs a peer program (see `benches/peers`) for one transfer.
+fn peer(
+    bin: &std::path::Path,
+    sshd: &sshd::Sshd,
+    cipher: &str,
+    mib: usize,
+    write: bool,
+) -> Figures {
+    let out = std::process::Command::new(bin)
+        .args(["--port", &sshd.port().to_string()])
+        .args(["--user", &sshd.user()])
+        .args(["--key", &sshd.user_key().display().to_string()])
+        .args(["--cipher", cipher, "--mib", &mib.to_string()])
+        .args(["--mode", if write { "write" } else { "read" }])
+        .output()
+        .expect("run peer");
+    assert!(
+        out.status.success(),
+        "{} failed: {}",
+        bin.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let v: Vec<f64> = text
+        .split_whitespace()
+        .map(|x| x.parse().expect("peer figures"))
+        .collect();
+    (v[0], v[1], v[2])
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
@@ -101,6 +137,7 @@ fn main() {
     let mut runs = 3;
     let mut ciphers = Vec::new();
     let mut only: Option<String> = None;
+    let mut peers_dir: Option<std::path::PathBuf> = None;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut value = || args.next().expect("option value");
@@ -109,9 +146,10 @@ fn main() {
             "--runs" => runs = value().parse().expect("--runs R"),
             "--cipher" => ciphers.push(value()),
             "--only" => only = Some(value()),
+            "--peers" => peers_dir = Some(value().into()),
             _ => {
                 eprintln!(
-                    "cipher_bench [--mib N] [--runs R] [--cipher NAME]... [--only read|write]"
+                    "cipher_bench [--mib N] [--runs R] [--cipher NAME]... [--only read|write] [--peers DIR]"
                 );
                 std::process::exit(2);
             }
@@ -139,8 +177,22 @@ fn main() {
                 if only.as_deref().is_some_and(|o| o != dir) {
                     continue;
                 }
+                let peers: Vec<(&str, std::path::PathBuf)> = peers_dir
+                    .iter()
+                    .flat_map(|d| {
+                        [("ssh2-rs", d.join("peer_ssh2")), ("russh", d.join("peer_russh"))]
+                    })
+                    .filter(|(_, p)| p.exists())
+                    .collect();
                 let mut all = Vec::new();
-                for _ in 0..runs {
+                let mut theirs: Vec<Vec<Figures>> = vec![Vec::new(); peers.len()];
+                for run in 0..runs {
+                    // Alternate: peers first on odd runs.
+                    if run % 2 == 1 {
+                        for (i, (_, bin)) in peers.iter().enumerate() {
+                            theirs[i].push(peer(bin, &sshd, cipher, mib, !is_read));
+                        }
+                    }
                     let s = session(&sshd, cipher).await;
                     let f = if is_read {
                         read(&s, mib).await
@@ -153,13 +205,24 @@ fn main() {
                         f.0, f.1, f.2
                     );
                     all.push(f);
+                    if run % 2 == 0 {
+                        for (i, (_, bin)) in peers.iter().enumerate() {
+                            theirs[i].push(peer(bin, &sshd, cipher, mib, !is_read));
+                        }
+                    }
                 }
-                println!(
-                    "{cipher} {dir} median: {:.0} MB/s, {:.2} s user + {:.2} s sys per GiB",
-                    median(all.iter().map(|f| f.0).collect()),
-                    median(all.iter().map(|f| f.1).collect()),
-                    median(all.iter().map(|f| f.2).collect()),
-                );
+                let show = |who: &str, v: &[Figures]| {
+                    println!(
+                        "{who:<8} {cipher} {dir} median: {:.0} MB/s, {:.2} s user + {:.2} s sys per GiB",
+                        median(v.iter().map(|f| f.0).collect()),
+                        median(v.iter().map(|f| f.1).collect()),
+                        median(v.iter().map(|f| f.2).collect()),
+                    )
+                };
+                show("ours", &all);
+                for (i, (name, _)) in peers.iter().enumerate() {
+                    show(name, &theirs[i]);
+                }
             }
         }
     });
