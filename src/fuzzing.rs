@@ -21,3 +21,9 @@ pub fn sftp_reply(data: &[u8]) {
 pub fn server_bytes(data: &[u8]) {
     crate::transport::fake_peer::fuzz_server_bytes(data);
 }
+
+/// libssh2's known_hosts parser (what `Session` uses to check host keys)
+/// on `data`, then a lookup.
+pub fn known_hosts(data: &[u8]) {
+    crate::transport::fake_peer::fuzz_known_hosts(data);
+}

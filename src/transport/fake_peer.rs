@@ -1073,3 +1073,41 @@ pub(crate) fn fuzz_server_bytes(data: &[u8]) {
     );
     assert!(c.shared.take_panic().is_none(), "a callback panicked");
 }
+
+/// Fuzzing entry: `data` read as a known_hosts file by libssh2 (line by
+/// line, as `libssh2_knownhost_readfile` does), then a lookup; nothing may
+/// crash, and every byte libssh2 allocated must be freed.
+#[cfg(fuzzing)]
+pub(crate) fn fuzz_known_hosts(data: &[u8]) {
+    let mut c = Client::new();
+    // SAFETY: `c.raw` is a live session used only by this thread; the
+    // collection is freed before the session; every buffer outlives the
+    // call that reads it.
+    unsafe {
+        let kh = ffi::libssh2_knownhost_init(c.raw);
+        assert!(!kh.is_null());
+        for line in data.split(|&b| b == b'\n') {
+            ffi::libssh2_knownhost_readline(
+                kh,
+                line.as_ptr() as *const c_char,
+                line.len(),
+                ffi::LIBSSH2_KNOWNHOST_FILE_OPENSSH,
+            );
+        }
+        let key = [0u8, 0, 0, 11, b's', b's', b'h', b'-', b'e', b'd', b'2', b'5', b'5', b'1', b'9'];
+        let mut entry = std::ptr::null_mut();
+        ffi::libssh2_knownhost_checkp(
+            kh,
+            c"127.0.0.1".as_ptr(),
+            2222,
+            key.as_ptr() as *const c_char,
+            key.len(),
+            ffi::LIBSSH2_KNOWNHOST_TYPE_PLAIN | ffi::LIBSSH2_KNOWNHOST_KEYENC_RAW,
+            &mut entry,
+        );
+        ffi::libssh2_knownhost_free(kh);
+    }
+    c.bridge().kill();
+    assert_ne!(c.free(), EAGAIN);
+    assert_eq!(c.shared.bytes_outstanding(), 0, "libssh2 bytes left");
+}
