@@ -399,3 +399,74 @@ async fn a_slow_or_laggy_link_is_not_a_failure() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_connection_storm_gets_clear_errors_and_leaks_nothing() {
+    let _serial = SERIAL.lock().await;
+    // At most 10 unauthenticated connections; beyond that sshd drops new
+    // ones at once.
+    let sshd = Sshd::builder().extra("MaxStartups 10:100:10").start();
+    // Warm up: the ring and the process-wide dummy fd stay.
+    connect(&sshd).await.close("warm-up").await.unwrap();
+    settle_orphans(Duration::from_secs(5)).await;
+    let fds = open_fds();
+    let t = Instant::now();
+    let attempts = (0..500).map(|_| async {
+        let cfg = config(&sshd).timeout(Some(Duration::from_secs(20)));
+        let s = Session::connect_addr(sshd.addr(), cfg).await?;
+        s.auth_pubkey_file(&sshd.user(), &sshd.user_key(), None)
+            .await?;
+        Ok::<_, Error>(s)
+    });
+    let results =
+        tokio::time::timeout(Duration::from_secs(60), futures::future::join_all(attempts))
+            .await
+            .expect("a connection storm hung");
+    let took = t.elapsed();
+    let mut ok = 0;
+    let mut kinds = std::collections::BTreeMap::new();
+    for r in &results {
+        match r {
+            Ok(_) => ok += 1,
+            Err(e) => {
+                // Refused by the server: a connection-level error that names
+                // what happened, never a timeout or an auth verdict.
+                assert!(
+                    matches!(
+                        e.kind(),
+                        ErrorKind::ConnectionReset
+                            | ErrorKind::ConnectionAborted
+                            | ErrorKind::ConnectionRefused
+                    ),
+                    "{e} ({:?})",
+                    e.kind()
+                );
+                *kinds.entry(format!("{:?}", e.kind())).or_insert(0) += 1;
+            }
+        }
+    }
+    eprintln!("storm: 500 connects in {took:.2?}: {ok} authenticated, refused {kinds:?}");
+    assert!(ok >= 10, "only {ok} of 500 got through");
+    assert!(ok < 500, "MaxStartups refused nothing");
+    drop(results);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let st = loop {
+        let st = settle_orphans(Duration::from_secs(5)).await;
+        if st.ops_in_flight == 0 || Instant::now() > deadline {
+            break st;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert_eq!(st.orphaned_outstanding, 0, "{st:?}");
+    assert_eq!(st.ops_in_flight, 0, "{st:?}");
+    assert_eq!(
+        uring_ssh::libssh2_bytes_outstanding(),
+        0,
+        "libssh2 memory left"
+    );
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while open_fds() != fds && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(open_fds(), fds, "fds leaked");
+}
