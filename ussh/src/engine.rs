@@ -36,6 +36,9 @@ pub struct Plan {
     /// The agent: `None` not used, `Some(None)` `$SSH_AUTH_SOCK`,
     /// `Some(Some(path))` that socket.
     pub agent: Option<Option<PathBuf>>,
+    /// Why this host must not be connected to directly (it needs a proxy
+    /// we do not support).
+    pub blocked: Option<String>,
 }
 
 /// What to do on every host.
@@ -185,6 +188,10 @@ pub async fn run_host(plan: &Plan, job: &Job, ui: &Rc<Ui>) -> Outcome {
     let start = Instant::now();
     let phase = Cell::new("connecting");
     let mut out = Outcome::new(&plan.label, Status::Error);
+    if let Some(why) = &plan.blocked {
+        out.error = Some(why.clone());
+        return out;
+    }
     let work = run_inner(plan, job, ui, &phase, &mut out);
     let r = match job.timeout {
         Some(t) => match tokio::time::timeout(t, work).await {

@@ -344,6 +344,15 @@ fn make_plans(targets: &[Target], cfg: &SshConfig, c: &Common) -> Result<Vec<Pla
                 None => None,
             }
         };
+        // A host behind a proxy must not be reached directly instead.
+        let blocked = s
+            .unsupported
+            .iter()
+            .find(|u| {
+                u.name.eq_ignore_ascii_case("proxyjump")
+                    || u.name.eq_ignore_ascii_case("proxycommand")
+            })
+            .map(|u| format!("{} ({}) is not supported: not connecting", u.name, u.at));
         plans.push(Plan {
             label: t.to_string(),
             hostname,
@@ -353,6 +362,7 @@ fn make_plans(targets: &[Target], cfg: &SshConfig, c: &Common) -> Result<Vec<Pla
             connect_timeout,
             identities,
             agent,
+            blocked,
         });
     }
     if !unsupported.is_empty() {
@@ -363,7 +373,7 @@ fn make_plans(targets: &[Target], cfg: &SshConfig, c: &Common) -> Result<Vec<Pla
             })
             .collect();
         eprintln!(
-            "ussh: ssh config directives not supported, ignored: {}",
+            "ussh: ssh config directives not supported (ignored; hosts needing ProxyJump or ProxyCommand are not connected to): {}",
             list.join(", ")
         );
     }

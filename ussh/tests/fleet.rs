@@ -449,17 +449,17 @@ fn failing_hosts_fail_alone() {
         "--retries",
         "1",
         "-H",
-        "ok[001-006],refused,stall,changed,badkey,nosuchhost.invalid",
+        "ok[001-006],refused,stall,changed,badkey,nosuchhost.invalid,proxied",
         "--",
         "echo fine",
     ]);
-    eprintln!("11 hosts, 5 failing: {:?}", start.elapsed());
+    eprintln!("12 hosts, 6 failing: {:?}", start.elapsed());
     assert_eq!(out.status.code(), Some(1));
     let recs = json_records(&out);
     // Stall: 2 s, a retry after ~0.5 s, 2 s again.
     let stalled = recs["stall"]["duration"].as_f64().expect("duration");
     assert!((4.0..8.0).contains(&stalled), "stall took {stalled} s");
-    assert_eq!(recs.len(), 11);
+    assert_eq!(recs.len(), 12);
     for i in 1..=6 {
         let r = &recs[&format!("ok{i:03}")];
         assert_eq!(r["status"], "ok", "{r}");
@@ -491,14 +491,20 @@ fn failing_hosts_fail_alone() {
     );
     let e = err("nosuchhost.invalid");
     assert!(e.contains("unknown host nosuchhost.invalid"), "{e}");
+    let e = err("proxied");
+    assert!(
+        e.starts_with("ProxyJump (") && e.ends_with("is not supported: not connecting"),
+        "{e}"
+    );
+    assert_eq!(recs["proxied"]["attempts"], 0);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        stderr.contains("ssh config directives not supported, ignored: ForwardAgent")
-            && stderr.contains("ProxyJump ("),
+        stderr.contains("ProxyCommand are not connected to): ForwardAgent (")
+            && stderr.contains(", ProxyJump ("),
         "{stderr}"
     );
     assert_eq!(
-        stderr.matches("ProxyJump").count(),
+        stderr.matches("directives not supported").count(),
         1,
         "reported once: {stderr}"
     );
