@@ -543,6 +543,30 @@ fn bad_input_is_one_clear_line() {
             "{args:?}: {stderr}"
         );
     }
+    // --timeout bounds a host's whole job.
+    let start = Instant::now();
+    let out = f.run(&[
+        "exec",
+        "--json",
+        "--timeout",
+        "1",
+        "-H",
+        "b001",
+        "--",
+        "sleep 20",
+    ]);
+    assert!(
+        start.elapsed() < Duration::from_secs(8),
+        "{:?}",
+        start.elapsed()
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let r = &json_records(&out)["b001"];
+    assert_eq!(r["status"], "error", "{r}");
+    assert_eq!(
+        r["error"], "timed out after 1 s while running the command",
+        "{r}"
+    );
     // Hosts file on stdin, and --shard.
     let mut c = f.cmd(&[
         "exec", "--json", "-f", "-", "--shard", "2/2", "--", "echo hi",
