@@ -72,8 +72,9 @@ pub struct Common {
         default_value_t = 256
     )]
     pub parallel: usize,
-    /// Seconds allowed for the TCP connect and the SSH handshake (overrides
-    /// ConnectTimeout; default 10).
+    /// Seconds allowed for the TCP connect and the whole SSH handshake
+    /// (overrides ConnectTimeout; default 30: a loaded server may take
+    /// seconds to finish many key exchanges at once).
     #[arg(long, value_name = "SECS")]
     pub connect_timeout: Option<f64>,
     /// Seconds allowed for each host's whole job (default: no limit).

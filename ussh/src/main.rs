@@ -287,7 +287,7 @@ fn make_plans(targets: &[Target], cfg: &SshConfig, c: &Common) -> Result<Vec<Pla
             .connect_timeout
             .map(Duration::from_secs_f64)
             .or(s.connect_timeout.map(Duration::from_secs))
-            .unwrap_or(Duration::from_secs(10));
+            .unwrap_or(Duration::from_secs(30));
         let op_timeout = Duration::from_secs(60).max(connect_timeout);
         let keepalive = match s.server_alive_interval {
             Some(0) => None,
