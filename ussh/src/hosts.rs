@@ -323,7 +323,9 @@ impl Shard {
 /// prefix, suffix and zero padding) are merged.
 pub fn fold<S: AsRef<str>>(names: &[S]) -> String {
     // (prefix, suffix, padded width) -> numbers; names without digits alone.
-    let mut groups: BTreeMap<(String, String, usize), Vec<u64>> = BTreeMap::new();
+    // An unpadded number as long as a padded group's numbers (`10` beside
+    // `01`) belongs to that group.
+    let mut parsed: Vec<(String, String, usize, u64)> = Vec::new();
     let mut plain: Vec<String> = Vec::new();
     for n in names {
         let n = n.as_ref();
@@ -341,15 +343,37 @@ pub fn fold<S: AsRef<str>>(names: &[S]) -> String {
             plain.push(n.to_string());
             continue;
         };
-        let width = if digits.len() > 1 && digits.starts_with('0') {
-            digits.len()
+        let padded = digits.len() > 1 && digits.starts_with('0');
+        // Width: the digit count, negative while unpadded (decided below).
+        parsed.push((
+            n[..start].to_string(),
+            n[end + 1..].to_string(),
+            if padded {
+                digits.len()
+            } else {
+                usize::MAX - digits.len()
+            },
+            v,
+        ));
+    }
+    let padded: std::collections::HashSet<(String, String, usize)> = parsed
+        .iter()
+        .filter(|p| p.2 < usize::MAX / 2)
+        .map(|p| (p.0.clone(), p.1.clone(), p.2))
+        .collect();
+    let mut groups: BTreeMap<(String, String, usize), Vec<u64>> = BTreeMap::new();
+    for (prefix, suffix, w, v) in parsed {
+        let width = if w < usize::MAX / 2 {
+            w
         } else {
-            0
+            let len = usize::MAX - w;
+            if padded.contains(&(prefix.clone(), suffix.clone(), len)) {
+                len
+            } else {
+                0
+            }
         };
-        groups
-            .entry((n[..start].to_string(), n[end + 1..].to_string(), width))
-            .or_default()
-            .push(v);
+        groups.entry((prefix, suffix, width)).or_default().push(v);
     }
     let mut parts: Vec<String> = plain;
     for ((prefix, suffix, width), mut nums) in groups {
@@ -496,6 +520,9 @@ mod tests {
         assert_eq!(fold(&n), "db1,lb,web[01-03,07]");
         assert_eq!(fold(&names("10.0.0.[1-9]")), "10.0.0.[1-9]");
         assert_eq!(fold(&["a1", "a01"]), "a01,a1");
+        assert_eq!(fold(&names("web[01-64]")), "web[01-64]");
+        assert_eq!(fold(&names("n[8-12]")), "n[8-12]");
+        assert_eq!(fold(&names("n[098-100],n7")), "n7,n[098-100]");
         assert_eq!(fold::<&str>(&[]), "");
     }
 }
