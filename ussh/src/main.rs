@@ -133,6 +133,10 @@ async fn run(cli: Cli) -> i32 {
         common.quiet,
         common.json,
     ));
+    if let Op::Put { locals, .. } = &job.op {
+        let per_host: u64 = locals.iter().map(|p| local_bytes(p)).sum();
+        ui.set_total_bytes(per_host * plans.len() as u64);
+    }
     let (outcomes, interrupted) = run_all(&plans, &job, &ui, parallel).await;
     ui.clear();
     if gather {
@@ -378,6 +382,18 @@ fn make_plans(targets: &[Target], cfg: &SshConfig, c: &Common) -> Result<Vec<Pla
         );
     }
     Ok(plans)
+}
+
+/// Bytes of the regular files at or under `path` (symbolic links followed,
+/// as `put` does).
+fn local_bytes(path: &std::path::Path) -> u64 {
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_dir() => std::fs::read_dir(path)
+            .map(|rd| rd.flatten().map(|e| local_bytes(&e.path())).sum())
+            .unwrap_or(0),
+        Ok(m) if m.is_file() => m.len(),
+        _ => 0,
+    }
 }
 
 /// Raises the soft limit on open files to the hard limit (every session

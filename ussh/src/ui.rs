@@ -26,6 +26,8 @@ pub struct Ui {
     failed: Cell<usize>,
     running: Cell<usize>,
     last_rate: RefCell<(Instant, u64, f64)>,
+    /// Bytes the whole run will move, when known up front (`put`).
+    total_bytes: Cell<Option<u64>>,
 }
 
 /// `1.5 MiB` style.
@@ -56,7 +58,7 @@ impl Ui {
             );
             b.set_style(
                 ProgressStyle::with_template(
-                    "{spinner} {elapsed_precise} [{bar:28}] {pos}/{len} hosts {msg} (ETA {eta})",
+                    "{spinner} {elapsed_precise} [{bar:28}] {pos}/{len} hosts {msg}",
                 )
                 .expect("valid template")
                 .progress_chars("=> "),
@@ -76,6 +78,7 @@ impl Ui {
             failed: Cell::new(0),
             running: Cell::new(0),
             last_rate: RefCell::new((Instant::now(), 0, 0.0)),
+            total_bytes: Cell::new(None),
         }
     }
 
@@ -115,6 +118,11 @@ impl Ui {
             Some(b) => b.println(msg),
             None => eprintln!("{msg}"),
         }
+    }
+
+    /// Sets the bytes the run will move at most (for the ETA).
+    pub fn set_total_bytes(&self, n: u64) {
+        self.total_bytes.set(Some(n));
     }
 
     /// Credits bytes moved.
@@ -204,6 +212,20 @@ impl Ui {
                 human_bytes(bytes),
                 human_bytes(r.2 as u64)
             ));
+            if let Some(total) = self.total_bytes.get()
+                && r.2 > 0.0
+                && total > bytes
+            {
+                let eta = (total - bytes) as f64 / r.2;
+                msg.push_str(&format!(" · ETA {eta:.0} s"));
+            }
+        }
+        let done = self.done.get();
+        if self.total_bytes.get().is_none() && done > 0 && done < self.total {
+            // Linear in hosts finished: a rough guide while hosts run
+            // side by side.
+            let eta = self.start.elapsed().as_secs_f64() * (self.total - done) as f64 / done as f64;
+            msg.push_str(&format!(" · ETA {eta:.0} s"));
         }
         b.set_message(msg);
         b.tick();
