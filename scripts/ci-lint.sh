@@ -10,5 +10,5 @@ if ! command -v cargo >/dev/null 2>&1 && [ -f "${HOME:-/root}/.cargo/env" ]; the
 fi
 
 cargo fmt --all -- --check
-cargo clippy --all-targets -- -D warnings
-RUSTDOCFLAGS="-D warnings -D missing_docs" cargo doc --no-deps
+cargo clippy --workspace --all-targets -- -D warnings
+RUSTDOCFLAGS="-D warnings -D missing_docs" cargo doc --workspace --no-deps

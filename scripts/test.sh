@@ -36,6 +36,7 @@ if ! command -v cargo >/dev/null 2>&1; then
     exit 1
 fi
 
-# Release: some tests move 256 MiB. Two test threads (= --test-threads=2) via
+# The whole workspace: the library and the ussh tool. Release: some tests
+# move 256 MiB. Two test threads (= --test-threads=2) via
 # the environment, so "$@" may carry its own `-- <libtest args>`.
-RUST_TEST_THREADS="${RUST_TEST_THREADS:-2}" cargo test --release "$@"
+RUST_TEST_THREADS="${RUST_TEST_THREADS:-2}" cargo test --release --workspace "$@"

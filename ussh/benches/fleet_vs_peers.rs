@@ -1,0 +1,428 @@
+//! `ussh` beside the fleet tools operators use today — `parallel-ssh`,
+//! `parallel-slurp`, `parallel-scp` (pssh), `clush` (ClusterShell) and
+//! `pdsh`/`rpdcp`/`pdcp` — on the same throwaway loopback sshd processes,
+//! reached as host aliases of one temporary ssh config:
+//!
+//! * `true` on `HOSTS` hosts (default 64), all at once;
+//! * fetch a `MIB` MiB file (default 16) from `XFER_HOSTS` hosts (default 32);
+//! * push it to `XFER_HOSTS` hosts.
+//!
+//! Key exchange pinned to curve25519-sha256 and chacha20-poly1305 for every
+//! tool (in the ssh config every tool reads). The client runs on core 0 and
+//! the sshd processes on core 1 when the machine has two cores or more
+//! (`taskset`). For each row: wall seconds and the client's CPU (user +
+//! sys of the tool and every process it waited for), medians over `ROUNDS`
+//! rounds (default 3) run in rotating order.
+//!
+//! Run (as root, with the Debian packages pssh, clustershell and pdsh):
+//! `cargo bench -p ussh --bench fleet_vs_peers`. A missing peer is skipped
+//! with a note.
+
+#[path = "../../tests/common/sshd.rs"]
+#[allow(dead_code)]
+mod sshd;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const USSH: &str = env!("CARGO_BIN_EXE_ussh");
+
+fn env(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .map(|v| {
+            v.parse()
+                .unwrap_or_else(|_| panic!("{name} must be a number"))
+        })
+        .unwrap_or(default)
+}
+
+fn children_cpu() -> Duration {
+    let mut ru = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: getrusage fills the struct it is given.
+    let rc = unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, ru.as_mut_ptr()) };
+    assert_eq!(rc, 0, "getrusage");
+    // SAFETY: initialised by the successful call (and zeroed before).
+    let ru = unsafe { ru.assume_init() };
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
+fn have(bin: &str) -> bool {
+    Path::new("/usr/bin").join(bin).exists()
+}
+
+struct Row {
+    workload: &'static str,
+    tool: &'static str,
+    hosts: usize,
+    /// (wall, cpu) per round.
+    runs: Vec<(f64, f64)>,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
+    v[v.len() / 2]
+}
+
+/// Runs `argv` on core 0 (if pinning), with `envs`; panics if it fails.
+fn timed(argv: &[String], envs: &[(&str, String)], pin: bool) -> (f64, f64) {
+    let mut c = if pin {
+        let mut c = Command::new("taskset");
+        c.arg("-c").arg("0").args(argv);
+        c
+    } else {
+        let mut c = Command::new(&argv[0]);
+        c.args(&argv[1..]);
+        c
+    };
+    c.envs(envs.iter().map(|(k, v)| (k, v)))
+        .env_remove("SSH_AUTH_SOCK")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let cpu0 = children_cpu();
+    let start = Instant::now();
+    let out = c.output().expect("spawn");
+    let wall = start.elapsed().as_secs_f64();
+    let cpu = (children_cpu() - cpu0).as_secs_f64();
+    if !out.status.success() {
+        panic!(
+            "{argv:?} failed ({}):\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    (wall, cpu)
+}
+
+fn s(v: impl AsRef<std::ffi::OsStr>) -> String {
+    v.as_ref().to_string_lossy().into_owned()
+}
+
+fn main() {
+    let hosts = env("HOSTS", 64);
+    let xfer_hosts = env("XFER_HOSTS", 32);
+    let mib = env("MIB", 16);
+    let rounds = env("ROUNDS", 3).max(1);
+    let servers = env("SERVERS", 4).max(1);
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let pin = cores >= 2 && have("taskset");
+
+    let sshds: Vec<sshd::Sshd> = (0..servers)
+        .map(|_| sshd::Sshd::builder().log_level("ERROR").start())
+        .collect();
+    if pin {
+        for s in &sshds {
+            let _ = Command::new("taskset")
+                .args(["-a", "-p", "-c", "1", &s.pid().to_string()])
+                .stdout(Stdio::null())
+                .status();
+        }
+    }
+    let base = std::env::var("BENCH_DIR").unwrap_or_else(|_| "/dev/shm".into());
+    let work = tempfile::Builder::new()
+        .prefix("ussh-bench-")
+        .tempdir_in(&base)
+        .expect("temp dir");
+    let w = work.path();
+    let kh = w.join("known_hosts");
+    let mut known = String::new();
+    for s in &sshds {
+        known.push_str(&fs::read_to_string(s.known_hosts()).expect("known_hosts"));
+    }
+    fs::write(&kh, known).expect("known_hosts");
+    let n = hosts.max(xfer_hosts);
+    let mut cfg = String::new();
+    for i in 1..=n {
+        let s = &sshds[(i - 1) % sshds.len()];
+        cfg.push_str(&format!(
+            "Host h{i:03}\n    HostName 127.0.0.1\n    Port {}\n    IdentityFile {}\n",
+            s.port(),
+            s.user_key().display()
+        ));
+    }
+    cfg.push_str(&format!(
+        "Host *\n    User {}\n    UserKnownHostsFile {}\n    StrictHostKeyChecking yes\n    \
+         BatchMode yes\n    KexAlgorithms curve25519-sha256\n    \
+         Ciphers chacha20-poly1305@openssh.com\n",
+        sshds[0].user(),
+        kh.display()
+    ));
+    let config = w.join("ssh_config");
+    fs::write(&config, cfg).expect("ssh config");
+    let hosts_file = |k: usize| -> PathBuf {
+        let p = w.join(format!("hosts{k}"));
+        let list: String = (1..=k).map(|i| format!("h{i:03}\n")).collect();
+        fs::write(&p, list).expect("hosts file");
+        p
+    };
+    let (hf_exec, hf_xfer) = (hosts_file(hosts), hosts_file(xfer_hosts));
+    let set = |k: usize| format!("h[001-{k:03}]");
+    let src = w.join("src/payload.bin");
+    fs::create_dir_all(src.parent().expect("parent")).expect("mkdir");
+    let data: Vec<u8> = (0..mib << 20)
+        .map(|i: usize| (i.wrapping_mul(2654435761) >> 11) as u8)
+        .collect();
+    fs::write(&src, data).expect("payload");
+    let cfg_s = s(&config);
+    let fetched = w.join("fetched");
+    let pushed = w.join("pushed");
+    fs::create_dir_all(&pushed).expect("mkdir");
+
+    type Cmd = (
+        &'static str,
+        &'static str,
+        usize,
+        Vec<String>,
+        Vec<(&'static str, String)>,
+    );
+    let mut cmds: Vec<Cmd> = Vec::new();
+    let exec = "true";
+    cmds.push((
+        "exec true",
+        "ussh",
+        hosts,
+        vec![
+            USSH.into(),
+            "exec".into(),
+            "-q".into(),
+            "-F".into(),
+            cfg_s.clone(),
+            "--no-agent".into(),
+            "-j".into(),
+            hosts.to_string(),
+            "-H".into(),
+            set(hosts),
+            "--".into(),
+            exec.into(),
+        ],
+        vec![],
+    ));
+    let fetch_dir = |tool: &str| s(fetched.join(tool));
+    let ussh_get = vec![
+        USSH.into(),
+        "get".into(),
+        "-q".into(),
+        "-F".into(),
+        cfg_s.clone(),
+        "--no-agent".into(),
+        "-H".into(),
+        set(xfer_hosts),
+        s(&src),
+        fetch_dir("ussh"),
+    ];
+    let ussh_put = vec![
+        USSH.into(),
+        "put".into(),
+        "-q".into(),
+        "-F".into(),
+        cfg_s.clone(),
+        "--no-agent".into(),
+        "-H".into(),
+        set(xfer_hosts),
+        s(&src),
+        s(pushed.join("ussh")),
+    ];
+    cmds.push(("fetch", "ussh", xfer_hosts, ussh_get, vec![]));
+    cmds.push(("push", "ussh", xfer_hosts, ussh_put, vec![]));
+    let ssh_x = format!("-F {cfg_s}");
+    if have("parallel-ssh") {
+        cmds.push((
+            "exec true",
+            "pssh",
+            hosts,
+            vec![
+                "parallel-ssh".into(),
+                "-p".into(),
+                hosts.to_string(),
+                "-x".into(),
+                ssh_x.clone(),
+                "-h".into(),
+                s(&hf_exec),
+                exec.into(),
+            ],
+            vec![],
+        ));
+        cmds.push((
+            "fetch",
+            "pssh",
+            xfer_hosts,
+            vec![
+                "parallel-slurp".into(),
+                "-p".into(),
+                xfer_hosts.to_string(),
+                "-x".into(),
+                ssh_x.clone(),
+                "-h".into(),
+                s(&hf_xfer),
+                "-L".into(),
+                fetch_dir("pssh"),
+                s(&src),
+                "payload.bin".into(),
+            ],
+            vec![],
+        ));
+        cmds.push((
+            "push",
+            "pssh",
+            xfer_hosts,
+            vec![
+                "parallel-scp".into(),
+                "-p".into(),
+                xfer_hosts.to_string(),
+                "-x".into(),
+                ssh_x.clone(),
+                "-h".into(),
+                s(&hf_xfer),
+                s(&src),
+                s(pushed.join("pssh.bin")),
+            ],
+            vec![],
+        ));
+    } else {
+        eprintln!("parallel-ssh not found (Debian package pssh): its rows are skipped");
+    }
+    if have("clush") {
+        let o = vec!["-o".to_string(), ssh_x.clone()];
+        let mut c = vec!["clush".to_string(), "-f".into(), hosts.to_string()];
+        c.extend(o.clone());
+        c.extend(["-w".into(), set(hosts), exec.into()]);
+        cmds.push(("exec true", "clush", hosts, c, vec![]));
+        let mut c = vec!["clush".to_string(), "-f".into(), xfer_hosts.to_string()];
+        c.extend(o.clone());
+        c.extend([
+            "-w".into(),
+            set(xfer_hosts),
+            "--rcopy".into(),
+            s(&src),
+            "--dest".into(),
+            fetch_dir("clush"),
+        ]);
+        cmds.push(("fetch", "clush", xfer_hosts, c, vec![]));
+        let mut c = vec!["clush".to_string(), "-f".into(), xfer_hosts.to_string()];
+        c.extend(o);
+        c.extend([
+            "-w".into(),
+            set(xfer_hosts),
+            "--copy".into(),
+            s(&src),
+            "--dest".into(),
+            s(pushed.join("clush.bin")),
+        ]);
+        cmds.push(("push", "clush", xfer_hosts, c, vec![]));
+    } else {
+        eprintln!("clush not found (Debian package clustershell): its rows are skipped");
+    }
+    if have("pdsh") {
+        let e = vec![("PDSH_SSH_ARGS_APPEND", ssh_x.clone())];
+        cmds.push((
+            "exec true",
+            "pdsh",
+            hosts,
+            vec![
+                "pdsh".into(),
+                "-R".into(),
+                "ssh".into(),
+                "-f".into(),
+                hosts.to_string(),
+                "-w".into(),
+                set(hosts),
+                exec.into(),
+            ],
+            e.clone(),
+        ));
+        cmds.push((
+            "fetch",
+            "pdsh",
+            xfer_hosts,
+            vec![
+                "rpdcp".into(),
+                "-R".into(),
+                "ssh".into(),
+                "-f".into(),
+                xfer_hosts.to_string(),
+                "-w".into(),
+                set(xfer_hosts),
+                s(&src),
+                fetch_dir("pdsh"),
+            ],
+            e.clone(),
+        ));
+        cmds.push((
+            "push",
+            "pdsh",
+            xfer_hosts,
+            vec![
+                "pdcp".into(),
+                "-R".into(),
+                "ssh".into(),
+                "-f".into(),
+                xfer_hosts.to_string(),
+                "-w".into(),
+                set(xfer_hosts),
+                s(&src),
+                s(pushed.join("pdsh.bin")),
+            ],
+            e,
+        ));
+    } else {
+        eprintln!("pdsh not found (Debian package pdsh): its rows are skipped");
+    }
+
+    let mut rows: Vec<Row> = cmds
+        .iter()
+        .map(|(workload, tool, hosts, _, _)| Row {
+            workload,
+            tool,
+            hosts: *hosts,
+            runs: Vec::new(),
+        })
+        .collect();
+    eprintln!(
+        "{} sshd processes, {n} aliases, {rounds} rounds, client pinned: {pin}",
+        sshds.len()
+    );
+    for round in 0..rounds {
+        for k in 0..cmds.len() {
+            let i = (k + round) % cmds.len();
+            let (workload, tool, _, argv, envs) = &cmds[i];
+            let _ = fs::remove_dir_all(&fetched);
+            for t in ["ussh", "pssh", "clush", "pdsh"] {
+                fs::create_dir_all(fetched.join(t)).expect("mkdir");
+            }
+            let r = timed(argv, envs, pin);
+            eprintln!(
+                "round {round}: {workload:<10} {tool:<6} {:>6.2} s wall {:>6.3} s CPU",
+                r.0, r.1
+            );
+            rows[i].runs.push(r);
+        }
+    }
+    println!(
+        "\n{:<10} {:<6} {:>6} {:>8} {:>12} {:>14} {:>12}",
+        "workload", "tool", "hosts", "wall s", "client CPU s", "CPU ms / host", "CPU s / GiB"
+    );
+    for r in &rows {
+        let wall = median(r.runs.iter().map(|x| x.0).collect());
+        let cpu = median(r.runs.iter().map(|x| x.1).collect());
+        let per_gib = if r.workload == "exec true" {
+            "-".to_string()
+        } else {
+            let gib = (r.hosts * mib) as f64 / 1024.0;
+            format!("{:.2}", cpu / gib)
+        };
+        println!(
+            "{:<10} {:<6} {:>6} {:>8.2} {:>12.3} {:>14.1} {:>12}",
+            r.workload,
+            r.tool,
+            r.hosts,
+            wall,
+            cpu,
+            cpu * 1000.0 / r.hosts as f64,
+            per_gib
+        );
+    }
+}

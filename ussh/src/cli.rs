@@ -1,0 +1,154 @@
+//! Command-line syntax.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Run commands on, and move files to and from, many SSH hosts at once,
+/// all from one thread (no ssh or scp processes).
+///
+/// Exit status: 0 if every host succeeded, 1 if any host failed (could not
+/// connect or authenticate, a command exited non-zero or was killed, a file
+/// failed), 2 for bad input, 130 if interrupted.
+#[derive(Debug, Parser)]
+#[command(name = "ussh", version)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub cmd: Cmd,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Cmd {
+    /// Run a command on every host.
+    Exec(ExecArgs),
+    /// Fetch remote files or trees from every host into DEST/<host>/...
+    Get(GetArgs),
+    /// Push local files or trees into REMOTE_DIR on every host.
+    Put(PutArgs),
+}
+
+/// Options every subcommand takes.
+#[derive(Debug, Args, Clone)]
+pub struct Common {
+    /// Hosts as a nodeset: `web[01-64]`, `10.0.0.[1-9]`, `a[1,3,5-7]`,
+    /// `ops@db1:2222`, comma-separated; `-` reads standard input.
+    /// Repeatable.
+    #[arg(short = 'H', long = "hosts", value_name = "NODESET")]
+    pub hosts: Vec<String>,
+    /// A hosts file: one `[user@]host[:port]` per line, `#` comments;
+    /// `-` is standard input. Repeatable. Without -H or -f, hosts are read
+    /// from standard input when it is not a terminal.
+    #[arg(short = 'f', long = "hosts-file", value_name = "FILE")]
+    pub hosts_file: Vec<PathBuf>,
+    /// Take only every N-th host, starting with the I-th (from 1), to split
+    /// a fleet across client machines.
+    #[arg(long, value_name = "I/N")]
+    pub shard: Option<String>,
+    /// The ssh client config to honour (default ~/.ssh/config; `none` for
+    /// none).
+    #[arg(short = 'F', value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Remote user when neither the host (`user@host`) nor the config names
+    /// one.
+    #[arg(short = 'l', long = "user", value_name = "USER")]
+    pub user: Option<String>,
+    /// Port when neither the host (`host:port`) nor the config names one.
+    #[arg(short = 'p', long = "port", value_name = "PORT")]
+    pub port: Option<u16>,
+    /// A private key to authenticate with, tried before the config's
+    /// IdentityFile. Repeatable.
+    #[arg(short = 'i', value_name = "KEY")]
+    pub identity: Vec<PathBuf>,
+    /// Do not use the ssh-agent.
+    #[arg(long)]
+    pub no_agent: bool,
+    /// Hosts worked on at once.
+    #[arg(
+        short = 'j',
+        long = "parallel",
+        value_name = "N",
+        default_value_t = 256
+    )]
+    pub parallel: usize,
+    /// Seconds allowed for the TCP connect and the whole SSH handshake
+    /// (overrides ConnectTimeout; default 30: a loaded server may take
+    /// seconds to finish many key exchanges at once).
+    #[arg(long, value_name = "SECS")]
+    pub connect_timeout: Option<f64>,
+    /// Seconds allowed for each host's whole job (default: no limit).
+    #[arg(long, value_name = "SECS")]
+    pub timeout: Option<f64>,
+    /// Retries after a connection-level failure (refused, reset, timed
+    /// out), with exponential backoff from 0.5 s.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub retries: u32,
+    /// Key exchange algorithms to offer (overrides KexAlgorithms).
+    #[arg(long, value_name = "LIST")]
+    pub kex: Option<String>,
+    /// Ciphers to offer (overrides Ciphers).
+    #[arg(long, value_name = "LIST")]
+    pub ciphers: Option<String>,
+    /// Write one JSON record per host to standard output (host, status,
+    /// exit code, bytes, files, duration, error) instead of the usual
+    /// output.
+    #[arg(long)]
+    pub json: bool,
+    /// No progress and no per-host lines on standard error (failures and
+    /// the summary are still printed).
+    #[arg(short = 'q', long)]
+    pub quiet: bool,
+}
+
+/// `ussh exec`.
+#[derive(Debug, Args)]
+pub struct ExecArgs {
+    /// Hosts, config, auth and limits.
+    #[command(flatten)]
+    pub common: Common,
+    /// Gather each host's output and print hosts with identical output
+    /// once, as one block (instead of streaming `host: line`).
+    #[arg(short = 'b', long)]
+    pub gather: bool,
+    /// The command (its words are joined with spaces, as ssh does).
+    #[arg(required = true, trailing_var_arg = true, value_name = "COMMAND")]
+    pub command: Vec<String>,
+}
+
+/// `ussh get`.
+#[derive(Debug, Args)]
+pub struct GetArgs {
+    /// Hosts, config, auth and limits.
+    #[command(flatten)]
+    pub common: Common,
+    /// Skip files whose size and modification time already match.
+    #[arg(short = 'u', long)]
+    pub update: bool,
+    /// Keep modification times and permission bits.
+    #[arg(long)]
+    pub preserve: bool,
+    /// Remote files or directories, then the local destination directory:
+    /// each host's files go to DEST/<host>/, or to DEST with `{host}`
+    /// replaced by the host's name if it contains `{host}`.
+    #[arg(required = true, num_args = 2.., value_name = "REMOTE... DEST")]
+    pub paths: Vec<String>,
+}
+
+/// `ussh put`.
+#[derive(Debug, Args)]
+pub struct PutArgs {
+    /// Hosts, config, auth and limits.
+    #[command(flatten)]
+    pub common: Common,
+    /// Skip files whose size and modification time already match.
+    #[arg(short = 'u', long)]
+    pub update: bool,
+    /// Keep modification times and permission bits.
+    #[arg(long)]
+    pub preserve: bool,
+    /// Local files or directories, then the remote directory they go into
+    /// (created if missing; `{host}` is replaced by the host's name).
+    #[arg(required = true, num_args = 2.., value_name = "LOCAL... REMOTE_DIR")]
+    pub paths: Vec<String>,
+}

@@ -1,0 +1,528 @@
+//! Host lists: nodeset ranges (`web[01-64]`, `10.0.0.[1-9]`,
+//! `a[1,3,5-7]`), pssh-style hosts files, `--shard I/N`, and folding a list
+//! of names back into nodeset notation for display.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+
+/// Most hosts one expression may expand to: a typo such as `[1-99999999]`
+/// fails at once instead of filling memory.
+pub const MAX_HOSTS: usize = 1_000_000;
+
+/// One host as the operator named it: `[user@]host[:port]`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Target {
+    /// The user before `@`, if given.
+    pub user: Option<String>,
+    /// The host name or alias (looked up in the ssh config) or address.
+    pub host: String,
+    /// The port after `:`, if given.
+    pub port: Option<u16>,
+}
+
+impl Target {
+    /// Parses `[user@]host[:port]` (an IPv6 address goes in brackets when a
+    /// port follows: `[::1]:22`).
+    pub fn parse(s: &str) -> Result<Target, String> {
+        let s = s.trim();
+        let (user, rest) = match s.split_once('@') {
+            Some((u, r)) => {
+                if u.is_empty() {
+                    return Err(format!("{s:?}: empty user name before '@'"));
+                }
+                (Some(u.to_string()), r)
+            }
+            None => (None, s),
+        };
+        let (host, port) = if let Some(inner) = rest.strip_prefix('[') {
+            // [v6]:port or [v6]
+            let Some((addr, after)) = inner.split_once(']') else {
+                return Err(format!("{s:?}: unclosed '['"));
+            };
+            match after {
+                "" => (addr, None),
+                p if p.starts_with(':') => (addr, Some(&p[1..])),
+                _ => return Err(format!("{s:?}: unexpected text after ']'")),
+            }
+        } else if rest.matches(':').count() == 1 {
+            let (h, p) = rest.split_once(':').expect("one colon");
+            (h, Some(p))
+        } else {
+            // No colon, or a bare IPv6 address.
+            (rest, None)
+        };
+        if host.is_empty() {
+            return Err(format!("{s:?}: empty host name"));
+        }
+        if host.contains(char::is_whitespace) || host.contains('@') {
+            return Err(format!("{s:?}: bad host name"));
+        }
+        let port = match port {
+            None => None,
+            Some(p) => match p.parse::<u16>() {
+                Ok(n) if n > 0 => Some(n),
+                _ => return Err(format!("{s:?}: bad port {p:?}")),
+            },
+        };
+        Ok(Target {
+            user,
+            host: host.to_string(),
+            port,
+        })
+    }
+}
+
+impl fmt::Display for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(u) = &self.user {
+            write!(f, "{u}@")?;
+        }
+        if self.host.contains(':') && self.port.is_some() {
+            write!(f, "[{}]", self.host)?;
+        } else {
+            write!(f, "{}", self.host)?;
+        }
+        if let Some(p) = self.port {
+            write!(f, ":{p}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Splits `s` at commas that are not inside brackets.
+fn split_top(s: &str) -> Result<Vec<&str>, String> {
+    let mut out = Vec::new();
+    let mut depth = 0i32;
+    let mut start = 0;
+    for (i, c) in s.char_indices() {
+        match c {
+            '[' => {
+                depth += 1;
+                if depth > 1 {
+                    return Err(format!("{s:?}: nested '['"));
+                }
+            }
+            ']' => {
+                depth -= 1;
+                if depth < 0 {
+                    return Err(format!("{s:?}: ']' without '['"));
+                }
+            }
+            ',' if depth == 0 => {
+                out.push(&s[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    if depth != 0 {
+        return Err(format!("{s:?}: unclosed '['"));
+    }
+    out.push(&s[start..]);
+    Ok(out)
+}
+
+/// Expands the body of one bracket group (`01-64`, `1,3,5-7`, `0-10/2`).
+fn expand_group(expr: &str, body: &str) -> Result<Vec<String>, String> {
+    let mut out = Vec::new();
+    for item in body.split(',') {
+        let item = item.trim();
+        if item.is_empty() {
+            return Err(format!("{expr:?}: empty item in [{body}]"));
+        }
+        let (range, step) = match item.split_once('/') {
+            Some((r, s)) => {
+                let step: u64 = s
+                    .parse()
+                    .ok()
+                    .filter(|&n| n > 0)
+                    .ok_or_else(|| format!("{expr:?}: bad step {s:?} in [{body}]"))?;
+                (r, step)
+            }
+            None => (item, 1),
+        };
+        let (lo, hi) = match range.split_once('-') {
+            Some((a, b)) => (a, b),
+            None => (range, range),
+        };
+        let num = |t: &str| -> Result<u64, String> {
+            if t.is_empty() || !t.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(format!("{expr:?}: {t:?} is not a number in [{body}]"));
+            }
+            t.parse()
+                .map_err(|_| format!("{expr:?}: {t:?} is too large in [{body}]"))
+        };
+        let (a, b) = (num(lo)?, num(hi)?);
+        if a > b {
+            return Err(format!("{expr:?}: range {lo}-{hi} runs backwards"));
+        }
+        if (b - a) / step >= MAX_HOSTS as u64 {
+            return Err(format!(
+                "{expr:?}: range {lo}-{hi} has more than {MAX_HOSTS} hosts"
+            ));
+        }
+        // Zero padding as written: `01-64` gives 01 … 64.
+        let width = if lo.len() > 1 && lo.starts_with('0') {
+            lo.len()
+        } else {
+            0
+        };
+        let mut n = a;
+        while n <= b {
+            out.push(format!("{n:0width$}"));
+            n += step;
+        }
+    }
+    Ok(out)
+}
+
+/// Expands one nodeset element (no top-level commas): every bracket group
+/// multiplies the names (`r[1-2]n[1-3]` gives 6).
+fn expand_one(expr: &str) -> Result<Vec<String>, String> {
+    let mut names = vec![String::new()];
+    let mut rest = expr;
+    while let Some(open) = rest.find('[') {
+        let close = rest[open..]
+            .find(']')
+            .map(|i| open + i)
+            .ok_or_else(|| format!("{expr:?}: unclosed '['"))?;
+        let body = &rest[open + 1..close];
+        let before = &rest[..open];
+        // `[::1]` or `user@[::1]:22`: an IPv6 literal, not a range.
+        if body.contains(':') {
+            for n in &mut names {
+                n.push_str(&rest[..=close]);
+            }
+            rest = &rest[close + 1..];
+            continue;
+        }
+        let values = expand_group(expr, body)?;
+        if names.len().saturating_mul(values.len()) > MAX_HOSTS {
+            return Err(format!("{expr:?} expands to more than {MAX_HOSTS} hosts"));
+        }
+        let mut next = Vec::with_capacity(names.len() * values.len());
+        for n in &names {
+            for v in &values {
+                next.push(format!("{n}{before}{v}"));
+            }
+        }
+        names = next;
+        rest = &rest[close + 1..];
+    }
+    if rest.contains(']') {
+        return Err(format!("{expr:?}: ']' without '['"));
+    }
+    for n in &mut names {
+        n.push_str(rest);
+    }
+    Ok(names)
+}
+
+/// Expands a nodeset expression: comma-separated elements, each of which
+/// may hold bracket groups, `[user@]` before and `:port` after.
+///
+/// ```
+/// let t = ussh::hosts::expand("root@web[01-03]:2222,db1").unwrap();
+/// let names: Vec<String> = t.iter().map(|t| t.to_string()).collect();
+/// assert_eq!(names, ["root@web01:2222", "root@web02:2222", "root@web03:2222", "db1"]);
+/// ```
+pub fn expand(expr: &str) -> Result<Vec<Target>, String> {
+    let mut out = Vec::new();
+    for elem in split_top(expr.trim())? {
+        let elem = elem.trim();
+        if elem.is_empty() {
+            return Err(format!("{expr:?}: empty host name between commas"));
+        }
+        for name in expand_one(elem)? {
+            out.push(Target::parse(&name)?);
+            if out.len() > MAX_HOSTS {
+                return Err(format!("{expr:?} expands to more than {MAX_HOSTS} hosts"));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Parses a hosts file in pssh's format: one `[user@]host[:port]` per line
+/// (nodeset ranges allowed), `#` starts a comment, blank lines are skipped.
+/// `origin` names the file in errors (`hosts.txt:3: …`).
+pub fn parse_hosts_file(text: &str, origin: &str) -> Result<Vec<Target>, String> {
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.split('#').next().unwrap_or("").trim();
+        if line.is_empty() {
+            continue;
+        }
+        let mut words = line.split_whitespace();
+        let first = words.next().expect("non-empty line");
+        if words.next().is_some() {
+            return Err(format!(
+                "{origin}:{}: expected one `[user@]host[:port]` per line, got {line:?}",
+                i + 1
+            ));
+        }
+        let targets = expand(first).map_err(|e| format!("{origin}:{}: {e}", i + 1))?;
+        out.extend(targets);
+    }
+    Ok(out)
+}
+
+/// Drops repeated targets, keeping the first of each.
+pub fn dedup(targets: Vec<Target>) -> Vec<Target> {
+    let mut seen = HashSet::new();
+    targets
+        .into_iter()
+        .filter(|t| seen.insert(t.clone()))
+        .collect()
+}
+
+/// A `--shard I/N` selection: hosts whose position (from 0) modulo `count`
+/// is `index - 1`. `index` counts from 1.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shard {
+    /// Which shard, from 1 to `count`.
+    pub index: usize,
+    /// How many shards the hosts are split into.
+    pub count: usize,
+}
+
+impl Shard {
+    /// Parses `I/N` with `1 <= I <= N`.
+    pub fn parse(s: &str) -> Result<Shard, String> {
+        let (i, n) = s
+            .split_once('/')
+            .ok_or_else(|| format!("--shard {s:?}: expected I/N, e.g. 1/4"))?;
+        let parse = |t: &str| t.trim().parse::<usize>().ok();
+        match (parse(i), parse(n)) {
+            (Some(index), Some(count)) if count >= 1 && (1..=count).contains(&index) => {
+                Ok(Shard { index, count })
+            }
+            (Some(_), Some(0)) => Err(format!("--shard {s:?}: N must be at least 1")),
+            (Some(_), Some(count)) => {
+                Err(format!("--shard {s:?}: I must be between 1 and {count}"))
+            }
+            _ => Err(format!(
+                "--shard {s:?}: expected I/N with numbers, e.g. 1/4"
+            )),
+        }
+    }
+
+    /// Keeps this shard's share of `items`, in order.
+    pub fn select<T>(&self, items: Vec<T>) -> Vec<T> {
+        items
+            .into_iter()
+            .enumerate()
+            .filter(|(i, _)| i % self.count == self.index - 1)
+            .map(|(_, t)| t)
+            .collect()
+    }
+}
+
+/// Folds names back into nodeset notation: `web01,web02,web03,db1` becomes
+/// `db1,web[01-03]`. Names differing only in their last number (same
+/// prefix, suffix and zero padding) are merged.
+pub fn fold<S: AsRef<str>>(names: &[S]) -> String {
+    // (prefix, suffix, padded width) -> numbers; names without digits alone.
+    // An unpadded number as long as a padded group's numbers (`10` beside
+    // `01`) belongs to that group.
+    let mut parsed: Vec<(String, String, usize, u64)> = Vec::new();
+    let mut plain: Vec<String> = Vec::new();
+    for n in names {
+        let n = n.as_ref();
+        let bytes = n.as_bytes();
+        let Some(end) = bytes.iter().rposition(|b| b.is_ascii_digit()) else {
+            plain.push(n.to_string());
+            continue;
+        };
+        let start = bytes[..end]
+            .iter()
+            .rposition(|b| !b.is_ascii_digit())
+            .map_or(0, |i| i + 1);
+        let digits = &n[start..=end];
+        let Ok(v) = digits.parse::<u64>() else {
+            plain.push(n.to_string());
+            continue;
+        };
+        let padded = digits.len() > 1 && digits.starts_with('0');
+        // Width: the digit count, negative while unpadded (decided below).
+        parsed.push((
+            n[..start].to_string(),
+            n[end + 1..].to_string(),
+            if padded {
+                digits.len()
+            } else {
+                usize::MAX - digits.len()
+            },
+            v,
+        ));
+    }
+    let padded: std::collections::HashSet<(String, String, usize)> = parsed
+        .iter()
+        .filter(|p| p.2 < usize::MAX / 2)
+        .map(|p| (p.0.clone(), p.1.clone(), p.2))
+        .collect();
+    let mut groups: BTreeMap<(String, String, usize), Vec<u64>> = BTreeMap::new();
+    for (prefix, suffix, w, v) in parsed {
+        let width = if w < usize::MAX / 2 {
+            w
+        } else {
+            let len = usize::MAX - w;
+            if padded.contains(&(prefix.clone(), suffix.clone(), len)) {
+                len
+            } else {
+                0
+            }
+        };
+        groups.entry((prefix, suffix, width)).or_default().push(v);
+    }
+    let mut parts: Vec<String> = plain;
+    for ((prefix, suffix, width), mut nums) in groups {
+        nums.sort_unstable();
+        nums.dedup();
+        if nums.len() == 1 {
+            parts.push(format!("{prefix}{:0width$}{suffix}", nums[0]));
+            continue;
+        }
+        let mut ranges = Vec::new();
+        let mut i = 0;
+        while i < nums.len() {
+            let mut j = i;
+            while j + 1 < nums.len() && nums[j + 1] == nums[j] + 1 {
+                j += 1;
+            }
+            if i == j {
+                ranges.push(format!("{:0width$}", nums[i]));
+            } else {
+                ranges.push(format!("{:0width$}-{:0width$}", nums[i], nums[j]));
+            }
+            i = j + 1;
+        }
+        parts.push(format!("{prefix}[{}]{suffix}", ranges.join(",")));
+    }
+    parts.sort();
+    parts.join(",")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(expr: &str) -> Vec<String> {
+        expand(expr)
+            .unwrap()
+            .iter()
+            .map(|t| t.to_string())
+            .collect()
+    }
+
+    #[test]
+    fn ranges_with_padding() {
+        let n = names("web[01-64]");
+        assert_eq!(n.len(), 64);
+        assert_eq!(n[0], "web01");
+        assert_eq!(n[63], "web64");
+        assert_eq!(names("n[8-10]"), ["n8", "n9", "n10"]);
+        assert_eq!(names("n[098-100]"), ["n098", "n099", "n100"]);
+    }
+
+    #[test]
+    fn addresses_lists_and_steps() {
+        let n = names("10.0.0.[1-9]");
+        assert_eq!(n.len(), 9);
+        assert_eq!(n[8], "10.0.0.9");
+        assert_eq!(names("a[1,3,5-7]"), ["a1", "a3", "a5", "a6", "a7"]);
+        assert_eq!(names("x[0-6/3]"), ["x0", "x3", "x6"]);
+    }
+
+    #[test]
+    fn products_users_ports_and_lists() {
+        assert_eq!(names("r[1-2]n[1-2]"), ["r1n1", "r1n2", "r2n1", "r2n2"]);
+        assert_eq!(
+            names("ops@h[1-2]:2200,db"),
+            ["ops@h1:2200", "ops@h2:2200", "db"]
+        );
+        let t = &expand("u@[::1]:2022").unwrap()[0];
+        assert_eq!(t.host, "::1");
+        assert_eq!(t.port, Some(2022));
+        assert_eq!(t.user.as_deref(), Some("u"));
+    }
+
+    #[test]
+    fn bad_ranges_are_errors() {
+        for bad in [
+            "web[01-",
+            "web]",
+            "web[a-b]",
+            "web[5-1]",
+            "web[]",
+            "web[1,,2]",
+            "web[1-2/0]",
+            "a,,b",
+            "web[[1-2]]",
+            "host:99999",
+            "host:http",
+            "@host",
+            "n[0-99999999]",
+            "a[0-9999]b[0-9999]",
+        ] {
+            assert!(expand(bad).is_err(), "{bad:?} should be rejected");
+        }
+        let e = expand("web[9-1]").unwrap_err();
+        assert!(e.contains("backwards"), "{e}");
+    }
+
+    #[test]
+    fn hosts_file() {
+        let text = "# fleet\nweb01\nops@web02:2222  # comment\n\n  db[1-2]\nlb 22 \n";
+        let e = parse_hosts_file(text, "h").unwrap_err();
+        assert!(e.starts_with("h:6:"), "{e}");
+        let text = "# fleet\nweb01\nops@web02:2222  # comment\n\n  db[1-2]\nadmin@lb:2022\n";
+        let t = parse_hosts_file(text, "h").unwrap();
+        let n: Vec<String> = t.iter().map(|t| t.to_string()).collect();
+        assert_eq!(
+            n,
+            ["web01", "ops@web02:2222", "db1", "db2", "admin@lb:2022"]
+        );
+        let e = parse_hosts_file("ok\nbad[1-\n", "hosts.txt").unwrap_err();
+        assert!(e.starts_with("hosts.txt:2:"), "{e}");
+    }
+
+    #[test]
+    fn shards_partition_the_hosts() {
+        let all: Vec<usize> = (0..10).collect();
+        let mut seen = Vec::new();
+        for i in 1..=3 {
+            let s = Shard::parse(&format!("{i}/3")).unwrap();
+            seen.extend(s.select(all.clone()));
+        }
+        seen.sort();
+        assert_eq!(seen, all);
+        assert_eq!(
+            Shard::parse("1/3").unwrap().select(all.clone()),
+            [0, 3, 6, 9]
+        );
+        assert_eq!(Shard::parse("3/3").unwrap().select(all), [2, 5, 8]);
+        for bad in ["0/3", "4/3", "1/0", "x/2", "3", "1/", "-1/2"] {
+            assert!(Shard::parse(bad).is_err(), "{bad:?} should be rejected");
+        }
+    }
+
+    #[test]
+    fn dedup_keeps_order() {
+        let t = dedup(expand("b,a,b,c,a").unwrap());
+        let n: Vec<String> = t.iter().map(|t| t.to_string()).collect();
+        assert_eq!(n, ["b", "a", "c"]);
+    }
+
+    #[test]
+    fn fold_round_trips() {
+        let n = names("web[01-03,07],db1,lb");
+        assert_eq!(fold(&n), "db1,lb,web[01-03,07]");
+        assert_eq!(fold(&names("10.0.0.[1-9]")), "10.0.0.[1-9]");
+        assert_eq!(fold(&["a1", "a01"]), "a01,a1");
+        assert_eq!(fold(&names("web[01-64]")), "web[01-64]");
+        assert_eq!(fold(&names("n[8-12]")), "n[8-12]");
+        assert_eq!(fold(&names("n[098-100],n7")), "n7,n[098-100]");
+        assert_eq!(fold::<&str>(&[]), "");
+    }
+}

@@ -1,0 +1,422 @@
+//! `ussh`: run a command on, fetch files from, or push files to many SSH
+//! hosts at once, all sessions on one thread over the `uring-ssh` library.
+
+mod cli;
+mod engine;
+mod ui;
+
+use std::collections::BTreeMap;
+use std::io::{IsTerminal, Read};
+use std::path::PathBuf;
+use std::rc::Rc;
+use std::time::Duration;
+
+use clap::Parser;
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use uring_ssh::sftp::TransferOptions;
+use uring_ssh::{Config, HostKeyPolicy, MethodType};
+use ussh::hosts::{self, Shard, Target};
+use ussh::sshconfig::{self, SshConfig, StrictMode};
+
+use cli::{Cli, Cmd, Common};
+use engine::{Job, Op, Outcome, Plan, Status};
+use ui::Ui;
+
+/// Exit code for bad input.
+const EXIT_USAGE: i32 = 2;
+/// Exit code after Ctrl-C.
+const EXIT_INTERRUPTED: i32 = 130;
+
+fn main() {
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let code = rt.block_on(run(cli));
+    // Whatever is still in flight after an interrupt was dropped already;
+    // leave without waiting for anything else.
+    std::process::exit(code);
+}
+
+fn usage_error(msg: &str) -> i32 {
+    eprintln!("ussh: {msg}");
+    EXIT_USAGE
+}
+
+async fn run(cli: Cli) -> i32 {
+    let (common, op, transfer_opts, name) = match cli.cmd {
+        Cmd::Exec(a) => {
+            let collect = a.gather || a.common.json;
+            (
+                a.common,
+                Op::Exec {
+                    command: a.command.join(" "),
+                    collect,
+                },
+                None,
+                "exec",
+            )
+        }
+        Cmd::Get(mut a) => {
+            let dest = a.paths.pop().expect("clap: at least two paths");
+            let remotes = a.paths.iter().map(PathBuf::from).collect();
+            (
+                a.common,
+                Op::Get { remotes, dest },
+                Some((a.update, a.preserve)),
+                "get",
+            )
+        }
+        Cmd::Put(mut a) => {
+            let dest = a.paths.pop().expect("clap: at least two paths");
+            let mut locals = Vec::new();
+            for p in &a.paths {
+                let path = PathBuf::from(p);
+                if let Err(e) = std::fs::metadata(&path) {
+                    return usage_error(&format!("local path {p}: {e}"));
+                }
+                locals.push(path);
+            }
+            (
+                a.common,
+                Op::Put { locals, dest },
+                Some((a.update, a.preserve)),
+                "put",
+            )
+        }
+    };
+    let gather = matches!(&op, Op::Exec { collect: true, .. }) && !common.json;
+
+    let targets = match collect_targets(&common) {
+        Ok(t) => t,
+        Err(e) => return usage_error(&e),
+    };
+    let config = match load_config(&common) {
+        Ok(c) => c,
+        Err(e) => return usage_error(&e),
+    };
+    for w in &config.warnings {
+        eprintln!("ussh: {w}");
+    }
+    for key in &common.identity {
+        if let Err(e) = std::fs::File::open(key) {
+            return usage_error(&format!("key {}: {e}", key.display()));
+        }
+    }
+    let plans = match make_plans(&targets, &config, &common) {
+        Ok(p) => p,
+        Err(e) => return usage_error(&e),
+    };
+
+    let parallel = common.parallel.max(1);
+    let nofile = raise_nofile_limit();
+    let mut transfer = TransferOptions::default();
+    if let Some((update, preserve)) = transfer_opts {
+        transfer.skip_unchanged = update;
+        transfer.preserve = preserve || update;
+        // Keep open local files within the descriptor limit.
+        let hosts_at_once = parallel.min(plans.len()).max(1) as u64;
+        let per_host = nofile.saturating_sub(128) / hosts_at_once;
+        transfer.max_open_files = per_host.clamp(2, 64) as usize;
+    }
+    let job = Job {
+        op,
+        transfer,
+        retries: common.retries,
+        timeout: common.timeout.map(Duration::from_secs_f64),
+    };
+
+    let ui = Rc::new(Ui::new(
+        plans.len(),
+        transfer_opts.is_some(),
+        common.quiet,
+        common.json,
+    ));
+    if let Op::Put { locals, .. } = &job.op {
+        let per_host: u64 = locals.iter().map(|p| local_bytes(p)).sum();
+        ui.set_total_bytes(per_host * plans.len() as u64);
+    }
+    let (outcomes, interrupted) = run_all(&plans, &job, &ui, parallel).await;
+    ui.clear();
+    if gather {
+        ui::print_gathered(&outcomes);
+    }
+    ui::print_summary(name, &outcomes, transfer_opts.is_some(), ui.elapsed());
+    if interrupted {
+        eprintln!("ussh: interrupted: every session was dropped; finished hosts are listed above");
+        return EXIT_INTERRUPTED;
+    }
+    if outcomes.iter().all(|o| o.status == Status::Ok) {
+        0
+    } else {
+        1
+    }
+}
+
+/// Runs every plan, `parallel` at a time, until done or Ctrl-C; on Ctrl-C
+/// every session still running is dropped at once.
+async fn run_all(plans: &[Plan], job: &Job, ui: &Rc<Ui>, parallel: usize) -> (Vec<Outcome>, bool) {
+    let mut outcomes: Vec<Option<Outcome>> = vec![None; plans.len()];
+    let mut next = 0;
+    let mut running = FuturesUnordered::new();
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    let mut interrupted = false;
+    loop {
+        while running.len() < parallel && next < plans.len() {
+            let i = next;
+            next += 1;
+            let (plan, ui2) = (&plans[i], ui.clone());
+            ui.started();
+            running.push(async move { (i, engine::run_host(plan, job, &ui2).await) });
+        }
+        if running.is_empty() {
+            break;
+        }
+        tokio::select! {
+            biased;
+            _ = &mut ctrl_c => {
+                interrupted = true;
+                break;
+            }
+            Some((i, o)) = running.next() => {
+                ui.finished(&o);
+                outcomes[i] = Some(o);
+            }
+            _ = tick.tick() => ui.refresh(),
+        }
+    }
+    // Drops every session still running: each teardown is immediate.
+    drop(running);
+    let outcomes = outcomes
+        .into_iter()
+        .zip(plans)
+        .map(|(o, p)| {
+            o.unwrap_or_else(|| {
+                let mut o = Outcome::new(&p.label, Status::Interrupted);
+                o.error = Some("interrupted".into());
+                o
+            })
+        })
+        .collect();
+    (outcomes, interrupted)
+}
+
+fn read_stdin() -> Result<String, String> {
+    let mut s = String::new();
+    std::io::stdin()
+        .read_to_string(&mut s)
+        .map_err(|e| format!("reading hosts from standard input: {e}"))?;
+    Ok(s)
+}
+
+fn collect_targets(c: &Common) -> Result<Vec<Target>, String> {
+    let mut out = Vec::new();
+    let mut stdin_used = false;
+    let mut from_stdin = |out: &mut Vec<Target>| -> Result<(), String> {
+        if !stdin_used {
+            stdin_used = true;
+            out.extend(hosts::parse_hosts_file(&read_stdin()?, "<stdin>")?);
+        }
+        Ok(())
+    };
+    for h in &c.hosts {
+        if h == "-" {
+            from_stdin(&mut out)?;
+        } else {
+            out.extend(hosts::expand(h)?);
+        }
+    }
+    for f in &c.hosts_file {
+        if f.as_os_str() == "-" {
+            from_stdin(&mut out)?;
+        } else {
+            let text = std::fs::read_to_string(f)
+                .map_err(|e| format!("hosts file {}: {e}", f.display()))?;
+            out.extend(hosts::parse_hosts_file(&text, &f.display().to_string())?);
+        }
+    }
+    if c.hosts.is_empty() && c.hosts_file.is_empty() {
+        if std::io::stdin().is_terminal() {
+            return Err("no hosts: give -H NODESET, -f FILE, or a list on standard input".into());
+        }
+        from_stdin(&mut out)?;
+    }
+    let mut out = hosts::dedup(out);
+    if let Some(s) = &c.shard {
+        out = Shard::parse(s)?.select(out);
+    }
+    if out.is_empty() {
+        return Err("no hosts to work on".into());
+    }
+    Ok(out)
+}
+
+fn load_config(c: &Common) -> Result<SshConfig, String> {
+    match &c.config {
+        Some(p) if p.as_os_str() == "none" => Ok(SshConfig::default()),
+        Some(p) => {
+            if !p.exists() {
+                return Err(format!("-F {}: no such file", p.display()));
+            }
+            SshConfig::load(p)
+        }
+        None => SshConfig::load(&sshconfig::home().join(".ssh/config")),
+    }
+}
+
+fn make_plans(targets: &[Target], cfg: &SshConfig, c: &Common) -> Result<Vec<Plan>, String> {
+    let mut unsupported: BTreeMap<String, (String, usize)> = BTreeMap::new();
+    let mut plans = Vec::with_capacity(targets.len());
+    let home = sshconfig::home();
+    for t in targets {
+        let s = cfg.resolve(&t.host)?;
+        for u in &s.unsupported {
+            unsupported
+                .entry(u.name.clone())
+                .or_insert_with(|| (u.at.clone(), 0))
+                .1 += 1;
+        }
+        let user = t
+            .user
+            .clone()
+            .or_else(|| c.user.clone())
+            .or_else(|| s.user.clone())
+            .unwrap_or_else(sshconfig::local_user);
+        let port = t.port.or(c.port).or(s.port).unwrap_or(22);
+        let hostname = s.hostname.clone().unwrap_or_else(|| t.host.clone());
+        let connect_timeout = c
+            .connect_timeout
+            .map(Duration::from_secs_f64)
+            .or(s.connect_timeout.map(Duration::from_secs))
+            .unwrap_or(Duration::from_secs(30));
+        let op_timeout = Duration::from_secs(60).max(connect_timeout);
+        let keepalive = match s.server_alive_interval {
+            Some(0) => None,
+            Some(n) => Some(Duration::from_secs(n)),
+            None => Some(Duration::from_secs(30)),
+        };
+        let policy = match s.strict_host_key_checking {
+            None | Some(StrictMode::Yes) => HostKeyPolicy::Strict,
+            Some(StrictMode::AcceptNew) => HostKeyPolicy::AcceptNew,
+            Some(StrictMode::No) => HostKeyPolicy::InsecureAcceptAny,
+        };
+        let known_hosts = s
+            .user_known_hosts_file
+            .clone()
+            .unwrap_or_else(|| home.join(".ssh/known_hosts"));
+        let mut config = Config::new()
+            .connect_timeout(connect_timeout)
+            .timeout(Some(op_timeout))
+            .keepalive(keepalive, s.server_alive_count_max.unwrap_or(3))
+            .known_hosts(Some(known_hosts))
+            .host_key_policy(policy);
+        if let Some(v) = c.ciphers.as_ref().or(s.ciphers.as_ref()) {
+            config = config.ciphers(v);
+        }
+        if let Some(v) = c.kex.as_ref().or(s.kex_algorithms.as_ref()) {
+            config = config.method(MethodType::Kex, v.clone());
+        }
+        if let Some(v) = &s.macs {
+            config = config
+                .method(MethodType::MacClientToServer, v.clone())
+                .method(MethodType::MacServerToClient, v.clone());
+        }
+        if let Some(v) = &s.host_key_algorithms {
+            config = config.method(MethodType::HostKey, v.clone());
+        }
+        let mut identities: Vec<PathBuf> = c.identity.clone();
+        identities.extend(s.identity_files.iter().cloned());
+        let explicit = !identities.is_empty();
+        if !explicit {
+            for k in ["id_ed25519", "id_ecdsa", "id_rsa"] {
+                let p = home.join(".ssh").join(k);
+                if p.exists() {
+                    identities.push(p);
+                }
+            }
+        }
+        let agent = if c.no_agent || (s.identities_only == Some(true) && explicit) {
+            None
+        } else {
+            match &s.identity_agent {
+                Some(p) if p.as_os_str().is_empty() => None,
+                Some(p) => Some(Some(p.clone())),
+                None if std::env::var_os("SSH_AUTH_SOCK").is_some() => Some(None),
+                None => None,
+            }
+        };
+        // A host behind a proxy must not be reached directly instead.
+        let blocked = s
+            .unsupported
+            .iter()
+            .find(|u| {
+                u.name.eq_ignore_ascii_case("proxyjump")
+                    || u.name.eq_ignore_ascii_case("proxycommand")
+            })
+            .map(|u| format!("{} ({}) is not supported: not connecting", u.name, u.at));
+        plans.push(Plan {
+            label: t.to_string(),
+            hostname,
+            port,
+            user,
+            config,
+            connect_timeout,
+            identities,
+            agent,
+            blocked,
+        });
+    }
+    if !unsupported.is_empty() {
+        let list: Vec<String> = unsupported
+            .iter()
+            .map(|(name, (at, n))| {
+                format!("{name} ({at}, {n} host{})", if *n == 1 { "" } else { "s" })
+            })
+            .collect();
+        eprintln!(
+            "ussh: ssh config directives not supported (ignored; hosts needing ProxyJump or ProxyCommand are not connected to): {}",
+            list.join(", ")
+        );
+    }
+    Ok(plans)
+}
+
+/// Bytes of the regular files at or under `path` (symbolic links followed,
+/// as `put` does).
+fn local_bytes(path: &std::path::Path) -> u64 {
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_dir() => std::fs::read_dir(path)
+            .map(|rd| rd.flatten().map(|e| local_bytes(&e.path())).sum())
+            .unwrap_or(0),
+        Ok(m) if m.is_file() => m.len(),
+        _ => 0,
+    }
+}
+
+/// Raises the soft limit on open files to the hard limit (every session
+/// is a socket, and transfers keep files open); returns the limit in force.
+fn raise_nofile_limit() -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct it is given.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return 1024;
+    }
+    if lim.rlim_cur < lim.rlim_max {
+        let want = libc::rlimit {
+            rlim_cur: lim.rlim_max,
+            rlim_max: lim.rlim_max,
+        };
+        // SAFETY: setrlimit only reads the struct; raising the soft limit
+        // up to the hard one is always allowed.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &want) } == 0 {
+            return want.rlim_cur;
+        }
+    }
+    lim.rlim_cur
+}

@@ -1,0 +1,445 @@
+//! What the operator sees: streamed output, the progress bar (a terminal)
+//! or plain per-host lines (otherwise), JSON records, gathered output and
+//! the final summary.
+
+use std::cell::{Cell, RefCell};
+use std::collections::BTreeMap;
+use std::io::{IsTerminal, Write};
+use std::time::{Duration, Instant};
+
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use ussh::hosts::fold;
+
+use crate::engine::{Outcome, Status};
+
+/// Output and progress of one run.
+pub struct Ui {
+    bar: Option<ProgressBar>,
+    plain: bool,
+    json: bool,
+    transfer: bool,
+    total: usize,
+    start: Instant,
+    bytes: Cell<u64>,
+    done: Cell<usize>,
+    ok: Cell<usize>,
+    failed: Cell<usize>,
+    running: Cell<usize>,
+    last_rate: RefCell<(Instant, u64, f64)>,
+    /// Bytes the whole run will move, when known up front (`put`).
+    total_bytes: Cell<Option<u64>>,
+}
+
+/// `1.5 MiB` style.
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+impl Ui {
+    /// A bar on a terminal unless `quiet` or `json`; plain lines otherwise
+    /// unless `quiet`.
+    pub fn new(total: usize, transfer: bool, quiet: bool, json: bool) -> Ui {
+        let tty = std::io::stderr().is_terminal();
+        let bar = (tty && !quiet).then(|| {
+            let b = ProgressBar::with_draw_target(
+                Some(total as u64),
+                ProgressDrawTarget::stderr_with_hz(8),
+            );
+            b.set_style(
+                ProgressStyle::with_template(
+                    "{spinner} {elapsed_precise} [{bar:28}] {pos}/{len} hosts {msg}",
+                )
+                .expect("valid template")
+                .progress_chars("=> "),
+            );
+            b
+        });
+        Ui {
+            bar,
+            plain: !tty && !quiet,
+            json,
+            transfer,
+            total,
+            start: Instant::now(),
+            bytes: Cell::new(0),
+            done: Cell::new(0),
+            ok: Cell::new(0),
+            failed: Cell::new(0),
+            running: Cell::new(0),
+            last_rate: RefCell::new((Instant::now(), 0, 0.0)),
+            total_bytes: Cell::new(None),
+        }
+    }
+
+    /// Whether records go out as JSON.
+    pub fn json(&self) -> bool {
+        self.json
+    }
+
+    /// Runs `f` with the bar hidden.
+    fn out(&self, f: impl FnOnce()) {
+        match &self.bar {
+            Some(b) => b.suspend(f),
+            None => f(),
+        }
+    }
+
+    /// Prints complete lines of a host's output with a `host: ` prefix.
+    pub fn host_lines(&self, label: &str, data: &[u8], stderr: bool) {
+        let mut text = Vec::with_capacity(data.len() + 16);
+        for line in data.split_inclusive(|&b| b == b'\n') {
+            text.extend_from_slice(label.as_bytes());
+            text.extend_from_slice(b": ");
+            text.extend_from_slice(line);
+        }
+        self.out(|| {
+            let _ = if stderr {
+                std::io::stderr().lock().write_all(&text)
+            } else {
+                std::io::stdout().lock().write_all(&text)
+            };
+        });
+    }
+
+    /// A message on stderr that stays above the bar.
+    pub fn note(&self, msg: &str) {
+        match &self.bar {
+            Some(b) => b.println(msg),
+            None => eprintln!("{msg}"),
+        }
+    }
+
+    /// Sets the bytes the run will move at most (for the ETA).
+    pub fn set_total_bytes(&self, n: u64) {
+        self.total_bytes.set(Some(n));
+    }
+
+    /// Credits bytes moved.
+    pub fn add_bytes(&self, n: u64) {
+        self.bytes.set(self.bytes.get() + n);
+    }
+
+    /// A host started.
+    pub fn started(&self) {
+        self.running.set(self.running.get() + 1);
+    }
+
+    /// A host finished: counts, plain line or JSON record.
+    pub fn finished(&self, o: &Outcome) {
+        self.running.set(self.running.get().saturating_sub(1));
+        self.done.set(self.done.get() + 1);
+        if o.status == Status::Ok {
+            self.ok.set(self.ok.get() + 1);
+        } else {
+            self.failed.set(self.failed.get() + 1);
+        }
+        if self.json {
+            let line = json_record(o).to_string();
+            self.out(|| println!("{line}"));
+        }
+        let line = format!(
+            "ussh: [{}/{}] {}: {}",
+            self.done.get(),
+            self.total,
+            o.label,
+            self.describe(o)
+        );
+        if self.plain || (o.status != Status::Ok && !self.json) {
+            self.note(&line);
+        }
+        if let Some(b) = &self.bar {
+            b.set_position(self.done.get() as u64);
+        }
+        self.refresh();
+    }
+
+    fn describe(&self, o: &Outcome) -> String {
+        let mut s = o.status.word().to_string();
+        if let Some(c) = o.exit_code
+            && o.signal.is_none()
+        {
+            s.push_str(&format!(" (exit {c})"));
+        }
+        if self.transfer {
+            s.push_str(&format!(" {} files {}", o.files, human_bytes(o.bytes)));
+            if o.skipped > 0 {
+                s.push_str(&format!(", {} unchanged", o.skipped));
+            }
+        }
+        s.push_str(&format!(" in {:.2} s", o.duration.as_secs_f64()));
+        if let Some(e) = &o.error {
+            s.push_str(&format!(": {e}"));
+        }
+        s
+    }
+
+    /// Redraws the bar's message: hosts by state, bytes, rate.
+    pub fn refresh(&self) {
+        let Some(b) = &self.bar else { return };
+        let mut msg = format!(
+            "· ok {} · failed {} · running {}",
+            self.ok.get(),
+            self.failed.get(),
+            self.running.get()
+        );
+        if self.transfer {
+            let now = Instant::now();
+            let bytes = self.bytes.get();
+            let mut r = self.last_rate.borrow_mut();
+            let dt = now.duration_since(r.0).as_secs_f64();
+            if dt >= 0.5 {
+                let inst = (bytes - r.1) as f64 / dt;
+                r.2 = if r.2 == 0.0 {
+                    inst
+                } else {
+                    0.5 * r.2 + 0.5 * inst
+                };
+                *r = (now, bytes, r.2);
+            }
+            msg.push_str(&format!(
+                " · {} · {}/s",
+                human_bytes(bytes),
+                human_bytes(r.2 as u64)
+            ));
+            if let Some(total) = self.total_bytes.get()
+                && r.2 > 0.0
+                && total > bytes
+            {
+                let eta = (total - bytes) as f64 / r.2;
+                msg.push_str(&format!(" · ETA {eta:.0} s"));
+            }
+        }
+        let done = self.done.get();
+        if self.total_bytes.get().is_none() && done > 0 && done < self.total {
+            // Linear in hosts finished: a rough guide while hosts run
+            // side by side.
+            let eta = self.start.elapsed().as_secs_f64() * (self.total - done) as f64 / done as f64;
+            msg.push_str(&format!(" · ETA {eta:.0} s"));
+        }
+        b.set_message(msg);
+        b.tick();
+    }
+
+    /// Removes the bar.
+    pub fn clear(&self) {
+        if let Some(b) = &self.bar {
+            b.finish_and_clear();
+        }
+    }
+
+    /// Time since the run began.
+    pub fn elapsed(&self) -> Duration {
+        self.start.elapsed()
+    }
+}
+
+/// The JSON record of one host.
+pub fn json_record(o: &Outcome) -> serde_json::Value {
+    let mut v = serde_json::json!({
+        "host": o.label,
+        "status": o.status.word(),
+        "exit_code": o.exit_code,
+        "signal": o.signal,
+        "bytes": o.bytes,
+        "files": o.files,
+        "skipped": o.skipped,
+        "failed_files": o.failed_files,
+        "duration": (o.duration.as_secs_f64() * 1000.0).round() / 1000.0,
+        "attempts": o.attempts,
+        "error": o.error,
+    });
+    if o.exit_code.is_some() {
+        v["stdout"] = String::from_utf8_lossy(&o.stdout).into_owned().into();
+        v["stderr"] = String::from_utf8_lossy(&o.stderr).into_owned().into();
+    }
+    v
+}
+
+/// Prints gathered stdout: hosts with identical output once, as a block
+/// headed by their folded names; then the hosts that did not exit 0.
+pub fn print_gathered(outcomes: &[Outcome]) {
+    let mut groups: BTreeMap<&[u8], Vec<&str>> = BTreeMap::new();
+    for o in outcomes.iter().filter(|o| o.exit_code.is_some()) {
+        groups.entry(&o.stdout).or_default().push(&o.label);
+    }
+    let mut blocks: Vec<(String, usize, &[u8])> = groups
+        .into_iter()
+        .map(|(out, hosts)| (fold(&hosts), hosts.len(), out))
+        .collect();
+    blocks.sort();
+    let stdout = std::io::stdout();
+    let mut w = stdout.lock();
+    for (names, n, out) in blocks {
+        let head = format!("{names} ({n})");
+        let rule = "-".repeat(head.len().clamp(15, 78));
+        let _ = writeln!(w, "{rule}\n{head}\n{rule}");
+        let _ = w.write_all(out);
+        if !out.is_empty() && !out.ends_with(b"\n") {
+            let _ = writeln!(w);
+        }
+    }
+    let _ = w.flush();
+    let mut codes: BTreeMap<String, Vec<&str>> = BTreeMap::new();
+    for o in outcomes.iter().filter(|o| o.status == Status::Failed) {
+        let why = match (&o.signal, o.exit_code) {
+            (Some(s), _) => format!("killed by signal {s}"),
+            (None, Some(c)) => format!("exited with exit code {c}"),
+            _ => continue,
+        };
+        codes.entry(why).or_default().push(&o.label);
+    }
+    for (why, hosts) in codes {
+        eprintln!("ussh: {}: {why}", fold(&hosts));
+    }
+}
+
+/// Client CPU of this process so far: (user, system).
+pub fn cpu_times() -> (Duration, Duration) {
+    let mut ru = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: getrusage fills the struct it is given; RUSAGE_SELF is valid.
+    let rc = unsafe { libc::getrusage(libc::RUSAGE_SELF, ru.as_mut_ptr()) };
+    if rc != 0 {
+        return (Duration::ZERO, Duration::ZERO);
+    }
+    // SAFETY: initialised by the successful call above (and zeroed before).
+    let ru = unsafe { ru.assume_init() };
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    (tv(ru.ru_utime), tv(ru.ru_stime))
+}
+
+/// The final summary on stderr: a table (per host when there are few,
+/// per status otherwise), each failing host's error, and the totals.
+pub fn print_summary(op: &str, outcomes: &[Outcome], transfer: bool, elapsed: Duration) {
+    let mut w = std::io::stderr().lock();
+    let per_host = outcomes.len() <= 32;
+    let _ = writeln!(w);
+    if per_host {
+        let width = outcomes
+            .iter()
+            .map(|o| o.label.len())
+            .max()
+            .unwrap_or(4)
+            .max(4);
+        let _ = write!(w, "{:<width$}  {:<11}  {:>4}", "HOST", "STATUS", "EXIT");
+        if transfer {
+            let _ = write!(w, "  {:>7}  {:>7}  {:>10}", "FILES", "SKIPPED", "BYTES");
+        }
+        let _ = writeln!(w, "  {:>7}  ERROR", "SECONDS");
+        for o in outcomes {
+            let exit = match (&o.signal, o.exit_code) {
+                (Some(s), _) => s.clone(),
+                (None, Some(c)) => c.to_string(),
+                _ => "-".into(),
+            };
+            let _ = write!(
+                w,
+                "{:<width$}  {:<11}  {:>4}",
+                o.label,
+                o.status.word(),
+                exit
+            );
+            if transfer {
+                let _ = write!(
+                    w,
+                    "  {:>7}  {:>7}  {:>10}",
+                    o.files,
+                    o.skipped,
+                    human_bytes(o.bytes)
+                );
+            }
+            let _ = writeln!(
+                w,
+                "  {:>7.2}  {}",
+                o.duration.as_secs_f64(),
+                o.error.as_deref().unwrap_or("")
+            );
+        }
+    } else {
+        let mut by: BTreeMap<Status, Vec<&Outcome>> = BTreeMap::new();
+        for o in outcomes {
+            by.entry(o.status).or_default().push(o);
+        }
+        let _ = write!(w, "{:<11}  {:>6}", "STATUS", "HOSTS");
+        if transfer {
+            let _ = write!(w, "  {:>9}  {:>9}  {:>10}", "FILES", "SKIPPED", "BYTES");
+        }
+        let _ = writeln!(w, "  NAMES");
+        for (st, os) in &by {
+            let names: Vec<&str> = os.iter().map(|o| o.label.as_str()).collect();
+            let mut folded = fold(&names);
+            if folded.len() > 60 {
+                folded.truncate(57);
+                folded.push_str("...");
+            }
+            let _ = write!(w, "{:<11}  {:>6}", st.word(), os.len());
+            if transfer {
+                let _ = write!(
+                    w,
+                    "  {:>9}  {:>9}  {:>10}",
+                    os.iter().map(|o| o.files).sum::<u64>(),
+                    os.iter().map(|o| o.skipped).sum::<u64>(),
+                    human_bytes(os.iter().map(|o| o.bytes).sum())
+                );
+            }
+            let _ = writeln!(w, "  {folded}");
+        }
+        let bad: Vec<&Outcome> = outcomes.iter().filter(|o| o.error.is_some()).collect();
+        for o in bad.iter().take(50) {
+            let _ = writeln!(
+                w,
+                "  {}: {}",
+                o.label,
+                o.error.as_deref().unwrap_or_default()
+            );
+        }
+        if bad.len() > 50 {
+            let _ = writeln!(w, "  ... and {} more", bad.len() - 50);
+        }
+    }
+    let n = outcomes.len();
+    let ok = outcomes.iter().filter(|o| o.status == Status::Ok).count();
+    let stopped = outcomes
+        .iter()
+        .filter(|o| o.status == Status::Interrupted)
+        .count();
+    let secs = elapsed.as_secs_f64();
+    let (user, sys) = cpu_times();
+    let cpu = user + sys;
+    let mut line = format!("ussh {op}: {n} hosts, {ok} ok, {} failed", n - ok - stopped);
+    if stopped > 0 {
+        line.push_str(&format!(", {stopped} interrupted"));
+    }
+    line.push_str(&format!(" in {secs:.2} s"));
+    if transfer {
+        let files: u64 = outcomes.iter().map(|o| o.files).sum();
+        let skipped: u64 = outcomes.iter().map(|o| o.skipped).sum();
+        let bytes: u64 = outcomes.iter().map(|o| o.bytes).sum();
+        line.push_str(&format!(
+            " · {files} files, {} ({}/s)",
+            human_bytes(bytes),
+            human_bytes((bytes as f64 / secs.max(1e-3)) as u64)
+        ));
+        if skipped > 0 {
+            line.push_str(&format!(", {skipped} unchanged"));
+        }
+    }
+    line.push_str(&format!(
+        " · client CPU {:.2} s (user {:.2}, sys {:.2}; {:.1} ms per host)",
+        cpu.as_secs_f64(),
+        user.as_secs_f64(),
+        sys.as_secs_f64(),
+        cpu.as_secs_f64() * 1000.0 / n.max(1) as f64
+    ));
+    let _ = writeln!(w, "{line}");
+}
