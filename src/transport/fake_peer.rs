@@ -1094,7 +1094,9 @@ pub(crate) fn fuzz_known_hosts(data: &[u8]) {
                 ffi::LIBSSH2_KNOWNHOST_FILE_OPENSSH,
             );
         }
-        let key = [0u8, 0, 0, 11, b's', b's', b'h', b'-', b'e', b'd', b'2', b'5', b'5', b'1', b'9'];
+        let key = [
+            0u8, 0, 0, 11, b's', b's', b'h', b'-', b'e', b'd', b'2', b'5', b'5', b'1', b'9',
+        ];
         let mut entry = std::ptr::null_mut();
         ffi::libssh2_knownhost_checkp(
             kh,
