@@ -137,31 +137,43 @@ impl OpenOptions {
     /// Opens `path` with these options.
     pub async fn open(&self, sftp: &Sftp, path: impl AsRef<Path>) -> Result<File> {
         let flags = self.flags()?;
-        let p = wire(path.as_ref());
-        let attrs = FileAttributes {
-            permissions: Some(self.mode),
-            ..Default::default()
-        };
         let handle = sftp
-            .timed("SFTP open", async {
-                let r = sftp
-                    .inner
-                    .client
-                    .request(true, |out, id| {
-                        codec::Request::new(out, fxp::OPEN, id)
-                            .str(p)
-                            .u32(flags)
-                            .attrs(&attrs)
-                            .finish();
-                    })
-                    .await?;
-                match r {
-                    Reply::Handle(h) => Ok(h),
-                    other => Err(unexpected(other, Some(p))),
-                }
-            })
+            .timed(
+                "SFTP open",
+                open_handle(sftp, path.as_ref(), flags, self.mode),
+            )
             .await?;
         Ok(File::new(sftp.clone(), handle))
+    }
+}
+
+/// OPEN: the handle for `path` opened with `flags` (`SSH_FXF_*`), created
+/// with permission bits `mode` if it is created. No timeout of its own.
+pub(crate) async fn open_handle(
+    sftp: &Sftp,
+    path: &Path,
+    flags: u32,
+    mode: u32,
+) -> Result<Vec<u8>> {
+    let p = wire(path);
+    let attrs = FileAttributes {
+        permissions: Some(mode),
+        ..Default::default()
+    };
+    let r = sftp
+        .inner
+        .client
+        .request(true, |out, id| {
+            codec::Request::new(out, fxp::OPEN, id)
+                .str(p)
+                .u32(flags)
+                .attrs(&attrs)
+                .finish();
+        })
+        .await?;
+    match r {
+        Reply::Handle(h) => Ok(h),
+        other => Err(unexpected(other, Some(p))),
     }
 }
 

@@ -27,7 +27,7 @@ use tokio::sync::{Semaphore, SemaphorePermit};
 
 use super::client::{ReplyFuture, status_ok, unexpected};
 use super::codec::{self, FileAttributes, Reply, fxp};
-use super::file::File;
+use super::file::{File, open_handle};
 use super::{Sftp, wire};
 use crate::error::{Error, Result};
 
@@ -251,29 +251,6 @@ fn local_unchanged(local: &Path, a: &FileAttributes) -> bool {
     }
 }
 
-async fn open_remote(sftp: &Sftp, path: &Path, flags: u32, mode: u32) -> Result<Vec<u8>> {
-    let p = wire(path);
-    let attrs = FileAttributes {
-        permissions: Some(mode),
-        ..Default::default()
-    };
-    let r = sftp
-        .inner
-        .client
-        .request(true, |out, id| {
-            codec::Request::new(out, fxp::OPEN, id)
-                .str(p)
-                .u32(flags)
-                .attrs(&attrs)
-                .finish();
-        })
-        .await?;
-    match r {
-        Reply::Handle(h) => Ok(h),
-        other => Err(unexpected(other, Some(p))),
-    }
-}
-
 async fn close_remote(sftp: &Sftp, handle: &[u8]) -> Result<()> {
     let r = sftp
         .inner
@@ -343,7 +320,7 @@ async fn download_one(
     progress: &Moved<'_>,
 ) -> Result<u64> {
     let sftp = &lane.sftp;
-    let handle = open_remote(sftp, &item.remote, codec::open_flags::READ, 0).await?;
+    let handle = open_handle(sftp, &item.remote, codec::open_flags::READ, 0).await?;
     let handle = RemoteHandle {
         sftp,
         bytes: Some(handle),
@@ -489,7 +466,7 @@ async fn upload_one(
         item.remote.clone()
     };
     let flags = codec::open_flags::WRITE | codec::open_flags::CREAT | codec::open_flags::TRUNC;
-    let handle = open_remote(sftp, &dest, flags, if opts.preserve { mode } else { 0o644 }).await?;
+    let handle = open_handle(sftp, &dest, flags, if opts.preserve { mode } else { 0o644 }).await?;
     let handle = RemoteHandle {
         sftp,
         bytes: Some(handle),
