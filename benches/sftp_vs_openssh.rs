@@ -94,22 +94,19 @@ fn ssh_opts(sshd: &sshd::Sshd) -> Vec<String> {
 
 /// CPU seconds (user + sys) of this process, or of its waited-for children.
 fn cpu(children: bool) -> f64 {
-    // SAFETY: getrusage fills the struct we own.
-    let mut u: libc_rusage = unsafe { std::mem::zeroed() };
-    unsafe { getrusage(if children { -1 } else { 0 }, &mut u) };
-    let t = |tv: [i64; 2]| tv[0] as f64 + tv[1] as f64 / 1e6;
-    t(u.utime) + t(u.stime)
-}
-
-#[repr(C)]
-struct libc_rusage {
-    utime: [i64; 2],
-    stime: [i64; 2],
-    rest: [i64; 14],
-}
-
-unsafe extern "C" {
-    fn getrusage(who: i32, usage: *mut libc_rusage) -> i32;
+    let who = if children {
+        libc::RUSAGE_CHILDREN
+    } else {
+        libc::RUSAGE_SELF
+    };
+    // SAFETY: an all-zero rusage is a valid value; getrusage fills it.
+    let u = unsafe {
+        let mut u: libc::rusage = std::mem::zeroed();
+        libc::getrusage(who, &mut u);
+        u
+    };
+    let t = |tv: libc::timeval| tv.tv_sec as f64 + tv.tv_usec as f64 / 1e6;
+    t(u.ru_utime) + t(u.ru_stime)
 }
 
 struct Row {

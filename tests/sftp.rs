@@ -199,32 +199,14 @@ async fn path_operations_and_their_errors() {
 fn nix_statvfs(p: &Path) -> (u64, u64) {
     use std::os::unix::ffi::OsStrExt;
     let c = std::ffi::CString::new(p.as_os_str().as_bytes()).unwrap();
-    let mut s: libc_statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: valid C string and out-pointer.
-    let rc = unsafe { statvfs(c.as_ptr(), &mut s) };
-    assert_eq!(rc, 0);
+    // SAFETY: an all-zero statvfs is a valid value; statvfs(3) gets a valid
+    // C string and a pointer to it, and fills it.
+    let s = unsafe {
+        let mut s: libc::statvfs = std::mem::zeroed();
+        assert_eq!(libc::statvfs(c.as_ptr(), &mut s), 0);
+        s
+    };
     (s.f_bsize as u64, s.f_blocks as u64)
-}
-
-#[repr(C)]
-#[allow(non_camel_case_types)]
-struct libc_statvfs {
-    f_bsize: std::ffi::c_ulong,
-    f_frsize: std::ffi::c_ulong,
-    f_blocks: u64,
-    f_bfree: u64,
-    f_bavail: u64,
-    f_files: u64,
-    f_ffree: u64,
-    f_favail: u64,
-    f_fsid: std::ffi::c_ulong,
-    f_flag: std::ffi::c_ulong,
-    f_namemax: std::ffi::c_ulong,
-    _spare: [std::ffi::c_int; 6],
-}
-
-unsafe extern "C" {
-    fn statvfs(path: *const std::ffi::c_char, buf: *mut libc_statvfs) -> std::ffi::c_int;
 }
 
 #[tokio::test]
