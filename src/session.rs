@@ -272,6 +272,8 @@ pub(crate) struct SessionInner {
     keepalive_op: Cell<Option<OpId>>,
     /// Keepalives sent since bytes last arrived.
     keepalives_unanswered: Cell<u32>,
+    /// When the last keepalive left: bytes arriving after it answer it.
+    keepalive_sent_at: Cell<Option<Instant>>,
     pub(crate) reactor: Rc<Reactor>,
     /// Remote forwarding: listeners, their deferred cancels, the queue of
     /// `forward_listen` calls.
@@ -399,6 +401,7 @@ impl Session {
             frees_scheduled: Cell::new(false),
             keepalive_op: Cell::new(None),
             keepalives_unanswered: Cell::new(0),
+            keepalive_sent_at: Cell::new(None),
             reactor,
             forwards: crate::forward::Forwards::new(),
             agents: RefCell::new(Vec::new()),
@@ -1182,7 +1185,17 @@ impl SessionInner {
         {
             return;
         }
-        let silent = Instant::now().duration_since(self.transport.last_rx());
+        let last_rx = self.transport.last_rx();
+        if self
+            .keepalive_sent_at
+            .get()
+            .is_some_and(|sent| last_rx >= sent)
+        {
+            // Bytes came after the last probe: it was answered, however
+            // late this tick runs.
+            self.keepalives_unanswered.set(0);
+        }
+        let silent = Instant::now().duration_since(last_rx);
         if silent < interval {
             // Bytes arrived within the interval: the peer is alive and no
             // keepalive is needed (each reply stays in libssh2's packet list,
@@ -1207,6 +1220,7 @@ impl SessionInner {
         self.retry_deferred_frees();
         if self.transport.bridge().stats().packets_sent > sent_before {
             self.keepalives_unanswered.set(unanswered + 1);
+            self.keepalive_sent_at.set(Some(Instant::now()));
             // Its reply stays in libssh2's packet list, where the next
             // `forward_listen` would take it for its own.
             self.forwards.note_stale_reply();

@@ -296,6 +296,29 @@ async fn keepalive_does_not_end_a_healthy_idle_session() {
     assert_eq!(out, "alive\n");
 }
 
+/// A starved thread runs its keepalive ticks late. A probe answered at
+/// once must not count as unanswered because the next tick ran more than
+/// an interval after the answer.
+#[tokio::test]
+async fn late_keepalive_ticks_do_not_end_a_healthy_session() {
+    let sshd = Sshd::start();
+    let cfg = config(&sshd).keepalive(Some(Duration::from_secs(1)), 1);
+    let s = common::util::connect_with(&sshd, cfg).await;
+    let end = Instant::now() + Duration::from_secs(7);
+    while Instant::now() < end {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        // The thread is busy elsewhere: timers and completions wait.
+        std::thread::sleep(Duration::from_millis(450));
+    }
+    let mut ch = s
+        .exec("echo alive")
+        .await
+        .expect("healthy session was ended");
+    let mut out = String::new();
+    ch.read_to_string(&mut out).await.unwrap();
+    assert_eq!(out, "alive\n");
+}
+
 #[test]
 fn a_drop_just_before_the_runtime_ends_still_closes_the_socket() {
     let sshd = Sshd::start();
