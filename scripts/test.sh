@@ -40,3 +40,8 @@ fi
 # move 256 MiB. Two test threads (= --test-threads=2) via
 # the environment, so "$@" may carry its own `-- <libtest args>`.
 RUST_TEST_THREADS="${RUST_TEST_THREADS:-2}" cargo test --release --workspace "$@"
+
+# The integration tests once more on the reactor's poll engine, the
+# fallback where io_uring cannot run (the unit tests cover both engines).
+URING_SSH_BACKEND=poll RUST_TEST_THREADS="${RUST_TEST_THREADS:-2}" \
+    cargo test --release --workspace --test '*' "$@"

@@ -6,7 +6,12 @@
 //! * [`reactor`]: one ring per thread, knowing nothing of SSH. Operations
 //!   own their buffers until their own completion arrives; submissions of
 //!   every session on the thread go to the kernel in one `io_uring_enter`
-//!   per scheduler tick.
+//!   per scheduler tick. Where io_uring is forbidden or missing (Docker's
+//!   default seccomp profile, `kernel.io_uring_disabled`), the same
+//!   operations run as non-blocking socket calls on epoll readiness
+//!   ([`reactor::Backend::Poll`]): chosen when the kernel refuses the ring,
+//!   or explicitly with [`reactor::init_with`] or
+//!   `URING_SSH_BACKEND=poll`.
 //! * [`transport`]: libssh2's send and recv callbacks. The send callback
 //!   takes each packet whole into an outbound queue (never short, never
 //!   `EAGAIN`, which would pin libssh2 to that packet); the recv callback
@@ -84,6 +89,10 @@ pub mod notes {
     /// prove it on the running kernel.
     pub mod io_uring {
         #![doc = include_str!("../kernel-notes/io_uring.md")]
+    }
+    /// The poll engine: the reactor's fallback where io_uring cannot run.
+    pub mod poll_backend {
+        #![doc = include_str!("../kernel-notes/poll-backend.md")]
     }
     /// Freeing a libssh2 session: close order, IO in the free functions,
     /// non-blocking teardown, and the traps met on the way.

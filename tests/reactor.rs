@@ -6,8 +6,11 @@ use std::pin::pin;
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-use uring_ssh::reactor::{Features, init, nop, stats};
+use uring_ssh::reactor::{BACKEND_ENV, Backend, Features, init, init_with, nop, stats};
 use uring_ssh::{Error, KernelSupportError};
+
+mod common;
+use common::seccomp::on_thread_without_io_uring;
 
 fn current_thread_runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
@@ -16,14 +19,18 @@ fn current_thread_runtime() -> tokio::runtime::Runtime {
         .expect("tokio runtime")
 }
 
-/// Runs `n` nops and checks the ring saw them.
+/// Runs `n` nops and checks the reactor saw them (on the ring: as SQEs).
 async fn nops(n: u64) {
     let before = stats().map(|s| s.sqes_submitted).unwrap_or(0);
     for _ in 0..n {
         nop().await.expect("nop");
     }
-    let after = stats().expect("a ring exists after a nop");
-    assert!(after.sqes_submitted - before >= n);
+    let after = stats().expect("a reactor exists after a nop");
+    if init().expect("init").backend == Backend::IoUring {
+        assert!(after.sqes_submitted - before >= n);
+    } else {
+        assert_eq!(after.sqes_submitted, 0, "the poll engine has no ring");
+    }
 }
 
 /// Nothing is left in flight on this thread's ring.
@@ -160,62 +167,6 @@ fn second_runtime_works_while_the_first_is_still_alive() {
     drop(first);
 }
 
-/// Runs `f` on a fresh thread on which io_uring_setup(2) fails with `errno`,
-/// the way Docker's default seccomp profile (EPERM), kernel.io_uring_disabled
-/// (EPERM) or a kernel without io_uring (ENOSYS) make it fail. The seccomp
-/// filter is installed without TSYNC, so it binds that thread only.
-fn on_thread_without_io_uring<T: Send + 'static>(
-    errno: i32,
-    f: impl FnOnce() -> T + Send + 'static,
-) -> T {
-    std::thread::spawn(move || {
-        let stmt = |code: u32, k: u32| libc::sock_filter {
-            code: code as u16,
-            jt: 0,
-            jf: 0,
-            k,
-        };
-        let filter = [
-            // A = seccomp_data.nr (offset 0). No arch check: the filter lives
-            // on this test thread only, which makes native syscalls.
-            stmt(libc::BPF_LD | libc::BPF_W | libc::BPF_ABS, 0),
-            libc::sock_filter {
-                code: (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16,
-                jt: 0,
-                jf: 1,
-                k: libc::SYS_io_uring_setup as u32,
-            },
-            stmt(
-                libc::BPF_RET | libc::BPF_K,
-                libc::SECCOMP_RET_ERRNO | errno as u32,
-            ),
-            stmt(libc::BPF_RET | libc::BPF_K, libc::SECCOMP_RET_ALLOW),
-        ];
-        let prog = libc::sock_fprog {
-            len: filter.len() as u16,
-            filter: filter.as_ptr() as *mut libc::sock_filter,
-        };
-        // SAFETY: PR_SET_NO_NEW_PRIVS takes integer arguments only and
-        // affects this thread (and its future children) only.
-        let rc = unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1 as libc::c_ulong, 0, 0, 0) };
-        assert_eq!(rc, 0, "no_new_privs: {}", std::io::Error::last_os_error());
-        // SAFETY: `prog` points at `filter`, both alive for the whole call
-        // (the kernel copies the program); without SECCOMP_FILTER_FLAG_TSYNC
-        // the filter binds only this thread, which ends after `f`.
-        let rc = unsafe {
-            libc::prctl(
-                libc::PR_SET_SECCOMP,
-                libc::SECCOMP_MODE_FILTER as libc::c_ulong,
-                &prog as *const libc::sock_fprog,
-            )
-        };
-        assert_eq!(rc, 0, "seccomp: {}", std::io::Error::last_os_error());
-        f()
-    })
-    .join()
-    .expect("thread without io_uring panicked")
-}
-
 fn assert_unavailable(result: Result<(), Error>, errno: i32, reason_mentions: &str) {
     match result {
         Err(Error::Kernel(KernelSupportError::Unavailable { reason, source })) => {
@@ -227,18 +178,72 @@ fn assert_unavailable(result: Result<(), Error>, errno: i32, reason_mentions: &s
 }
 
 #[test]
-fn io_uring_forbidden_gives_a_typed_kernel_error() {
-    let (from_init, from_nop) = on_thread_without_io_uring(libc::EPERM, || {
-        current_thread_runtime().block_on(async { (init().map(drop), nop().await) })
+fn io_uring_forbidden_gives_a_typed_kernel_error_or_the_poll_engine() {
+    let (explicit, auto, nop_on_auto) = on_thread_without_io_uring(libc::EPERM, || {
+        current_thread_runtime().block_on(async {
+            let explicit = init_with(Backend::IoUring).map(drop);
+            let auto = init_auto();
+            (explicit, auto, nop().await)
+        })
     });
-    assert_unavailable(from_init, libc::EPERM, "io_uring_disabled");
-    assert_unavailable(from_nop, libc::EPERM, "seccomp");
+    assert_unavailable(explicit, libc::EPERM, "io_uring_disabled");
+    match auto {
+        // Unless the environment insists on io_uring, the reactor falls
+        // back to the poll engine.
+        Some(Ok(f)) => assert_eq!(f.backend, Backend::Poll),
+        Some(Err(e)) => assert_unavailable(Err(e), libc::EPERM, "seccomp"),
+        None => {}
+    }
+    if std::env::var(BACKEND_ENV).as_deref() != Ok("io_uring") {
+        nop_on_auto.expect("nop on the fallback engine");
+    }
+}
+
+/// `init()` as the environment chooses, or `None` when the environment
+/// picks the poll engine explicitly (nothing to fall back from).
+fn init_auto() -> Option<Result<Features, Error>> {
+    match std::env::var(BACKEND_ENV).as_deref() {
+        Ok("poll") => None,
+        _ => Some(init()),
+    }
 }
 
 #[test]
 fn io_uring_missing_gives_a_typed_kernel_error() {
     let from_init = on_thread_without_io_uring(libc::ENOSYS, || {
-        current_thread_runtime().block_on(async { init().map(drop) })
+        current_thread_runtime().block_on(async { init_with(Backend::IoUring).map(drop) })
     });
     assert_unavailable(from_init, libc::ENOSYS, "ENOSYS");
+}
+
+/// The engine follows `URING_SSH_BACKEND` (the test suite runs once with
+/// `poll`, once without), and a thread may ask for either explicitly.
+#[test]
+fn the_engine_follows_the_environment_and_explicit_choices() {
+    let wanted = match std::env::var(BACKEND_ENV).as_deref() {
+        Ok("poll") => Backend::Poll,
+        Ok("io_uring") | Ok("auto") | Err(_) => Backend::IoUring,
+        Ok(other) => panic!("unexpected {BACKEND_ENV}={other}"),
+    };
+    current_thread_runtime().block_on(async {
+        assert_eq!(init().expect("init").backend, wanted);
+        let other = match wanted {
+            Backend::Poll => Backend::IoUring,
+            Backend::IoUring => Backend::Poll,
+        };
+        match init_with(other) {
+            Err(Error::Runtime(msg)) => assert!(msg.contains("already runs on"), "{msg}"),
+            r => panic!("a second engine on one thread: {r:?}"),
+        }
+    });
+    for backend in [Backend::IoUring, Backend::Poll] {
+        std::thread::spawn(move || {
+            current_thread_runtime().block_on(async move {
+                assert_eq!(init_with(backend).expect("init_with").backend, backend);
+                nop().await.expect("nop");
+            })
+        })
+        .join()
+        .unwrap();
+    }
 }

@@ -69,3 +69,29 @@ fn session_inside_tokio_uring_start() {
     });
     assert!(out.starts_with("hello from"), "{out:?}");
 }
+
+/// Where io_uring is forbidden (a seccomp filter returning EPERM, as
+/// Docker's default profile does), the reactor falls back to its poll
+/// engine and a whole session works, unless the environment insists on
+/// io_uring.
+#[test]
+fn session_where_io_uring_is_forbidden_runs_on_the_poll_engine() {
+    use uring_ssh::reactor::{BACKEND_ENV, Backend};
+    if std::env::var(BACKEND_ENV).as_deref() == Ok("io_uring") {
+        panic!("{BACKEND_ENV}=io_uring forbids the fallback this test checks");
+    }
+    let sshd = std::sync::Arc::new(Sshd::start());
+    let sshd2 = sshd.clone();
+    let (backend, out) = common::seccomp::on_thread_without_io_uring(libc::EPERM, move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let backend = uring_ssh::reactor::init().expect("fallback").backend;
+            (backend, exec_echo(&sshd2).await)
+        })
+    });
+    assert_eq!(backend, Backend::Poll);
+    assert!(out.starts_with("hello from"), "{out:?}");
+}

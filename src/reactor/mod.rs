@@ -1,34 +1,40 @@
-//! One io_uring ring per thread, driven from a tokio current-thread runtime.
+//! One reactor per thread, driven from a tokio current-thread runtime.
 //!
-//! The reactor knows nothing of SSH. It owns a ring and a slab of in-flight
-//! operations keyed by `user_data`. Every operation owns its buffer, its
-//! file reference and any kernel-visible argument (timespec, socket address)
-//! until **its own** completion arrives, also when whoever asked for it is
-//! gone: an abandoned operation is cancelled and then reaped, never freed
-//! early.
+//! The reactor knows nothing of SSH. It owns a slab of in-flight
+//! operations keyed by `user_data` and an engine that performs them: an
+//! io_uring ring ([`Backend::IoUring`]), or, where io_uring is forbidden or
+//! too old, plain non-blocking socket calls on epoll readiness
+//! ([`Backend::Poll`]). Every operation owns its buffer, its file reference
+//! and any kernel-visible argument (timespec, socket address) until **its
+//! own** completion arrives, also when whoever asked for it is gone: an
+//! abandoned operation is cancelled and then reaped, never freed early.
 //!
-//! Submission is batched: operations only push SQEs into the submission
-//! queue and wake the driver task; the driver makes one `io_uring_enter` for
-//! everything queued in the same scheduler tick, then reaps completions,
-//! wakes futures and runs completion callbacks. It waits for more by polling
-//! the ring fd through [`tokio::io::unix::AsyncFd`], so the reactor works in
-//! any current-thread runtime: `#[tokio::main(flavor = "current_thread")]`,
+//! Submission is batched: operations only queue work and wake the driver
+//! task; the driver makes one `io_uring_enter` for everything queued in the
+//! same scheduler tick (or, on the poll engine, the socket calls of that
+//! tick), then reaps completions, wakes futures and runs completion
+//! callbacks. It waits for more by polling one fd (the ring's, or the
+//! epoll set's) through [`tokio::io::unix::AsyncFd`], so the reactor works
+//! in any current-thread runtime: `#[tokio::main(flavor = "current_thread")]`,
 //! a `LocalSet`, or `tokio_uring::start`.
 
+#[cfg(test)]
+mod engine_tests;
 mod op;
+mod poll;
 mod probe;
+mod ring;
 #[cfg(test)]
 mod tests;
 
 use std::cell::{Cell, RefCell};
-use std::collections::VecDeque;
-use std::io;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::task::{Context, Poll, Waker};
 use std::thread::ThreadId;
+use std::time::Duration;
 
-use io_uring::{IoUring, opcode, squeue, types};
+use io_uring::squeue;
 use slab::Slab;
 use tokio::io::unix::AsyncFd;
 
@@ -37,30 +43,109 @@ use crate::error::{Error, KernelSupportError};
 pub(crate) use op::{Completion, Op, Resources, SharedFd};
 pub use probe::Features;
 
-/// Submission queue slots per ring. Completions get four times as many.
-const RING_ENTRIES: u32 = 1024;
-
 /// Iterations of submit + reap in one driver poll before yielding.
 const DRIVER_BUDGET: usize = 64;
 
-/// Counters of one thread's ring, for tests and benchmarks.
+/// The environment variable that picks the engine of threads whose reactor
+/// is created without [`init_with`]: `io_uring`, `poll` or `auto` (the
+/// default).
+pub const BACKEND_ENV: &str = "URING_SSH_BACKEND";
+
+/// What performs a thread's socket IO.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum Backend {
+    /// An io_uring ring (kernel 5.11+): batched submissions, one
+    /// `io_uring_enter` per scheduler tick.
+    #[default]
+    IoUring,
+    /// Plain non-blocking `send`/`recv`/`connect` on epoll readiness: the
+    /// fallback where io_uring is forbidden (Docker's default seccomp
+    /// profile, `kernel.io_uring_disabled`) or too old. Same library, same
+    /// libssh2 callbacks, same teardown guarantees; more system calls.
+    Poll,
+}
+
+impl std::fmt::Display for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Backend::IoUring => "io_uring",
+            Backend::Poll => "poll",
+        })
+    }
+}
+
+/// How a thread's engine is chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Choice {
+    /// io_uring, or the poll engine if the ring cannot be set up.
+    Auto,
+    /// This engine or an error.
+    Only(Backend),
+}
+
+impl Choice {
+    /// From [`BACKEND_ENV`].
+    fn from_env() -> Result<Choice, Error> {
+        match std::env::var(BACKEND_ENV) {
+            Err(std::env::VarError::NotPresent) => Ok(Choice::Auto),
+            Ok(v) => Self::parse(&v),
+            Err(e) => Err(Error::InvalidInput(format!("{BACKEND_ENV}: {e}"))),
+        }
+    }
+
+    fn parse(value: &str) -> Result<Choice, Error> {
+        match value.trim() {
+            "" | "auto" => Ok(Choice::Auto),
+            "io_uring" | "io-uring" | "uring" => Ok(Choice::Only(Backend::IoUring)),
+            "poll" | "epoll" => Ok(Choice::Only(Backend::Poll)),
+            other => Err(Error::InvalidInput(format!(
+                "{BACKEND_ENV}={other:?}: expected io_uring, poll or auto"
+            ))),
+        }
+    }
+}
+
+/// Counters of one thread's reactor, for tests and benchmarks.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Stats {
-    /// SQEs handed to the kernel.
+    /// SQEs handed to the kernel (io_uring engine).
     pub sqes_submitted: u64,
-    /// `io_uring_enter` system calls made.
+    /// `io_uring_enter` system calls made (io_uring engine).
     pub enter_calls: u64,
-    /// CQEs taken from the completion queue.
+    /// CQEs taken from the completion queue (io_uring engine).
     pub cqes_reaped: u64,
     /// Operations submitted (or queued) whose completion has not been reaped.
     pub ops_in_flight: u64,
-    /// Operations whose owner is gone and whose buffers the ring still holds
-    /// until their completion arrives.
+    /// Operations whose owner is gone and whose buffers the reactor still
+    /// holds until their completion arrives.
     pub orphaned_outstanding: u64,
+    /// System calls the reactor made: `io_uring_enter` on the ring engine;
+    /// socket calls, `epoll_wait`, `epoll_ctl` and timer calls on the poll
+    /// engine. (The runtime's own wait for the reactor's fd is not counted.)
+    pub syscalls: u64,
 }
 
 /// A completion callback: runs on the driver task, after the ring borrow is released.
 pub(crate) type Callback = Box<dyn FnOnce(Completion)>;
+
+/// What an operation does; its buffer, fd and address are in its [`Resources`].
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Kind {
+    /// Nothing: a round trip through the driver.
+    Nop,
+    /// `send(2)` of `buf[offset..]`, all of it (MSG_NOSIGNAL).
+    Send,
+    /// `recv(2)` into `buf[..len]`.
+    Recv(usize),
+    /// `connect(2)` to `addr`.
+    Connect,
+    /// `shutdown(2)` with SHUT_RDWR.
+    Shutdown,
+    /// `close(2)` of this fd.
+    Close(std::os::fd::RawFd),
+    /// A timer: completes with `-ETIME` after this long.
+    Timeout(Duration),
+}
 
 enum Notify {
     /// A future waits for the result.
@@ -94,18 +179,19 @@ impl OpId {
     }
 }
 
-/// A thread's ring, its in-flight operations and its counters.
+enum Engine {
+    Ring(ring::Ring),
+    Poll(poll::Poll),
+}
+
+/// A thread's engine, its in-flight operations and its counters.
 pub struct Reactor {
-    ring: RefCell<IoUring>,
+    engine: Engine,
     slots: RefCell<Slab<Slot>>,
-    /// SQE groups (a linked pair stays together) waiting for queue space.
-    backlog: RefCell<VecDeque<Vec<squeue::Entry>>>,
-    /// SQEs pushed into the queue since the last `io_uring_enter`.
-    unsubmitted: Cell<u32>,
     next_generation: Cell<u32>,
     driver_waker: RefCell<Option<Waker>>,
     driver_scheduled: Cell<bool>,
-    /// The runtime whose task drives the ring now, if any.
+    /// The runtime whose task drives the engine now, if any.
     driver_runtime: Cell<Option<tokio::runtime::Id>>,
     /// Bumped for each new driver task; an older one stops.
     driver_epoch: Cell<u64>,
@@ -127,15 +213,33 @@ thread_local! {
     static CURRENT: RefCell<Option<Rc<Reactor>>> = const { RefCell::new(None) };
 }
 
-/// Creates this thread's ring now (it is otherwise created on first use) and
-/// reports what the kernel supports.
+/// Creates this thread's reactor now (it is otherwise created on first use)
+/// and reports what runs it. The engine is chosen by [`BACKEND_ENV`]: by
+/// default io_uring, or the poll engine if the kernel refuses the ring.
 ///
 /// Must be called inside a tokio current-thread runtime.
 pub fn init() -> Result<Features, Error> {
     Reactor::current().map(|r| r.features)
 }
 
-/// Counters of this thread's ring, or `None` if the thread has none yet.
+/// Creates this thread's reactor on `backend`, or checks that the existing
+/// one runs on it. Fails with [`Error::Kernel`] if io_uring is asked for
+/// and the kernel cannot run it, and with [`Error::Runtime`] if the thread
+/// already has a reactor on the other engine.
+///
+/// Must be called inside a tokio current-thread runtime.
+pub fn init_with(backend: Backend) -> Result<Features, Error> {
+    let r = Reactor::current_with(Choice::Only(backend))?;
+    if r.features.backend != backend {
+        return Err(Error::Runtime(format!(
+            "this thread's reactor already runs on {}, not {backend}",
+            r.features.backend
+        )));
+    }
+    Ok(r.features)
+}
+
+/// Counters of this thread's reactor, or `None` if the thread has none yet.
 pub fn stats() -> Option<Stats> {
     CURRENT
         .try_with(|c| c.borrow().as_ref().map(|r| r.stats()))
@@ -143,24 +247,37 @@ pub fn stats() -> Option<Stats> {
         .flatten()
 }
 
-/// Submits a no-op and waits for its completion: one full trip through the ring.
+/// Performs a no-op and waits for its completion: one full trip through
+/// the reactor.
 pub async fn nop() -> Result<(), Error> {
     let reactor = Reactor::current()?;
-    let op = reactor.submit_op(opcode::Nop::new().build(), Resources::default());
+    let op = reactor.start_op(Kind::Nop, Resources::default());
     let done = op.await;
     done.result().map(drop).map_err(Error::Io)
 }
 
 impl Reactor {
-    /// This thread's reactor, created on first use, with a driver task on the
-    /// current tokio runtime.
+    /// This thread's reactor, created on first use (engine from
+    /// [`BACKEND_ENV`]), with a driver task on the current tokio runtime.
     pub(crate) fn current() -> Result<Rc<Reactor>, Error> {
+        Self::current_with_env()
+    }
+
+    fn current_with_env() -> Result<Rc<Reactor>, Error> {
+        if let Some(r) = Self::with_existing(|r| r.clone()) {
+            r.ensure_driver(&current_thread_runtime()?)?;
+            return Ok(r);
+        }
+        Self::current_with(Choice::from_env()?)
+    }
+
+    fn current_with(choice: Choice) -> Result<Rc<Reactor>, Error> {
         let handle = current_thread_runtime()?;
         let reactor = CURRENT.with(|c| -> Result<Rc<Reactor>, Error> {
             if let Some(r) = c.borrow().as_ref() {
                 return Ok(r.clone());
             }
-            let r = Rc::new(Reactor::new()?);
+            let r = Rc::new(Reactor::new(choice)?);
             *c.borrow_mut() = Some(r.clone());
             Ok(r)
         })?;
@@ -169,7 +286,7 @@ impl Reactor {
     }
 
     /// Runs `f` with this thread's reactor if it exists (used from Drop paths,
-    /// which must never create a ring or panic during thread teardown).
+    /// which must never create a reactor or panic during thread teardown).
     pub(crate) fn with_existing<R>(f: impl FnOnce(&Rc<Reactor>) -> R) -> Option<R> {
         CURRENT
             .try_with(|c| c.try_borrow().ok().and_then(|c| c.as_ref().map(f)))
@@ -177,13 +294,22 @@ impl Reactor {
             .flatten()
     }
 
-    fn new() -> Result<Reactor, Error> {
-        let (ring, features) = probe::setup(RING_ENTRIES)?;
+    fn new(choice: Choice) -> Result<Reactor, Error> {
+        let (engine, features) = match choice {
+            Choice::Only(Backend::Poll) => Self::poll_engine()?,
+            Choice::Only(Backend::IoUring) => {
+                let (ring, f) = ring::Ring::new()?;
+                (Engine::Ring(ring), f)
+            }
+            Choice::Auto => match ring::Ring::new() {
+                Ok((ring, f)) => (Engine::Ring(ring), f),
+                Err(Error::Kernel(_)) => Self::poll_engine()?,
+                Err(e) => return Err(e),
+            },
+        };
         Ok(Reactor {
-            ring: RefCell::new(ring),
+            engine,
             slots: RefCell::new(Slab::with_capacity(256)),
-            backlog: RefCell::new(VecDeque::new()),
-            unsubmitted: Cell::new(0),
             next_generation: Cell::new(1),
             driver_waker: RefCell::new(None),
             driver_scheduled: Cell::new(false),
@@ -195,7 +321,16 @@ impl Reactor {
         })
     }
 
-    /// What the kernel supports beyond the required opcodes.
+    fn poll_engine() -> Result<(Engine, Features), Error> {
+        let poll = poll::Poll::new().map_err(Error::Io)?;
+        let features = Features {
+            backend: Backend::Poll,
+            cancel_by_fd: true,
+        };
+        Ok((Engine::Poll(poll), features))
+    }
+
+    /// What runs this reactor, and what it supports.
     pub fn features(&self) -> Features {
         self.features
     }
@@ -220,17 +355,24 @@ impl Reactor {
         }
     }
 
+    fn engine_fd(&self) -> std::os::fd::RawFd {
+        match &self.engine {
+            Engine::Ring(r) => r.raw_fd(),
+            Engine::Poll(p) => p.raw_fd(),
+        }
+    }
+
     fn ensure_driver(&self, handle: &tokio::runtime::Handle) -> Result<(), Error> {
         if self.driver_runtime.get() == Some(handle.id()) {
             return Ok(());
         }
-        use std::os::fd::{AsRawFd, BorrowedFd};
+        use std::os::fd::BorrowedFd;
         // The driver task may outlive this reactor (runtime and thread-local
         // teardown order is not ours to choose): give it a duplicate of the
-        // ring fd that it owns.
-        // SAFETY: the ring fd is open while `self` lives, which covers this call.
-        let ring_fd = unsafe { BorrowedFd::borrow_raw(self.ring.borrow().as_raw_fd()) };
-        let owned = ring_fd.try_clone_to_owned().map_err(Error::Io)?;
+        // engine's fd that it owns.
+        // SAFETY: the engine's fd is open while `self` lives, which covers this call.
+        let engine_fd = unsafe { BorrowedFd::borrow_raw(self.engine_fd()) };
+        let owned = engine_fd.try_clone_to_owned().map_err(Error::Io)?;
         // SAFETY: `owned` is a valid fd owned by the AsyncFd from here on, so
         // it stays open and the same for the AsyncFd's whole lifetime.
         let fd = unsafe { AsyncFd::register_with_interest(owned, tokio::io::Interest::READABLE) }
@@ -250,138 +392,178 @@ impl Reactor {
         Ok(())
     }
 
-    /// Queues one SQE whose result a future will await.
-    pub(crate) fn submit_op(self: &Rc<Self>, sqe: squeue::Entry, resources: Resources) -> Op {
-        let id = self.push(vec![(sqe, resources, Notify::Waiting(None))])[0];
+    /// Starts `kind`; a future awaits its result.
+    pub(crate) fn start_op(self: &Rc<Self>, kind: Kind, resources: Resources) -> Op {
+        let id = self.start(kind, resources, Notify::Waiting(None), None);
         Op::new(self.clone(), id)
     }
 
-    /// Queues one SQE whose completion runs `callback` on the driver task.
-    pub(crate) fn submit_with_callback(
+    /// Starts `kind`; its completion runs `callback` on the driver task.
+    pub(crate) fn start_with_callback(
         &self,
-        sqe: squeue::Entry,
+        kind: Kind,
         resources: Resources,
         callback: Callback,
     ) -> OpId {
-        self.push(vec![(sqe, resources, Notify::Callback(callback))])[0]
+        self.start(kind, resources, Notify::Callback(callback), None)
+    }
+
+    /// Starts `kind`; nobody waits, its resources are dropped on completion.
+    pub(crate) fn start_detached(&self, kind: Kind, resources: Resources) -> OpId {
+        self.start(kind, resources, Notify::Detached, None)
     }
 
     /// Runs `callback` on the driver task soon (after a no-op's round trip,
     /// batched with everything else): work moved off a caller's path.
     pub(crate) fn run_soon(&self, callback: Callback) {
-        self.submit_with_callback(opcode::Nop::new().build(), Resources::default(), callback);
+        self.start_with_callback(Kind::Nop, Resources::default(), callback);
     }
 
-    /// Queues one SQE that nobody waits for; its resources are dropped on completion.
-    pub(crate) fn submit_detached(&self, sqe: squeue::Entry, resources: Resources) -> OpId {
-        self.push(vec![(sqe, resources, Notify::Detached)])[0]
-    }
-
-    /// Queues `sqe` linked to a timeout: if it has not completed within
-    /// `timeout`, the kernel cancels it (it then completes with `-ECANCELED`).
-    pub(crate) fn submit_op_with_timeout(
+    /// Starts `kind`, cancelled if it has not completed within `timeout`
+    /// (it then completes with `-ECANCELED`).
+    pub(crate) fn start_op_with_timeout(
         self: &Rc<Self>,
-        sqe: squeue::Entry,
+        kind: Kind,
         resources: Resources,
-        timeout: std::time::Duration,
+        timeout: Duration,
     ) -> Op {
-        let ts = Box::new(types::Timespec::from(timeout));
-        let link = opcode::LinkTimeout::new(&*ts as *const types::Timespec).build();
-        let ids = self.push(vec![
-            (
-                sqe.flags(squeue::Flags::IO_LINK),
-                resources,
-                Notify::Waiting(None),
-            ),
-            (
-                link,
-                Resources {
-                    timespec: Some(ts),
-                    ..Resources::default()
-                },
-                Notify::Detached,
-            ),
-        ]);
-        Op::new(self.clone(), ids[0])
+        let id = self.start(kind, resources, Notify::Waiting(None), Some(timeout));
+        Op::new(self.clone(), id)
     }
 
-    /// Queues a standalone timer that runs `callback` when it fires (result
+    /// A standalone timer that runs `callback` when it fires (result
     /// `-ETIME`) or is cancelled (`-ECANCELED`).
-    pub(crate) fn submit_timer(&self, after: std::time::Duration, callback: Callback) -> OpId {
-        let ts = Box::new(types::Timespec::from(after));
-        let sqe = opcode::Timeout::new(&*ts as *const types::Timespec).build();
-        let resources = Resources {
-            timespec: Some(ts),
-            ..Resources::default()
-        };
-        self.submit_with_callback(sqe, resources, callback)
+    pub(crate) fn submit_timer(&self, after: Duration, callback: Callback) -> OpId {
+        self.start_with_callback(Kind::Timeout(after), Resources::default(), callback)
     }
 
-    /// Asks the kernel to cancel every request on `fd`. Only on kernels with
-    /// `IORING_ASYNC_CANCEL_FD` (see [`Features::cancel_by_fd`]).
+    /// Asks the engine to cancel every request on `fd`. Only where
+    /// [`Features::cancel_by_fd`] holds.
     pub(crate) fn cancel_fd(&self, fd: &Rc<SharedFd>) {
         debug_assert!(self.features.cancel_by_fd);
-        let sqe =
-            opcode::AsyncCancel2::new(types::CancelBuilder::fd(types::Fd(fd.raw())).all()).build();
-        let resources = Resources {
-            fd: Some(fd.clone()),
-            ..Resources::default()
-        };
-        self.submit_detached(sqe, resources);
+        match &self.engine {
+            Engine::Ring(_) => {
+                let sqe = ring::Ring::cancel_fd_sqe(fd.raw());
+                let resources = Resources {
+                    fd: Some(fd.clone()),
+                    ..Resources::default()
+                };
+                self.push_sqes(vec![(sqe, resources, Notify::Detached)]);
+            }
+            Engine::Poll(p) => {
+                p.cancel_fd(fd.raw());
+                self.wake_driver();
+            }
+        }
     }
 
-    fn push(&self, group: Vec<(squeue::Entry, Resources, Notify)>) -> Vec<OpId> {
+    /// Closes `fd` (the last holder let go): through the ring, batched with
+    /// everything else, or at once on the poll engine.
+    pub(crate) fn close_fd(&self, fd: std::os::fd::RawFd) {
+        match &self.engine {
+            Engine::Ring(_) => {
+                self.start_detached(Kind::Close(fd), Resources::default());
+            }
+            Engine::Poll(p) => p.close(fd),
+        }
+    }
+
+    fn new_slot(
+        slots: &mut Slab<Slot>,
+        generation: u32,
+        notify: Notify,
+        resources: Resources,
+    ) -> OpId {
+        let key = slots.insert(Slot {
+            generation,
+            notify,
+            resources,
+        });
+        OpId(((generation as u64) << 32) | key as u64)
+    }
+
+    fn next_generation(&self) -> u32 {
+        let generation = self.next_generation.get();
+        self.next_generation.set(generation.wrapping_add(1).max(1));
+        generation
+    }
+
+    fn start(
+        &self,
+        kind: Kind,
+        mut resources: Resources,
+        notify: Notify,
+        timeout: Option<Duration>,
+    ) -> OpId {
+        match &self.engine {
+            Engine::Ring(_) => {
+                let sqe = ring::Ring::sqe(kind, &mut resources);
+                let mut group = vec![(sqe, resources, notify)];
+                if let Some(t) = timeout {
+                    let mut link_res = Resources::default();
+                    let link = ring::Ring::link_timeout_sqe(&mut link_res, t);
+                    group[0].0 = group[0].0.clone().flags(squeue::Flags::IO_LINK);
+                    group.push((link, link_res, Notify::Detached));
+                }
+                self.push_sqes(group)[0]
+            }
+            Engine::Poll(p) => {
+                let id = {
+                    let mut slots = self.slots.borrow_mut();
+                    let generation = self.next_generation();
+                    Self::new_slot(&mut slots, generation, notify, resources)
+                };
+                self.bump(|s| s.ops_in_flight += 1);
+                {
+                    let slots = self.slots.borrow();
+                    p.start(id, kind, &slots[id.key()].resources, timeout);
+                }
+                self.wake_driver();
+                id
+            }
+        }
+    }
+
+    /// Queues raw SQEs on the ring engine (a linked group stays together).
+    fn push_sqes(&self, group: Vec<(squeue::Entry, Resources, Notify)>) -> Vec<OpId> {
+        let Engine::Ring(ring) = &self.engine else {
+            unreachable!("SQEs on the poll engine");
+        };
         let mut ids = Vec::with_capacity(group.len());
         let mut sqes = Vec::with_capacity(group.len());
         {
             let mut slots = self.slots.borrow_mut();
             for (sqe, resources, notify) in group {
-                let generation = self.next_generation.get();
-                self.next_generation.set(generation.wrapping_add(1).max(1));
-                let key = slots.insert(Slot {
-                    generation,
-                    notify,
-                    resources,
-                });
-                let id = OpId(((generation as u64) << 32) | key as u64);
+                let generation = self.next_generation();
+                let id = Self::new_slot(&mut slots, generation, notify, resources);
                 ids.push(id);
                 sqes.push(sqe.user_data(id.0));
             }
         }
         let n = sqes.len() as u64;
         self.bump(|s| s.ops_in_flight += n);
-        // Keep submission order: once something waits in the backlog,
-        // everything after it waits too.
-        let mut backlog = self.backlog.borrow_mut();
-        if !backlog.is_empty() || !self.try_push_group(&sqes) {
-            backlog.push_back(sqes);
-        }
-        drop(backlog);
+        ring.push(sqes);
         if self.driver_runtime.get().is_none() {
             // No task will submit (a drop after the runtime is gone):
             // enter the kernel now so cancels, shutdowns and closes happen.
-            let _ = self.flush();
+            let _ = ring.flush(&self.stats);
         } else {
             self.schedule_driver();
         }
         ids
     }
 
-    /// Pushes a group into the submission queue if it fits whole.
-    fn try_push_group(&self, sqes: &[squeue::Entry]) -> bool {
-        let mut ring = self.ring.borrow_mut();
-        let mut sq = ring.submission();
-        if sq.capacity() - sq.len() < sqes.len() {
-            return false;
-        }
-        // SAFETY: every pointer in these SQEs (buffers, timespecs, socket
-        // addresses) is owned by the op's `Resources` in `slots`, which is
-        // dropped only after the op's own CQE is reaped (or leaked if the ring
-        // is torn down first). The reactor keeps this invariant.
-        unsafe { sq.push_multiple(sqes) }.is_ok() && {
-            self.unsubmitted
-                .set(self.unsubmitted.get() + sqes.len() as u32);
-            true
+    /// Queues one raw SQE whose result a future will await (ring engine;
+    /// the reactor's own tests).
+    #[cfg(test)]
+    pub(crate) fn submit_op(self: &Rc<Self>, sqe: squeue::Entry, resources: Resources) -> Op {
+        let id = self.push_sqes(vec![(sqe, resources, Notify::Waiting(None))])[0];
+        Op::new(self.clone(), id)
+    }
+
+    fn wake_driver(&self) {
+        if self.driver_runtime.get().is_some() {
+            self.schedule_driver();
         }
     }
 
@@ -394,64 +576,39 @@ impl Reactor {
         }
     }
 
-    /// Moves backlogged SQEs into the queue and enters the kernel once for
-    /// everything queued (more often only if the queue fills up).
-    fn flush(&self) -> io::Result<()> {
-        loop {
-            loop {
-                let Some(group) = self.backlog.borrow_mut().pop_front() else {
-                    break;
-                };
-                if !self.try_push_group(&group) {
-                    self.backlog.borrow_mut().push_front(group);
-                    break;
-                }
+    /// One round of the engine: submits what is queued, takes what
+    /// completed and delivers it. Returns how many completions it delivered.
+    fn tick(&self) -> usize {
+        let mut done = Vec::new();
+        match &self.engine {
+            Engine::Ring(ring) => {
+                // An enter error other than EINTR/EBUSY means the ring is
+                // unusable: its ops stay in flight and their owners time out.
+                let _ = ring.flush(&self.stats);
+                ring.reap(&mut done);
+                let n = done.len() as u64;
+                self.bump(|s| s.cqes_reaped += n);
             }
-            let pending = self.unsubmitted.get();
-            // Completions that overflowed the CQ ring stay in the kernel
-            // until an enter with GETEVENTS (io-uring's submit adds it).
-            if pending == 0 && !self.ring.borrow_mut().submission().cq_overflow() {
-                return Ok(());
-            }
-            match self.ring.borrow().submit() {
-                Ok(n) => {
-                    self.unsubmitted.set(pending - n as u32);
-                    self.bump(|s| {
-                        s.enter_calls += 1;
-                        s.sqes_submitted += n as u64;
-                    });
-                }
-                Err(e) => {
-                    self.bump(|s| s.enter_calls += 1);
-                    match e.raw_os_error() {
-                        Some(libc::EINTR) => continue,
-                        // The completion queue is full: reap, then try again.
-                        Some(libc::EBUSY) | Some(libc::EAGAIN) => return Ok(()),
-                        _ => return Err(e),
-                    }
-                }
-            }
-            if self.backlog.borrow().is_empty() {
-                return Ok(());
-            }
+            Engine::Poll(p) => p.tick(&self.slots, &mut done, &self.stats),
         }
+        let count = done.len();
+        if count > 0 {
+            self.deliver(done);
+        }
+        count
     }
 
-    /// Takes every available CQE; returns how many.
-    fn reap(&self) -> usize {
+    /// Hands results to their ops: wakes futures, drops the resources of
+    /// detached and orphaned ops, runs callbacks.
+    fn deliver(&self, done: Vec<(OpId, i32)>) {
         let mut callbacks: Vec<(Callback, Completion)> = Vec::new();
         let mut dead: Vec<Resources> = Vec::new();
         let mut wakers: Vec<Waker> = Vec::new();
-        let mut count = 0usize;
         let mut finished = 0u64;
         let mut orphans_done = 0u64;
         {
-            let mut ring = self.ring.borrow_mut();
             let mut slots = self.slots.borrow_mut();
-            for cqe in ring.completion() {
-                count += 1;
-                let id = OpId(cqe.user_data());
-                let result = cqe.result();
+            for (id, result) in done {
                 let Some(slot) = slots.get_mut(id.key()) else {
                     continue;
                 };
@@ -478,15 +635,12 @@ impl Reactor {
                 }
             }
         }
-        if count > 0 {
-            self.bump(|s| {
-                s.cqes_reaped += count as u64;
-                s.orphaned_outstanding -= orphans_done;
-                // Ops awaited by a future leave the slab when the future takes
-                // the result; everything else is finished now.
-                s.ops_in_flight -= finished;
-            });
-        }
+        self.bump(|s| {
+            s.orphaned_outstanding -= orphans_done;
+            // Ops awaited by a future leave the slab when the future takes
+            // the result; everything else is finished now.
+            s.ops_in_flight -= finished;
+        });
         for w in wakers {
             w.wake();
         }
@@ -504,10 +658,9 @@ impl Reactor {
         if let Some(p) = panic {
             std::panic::resume_unwind(p);
         }
-        count
     }
 
-    /// Polls a future-owned op: its result once the CQE arrived.
+    /// Polls a future-owned op: its result once the completion arrived.
     pub(crate) fn poll_op(&self, id: OpId, cx: &mut Context<'_>) -> Poll<Completion> {
         let mut slots = self.slots.borrow_mut();
         let slot = &mut slots[id.key()];
@@ -538,10 +691,19 @@ impl Reactor {
     }
 
     /// The owner of `id` is gone: cancel the op if it is still in flight and
-    /// let the ring keep its resources until its own CQE arrives.
+    /// let the reactor keep its resources until its own completion arrives.
     pub(crate) fn abandon(&self, id: OpId) {
         if self.orphan(id) {
-            self.submit_detached(opcode::AsyncCancel::new(id.0).build(), Resources::default());
+            match &self.engine {
+                Engine::Ring(_) => {
+                    let sqe = ring::Ring::cancel_sqe(id);
+                    self.push_sqes(vec![(sqe, Resources::default(), Notify::Detached)]);
+                }
+                Engine::Poll(p) => {
+                    p.cancel(id);
+                    self.wake_driver();
+                }
+            }
         }
     }
 
@@ -578,6 +740,11 @@ impl Reactor {
 
 impl Drop for Reactor {
     fn drop(&mut self) {
+        let Engine::Ring(ring) = &mut self.engine else {
+            // Nothing of the poll engine is in the kernel's hands: the
+            // slots' buffers and fds go with the reactor.
+            return;
+        };
         // Thread teardown: cancel what is in flight, give the kernel a short
         // while to complete it, and leak the buffers of whatever remains
         // (the kernel may still write into them after the ring is gone).
@@ -588,9 +755,9 @@ impl Drop for Reactor {
             .filter(|(_, s)| !matches!(s.notify, Notify::Done(_)))
             .map(|(k, s)| ((s.generation as u64) << 32) | k as u64)
             .collect();
-        let ring = self.ring.get_mut();
+        let ring = ring.ring.get_mut();
         for id in ids {
-            let sqe = opcode::AsyncCancel::new(id).build().user_data(0);
+            let sqe = ring::Ring::cancel_sqe(OpId(id)).user_data(0);
             // SAFETY: a cancel SQE carries no pointer.
             while unsafe { ring.submission().push(&sqe) }.is_err() {
                 if ring.submit().is_err() {
@@ -653,7 +820,7 @@ pub fn leaked_at_teardown() -> u64 {
     GLOBAL_LEAKED_AT_TEARDOWN.load(std::sync::atomic::Ordering::Relaxed)
 }
 
-/// The task that submits, reaps and waits on the ring fd.
+/// The task that submits, reaps and waits on the engine's fd.
 struct Driver {
     fd: AsyncFd<std::os::fd::OwnedFd>,
     thread: ThreadId,
@@ -684,15 +851,17 @@ impl std::future::Future for Driver {
         }
         for _ in 0..DRIVER_BUDGET {
             reactor.driver_scheduled.set(false);
-            // An enter error other than EINTR/EBUSY means the ring is
-            // unusable: its ops stay in flight and their owners time out.
-            let _ = reactor.flush();
-            let reaped = reactor.reap();
-            if reaped > 0 || reactor.driver_scheduled.get() {
+            let delivered = reactor.tick();
+            if delivered > 0 || reactor.driver_scheduled.get() {
                 continue;
             }
             match self.fd.poll_read_ready(cx) {
-                Poll::Ready(Ok(mut guard)) => guard.clear_ready(),
+                Poll::Ready(Ok(mut guard)) => {
+                    guard.clear_ready();
+                    if let Engine::Poll(p) = &reactor.engine {
+                        p.note_events();
+                    }
+                }
                 Poll::Ready(Err(_)) => return Poll::Ready(()),
                 Poll::Pending => return Poll::Pending,
             }
@@ -714,7 +883,9 @@ impl Drop for Driver {
                     *r.driver_waker.borrow_mut() = None;
                     // What was queued in this runtime's last tick (a drop's
                     // cancel, shutdown and close) still reaches the kernel.
-                    let _ = r.flush();
+                    if let Engine::Ring(ring) = &r.engine {
+                        let _ = ring.flush(&r.stats);
+                    }
                 }
             });
         }

@@ -9,6 +9,7 @@ use std::pin::Pin;
 use std::rc::Rc;
 use std::task::{Context, Poll};
 
+#[cfg(test)]
 use io_uring::{opcode, types};
 
 use super::{OpId, Reactor};
@@ -27,7 +28,7 @@ pub(crate) struct Resources {
     pub fd: Option<Rc<SharedFd>>,
     /// Timespec of a timeout op (only held, for the kernel to read).
     #[allow(dead_code)]
-    pub timespec: Option<Box<types::Timespec>>,
+    pub timespec: Option<Box<io_uring::types::Timespec>>,
     /// Socket address of a connect op (only held, for the kernel to read).
     #[allow(dead_code)]
     pub addr: Option<Box<(libc::sockaddr_storage, libc::socklen_t)>>,
@@ -82,7 +83,7 @@ impl Future for Op {
     type Output = Completion;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Completion> {
-        assert!(!self.finished, "io_uring op polled after completion");
+        assert!(!self.finished, "reactor op polled after completion");
         let done = self.reactor.poll_op(self.id, cx);
         if done.is_ready() {
             self.finished = true;
@@ -119,23 +120,19 @@ impl SharedFd {
 
 impl Drop for SharedFd {
     fn drop(&mut self) {
-        // Close through the ring (batched with everything else) when this
-        // thread has one; a plain close(2) during thread teardown.
+        // Close through the reactor (batched with everything else on the
+        // ring) when this thread has one; a plain close(2) during thread
+        // teardown.
         let fd = self.fd;
-        let queued = Reactor::with_existing(|r| {
-            r.submit_detached(
-                opcode::Close::new(types::Fd(fd)).build(),
-                Resources::default(),
-            )
-        });
-        if queued.is_none() {
+        if Reactor::with_existing(|r| r.close_fd(fd)).is_none() {
             // SAFETY: `fd` is owned by this value and closed exactly once, here.
             unsafe { libc::close(fd) };
         }
     }
 }
 
-/// Builders for the socket ops the transport uses.
+/// Builders of raw SQEs for the reactor's own ring tests.
+#[cfg(test)]
 impl Reactor {
     /// `recv(2)` into `buf[..]` (its full length).
     pub(crate) fn recv_sqe(fd: &SharedFd, buf: &mut [u8]) -> io_uring::squeue::Entry {
@@ -149,47 +146,76 @@ impl Reactor {
             .flags(libc::MSG_NOSIGNAL)
             .build()
     }
+}
+
+/// The socket ops the transport and the session use.
+impl Reactor {
+    /// `send(2)` of all of `buf[offset..]`; `callback` gets the count sent.
+    pub(crate) fn send(
+        &self,
+        fd: Rc<SharedFd>,
+        buf: Vec<u8>,
+        offset: usize,
+        callback: super::Callback,
+    ) -> OpId {
+        let resources = Resources {
+            buf,
+            offset,
+            fd: Some(fd),
+            ..Resources::default()
+        };
+        self.start_with_callback(super::Kind::Send, resources, callback)
+    }
+
+    /// `recv(2)` into `buf[..len]`; `callback` gets the count received.
+    pub(crate) fn recv(
+        &self,
+        fd: Rc<SharedFd>,
+        buf: Vec<u8>,
+        len: usize,
+        callback: super::Callback,
+    ) -> OpId {
+        assert!(len <= buf.len(), "recv of {len} bytes into {}", buf.len());
+        let resources = Resources {
+            buf,
+            fd: Some(fd),
+            ..Resources::default()
+        };
+        self.start_with_callback(super::Kind::Recv(len), resources, callback)
+    }
 
     /// `shutdown(2)` with SHUT_RDWR, detached: nobody waits for it.
     pub(crate) fn shutdown_detached(&self, fd: &Rc<SharedFd>) {
-        let sqe = opcode::Shutdown::new(types::Fd(fd.raw()), libc::SHUT_RDWR).build();
         let resources = Resources {
             fd: Some(fd.clone()),
             ..Resources::default()
         };
-        self.submit_detached(sqe, resources);
+        self.start_detached(super::Kind::Shutdown, resources);
     }
 
     /// `shutdown(2)` with SHUT_RDWR, awaited.
     pub(crate) fn shutdown(self: &Rc<Self>, fd: &Rc<SharedFd>) -> Op {
-        let sqe = opcode::Shutdown::new(types::Fd(fd.raw()), libc::SHUT_RDWR).build();
         let resources = Resources {
             fd: Some(fd.clone()),
             ..Resources::default()
         };
-        self.submit_op(sqe, resources)
+        self.start_op(super::Kind::Shutdown, resources)
     }
 
-    /// `connect(2)` to `addr`, cancelled by the kernel after `timeout`.
+    /// `connect(2)` to `addr`, cancelled after `timeout` (the result is
+    /// then `-ECANCELED`).
     pub(crate) fn connect(
         self: &Rc<Self>,
         fd: &Rc<SharedFd>,
         addr: SocketAddr,
         timeout: std::time::Duration,
     ) -> Op {
-        let mut storage = Box::new(sockaddr_from(addr));
-        let sqe = opcode::Connect::new(
-            types::Fd(fd.raw()),
-            &mut storage.0 as *mut libc::sockaddr_storage as *const libc::sockaddr,
-            storage.1,
-        )
-        .build();
         let resources = Resources {
             fd: Some(fd.clone()),
-            addr: Some(storage),
+            addr: Some(Box::new(sockaddr_from(addr))),
             ..Resources::default()
         };
-        self.submit_op_with_timeout(sqe, resources, timeout)
+        self.start_op_with_timeout(super::Kind::Connect, resources, timeout)
     }
 }
 

@@ -17,10 +17,14 @@ pub(crate) const REQUIRED: &[(u8, &str, &str)] = &[
     (opcode::Shutdown::CODE, "IORING_OP_SHUTDOWN", "5.11"),
 ];
 
-/// What the running kernel's ring supports beyond the required opcodes.
+/// What runs a thread's reactor, and what it supports beyond the required
+/// operations.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Features {
-    /// `IORING_ASYNC_CANCEL_FD` (5.19): cancel every request on a file.
+    /// The engine performing the thread's socket IO.
+    pub backend: super::Backend,
+    /// One request cancels every op on a socket: `IORING_ASYNC_CANCEL_FD`
+    /// (5.19) on the ring; always on the poll engine.
     pub cancel_by_fd: bool,
 }
 
@@ -62,6 +66,7 @@ pub(crate) fn setup(entries: u32) -> Result<(IoUring, Features), Error> {
     // The probe lists opcodes, not flags. The cancel flags (FD, ALL, ANY)
     // arrived in 5.19 together with IORING_OP_SOCKET, which serves as marker.
     let features = Features {
+        backend: super::Backend::IoUring,
         cancel_by_fd: probe.is_supported(opcode::Socket::CODE),
     };
     Ok((ring, features))

@@ -20,7 +20,8 @@ const PATIENCE: Duration = Duration::from_secs(2);
 /// This thread's reactor, after one nop round trip so that the driver task
 /// has been polled and is parked on the ring fd.
 async fn warm_reactor() -> Rc<Reactor> {
-    let reactor = Reactor::current().expect("io_uring reactor");
+    let reactor = Reactor::current_with(super::Choice::Only(super::Backend::IoUring))
+        .expect("io_uring reactor");
     super::nop().await.expect("warm-up nop");
     reactor
 }

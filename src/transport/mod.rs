@@ -1,9 +1,9 @@
-//! The bridge between libssh2 and the ring.
+//! The bridge between libssh2 and the reactor.
 //!
 //! libssh2 calls our send and recv callbacks ([`callbacks`]), which only
 //! touch the session's [`Bridge`]: packets go into an outbound queue whole,
 //! received bytes come out of an inbound buffer. `Transport` moves those
-//! bytes between the bridge and the real socket with ring operations whose
+//! bytes between the bridge and the real socket with reactor operations whose
 //! completions run as callbacks on the reactor's driver task, so the socket
 //! keeps flowing even when no future of the session is being polled.
 
@@ -17,7 +17,7 @@ use std::rc::{Rc, Weak};
 use std::task::Waker;
 use std::time::{Duration, Instant};
 
-use crate::reactor::{Completion, OpId, Reactor, Resources, SharedFd};
+use crate::reactor::{Completion, OpId, Reactor, SharedFd};
 pub use bridge::{Bridge, BridgeStats, Link};
 pub use callbacks::Shared;
 
@@ -170,17 +170,11 @@ impl Transport {
 
     fn submit_send(&self, fd: Rc<SharedFd>, buf: Vec<u8>, offset: usize) {
         self.sending.set(buf.len() - offset);
-        let sqe = Reactor::send_sqe(&fd, &buf, offset);
         let this = self.this.clone();
-        let resources = Resources {
+        let id = self.reactor.send(
+            fd,
             buf,
             offset,
-            fd: Some(fd),
-            ..Resources::default()
-        };
-        let id = self.reactor.submit_with_callback(
-            sqe,
-            resources,
             Box::new(move |c| {
                 if let Some(t) = this.upgrade() {
                     t.send_done(c)
@@ -237,16 +231,11 @@ impl Transport {
         if buf.len() < size {
             buf.resize(size, 0);
         }
-        let sqe = Reactor::recv_sqe(&fd, &mut buf[..size]);
         let this = self.this.clone();
-        let resources = Resources {
+        let id = self.reactor.recv(
+            fd,
             buf,
-            fd: Some(fd),
-            ..Resources::default()
-        };
-        let id = self.reactor.submit_with_callback(
-            sqe,
-            resources,
+            size,
             Box::new(move |c| {
                 if let Some(t) = this.upgrade() {
                     t.recv_done(c)

@@ -1,5 +1,6 @@
 #![allow(dead_code)]
 //! Shared helpers for the integration tests.
 
+pub mod seccomp;
 pub mod sshd;
 pub mod util;
