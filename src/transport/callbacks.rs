@@ -48,6 +48,8 @@ pub struct Shared {
     /// A panic caught in a callback (which then returned an error), to be
     /// resumed once the libssh2 call that ran the callback has returned.
     panic: RefCell<Option<Box<dyn std::any::Any + Send>>>,
+    /// Packet-sized blocks libssh2 freed, kept for its next packets.
+    cache: RefCell<Vec<*mut usize>>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -76,7 +78,17 @@ impl Shared {
             kbd: RefCell::new(None),
             panic: RefCell::new(None),
             agent_timeout: Cell::new(None),
+            cache: RefCell::new(Vec::new()),
         }
+    }
+
+    /// Blocks kept in this session's cache and their bytes.
+    pub fn cached(&self) -> (usize, usize) {
+        let cache = self.cache.borrow();
+        // SAFETY: cached blocks are live allocations whose header holds
+        // their capacity (set by `alloc`).
+        let bytes = cache.iter().map(|&b| unsafe { *b.add(1) }).sum();
+        (cache.len(), bytes)
     }
 
     /// Takes the panic a callback caught, if any (resume it with
@@ -117,24 +129,108 @@ impl Shared {
     }
 
     fn alloc(&self, size: usize) -> *mut c_void {
-        // SAFETY: malloc with a size checked for overflow; the header stores
-        // the size so free and realloc can account for it.
-        unsafe {
-            let Some(total) = size.checked_add(HEADER) else {
-                return std::ptr::null_mut();
-            };
-            let base = libc::malloc(total) as *mut usize;
-            if base.is_null() {
-                return std::ptr::null_mut();
+        let capacity = block_capacity(size);
+        let base = match self.take_cached(capacity) {
+            Some(base) => base,
+            None => {
+                let Some(total) = capacity.checked_add(HEADER) else {
+                    return std::ptr::null_mut();
+                };
+                // SAFETY: plain malloc; the result is checked for null.
+                let base = unsafe { libc::malloc(total) } as *mut usize;
+                if base.is_null() {
+                    return std::ptr::null_mut();
+                }
+                base
             }
+        };
+        // SAFETY: `base` points at HEADER + `capacity` bytes: the header
+        // records the size libssh2 asked for (for accounting) and the
+        // capacity (for the cache).
+        unsafe {
             *base = size;
+            *base.add(1) = capacity;
             self.account(size as i64, 1);
             (base as *mut u8).add(HEADER) as *mut c_void
         }
     }
+
+    fn take_cached(&self, capacity: usize) -> Option<*mut usize> {
+        if !(CACHE_MIN..=CACHE_MAX).contains(&capacity) {
+            return None;
+        }
+        let mut cache = self.cache.borrow_mut();
+        // SAFETY: cached blocks are live allocations with a valid header.
+        let at = cache
+            .iter()
+            .position(|&b| unsafe { *b.add(1) } == capacity)?;
+        THREAD_CACHED.with(|c| c.set(c.get() - capacity));
+        Some(cache.swap_remove(at))
+    }
+
+    /// Frees a block libssh2 let go of, or keeps it for the next packet.
+    ///
+    /// # Safety
+    /// `base` is the start of a live block made by `alloc`/`realloc_cb`.
+    unsafe fn release(&self, base: *mut usize) {
+        // SAFETY: per the contract, the header is valid.
+        let capacity = unsafe { *base.add(1) };
+        if (CACHE_MIN..=CACHE_MAX).contains(&capacity) {
+            let mut cache = self.cache.borrow_mut();
+            let kept: usize = cache.len() * CACHE_MAX;
+            let fits = kept + capacity <= CACHE_SESSION_BYTES
+                && THREAD_CACHED.with(|c| c.get()) + capacity <= CACHE_THREAD_BYTES;
+            if fits {
+                THREAD_CACHED.with(|c| c.set(c.get() + capacity));
+                cache.push(base);
+                return;
+            }
+        }
+        // SAFETY: per the contract, `base` came from malloc/realloc.
+        unsafe { libc::free(base as *mut c_void) };
+    }
 }
 
-/// Bytes in front of each block, keeping malloc's 16-byte alignment.
+impl Drop for Shared {
+    fn drop(&mut self) {
+        for base in self.cache.get_mut().drain(..) {
+            // SAFETY: cached blocks are live allocations owned by the cache.
+            unsafe {
+                THREAD_CACHED.with(|c| c.set(c.get() - *base.add(1)));
+                libc::free(base as *mut c_void);
+            }
+        }
+    }
+}
+
+/// Blocks of this many bytes (after rounding) are cached: libssh2 allocates
+/// and frees one per packet (up to 35,000 bytes plus headers), and handing
+/// them back to malloc made glibc trim and regrow the heap top every few
+/// packets: a page fault for every 4 KiB received.
+const CACHE_MIN: usize = 4 * 1024;
+const CACHE_MAX: usize = 64 * 1024;
+/// Bytes of cached blocks per session (each counted as CACHE_MAX: at most
+/// 16 blocks) and per thread.
+const CACHE_SESSION_BYTES: usize = 16 * CACHE_MAX;
+const CACHE_THREAD_BYTES: usize = 64 * 1024 * 1024;
+
+thread_local! {
+    /// Bytes in the caches of this thread's sessions.
+    static THREAD_CACHED: Cell<usize> = const { Cell::new(0) };
+}
+
+/// The capacity of a block for `size` bytes: packet-sized blocks are
+/// rounded up to 4 KiB so that the cache serves packets of similar size.
+fn block_capacity(size: usize) -> usize {
+    if (CACHE_MIN..=CACHE_MAX).contains(&size) {
+        size.div_ceil(4096) * 4096
+    } else {
+        size
+    }
+}
+
+/// Bytes in front of each block (the size asked for, then the capacity),
+/// keeping malloc's 16-byte alignment.
 const HEADER: usize = 16;
 
 /// # Safety
@@ -171,10 +267,13 @@ extern "C" fn free_cb(ptr: *mut c_void, abstract_: *mut *mut c_void) {
         unsafe {
             let base = (ptr as *mut u8).sub(HEADER) as *mut usize;
             let size = *base;
-            if let Some(s) = shared(abstract_) {
-                s.account(-(size as i64), -1);
+            match shared(abstract_) {
+                Some(s) => {
+                    s.account(-(size as i64), -1);
+                    s.release(base);
+                }
+                None => libc::free(base as *mut c_void),
             }
-            libc::free(base as *mut c_void);
         }
     });
 }
@@ -194,16 +293,24 @@ extern "C" fn realloc_cb(
             if ptr.is_null() {
                 return s.alloc(size);
             }
-            let Some(total) = size.checked_add(HEADER) else {
-                return std::ptr::null_mut();
-            };
             let base = (ptr as *mut u8).sub(HEADER) as *mut usize;
             let old = *base;
+            if size <= *base.add(1) {
+                // Fits the block as it is (a cached capacity may exceed it).
+                *base = size;
+                s.account(size as i64 - old as i64, 0);
+                return ptr;
+            }
+            let capacity = block_capacity(size);
+            let Some(total) = capacity.checked_add(HEADER) else {
+                return std::ptr::null_mut();
+            };
             let new = libc::realloc(base as *mut c_void, total) as *mut usize;
             if new.is_null() {
                 return std::ptr::null_mut();
             }
             *new = size;
+            *new.add(1) = capacity;
             s.account(size as i64 - old as i64, 0);
             (new as *mut u8).add(HEADER) as *mut c_void
         }
@@ -424,5 +531,111 @@ pub(crate) unsafe fn new_session(shared: *const Shared) -> *mut ffi::LIBSSH2_SES
         );
         ffi::libssh2_session_set_blocking(raw, 0);
         raw
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// libssh2's view: the allocator callbacks with the session's abstract pointer.
+    struct Libssh2<'a> {
+        abstract_: *mut c_void,
+        _shared: std::marker::PhantomData<&'a Shared>,
+    }
+
+    impl Libssh2<'_> {
+        fn new(shared: &Shared) -> Libssh2<'_> {
+            Libssh2 {
+                abstract_: shared as *const Shared as *mut c_void,
+                _shared: std::marker::PhantomData,
+            }
+        }
+        fn alloc(&mut self, n: usize) -> *mut c_void {
+            let p = alloc_cb(n, &mut self.abstract_);
+            assert!(!p.is_null());
+            // SAFETY: `p` has room for `n` bytes: write all of them, so that
+            // a block smaller than promised shows under ASan/valgrind.
+            unsafe { std::ptr::write_bytes(p as *mut u8, 0xa5, n) };
+            p
+        }
+        fn realloc(&mut self, p: *mut c_void, n: usize) -> *mut c_void {
+            let q = realloc_cb(p, n, &mut self.abstract_);
+            assert!(!q.is_null());
+            // SAFETY: as in `alloc`.
+            unsafe { std::ptr::write_bytes(q as *mut u8, 0x5a, n) };
+            q
+        }
+        fn free(&mut self, p: *mut c_void) {
+            free_cb(p, &mut self.abstract_);
+        }
+    }
+
+    #[test]
+    fn packet_blocks_are_reused_and_the_cache_is_bounded() {
+        let shared = Shared::new();
+        let mut l = Libssh2::new(&shared);
+        // A burst of packet-sized blocks, as libssh2 reading a full recv.
+        let first: Vec<_> = (0..24).map(|i| l.alloc(32_768 + 29 + i)).collect();
+        assert_eq!(shared.blocks_outstanding(), 24);
+        for &p in &first {
+            l.free(p);
+        }
+        assert_eq!(
+            (shared.blocks_outstanding(), shared.bytes_outstanding()),
+            (0, 0)
+        );
+        let (kept, bytes) = shared.cached();
+        assert_eq!(kept, 16, "at most 16 blocks per session");
+        assert_eq!(bytes, 16 * 36_864, "rounded up to 4 KiB");
+        // The next burst gets the cached blocks back.
+        let second: Vec<_> = (0..16).map(|_| l.alloc(33_000)).collect();
+        assert!(second.iter().all(|p| first.contains(p)));
+        assert_eq!(shared.cached().0, 0);
+        assert_eq!(shared.bytes_outstanding(), 16 * 33_000);
+        for p in second {
+            l.free(p);
+        }
+    }
+
+    #[test]
+    fn small_and_large_blocks_are_exact_and_never_cached() {
+        let shared = Shared::new();
+        let mut l = Libssh2::new(&shared);
+        let small = l.alloc(20);
+        let large = l.alloc(1 << 20);
+        assert_eq!(shared.bytes_outstanding(), 20 + (1 << 20));
+        l.free(small);
+        l.free(large);
+        assert_eq!(shared.cached(), (0, 0));
+        assert_eq!(
+            (shared.blocks_outstanding(), shared.bytes_outstanding()),
+            (0, 0)
+        );
+    }
+
+    #[test]
+    fn realloc_keeps_the_contents_and_the_accounting() {
+        let shared = Shared::new();
+        let mut l = Libssh2::new(&shared);
+        let p = l.alloc(5_000);
+        // Within the rounded capacity: the same block.
+        let q = l.realloc(p, 8_000);
+        assert_eq!(p, q);
+        assert_eq!(shared.bytes_outstanding(), 8_000);
+        // SAFETY: `q` holds 8,000 bytes written by `realloc`.
+        unsafe { *(q as *mut u8) = 7 };
+        let r = realloc_cb(q, 100_000, &mut l.abstract_);
+        assert!(!r.is_null());
+        // SAFETY: `r` starts with the old block's bytes.
+        assert_eq!(unsafe { *(r as *mut u8) }, 7, "contents moved");
+        assert_eq!(shared.bytes_outstanding(), 100_000);
+        let s = l.realloc(r, 10_000);
+        assert_eq!(shared.bytes_outstanding(), 10_000);
+        l.free(s);
+        assert_eq!(
+            (shared.blocks_outstanding(), shared.bytes_outstanding()),
+            (0, 0)
+        );
     }
 }
