@@ -3,6 +3,7 @@
 //! deterministic fake peer instead of a kernel.
 
 use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
 
 /// The state of the link under a session, as the callbacks see it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,15 +34,30 @@ pub struct BridgeStats {
     pub sends_after_disconnect: u64,
 }
 
-/// Received bytes: `buf[pos..end]` is unread. `buf` stays fully initialized
-/// (it is zeroed when it grows, then reused), so the kernel writes into
-/// initialized memory and memory checkers see it as such.
+/// Received bytes not yet read by libssh2: a queue of receive buffers,
+/// each with its unread part `buf[pos..end]`. A receive that comes while
+/// bytes wait is queued as it is (no copy) unless it is small, in which
+/// case it is copied behind the last one, so that many small receives
+/// cannot pin many large buffers. Buffers stay fully initialized (zeroed
+/// when they grow, then reused), so the kernel writes into initialized
+/// memory and memory checkers see it as such.
 #[derive(Default)]
 struct Inbound {
+    chunks: VecDeque<Chunk>,
+    /// Unread bytes over all chunks.
+    len: usize,
+    /// Read-out buffers, handed back as the next receive buffers.
+    free: Vec<Vec<u8>>,
+}
+
+struct Chunk {
     buf: Vec<u8>,
     pos: usize,
     end: usize,
 }
+
+/// Read-out buffers kept for the next receives.
+const FREE_BUFFERS: usize = 2;
 
 /// Outbound queue, inbound buffer and link state of one session.
 pub struct Bridge {
@@ -132,16 +148,24 @@ impl Bridge {
             return -(libc::ECONNABORTED as isize);
         }
         let mut inbound = self.inbound.borrow_mut();
-        let available = inbound.end - inbound.pos;
-        if available > 0 && !out.is_empty() {
-            let n = available.min(out.len());
-            let start = inbound.pos;
-            out[..n].copy_from_slice(&inbound.buf[start..start + n]);
-            inbound.pos += n;
-            if inbound.pos == inbound.end {
-                inbound.pos = 0;
-                inbound.end = 0;
+        if inbound.len > 0 && !out.is_empty() {
+            let mut n = 0;
+            while n < out.len() {
+                let Some(front) = inbound.chunks.front_mut() else {
+                    break;
+                };
+                let k = (front.end - front.pos).min(out.len() - n);
+                out[n..n + k].copy_from_slice(&front.buf[front.pos..front.pos + k]);
+                front.pos += k;
+                n += k;
+                if front.pos == front.end {
+                    let done = inbound.chunks.pop_front().expect("front chunk");
+                    if inbound.free.len() < FREE_BUFFERS {
+                        inbound.free.push(done.buf);
+                    }
+                }
             }
+            inbound.len -= n;
             drop(inbound);
             self.bump(|s| s.bytes_received += n as u64);
             return n as isize;
@@ -170,38 +194,45 @@ impl Bridge {
 
     /// Bytes received and not yet read by libssh2.
     pub fn inbound_len(&self) -> usize {
-        let inbound = self.inbound.borrow();
-        inbound.end - inbound.pos
+        self.inbound.borrow().len
     }
 
-    /// Hands received bytes, the first `n` of `buf`, to libssh2's side. When
-    /// nothing is buffered the vector itself becomes the buffer (no copy).
-    /// Returns a vector to receive into next (its length is kept: the bytes
-    /// are initialized and are overwritten by the next receive).
-    pub fn deliver(&self, mut buf: Vec<u8>, n: usize) -> Vec<u8> {
+    /// Hands received bytes, the first `n` of `buf`, to libssh2's side. The
+    /// vector itself is queued (no copy) unless bytes are waiting and `n`
+    /// is small next to it. Returns a vector to receive into next (its
+    /// length is kept: the bytes are initialized and are overwritten by the
+    /// next receive); an empty one when none is left over.
+    pub fn deliver(&self, buf: Vec<u8>, n: usize) -> Vec<u8> {
         assert!(n <= buf.len(), "delivered more bytes than the buffer holds");
         self.want_recv.set(false);
-        let mut ib = self.inbound.borrow_mut();
-        if ib.pos == ib.end {
-            std::mem::swap(&mut ib.buf, &mut buf);
-            ib.pos = 0;
-            ib.end = n;
+        if n == 0 {
             return buf;
         }
-        if ib.end + n > ib.buf.len() {
-            let (pos, end) = (ib.pos, ib.end);
-            ib.buf.copy_within(pos..end, 0);
-            ib.end -= pos;
-            ib.pos = 0;
-            let need = ib.end + n;
-            if need > ib.buf.len() {
-                ib.buf.resize(need, 0);
+        let mut ib = self.inbound.borrow_mut();
+        ib.len += n;
+        if n <= buf.len() / 4
+            && let Some(last) = ib.chunks.back_mut()
+        {
+            if last.buf.len() - last.end < n {
+                last.buf.copy_within(last.pos..last.end, 0);
+                last.end -= last.pos;
+                last.pos = 0;
+                if last.buf.len() - last.end < n {
+                    let need = last.end + n;
+                    last.buf.resize(need, 0);
+                }
             }
+            let end = last.end;
+            last.buf[end..end + n].copy_from_slice(&buf[..n]);
+            last.end += n;
+            return buf;
         }
-        let end = ib.end;
-        ib.buf[end..end + n].copy_from_slice(&buf[..n]);
-        ib.end += n;
-        buf
+        ib.chunks.push_back(Chunk {
+            buf,
+            pos: 0,
+            end: n,
+        });
+        ib.free.pop().unwrap_or_default()
     }
 
     /// Whether libssh2 asked for bytes that were not there, since the last
@@ -321,5 +352,37 @@ mod tests {
         b.kill();
         assert!(b.on_send(b"later") < 0);
         assert_eq!(b.stats().sends_after_disconnect, 2);
+    }
+
+    #[test]
+    fn large_receives_queue_without_a_copy_and_small_ones_are_appended() {
+        let b = Bridge::new();
+        let first: Vec<u8> = (0..100u8).collect();
+        let first_ptr = first.as_ptr();
+        assert!(b.deliver(first, 100).is_empty());
+        // A full receive while bytes wait: queued as it is.
+        let second: Vec<u8> = (100..200u8).collect();
+        let spare = b.deliver(second, 100);
+        assert!(spare.is_empty(), "no read-out buffer yet");
+        // A small one is appended to the last buffer, which is handed back.
+        let small = b.deliver(vec![200, 201, 0, 0, 0, 0, 0, 0, 0, 0], 2);
+        assert_eq!(small.len(), 10);
+        assert_eq!(b.inbound_len(), 202);
+        let mut out = vec![0u8; 150];
+        assert_eq!(b.on_recv(&mut out), 150);
+        assert!(out.iter().enumerate().all(|(i, &x)| x == i as u8));
+        // The first buffer, read out, is the next receive buffer.
+        let next = b.deliver(vec![0; 400], 400);
+        assert_eq!(next.as_ptr(), first_ptr);
+        let mut rest = vec![0u8; 1000];
+        assert_eq!(b.on_recv(&mut rest), 52 + 400);
+        assert!(
+            rest[..52]
+                .iter()
+                .enumerate()
+                .all(|(i, &x)| x == 150 + i as u8)
+        );
+        assert_eq!(b.inbound_len(), 0);
+        assert_eq!(b.on_recv(&mut rest), -(libc::EAGAIN as isize));
     }
 }
