@@ -21,8 +21,9 @@ use crate::reactor::{Completion, OpId, Reactor, SharedFd};
 pub use bridge::{Bridge, BridgeStats, Link};
 pub use callbacks::Shared;
 
-/// Bytes asked for by a ring recv on a quiet session.
-pub(crate) const RECV_MIN: usize = 64 * 1024;
+/// Bytes asked for by a recv on a quiet session (an idle session holds two
+/// buffers of this size: the one in flight and the one libssh2 reads).
+pub(crate) const RECV_MIN: usize = 16 * 1024;
 
 /// Bytes asked for by a ring recv on a session that fills every recv: one
 /// `io_uring_enter` then carries up to this much.
@@ -225,10 +226,18 @@ impl Transport {
             return;
         };
         let size = self.recv_size.get();
-        // Receive buffers stay initialized: zeroed once when they grow
-        // (calloc'd pages for large sizes), then recycled.
+        // Receive buffers stay initialized: zeroed once when they grow,
+        // then recycled.
         let mut buf = std::mem::take(&mut *self.spare_in.borrow_mut());
-        if buf.len() < size {
+        if buf.len() > 4 * size {
+            // A transfer's large buffer on a session gone quiet: give the
+            // memory back rather than hold it per idle session.
+            buf = Vec::new();
+        }
+        if buf.is_empty() {
+            // calloc: fresh pages are zero without being touched.
+            buf = vec![0; size];
+        } else if buf.len() < size {
             buf.resize(size, 0);
         }
         let this = self.this.clone();
