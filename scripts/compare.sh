@@ -5,10 +5,11 @@
 #   bash scripts/compare.sh [--smoke] [--json FILE] [more options of examples/compare.rs]
 #
 # As root on a fresh Debian/Ubuntu machine it first installs what is
-# missing (scripts/setup.sh, plus rsync, strace and perf). Then it builds
-# the peer programs (benches/peers, a workspace of its own, kept out of the
-# library's dependencies) and the harness, and runs the harness pinned to
-# core 0 (it pins its sshd to core 1). Exits non-zero if any row failed.
+# missing (scripts/setup.sh --bench: the test dependencies, rsync, strace
+# and perf). Then it builds the peer programs (benches/peers, a workspace of
+# its own, kept out of the library's dependencies) and the harness, and runs
+# the harness pinned to core 0 (it pins its sshd to core 1). Exits non-zero
+# if any row failed.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -16,18 +17,9 @@ root=$(pwd)
 jobs=${JOBS:-2}
 
 if [ "$(id -u)" -eq 0 ]; then
-    bash scripts/setup.sh
-    # The OpenSSH tools the harness compares, and the syscall counters.
-    extra=()
-    for p in rsync strace linux-perf; do
-        status=$(dpkg-query -W -f='${Status}' "$p" 2>/dev/null || true)
-        [ "$status" = "install ok installed" ] || extra+=("$p")
-    done
-    if [ "${#extra[@]}" -gt 0 ]; then
-        echo "installing: ${extra[*]}"
-        DEBIAN_FRONTEND=noninteractive apt-get install -y "${extra[@]}" ||
-            echo "compare.sh: could not install ${extra[*]}; rows needing them are skipped or counted with what is there" >&2
-    fi
+    bash scripts/setup.sh --bench
+else
+    echo "compare.sh: not root, installing nothing (scripts/setup.sh --bench installs what is missing)" >&2
 fi
 
 echo "compare.sh: building the peer programs (benches/peers)"
