@@ -21,8 +21,12 @@
 //!
 //! Options: `--smoke` (1 run, small sizes), `--runs R`, `--json FILE`,
 //! `--peers DIR` (the peer programs), `--only 1,4,8` (scenario numbers),
-//! `--big-mib N` (size of scenarios 1 and 4), `--max-sessions N` (cap of
-//! the session counts of scenarios 2, 6 and 9), `--cipher NAME` (repeat).
+//! `--big-mib N` (size of scenarios 1 and 4, the total of 3 and 9, and the
+//! count of 1 MiB files in 8; default 1024), `--session-mib N` (per session
+//! in scenario 2; default 16), `--files N` (4 KiB files in scenario 8;
+//! default 10,000), `--max-sessions N` (cap of the session counts of
+//! scenarios 2, 6 and 9), `--cipher NAME` (repeat; scenarios 1 to 3 run for
+//! each, the others for chacha20-poly1305).
 
 #[path = "../benches/peers/src/common.rs"]
 mod client;
@@ -316,6 +320,8 @@ struct Opts {
     peers: PathBuf,
     only: Vec<u32>,
     big_mib: Option<u64>,
+    session_mib: Option<u64>,
+    files: Option<usize>,
     max_sessions: usize,
     ciphers: Vec<String>,
 }
@@ -329,6 +335,8 @@ impl Opts {
             peers: PathBuf::from("benches/peers/target/release"),
             only: Vec::new(),
             big_mib: None,
+            session_mib: None,
+            files: None,
             max_sessions: usize::MAX,
             ciphers: Vec::new(),
         };
@@ -346,12 +354,14 @@ impl Opts {
                         .collect()
                 }
                 "--big-mib" => o.big_mib = Some(value().parse().expect("--big-mib N")),
+                "--session-mib" => o.session_mib = Some(value().parse().expect("--session-mib N")),
+                "--files" => o.files = Some(value().parse().expect("--files N")),
                 "--max-sessions" => o.max_sessions = value().parse().expect("--max-sessions N"),
                 "--cipher" => o.ciphers.push(value()),
                 _ => {
                     eprintln!(
                         "compare [--smoke] [--runs R] [--json FILE] [--peers DIR] [--only 1,2,..] \
-                         [--big-mib N] [--max-sessions N] [--cipher NAME]..."
+                         [--big-mib N] [--session-mib N] [--files N] [--max-sessions N] [--cipher NAME]..."
                     );
                     std::process::exit(2);
                 }
@@ -745,7 +755,7 @@ fn cases(o: &Opts, ctx: &Ctx) -> Vec<Case> {
             }
         }
         if o.wants(2) {
-            let mib = o.pick(16u64, 4);
+            let mib = o.session_mib.unwrap_or(o.pick(16, 4));
             for n in o.sessions(&[1, 16, 64, 256], &[1, 16]) {
                 let mut jobs = ctx.rust_clients(true);
                 let one = ctx.ssh(cipher, &format!("head -c {} /dev/zero", mib * MIB));
@@ -774,7 +784,7 @@ fn cases(o: &Opts, ctx: &Ctx) -> Vec<Case> {
             }
         }
         if o.wants(3) {
-            let mib = o.pick(64u64, 2);
+            let mib = (o.big() / 16).max(1);
             let mut args = base.clone();
             args.extend(strings(&[
                 "--scenario",
@@ -792,34 +802,34 @@ fn cases(o: &Opts, ctx: &Ctx) -> Vec<Case> {
                 o.runs,
             ));
         }
-        if o.wants(9) {
-            for n in o.sessions(&[1, 16, 64, 256, 1000], &[1, 32]) {
-                let mib = (o.pick(1024, 32) / n as u64).max(1);
-                let mut args = base.clone();
-                args.extend(strings(&[
-                    "--scenario",
-                    "read",
-                    "--mib",
-                    &mib.to_string(),
-                    "--sessions",
-                    &n.to_string(),
-                ]));
-                let runs = if n >= 1000 { 1 } else { o.runs };
-                cases.push(case(
-                    9,
-                    format!("{short} scaling: {n} sessions x {mib} MiB read"),
-                    args,
-                    ctx.rust_clients(true),
-                    runs,
-                ));
-            }
-        }
     }
     // The rest with one cipher.
     let base = ctx.client_args(chacha);
     let opts = ctx.opts(chacha);
     let port = ctx.sshd.port();
     let target = ctx.target();
+    if o.wants(9) {
+        for n in o.sessions(&[1, 16, 64, 256, 1000], &[1, 32]) {
+            let mib = (o.big() / n as u64).max(1);
+            let mut args = ctx.client_args(chacha);
+            args.extend(strings(&[
+                "--scenario",
+                "read",
+                "--mib",
+                &mib.to_string(),
+                "--sessions",
+                &n.to_string(),
+            ]));
+            let runs = if n >= 1000 { 1 } else { o.runs };
+            cases.push(case(
+                9,
+                format!("chacha20-poly1305 scaling: {n} sessions x {mib} MiB read"),
+                args,
+                ctx.rust_clients(true),
+                runs,
+            ));
+        }
+    }
     if o.wants(4) {
         let mib = o.big();
         let src = d.join("big.bin");
@@ -925,7 +935,9 @@ fn cases(o: &Opts, ctx: &Ctx) -> Vec<Case> {
         ));
     }
     if o.wants(8) {
-        for (files, kib) in [(o.pick(10_000, 200), 4usize), (o.pick(1000, 20), 1024)] {
+        let small = o.files.unwrap_or(o.pick(10_000, 200));
+        let big = (o.big() as usize).min(1000);
+        for (files, kib) in [(small, 4usize), (big, 1024)] {
             let src = d.join(format!("tree{kib}"));
             tools::write_tree(&src, files, kib * 1024);
             let dst = d.join("dst");
@@ -969,7 +981,9 @@ fn cases(o: &Opts, ctx: &Ctx) -> Vec<Case> {
 
 fn orchestrate(o: Opts) -> i32 {
     let started = Instant::now();
-    let two_cores = std::thread::available_parallelism().map_or(1, |n| n.get()) >= 2;
+    // Online CPUs, not this process's affinity (scripts/compare.sh pins us).
+    // SAFETY: sysconf has no preconditions.
+    let two_cores = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) } >= 2;
     let pin = two_cores && tools::have("taskset");
     let sshd = sshd::Sshd::builder()
         .log_level("ERROR")
