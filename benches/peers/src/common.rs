@@ -267,21 +267,13 @@ pub trait AsyncPeer {
     /// The default walks the tree one file at a time on the first session.
     async fn tree(sessions: &[Self::Session], remote: &str, local: &Path) -> (u64, u64) {
         let s = &sessions[0];
-        let mut todo = vec![(remote.to_string(), local.to_path_buf())];
-        let (mut files, mut bytes) = (0, 0);
-        while let Some((r, l)) = todo.pop() {
-            std::fs::create_dir_all(&l).expect("create local dir");
-            for (name, dir) in Self::list(s, &r).await {
-                let (rr, ll) = (format!("{r}/{name}"), l.join(&name));
-                if dir {
-                    todo.push((rr, ll));
-                } else {
-                    bytes += Self::sftp_get(s, &rr, &ll).await;
-                    files += 1;
-                }
-            }
-        }
-        (files, bytes)
+        walk_tree(
+            remote,
+            local,
+            async |dir| Self::list(s, dir).await,
+            async |r, l| Self::sftp_get(s, r, l).await,
+        )
+        .await
     }
     /// Client counters reported as increases over the measured phase.
     fn counters() -> Vec<(&'static str, f64)> {
@@ -296,6 +288,32 @@ async fn connect_many<P: AsyncPeer>(a: &Args, n: usize) -> Vec<P::Session> {
         v.extend(futures::future::join_all((0..k).map(|_| P::connect(a))).await);
     }
     v
+}
+
+/// Fetches every file under `remote` into `local`, one at a time, depth
+/// first, with `list` (names and is-directory flags of a directory) and
+/// `get` (one file; its size). Returns (files, bytes).
+pub async fn walk_tree(
+    remote: &str,
+    local: &Path,
+    mut list: impl AsyncFnMut(&str) -> Vec<(String, bool)>,
+    mut get: impl AsyncFnMut(&str, &Path) -> u64,
+) -> (u64, u64) {
+    let mut todo = vec![(remote.to_string(), local.to_path_buf())];
+    let (mut files, mut bytes) = (0, 0);
+    while let Some((r, l)) = todo.pop() {
+        std::fs::create_dir_all(&l).expect("create local dir");
+        for (name, dir) in list(&r).await {
+            let (rr, ll) = (format!("{r}/{name}"), l.join(&name));
+            if dir {
+                todo.push((rr, ll));
+            } else {
+                bytes += get(&rr, &ll).await;
+                files += 1;
+            }
+        }
+    }
+    (files, bytes)
 }
 
 /// Runs `a.scenario` with an async client; the caller provides the runtime.
@@ -461,20 +479,13 @@ pub fn run_threads<P: BlockingPeer>(a: &Args) -> Figures {
         "tree" => {
             let s = P::connect(a);
             let m = Meter::start(Vec::new());
-            let mut todo = vec![(a.remote.clone(), Path::new(&a.local).to_path_buf())];
-            let (mut files, mut bytes) = (0u64, 0u64);
-            while let Some((r, l)) = todo.pop() {
-                std::fs::create_dir_all(&l).expect("create local dir");
-                for (name, dir) in P::list(&s, &r) {
-                    let (rr, ll) = (format!("{r}/{name}"), l.join(&name));
-                    if dir {
-                        todo.push((rr, ll));
-                    } else {
-                        bytes += P::sftp_get(&s, &rr, &ll);
-                        files += 1;
-                    }
-                }
-            }
+            // The blocking calls run inside the walk's closures.
+            let (files, bytes) = futures::executor::block_on(walk_tree(
+                &a.remote,
+                Path::new(&a.local),
+                async |dir| P::list(&s, dir),
+                async |r, l| P::sftp_get(&s, r, l),
+            ));
             let mut f = m.finish(bytes, Vec::new());
             f.set("count", files as f64);
             f
