@@ -23,10 +23,12 @@
 //! `--peers DIR` (the peer programs), `--only 1,4,8` (scenario numbers),
 //! `--big-mib N` (size of scenarios 1 and 4, the total of 3 and 9, and the
 //! count of 1 MiB files in 8; default 1024), `--session-mib N` (per session
-//! in scenario 2; default 16), `--files N` (4 KiB files in scenario 8;
-//! default 10,000), `--max-sessions N` (cap of the session counts of
-//! scenarios 2, 6 and 9), `--cipher NAME` (repeat; scenarios 1 to 3 run for
-//! each, the others for chacha20-poly1305).
+//! in scenario 2; default 16), `--scaling-mib N` (total of scenario 9;
+//! default: `--big-mib`), `--files N` (4 KiB files in scenario 8; default
+//! 10,000), `--max-sessions N` (session counts of scenario 2 up to N; in
+//! scenario 9 the peers stop there and uring-ssh goes on alone, one run),
+//! `--cipher NAME` (repeat; scenarios 1 to 3 run for each, the others for
+//! chacha20-poly1305).
 
 #[path = "../benches/peers/src/common.rs"]
 mod client;
@@ -321,6 +323,7 @@ struct Opts {
     only: Vec<u32>,
     big_mib: Option<u64>,
     session_mib: Option<u64>,
+    scaling_mib: Option<u64>,
     files: Option<usize>,
     max_sessions: usize,
     ciphers: Vec<String>,
@@ -336,6 +339,7 @@ impl Opts {
             only: Vec::new(),
             big_mib: None,
             session_mib: None,
+            scaling_mib: None,
             files: None,
             max_sessions: usize::MAX,
             ciphers: Vec::new(),
@@ -355,13 +359,14 @@ impl Opts {
                 }
                 "--big-mib" => o.big_mib = Some(value().parse().expect("--big-mib N")),
                 "--session-mib" => o.session_mib = Some(value().parse().expect("--session-mib N")),
+                "--scaling-mib" => o.scaling_mib = Some(value().parse().expect("--scaling-mib N")),
                 "--files" => o.files = Some(value().parse().expect("--files N")),
                 "--max-sessions" => o.max_sessions = value().parse().expect("--max-sessions N"),
                 "--cipher" => o.ciphers.push(value()),
                 _ => {
                     eprintln!(
                         "compare [--smoke] [--runs R] [--json FILE] [--peers DIR] [--only 1,2,..] \
-                         [--big-mib N] [--session-mib N] [--files N] [--max-sessions N] [--cipher NAME]..."
+                         [--big-mib N] [--session-mib N] [--scaling-mib N] [--files N] [--max-sessions N] [--cipher NAME]..."
                     );
                     std::process::exit(2);
                 }
@@ -809,8 +814,10 @@ fn cases(o: &Opts, ctx: &Ctx) -> Vec<Case> {
     let port = ctx.sshd.port();
     let target = ctx.target();
     if o.wants(9) {
-        for n in o.sessions(&[1, 16, 64, 256, 1000], &[1, 32]) {
-            let mib = (o.big() / n as u64).max(1);
+        // Ours at every N; the peers up to --max-sessions.
+        for &n in o.pick(&[1usize, 16, 64, 256, 1000][..], &[1, 32]) {
+            let total = o.scaling_mib.unwrap_or(o.big());
+            let mib = (total / n as u64).max(1);
             let mut args = ctx.client_args(chacha);
             args.extend(strings(&[
                 "--scenario",
@@ -820,13 +827,17 @@ fn cases(o: &Opts, ctx: &Ctx) -> Vec<Case> {
                 "--sessions",
                 &n.to_string(),
             ]));
-            let runs = if n >= 1000 { 1 } else { o.runs };
+            let (jobs, runs) = if n <= o.max_sessions {
+                (ctx.rust_clients(true), o.runs)
+            } else {
+                (vec![ctx.ours()], 1)
+            };
             cases.push(case(
                 9,
                 format!("chacha20-poly1305 scaling: {n} sessions x {mib} MiB read"),
                 args,
-                ctx.rust_clients(true),
-                runs,
+                jobs,
+                if n >= 1000 { 1 } else { runs },
             ));
         }
     }
@@ -901,7 +912,7 @@ fn cases(o: &Opts, ctx: &Ctx) -> Vec<Case> {
         }
     }
     if o.wants(6) {
-        let n = o.pick(1000usize, 50).min(o.max_sessions);
+        let n = o.pick(1000usize, 50);
         let mut args = base.clone();
         args.extend(strings(&[
             "--scenario",
