@@ -2,17 +2,23 @@
 //! OpenSSH server: `N` bytes read over exec (`head -c N /dev/zero`) on one
 //! authenticated session, at 64 KiB, 1 MiB and 16 MiB; and one connect +
 //! key exchange + public-key auth (session dropped after). chacha20-poly1305
-//! and curve25519-sha256 pinned; one current-thread runtime.
+//! and curve25519-sha256 pinned; one current-thread runtime. The client is
+//! the one the comparison harness runs (`benches/common/ours.rs`).
 
+#[path = "peers/src/common.rs"]
+mod client;
+#[path = "common/ours.rs"]
+#[allow(dead_code)]
+mod ours;
 #[path = "../tests/common/sshd.rs"]
 #[allow(dead_code)]
 mod sshd;
 
 use std::time::Duration;
 
+use client::AsyncPeer;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use tokio::io::AsyncReadExt;
-use uring_ssh::{Config, MethodType, Session};
+use ours::Ours;
 
 const SIZES: [(&str, u64); 3] = [
     ("64 KiB", 64 << 10),
@@ -20,51 +26,36 @@ const SIZES: [(&str, u64); 3] = [
     ("16 MiB", 16 << 20),
 ];
 
-async fn connect(sshd: &sshd::Sshd) -> Session {
-    let cfg = Config::new()
-        .known_hosts(Some(sshd.known_hosts()))
-        .ciphers("chacha20-poly1305@openssh.com")
-        .method(MethodType::Kex, "curve25519-sha256");
-    let s = Session::connect_addr(sshd.addr(), cfg)
-        .await
-        .expect("connect");
-    s.auth_pubkey_file(&sshd.user(), &sshd.user_key(), None)
-        .await
-        .expect("auth");
-    s
-}
-
-async fn read(s: &Session, bytes: u64, buf: &mut [u8]) {
-    let mut ch = s
-        .exec(&format!("head -c {bytes} /dev/zero"))
-        .await
-        .expect("exec");
-    let mut got = 0u64;
-    loop {
-        let n = ch.read(buf).await.expect("read");
-        if n == 0 {
-            break;
-        }
-        got += n as u64;
-    }
-    assert_eq!(got, bytes);
-    ch.wait().await.expect("exit");
-}
-
 fn bench_channel(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("runtime");
     let sshd = sshd::Sshd::builder().log_level("ERROR").start();
-    let session = rt.block_on(connect(&sshd));
-    let mut buf = vec![0u8; 256 * 1024];
+    let args = client::parse_args(
+        [
+            "--port",
+            &sshd.port().to_string(),
+            "--user",
+            &sshd.user(),
+            "--key",
+            &sshd.user_key().display().to_string(),
+            "--known-hosts",
+            &sshd.known_hosts().display().to_string(),
+            "--cipher",
+            "chacha20-poly1305@openssh.com",
+        ]
+        .map(String::from)
+        .into_iter(),
+    );
+    let conn = rt.block_on(Ours::connect(&args));
 
     let mut group = c.benchmark_group("channel read over exec");
     for (label, bytes) in SIZES {
         group.throughput(Throughput::Bytes(bytes));
+        let cmd = format!("head -c {bytes} /dev/zero");
         group.bench_function(label, |b| {
-            b.iter(|| rt.block_on(read(&session, bytes, &mut buf)))
+            b.iter(|| rt.block_on(Ours::read_command(&conn, &cmd, bytes)))
         });
     }
     group.finish();
@@ -72,10 +63,10 @@ fn bench_channel(c: &mut Criterion) {
     let mut group = c.benchmark_group("session");
     group.throughput(Throughput::Elements(1));
     group.bench_function("connect + kex + pubkey auth", |b| {
-        b.iter(|| drop(rt.block_on(connect(&sshd))))
+        b.iter(|| drop(rt.block_on(Ours::connect(&args))))
     });
     group.finish();
-    rt.block_on(session.close("done")).expect("close");
+    rt.block_on(conn.s.close("done")).expect("close");
 }
 
 criterion_group! {

@@ -34,6 +34,8 @@
 mod client;
 #[path = "../benches/common/drops.rs"]
 mod drops;
+#[path = "../benches/common/ours.rs"]
+mod ours;
 #[path = "../tests/common/sshd.rs"]
 #[allow(dead_code)]
 mod sshd;
@@ -47,10 +49,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
-use client::{Args, AsyncPeer, Figures};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use uring_ssh::sftp::{Sftp, TransferOptions, download_tree_over};
-use uring_ssh::{Config, MethodType, Session};
+use client::{Args, Figures};
 
 const MIB: u64 = 1 << 20;
 const GIB: f64 = (1u64 << 30) as f64;
@@ -74,119 +73,6 @@ fn main() {
 // ---------------------------------------------------------------------------
 // Client mode: uring-ssh doing one scenario, one JSON line out.
 
-/// uring-ssh as a benchmark client.
-struct Ours;
-
-/// A session and, once needed, its SFTP client.
-struct Conn {
-    s: Session,
-    sftp: tokio::sync::OnceCell<Sftp>,
-}
-
-impl Conn {
-    async fn sftp(&self) -> &Sftp {
-        self.sftp
-            .get_or_init(|| async { self.s.sftp().await.expect("sftp") })
-            .await
-    }
-}
-
-impl AsyncPeer for Ours {
-    type Session = Conn;
-
-    async fn connect(a: &Args) -> Conn {
-        let cfg = Config::new()
-            .known_hosts(Some(&a.known_hosts))
-            .ciphers(&a.cipher)
-            .method(MethodType::Kex, client::KEX);
-        let addr = SocketAddr::from(([127, 0, 0, 1], a.port));
-        let s = Session::connect_addr(addr, cfg).await.expect("connect");
-        s.auth_pubkey_file(&a.user, Path::new(&a.key), None)
-            .await
-            .expect("auth");
-        Conn {
-            s,
-            sftp: Default::default(),
-        }
-    }
-
-    async fn read(c: &Conn, a: &Args) {
-        let mut ch = c.s.exec(&a.read_command()).await.expect("exec");
-        let mut buf = vec![0u8; client::BUF];
-        let mut got = 0u64;
-        loop {
-            let n = ch.read(&mut buf).await.expect("read");
-            if n == 0 {
-                break;
-            }
-            got += n as u64;
-        }
-        assert_eq!(got, a.bytes());
-        assert!(ch.wait().await.expect("exit").success());
-    }
-
-    async fn write(c: &Conn, a: &Args) {
-        let mut ch = c.s.exec(client::WRITE_COMMAND).await.expect("exec");
-        let buf = vec![0x5au8; client::BUF];
-        let mut left = a.bytes();
-        while left > 0 {
-            let n = left.min(buf.len() as u64) as usize;
-            ch.write_all(&buf[..n]).await.expect("write");
-            left -= n as u64;
-        }
-        ch.shutdown().await.expect("eof");
-        assert!(ch.wait().await.expect("exit").success());
-    }
-
-    async fn sftp_get(c: &Conn, remote: &str, local: &Path) -> u64 {
-        c.sftp()
-            .await
-            .download(remote, local)
-            .await
-            .expect("download")
-    }
-
-    async fn sftp_put(c: &Conn, local: &Path, remote: &str) -> u64 {
-        c.sftp().await.upload(local, remote).await.expect("upload")
-    }
-
-    async fn list(c: &Conn, dir: &str) -> Vec<(String, bool)> {
-        let entries = c.sftp().await.read_dir_all(dir).await.expect("readdir");
-        entries
-            .iter()
-            .map(|e| (e.name().into_owned(), e.attrs().is_dir()))
-            .collect()
-    }
-
-    /// `download_tree_over` the SFTP clients of every session.
-    async fn tree(sessions: &[Conn], remote: &str, local: &Path) -> (u64, u64) {
-        let mut clients = Vec::new();
-        for c in sessions {
-            clients.push(c.sftp().await.clone());
-        }
-        let r = download_tree_over(
-            &clients,
-            Path::new(remote),
-            local,
-            &TransferOptions::default(),
-        )
-        .await;
-        assert!(r.is_complete(), "{:?}", r.failed().next());
-        (r.succeeded() as u64, r.bytes())
-    }
-
-    fn counters() -> Vec<(&'static str, f64)> {
-        uring_ssh::reactor::stats()
-            .map(|s| {
-                vec![
-                    ("ring_enters", s.enter_calls as f64),
-                    ("ring_sqes", s.sqes_submitted as f64),
-                ]
-            })
-            .unwrap_or_default()
-    }
-}
-
 fn client_main(a: Args) {
     client::raise_nofile();
     let f = match a.scenario.as_str() {
@@ -200,7 +86,7 @@ fn client_main(a: Args) {
                 if a.scenario == "drop" {
                     drop_figures(&a).await
                 } else {
-                    client::run_async::<Ours>(&a).await
+                    client::run_async::<ours::Ours>(&a).await
                 }
             })
         }
