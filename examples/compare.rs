@@ -940,6 +940,18 @@ fn orchestrate(o: Opts) -> i32 {
         tcp_port: tcp_server(pin.then_some(1)),
         sshd,
     };
+    // A missing tool would drop rows: fail instead.
+    let missing: Vec<&str> = ["ssh", "sftp", "scp", "rsync", "tar", "openssl"]
+        .into_iter()
+        .filter(|t| !tools::have(t))
+        .collect();
+    if !missing.is_empty() {
+        eprintln!(
+            "compare: missing {}: run as root (scripts/compare.sh installs them)",
+            missing.join(", ")
+        );
+        return 1;
+    }
     for p in ["peer_ssh2", "peer_russh", "peer_async_ssh2_lite"] {
         if !ctx.peers.join(p).exists() {
             eprintln!(
