@@ -1217,19 +1217,18 @@ fn table(rows: &[Row]) -> String {
 fn print_case(rows: &[Row]) {
     for r in rows {
         let m = medians(r);
-        match &r.error {
-            Some(e) => println!("[{}] {} / {}: FAILED {e}", r.scenario, r.case, r.client),
-            None => println!(
-                "[{}] {} / {}: {} MB/s, {} + {} s/GiB {}",
-                r.scenario,
-                r.case,
-                r.client,
+        let line = match &r.error {
+            Some(e) => format!("FAILED {e}"),
+            None if m.mbps.is_finite() => format!(
+                "{} MB/s, {} + {} s/GiB {}",
                 num(m.mbps, 0),
                 num(m.user_gib, 2),
                 num(m.sys_gib, 2),
                 m.other
             ),
-        }
+            None => m.other,
+        };
+        println!("[{}] {} / {}: {line}", r.scenario, r.case, r.client);
     }
 }
 
