@@ -11,7 +11,10 @@
 //! `--peers benches/peers/target/release`): ssh2-rs and russh doing the same
 //! transfer against the same server, in alternating order with ours, each
 //! reporting its own CPU. Every row pins the cipher and curve25519-sha256.
+//! `scripts/compare.sh` runs this and every other scenario for more peers.
 
+#[path = "../benches/peers/src/common.rs"]
+mod client;
 #[path = "../tests/common/sshd.rs"]
 #[allow(dead_code)]
 mod sshd;
@@ -120,11 +123,13 @@ fn peer(
         String::from_utf8_lossy(&out.stderr)
     );
     let text = String::from_utf8_lossy(&out.stdout);
-    let v: Vec<f64> = text
-        .split_whitespace()
-        .map(|x| x.parse().expect("peer figures"))
-        .collect();
-    (v[0], v[1], v[2])
+    let f = client::Figures::parse(text.trim()).expect("peer figures");
+    let gib = f.get("bytes") / (1u64 << 30) as f64;
+    (
+        f.get("bytes") / f.get("secs") / 1e6,
+        f.get("user") / gib,
+        f.get("sys") / gib,
+    )
 }
 
 fn median(mut v: Vec<f64>) -> f64 {

@@ -10,5 +10,6 @@ if ! command -v cargo >/dev/null 2>&1 && [ -f "${HOME:-/root}/.cargo/env" ]; the
 fi
 
 cargo fmt --all -- --check
+(cd benches/peers && cargo fmt -- --check)
 cargo clippy --workspace --all-targets -- -D warnings
 RUSTDOCFLAGS="-D warnings -D missing_docs" cargo doc --workspace --no-deps

@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Installs what building and running uring-ssh against a throwaway loopback
 # sshd needs on a fresh Debian/Ubuntu machine (as root). Re-runs are fast:
-# apt is only touched when a package is missing.
+# apt is only touched when a package is missing. `--bench` adds what the
+# comparison harness (scripts/compare.sh) runs: rsync and strace, and perf
+# where the distribution has it as `linux-perf` (the harness counts system
+# calls with strace otherwise).
 set -euo pipefail
 
 if [ "$(id -u)" -ne 0 ]; then
@@ -13,6 +16,11 @@ fi
 # openssh-client brings ssh-keygen, ssh-agent and ssh-add (fixture and agent
 # tests) and scp, which the SCP tests run on the server side.
 packages=(openssh-server openssh-client libssl-dev pkg-config zlib1g-dev cmake build-essential)
+bench=false
+if [ "${1:-}" = "--bench" ]; then
+    bench=true
+    packages+=(rsync strace)
+fi
 missing=()
 for p in "${packages[@]}"; do
     status=$(dpkg-query -W -f='${Status}' "$p" 2>/dev/null || true)
@@ -31,6 +39,11 @@ if [ "${#missing[@]}" -gt 0 ]; then
     fi
     apt-get update
     apt-get install -y "${missing[@]}"
+fi
+
+if $bench && ! command -v perf >/dev/null 2>&1; then
+    DEBIAN_FRONTEND=noninteractive apt-get install -y linux-perf ||
+        echo "scripts/setup.sh: no linux-perf package; system calls will be counted with strace" >&2
 fi
 
 # sshd's privilege separation directory.

@@ -1,13 +1,18 @@
-//! russh (pure Rust, tokio): one session reads or writes N MiB over exec.
+//! russh 0.65 (pure Rust, tokio) with russh-sftp for the SFTP scenarios;
+//! every session on one current-thread runtime: see `common.rs`.
 #[path = "../common.rs"]
 mod common;
 
 use std::borrow::Cow;
+use std::cell::RefCell;
+use std::path::Path;
+use std::rc::Rc;
 use std::sync::Arc;
-use std::time::Instant;
 
+use common::{Args, AsyncPeer, BUF};
 use russh::keys::*;
 use russh::*;
+use russh_sftp::client::SftpSession;
 
 struct Client;
 
@@ -22,40 +27,80 @@ impl client::Handler for Client {
     }
 }
 
-#[tokio::main(flavor = "current_thread")]
-async fn main() {
-    let a = common::args();
-    let cipher = match a.cipher.as_str() {
-        "aes128-gcm@openssh.com" => cipher::AES_128_GCM,
-        "aes256-gcm@openssh.com" => cipher::AES_256_GCM,
-        "chacha20-poly1305@openssh.com" => cipher::CHACHA20_POLY1305,
-        "aes128-ctr" => cipher::AES_128_CTR,
-        other => panic!("cipher {other}"),
-    };
-    let config = client::Config {
-        preferred: Preferred {
-            kex: Cow::Owned(vec![kex::CURVE25519, kex::EXTENSION_SUPPORT_AS_CLIENT]),
-            cipher: Cow::Owned(vec![cipher]),
+/// A session and, once a scenario needs one, its SFTP client.
+struct Conn {
+    h: client::Handle<Client>,
+    sftp: RefCell<Option<Rc<SftpSession>>>,
+}
+
+impl Conn {
+    async fn sftp(&self) -> Rc<SftpSession> {
+        if let Some(s) = self.sftp.borrow().as_ref() {
+            return s.clone();
+        }
+        let ch = self.h.channel_open_session().await.expect("channel");
+        ch.request_subsystem(true, "sftp").await.expect("subsystem");
+        let s = Rc::new(SftpSession::new(ch.into_stream()).await.expect("sftp"));
+        *self.sftp.borrow_mut() = Some(s.clone());
+        s
+    }
+}
+
+struct Russh;
+
+impl AsyncPeer for Russh {
+    type Session = Conn;
+
+    async fn connect(a: &Args) -> Conn {
+        let cipher = match a.cipher.as_str() {
+            "aes128-gcm@openssh.com" => cipher::AES_128_GCM,
+            "aes256-gcm@openssh.com" => cipher::AES_256_GCM,
+            "chacha20-poly1305@openssh.com" => cipher::CHACHA20_POLY1305,
+            "aes128-ctr" => cipher::AES_128_CTR,
+            other => panic!("cipher {other}"),
+        };
+        let config = client::Config {
+            preferred: Preferred {
+                kex: Cow::Owned(vec![kex::CURVE25519, kex::EXTENSION_SUPPORT_AS_CLIENT]),
+                cipher: Cow::Owned(vec![cipher]),
+                ..Default::default()
+            },
             ..Default::default()
-        },
-        ..Default::default()
-    };
-    let key = load_secret_key(&a.key, None).expect("key");
-    let mut s = client::connect(Arc::new(config), ("127.0.0.1", a.port), Client)
-        .await
-        .expect("connect");
-    let r = s
-        .authenticate_publickey(&a.user, PrivateKeyWithHashAlg::new(Arc::new(key), None))
-        .await
-        .expect("auth");
-    assert!(r.success(), "auth refused");
-    let bytes = a.mib << 20;
-    let mut ch = s.channel_open_session().await.expect("channel");
-    let (t0, c0) = (Instant::now(), common::cpu());
-    if a.write {
-        ch.exec(true, "cat > /dev/null").await.expect("exec");
-        let buf = vec![0x5au8; 256 * 1024];
-        let mut left = bytes;
+        };
+        let key = load_secret_key(&a.key, None).expect("key");
+        let mut h = client::connect(Arc::new(config), ("127.0.0.1", a.port), Client)
+            .await
+            .expect("connect");
+        let r = h
+            .authenticate_publickey(&a.user, PrivateKeyWithHashAlg::new(Arc::new(key), None))
+            .await
+            .expect("auth");
+        assert!(r.success(), "auth refused");
+        Conn {
+            h,
+            sftp: RefCell::new(None),
+        }
+    }
+
+    async fn read(c: &Conn, a: &Args) {
+        let mut ch = c.h.channel_open_session().await.expect("channel");
+        ch.exec(true, a.read_command()).await.expect("exec");
+        let mut got = 0u64;
+        while let Some(m) = ch.wait().await {
+            match m {
+                ChannelMsg::Data { data } => got += data.len() as u64,
+                ChannelMsg::Eof | ChannelMsg::Close => break,
+                _ => {}
+            }
+        }
+        assert_eq!(got, a.bytes());
+    }
+
+    async fn write(c: &Conn, a: &Args) {
+        let mut ch = c.h.channel_open_session().await.expect("channel");
+        ch.exec(true, common::WRITE_COMMAND).await.expect("exec");
+        let buf = vec![0x5au8; BUF];
+        let mut left = a.bytes();
         while left > 0 {
             let n = left.min(buf.len() as u64) as usize;
             ch.data(&buf[..n]).await.expect("write");
@@ -67,19 +112,33 @@ async fn main() {
                 break;
             }
         }
-    } else {
-        ch.exec(true, format!("head -c {bytes} /dev/zero"))
-            .await
-            .expect("exec");
-        let mut got = 0u64;
-        while let Some(m) = ch.wait().await {
-            match m {
-                ChannelMsg::Data { data } => got += data.len() as u64,
-                ChannelMsg::Eof | ChannelMsg::Close => break,
-                _ => {}
-            }
-        }
-        assert_eq!(got, bytes);
     }
-    common::report(t0, c0, bytes);
+
+    async fn sftp_get(c: &Conn, remote: &str, local: &Path) -> u64 {
+        let mut from = c.sftp().await.open(remote).await.expect("open");
+        let mut to = std::fs::File::create(local).expect("create local");
+        common::download(&mut from, &mut to).await
+    }
+
+    async fn sftp_put(c: &Conn, local: &Path, remote: &str) -> u64 {
+        let mut to = c.sftp().await.create(remote).await.expect("create");
+        let mut from = std::fs::File::open(local).expect("open local");
+        common::upload(&mut from, &mut to).await
+    }
+
+    async fn list(c: &Conn, dir: &str) -> Vec<(String, bool)> {
+        c.sftp()
+            .await
+            .read_dir(dir)
+            .await
+            .expect("readdir")
+            .map(|e| (e.file_name(), e.file_type().is_dir()))
+            .collect()
+    }
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() {
+    common::raise_nofile();
+    common::report(&common::run_async::<Russh>(&common::args()).await);
 }
