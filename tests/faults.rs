@@ -1,6 +1,7 @@
 //! Faults between us and a real sshd: stalls, closes, resets, cut packets,
 //! flipped bytes and garbage, in each phase (version exchange, key
-//! exchange, authentication, transfer) and in both directions. Each must
+//! exchange, authentication, transfer, and a rekey the server starts in
+//! the middle of a transfer) and in both directions. Each must
 //! surface as a typed error within the configured timeout — never a hang,
 //! a panic or a silent success — leave nothing behind once the session is
 //! dropped, and leave a healthy session on the same thread untouched.
@@ -33,6 +34,11 @@ enum Phase {
     Kex,
     Auth,
     Transfer,
+    /// Just after the server's KEXINIT of a rekey (sshd `RekeyLimit 1M`,
+    /// in the middle of the 4 MiB download): towards the client inside
+    /// the server's next packet (its key exchange reply), towards the
+    /// server inside the client's KEXINIT.
+    Rekey,
 }
 
 /// Bytes each direction has carried when each phase begins, measured on a
@@ -118,6 +124,8 @@ fn offset(m: &Marks, phase: Phase, dir: Dir) -> u64 {
         Phase::Transfer => {
             pick(m.after_auth) + (1 << 20).min(if dir == Dir::ToClient { 1 << 20 } else { 200 })
         }
+        // Counted from the rekey (`Rule::from_rekey`).
+        Phase::Rekey => 20,
     }
 }
 
@@ -132,21 +140,100 @@ fn acceptable(fault: &Fault, e: &Error) -> bool {
     }
 }
 
+/// The faults of the matrix: every kind towards the client, the ones that
+/// differ in kind towards the server.
+fn cases() -> Vec<(Dir, Fault)> {
+    vec![
+        (Dir::ToClient, Fault::Stall),
+        (Dir::ToClient, Fault::Close),
+        (Dir::ToClient, Fault::HalfClose),
+        (Dir::ToClient, Fault::Reset),
+        (Dir::ToClient, Fault::Truncate),
+        (Dir::ToClient, Fault::FlipByte),
+        (
+            Dir::ToClient,
+            Fault::Garbage(b"\x00\xffgarbage\x13\x37".to_vec()),
+        ),
+        (Dir::ToServer, Fault::Stall),
+        (Dir::ToServer, Fault::Reset),
+        (Dir::ToServer, Fault::FlipByte),
+    ]
+}
+
 #[tokio::test]
 async fn every_fault_in_every_phase_is_a_prompt_typed_error() {
     let _serial = SERIAL.lock().await;
     let sshd = Sshd::start();
     let proxy = FaultProxy::start(sshd.addr());
+    let marks = measure(&sshd, &proxy).await;
+    matrix(
+        &sshd,
+        &proxy,
+        &marks,
+        &[Phase::Version, Phase::Kex, Phase::Auth, Phase::Transfer],
+        77,
+    )
+    .await;
+}
+
+/// sshd rekeys every 1 MiB; each fault lands just after the server's
+/// KEXINIT of the first rekey of the download.
+#[tokio::test]
+async fn every_fault_during_a_rekey_is_a_prompt_typed_error() {
+    let _serial = SERIAL.lock().await;
+    let sshd = Sshd::builder()
+        .extra("RekeyLimit 1M")
+        .log_level("DEBUG1")
+        .start();
+    let proxy = FaultProxy::start(sshd.addr());
+    let marks = measure(&sshd, &proxy).await;
+    // Everything towards the server after authentication is small, but
+    // for the client's KEXINITs of the rekeys.
+    proxy.watch_rekeys(Some(marks.after_auth.1));
+    // Calibrate on a clean download: the proxy must see exactly the rekeys
+    // sshd starts (its log counts the first key exchange too).
     let data = tempfile::tempdir().unwrap();
     let file = data.path().join("4m");
-    let want = write_random_file(&file, 4 << 20, 77);
+    write_random_file(&file, 4 << 20, 79);
+    let kexinits = || sshd.log().matches("SSH2_MSG_KEXINIT sent").count();
+    let before = kexinits();
+    job(&sshd, &proxy, &file).await.expect("clean download");
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while kexinits() == before && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let server_rekeys = kexinits() - before - 1;
+    eprintln!(
+        "clean 4 MiB download: sshd sent {server_rekeys} rekey KEXINITs, the proxy saw {} \
+         client KEXINITs, the first at {:?} bytes (to client, to server)",
+        proxy.rekeys(),
+        proxy.rekey_anchors().first()
+    );
+    assert!(server_rekeys >= 3, "RekeyLimit 1M: {server_rekeys} rekeys");
+    assert_eq!(
+        proxy.rekeys(),
+        server_rekeys,
+        "the proxy must recognise each rekey and nothing else"
+    );
+    matrix(&sshd, &proxy, &marks, &[Phase::Rekey], 80).await;
+    let anchors = proxy.rekey_anchors();
+    // The calibration run plus one per case.
+    assert_eq!(anchors.len(), 1 + cases().len(), "{anchors:?}");
+}
+
+/// Runs every case of [`cases`] in each phase of `phases` through `proxy`,
+/// beside a healthy session; asserts what the module promises.
+async fn matrix(sshd: &Sshd, proxy: &FaultProxy, marks: &Marks, phases: &[Phase], seed: u64) {
+    let data = tempfile::tempdir().unwrap();
+    let file = data.path().join("4m");
+    let want = write_random_file(&file, 4 << 20, seed);
 
     // A healthy session on the same thread, transferring all along.
     let healthy_ok = Rc::new(Cell::new(0u32));
     let stop = Rc::new(Cell::new(false));
     let healthy = {
         let (ok, stop, file, want) = (healthy_ok.clone(), stop.clone(), file.clone(), want.clone());
-        let s = connect(&sshd).await;
+        let s = connect(sshd).await;
         async move {
             while !stop.get() {
                 let mut ch = s
@@ -175,42 +262,28 @@ async fn every_fault_in_every_phase_is_a_prompt_typed_error() {
     };
 
     let faults = async {
-        let marks = measure(&sshd, &proxy).await;
         settle_orphans(Duration::from_secs(5)).await;
         // The proxy's sockets are in this process too.
         let ours = |proxy: &FaultProxy| open_fds() - proxy.sockets();
-        let fds = ours(&proxy);
+        let fds = ours(proxy);
         let bytes = uring_ssh::libssh2_bytes_outstanding();
         let mut table = Vec::new();
-        let cases: Vec<(Dir, Fault)> = vec![
-            (Dir::ToClient, Fault::Stall),
-            (Dir::ToClient, Fault::Close),
-            (Dir::ToClient, Fault::HalfClose),
-            (Dir::ToClient, Fault::Reset),
-            (Dir::ToClient, Fault::Truncate),
-            (Dir::ToClient, Fault::FlipByte),
-            (
-                Dir::ToClient,
-                Fault::Garbage(b"\x00\xffgarbage\x13\x37".to_vec()),
-            ),
-            (Dir::ToServer, Fault::Stall),
-            (Dir::ToServer, Fault::Reset),
-            (Dir::ToServer, Fault::FlipByte),
-        ];
-        for phase in [Phase::Version, Phase::Kex, Phase::Auth, Phase::Transfer] {
+        let cases = cases();
+        for &phase in phases {
             for (dir, fault) in &cases {
-                let at = offset(&marks, phase, *dir);
+                let at = offset(marks, phase, *dir);
                 proxy.set(vec![Rule {
                     dir: *dir,
                     at,
                     fault: fault.clone(),
+                    from_rekey: phase == Phase::Rekey,
                 }]);
                 let t = Instant::now();
                 // A stall surfaces after the operation timeout (2 s) or two
                 // unanswered keepalives (libssh2 sends them at most every
                 // 2 s): a few seconds. Ten times the timeout means a hang,
                 // even on a loaded machine.
-                let r = tokio::time::timeout(TIMEOUT * 10, job(&sshd, &proxy, &file)).await;
+                let r = tokio::time::timeout(TIMEOUT * 10, job(sshd, proxy, &file)).await;
                 let took = t.elapsed();
                 assert_eq!(
                     proxy.fired().last(),
@@ -236,10 +309,10 @@ async fn every_fault_in_every_phase_is_a_prompt_typed_error() {
                 let st = settle_orphans(Duration::from_secs(5)).await;
                 assert_eq!(st.orphaned_outstanding, 0, "{phase:?} {fault:?}: {st:?}");
                 let deadline = Instant::now() + Duration::from_secs(2);
-                while ours(&proxy) != fds && Instant::now() < deadline {
+                while ours(proxy) != fds && Instant::now() < deadline {
                     tokio::time::sleep(Duration::from_millis(10)).await;
                 }
-                assert_eq!(ours(&proxy), fds, "{phase:?} {dir:?} {fault:?}: fds leaked");
+                assert_eq!(ours(proxy), fds, "{phase:?} {dir:?} {fault:?}: fds leaked");
                 // The healthy session holds libssh2 memory of its own, which
                 // moves as it works: compare after each case within its
                 // own allocation pattern by checking no growth over time.
@@ -385,6 +458,7 @@ async fn a_slow_or_laggy_link_is_not_a_failure() {
             dir: Dir::ToClient,
             at: marks.after_auth.0 + 100,
             fault: fault.clone(),
+            from_rekey: false,
         }]);
         let t = Instant::now();
         // Slower than the 2 s operation timeout and than two keepalive
