@@ -80,6 +80,7 @@ impl Counters {
         self.errors.set(self.errors.get() + 1);
         let mut f = self.first_errors.borrow_mut();
         if f.len() < 20 {
+            eprintln!("error: {what}: {e}");
             f.push(format!("{what}: {e}"));
         }
     }
@@ -312,7 +313,7 @@ async fn settle() -> uring_ssh::reactor::Stats {
 async fn run(o: Options) -> bool {
     let nofile = raise_nofile();
     let sshd = sshd::Sshd::builder()
-        .log_level("ERROR")
+        .log_level("INFO")
         .extra(&format!(
             "MaxStartups {0}:100:{0}\nMaxSessions 16",
             o.sessions * 2 + 10
@@ -413,6 +414,20 @@ async fn run(o: Options) -> bool {
     );
     for e in c.first_errors.borrow().iter() {
         println!("  error: {e}");
+    }
+    if c.errors.get() > 0 {
+        // What sshd said about it.
+        let log = env.sshd.log();
+        let lines: Vec<&str> = log
+            .lines()
+            .filter(|l| !l.starts_with("Accepted") && !l.contains("disconnect"))
+            .filter(|l| !l.starts_with("Connection from") && !l.starts_with("Starting session"))
+            .take(20)
+            .collect();
+        println!(
+            "sshd log, first lines other than logins:\n  {}",
+            lines.join("\n  ")
+        );
     }
     println!(
         "RSS: {:.1} MiB after warm-up, {:.1} MiB at the end, {:.1} MiB once all closed",
