@@ -154,6 +154,11 @@ impl ChannelInner {
         len: usize,
     ) -> Poll<io::Result<usize>> {
         let raw = self.raw()?;
+        // Tokio's cooperative budget, as its own sockets do: a loop that
+        // reads a channel whose data never runs out yields now and then, so
+        // futures sharing its task (a `select!`, a `join!`) and other tasks
+        // still run.
+        let coop = ready!(tokio::task::coop::poll_proceed(cx));
         let n = ready!(self.session.poll_call(cx, &mut |_| {
             // SAFETY: live channel; the caller keeps `dst` writable for
             // `len` bytes, and libssh2 writes at most that many.
@@ -164,6 +169,7 @@ impl ChannelInner {
                 Ok(n as usize)
             }
         }))?;
+        coop.made_progress();
         Poll::Ready(Ok(n))
     }
 

@@ -1211,6 +1211,16 @@ impl SessionInner {
             self.transport.fail(libc::ETIMEDOUT);
             return;
         }
+        // While a key exchange is under way libssh2 sends no keepalive
+        // (`keepalive_send` resumes the exchange, which returns EAGAIN,
+        // and reports nothing sent), so a peer that goes silent in the
+        // middle of a rekey is never probed. Silence as long as the
+        // unanswered probes would have taken (plus libssh2's whole-second
+        // clock) ends the session all the same.
+        if silent >= interval * (self.config.keepalive_count_max + 1) + Duration::from_secs(2) {
+            self.transport.fail(libc::ETIMEDOUT);
+            return;
+        }
         let sent_before = self.transport.bridge().stats().packets_sent;
         let mut next: c_int = 0;
         // SAFETY: live session; no libssh2 call is running (single thread,

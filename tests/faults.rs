@@ -1,6 +1,7 @@
 //! Faults between us and a real sshd: stalls, closes, resets, cut packets,
 //! flipped bytes and garbage, in each phase (version exchange, key
-//! exchange, authentication, transfer) and in both directions. Each must
+//! exchange, authentication, transfer, and a rekey the server starts in
+//! the middle of a transfer) and in both directions. Each must
 //! surface as a typed error within the configured timeout — never a hang,
 //! a panic or a silent success — leave nothing behind once the session is
 //! dropped, and leave a healthy session on the same thread untouched.
@@ -19,6 +20,7 @@ use common::util::{config, connect, open_fds, settle_orphans, sha256_file, write
 use fault_proxy::{Dir, Fault, FaultProxy, Rule};
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncReadExt;
+use uring_ssh::sftp::{TransferItem, TransferOptions, download_many, upload_many};
 use uring_ssh::{Config, Error, Session};
 
 const TIMEOUT: Duration = Duration::from_secs(2);
@@ -33,6 +35,11 @@ enum Phase {
     Kex,
     Auth,
     Transfer,
+    /// Just after the server's KEXINIT of a rekey (sshd `RekeyLimit 1M`,
+    /// in the middle of the 4 MiB download): towards the client inside
+    /// the server's next packet (its key exchange reply), towards the
+    /// server inside the client's KEXINIT.
+    Rekey,
 }
 
 /// Bytes each direction has carried when each phase begins, measured on a
@@ -118,6 +125,8 @@ fn offset(m: &Marks, phase: Phase, dir: Dir) -> u64 {
         Phase::Transfer => {
             pick(m.after_auth) + (1 << 20).min(if dir == Dir::ToClient { 1 << 20 } else { 200 })
         }
+        // Counted from the rekey (`Rule::from_rekey`).
+        Phase::Rekey => 20,
     }
 }
 
@@ -132,21 +141,100 @@ fn acceptable(fault: &Fault, e: &Error) -> bool {
     }
 }
 
+/// The faults of the matrix: every kind towards the client, the ones that
+/// differ in kind towards the server.
+fn cases() -> Vec<(Dir, Fault)> {
+    vec![
+        (Dir::ToClient, Fault::Stall),
+        (Dir::ToClient, Fault::Close),
+        (Dir::ToClient, Fault::HalfClose),
+        (Dir::ToClient, Fault::Reset),
+        (Dir::ToClient, Fault::Truncate),
+        (Dir::ToClient, Fault::FlipByte),
+        (
+            Dir::ToClient,
+            Fault::Garbage(b"\x00\xffgarbage\x13\x37".to_vec()),
+        ),
+        (Dir::ToServer, Fault::Stall),
+        (Dir::ToServer, Fault::Reset),
+        (Dir::ToServer, Fault::FlipByte),
+    ]
+}
+
 #[tokio::test]
 async fn every_fault_in_every_phase_is_a_prompt_typed_error() {
     let _serial = SERIAL.lock().await;
     let sshd = Sshd::start();
     let proxy = FaultProxy::start(sshd.addr());
+    let marks = measure(&sshd, &proxy).await;
+    matrix(
+        &sshd,
+        &proxy,
+        &marks,
+        &[Phase::Version, Phase::Kex, Phase::Auth, Phase::Transfer],
+        77,
+    )
+    .await;
+}
+
+/// sshd rekeys every 1 MiB; each fault lands just after the server's
+/// KEXINIT of the first rekey of the download.
+#[tokio::test]
+async fn every_fault_during_a_rekey_is_a_prompt_typed_error() {
+    let _serial = SERIAL.lock().await;
+    let sshd = Sshd::builder()
+        .extra("RekeyLimit 1M")
+        .log_level("DEBUG1")
+        .start();
+    let proxy = FaultProxy::start(sshd.addr());
+    let marks = measure(&sshd, &proxy).await;
+    // Everything towards the server after authentication is small, but
+    // for the client's KEXINITs of the rekeys.
+    proxy.watch_rekeys(Some(marks.after_auth.1));
+    // Calibrate on a clean download: the proxy must see exactly the rekeys
+    // sshd starts (its log counts the first key exchange too).
     let data = tempfile::tempdir().unwrap();
     let file = data.path().join("4m");
-    let want = write_random_file(&file, 4 << 20, 77);
+    write_random_file(&file, 4 << 20, 79);
+    let kexinits = || sshd.log().matches("SSH2_MSG_KEXINIT sent").count();
+    let before = kexinits();
+    job(&sshd, &proxy, &file).await.expect("clean download");
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while kexinits() == before && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let server_rekeys = kexinits() - before - 1;
+    eprintln!(
+        "clean 4 MiB download: sshd sent {server_rekeys} rekey KEXINITs, the proxy saw {} \
+         client KEXINITs, the first at {:?} bytes (to client, to server)",
+        proxy.rekeys(),
+        proxy.rekey_anchors().first()
+    );
+    assert!(server_rekeys >= 3, "RekeyLimit 1M: {server_rekeys} rekeys");
+    assert_eq!(
+        proxy.rekeys(),
+        server_rekeys,
+        "the proxy must recognise each rekey and nothing else"
+    );
+    matrix(&sshd, &proxy, &marks, &[Phase::Rekey], 80).await;
+    let anchors = proxy.rekey_anchors();
+    // The calibration run plus one per case.
+    assert_eq!(anchors.len(), 1 + cases().len(), "{anchors:?}");
+}
+
+/// Runs every case of [`cases`] in each phase of `phases` through `proxy`,
+/// beside a healthy session; asserts what the module promises.
+async fn matrix(sshd: &Sshd, proxy: &FaultProxy, marks: &Marks, phases: &[Phase], seed: u64) {
+    let data = tempfile::tempdir().unwrap();
+    let file = data.path().join("4m");
+    let want = write_random_file(&file, 4 << 20, seed);
 
     // A healthy session on the same thread, transferring all along.
     let healthy_ok = Rc::new(Cell::new(0u32));
     let stop = Rc::new(Cell::new(false));
     let healthy = {
         let (ok, stop, file, want) = (healthy_ok.clone(), stop.clone(), file.clone(), want.clone());
-        let s = connect(&sshd).await;
+        let s = connect(sshd).await;
         async move {
             while !stop.get() {
                 let mut ch = s
@@ -175,42 +263,28 @@ async fn every_fault_in_every_phase_is_a_prompt_typed_error() {
     };
 
     let faults = async {
-        let marks = measure(&sshd, &proxy).await;
         settle_orphans(Duration::from_secs(5)).await;
         // The proxy's sockets are in this process too.
         let ours = |proxy: &FaultProxy| open_fds() - proxy.sockets();
-        let fds = ours(&proxy);
+        let fds = ours(proxy);
         let bytes = uring_ssh::libssh2_bytes_outstanding();
         let mut table = Vec::new();
-        let cases: Vec<(Dir, Fault)> = vec![
-            (Dir::ToClient, Fault::Stall),
-            (Dir::ToClient, Fault::Close),
-            (Dir::ToClient, Fault::HalfClose),
-            (Dir::ToClient, Fault::Reset),
-            (Dir::ToClient, Fault::Truncate),
-            (Dir::ToClient, Fault::FlipByte),
-            (
-                Dir::ToClient,
-                Fault::Garbage(b"\x00\xffgarbage\x13\x37".to_vec()),
-            ),
-            (Dir::ToServer, Fault::Stall),
-            (Dir::ToServer, Fault::Reset),
-            (Dir::ToServer, Fault::FlipByte),
-        ];
-        for phase in [Phase::Version, Phase::Kex, Phase::Auth, Phase::Transfer] {
+        let cases = cases();
+        for &phase in phases {
             for (dir, fault) in &cases {
-                let at = offset(&marks, phase, *dir);
+                let at = offset(marks, phase, *dir);
                 proxy.set(vec![Rule {
                     dir: *dir,
                     at,
                     fault: fault.clone(),
+                    from_rekey: phase == Phase::Rekey,
                 }]);
                 let t = Instant::now();
                 // A stall surfaces after the operation timeout (2 s) or two
                 // unanswered keepalives (libssh2 sends them at most every
                 // 2 s): a few seconds. Ten times the timeout means a hang,
                 // even on a loaded machine.
-                let r = tokio::time::timeout(TIMEOUT * 10, job(&sshd, &proxy, &file)).await;
+                let r = tokio::time::timeout(TIMEOUT * 10, job(sshd, proxy, &file)).await;
                 let took = t.elapsed();
                 assert_eq!(
                     proxy.fired().last(),
@@ -236,10 +310,10 @@ async fn every_fault_in_every_phase_is_a_prompt_typed_error() {
                 let st = settle_orphans(Duration::from_secs(5)).await;
                 assert_eq!(st.orphaned_outstanding, 0, "{phase:?} {fault:?}: {st:?}");
                 let deadline = Instant::now() + Duration::from_secs(2);
-                while ours(&proxy) != fds && Instant::now() < deadline {
+                while ours(proxy) != fds && Instant::now() < deadline {
                     tokio::time::sleep(Duration::from_millis(10)).await;
                 }
-                assert_eq!(ours(&proxy), fds, "{phase:?} {dir:?} {fault:?}: fds leaked");
+                assert_eq!(ours(proxy), fds, "{phase:?} {dir:?} {fault:?}: fds leaked");
                 // The healthy session holds libssh2 memory of its own, which
                 // moves as it works: compare after each case within its
                 // own allocation pattern by checking no growth over time.
@@ -274,7 +348,6 @@ async fn every_fault_in_every_phase_is_a_prompt_typed_error() {
         "libssh2 memory left"
     );
     assert_eq!(uring_ssh::leaked_objects(), 0);
-    let _ = sha256_file;
 }
 
 fn signal(pids: &[u32], sig: &str) {
@@ -385,6 +458,7 @@ async fn a_slow_or_laggy_link_is_not_a_failure() {
             dir: Dir::ToClient,
             at: marks.after_auth.0 + 100,
             fault: fault.clone(),
+            from_rekey: false,
         }]);
         let t = Instant::now();
         // Slower than the 2 s operation timeout and than two keepalive
@@ -469,4 +543,241 @@ async fn a_connection_storm_gets_clear_errors_and_leaks_nothing() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert_eq!(open_fds(), fds, "fds leaked");
+}
+
+/// Which way an SFTP many-file transfer goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Way {
+    Download,
+    Upload,
+}
+
+/// Files of each SFTP fault case: 8 × 512 KiB.
+const SFTP_FILES: usize = 8;
+const SFTP_FILE_LEN: usize = 512 << 10;
+
+/// Every fault of the matrix in the middle of a many-file SFTP download
+/// and upload (one channel, files pipelined): the call returns with the
+/// failed files reported, a file is under its final name only if it is
+/// complete and byte-identical (reported done, or failed with its final
+/// rename in doubt), no local temporary file is left, a remote one only
+/// for a file reported failed; a graceful close afterwards
+/// returns within its timeout; nothing leaks.
+#[tokio::test]
+async fn sftp_transfers_under_every_fault() {
+    let _serial = SERIAL.lock().await;
+    let sshd = Sshd::start();
+    let proxy = FaultProxy::start(sshd.addr());
+    // Bytes each way once the SFTP channel is up, on a clean connection.
+    proxy.set(vec![]);
+    let s = Session::connect_addr(proxy.addr(), fault_config(&sshd, &proxy))
+        .await
+        .unwrap();
+    s.auth_pubkey_file(&sshd.user(), &sshd.user_key(), None)
+        .await
+        .unwrap();
+    let sftp = s.sftp().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let after_sftp = proxy.forwarded();
+    drop(sftp);
+    s.close("measured").await.unwrap();
+    settle_orphans(Duration::from_secs(5)).await;
+    let ours = |proxy: &FaultProxy| open_fds() - proxy.sockets();
+    let fds = ours(&proxy);
+
+    let mut table = Vec::new();
+    for way in [Way::Download, Way::Upload] {
+        for (dir, fault) in cases() {
+            // In the data: 2.5 MiB into the stream that carries it (about
+            // four files done, two in flight, two not started), or a few
+            // requests (download) or replies (upload) into the other.
+            let data_dir = if way == Way::Download {
+                Dir::ToClient
+            } else {
+                Dir::ToServer
+            };
+            let base = if dir == Dir::ToClient {
+                after_sftp.0
+            } else {
+                after_sftp.1
+            };
+            let at = base + if dir == data_dir { 5 << 19 } else { 300 };
+            proxy.set(vec![Rule {
+                dir,
+                at,
+                fault: fault.clone(),
+                from_rekey: false,
+            }]);
+            let line = sftp_case(&sshd, &proxy, way, dir, &fault).await;
+            assert_eq!(
+                proxy.fired().last(),
+                Some(&fault),
+                "{way:?} {dir:?}: the fault never fired"
+            );
+            table.push(line);
+            let st = settle_orphans(Duration::from_secs(5)).await;
+            assert_eq!(st.orphaned_outstanding, 0, "{way:?} {fault:?}: {st:?}");
+            let deadline = Instant::now() + Duration::from_secs(2);
+            while ours(&proxy) != fds && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            assert_eq!(ours(&proxy), fds, "{way:?} {dir:?} {fault:?}: fds leaked");
+            assert_eq!(
+                uring_ssh::libssh2_bytes_outstanding(),
+                0,
+                "{way:?} {dir:?} {fault:?}: libssh2 memory left"
+            );
+        }
+    }
+    for line in &table {
+        eprintln!("{line}");
+    }
+    assert_eq!(uring_ssh::leaked_objects(), 0);
+}
+
+/// One SFTP fault case; returns its line of the results table.
+async fn sftp_case(sshd: &Sshd, proxy: &FaultProxy, way: Way, dir: Dir, fault: &Fault) -> String {
+    let src = scratch_dir();
+    let dst = scratch_dir();
+    let mut want = Vec::new();
+    let mut items = Vec::new();
+    for i in 0..SFTP_FILES {
+        let name = format!("f{i}");
+        want.push(write_random_file(
+            &src.path().join(&name),
+            SFTP_FILE_LEN,
+            100 + i as u64,
+        ));
+        items.push(match way {
+            Way::Download => TransferItem::new(src.path().join(&name), dst.path().join(&name)),
+            Way::Upload => TransferItem::new(dst.path().join(&name), src.path().join(&name)),
+        });
+    }
+    let s = Session::connect_addr(proxy.addr(), fault_config(sshd, proxy))
+        .await
+        .expect("the fault comes after the SFTP channel is up");
+    s.auth_pubkey_file(&sshd.user(), &sshd.user_key(), None)
+        .await
+        .expect("auth");
+    let sftp = s.sftp().await.expect("sftp");
+    let t = Instant::now();
+    // Two files at a time: some are complete before the fault, some are
+    // in flight, some not started.
+    let opts = TransferOptions {
+        max_open_files: 2,
+        ..TransferOptions::default()
+    };
+    let run = async {
+        let one = std::slice::from_ref(&sftp);
+        match way {
+            Way::Download => download_many(one, items, &opts).await,
+            Way::Upload => upload_many(one, items, &opts).await,
+        }
+    };
+    let report = tokio::time::timeout(TIMEOUT * 10, run)
+        .await
+        .unwrap_or_else(|_| panic!("{way:?} {dir:?} {fault:?}: the transfer hung"));
+    let took = t.elapsed();
+    let case = format!("{way:?} {dir:?} {fault:?}");
+    // Every file reported once.
+    assert_eq!(report.files.len(), SFTP_FILES, "{case}");
+    let mut seen: Vec<String> = report
+        .files
+        .iter()
+        .map(|f| f.item.remote.file_name().unwrap().to_string_lossy().into())
+        .collect();
+    seen.sort();
+    seen.dedup();
+    assert_eq!(seen.len(), SFTP_FILES, "{case}: a file reported twice");
+    assert!(
+        !report.is_complete(),
+        "{case}: every file succeeded through a broken link"
+    );
+    let mut kinds = std::collections::BTreeSet::new();
+    let mut ok = 0;
+    let mut in_doubt = 0;
+    for f in &report.files {
+        let name = f.item.remote.file_name().unwrap().to_string_lossy();
+        let i: usize = name[1..].parse().unwrap();
+        let dest = dst.path().join(&*name);
+        assert!(
+            f.bytes_acknowledged <= SFTP_FILE_LEN as u64,
+            "{case}: {f:?}"
+        );
+        match &f.result {
+            Ok(n) => {
+                ok += 1;
+                assert!(!f.rename_in_doubt, "{case}: {name}");
+                assert_eq!(*n, SFTP_FILE_LEN as u64, "{case}: {name}");
+                assert_eq!(sha256_file(&dest), want[i], "{case}: {name} differs");
+            }
+            Err(e) => {
+                if f.rename_in_doubt {
+                    // Complete and renamed, the reply lost: possible only
+                    // for an upload, and then it is whole.
+                    assert_eq!(way, Way::Upload, "{case}: {name}");
+                    assert_eq!(f.bytes_acknowledged, SFTP_FILE_LEN as u64, "{case}");
+                    in_doubt += 1;
+                    if dest.exists() {
+                        assert_eq!(sha256_file(&dest), want[i], "{case}: {name} differs");
+                    }
+                } else {
+                    assert!(
+                        !dest.exists(),
+                        "{case}: failed {name} is under its final name ({e})"
+                    );
+                }
+                assert!(
+                    !e.is_auth_failure() && e.kind() != ErrorKind::PermissionDenied,
+                    "{case}: {name}: {e}"
+                );
+                kinds.insert(format!("{:?}", e.kind()));
+            }
+        }
+    }
+    // A stall is a timeout; anything else is seen at once, never as one.
+    if *fault == Fault::Stall {
+        assert!(kinds.contains("TimedOut"), "{case}: {kinds:?}");
+    } else {
+        assert!(!kinds.contains("TimedOut"), "{case}: {kinds:?}");
+    }
+    // Nothing else in the destination: no temporary file left locally; on
+    // the server, a temporary file only for a file reported failed.
+    for e in std::fs::read_dir(dst.path()).unwrap() {
+        let name = e.unwrap().file_name().to_string_lossy().into_owned();
+        if let Some(final_name) = name.strip_prefix('.').and_then(|n| n.split('.').next()) {
+            assert_eq!(way, Way::Upload, "{case}: local temporary file {name} left");
+            let failed = report.failed().any(|f| f.item.remote.ends_with(final_name));
+            assert!(failed, "{case}: temporary {name} of a file reported done");
+        } else {
+            let done = report
+                .files
+                .iter()
+                .any(|f| (f.result.is_ok() || f.rename_in_doubt) && f.item.remote.ends_with(&name));
+            assert!(done, "{case}: unexpected {name} in the destination");
+        }
+    }
+    // A graceful close after the fault returns within its timeout.
+    drop(sftp);
+    let t2 = Instant::now();
+    let closed = tokio::time::timeout(TIMEOUT * 2, s.close("after a fault")).await;
+    let close_took = t2.elapsed();
+    assert!(
+        closed.is_ok(),
+        "{case}: close hung for {close_took:?} (timeout {TIMEOUT:?})"
+    );
+    drop(s);
+    format!(
+        "{case}\t{ok}/{SFTP_FILES} ok, {in_doubt} in doubt\t{kinds:?}\t{took:.2?}\tclose {:?} in {close_took:.2?}",
+        closed.unwrap().err().map(|e| e.kind())
+    )
+}
+
+/// A temporary directory the server's user can write (the tests run as
+/// root, sshd's session as the fixture's user, the same here).
+fn scratch_dir() -> tempfile::TempDir {
+    use std::os::unix::fs::PermissionsExt;
+    let d = tempfile::tempdir().expect("tempdir");
+    std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    d
 }

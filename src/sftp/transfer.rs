@@ -11,7 +11,11 @@
 //! under a temporary name next to its destination and renamed only after
 //! its last byte (the remote end said EOF); an upload goes to a temporary
 //! remote name, is acknowledged write by write, optionally fsynced, and
-//! renamed last. A failed file leaves no file under its final name.
+//! renamed last. A failed file leaves no file under its final name, with
+//! one exception the protocol cannot avoid: an upload whose connection
+//! broke after its (complete) file's RENAME was sent and before the reply
+//! came may or may not have been renamed; its outcome says so
+//! ([`FileOutcome::rename_in_doubt`]).
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
@@ -137,7 +141,7 @@ pub struct FileOutcome {
     /// The file.
     pub item: TransferItem,
     /// Bytes moved, or why it failed. A failed file is not at its
-    /// destination under its final name.
+    /// destination under its final name, unless `rename_in_doubt`.
     pub result: Result<u64>,
     /// It was skipped as unchanged.
     pub skipped: bool,
@@ -146,6 +150,11 @@ pub struct FileOutcome {
     /// server answered with OK). For a failed atomic transfer these bytes
     /// were in the temporary file, which is removed.
     pub bytes_acknowledged: u64,
+    /// An upload that failed after every byte was acknowledged and the
+    /// RENAME to the final name was sent, without an answer (the connection
+    /// broke or stalled): the server may have renamed it. The file is then
+    /// complete under its final name, or still under its temporary one.
+    pub rename_in_doubt: bool,
 }
 
 /// What a many-file transfer did, file by file (in completion order).
@@ -303,6 +312,8 @@ impl Drop for LocalTemp {
 struct Moved<'a> {
     total: &'a Cell<u64>,
     file: Cell<u64>,
+    /// The final RENAME of an upload was sent.
+    rename_sent: Cell<bool>,
 }
 
 impl Moved<'_> {
@@ -556,6 +567,7 @@ async fn upload_one(
     };
     match r {
         Ok(n) => {
+            progress.rename_sent.set(opts.atomic);
             if opts.atomic
                 && let Err(e) = sftp.rename(&dest, &item.remote).await
             {
@@ -674,6 +686,7 @@ async fn run(
                 let moved = Moved {
                     total: bytes_done,
                     file: Cell::new(0),
+                    rename_sent: Cell::new(false),
                 };
                 let skip = opts.skip_unchanged && unchanged(lane, &item, dir).await;
                 let r = if skip {
@@ -691,11 +704,16 @@ async fn run(
                     with_stall_timeout(timeout, bytes_done, work).await
                 };
                 lane.open.set(lane.open.get() - 1);
+                // A status reply means the server did not rename; no reply
+                // leaves it open.
+                let rename_in_doubt = moved.rename_sent.get()
+                    && matches!(&r, Err(e) if !matches!(e, Error::Sftp { .. }));
                 FileOutcome {
                     item,
                     result: r,
                     skipped: skip,
                     bytes_acknowledged: moved.file.get(),
+                    rename_in_doubt,
                 }
             });
         }

@@ -5,8 +5,16 @@
 //! accepted connection is forwarded to the upstream address; the plan set
 //! before the connection (or changed while it runs) says what to do in
 //! each direction once a byte offset is reached.
+//!
+//! Offsets count from the start of the connection, or from the client's
+//! KEXINIT of a rekey (see [`Rule::from_rekey`]): the packets of a
+//! connection are encrypted by then, so the proxy recognises that KEXINIT
+//! by its size, the first large chunk from the client after the point set
+//! by [`FaultProxy::watch_rekeys`] (during a download the client sends only
+//! small window adjustments and keepalives).
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -56,6 +64,28 @@ pub struct Rule {
     pub at: u64,
     /// What happens.
     pub fault: Fault,
+    /// `at` counts from the client's KEXINIT of the first rekey instead of
+    /// the start: towards the server from the first byte of that KEXINIT,
+    /// towards the client from the end of the server's KEXINIT (the
+    /// server sends nothing else until the client answers it).
+    pub from_rekey: bool,
+}
+
+/// A chunk from the client at least this long, after the watched point,
+/// is its KEXINIT (libssh2's is ~1 KB; a window adjustment or a keepalive
+/// is under 100 bytes).
+pub const KEXINIT_MIN: usize = 400;
+
+/// Per-connection positions, shared by its two pumps.
+#[derive(Default)]
+struct Conn {
+    /// Bytes forwarded so far, per direction.
+    pos: [AtomicU64; 2],
+    /// Both directions' positions when the client's first rekey KEXINIT
+    /// was seen.
+    rekey: Mutex<Option<[u64; 2]>>,
+    /// Bytes towards the server after which a large chunk is a rekey.
+    watch_after: u64,
 }
 
 #[derive(Default)]
@@ -69,6 +99,12 @@ struct Plan {
     fired: Vec<Fault>,
     /// Sockets the proxy holds open (the listener included).
     sockets: usize,
+    /// See [`FaultProxy::watch_rekeys`].
+    watch_after: Option<u64>,
+    /// Client KEXINITs of rekeys seen, over all connections.
+    rekeys: usize,
+    /// Per connection that rekeyed, the positions anchoring `from_rekey`.
+    anchors: Vec<[u64; 2]>,
 }
 
 /// The proxy; stops with the process (its thread is detached).
@@ -103,13 +139,13 @@ impl FaultProxy {
                             p.lock().unwrap().sockets -= 1;
                             return;
                         };
-                        let rules = {
+                        let (rules, watch_after) = {
                             let mut g = p.lock().unwrap();
                             g.accepted += 1;
                             g.sockets += 1;
-                            g.rules.clone()
+                            (g.rules.clone(), g.watch_after.unwrap_or(u64::MAX))
                         };
-                        serve(client, server, rules, p.clone()).await;
+                        serve(client, server, rules, watch_after, p.clone()).await;
                         p.lock().unwrap().sockets -= 2;
                     });
                 }
@@ -149,6 +185,25 @@ impl FaultProxy {
     pub fn fired(&self) -> Vec<Fault> {
         self.plan.lock().unwrap().fired.clone()
     }
+
+    /// For connections accepted from now on: a chunk of at least
+    /// [`KEXINIT_MIN`] bytes from the client, once `after` bytes went
+    /// towards the server, is the client's KEXINIT of a rekey (counted in
+    /// [`FaultProxy::rekeys`], the first one anchors `from_rekey` rules).
+    pub fn watch_rekeys(&self, after: Option<u64>) {
+        self.plan.lock().unwrap().watch_after = after;
+    }
+
+    /// Client KEXINITs of rekeys seen so far (see [`FaultProxy::watch_rekeys`]).
+    pub fn rekeys(&self) -> usize {
+        self.plan.lock().unwrap().rekeys
+    }
+
+    /// Per connection that rekeyed, the bytes forwarded towards the client
+    /// and towards the server when the client's first rekey KEXINIT came.
+    pub fn rekey_anchors(&self) -> Vec<[u64; 2]> {
+        self.plan.lock().unwrap().anchors.clone()
+    }
 }
 
 fn reset(s: &TcpStream) {
@@ -157,7 +212,13 @@ fn reset(s: &TcpStream) {
     let _ = s.set_linger(Some(Duration::ZERO));
 }
 
-async fn serve(client: TcpStream, server: TcpStream, rules: Vec<Rule>, plan: Arc<Mutex<Plan>>) {
+async fn serve(
+    client: TcpStream,
+    server: TcpStream,
+    rules: Vec<Rule>,
+    watch_after: u64,
+    plan: Arc<Mutex<Plan>>,
+) {
     let _ = client.set_nodelay(true);
     let _ = server.set_nodelay(true);
     let client = Arc::new(client);
@@ -167,14 +228,20 @@ async fn serve(client: TcpStream, server: TcpStream, rules: Vec<Rule>, plan: Arc
             dir: d,
             at: u64::MAX,
             fault: Fault::None,
+            from_rekey: false,
         })
     };
+    let conn = Arc::new(Conn {
+        watch_after,
+        ..Conn::default()
+    });
     let (stop_tx, _) = tokio::sync::broadcast::channel::<Fault>(4);
     let a = pump(
         server.clone(),
         client.clone(),
         rule(Dir::ToClient),
         0,
+        conn.clone(),
         plan.clone(),
         stop_tx.clone(),
     );
@@ -183,6 +250,7 @@ async fn serve(client: TcpStream, server: TcpStream, rules: Vec<Rule>, plan: Arc
         server.clone(),
         rule(Dir::ToServer),
         1,
+        conn.clone(),
         plan.clone(),
         stop_tx.clone(),
     );
@@ -196,6 +264,7 @@ async fn pump(
     to: Arc<TcpStream>,
     rule: Rule,
     index: usize,
+    conn: Arc<Conn>,
     plan: Arc<Mutex<Plan>>,
     stop: tokio::sync::broadcast::Sender<Fault>,
 ) {
@@ -224,10 +293,29 @@ async fn pump(
             }
         };
         let mut chunk = buf[..n].to_vec();
-        if !fired && pos + n as u64 > rule.at {
+        if index == 1 && pos >= conn.watch_after && n >= KEXINIT_MIN {
+            let mut r = conn.rekey.lock().unwrap();
+            let mut g = plan.lock().unwrap();
+            if r.is_none() {
+                let a = [conn.pos[0].load(Ordering::SeqCst), pos];
+                *r = Some(a);
+                g.anchors.push(a);
+            }
+            g.rekeys += 1;
+        }
+        // The rule's offset in this direction's stream, once known.
+        let at = if rule.from_rekey {
+            conn.rekey
+                .lock()
+                .unwrap()
+                .map_or(u64::MAX, |r| r[index].saturating_add(rule.at))
+        } else {
+            rule.at
+        };
+        if !fired && pos + n as u64 > at {
             fired = true;
             plan.lock().unwrap().fired.push(rule.fault.clone());
-            let k = (rule.at - pos.min(rule.at)) as usize;
+            let k = (at - pos.min(at)) as usize;
             match &rule.fault {
                 Fault::None => {}
                 Fault::Stall => {
@@ -268,6 +356,7 @@ async fn pump(
             }
         }
         pos += n as u64;
+        conn.pos[index].store(pos, Ordering::SeqCst);
         plan.lock().unwrap().forwarded[index] += n as u64;
         match &slow {
             Some(Fault::Delay(d)) => tokio::time::sleep(*d).await,

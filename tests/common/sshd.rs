@@ -239,6 +239,12 @@ impl SshdBuilder {
             "prohibit-password"
         };
         c.push_str(&format!("PermitRootLogin {root}\n"));
+        // sshd keeps the last MaxStartups it reads (not the first, as for
+        // most keywords): the default only when `extra` sets none.
+        if !self.extra.contains("MaxStartups") {
+            c.push_str("MaxStartups 200:30:400\n");
+        }
+        c.push_str("MaxSessions 64\n");
         c.push_str(&format!("UsePAM {}\n", yn(self.kbd_interactive)));
         c.push_str(
             "StrictModes no\n\
@@ -246,8 +252,6 @@ impl SshdBuilder {
              PrintMotd no\n\
              PrintLastLog no\n\
              X11Forwarding no\n\
-             MaxStartups 200:30:400\n\
-             MaxSessions 64\n\
              AcceptEnv LANG LC_* URING_*\n\
              AllowTcpForwarding yes\n\
              AllowStreamLocalForwarding yes\n\

@@ -585,7 +585,17 @@ fn tally(out: &mut Outcome, r: &TransferReport) {
     }
     let mut errors: Vec<String> = r
         .failed()
-        .map(|f| describe(f.result.as_ref().expect_err("failed")))
+        .map(|f| {
+            let e = describe(f.result.as_ref().expect_err("failed"));
+            if f.rename_in_doubt {
+                format!(
+                    "{e} (after its final rename was sent: {} may be complete under its name)",
+                    f.item.remote.display()
+                )
+            } else {
+                e
+            }
+        })
         .collect();
     errors.extend(
         r.other_errors

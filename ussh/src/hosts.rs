@@ -9,6 +9,29 @@ use std::fmt;
 /// fails at once instead of filling memory.
 pub const MAX_HOSTS: usize = 1_000_000;
 
+/// Most bytes of host names one expression or hosts file may expand to: a
+/// long name times many hosts fails at once instead of filling memory.
+pub const MAX_NAME_BYTES: usize = 64 << 20;
+
+/// Bounds of an expansion: [`expand`] and [`parse_hosts_file`] use
+/// [`Limits::DEFAULT`]; the `_with` variants take others (the fuzz targets
+/// use small ones to stay fast).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Most hosts.
+    pub hosts: usize,
+    /// Most bytes of host names.
+    pub bytes: usize,
+}
+
+impl Limits {
+    /// [`MAX_HOSTS`] hosts, [`MAX_NAME_BYTES`] bytes.
+    pub const DEFAULT: Limits = Limits {
+        hosts: MAX_HOSTS,
+        bytes: MAX_NAME_BYTES,
+    };
+}
+
 /// One host as the operator named it: `[user@]host[:port]`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Target {
@@ -123,7 +146,7 @@ fn split_top(s: &str) -> Result<Vec<&str>, String> {
 }
 
 /// Expands the body of one bracket group (`01-64`, `1,3,5-7`, `0-10/2`).
-fn expand_group(expr: &str, body: &str) -> Result<Vec<String>, String> {
+fn expand_group(expr: &str, body: &str, limits: Limits) -> Result<Vec<String>, String> {
     let mut out = Vec::new();
     for item in body.split(',') {
         let item = item.trim();
@@ -156,9 +179,10 @@ fn expand_group(expr: &str, body: &str) -> Result<Vec<String>, String> {
         if a > b {
             return Err(format!("{expr:?}: range {lo}-{hi} runs backwards"));
         }
-        if (b - a) / step >= MAX_HOSTS as u64 {
+        if (b - a) / step >= limits.hosts.saturating_sub(out.len()) as u64 {
             return Err(format!(
-                "{expr:?}: range {lo}-{hi} has more than {MAX_HOSTS} hosts"
+                "{expr:?}: [{body}] has more than {} hosts",
+                limits.hosts
             ));
         }
         // Zero padding as written: `01-64` gives 01 … 64.
@@ -168,9 +192,12 @@ fn expand_group(expr: &str, body: &str) -> Result<Vec<String>, String> {
             0
         };
         let mut n = a;
-        while n <= b {
+        loop {
             out.push(format!("{n:0width$}"));
-            n += step;
+            match n.checked_add(step) {
+                Some(next) if next <= b => n = next,
+                _ => break,
+            }
         }
     }
     Ok(out)
@@ -178,7 +205,7 @@ fn expand_group(expr: &str, body: &str) -> Result<Vec<String>, String> {
 
 /// Expands one nodeset element (no top-level commas): every bracket group
 /// multiplies the names (`r[1-2]n[1-3]` gives 6).
-fn expand_one(expr: &str) -> Result<Vec<String>, String> {
+fn expand_one(expr: &str, limits: Limits) -> Result<Vec<String>, String> {
     let mut names = vec![String::new()];
     let mut rest = expr;
     while let Some(open) = rest.find('[') {
@@ -196,9 +223,23 @@ fn expand_one(expr: &str) -> Result<Vec<String>, String> {
             rest = &rest[close + 1..];
             continue;
         }
-        let values = expand_group(expr, body)?;
-        if names.len().saturating_mul(values.len()) > MAX_HOSTS {
-            return Err(format!("{expr:?} expands to more than {MAX_HOSTS} hosts"));
+        let values = expand_group(expr, body, limits)?;
+        if names.len().saturating_mul(values.len()) > limits.hosts {
+            return Err(format!(
+                "{expr:?} expands to more than {} hosts",
+                limits.hosts
+            ));
+        }
+        // Every name grows by `before` and the longest value.
+        let longest = names.iter().map(String::len).max().unwrap_or(0)
+            + before.len()
+            + values.iter().map(String::len).max().unwrap_or(0)
+            + rest.len();
+        if names.len() * values.len() * longest > limits.bytes {
+            return Err(format!(
+                "{expr:?} expands to more than {} bytes of host names",
+                limits.bytes
+            ));
         }
         let mut next = Vec::with_capacity(names.len() * values.len());
         for n in &names {
@@ -227,27 +268,62 @@ fn expand_one(expr: &str) -> Result<Vec<String>, String> {
 /// assert_eq!(names, ["root@web01:2222", "root@web02:2222", "root@web03:2222", "db1"]);
 /// ```
 pub fn expand(expr: &str) -> Result<Vec<Target>, String> {
+    expand_with(expr, Limits::DEFAULT)
+}
+
+/// [`expand`] within other bounds.
+pub fn expand_with(expr: &str, limits: Limits) -> Result<Vec<Target>, String> {
     let mut out = Vec::new();
+    expand_into(expr, &mut out, &mut 0, limits)?;
+    Ok(out)
+}
+
+/// [`expand`] appending to `out`; `bytes` counts the host-name bytes of
+/// `out`, so that several expressions (a hosts file) share the bounds.
+fn expand_into(
+    expr: &str,
+    out: &mut Vec<Target>,
+    bytes: &mut usize,
+    limits: Limits,
+) -> Result<(), String> {
     for elem in split_top(expr.trim())? {
         let elem = elem.trim();
         if elem.is_empty() {
             return Err(format!("{expr:?}: empty host name between commas"));
         }
-        for name in expand_one(elem)? {
+        for name in expand_one(elem, limits)? {
+            *bytes += name.len();
             out.push(Target::parse(&name)?);
-            if out.len() > MAX_HOSTS {
-                return Err(format!("{expr:?} expands to more than {MAX_HOSTS} hosts"));
+            if out.len() > limits.hosts {
+                return Err(format!("{expr:?}: more than {} hosts", limits.hosts));
+            }
+            if *bytes > limits.bytes {
+                return Err(format!(
+                    "{expr:?}: more than {} bytes of host names",
+                    limits.bytes
+                ));
             }
         }
     }
-    Ok(out)
+    Ok(())
 }
 
 /// Parses a hosts file in pssh's format: one `[user@]host[:port]` per line
 /// (nodeset ranges allowed), `#` starts a comment, blank lines are skipped.
-/// `origin` names the file in errors (`hosts.txt:3: …`).
+/// `origin` names the file in errors (`hosts.txt:3: …`). The whole file
+/// shares the bounds of one expression ([`MAX_HOSTS`], [`MAX_NAME_BYTES`]).
 pub fn parse_hosts_file(text: &str, origin: &str) -> Result<Vec<Target>, String> {
+    parse_hosts_file_with(text, origin, Limits::DEFAULT)
+}
+
+/// [`parse_hosts_file`] within other bounds.
+pub fn parse_hosts_file_with(
+    text: &str,
+    origin: &str,
+    limits: Limits,
+) -> Result<Vec<Target>, String> {
     let mut out = Vec::new();
+    let mut bytes = 0;
     for (i, line) in text.lines().enumerate() {
         let line = line.split('#').next().unwrap_or("").trim();
         if line.is_empty() {
@@ -261,8 +337,8 @@ pub fn parse_hosts_file(text: &str, origin: &str) -> Result<Vec<Target>, String>
                 i + 1
             ));
         }
-        let targets = expand(first).map_err(|e| format!("{origin}:{}: {e}", i + 1))?;
-        out.extend(targets);
+        expand_into(first, &mut out, &mut bytes, limits)
+            .map_err(|e| format!("{origin}:{}: {e}", i + 1))?;
     }
     Ok(out)
 }
@@ -387,7 +463,7 @@ pub fn fold<S: AsRef<str>>(names: &[S]) -> String {
         let mut i = 0;
         while i < nums.len() {
             let mut j = i;
-            while j + 1 < nums.len() && nums[j + 1] == nums[j] + 1 {
+            while j + 1 < nums.len() && nums[j].checked_add(1) == Some(nums[j + 1]) {
                 j += 1;
             }
             if i == j {
@@ -469,6 +545,44 @@ mod tests {
         }
         let e = expand("web[9-1]").unwrap_err();
         assert!(e.contains("backwards"), "{e}");
+    }
+
+    /// Inputs that once hung, panicked or filled memory; kept as a
+    /// regression set (the fuzz target `host_list` replays them as seeds).
+    #[test]
+    fn hostile_expressions_are_bounded_errors() {
+        // The largest number: stepping past it wrapped into an endless loop.
+        assert_eq!(names("n[18446744073709551615]"), ["n18446744073709551615"]);
+        assert_eq!(
+            names("n[18446744073709551614-18446744073709551615/7]").len(),
+            1
+        );
+        assert!(expand("a[1-99999999999]").is_err());
+        // Many items of one group, each under the bound, together over it.
+        let many = format!("a[{}]", vec!["0-999998"; 64].join(","));
+        let e = expand(&many).unwrap_err();
+        assert!(e.contains("more than"), "{e}");
+        // A long name times many hosts.
+        let long = format!("{}[0-999999]", "x".repeat(4000));
+        let e = expand(&long).unwrap_err();
+        assert!(e.contains("bytes of host names"), "{e}");
+        // Many lines of a hosts file share one bound.
+        let file = "a[0-999999]\n".repeat(3);
+        let e = parse_hosts_file(&file, "h").unwrap_err();
+        assert!(e.starts_with("h:2:"), "{e}");
+        // Small bounds hold exactly.
+        let l = Limits {
+            hosts: 10,
+            bytes: 1000,
+        };
+        assert_eq!(expand_with("a[1-10]", l).unwrap().len(), 10);
+        assert!(expand_with("a[1-11]", l).is_err());
+        assert!(expand_with("a[1-5],b[1-6]", l).is_err());
+        assert!(expand_with(&format!("{}[1-9]", "y".repeat(200)), l).is_err());
+        assert_eq!(
+            fold(&["n18446744073709551615", "n18446744073709551614"]),
+            "n[18446744073709551614-18446744073709551615]"
+        );
     }
 
     #[test]

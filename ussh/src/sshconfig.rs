@@ -99,8 +99,37 @@ struct Block {
 #[derive(Debug, Clone, Default)]
 pub struct SshConfig {
     blocks: Vec<Block>,
+    /// Files read through `Include` so far (bounded by [`MAX_INCLUDES`]).
+    included: usize,
     /// Problems met while reading (unreadable `Include`, bad syntax).
     pub warnings: Vec<String>,
+}
+
+/// Most files one configuration may read through `Include` (nested ones
+/// count too): a file that includes itself several times would otherwise
+/// read it exponentially often.
+pub const MAX_INCLUDES: usize = 256;
+
+/// Largest file `Include` reads; longer ones (or anything that is not a
+/// regular file, such as `/dev/zero`) are skipped with a warning.
+pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
+
+/// Reads an included file: a regular file of at most [`MAX_CONFIG_BYTES`].
+fn read_included(path: &Path) -> Result<String, String> {
+    use std::io::Read;
+    let f = fs::File::open(path).map_err(|e| e.to_string())?;
+    let meta = f.metadata().map_err(|e| e.to_string())?;
+    if !meta.is_file() {
+        return Err("not a regular file".into());
+    }
+    let mut bytes = Vec::new();
+    f.take(MAX_CONFIG_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| e.to_string())?;
+    if bytes.len() as u64 > MAX_CONFIG_BYTES {
+        return Err(format!("larger than {MAX_CONFIG_BYTES} bytes"));
+    }
+    String::from_utf8(bytes).map_err(|_| "not UTF-8 text".into())
 }
 
 /// `$HOME`, or `/` if unset.
@@ -279,7 +308,13 @@ impl SshConfig {
                             p = home().join(".ssh").join(p);
                         }
                         for file in glob_files(&p) {
-                            match fs::read_to_string(&file) {
+                            self.included += 1;
+                            if self.included > MAX_INCLUDES {
+                                return Err(format!(
+                                    "{at}: more than {MAX_INCLUDES} files included"
+                                ));
+                            }
+                            match read_included(&file) {
                                 Ok(t) => {
                                     self.parse_into(&t, &file.display().to_string(), depth + 1)?
                                 }
@@ -593,6 +628,36 @@ Host *
             .resolve("a")
             .unwrap_err();
         assert!(e.contains("maybe"), "{e}");
+    }
+
+    /// Includes that once read forever or exponentially often; kept as
+    /// a regression set.
+    #[test]
+    fn hostile_includes_are_bounded() {
+        // Not a regular file: skipped with a warning, not read forever.
+        let c = SshConfig::parse("Include /dev/zero\nHost a\n Port 1\n", "m").unwrap();
+        assert_eq!(c.resolve("a").unwrap().port, Some(1));
+        assert!(
+            c.warnings[0].contains("not a regular file"),
+            "{:?}",
+            c.warnings
+        );
+        // Too large.
+        let dir = tempfile::tempdir().unwrap();
+        let big = dir.path().join("big");
+        fs::write(&big, vec![b'#'; MAX_CONFIG_BYTES as usize + 1]).unwrap();
+        let c = SshConfig::parse(&format!("Include {}\n", big.display()), "m").unwrap();
+        assert!(c.warnings[0].contains("larger than"), "{:?}", c.warnings);
+        // Eight levels of files, each including the next four times:
+        // 4^8 reads within the depth limit, before a bound on files read.
+        for level in 0..8 {
+            let next = dir.path().join(format!("l{}", level + 1));
+            let line = format!("Include {}\n", next.display());
+            fs::write(dir.path().join(format!("l{level}")), line.repeat(4)).unwrap();
+        }
+        fs::write(dir.path().join("l8"), "Host x\n Port 2\n").unwrap();
+        let e = SshConfig::load(&dir.path().join("l0")).unwrap_err();
+        assert!(e.contains("included"), "{e}");
     }
 
     #[test]
