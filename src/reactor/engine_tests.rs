@@ -289,17 +289,7 @@ fn connect_succeeds_is_refused_or_times_out() {
         assert_eq!(refused.raw(), -libc::ECONNREFUSED);
 
         // A full accept queue (backlog 0, nobody accepts) drops SYNs.
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
-        // SAFETY: plain listen(2) on a socket we own.
-        assert_eq!(unsafe { libc::listen(listener.as_raw_fd(), 0) }, 0);
-        let mut fillers = Vec::new();
-        for _ in 0..8 {
-            match std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {
-                Ok(s) => fillers.push(s),
-                Err(_) => break,
-            }
-        }
+        let (_listener, addr, _fillers) = super::tests::listener_dropping_syns();
         let started = Instant::now();
         let timed_out = reactor
             .connect(&tcp_socket(), addr, Duration::from_millis(300))

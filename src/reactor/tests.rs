@@ -486,19 +486,20 @@ async fn connect_to_closed_port_is_refused() {
     assert_eq!(done.raw(), -libc::ECONNREFUSED);
 }
 
-/// A listener with `listen(fd, 0)` and a full accept queue drops further
-/// SYNs, so the connect hangs until the linked timeout cancels it.
-#[tokio::test]
-async fn connect_is_cancelled_by_its_linked_timeout() {
-    let reactor = warm_reactor().await;
-    let before = reactor.stats();
+/// A loopback listener with `listen(fd, 0)` whose accept queue is full
+/// (nobody accepts), so it drops further SYNs: a connect to it hangs.
+/// Returns the listener, its address and the connections filling it.
+pub(super) fn listener_dropping_syns() -> (
+    std::net::TcpListener,
+    std::net::SocketAddr,
+    Vec<std::net::TcpStream>,
+) {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     // SAFETY: plain listen(2) on a socket we own; a backlog of 0 lets one
     // connection wait in the accept queue.
     assert_eq!(unsafe { libc::listen(listener.as_raw_fd(), 0) }, 0);
-    // Fill the accept queue (nobody accepts); stop at the first connect
-    // whose SYN is dropped.
+    // Fill the accept queue; stop at the first connect whose SYN is dropped.
     let mut fillers = Vec::new();
     for _ in 0..8 {
         match std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {
@@ -506,6 +507,16 @@ async fn connect_is_cancelled_by_its_linked_timeout() {
             Err(_) => break,
         }
     }
+    (listener, addr, fillers)
+}
+
+/// A listener with `listen(fd, 0)` and a full accept queue drops further
+/// SYNs, so the connect hangs until the linked timeout cancels it.
+#[tokio::test]
+async fn connect_is_cancelled_by_its_linked_timeout() {
+    let reactor = warm_reactor().await;
+    let before = reactor.stats();
+    let (_listener, addr, fillers) = listener_dropping_syns();
     assert!(fillers.len() < 8, "the accept queue never filled up");
 
     let fd = tcp_socket();
