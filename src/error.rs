@@ -53,6 +53,36 @@ pub enum Error {
     /// was dropped or timed out) in a way libssh2 cannot resume; the object
     /// must be dropped.
     Poisoned(&'static str),
+    /// The server sent a name the client refuses to use as a local path
+    /// component: empty, `.` or `..`, or holding `/` or NUL. Only the entry
+    /// that carried it fails.
+    UnsafeName {
+        /// The name as sent, escaped (`\xNN` for bytes that are not
+        /// printable ASCII).
+        name: String,
+        /// The directory whose listing held it, as the server spells it.
+        listed_in: String,
+        /// Why it was refused.
+        reason: &'static str,
+    },
+    /// A local write would have left its destination directory: a symbolic
+    /// link or a path that escapes stands where the transfer writes. The
+    /// kernel refused it (`openat2` with `RESOLVE_BENEATH |
+    /// RESOLVE_NO_SYMLINKS`, or `O_NOFOLLOW`), and nothing was written.
+    OutsideDestination {
+        /// The local path concerned.
+        path: std::path::PathBuf,
+        /// What stood in the way.
+        reason: String,
+    },
+    /// Something the server controls exceeded a bound the client keeps
+    /// (entries in a tree, a file's size, a name's length, a header line).
+    LimitExceeded {
+        /// What was bounded.
+        what: &'static str,
+        /// The bound.
+        limit: u64,
+    },
 }
 
 /// Why a host key was rejected.
@@ -135,6 +165,17 @@ impl fmt::Display for Error {
                 f,
                 "{what} is unusable: an earlier call on it was abandoned half-way"
             ),
+            Error::UnsafeName {
+                name,
+                listed_in,
+                reason,
+            } => write!(f, "refused name \"{name}\" listed in {listed_in}: {reason}"),
+            Error::OutsideDestination { path, reason } => {
+                write!(f, "refused to write {}: {reason}", path.display())
+            }
+            Error::LimitExceeded { what, limit } => {
+                write!(f, "{what} exceeds the client's limit of {limit}")
+            }
         }
     }
 }
@@ -204,6 +245,9 @@ impl Error {
             Error::InvalidInput(_) => K::InvalidInput,
             Error::Closed(_) => K::NotConnected,
             Error::Poisoned(_) => K::Other,
+            Error::UnsafeName { .. } => K::InvalidData,
+            Error::OutsideDestination { .. } => K::PermissionDenied,
+            Error::LimitExceeded { .. } => K::InvalidData,
             Error::Protocol(_) => K::InvalidData,
             Error::Sftp { code, .. } => {
                 use crate::sftp::status as st;

@@ -73,6 +73,7 @@ mod channel;
 mod error;
 mod ffi;
 mod forward;
+mod localdir;
 #[cfg(fuzzing)]
 #[doc(hidden)]
 pub mod fuzzing;

@@ -31,7 +31,7 @@ pub use codec::{FileAttributes, Limits, StatVfs, status};
 pub use dir::{DirEntry, ReadDir};
 pub use file::{File, OpenOptions};
 pub use transfer::{
-    FileOutcome, Progress, ProgressFn, TransferItem, TransferOptions, TransferReport,
+    FileOutcome, LinkPolicy, Progress, ProgressFn, TransferItem, TransferOptions, TransferReport,
     download_many, download_tree_over, upload_many, upload_tree_over,
 };
 

@@ -19,6 +19,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
+use std::ffi::{OsStr, OsString};
 use std::fs;
 use std::io;
 use std::os::unix::fs::{FileExt, PermissionsExt};
@@ -27,13 +28,14 @@ use std::rc::Rc;
 use std::time::{Duration, SystemTime};
 
 use futures_util::stream::{FuturesUnordered, StreamExt};
-use tokio::sync::{Semaphore, SemaphorePermit};
+use tokio::sync::{Notify, Semaphore, SemaphorePermit};
 
 use super::client::{ReplyFuture, status_ok, unexpected};
 use super::codec::{self, FileAttributes, Reply, fxp};
 use super::file::{File, open_handle};
 use super::{Sftp, wire};
 use crate::error::{Error, Result};
+use crate::localdir::{self, ConfinedDir, RelPath, check_name, escape_name};
 
 /// Progress of a many-file transfer, as reported to the callback.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -50,6 +52,23 @@ pub struct Progress {
 
 /// A progress callback.
 pub type ProgressFn = Rc<dyn Fn(&Progress)>;
+
+/// What a tree transfer does with symbolic links (rsync's `--links`,
+/// `--safe-links`). A link is never followed when writing, whatever the
+/// policy: files and directories are created beneath the destination with
+/// symbolic links refused by the kernel.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum LinkPolicy {
+    /// Recreate each link as a link with the same target (the default).
+    #[default]
+    Keep,
+    /// Skip links.
+    Skip,
+    /// Recreate links whose target stays inside the tree (relative, and
+    /// never climbing above the tree's root); skip the others.
+    Safe,
+}
 
 /// How a transfer runs. The defaults suit both one large file and many
 /// small ones; see the field docs for how they were chosen.
@@ -80,6 +99,22 @@ pub struct TransferOptions {
     pub skip_unchanged: bool,
     /// Called after each file finishes or fails.
     pub progress: Option<ProgressFn>,
+    /// Symbolic links in a tree: kept as links (default), skipped, or kept
+    /// only when they stay inside the tree.
+    pub links: LinkPolicy,
+    /// Uploads: follow local symbolic links that point outside the source
+    /// tree. Default false: such links are skipped and reported (links
+    /// inside the tree are followed).
+    pub follow_external_links: bool,
+    /// Entries (files, directories and links) a tree may hold. Default
+    /// 1,000,000; a larger tree fails with [`Error::LimitExceeded`] past it,
+    /// keeping what was transferred.
+    pub max_entries: u64,
+    /// Directory depth below the root of a tree. Default 256.
+    pub max_depth: usize,
+    /// Downloads: bytes one file may have. `None` (default): no limit; a
+    /// file that keeps growing is read until the server says EOF.
+    pub max_file_size: Option<u64>,
 }
 
 impl Default for TransferOptions {
@@ -93,6 +128,11 @@ impl Default for TransferOptions {
             fsync: false,
             skip_unchanged: false,
             progress: None,
+            links: LinkPolicy::Keep,
+            follow_external_links: false,
+            max_entries: 1_000_000,
+            max_depth: 256,
+            max_file_size: None,
         }
     }
 }
@@ -108,6 +148,11 @@ impl std::fmt::Debug for TransferOptions {
             .field("fsync", &self.fsync)
             .field("skip_unchanged", &self.skip_unchanged)
             .field("progress", &self.progress.is_some())
+            .field("links", &self.links)
+            .field("follow_external_links", &self.follow_external_links)
+            .field("max_entries", &self.max_entries)
+            .field("max_depth", &self.max_depth)
+            .field("max_file_size", &self.max_file_size)
             .finish()
     }
 }
@@ -163,8 +208,12 @@ pub struct TransferReport {
     /// Every file of the transfer.
     pub files: Vec<FileOutcome>,
     /// Problems that are not about one file (a directory that could not
-    /// be listed or created), with the path concerned.
+    /// be listed or created, a name refused, a limit reached), with the
+    /// path concerned.
     pub other_errors: Vec<(PathBuf, Error)>,
+    /// Symbolic links skipped by [`TransferOptions::links`] (or, uploading,
+    /// because they lead outside the tree).
+    pub skipped_links: Vec<PathBuf>,
 }
 
 impl TransferReport {
@@ -251,10 +300,15 @@ fn mtime_secs(m: &fs::Metadata) -> Option<u32> {
         .map(|d| d.as_secs() as u32)
 }
 
-fn local_unchanged(local: &Path, a: &FileAttributes) -> bool {
-    match fs::metadata(local) {
-        Ok(m) => {
-            m.is_file() && Some(m.len()) == a.size && a.mtime.is_some() && mtime_secs(&m) == a.mtime
+/// Whether the regular file `name` of `dir` (a link is never followed)
+/// has the size and modification time in `a`.
+fn local_unchanged(dir: &ConfinedDir, name: &OsStr, a: &FileAttributes) -> bool {
+    match dir.stat(name) {
+        Ok(st) => {
+            (st.st_mode & libc::S_IFMT) == libc::S_IFREG
+                && a.size == Some(st.st_size as u64)
+                && a.mtime.is_some()
+                && a.mtime == u32::try_from(st.st_mtime).ok()
         }
         Err(_) => false,
     }
@@ -297,13 +351,62 @@ impl Drop for RemoteHandle<'_> {
     }
 }
 
-/// Removes a local temporary file unless disarmed.
-struct LocalTemp(Option<PathBuf>);
+/// Removes a local temporary file (in its directory's fd) unless disarmed.
+struct LocalTemp<'a> {
+    dir: &'a ConfinedDir,
+    name: Option<OsString>,
+}
 
-impl Drop for LocalTemp {
+impl Drop for LocalTemp<'_> {
     fn drop(&mut self) {
-        if let Some(p) = self.0.take() {
-            let _ = fs::remove_file(p);
+        if let Some(n) = self.name.take() {
+            let _ = self.dir.unlink(&n);
+        }
+    }
+}
+
+/// Where a downloaded file goes on this machine.
+#[derive(Clone)]
+enum Place {
+    /// The item's own `local` path, the caller's choice (its parent is
+    /// opened as given; the file itself is never opened through a link).
+    Given,
+    /// `rel` beneath `root`, from a server's listing: reached without
+    /// following links and without leaving `root`.
+    Beneath { root: Rc<ConfinedDir>, rel: RelPath },
+}
+
+/// A file to move and where it goes.
+struct Job {
+    item: TransferItem,
+    place: Place,
+}
+
+impl Job {
+    fn given(item: TransferItem) -> Job {
+        Job {
+            item,
+            place: Place::Given,
+        }
+    }
+
+    /// The local directory a download writes into and the file's name.
+    fn local_target(&self) -> Result<(ConfinedDir, OsString)> {
+        match &self.place {
+            Place::Given => {
+                let local = &self.item.local;
+                let name = local.file_name().ok_or_else(|| {
+                    Error::InvalidInput(format!("{} does not name a file", local.display()))
+                })?;
+                let parent = local.parent().unwrap_or(Path::new(""));
+                Ok((ConfinedDir::open_given(parent)?, name.to_owned()))
+            }
+            Place::Beneath { root, rel } => {
+                let (parent, name) = rel
+                    .split_last()
+                    .ok_or_else(|| Error::InvalidInput("a tree's root is not a file".into()))?;
+                Ok((root.dir(&parent, true)?, name.to_owned()))
+            }
         }
     }
 }
@@ -327,10 +430,12 @@ impl Moved<'_> {
 async fn download_one(
     lane: &Lane,
     item: &TransferItem,
+    target: &(ConfinedDir, OsString),
     opts: &TransferOptions,
     progress: &Moved<'_>,
 ) -> Result<u64> {
     let sftp = &lane.sftp;
+    let (dir, name) = target;
     let handle = open_handle(sftp, &item.remote, codec::open_flags::READ, 0).await?;
     let handle = RemoteHandle {
         sftp,
@@ -353,14 +458,28 @@ async fn download_one(
             }
         }
     };
-    let dest = if opts.atomic {
-        temp_name(&item.local)
-    } else {
-        item.local.clone()
-    };
-    let out = fs::File::create(&dest).map_err(|e| local_err(&dest, e))?;
-    let mut temp = LocalTemp(Some(dest.clone()));
     let size = attrs.size.unwrap_or(0);
+    let too_big = |n: u64| match opts.max_file_size {
+        Some(max) if n > max => Err(Error::LimitExceeded {
+            what: "a downloaded file's size",
+            limit: max,
+        }),
+        _ => Ok(()),
+    };
+    too_big(size)?;
+    let dest_name = if opts.atomic {
+        localdir::temp_name(name)
+    } else {
+        name.clone()
+    };
+    let dest = dir.path().join(&dest_name);
+    // Not exclusive only without a temporary: then an existing regular
+    // file of that name is overwritten, but never a link's target.
+    let out = dir.create_file(&dest_name, 0o666, opts.atomic)?;
+    let mut temp = LocalTemp {
+        dir,
+        name: Some(dest_name.clone()),
+    };
     let chunk = lane.request_size;
     // In flight, in offset order: (offset, asked, budget held, reply).
     let mut reads: VecDeque<(u64, u32, SemaphorePermit<'_>, ReplyFuture)> = VecDeque::new();
@@ -391,6 +510,7 @@ async fn download_one(
         reads.pop_front();
         match r? {
             Reply::Data(d) if !d.is_empty() && d.len() <= len as usize => {
+                too_big(off + d.len() as u64)?;
                 out.write_all_at(&d, off).map_err(|e| local_err(&dest, e))?;
                 total += d.len() as u64;
                 progress.add(d.len() as u64);
@@ -448,9 +568,9 @@ async fn download_one(
     }
     drop(out);
     if opts.atomic {
-        fs::rename(&dest, &item.local).map_err(|e| local_err(&item.local, e))?;
+        dir.rename(&dest_name, name)?;
     }
-    temp.0 = None;
+    temp.name = None;
     Ok(total)
 }
 
@@ -613,7 +733,7 @@ fn read_full_at(f: &fs::File, buf: &mut [u8], off: u64) -> io::Result<usize> {
 }
 
 fn local_err(path: &Path, e: io::Error) -> Error {
-    Error::Io(io::Error::new(e.kind(), format!("{}: {e}", path.display())))
+    localdir::local_error(path, e)
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -622,16 +742,27 @@ enum Direction {
     Upload,
 }
 
-/// Whether the destination of `item` already matches its source.
-async fn unchanged(lane: &Lane, item: &TransferItem, dir: Direction) -> bool {
+/// Whether the destination of `job` already matches its source. For a
+/// download, `target` is where it goes.
+async fn unchanged(
+    lane: &Lane,
+    item: &TransferItem,
+    target: Option<&(ConfinedDir, OsString)>,
+    dir: Direction,
+) -> bool {
     match dir {
-        Direction::Download => match &item.attrs {
-            Some(a) => local_unchanged(&item.local, a),
-            None => match lane.sftp.stat(&item.remote).await {
-                Ok(a) => local_unchanged(&item.local, &a),
-                Err(_) => false,
-            },
-        },
+        Direction::Download => {
+            let Some((d, name)) = target else {
+                return false;
+            };
+            match &item.attrs {
+                Some(a) => local_unchanged(d, name, a),
+                None => match lane.sftp.stat(&item.remote).await {
+                    Ok(a) => local_unchanged(d, name, &a),
+                    Err(_) => false,
+                },
+            }
+        }
         Direction::Upload => {
             let Ok(m) = fs::metadata(&item.local) else {
                 return false;
@@ -644,9 +775,68 @@ async fn unchanged(lane: &Lane, item: &TransferItem, dir: Direction) -> bool {
     }
 }
 
+/// Files found but not started are held here, at most this many: a
+/// listing of a million files streams through instead of piling up.
+const FEED_MAX: usize = 4096;
+
+/// The files of a transfer, fed by a tree walk while earlier ones move.
+#[derive(Default)]
+struct Feed {
+    jobs: RefCell<VecDeque<Job>>,
+    /// Files added (the walk found them).
+    added: Cell<u64>,
+    /// A job was pushed.
+    pushed: Notify,
+    /// A job was taken.
+    taken: Notify,
+}
+
+impl Feed {
+    fn preloaded(jobs: Vec<Job>) -> Feed {
+        let feed = Feed::default();
+        feed.added.set(jobs.len() as u64);
+        *feed.jobs.borrow_mut() = jobs.into();
+        feed
+    }
+
+    /// Adds a job once fewer than [`FEED_MAX`] wait.
+    async fn push(&self, job: Job) {
+        while self.jobs.borrow().len() >= FEED_MAX {
+            self.taken.notified().await;
+        }
+        self.jobs.borrow_mut().push_back(job);
+        self.added.set(self.added.get() + 1);
+        self.pushed.notify_one();
+    }
+
+    fn pop(&self) -> Option<Job> {
+        let job = self.jobs.borrow_mut().pop_front();
+        if job.is_some() {
+            self.taken.notify_one();
+        }
+        job
+    }
+
+    fn is_empty(&self) -> bool {
+        self.jobs.borrow().is_empty()
+    }
+}
+
 async fn run(
     sftps: &[Sftp],
-    items: Vec<TransferItem>,
+    items: Vec<Job>,
+    opts: &TransferOptions,
+    dir: Direction,
+) -> TransferReport {
+    let feed = Feed::preloaded(items);
+    run_fed(sftps, &feed, std::future::ready(()), opts, dir).await
+}
+
+/// Moves the files of `feed` while `walk` (which pushes into it) runs.
+async fn run_fed(
+    sftps: &[Sftp],
+    feed: &Feed,
+    walk: impl std::future::Future<Output = ()>,
     opts: &TransferOptions,
     dir: Direction,
 ) -> TransferReport {
@@ -662,23 +852,21 @@ async fn run(
         .iter()
         .map(|s| Lane::new(s, opts, dir == Direction::Upload))
         .collect();
-    let progress = RefCell::new(Progress {
-        files_total: items.len() as u64,
-        ..Default::default()
-    });
+    let progress = RefCell::new(Progress::default());
     let bytes_done = Cell::new(0u64);
-    let mut queue: VecDeque<TransferItem> = items.into();
     let mut running = FuturesUnordered::new();
+    tokio::pin!(walk);
+    let mut walking = true;
     loop {
         // Start files while some lane has a free handle.
-        while !queue.is_empty() {
+        while !feed.is_empty() {
             let Some(li) = (0..lanes.len())
                 .filter(|&i| lanes[i].open.get() < lanes[i].max_open)
                 .min_by_key(|&i| lanes[i].open.get())
             else {
                 break;
             };
-            let item = queue.pop_front().expect("non-empty");
+            let job = feed.pop().expect("non-empty");
             let lane = &lanes[li];
             lane.open.set(lane.open.get() + 1);
             let bytes_done = &bytes_done;
@@ -688,51 +876,74 @@ async fn run(
                     file: Cell::new(0),
                     rename_sent: Cell::new(false),
                 };
-                let skip = opts.skip_unchanged && unchanged(lane, &item, dir).await;
-                let r = if skip {
-                    Ok(0)
-                } else {
-                    let timeout = lane.sftp.inner.client.chan.session.config.timeout;
-                    let work = async {
-                        match dir {
-                            Direction::Download => download_one(lane, &item, opts, &moved).await,
-                            Direction::Upload => upload_one(lane, &item, opts, &moved).await,
+                let item = &job.item;
+                let target = match dir {
+                    Direction::Download => Some(job.local_target()),
+                    Direction::Upload => None,
+                };
+                let r = match &target {
+                    Some(Err(_)) => Err(target.expect("some").err().expect("err")),
+                    _ => {
+                        let target = target.as_ref().and_then(|t| t.as_ref().ok());
+                        let skip = opts.skip_unchanged && unchanged(lane, item, target, dir).await;
+                        if skip {
+                            Ok(None)
+                        } else {
+                            let timeout = lane.sftp.inner.client.chan.session.config.timeout;
+                            let work = async {
+                                match (dir, target) {
+                                    (Direction::Download, Some(t)) => {
+                                        download_one(lane, item, t, opts, &moved).await
+                                    }
+                                    _ => upload_one(lane, item, opts, &moved).await,
+                                }
+                            };
+                            // The session's timeout bounds a stall, not a
+                            // file: a large file may take longer than it.
+                            with_stall_timeout(timeout, bytes_done, work)
+                                .await
+                                .map(Some)
                         }
-                    };
-                    // The session's timeout bounds a stall, not a file:
-                    // a large file may take longer than it.
-                    with_stall_timeout(timeout, bytes_done, work).await
+                    }
                 };
                 lane.open.set(lane.open.get() - 1);
+                let skipped = matches!(r, Ok(None));
+                let r = r.map(|n| n.unwrap_or(0));
                 // A status reply means the server did not rename; no reply
                 // leaves it open.
                 let rename_in_doubt = moved.rename_sent.get()
                     && matches!(&r, Err(e) if !matches!(e, Error::Sftp { .. }));
                 FileOutcome {
-                    item,
+                    item: job.item,
                     result: r,
-                    skipped: skip,
+                    skipped,
                     bytes_acknowledged: moved.file.get(),
                     rename_in_doubt,
                 }
             });
         }
-        let Some(outcome) = running.next().await else {
+        if !walking && running.is_empty() && feed.is_empty() {
             break;
-        };
-        {
-            let mut p = progress.borrow_mut();
-            if outcome.result.is_ok() {
-                p.files_done += 1;
-            } else {
-                p.files_failed += 1;
-            }
-            p.bytes_done = bytes_done.get();
-            if let Some(cb) = &opts.progress {
-                cb(&p);
-            }
         }
-        report.files.push(outcome);
+        tokio::select! {
+            Some(outcome) = running.next(), if !running.is_empty() => {
+                let mut p = progress.borrow_mut();
+                if outcome.result.is_ok() {
+                    p.files_done += 1;
+                } else {
+                    p.files_failed += 1;
+                }
+                p.files_total = feed.added.get();
+                p.bytes_done = bytes_done.get();
+                if let Some(cb) = &opts.progress {
+                    cb(&p);
+                }
+                drop(p);
+                report.files.push(outcome);
+            }
+            _ = &mut walk, if walking => walking = false,
+            _ = feed.pushed.notified(), if walking => {}
+        }
     }
     report
 }
@@ -773,7 +984,8 @@ pub async fn download_many(
     items: Vec<TransferItem>,
     opts: &TransferOptions,
 ) -> TransferReport {
-    run(sftps, items, opts, Direction::Download).await
+    let jobs = items.into_iter().map(Job::given).collect();
+    run(sftps, jobs, opts, Direction::Download).await
 }
 
 /// Uploads `items` over the given SFTP clients; see [`download_many`].
@@ -783,54 +995,188 @@ pub async fn upload_many(
     items: Vec<TransferItem>,
     opts: &TransferOptions,
 ) -> TransferReport {
-    run(sftps, items, opts, Direction::Upload).await
+    let jobs = items.into_iter().map(Job::given).collect();
+    run(sftps, jobs, opts, Direction::Upload).await
 }
 
-/// Lists a remote tree: its directories (parents first) and its files
-/// with their attributes, listing many directories at once.
-async fn walk_remote(
-    sftp: &Sftp,
-    root: &Path,
-    errors: &mut Vec<(PathBuf, Error)>,
-) -> (Vec<PathBuf>, Vec<(PathBuf, FileAttributes)>, Vec<PathBuf>) {
-    const LISTINGS_AT_ONCE: usize = 16;
-    let mut dirs = vec![PathBuf::new()];
-    let mut files = Vec::new();
-    let mut links = Vec::new();
-    let mut todo: VecDeque<PathBuf> = VecDeque::from([PathBuf::new()]);
-    let mut running = FuturesUnordered::new();
-    loop {
-        while running.len() < LISTINGS_AT_ONCE {
-            let Some(rel) = todo.pop_front() else { break };
-            let full = root.join(&rel);
-            running.push(async move {
-                let r = sftp.read_dir_all(&full).await;
-                (rel, full, r)
-            });
-        }
-        let Some((rel, full, r)) = running.next().await else {
-            break;
-        };
-        match r {
-            Ok(entries) => {
-                for e in entries {
-                    let name = super::path_from(e.name_bytes().to_vec());
-                    let child = rel.join(name);
-                    let a = e.attrs();
-                    if a.is_dir() {
-                        dirs.push(child.clone());
-                        todo.push_back(child);
-                    } else if a.is_symlink() {
-                        links.push(child);
-                    } else if a.is_file() || a.permissions.is_none() {
-                        files.push((child, a.clone()));
-                    }
+/// What a tree walk shares between its listings.
+struct Walk<'a> {
+    sftp: &'a Sftp,
+    remote: &'a Path,
+    root: Rc<ConfinedDir>,
+    opts: &'a TransferOptions,
+    feed: &'a Feed,
+    /// Directories found and created, not yet listed.
+    dirs: RefCell<VecDeque<RelPath>>,
+    /// Links found, not yet made.
+    links: RefCell<VecDeque<RelPath>>,
+    /// Entries accepted so far (files, directories, links).
+    entries: Cell<u64>,
+    /// The entry limit was reached: list no more.
+    stopped: Cell<bool>,
+    errors: RefCell<Vec<(PathBuf, Error)>>,
+    skipped_links: RefCell<Vec<PathBuf>>,
+}
+
+impl Walk<'_> {
+    fn error(&self, path: PathBuf, e: Error) {
+        self.errors.borrow_mut().push((path, e));
+    }
+
+    fn remote_path(&self, rel: &RelPath) -> PathBuf {
+        self.remote.join(rel.to_path())
+    }
+
+    fn local_path(&self, rel: &RelPath) -> PathBuf {
+        self.root.path().join(rel.to_path())
+    }
+
+    /// Lists many directories (and reads links) at once until the tree is
+    /// done; directories are created as found, files fed as found.
+    async fn run(&self) {
+        const TASKS_AT_ONCE: usize = 16;
+        type Task<'t> = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + 't>>;
+        let mut running: FuturesUnordered<Task<'_>> = FuturesUnordered::new();
+        self.dirs.borrow_mut().push_back(RelPath::default());
+        loop {
+            while running.len() < TASKS_AT_ONCE {
+                let dir = self.dirs.borrow_mut().pop_front();
+                if let Some(rel) = dir {
+                    running.push(Box::pin(self.list(rel)));
+                    continue;
+                }
+                let link = self.links.borrow_mut().pop_front();
+                match link {
+                    Some(rel) => running.push(Box::pin(self.link(rel))),
+                    None => break,
                 }
             }
-            Err(e) => errors.push((full, e)),
+            if running.next().await.is_none() {
+                break;
+            }
         }
     }
-    (dirs, files, links)
+
+    /// Lists one directory, streaming its entries.
+    async fn list(&self, rel: RelPath) {
+        let full = self.remote_path(&rel);
+        let mut rd = match self.sftp.read_dir(&full).await {
+            Ok(rd) => rd,
+            Err(e) => return self.error(full, e),
+        };
+        // Names seen in this listing, by hash: a duplicate fails.
+        let hasher = std::collections::hash_map::RandomState::new();
+        let mut seen = std::collections::HashSet::new();
+        loop {
+            let entry = match rd.next_entry().await {
+                Ok(Some(e)) => e,
+                Ok(None) => break,
+                Err(e) => {
+                    self.error(full.clone(), e);
+                    break;
+                }
+            };
+            if self.stopped.get() {
+                break;
+            }
+            let name = entry.name_bytes();
+            // Every listing holds these two; they are not entries.
+            if name == b"." || name == b".." {
+                continue;
+            }
+            if let Err(e) = check_name(name, &full) {
+                self.error(full.clone(), e);
+                continue;
+            }
+            if !seen.insert(std::hash::BuildHasher::hash_one(&hasher, name)) {
+                self.error(
+                    full.clone(),
+                    Error::UnsafeName {
+                        name: escape_name(name),
+                        listed_in: escape_name(full.as_os_str().as_encoded_bytes()),
+                        reason: "listed more than once",
+                    },
+                );
+                continue;
+            }
+            self.entries.set(self.entries.get() + 1);
+            if self.entries.get() > self.opts.max_entries {
+                self.stopped.set(true);
+                self.error(
+                    full.clone(),
+                    Error::LimitExceeded {
+                        what: "entries in the tree",
+                        limit: self.opts.max_entries,
+                    },
+                );
+                break;
+            }
+            let child = rel.child(name);
+            let a = entry.attrs();
+            if a.is_dir() {
+                if child.depth() > self.opts.max_depth {
+                    self.error(
+                        self.remote_path(&child),
+                        Error::LimitExceeded {
+                            what: "directory depth of the tree",
+                            limit: self.opts.max_depth as u64,
+                        },
+                    );
+                    continue;
+                }
+                match self.root.dir(&child, true) {
+                    Ok(_) => self.dirs.borrow_mut().push_back(child),
+                    Err(e) => self.error(self.local_path(&child), e),
+                }
+            } else if a.is_symlink() {
+                if self.opts.links == LinkPolicy::Skip {
+                    self.skipped_links
+                        .borrow_mut()
+                        .push(self.remote_path(&child));
+                } else {
+                    self.links.borrow_mut().push_back(child);
+                }
+            } else if a.is_file() || a.permissions.is_none() {
+                let item = TransferItem {
+                    remote: self.remote_path(&child),
+                    local: self.local_path(&child),
+                    attrs: Some(a.clone()),
+                };
+                let place = Place::Beneath {
+                    root: self.root.clone(),
+                    rel: child,
+                };
+                self.feed.push(Job { item, place }).await;
+            }
+        }
+        if let Err(e) = rd.close().await {
+            self.error(full, e);
+        }
+    }
+
+    /// Recreates one link (its target is data: stored, never resolved),
+    /// unless the policy skips it.
+    async fn link(&self, rel: RelPath) {
+        let remote = self.remote_path(&rel);
+        let target = match self.sftp.readlink(&remote).await {
+            Ok(t) => t.into_os_string().into_encoded_bytes(),
+            Err(e) => return self.error(remote, e),
+        };
+        let (parent, name) = rel.split_last().expect("a link is below the root");
+        if self.opts.links == LinkPolicy::Safe
+            && !localdir::link_stays_inside(&target, parent.depth())
+        {
+            self.skipped_links.borrow_mut().push(remote);
+            return;
+        }
+        let made = self
+            .root
+            .dir(&parent, true)
+            .and_then(|d| d.symlink(&target, name));
+        if let Err(e) = made {
+            self.error(self.local_path(&rel), e);
+        }
+    }
 }
 
 impl Sftp {
@@ -851,7 +1197,7 @@ impl Sftp {
         let item = TransferItem::new(remote.as_ref(), local.as_ref());
         let mut r = run(
             std::slice::from_ref(self),
-            vec![item],
+            vec![Job::given(item)],
             opts,
             Direction::Download,
         )
@@ -877,7 +1223,7 @@ impl Sftp {
         let item = TransferItem::new(remote.as_ref(), local.as_ref());
         let mut r = run(
             std::slice::from_ref(self),
-            vec![item],
+            vec![Job::given(item)],
             opts,
             Direction::Upload,
         )
@@ -886,7 +1232,9 @@ impl Sftp {
     }
 
     /// Downloads the tree under `remote` into `local` (created if needed):
-    /// directories, regular files and symbolic links (recreated as links).
+    /// directories, regular files and symbolic links (recreated as links by
+    /// default; see [`TransferOptions::links`]). Nothing is written outside
+    /// `local`, whatever the server lists: see [`download_tree_over`].
     pub async fn download_tree(
         &self,
         remote: impl AsRef<Path>,
@@ -903,7 +1251,9 @@ impl Sftp {
     }
 
     /// Uploads the tree under `local` into `remote` (created if needed):
-    /// directories and regular files; symbolic links are followed.
+    /// directories and regular files; symbolic links inside the tree are
+    /// followed, those leading outside it skipped unless asked (see
+    /// [`upload_tree_over`]).
     pub async fn upload_tree(
         &self,
         local: impl AsRef<Path>,
@@ -931,59 +1281,83 @@ fn single(r: &mut TransferReport) -> Result<u64> {
 }
 
 /// [`Sftp::download_tree`] spread over several clients of the same host.
+///
+/// Every name in a listing must be one plain component (see
+/// [`Error::UnsafeName`]); files, directories and links are created beneath
+/// `local` through a directory fd that no link and no `..` can leave
+/// ([`Error::OutsideDestination`]). A bad entry fails alone. Files start
+/// moving while the tree is still being listed, and at most a few thousand
+/// found-but-not-started files are held in memory.
 pub async fn download_tree_over(
     sftps: &[Sftp],
     remote: &Path,
     local: &Path,
     opts: &TransferOptions,
 ) -> TransferReport {
-    let mut errors = Vec::new();
     let Some(first) = sftps.first() else {
         return run(sftps, Vec::new(), opts, Direction::Download).await;
     };
-    let (dirs, files, links) = walk_remote(first, remote, &mut errors).await;
-    for d in &dirs {
-        let p = local.join(d);
-        if let Err(e) = fs::create_dir_all(&p) {
-            errors.push((p.clone(), local_err(&p, e)));
+    let root = match ConfinedDir::open_root(local) {
+        Ok(r) => Rc::new(r),
+        Err(e) => {
+            let mut report = TransferReport::default();
+            report.other_errors.push((local.to_owned(), e));
+            return report;
         }
-    }
-    for l in &links {
-        match first.readlink(remote.join(l)).await {
-            Ok(target) => {
-                let p = local.join(l);
-                let _ = fs::remove_file(&p);
-                if let Err(e) = std::os::unix::fs::symlink(&target, &p) {
-                    errors.push((p.clone(), local_err(&p, e)));
-                }
-            }
-            Err(e) => errors.push((remote.join(l), e)),
-        }
-    }
-    let items = files
-        .into_iter()
-        .map(|(rel, attrs)| TransferItem {
-            remote: remote.join(&rel),
-            local: local.join(&rel),
-            attrs: Some(attrs),
-        })
-        .collect();
-    let mut report = run(sftps, items, opts, Direction::Download).await;
-    report.other_errors.extend(errors);
+    };
+    let feed = Feed::default();
+    let walk = Walk {
+        sftp: first,
+        remote,
+        root,
+        opts,
+        feed: &feed,
+        dirs: RefCell::default(),
+        links: RefCell::default(),
+        entries: Cell::new(0),
+        stopped: Cell::new(false),
+        errors: RefCell::default(),
+        skipped_links: RefCell::default(),
+    };
+    let mut report = run_fed(sftps, &feed, walk.run(), opts, Direction::Download).await;
+    report.other_errors.extend(walk.errors.take());
+    report.skipped_links.extend(walk.skipped_links.take());
     report
 }
 
 /// [`Sftp::upload_tree`] spread over several clients of the same host.
+///
+/// Local links are followed when they lead to a file or directory inside
+/// `local`, skipped (and listed in [`TransferReport::skipped_links`]) when
+/// they lead outside it unless [`TransferOptions::follow_external_links`],
+/// and all skipped with [`LinkPolicy::Skip`]. A directory reached twice
+/// (a link loop) is uploaded once.
 pub async fn upload_tree_over(
     sftps: &[Sftp],
     local: &Path,
     remote: &Path,
     opts: &TransferOptions,
 ) -> TransferReport {
+    use std::os::unix::fs::MetadataExt;
     let mut errors = Vec::new();
+    let mut skipped_links = Vec::new();
     let Some(first) = sftps.first() else {
         return run(sftps, Vec::new(), opts, Direction::Upload).await;
     };
+    let canonical_root = match fs::canonicalize(local) {
+        Ok(p) => p,
+        Err(e) => {
+            let mut report = TransferReport::default();
+            report
+                .other_errors
+                .push((local.to_owned(), local_err(local, e)));
+            return report;
+        }
+    };
+    let mut visited = std::collections::HashSet::new();
+    if let Ok(m) = fs::metadata(local) {
+        visited.insert((m.dev(), m.ino()));
+    }
     let mut dirs = vec![PathBuf::new()];
     let mut items = Vec::new();
     let mut i = 0;
@@ -1000,13 +1374,33 @@ pub async fn upload_tree_over(
         };
         for entry in rd.flatten() {
             let child = rel.join(entry.file_name());
-            match fs::metadata(entry.path()) {
-                Ok(m) if m.is_dir() => dirs.push(child),
-                Ok(m) if m.is_file() => {
-                    items.push(TransferItem::new(remote.join(&child), local.join(&child)))
+            let path = entry.path();
+            let is_link = entry.file_type().map(|t| t.is_symlink()).unwrap_or(false);
+            if is_link {
+                let inside = fs::canonicalize(&path)
+                    .map(|t| t.starts_with(&canonical_root))
+                    .unwrap_or(false);
+                let follow = match opts.links {
+                    LinkPolicy::Skip => false,
+                    _ => inside || opts.follow_external_links,
+                };
+                if !follow {
+                    skipped_links.push(path);
+                    continue;
                 }
+            }
+            match fs::metadata(&path) {
+                Ok(m) if m.is_dir() => {
+                    if visited.insert((m.dev(), m.ino())) {
+                        dirs.push(child);
+                    }
+                }
+                Ok(m) if m.is_file() => items.push(Job::given(TransferItem::new(
+                    remote.join(&child),
+                    local.join(&child),
+                ))),
                 Ok(_) => {}
-                Err(e) => errors.push((entry.path(), local_err(&entry.path(), e))),
+                Err(e) => errors.push((path.clone(), local_err(&path, e))),
             }
         }
     }
@@ -1040,5 +1434,6 @@ pub async fn upload_tree_over(
     }
     let mut report = run(sftps, items, opts, Direction::Upload).await;
     report.other_errors.extend(errors);
+    report.skipped_links.extend(skipped_links);
     report
 }
