@@ -27,3 +27,10 @@ pub fn server_bytes(data: &[u8]) {
 pub fn known_hosts(data: &[u8]) {
     crate::transport::fake_peer::fuzz_known_hosts(data);
 }
+
+/// A tree download's rules and local writes on a fuzzed listing, in a
+/// sandbox with planted links: nothing may be written outside its root or
+/// through a link.
+pub fn download_tree(data: &[u8]) {
+    crate::sftp::transfer_fuzz_tree(data);
+}

@@ -23,6 +23,8 @@ pub mod codec;
 mod dir;
 mod file;
 mod transfer;
+#[cfg(fuzzing)]
+pub(crate) use transfer::fuzz_tree as transfer_fuzz_tree;
 
 use std::path::Path;
 use std::rc::Rc;

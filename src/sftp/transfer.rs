@@ -365,6 +365,53 @@ impl Drop for LocalTemp<'_> {
     }
 }
 
+/// A downloaded file being written in its directory: under a temporary
+/// name or, not atomic, its own; removed if dropped unfinished.
+struct LocalFile<'a> {
+    file: fs::File,
+    /// The name written, for messages.
+    path: PathBuf,
+    name: &'a OsStr,
+    atomic: bool,
+    temp: LocalTemp<'a>,
+}
+
+impl<'a> LocalFile<'a> {
+    fn create(dir: &'a ConfinedDir, name: &'a OsStr, atomic: bool) -> Result<LocalFile<'a>> {
+        let written = if atomic {
+            localdir::temp_name(name)
+        } else {
+            name.to_owned()
+        };
+        // Not exclusive only without a temporary: then an existing regular
+        // file of that name is overwritten, but never a link's target.
+        let file = dir.create_file(&written, 0o666, atomic)?;
+        Ok(LocalFile {
+            file,
+            path: dir.path().join(&written),
+            name,
+            atomic,
+            temp: LocalTemp {
+                dir,
+                name: Some(written),
+            },
+        })
+    }
+
+    /// Closes the file and gives it its final name.
+    fn finish(mut self) -> Result<()> {
+        drop(self.file);
+        let written = self.temp.name.take().expect("named until finished");
+        if self.atomic
+            && let Err(e) = self.temp.dir.rename(&written, self.name)
+        {
+            let _ = self.temp.dir.unlink(&written);
+            return Err(e);
+        }
+        Ok(())
+    }
+}
+
 /// Where a downloaded file goes on this machine.
 #[derive(Clone)]
 enum Place {
@@ -467,19 +514,8 @@ async fn download_one(
         _ => Ok(()),
     };
     too_big(size)?;
-    let dest_name = if opts.atomic {
-        localdir::temp_name(name)
-    } else {
-        name.clone()
-    };
-    let dest = dir.path().join(&dest_name);
-    // Not exclusive only without a temporary: then an existing regular
-    // file of that name is overwritten, but never a link's target.
-    let out = dir.create_file(&dest_name, 0o666, opts.atomic)?;
-    let mut temp = LocalTemp {
-        dir,
-        name: Some(dest_name.clone()),
-    };
+    let local = LocalFile::create(dir, name, opts.atomic)?;
+    let (out, dest) = (&local.file, &local.path);
     let chunk = lane.request_size;
     // In flight, in offset order: (offset, asked, budget held, reply).
     let mut reads: VecDeque<(u64, u32, SemaphorePermit<'_>, ReplyFuture)> = VecDeque::new();
@@ -511,7 +547,7 @@ async fn download_one(
         match r? {
             Reply::Data(d) if !d.is_empty() && d.len() <= len as usize => {
                 too_big(off + d.len() as u64)?;
-                out.write_all_at(&d, off).map_err(|e| local_err(&dest, e))?;
+                out.write_all_at(&d, off).map_err(|e| local_err(dest, e))?;
                 total += d.len() as u64;
                 progress.add(d.len() as u64);
                 if d.len() < len as usize {
@@ -554,23 +590,19 @@ async fn download_one(
     if opts.preserve || opts.skip_unchanged {
         if let Some(p) = attrs.permissions {
             out.set_permissions(fs::Permissions::from_mode(p & 0o7777))
-                .map_err(|e| local_err(&dest, e))?;
+                .map_err(|e| local_err(dest, e))?;
         }
         if let (Some(a), Some(m)) = (attrs.atime, attrs.mtime) {
             let t = fs::FileTimes::new()
                 .set_accessed(SystemTime::UNIX_EPOCH + Duration::from_secs(a as u64))
                 .set_modified(SystemTime::UNIX_EPOCH + Duration::from_secs(m as u64));
-            out.set_times(t).map_err(|e| local_err(&dest, e))?;
+            out.set_times(t).map_err(|e| local_err(dest, e))?;
         }
     }
     if opts.fsync {
-        out.sync_all().map_err(|e| local_err(&dest, e))?;
+        out.sync_all().map_err(|e| local_err(dest, e))?;
     }
-    drop(out);
-    if opts.atomic {
-        dir.rename(&dest_name, name)?;
-    }
-    temp.name = None;
+    local.finish()?;
     Ok(total)
 }
 
@@ -999,26 +1031,54 @@ pub async fn upload_many(
     run(sftps, jobs, opts, Direction::Upload).await
 }
 
-/// What a tree walk shares between its listings.
-struct Walk<'a> {
-    sftp: &'a Sftp,
+/// Names already seen in one listing, by hash: a name listed twice fails.
+struct Seen {
+    hasher: std::collections::hash_map::RandomState,
+    hashes: std::collections::HashSet<u64>,
+}
+
+impl Seen {
+    fn new() -> Seen {
+        Seen {
+            hasher: Default::default(),
+            hashes: Default::default(),
+        }
+    }
+
+    fn first_time(&mut self, name: &[u8]) -> bool {
+        let h = std::hash::BuildHasher::hash_one(&self.hasher, name);
+        self.hashes.insert(h)
+    }
+}
+
+/// What one entry of a listing turned out to be.
+enum Found {
+    /// A directory, created locally: list it next.
+    Dir(RelPath),
+    /// A link to recreate (its target still to be read).
+    Link(RelPath),
+    /// A file to download.
+    File(Job),
+    /// Refused, skipped or not a kind we copy.
+    Nothing,
+}
+
+/// The decisions of a tree download, apart from the SFTP requests that
+/// feed it: which names are accepted, where they go locally, which links
+/// are made. Every refusal is recorded as an error of its own.
+struct TreeRules<'a> {
     remote: &'a Path,
     root: Rc<ConfinedDir>,
     opts: &'a TransferOptions,
-    feed: &'a Feed,
-    /// Directories found and created, not yet listed.
-    dirs: RefCell<VecDeque<RelPath>>,
-    /// Links found, not yet made.
-    links: RefCell<VecDeque<RelPath>>,
     /// Entries accepted so far (files, directories, links).
     entries: Cell<u64>,
-    /// The entry limit was reached: list no more.
+    /// The entry limit was reached: accept no more.
     stopped: Cell<bool>,
     errors: RefCell<Vec<(PathBuf, Error)>>,
     skipped_links: RefCell<Vec<PathBuf>>,
 }
 
-impl Walk<'_> {
+impl TreeRules<'_> {
     fn error(&self, path: PathBuf, e: Error) {
         self.errors.borrow_mut().push((path, e));
     }
@@ -1031,6 +1091,112 @@ impl Walk<'_> {
         self.root.path().join(rel.to_path())
     }
 
+    /// One entry of the listing of `rel`: checked, counted, and for a
+    /// directory created beneath the root.
+    fn entry(&self, rel: &RelPath, seen: &mut Seen, name: &[u8], a: &FileAttributes) -> Found {
+        // Every listing holds these two; they are not entries.
+        if name == b"." || name == b".." || self.stopped.get() {
+            return Found::Nothing;
+        }
+        let full = self.remote_path(rel);
+        if let Err(e) = check_name(name, &full) {
+            self.error(full, e);
+            return Found::Nothing;
+        }
+        if !seen.first_time(name) {
+            let e = Error::UnsafeName {
+                name: escape_name(name),
+                listed_in: escape_name(full.as_os_str().as_encoded_bytes()),
+                reason: "listed more than once",
+            };
+            self.error(full, e);
+            return Found::Nothing;
+        }
+        self.entries.set(self.entries.get() + 1);
+        if self.entries.get() > self.opts.max_entries {
+            self.stopped.set(true);
+            let e = Error::LimitExceeded {
+                what: "entries in the tree",
+                limit: self.opts.max_entries,
+            };
+            self.error(full, e);
+            return Found::Nothing;
+        }
+        let child = rel.child(name);
+        if a.is_dir() {
+            if child.depth() > self.opts.max_depth {
+                let e = Error::LimitExceeded {
+                    what: "directory depth of the tree",
+                    limit: self.opts.max_depth as u64,
+                };
+                self.error(self.remote_path(&child), e);
+                return Found::Nothing;
+            }
+            match self.root.dir(&child, true) {
+                Ok(_) => Found::Dir(child),
+                Err(e) => {
+                    self.error(self.local_path(&child), e);
+                    Found::Nothing
+                }
+            }
+        } else if a.is_symlink() {
+            if self.opts.links == LinkPolicy::Skip {
+                self.skipped_links
+                    .borrow_mut()
+                    .push(self.remote_path(&child));
+                return Found::Nothing;
+            }
+            Found::Link(child)
+        } else if a.is_file() || a.permissions.is_none() {
+            let item = TransferItem {
+                remote: self.remote_path(&child),
+                local: self.local_path(&child),
+                attrs: Some(a.clone()),
+            };
+            let place = Place::Beneath {
+                root: self.root.clone(),
+                rel: child,
+            };
+            Found::File(Job { item, place })
+        } else {
+            Found::Nothing
+        }
+    }
+
+    /// Recreates the link `rel` with `target` (data: stored, never
+    /// resolved), unless the policy skips it.
+    fn link(&self, rel: &RelPath, target: &[u8]) {
+        let (parent, name) = rel.split_last().expect("a link is below the root");
+        if self.opts.links == LinkPolicy::Skip
+            || (self.opts.links == LinkPolicy::Safe
+                && !localdir::link_stays_inside(target, parent.depth()))
+        {
+            self.skipped_links.borrow_mut().push(self.remote_path(rel));
+            return;
+        }
+        let made = self
+            .root
+            .dir(&parent, true)
+            .and_then(|d| d.symlink(target, name));
+        if let Err(e) = made {
+            self.error(self.local_path(rel), e);
+        }
+    }
+}
+
+/// A tree download's walk: lists directories and reads links over SFTP,
+/// decides with [`TreeRules`], feeds files to the transfer.
+struct Walk<'a> {
+    sftp: &'a Sftp,
+    rules: TreeRules<'a>,
+    feed: &'a Feed,
+    /// Directories found and created, not yet listed.
+    dirs: RefCell<VecDeque<RelPath>>,
+    /// Links found, not yet made.
+    links: RefCell<VecDeque<RelPath>>,
+}
+
+impl Walk<'_> {
     /// Lists many directories (and reads links) at once until the tree is
     /// done; directories are created as found, files fed as found.
     async fn run(&self) {
@@ -1059,122 +1225,45 @@ impl Walk<'_> {
 
     /// Lists one directory, streaming its entries.
     async fn list(&self, rel: RelPath) {
-        let full = self.remote_path(&rel);
+        let full = self.rules.remote_path(&rel);
         let mut rd = match self.sftp.read_dir(&full).await {
             Ok(rd) => rd,
-            Err(e) => return self.error(full, e),
+            Err(e) => return self.rules.error(full, e),
         };
-        // Names seen in this listing, by hash: a duplicate fails.
-        let hasher = std::collections::hash_map::RandomState::new();
-        let mut seen = std::collections::HashSet::new();
+        let mut seen = Seen::new();
         loop {
             let entry = match rd.next_entry().await {
                 Ok(Some(e)) => e,
                 Ok(None) => break,
                 Err(e) => {
-                    self.error(full.clone(), e);
+                    self.rules.error(full.clone(), e);
                     break;
                 }
             };
-            if self.stopped.get() {
+            if self.rules.stopped.get() {
                 break;
             }
-            let name = entry.name_bytes();
-            // Every listing holds these two; they are not entries.
-            if name == b"." || name == b".." {
-                continue;
-            }
-            if let Err(e) = check_name(name, &full) {
-                self.error(full.clone(), e);
-                continue;
-            }
-            if !seen.insert(std::hash::BuildHasher::hash_one(&hasher, name)) {
-                self.error(
-                    full.clone(),
-                    Error::UnsafeName {
-                        name: escape_name(name),
-                        listed_in: escape_name(full.as_os_str().as_encoded_bytes()),
-                        reason: "listed more than once",
-                    },
-                );
-                continue;
-            }
-            self.entries.set(self.entries.get() + 1);
-            if self.entries.get() > self.opts.max_entries {
-                self.stopped.set(true);
-                self.error(
-                    full.clone(),
-                    Error::LimitExceeded {
-                        what: "entries in the tree",
-                        limit: self.opts.max_entries,
-                    },
-                );
-                break;
-            }
-            let child = rel.child(name);
-            let a = entry.attrs();
-            if a.is_dir() {
-                if child.depth() > self.opts.max_depth {
-                    self.error(
-                        self.remote_path(&child),
-                        Error::LimitExceeded {
-                            what: "directory depth of the tree",
-                            limit: self.opts.max_depth as u64,
-                        },
-                    );
-                    continue;
-                }
-                match self.root.dir(&child, true) {
-                    Ok(_) => self.dirs.borrow_mut().push_back(child),
-                    Err(e) => self.error(self.local_path(&child), e),
-                }
-            } else if a.is_symlink() {
-                if self.opts.links == LinkPolicy::Skip {
-                    self.skipped_links
-                        .borrow_mut()
-                        .push(self.remote_path(&child));
-                } else {
-                    self.links.borrow_mut().push_back(child);
-                }
-            } else if a.is_file() || a.permissions.is_none() {
-                let item = TransferItem {
-                    remote: self.remote_path(&child),
-                    local: self.local_path(&child),
-                    attrs: Some(a.clone()),
-                };
-                let place = Place::Beneath {
-                    root: self.root.clone(),
-                    rel: child,
-                };
-                self.feed.push(Job { item, place }).await;
+            match self
+                .rules
+                .entry(&rel, &mut seen, entry.name_bytes(), entry.attrs())
+            {
+                Found::Dir(d) => self.dirs.borrow_mut().push_back(d),
+                Found::Link(l) => self.links.borrow_mut().push_back(l),
+                Found::File(job) => self.feed.push(job).await,
+                Found::Nothing => {}
             }
         }
         if let Err(e) = rd.close().await {
-            self.error(full, e);
+            self.rules.error(full, e);
         }
     }
 
-    /// Recreates one link (its target is data: stored, never resolved),
-    /// unless the policy skips it.
+    /// Reads one link's target and hands it to the rules.
     async fn link(&self, rel: RelPath) {
-        let remote = self.remote_path(&rel);
-        let target = match self.sftp.readlink(&remote).await {
-            Ok(t) => t.into_os_string().into_encoded_bytes(),
-            Err(e) => return self.error(remote, e),
-        };
-        let (parent, name) = rel.split_last().expect("a link is below the root");
-        if self.opts.links == LinkPolicy::Safe
-            && !localdir::link_stays_inside(&target, parent.depth())
-        {
-            self.skipped_links.borrow_mut().push(remote);
-            return;
-        }
-        let made = self
-            .root
-            .dir(&parent, true)
-            .and_then(|d| d.symlink(&target, name));
-        if let Err(e) = made {
-            self.error(self.local_path(&rel), e);
+        let remote = self.rules.remote_path(&rel);
+        match self.sftp.readlink(&remote).await {
+            Ok(t) => self.rules.link(&rel, t.as_os_str().as_encoded_bytes()),
+            Err(e) => self.rules.error(remote, e),
         }
     }
 }
@@ -1308,20 +1397,22 @@ pub async fn download_tree_over(
     let feed = Feed::default();
     let walk = Walk {
         sftp: first,
-        remote,
-        root,
-        opts,
+        rules: TreeRules {
+            remote,
+            root,
+            opts,
+            entries: Cell::new(0),
+            stopped: Cell::new(false),
+            errors: RefCell::default(),
+            skipped_links: RefCell::default(),
+        },
         feed: &feed,
         dirs: RefCell::default(),
         links: RefCell::default(),
-        entries: Cell::new(0),
-        stopped: Cell::new(false),
-        errors: RefCell::default(),
-        skipped_links: RefCell::default(),
     };
     let mut report = run_fed(sftps, &feed, walk.run(), opts, Direction::Download).await;
-    report.other_errors.extend(walk.errors.take());
-    report.skipped_links.extend(walk.skipped_links.take());
+    report.other_errors.extend(walk.rules.errors.take());
+    report.skipped_links.extend(walk.rules.skipped_links.take());
     report
 }
 
@@ -1436,4 +1527,220 @@ pub async fn upload_tree_over(
     report.other_errors.extend(errors);
     report.skipped_links.extend(skipped_links);
     report
+}
+
+/// The fuzzed tree download: a structured listing decoded from `data`
+/// goes through the same rules and local writes as [`download_tree_over`]
+/// (names, limits, link policy, directories and files beneath a
+/// directory fd), into a fresh directory whose neighbours are sentinels and
+/// in which links to them were planted first. Panics if anything was
+/// written outside the root or through a link.
+#[cfg(any(fuzzing, test))]
+pub(crate) fn fuzz_tree(data: &[u8]) {
+    use std::os::unix::fs::symlink;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    /// Names a hostile server would pick, besides arbitrary bytes.
+    const NAMES: &[&[u8]] = &[
+        b"planted",
+        b"planted_file",
+        b"a",
+        b"..",
+        b".",
+        b"",
+        b"a/b",
+        b"../outside/x",
+        b"/tmp/uring-ssh-fuzz-canary",
+        b"x\0y",
+        b"outside",
+    ];
+    const TARGETS: &[&[u8]] = &[b"/", b"..", b"../..", b"../outside", b"a", b"planted", b"."];
+    const CANARY: &str = "/tmp/uring-ssh-fuzz-canary";
+
+    struct Input<'d>(&'d [u8]);
+    impl Input<'_> {
+        fn byte(&mut self) -> Option<u8> {
+            let (&b, rest) = self.0.split_first()?;
+            self.0 = rest;
+            Some(b)
+        }
+        fn bytes(&mut self, len: usize) -> Vec<u8> {
+            let n = len.min(self.0.len());
+            let (a, b) = self.0.split_at(n);
+            self.0 = b;
+            a.to_vec()
+        }
+        fn name(&mut self, dict: &[&[u8]]) -> Vec<u8> {
+            match self.byte().unwrap_or(0) {
+                b if (b as usize) < dict.len() => dict[b as usize].to_vec(),
+                b if b >= 0xf0 => vec![b'n'; 250 + (b as usize & 0xf)],
+                b => {
+                    let len = (b & 0x1f) as usize;
+                    self.bytes(len)
+                }
+            }
+        }
+    }
+
+    static N: AtomicU64 = AtomicU64::new(0);
+    let sandbox = std::env::temp_dir().join(format!(
+        "uring-ssh-fuzz-tree-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    let root_path = sandbox.join("root");
+    let outside = sandbox.join("outside");
+    fs::create_dir_all(&root_path).expect("sandbox");
+    fs::create_dir_all(&outside).expect("sandbox");
+    fs::write(outside.join("sentinel"), b"sentinel").expect("sandbox");
+    symlink(&outside, root_path.join("planted")).expect("sandbox");
+    symlink(outside.join("sentinel"), root_path.join("planted_file")).expect("sandbox");
+
+    let mut input = Input(data);
+    let flags = input.byte().unwrap_or(0);
+    let opts = TransferOptions {
+        links: match flags & 3 {
+            0 => LinkPolicy::Keep,
+            1 => LinkPolicy::Skip,
+            _ => LinkPolicy::Safe,
+        },
+        atomic: flags & 4 == 0,
+        max_entries: 1 + (input.byte().unwrap_or(255) as u64),
+        max_depth: 1 + (flags >> 4) as usize,
+        ..Default::default()
+    };
+    let root = Rc::new(ConfinedDir::open_root(&root_path).expect("sandbox root"));
+    let rules = TreeRules {
+        remote: Path::new("/srv"),
+        root,
+        opts: &opts,
+        entries: Cell::new(0),
+        stopped: Cell::new(false),
+        errors: RefCell::default(),
+        skipped_links: RefCell::default(),
+    };
+    // Listings in breadth-first order, as the walk asks for them; a
+    // listing is entries until an end marker or the end of the input.
+    let mut dirs = VecDeque::from([RelPath::default()]);
+    while let Some(rel) = dirs.pop_front() {
+        let mut seen = Seen::new();
+        while let Some(op) = input.byte() {
+            let kind = op & 7;
+            if kind == 7 {
+                break;
+            }
+            let name = input.name(NAMES);
+            let permissions = match kind {
+                0 | 1 => 0o100644,
+                2 => 0o040755,
+                3 => 0o120777,
+                4 => 0o010644, // a FIFO: not copied
+                _ => 0,
+            };
+            let attrs = FileAttributes {
+                permissions: (kind != 5).then_some(permissions),
+                size: Some(op as u64 >> 3),
+                ..Default::default()
+            };
+            match rules.entry(&rel, &mut seen, &name, &attrs) {
+                Found::Dir(d) => dirs.push_back(d),
+                Found::Link(l) => {
+                    let target = input.name(TARGETS);
+                    rules.link(&l, &target);
+                }
+                Found::File(job) => {
+                    let written = job.local_target().and_then(|t| {
+                        let f = LocalFile::create(&t.0, &t.1, opts.atomic)?;
+                        f.file
+                            .write_all_at(b"from the server", 0)
+                            .map_err(|e| local_err(&f.path, e))?;
+                        f.finish()
+                    });
+                    // A file may fail (a link or directory planted at its
+                    // name); it must not have been written elsewhere.
+                    let _ = written;
+                }
+                Found::Nothing => {}
+            }
+        }
+    }
+
+    // Outside the root: exactly what was there.
+    let mut names: Vec<_> = fs::read_dir(&sandbox)
+        .expect("sandbox")
+        .map(|e| e.expect("entry").file_name())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        ["outside", "root"],
+        "something was created beside the root"
+    );
+    let outside_names: Vec<_> = fs::read_dir(&outside)
+        .expect("outside")
+        .map(|e| e.expect("entry").file_name())
+        .collect();
+    assert_eq!(
+        outside_names,
+        ["sentinel"],
+        "something was written outside the root"
+    );
+    assert_eq!(
+        fs::read(outside.join("sentinel")).expect("sentinel"),
+        b"sentinel"
+    );
+    assert!(
+        fs::symlink_metadata(CANARY).is_err(),
+        "{CANARY} was created"
+    );
+    // Inside: directories, regular files and links only, and no temporary
+    // file left behind.
+    let mut todo = vec![root_path.clone()];
+    while let Some(d) = todo.pop() {
+        for e in fs::read_dir(&d).expect("dir") {
+            let e = e.expect("entry");
+            let t = e.file_type().expect("type");
+            let n = e.file_name();
+            assert!(
+                !n.as_encoded_bytes().ends_with(b".part"),
+                "a temporary file was left: {}",
+                e.path().display()
+            );
+            if t.is_dir() {
+                todo.push(e.path());
+            } else {
+                assert!(t.is_file() || t.is_symlink(), "{}", e.path().display());
+            }
+        }
+    }
+    fs::remove_dir_all(&sandbox).expect("sandbox removal");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fuzz_tree;
+
+    #[test]
+    fn hostile_listings_write_nothing_outside_the_root() {
+        // Each: flags, max entries, then (kind, name[, link target])... with
+        // 7 ending a listing. Names 0..=10 are from the dictionary.
+        let cases: &[&[u8]] = &[
+            // A file through the planted link's name, a directory of that
+            // name, a link replacing it, then a file in a directory "a".
+            &[0, 50, 0, 0, 2, 0, 3, 1, 0, 2, 2, 7, 0, 2, 7],
+            // Every dictionary name as a file, then as a directory.
+            &[
+                4, 255, 0, 0, 0, 1, 0, 2, 0, 3, 0, 4, 0, 5, 0, 6, 0, 7, 0, 8, 0, 9, 0, 10,
+            ],
+            &[0, 255, 2, 0, 2, 1, 2, 3, 2, 6, 2, 7, 2, 8, 2, 10, 7],
+            // Links with every target, under each policy.
+            &[0, 255, 3, 2, 0, 3, 0x22, 3, 1, 7],
+            &[2, 255, 3, 2, 0, 3, 0x22, 3, 1, 2, 0x23, 7, 3, 0x24, 3],
+            // Deep, and a long name.
+            &[0x30, 255, 2, 2, 7, 2, 2, 7, 2, 2, 7, 2, 2, 7, 0, 0xff],
+        ];
+        for c in cases {
+            fuzz_tree(c);
+        }
+    }
 }
