@@ -13,7 +13,9 @@ use std::time::Duration;
 use common::sshd::{Sshd, TEST_USER, require_test_user};
 use common::util::{Prng, config, connect, sha256_file, write_random_file};
 use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
-use uring_ssh::sftp::{FileAttributes, OpenOptions, Sftp, TransferItem, TransferOptions, status};
+use uring_ssh::sftp::{
+    FileAttributes, LinkPolicy, OpenOptions, Sftp, TransferItem, TransferOptions, status,
+};
 use uring_ssh::{Error, Session};
 
 const MIB: usize = 1024 * 1024;
@@ -804,4 +806,171 @@ async fn a_full_disk_fails_the_upload_and_says_how_much_was_acknowledged() {
         "disk full: {e}; {} bytes acknowledged",
         big.bytes_acknowledged
     );
+}
+
+/// A tree whose links lead inside it, outside it, to `/`, and in a loop.
+fn tree_with_links(root: &Path, outside: &Path) {
+    std::fs::create_dir_all(root.join("dir")).unwrap();
+    std::fs::write(root.join("dir/file"), b"inside").unwrap();
+    std::fs::create_dir_all(outside).unwrap();
+    std::fs::write(outside.join("secret"), b"outside").unwrap();
+    std::os::unix::fs::symlink("dir/file", root.join("inside")).unwrap();
+    std::os::unix::fs::symlink("../dir", root.join("dir/loop")).unwrap();
+    std::os::unix::fs::symlink(outside.join("secret"), root.join("external")).unwrap();
+    std::os::unix::fs::symlink(outside, root.join("external_dir")).unwrap();
+    std::os::unix::fs::symlink("/", root.join("slash")).unwrap();
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn tree_links_kept_skipped_or_kept_when_safe() {
+    let sshd = Sshd::start();
+    let (_s, sftp) = sftp(&sshd).await;
+    let d = scratch();
+    let src = d.path().join("src");
+    tree_with_links(&src, &d.path().join("outside"));
+    let links = |down: &Path| {
+        let mut v: Vec<String> = ["inside", "dir/loop", "external", "external_dir", "slash"]
+            .iter()
+            .filter(|l| std::fs::symlink_metadata(down.join(l)).is_ok())
+            .map(|l| l.to_string())
+            .collect();
+        v.sort();
+        v
+    };
+
+    let keep = d.path().join("keep");
+    let r = sftp
+        .download_tree(&src, &keep, &TransferOptions::default())
+        .await;
+    assert!(
+        r.is_complete(),
+        "{:?} {:?}",
+        r.failed().next(),
+        r.other_errors
+    );
+    assert_eq!(links(&keep).len(), 5);
+    assert_eq!(
+        std::fs::read_link(keep.join("slash")).unwrap(),
+        Path::new("/")
+    );
+    assert_eq!(std::fs::read(keep.join("dir/file")).unwrap(), b"inside");
+
+    let skip = d.path().join("skip");
+    let opts = TransferOptions {
+        links: LinkPolicy::Skip,
+        ..Default::default()
+    };
+    let r = sftp.download_tree(&src, &skip, &opts).await;
+    assert!(r.is_complete(), "{:?}", r.other_errors);
+    assert!(links(&skip).is_empty());
+    assert_eq!(r.skipped_links.len(), 5, "{:?}", r.skipped_links);
+
+    let safe = d.path().join("safe");
+    let opts = TransferOptions {
+        links: LinkPolicy::Safe,
+        ..Default::default()
+    };
+    let r = sftp.download_tree(&src, &safe, &opts).await;
+    assert!(r.is_complete(), "{:?}", r.other_errors);
+    assert_eq!(links(&safe), ["dir/loop", "inside"]);
+    assert_eq!(r.skipped_links.len(), 3, "{:?}", r.skipped_links);
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_link_planted_in_the_destination_is_never_written_through() {
+    let sshd = Sshd::start();
+    let (_s, sftp) = sftp(&sshd).await;
+    let d = scratch();
+    let src = d.path().join("src");
+    std::fs::create_dir_all(src.join("dir")).unwrap();
+    std::fs::write(src.join("dir/file"), b"new").unwrap();
+    std::fs::write(src.join("top"), b"new").unwrap();
+    let outside = d.path().join("outside");
+    std::fs::create_dir_all(&outside).unwrap();
+    std::fs::write(outside.join("top"), b"precious").unwrap();
+    // Planted before the transfer: a link where a directory goes, and a
+    // link where a file goes.
+    let down = d.path().join("down");
+    std::fs::create_dir_all(&down).unwrap();
+    std::os::unix::fs::symlink(&outside, down.join("dir")).unwrap();
+    std::os::unix::fs::symlink(outside.join("top"), down.join("top")).unwrap();
+
+    for atomic in [true, false] {
+        let opts = TransferOptions {
+            atomic,
+            ..Default::default()
+        };
+        let r = sftp.download_tree(&src, &down, &opts).await;
+        assert!(
+            r.other_errors
+                .iter()
+                .any(|(_, e)| matches!(e, Error::OutsideDestination { .. })),
+            "atomic {atomic}: {:?}",
+            r.other_errors
+        );
+        assert_eq!(std::fs::read(outside.join("top")).unwrap(), b"precious");
+        assert!(!outside.join("file").exists());
+        assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 1);
+        if atomic {
+            // The file's temporary was renamed over the link: the link is
+            // gone, replaced by the file; its target is untouched.
+            assert_eq!(std::fs::read(down.join("top")).unwrap(), b"new");
+            std::os::unix::fs::symlink(outside.join("top"), down.join("top2")).unwrap();
+            std::fs::rename(down.join("top2"), down.join("top")).unwrap();
+        } else {
+            // Not atomic: the file is opened in place, and the link refused.
+            let top = r
+                .files
+                .iter()
+                .find(|f| f.item.local.ends_with("top"))
+                .unwrap();
+            assert!(
+                matches!(top.result, Err(Error::OutsideDestination { .. })),
+                "{:?}",
+                top.result
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn uploads_follow_links_inside_the_tree_only() {
+    let sshd = Sshd::start();
+    let (_s, sftp) = sftp(&sshd).await;
+    let d = scratch();
+    let src = d.path().join("src");
+    tree_with_links(&src, &d.path().join("outside"));
+    let up = d.path().join("up");
+    let r = sftp
+        .upload_tree(&src, &up, &TransferOptions::default())
+        .await;
+    assert!(
+        r.is_complete(),
+        "{:?} {:?}",
+        r.failed().next(),
+        r.other_errors
+    );
+    // `inside` leads to a file of the tree: uploaded as a file. `dir/loop`
+    // leads back to `dir`: already uploaded, not again.
+    assert_eq!(std::fs::read(up.join("inside")).unwrap(), b"inside");
+    assert!(!up.join("dir/loop").exists());
+    assert!(!up.join("external").exists() && !up.join("external_dir").exists());
+    assert!(!up.join("slash").exists());
+    let mut skipped: Vec<_> = r
+        .skipped_links
+        .iter()
+        .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    skipped.sort();
+    assert_eq!(skipped, ["external", "external_dir", "slash"]);
+
+    // Asked to, it follows the external file link too.
+    let up2 = d.path().join("up2");
+    let opts = TransferOptions {
+        follow_external_links: true,
+        ..Default::default()
+    };
+    let r = sftp.upload_tree(&src.join("dir"), &up2, &opts).await;
+    assert!(r.is_complete(), "{:?}", r.other_errors);
+    assert_eq!(std::fs::read(up2.join("file")).unwrap(), b"inside");
 }
