@@ -910,13 +910,13 @@ async fn run_fed(
                 };
                 let item = &job.item;
                 let target = match dir {
-                    Direction::Download => Some(job.local_target()),
-                    Direction::Upload => None,
+                    Direction::Download => job.local_target().map(Some),
+                    Direction::Upload => Ok(None),
                 };
-                let r = match &target {
-                    Some(Err(_)) => Err(target.expect("some").err().expect("err")),
-                    _ => {
-                        let target = target.as_ref().and_then(|t| t.as_ref().ok());
+                let r = match target {
+                    Err(e) => Err(e),
+                    Ok(target) => {
+                        let target = target.as_ref();
                         let skip = opts.skip_unchanged && unchanged(lane, item, target, dir).await;
                         if skip {
                             Ok(None)

@@ -42,6 +42,7 @@ pub struct SshdBuilder {
     log_level: String,
     extra: String,
     rsa_host_key: bool,
+    sftp_subsystem: String,
 }
 
 impl Default for SshdBuilder {
@@ -59,6 +60,7 @@ impl SshdBuilder {
             log_level: "VERBOSE".to_string(),
             extra: String::new(),
             rsa_host_key: false,
+            sftp_subsystem: "internal-sftp".to_string(),
         }
     }
 
@@ -97,6 +99,13 @@ impl SshdBuilder {
     /// Also give the server an RSA host key (listed in `known_hosts` too).
     pub fn rsa_host_key(mut self, on: bool) -> Self {
         self.rsa_host_key = on;
+        self
+    }
+
+    /// The command of `Subsystem sftp` (default `internal-sftp`). sshd runs
+    /// it as the logged-in user through the user's shell (`sh -c`).
+    pub fn subsystem_sftp(mut self, command: &str) -> Self {
+        self.sftp_subsystem = command.to_string();
         self
     }
 
@@ -255,9 +264,9 @@ impl SshdBuilder {
              AcceptEnv LANG LC_* URING_*\n\
              AllowTcpForwarding yes\n\
              AllowStreamLocalForwarding yes\n\
-             StreamLocalBindUnlink yes\n\
-             Subsystem sftp internal-sftp\n",
+             StreamLocalBindUnlink yes\n",
         );
+        c.push_str(&format!("Subsystem sftp {}\n", self.sftp_subsystem));
         c.push_str(&tail);
         c
     }
