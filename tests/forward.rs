@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::sshd::Sshd;
-use common::util::{Prng, config, connect, connect_with, settle_orphans};
+use common::util::{Prng, config, connect, connect_with, settle_orphans, wait_freed};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use uring_ssh::{Error, LocalForward};
 
@@ -459,13 +459,15 @@ async fn an_abandoned_direct_open_is_finished_with_its_own_function() {
     let b = tag_server(b"B");
     let s = connect(&sshd).await;
     // Warm up, then measure what libssh2 holds with no channel open.
-    drop(
-        s.channel_direct_tcpip("127.0.0.1", b.port(), "127.0.0.1", 1)
-            .await
-            .unwrap(),
-    );
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let before = s.stats().libssh2_bytes;
+    let ch = s
+        .channel_direct_tcpip("127.0.0.1", b.port(), "127.0.0.1", 1)
+        .await
+        .unwrap();
+    let held = s.stats();
+    drop(ch);
+    let before = wait_freed(&s, held, Duration::from_secs(10), "the warm-up channel")
+        .await
+        .libssh2_bytes;
     for round in 0..5 {
         // Start an open to A and give up on it once its request is out.
         {
@@ -553,15 +555,20 @@ async fn forwards_dropped_midway_leak_nothing() {
     let echo = tcp_echo_server();
     let s = connect(&sshd).await;
     // Warm up, then what libssh2 holds for the idle session.
-    let ch = s
+    let mut ch = s
         .channel_direct_tcpip("127.0.0.1", echo.port(), "127.0.0.1", 1)
         .await
         .unwrap();
-    push_and_check(ch, 1000, 1).await;
+    push_and_check(&mut ch, 1000, 1).await;
+    let held = s.stats();
+    drop(ch);
+    wait_freed(&s, held, Duration::from_secs(10), "the warm-up channel").await;
     let l = s.forward_listen("127.0.0.1", 0).await.unwrap();
+    let held = s.stats();
     drop(l);
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let before = s.stats().libssh2_bytes;
+    let before = wait_freed(&s, held, Duration::from_secs(10), "the warm-up listener")
+        .await
+        .libssh2_bytes;
 
     let mut rng = Prng::new(77);
     for round in 0..4 {

@@ -1,10 +1,11 @@
 //! Helpers shared by the integration tests: a connected session, a fast
-//! deterministic byte generator, hashing, and leak probes.
+//! deterministic byte generator, hashing, leak probes, and waits for a
+//! condition under a deadline.
 
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
-use uring_ssh::{Config, Session};
+use uring_ssh::{Config, Session, SessionStats};
 
 use super::sshd::Sshd;
 
@@ -118,4 +119,68 @@ pub async fn settle_orphans(limit: Duration) -> uring_ssh::reactor::Stats {
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+}
+
+/// Polls `cond` every few milliseconds until it holds, letting the
+/// runtime's other tasks (the sessions' drivers) run in between; panics
+/// naming `what` if it still does not hold after `limit`. Returns how long
+/// it took.
+pub async fn wait_until(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) -> Duration {
+    let start = tokio::time::Instant::now();
+    loop {
+        if cond() {
+            return start.elapsed();
+        }
+        if start.elapsed() >= limit {
+            panic!("{what}: did not settle within {limit:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Like [`wait_until`] for a value that must come back to `want`; the
+/// panic names `what` and the last value seen.
+pub async fn wait_for_value<T: PartialEq + std::fmt::Debug>(
+    limit: Duration,
+    what: &str,
+    want: T,
+    mut value: impl FnMut() -> T,
+) -> Duration {
+    let start = tokio::time::Instant::now();
+    loop {
+        let now = value();
+        if now == want {
+            return start.elapsed();
+        }
+        if start.elapsed() >= limit {
+            panic!("{what}: still {now:?} after {limit:?}, want {want:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Waits (at most `limit`) until `session` holds less libssh2 memory, in
+/// bytes and in blocks, than `held`: its stats taken while a channel or
+/// listener it has since dropped was still alive. The drop hands the free
+/// to the session's driver; this returns once the free has run, with the
+/// session's stats then. `what` names what was dropped.
+pub async fn wait_freed(
+    session: &Session,
+    held: SessionStats,
+    limit: Duration,
+    what: &str,
+) -> SessionStats {
+    wait_until(
+        limit,
+        &format!(
+            "the libssh2 memory of {what} to be freed (held {} bytes in {} blocks with it)",
+            held.libssh2_bytes, held.libssh2_blocks
+        ),
+        || {
+            let now = session.stats();
+            now.libssh2_bytes < held.libssh2_bytes && now.libssh2_blocks < held.libssh2_blocks
+        },
+    )
+    .await;
+    session.stats()
 }
