@@ -14,8 +14,9 @@ fi
 
 # System packages: only touch apt when something is missing, so re-runs are fast.
 # openssh-client brings ssh-keygen, ssh-agent and ssh-add (fixture and agent
-# tests) and scp, which the SCP tests run on the server side.
-packages=(openssh-server openssh-client libssl-dev pkg-config zlib1g-dev cmake build-essential)
+# tests) and scp, which the SCP tests run on the server side. time is GNU
+# time: ussh's tests read its peak memory from it.
+packages=(openssh-server openssh-client libssl-dev pkg-config zlib1g-dev cmake build-essential time)
 bench=false
 if [ "${1:-}" = "--bench" ]; then
     bench=true

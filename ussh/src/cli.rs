@@ -111,6 +111,22 @@ pub struct ExecArgs {
     /// once, as one block (instead of streaming `host: line`).
     #[arg(short = 'b', long)]
     pub gather: bool,
+    /// Bytes of each host's stdout, and of its stderr, kept for -b and
+    /// --json (default 8M; suffixes K, M, G are KiB, MiB, GiB; at least
+    /// 1). Output past it is read and discarded, and reported as
+    /// truncated. Streamed lines longer than 64K, or than BYTES if smaller,
+    /// are printed in pieces ending in ` [line continues]`.
+    #[arg(long, value_name = "BYTES")]
+    pub max_output: Option<String>,
+    /// Write each host's stdout, whole, to DIR/<host> instead of the
+    /// terminal (DIR is created; an existing file is overwritten, but a
+    /// symbolic link there is not followed: that host fails).
+    #[arg(short = 'o', long, value_name = "DIR", conflicts_with = "gather")]
+    pub outdir: Option<PathBuf>,
+    /// Write each host's stderr, whole, to DIR/<host> instead of the
+    /// terminal.
+    #[arg(short = 'e', long, value_name = "DIR")]
+    pub errdir: Option<PathBuf>,
     /// The command (its words are joined with spaces, as ssh does).
     #[arg(required = true, trailing_var_arg = true, value_name = "COMMAND")]
     pub command: Vec<String>,
@@ -151,4 +167,65 @@ pub struct PutArgs {
     /// (created if missing; `{host}` is replaced by the host's name).
     #[arg(required = true, num_args = 2.., value_name = "LOCAL... REMOTE_DIR")]
     pub paths: Vec<String>,
+}
+
+/// Parses a byte count: digits, then optionally `K`, `M` or `G` (KiB, MiB,
+/// GiB; case and a trailing `B` or `iB` ignored). Zero is refused.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let digits = t.bytes().take_while(u8::is_ascii_digit).count();
+    let (num, unit) = t.split_at(digits);
+    let shift = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        _ => return Err(format!("{s:?}: not a size (a number, then K, M or G)")),
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?}: not a size (a number, then K, M or G)"))?;
+    if n == 0 {
+        return Err(format!("{s:?}: must be at least 1 byte"));
+    }
+    n.checked_mul(1 << shift)
+        .ok_or_else(|| format!("{s:?}: too large"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes_with_suffixes() {
+        assert_eq!(parse_size("1"), Ok(1));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("64K"), Ok(64 << 10));
+        assert_eq!(parse_size("64k"), Ok(64 << 10));
+        assert_eq!(parse_size("8M"), Ok(8 << 20));
+        assert_eq!(parse_size("8MiB"), Ok(8 << 20));
+        assert_eq!(parse_size("8mb"), Ok(8 << 20));
+        assert_eq!(parse_size("2G"), Ok(2 << 30));
+        assert_eq!(parse_size("100B"), Ok(100));
+        for bad in [
+            "",
+            "0",
+            "0K",
+            "K",
+            "-1",
+            "1.5M",
+            "8X",
+            "8 MiBs",
+            "1iB",
+            "99999999999999999999",
+        ] {
+            assert!(parse_size(bad).is_err(), "{bad:?} accepted");
+        }
+        assert!(parse_size("0").unwrap_err().contains("at least 1 byte"));
+        assert!(
+            parse_size("17179869184G")
+                .unwrap_err()
+                .contains("too large")
+        );
+    }
 }

@@ -3,6 +3,9 @@
 //! host's [`Outcome`]; nothing here stops another host.
 
 use std::cell::Cell;
+use std::fs::File;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
@@ -50,6 +53,8 @@ pub enum Op {
         command: String,
         /// Collect output (gathered mode or JSON) instead of streaming it.
         collect: bool,
+        /// Caps and per-host output files.
+        output: ExecOutput,
     },
     /// Fetch `remotes` into `dest` (a directory; `{host}` replaced, or
     /// `<host>/` appended).
@@ -67,6 +72,29 @@ pub enum Op {
         dest: String,
     },
 }
+
+/// Where a command's output goes, and how much of it is held in memory.
+#[derive(Debug, Clone)]
+pub struct ExecOutput {
+    /// Bytes of each collected stream (stdout, stderr) kept per host; what
+    /// comes after is read and discarded, and counted.
+    pub max_output: usize,
+    /// The longest piece of a streamed line printed at once: a longer line
+    /// is printed in pieces, each but the last ending in
+    /// [`LINE_CONTINUES`].
+    pub line_cap: usize,
+    /// Each host's stdout goes, whole, to the file `outdir/<host>`.
+    pub outdir: Option<PathBuf>,
+    /// Each host's stderr goes, whole, to the file `errdir/<host>`.
+    pub errdir: Option<PathBuf>,
+}
+
+/// Default of [`ExecOutput::max_output`]: 8 MiB.
+pub const DEFAULT_MAX_OUTPUT: usize = 8 << 20;
+/// Longest piece of a streamed line (unless the output cap is lower).
+pub const STREAM_LINE_CAP: usize = 64 << 10;
+/// What ends each piece of a streamed line that was cut.
+pub const LINE_CONTINUES: &[u8] = b" [line continues]";
 
 /// Settings shared by every host.
 #[derive(Clone)]
@@ -131,10 +159,46 @@ pub struct Outcome {
     pub error: Option<String>,
     /// Connection attempts.
     pub attempts: u32,
-    /// Collected stdout (exec).
-    pub stdout: Vec<u8>,
-    /// Collected stderr (exec).
-    pub stderr: Vec<u8>,
+    /// Collected stdout (exec; shared between hosts of identical output
+    /// once they are done).
+    pub stdout: Rc<Captured>,
+    /// Collected stderr (exec, JSON).
+    pub stderr: Captured,
+    /// The file stdout went to (exec with an output directory).
+    pub stdout_file: Option<PathBuf>,
+    /// The file stderr went to (exec with an error directory).
+    pub stderr_file: Option<PathBuf>,
+}
+
+/// The start of one output stream of a command, up to a cap.
+#[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Captured {
+    /// The bytes kept: at most the cap.
+    pub data: Vec<u8>,
+    /// Bytes read past the cap and discarded.
+    pub dropped: u64,
+}
+
+impl Captured {
+    /// Keeps what fits of `bytes` under `cap` and counts the rest. The
+    /// buffer never holds more than `cap` bytes of capacity.
+    pub fn keep(&mut self, bytes: &[u8], cap: usize) {
+        let take = cap.saturating_sub(self.data.len()).min(bytes.len());
+        if take > 0 {
+            let need = self.data.len() + take;
+            if need > self.data.capacity() {
+                let want = self.data.capacity().saturating_mul(2).clamp(need, cap);
+                self.data.reserve_exact(want - self.data.len());
+            }
+            self.data.extend_from_slice(&bytes[..take]);
+        }
+        self.dropped += (bytes.len() - take) as u64;
+    }
+
+    /// Whether anything was discarded.
+    pub fn truncated(&self) -> bool {
+        self.dropped > 0
+    }
 }
 
 impl Outcome {
@@ -152,8 +216,10 @@ impl Outcome {
             duration: Duration::ZERO,
             error: None,
             attempts: 0,
-            stdout: Vec::new(),
-            stderr: Vec::new(),
+            stdout: Rc::default(),
+            stderr: Captured::default(),
+            stdout_file: None,
+            stderr_file: None,
         }
     }
 }
@@ -215,13 +281,23 @@ async fn run_inner(
     phase: &Cell<&'static str>,
     out: &mut Outcome,
 ) -> Result<(), String> {
+    // Output files first: a host whose output has nowhere to go is not
+    // connected to.
+    let mut sinks = match &job.op {
+        Op::Exec {
+            collect, output, ..
+        } => Some(exec_sinks(plan, *collect, output, ui, out)?),
+        _ => None,
+    };
     let session = connect_with_retries(plan, job.retries, phase, out).await?;
     phase.set("authenticating");
     authenticate(&session, plan).await?;
     match &job.op {
-        Op::Exec { command, collect } => {
+        Op::Exec { command, .. } => {
             phase.set("running the command");
-            exec(&session, plan, command, *collect, ui, out).await?;
+            if let Some((so, se)) = sinks.take() {
+                exec(&session, command, so, se, out).await?;
+            }
         }
         Op::Get { remotes, dest } => {
             phase.set("transferring");
@@ -362,45 +438,273 @@ async fn authenticate(session: &Session, plan: &Plan) -> Result<(), String> {
     ))
 }
 
-/// Reads `r` to its end, streaming `host: line` or collecting.
+/// Why `label` cannot name a file in an output directory, if it cannot:
+/// it must be one plain path component.
+pub fn file_name_problem(label: &str) -> Option<&'static str> {
+    if label.is_empty() {
+        Some("it is empty")
+    } else if label == "." || label == ".." {
+        Some("it names a directory")
+    } else if label.contains('/') {
+        Some("it contains '/'")
+    } else if label.contains('\0') {
+        Some("it contains a NUL byte")
+    } else {
+        None
+    }
+}
+
+/// Creates or empties `dir/<label>` for writing; a symbolic link standing
+/// there is not followed (an error instead), nor is anything but a regular
+/// file written to.
+pub fn create_output_file(dir: &Path, label: &str) -> Result<(File, PathBuf), String> {
+    let path = dir.join(label);
+    if let Some(why) = file_name_problem(label) {
+        return Err(format!("cannot write {}: {why}", path.display()));
+    }
+    let f = File::options()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        // O_NONBLOCK: a FIFO without a reader fails instead of blocking
+        // every host; it changes nothing for a regular file.
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(&path)
+        .map_err(|e| {
+            if e.raw_os_error() == Some(libc::ELOOP) {
+                format!(
+                    "cannot write {}: it is a symbolic link (not followed)",
+                    path.display()
+                )
+            } else {
+                format!("cannot write {}: {e}", path.display())
+            }
+        })?;
+    match f.metadata() {
+        Ok(m) if m.is_file() => Ok((f, path)),
+        Ok(_) => Err(format!(
+            "cannot write {}: not a regular file",
+            path.display()
+        )),
+        Err(e) => Err(format!("cannot write {}: {e}", path.display())),
+    }
+}
+
+/// Cuts a byte stream into lines of at most `cap` bytes (newline not
+/// counted): a longer line comes out in pieces, each but the last ending in
+/// [`LINE_CONTINUES`]. Holds at most `cap` bytes between calls.
+#[derive(Debug)]
+pub struct LineSplitter {
+    cap: usize,
+    partial: Vec<u8>,
+}
+
+impl LineSplitter {
+    /// A splitter for pieces of at most `cap` bytes (at least 1).
+    pub fn new(cap: usize) -> LineSplitter {
+        LineSplitter {
+            cap: cap.max(1),
+            partial: Vec::new(),
+        }
+    }
+
+    /// Appends to `out` every line (or piece) that `data` completes, each
+    /// ending in a newline.
+    pub fn feed(&mut self, mut data: &[u8], out: &mut Vec<u8>) {
+        while !data.is_empty() {
+            // Invariant: partial.len() <= cap.
+            let room = self.cap - self.partial.len();
+            let look = &data[..data.len().min(room + 1)];
+            match look.iter().position(|&b| b == b'\n') {
+                Some(i) => {
+                    out.extend_from_slice(&self.partial);
+                    out.extend_from_slice(&data[..=i]);
+                    self.partial.clear();
+                    data = &data[i + 1..];
+                }
+                None if data.len() <= room => {
+                    self.partial.extend_from_slice(data);
+                    data = &[];
+                }
+                None => {
+                    // More than `cap` bytes without a newline: cut.
+                    self.partial.extend_from_slice(&data[..room]);
+                    data = &data[room..];
+                    let cut = utf8_cut(&self.partial);
+                    out.extend_from_slice(&self.partial[..cut]);
+                    out.extend_from_slice(LINE_CONTINUES);
+                    out.push(b'\n');
+                    self.partial.drain(..cut);
+                }
+            }
+        }
+    }
+
+    /// Appends what is left (a last line without its newline), newline
+    /// added.
+    pub fn finish(&mut self, out: &mut Vec<u8>) {
+        if !self.partial.is_empty() {
+            out.extend_from_slice(&self.partial);
+            out.push(b'\n');
+            self.partial.clear();
+        }
+    }
+}
+
+/// Where to cut the full buffer `b` so as not to split a UTF-8 character:
+/// before a character that the end of `b` would cut, if `b` holds
+/// anything before it; else at its end.
+fn utf8_cut(b: &[u8]) -> usize {
+    let n = b.len();
+    // The start of the last character: at most three continuation bytes
+    // back.
+    let Some(start) = (n.saturating_sub(4)..n)
+        .rev()
+        .find(|&i| b[i] & 0xc0 != 0x80)
+    else {
+        return n;
+    };
+    let want = match b[start] {
+        0x00..=0x7f => 1,
+        0xc0..=0xdf => 2,
+        0xe0..=0xef => 3,
+        0xf0..=0xf7 => 4,
+        _ => 1,
+    };
+    if start + want > n && start > 0 {
+        start
+    } else {
+        n
+    }
+}
+
+/// Where one output stream of a command goes.
+enum Sink<'a> {
+    /// Printed as `host: line`, long lines in pieces.
+    Lines {
+        ui: &'a Ui,
+        label: &'a str,
+        stderr: bool,
+        split: LineSplitter,
+        text: Vec<u8>,
+    },
+    /// Kept up to `cap` bytes; the rest counted and discarded.
+    Keep { cap: usize, got: Captured },
+    /// Written to a file as it arrives.
+    File { file: File, path: PathBuf },
+}
+
+impl Sink<'_> {
+    fn feed(&mut self, data: &[u8]) -> Result<(), String> {
+        match self {
+            Sink::Lines {
+                ui,
+                label,
+                stderr,
+                split,
+                text,
+            } => {
+                split.feed(data, text);
+                if !text.is_empty() {
+                    ui.host_lines(label, text, *stderr);
+                    text.clear();
+                }
+            }
+            Sink::Keep { cap, got } => got.keep(data, *cap),
+            Sink::File { file, path } => file
+                .write_all(data)
+                .map_err(|e| format!("writing {}: {e}", path.display()))?,
+        }
+        Ok(())
+    }
+
+    /// Flushes the last line; what was kept.
+    fn finish(self) -> Captured {
+        match self {
+            Sink::Lines {
+                ui,
+                label,
+                stderr,
+                mut split,
+                mut text,
+            } => {
+                split.finish(&mut text);
+                if !text.is_empty() {
+                    ui.host_lines(label, &text, stderr);
+                }
+                Captured::default()
+            }
+            Sink::Keep { got, .. } => got,
+            Sink::File { .. } => Captured::default(),
+        }
+    }
+}
+
+/// Reads `r` to its end into `sink`; `what` names the stream in errors.
 async fn pump<R: AsyncRead + Unpin>(
     mut r: R,
-    label: &str,
-    stderr: bool,
-    stream: bool,
-    ui: &Ui,
-    collected: &mut Vec<u8>,
-) -> Result<(), Error> {
+    mut sink: Sink<'_>,
+    what: &str,
+) -> Result<Captured, String> {
     let mut buf = vec![0u8; 32 * 1024];
-    let mut partial: Vec<u8> = Vec::new();
     loop {
-        let n = r.read(&mut buf).await.map_err(Error::Io)?;
+        let n = r
+            .read(&mut buf)
+            .await
+            .map_err(|e| format!("{what}: {}", describe(&Error::Io(e))))?;
         if n == 0 {
             break;
         }
-        if !stream {
-            collected.extend_from_slice(&buf[..n]);
-            continue;
-        }
-        partial.extend_from_slice(&buf[..n]);
-        if let Some(last) = partial.iter().rposition(|&b| b == b'\n') {
-            ui.host_lines(label, &partial[..=last], stderr);
-            partial.drain(..=last);
+        sink.feed(&buf[..n])?;
+    }
+    Ok(sink.finish())
+}
+
+/// Where a host's stdout and stderr go: files when the output directories
+/// say so (created now, their paths noted in `out`), else kept (stdout
+/// when `collect`, stderr with JSON) or streamed. In gathered mode stderr
+/// still streams, as clush -b does.
+fn exec_sinks<'a>(
+    plan: &'a Plan,
+    collect: bool,
+    output: &ExecOutput,
+    ui: &'a Ui,
+    out: &mut Outcome,
+) -> Result<(Sink<'a>, Sink<'a>), String> {
+    let sink = |dir: &Option<PathBuf>, keep: bool, is_err: bool| -> Result<Sink<'a>, String> {
+        Ok(match dir {
+            Some(dir) => {
+                let (file, path) = create_output_file(dir, &plan.label)?;
+                Sink::File { file, path }
+            }
+            None if keep => Sink::Keep {
+                cap: output.max_output,
+                got: Captured::default(),
+            },
+            None => Sink::Lines {
+                ui,
+                label: &plan.label,
+                stderr: is_err,
+                split: LineSplitter::new(output.line_cap),
+                text: Vec::new(),
+            },
+        })
+    };
+    let so = sink(&output.outdir, collect, false)?;
+    let se = sink(&output.errdir, ui.json(), true)?;
+    for (s, file) in [(&so, &mut out.stdout_file), (&se, &mut out.stderr_file)] {
+        if let Sink::File { path, .. } = s {
+            *file = Some(path.clone());
         }
     }
-    if stream && !partial.is_empty() {
-        partial.push(b'\n');
-        ui.host_lines(label, &partial, stderr);
-    }
-    Ok(())
+    Ok((so, se))
 }
 
 async fn exec(
     session: &Session,
-    plan: &Plan,
     command: &str,
-    collect: bool,
-    ui: &Rc<Ui>,
+    so: Sink<'_>,
+    se: Sink<'_>,
     out: &mut Outcome,
 ) -> Result<(), String> {
     let fail = |what: &str, e: Error| format!("{what}: {}", describe(&e));
@@ -411,18 +715,14 @@ async fn exec(
     // Nothing on stdin, as `ssh host cmd < /dev/null`.
     let _ = ch.send_eof().await;
     let stderr = ch.stderr();
-    let (mut o, mut e) = (Vec::new(), Vec::new());
-    // In gathered mode stderr still streams, as clush -b does.
-    let stream_err = !ui.json();
     let (ro, re) = futures_util::future::join(
-        pump(&mut ch, &plan.label, false, !collect, ui, &mut o),
-        pump(stderr, &plan.label, true, stream_err, ui, &mut e),
+        pump(&mut ch, so, "reading output"),
+        pump(stderr, se, "reading error output"),
     )
     .await;
-    ro.map_err(|e| fail("reading output", e))?;
-    re.map_err(|e| fail("reading error output", e))?;
+    let (o, e) = (ro?, re?);
     let st = ch.wait().await.map_err(|e| fail("waiting for exit", e))?;
-    out.stdout = o;
+    out.stdout = Rc::new(o);
     out.stderr = e;
     out.exit_code = Some(st.code);
     out.signal = st.signal.clone();
@@ -613,5 +913,112 @@ fn tally(out: &mut Outcome, r: &TransferReport) {
         } else {
             format!("{first} (and {} more problems)", n - 1)
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn split_all(cap: usize, chunks: &[&[u8]]) -> Vec<u8> {
+        let mut s = LineSplitter::new(cap);
+        let mut out = Vec::new();
+        for c in chunks {
+            s.feed(c, &mut out);
+            assert!(s.partial.len() <= cap, "holds {} bytes", s.partial.len());
+        }
+        s.finish(&mut out);
+        out
+    }
+
+    #[test]
+    fn short_lines_pass_whole() {
+        assert_eq!(split_all(8, &[b"ab\ncd", b"e\n", b"\n"]), b"ab\ncde\n\n");
+        // Exactly the cap is not cut.
+        assert_eq!(split_all(4, &[b"abcd\nx"]), b"abcd\nx\n");
+        assert_eq!(split_all(4, &[b"ab", b"cd", b"\n"]), b"abcd\n");
+    }
+
+    #[test]
+    fn long_lines_come_out_in_pieces() {
+        assert_eq!(
+            split_all(4, &[b"abcdefghij\nk"]),
+            b"abcd [line continues]\nefgh [line continues]\nij\nk\n"
+        );
+        // The same, fed a byte at a time.
+        let bytes = b"abcdefghij\nk";
+        let chunks: Vec<&[u8]> = bytes.chunks(1).collect();
+        assert_eq!(
+            split_all(4, &chunks),
+            b"abcd [line continues]\nefgh [line continues]\nij\nk\n"
+        );
+        // A line with no newline at all, far beyond the cap.
+        let big = vec![b'a'; 100_000];
+        let out = split_all(65536, &[&big[..40_000], &big[40_000..]]);
+        let lines: Vec<&[u8]> = out.split(|&b| b == b'\n').collect();
+        assert_eq!(lines.len(), 3, "two pieces and the empty tail");
+        assert_eq!(lines[0].len(), 65536 + LINE_CONTINUES.len());
+        assert!(lines[0].ends_with(LINE_CONTINUES));
+        assert_eq!(lines[1], &big[..100_000 - 65536]);
+    }
+
+    #[test]
+    fn pieces_do_not_split_characters() {
+        // "é" is two bytes: a cut after 5 bytes would split the third one.
+        let text = "ééééé".as_bytes();
+        let out = split_all(5, &[text]);
+        assert_eq!(
+            String::from_utf8(out).expect("whole characters"),
+            "éé [line continues]\néé [line continues]\né\n"
+        );
+        // Bytes that are not UTF-8 are cut at the cap.
+        assert_eq!(
+            split_all(2, &[&[0xff, 0xfe, 0xfd]]),
+            b"\xff\xfe [line continues]\n\xfd\n"
+        );
+    }
+
+    #[test]
+    fn keep_stops_at_the_cap_and_counts_the_rest() {
+        let mut c = Captured::default();
+        for _ in 0..10 {
+            c.keep(&[7u8; 1000], 2500);
+        }
+        assert_eq!(c.data.len(), 2500);
+        assert!(c.data.capacity() <= 2500, "{}", c.data.capacity());
+        assert_eq!(c.dropped, 7500);
+        assert!(c.truncated());
+        let mut c = Captured::default();
+        c.keep(b"hello", 5);
+        assert_eq!((c.data.as_slice(), c.dropped), (&b"hello"[..], 0));
+        assert!(!c.truncated());
+    }
+
+    #[test]
+    fn output_file_names_are_one_component() {
+        for bad in ["", ".", "..", "a/b", "../x", "/etc/passwd", "a\0b"] {
+            assert!(file_name_problem(bad).is_some(), "{bad:?}");
+        }
+        for good in ["web01", "ops@db1:2222", "[::1]:22", "...", "a b"] {
+            assert_eq!(file_name_problem(good), None, "{good:?}");
+        }
+    }
+
+    #[test]
+    fn output_files_refuse_symbolic_links() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, b"keep me").expect("write");
+        std::fs::create_dir(dir.path().join("out")).expect("mkdir");
+        std::os::unix::fs::symlink(&victim, dir.path().join("out/h1")).expect("symlink");
+        let e = create_output_file(&dir.path().join("out"), "h1").expect_err("link followed");
+        assert!(e.contains("symbolic link"), "{e}");
+        assert_eq!(std::fs::read(&victim).expect("read"), b"keep me");
+        // An existing file is emptied.
+        std::fs::write(dir.path().join("out/h2"), b"old").expect("write");
+        let (_, path) = create_output_file(&dir.path().join("out"), "h2").expect("create");
+        assert_eq!(std::fs::read(path).expect("read"), b"");
+        let e = create_output_file(&dir.path().join("out"), "../victim").expect_err("escaped");
+        assert!(e.contains("'/'"), "{e}");
     }
 }

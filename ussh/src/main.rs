@@ -6,6 +6,7 @@ mod engine;
 mod ui;
 
 use std::collections::BTreeMap;
+use std::collections::HashSet;
 use std::io::{IsTerminal, Read};
 use std::path::PathBuf;
 use std::rc::Rc;
@@ -19,7 +20,7 @@ use ussh::hosts::{self, Shard, Target};
 use ussh::sshconfig::{self, SshConfig, StrictMode};
 
 use cli::{Cli, Cmd, Common};
-use engine::{Job, Op, Outcome, Plan, Status};
+use engine::{Captured, ExecOutput, Job, Op, Outcome, Plan, Status};
 use ui::Ui;
 
 /// Exit code for bad input.
@@ -48,11 +49,23 @@ async fn run(cli: Cli) -> i32 {
     let (common, op, transfer_opts, name) = match cli.cmd {
         Cmd::Exec(a) => {
             let collect = a.gather || a.common.json;
+            let max_output = match a.max_output.as_deref().map(cli::parse_size) {
+                None => engine::DEFAULT_MAX_OUTPUT,
+                Some(Ok(n)) => usize::try_from(n).unwrap_or(usize::MAX),
+                Some(Err(e)) => return usage_error(&format!("--max-output {e}")),
+            };
+            let output = ExecOutput {
+                max_output,
+                line_cap: engine::STREAM_LINE_CAP.min(max_output),
+                outdir: a.outdir,
+                errdir: a.errdir,
+            };
             (
                 a.common,
                 Op::Exec {
                     command: a.command.join(" "),
                     collect,
+                    output,
                 },
                 None,
                 "exec",
@@ -108,6 +121,11 @@ async fn run(cli: Cli) -> i32 {
         Ok(p) => p,
         Err(e) => return usage_error(&e),
     };
+    if let Op::Exec { output, .. } = &op
+        && let Err(e) = prepare_output_dirs(output, &plans)
+    {
+        return usage_error(&e);
+    }
 
     let parallel = common.parallel.max(1);
     let nofile = raise_nofile_limit();
@@ -154,9 +172,35 @@ async fn run(cli: Cli) -> i32 {
     }
 }
 
+/// Checks that every host can name a file in the output directories, and
+/// creates them.
+fn prepare_output_dirs(output: &ExecOutput, plans: &[Plan]) -> Result<(), String> {
+    for (flag, dir) in [("--outdir", &output.outdir), ("--errdir", &output.errdir)] {
+        let Some(dir) = dir else { continue };
+        let bad: Vec<String> = plans
+            .iter()
+            .filter_map(|p| {
+                engine::file_name_problem(&p.label).map(|why| format!("{:?} ({why})", p.label))
+            })
+            .collect();
+        if !bad.is_empty() {
+            return Err(format!(
+                "{flag}: a host's name must be a plain file name; not usable: {}",
+                bad.join(", ")
+            ));
+        }
+        std::fs::create_dir_all(dir)
+            .map_err(|e| format!("{flag} {}: cannot create it: {e}", dir.display()))?;
+    }
+    Ok(())
+}
+
 /// Runs every plan, `parallel` at a time, until done or Ctrl-C; on Ctrl-C
-/// every session still running is dropped at once.
+/// every session still running is dropped at once. Gathered output is
+/// held once per distinct content.
 async fn run_all(plans: &[Plan], job: &Job, ui: &Rc<Ui>, parallel: usize) -> (Vec<Outcome>, bool) {
+    let gather = matches!(job.op, Op::Exec { collect: true, .. }) && !ui.json();
+    let mut distinct: HashSet<Rc<Captured>> = HashSet::new();
     let mut outcomes: Vec<Option<Outcome>> = vec![None; plans.len()];
     let mut next = 0;
     let mut running = FuturesUnordered::new();
@@ -181,8 +225,16 @@ async fn run_all(plans: &[Plan], job: &Job, ui: &Rc<Ui>, parallel: usize) -> (Ve
                 interrupted = true;
                 break;
             }
-            Some((i, o)) = running.next() => {
-                ui.finished(&o);
+            Some((i, mut o)) = running.next() => {
+                ui.finished(&mut o);
+                if gather {
+                    match distinct.get(&*o.stdout) {
+                        Some(same) => o.stdout = same.clone(),
+                        None => {
+                            distinct.insert(o.stdout.clone());
+                        }
+                    }
+                }
                 outcomes[i] = Some(o);
             }
             _ = tick.tick() => ui.refresh(),

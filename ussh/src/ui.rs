@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use ussh::hosts::fold;
 
-use crate::engine::{Outcome, Status};
+use crate::engine::{Captured, Outcome, Status};
 
 /// Output and progress of one run.
 pub struct Ui {
@@ -135,8 +135,9 @@ impl Ui {
         self.running.set(self.running.get() + 1);
     }
 
-    /// A host finished: counts, plain line or JSON record.
-    pub fn finished(&self, o: &Outcome) {
+    /// A host finished: counts, plain line or JSON record (the collected
+    /// output moves into the record, and is let go once it is written).
+    pub fn finished(&self, o: &mut Outcome) {
         self.running.set(self.running.get().saturating_sub(1));
         self.done.set(self.done.get() + 1);
         if o.status == Status::Ok {
@@ -145,8 +146,14 @@ impl Ui {
             self.failed.set(self.failed.get() + 1);
         }
         if self.json {
-            let line = json_record(o).to_string();
-            self.out(|| println!("{line}"));
+            let record = json_record(o);
+            self.out(|| {
+                // Written as it is serialised: a record may hold megabytes.
+                let mut w = std::io::stdout().lock();
+                let _ = serde_json::to_writer(&mut w, &record);
+                let _ = w.write_all(b"\n");
+                let _ = w.flush();
+            });
         }
         let line = format!(
             "ussh: [{}/{}] {}: {}",
@@ -244,8 +251,17 @@ impl Ui {
     }
 }
 
-/// The JSON record of one host.
-pub fn json_record(o: &Outcome) -> serde_json::Value {
+/// Bytes as a JSON string, without a copy when they are UTF-8.
+fn json_text(data: Vec<u8>) -> serde_json::Value {
+    match String::from_utf8(data) {
+        Ok(s) => s.into(),
+        Err(e) => String::from_utf8_lossy(e.as_bytes()).into_owned().into(),
+    }
+}
+
+/// The JSON record of one host; the collected output moves into it (the
+/// outcome keeps whether it was truncated).
+pub fn json_record(o: &mut Outcome) -> serde_json::Value {
     let mut v = serde_json::json!({
         "host": o.label,
         "status": o.status.word(),
@@ -260,20 +276,52 @@ pub fn json_record(o: &Outcome) -> serde_json::Value {
         "error": o.error,
     });
     if o.exit_code.is_some() {
-        v["stdout"] = String::from_utf8_lossy(&o.stdout).into_owned().into();
-        v["stderr"] = String::from_utf8_lossy(&o.stderr).into_owned().into();
+        let stdout = std::rc::Rc::make_mut(&mut o.stdout);
+        for (name, got, file) in [
+            ("stdout", stdout, &o.stdout_file),
+            ("stderr", &mut o.stderr, &o.stderr_file),
+        ] {
+            v[format!("{name}_truncated")] = got.truncated().into();
+            v[format!("{name}_dropped")] = got.dropped.into();
+            match file {
+                Some(path) => {
+                    v[name] = serde_json::Value::Null;
+                    v[format!("{name}_file")] = path.to_string_lossy().into_owned().into();
+                }
+                None => v[name] = json_text(std::mem::take(&mut got.data)),
+            }
+        }
     }
     v
+}
+
+/// `8 MiB` when exact, else bytes.
+fn exact_bytes(n: u64) -> String {
+    for (unit, size) in [("GiB", 1u64 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)] {
+        if n >= size && n.is_multiple_of(size) {
+            return format!("{} {unit}", n / size);
+        }
+    }
+    format!("{n} bytes")
+}
+
+/// The line that ends gathered output cut at the cap.
+pub fn truncation_marker(c: &Captured) -> String {
+    format!(
+        "[output truncated at {}: {} bytes dropped]",
+        exact_bytes(c.data.len() as u64),
+        c.dropped
+    )
 }
 
 /// Prints gathered stdout: hosts with identical output once, as a block
 /// headed by their folded names; then the hosts that did not exit 0.
 pub fn print_gathered(outcomes: &[Outcome]) {
-    let mut groups: BTreeMap<&[u8], Vec<&str>> = BTreeMap::new();
+    let mut groups: BTreeMap<&Captured, Vec<&str>> = BTreeMap::new();
     for o in outcomes.iter().filter(|o| o.exit_code.is_some()) {
-        groups.entry(&o.stdout).or_default().push(&o.label);
+        groups.entry(&*o.stdout).or_default().push(&o.label);
     }
-    let mut blocks: Vec<(String, usize, &[u8])> = groups
+    let mut blocks: Vec<(String, usize, &Captured)> = groups
         .into_iter()
         .map(|(out, hosts)| (fold(&hosts), hosts.len(), out))
         .collect();
@@ -284,9 +332,12 @@ pub fn print_gathered(outcomes: &[Outcome]) {
         let head = format!("{names} ({n})");
         let rule = "-".repeat(head.len().clamp(15, 78));
         let _ = writeln!(w, "{rule}\n{head}\n{rule}");
-        let _ = w.write_all(out);
-        if !out.is_empty() && !out.ends_with(b"\n") {
+        let _ = w.write_all(&out.data);
+        if !out.data.is_empty() && !out.data.ends_with(b"\n") {
             let _ = writeln!(w);
+        }
+        if out.truncated() {
+            let _ = writeln!(w, "{}", truncation_marker(out));
         }
     }
     let _ = w.flush();

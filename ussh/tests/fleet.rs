@@ -18,6 +18,8 @@ use sshd::Sshd;
 use tempfile::TempDir;
 
 const USSH: &str = env!("CARGO_BIN_EXE_ussh");
+/// GNU time (Debian package `time`, installed by scripts/setup.sh).
+const TIME: &str = "/usr/bin/time";
 
 /// Several sshd processes and an ssh config naming `count` aliases
 /// `{prefix}NNN` spread over them round-robin.
@@ -80,7 +82,12 @@ impl Fleet {
 
     /// `ussh ARGS` with this fleet's config, no agent, plain output.
     fn cmd(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(USSH);
+        self.with_args(Command::new(USSH), args)
+    }
+
+    /// `c` (ussh, or a command that runs it) with ussh's `ARGS`, this
+    /// fleet's config, no agent.
+    fn with_args(&self, mut c: Command, args: &[&str]) -> Command {
         c.arg(args[0])
             .arg("-F")
             .arg(&self.config)
@@ -100,6 +107,50 @@ impl Fleet {
         );
         out
     }
+
+    /// `ussh ARGS` to its end, with its peak resident set size in KiB as
+    /// GNU time reports it (ussh is exec'd from the small `time` process:
+    /// a child of this test would be charged this process's own size).
+    fn run_measured(&self, args: &[&str]) -> (Output, u64) {
+        assert!(
+            Path::new(TIME).exists(),
+            "{TIME} not found: the memory tests need GNU time; run `bash scripts/setup.sh` as root"
+        );
+        let report = tempfile::NamedTempFile::new().expect("temp file");
+        let mut c = Command::new(TIME);
+        c.args(["-f", "%M", "-o"]).arg(report.path()).arg(USSH);
+        let out = self
+            .with_args(c, args)
+            .output()
+            .expect("run ussh under time");
+        // `time` adds "Command exited with non-zero status N" before the
+        // figure when ussh fails.
+        let text = fs::read_to_string(report.path()).expect("read time's report");
+        let rss: u64 = text
+            .lines()
+            .last()
+            .and_then(|l| l.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no peak RSS in time's report: {text:?}"));
+        let err = String::from_utf8_lossy(&out.stderr);
+        // Only the end: flooded stderr may be megabytes.
+        let from = err.char_indices().rev().nth(3000).map_or(0, |(i, _)| i);
+        eprintln!(
+            "ussh {args:?} -> {}, peak RSS {:.1} MiB\n--- stderr (end) ---\n{}",
+            out.status,
+            rss as f64 / 1024.0,
+            &err[from..]
+        );
+        (out, rss)
+    }
+}
+
+/// `then` on the fleet's first server, `otherwise` on the others (told
+/// apart by the server port in $SSH_CONNECTION).
+fn on_first_server(f: &Fleet, then: &str, otherwise: &str) -> String {
+    format!(
+        "if [ \"$(echo $SSH_CONNECTION | cut -d' ' -f4)\" = {} ]; then {then}; else {otherwise}; fi",
+        f.sshds[0].port()
+    )
 }
 
 fn json_records(out: &Output) -> BTreeMap<String, serde_json::Value> {
@@ -513,7 +564,9 @@ fn failing_hosts_fail_alone() {
 #[test]
 fn bad_input_is_one_clear_line() {
     let f = Fleet::start(1, "b", 2);
-    let cases: [(&[&str], &str); 6] = [
+    let outdir = f.dir.path().join("never-created");
+    let outdir = outdir.to_str().unwrap();
+    let cases: [(&[&str], &str); 10] = [
         (&["exec", "-H", "b[001-", "--", "true"], "unclosed '['"),
         (&["exec", "-H", "b[5-1]", "--", "true"], "backwards"),
         (
@@ -532,6 +585,24 @@ fn bad_input_is_one_clear_line() {
             &["exec", "-f", "/nonexistent/hosts", "--", "true"],
             "hosts file /nonexistent/hosts",
         ),
+        (
+            &["exec", "-H", "b001", "--max-output", "0", "--", "true"],
+            "--max-output \"0\": must be at least 1 byte",
+        ),
+        (
+            &["exec", "-H", "b001", "--max-output", "8X", "--", "true"],
+            "--max-output \"8X\": not a size",
+        ),
+        // Host names that are not one path component cannot name output
+        // files: refused before anything starts.
+        (
+            &["exec", "-H", "b001,x/../../y", "-o", outdir, "--", "true"],
+            "--outdir: a host's name must be a plain file name; not usable: \"x/../../y\" (it contains '/')",
+        ),
+        (
+            &["exec", "-H", "..,b001", "-e", outdir, "--", "true"],
+            "not usable: \"..\" (it names a directory)",
+        ),
     ];
     for (args, want) in cases {
         let out = f.run(args);
@@ -543,6 +614,7 @@ fn bad_input_is_one_clear_line() {
             "{args:?}: {stderr}"
         );
     }
+    assert!(!Path::new(outdir).exists(), "created for a refused run");
     // --timeout bounds a host's whole job.
     let start = Instant::now();
     let out = f.run(&[
@@ -662,4 +734,293 @@ fn sigint_mid_transfer_leaves_no_partial_file() {
     }
     eprintln!("{whole} of 12 hosts had finished before SIGINT");
     assert!(whole < 12, "the interrupt came too late to test anything");
+}
+
+/// Peak RSS of ussh running a few hosts, one of them flooding (with its
+/// channel window of received data in flight), before any output it keeps:
+/// measured at about 13 MiB, so this leaves room. Holding the floods of
+/// these tests instead would take 50 to 210 MB.
+const OVERHEAD_MIB: u64 = 24;
+
+fn mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
+}
+
+/// Asserts a peak RSS (KiB) within [`OVERHEAD_MIB`] plus `kept_mib` of
+/// output held.
+fn assert_rss_within(what: &str, kib: u64, kept_mib: u64) {
+    let limit = OVERHEAD_MIB + kept_mib;
+    assert!(
+        kib < limit * 1024,
+        "{what}: peak RSS {:.1} MiB, more than {limit} MiB",
+        mib(kib)
+    );
+}
+
+/// The gathered (-b) output of the flood test: c001's kept bytes and
+/// marker, then c002's block.
+fn gathered_flood(kept: usize, marker: &str) -> Vec<u8> {
+    let mut v = b"---------------\nc001 (1)\n---------------\n".to_vec();
+    v.resize(v.len() + kept, 0);
+    v.extend_from_slice(format!("\n{marker}\n").as_bytes());
+    v.extend_from_slice(b"---------------\nc002 (1)\n---------------\nnormal\n");
+    v
+}
+
+#[test]
+fn flooding_host_is_capped_when_gathering() {
+    let f = Fleet::start(2, "c", 2);
+    // c001 prints 200 MB on stdout and 10 MB on stderr, without a
+    // newline, then exits 3; c002 behaves.
+    let command = on_first_server(
+        &f,
+        "head -c 200000000 /dev/zero; head -c 10000000 /dev/zero >&2; exit 3",
+        "echo normal; echo quiet >&2",
+    );
+    let (out, quiet_rss) = f.run_measured(&["exec", "-b", "-H", "c002", "--", &command]);
+    assert_eq!(out.status.code(), Some(0));
+
+    // Gathered: the first 8 MiB, then the marker; the rest of the run
+    // intact (exit status included).
+    let start = Instant::now();
+    let (out, rss) = f.run_measured(&["exec", "-b", "-H", "c[001-002]", "--", &command]);
+    eprintln!("gathered flood: {:?}", start.elapsed());
+    assert_eq!(out.status.code(), Some(1));
+    let want = gathered_flood(
+        8 << 20,
+        "[output truncated at 8 MiB: 191611392 bytes dropped]",
+    );
+    assert!(
+        out.stdout == want,
+        "gathered output: {} bytes, ending {:?}",
+        out.stdout.len(),
+        String::from_utf8_lossy(&out.stdout[out.stdout.len().saturating_sub(200)..])
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("c002: quiet\n"), "{stderr}");
+    assert!(
+        stderr.contains("ussh: c001: exited with exit code 3"),
+        "{stderr}"
+    );
+    // Gathered mode streams stderr: the 10 MB line came out in pieces.
+    assert_eq!(
+        stderr.matches(" [line continues]\n").count(),
+        10_000_000 / 65536,
+        "pieces of 64 KiB"
+    );
+    assert_rss_within("gathered", rss, 8);
+
+    // A smaller cap.
+    let (out, small_rss) = f.run_measured(&[
+        "exec",
+        "-b",
+        "--max-output",
+        "100K",
+        "-H",
+        "c[001-002]",
+        "--",
+        &command,
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let want = gathered_flood(
+        100 << 10,
+        "[output truncated at 100 KiB: 199897600 bytes dropped]",
+    );
+    assert!(
+        out.stdout == want,
+        "gathered output: {} bytes, ending {:?}",
+        out.stdout.len(),
+        String::from_utf8_lossy(&out.stdout[out.stdout.len().saturating_sub(200)..])
+    );
+    assert_rss_within("gathered, 100K cap", small_rss, 0);
+
+    // JSON: both streams capped, flagged and counted.
+    let start = Instant::now();
+    let (out, json_rss) = f.run_measured(&["exec", "--json", "-H", "c[001-002]", "--", &command]);
+    eprintln!("JSON flood: {:?}", start.elapsed());
+    assert_eq!(out.status.code(), Some(1));
+    let recs = json_records(&out);
+    let r = &recs["c001"];
+    assert_eq!(r["status"], "failed");
+    assert_eq!(r["exit_code"], 3);
+    let so = r["stdout"].as_str().expect("stdout");
+    assert_eq!(so.len(), 8 << 20);
+    assert!(so.bytes().all(|b| b == 0));
+    assert_eq!(r["stdout_truncated"], true);
+    assert_eq!(r["stdout_dropped"], 200_000_000 - (8 << 20));
+    assert_eq!(r["stderr"].as_str().expect("stderr").len(), 8 << 20);
+    assert_eq!(r["stderr_truncated"], true);
+    assert_eq!(r["stderr_dropped"], 10_000_000 - (8 << 20));
+    let r = &recs["c002"];
+    assert_eq!(r["status"], "ok", "{r}");
+    assert_eq!(r["stdout"], "normal\n");
+    assert_eq!(r["stderr"], "quiet\n");
+    for field in ["stdout_truncated", "stderr_truncated"] {
+        assert_eq!(r[field], false, "{r}");
+    }
+    for field in ["stdout_dropped", "stderr_dropped"] {
+        assert_eq!(r[field], 0, "{r}");
+    }
+    assert_rss_within("JSON", json_rss, 16);
+    eprintln!(
+        "peak RSS: one quiet host {:.1} MiB; with the flood gathered {:.1} MiB \
+         (100K cap: {:.1} MiB), as JSON {:.1} MiB",
+        mib(quiet_rss),
+        mib(rss),
+        mib(small_rss),
+        mib(json_rss)
+    );
+}
+
+#[test]
+fn streamed_long_line_comes_out_in_pieces() {
+    let f = Fleet::start(2, "l", 2);
+    // A 50 MB line without a newline on l001.
+    let command = on_first_server(&f, "head -c 50000000 /dev/zero | tr '\\0' a", "echo normal");
+    let start = Instant::now();
+    let (out, rss) = f.run_measured(&["exec", "-H", "l[001-002]", "--", &command]);
+    eprintln!("streamed 50 MB line: {:?}", start.elapsed());
+    assert_eq!(out.status.code(), Some(0));
+    let text = String::from_utf8(out.stdout).expect("text");
+    let mut pieces = 0;
+    let mut total = 0;
+    let mut other = Vec::new();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("l001: ") {
+            pieces += 1;
+            let body = match rest.strip_suffix(" [line continues]") {
+                Some(b) => b,
+                None => {
+                    assert_eq!(
+                        total + rest.len(),
+                        50_000_000,
+                        "only the last piece is unmarked"
+                    );
+                    rest
+                }
+            };
+            assert!(body.len() <= 65536, "piece of {} bytes", body.len());
+            assert!(body.bytes().all(|b| b == b'a'));
+            total += body.len();
+        } else {
+            other.push(line);
+        }
+    }
+    assert_eq!(total, 50_000_000);
+    assert_eq!(pieces, 50_000_000usize.div_ceil(65536));
+    assert_eq!(other, ["l002: normal"]);
+    eprintln!("peak RSS streaming a 50 MB line: {:.1} MiB", mib(rss));
+    assert_rss_within("streamed", rss, 0);
+
+    // A cap below 64 KiB cuts streamed lines at the cap.
+    let out = f.run(&[
+        "exec",
+        "--max-output",
+        "1000",
+        "-H",
+        "l[001-002]",
+        "--",
+        "head -c 2500 /dev/zero | tr '\\0' b; echo; echo short",
+    ]);
+    assert_eq!(out.status.code(), Some(0));
+    let text = String::from_utf8(out.stdout).expect("text");
+    for host in ["l001", "l002"] {
+        let mine: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix(&format!("{host}: ")))
+            .collect();
+        let b = |n| "b".repeat(n);
+        assert_eq!(
+            mine,
+            [
+                format!("{} [line continues]", b(1000)),
+                format!("{} [line continues]", b(1000)),
+                b(500),
+                "short".to_string()
+            ],
+            "{host}"
+        );
+    }
+}
+
+#[test]
+fn outdir_and_errdir_get_each_hosts_whole_output() {
+    let f = Fleet::start(2, "o", 3);
+    let work = f.dir.path();
+    let outdir = work.join("out");
+    let errdir = work.join("err");
+    // A symbolic link planted where o003's stdout would go, pointing
+    // outside the directory.
+    fs::create_dir_all(&outdir).expect("mkdir");
+    let victim = work.join("victim");
+    fs::write(&victim, "untouched\n").expect("write");
+    std::os::unix::fs::symlink(&victim, outdir.join("o003")).expect("symlink");
+    // o001 and o003 are on the first server: 20 MB (beyond the default
+    // cap) of stdout, 1234 bytes of stderr.
+    let command = on_first_server(
+        &f,
+        "head -c 20000000 /dev/zero; head -c 1234 /dev/zero >&2",
+        "echo normal; echo quiet >&2",
+    );
+    let (o, e) = (outdir.to_str().unwrap(), errdir.to_str().unwrap());
+    let (out, rss) =
+        f.run_measured(&["exec", "-o", o, "-e", e, "-H", "o[001-003]", "--", &command]);
+    eprintln!("peak RSS writing 20 MB to --outdir: {:.1} MiB", mib(rss));
+    assert_rss_within("--outdir", rss, 0);
+    assert_eq!(out.status.code(), Some(1), "o003 fails");
+    // Nothing on the terminal but ussh's own lines.
+    assert!(
+        out.stdout.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("quiet"), "{stderr}");
+    assert_eq!(
+        fs::metadata(outdir.join("o001")).expect("o001").len(),
+        20_000_000
+    );
+    assert_eq!(fs::metadata(errdir.join("o001")).expect("o001").len(), 1234);
+    assert_eq!(fs::read(outdir.join("o002")).expect("o002"), b"normal\n");
+    assert_eq!(fs::read(errdir.join("o002")).expect("o002"), b"quiet\n");
+    // The link was not followed: the file behind it is intact, the link
+    // still there, and o003 failed saying why.
+    assert_eq!(fs::read_to_string(&victim).expect("victim"), "untouched\n");
+    let meta = fs::symlink_metadata(outdir.join("o003")).expect("o003");
+    assert!(meta.file_type().is_symlink());
+    let failure = stderr
+        .lines()
+        .find(|l| l.contains("] o003: error"))
+        .unwrap_or_else(|| panic!("no error line for o003: {stderr}"));
+    assert!(
+        failure.ends_with(&format!(
+            "cannot write {}: it is a symbolic link (not followed)",
+            outdir.join("o003").display()
+        )),
+        "{failure}"
+    );
+
+    // A second run replaces the files; with --json the records name them.
+    fs::remove_file(outdir.join("o003")).expect("rm link");
+    let out = f.run(&[
+        "exec",
+        "--json",
+        "-o",
+        o,
+        "-H",
+        "o[001-003]",
+        "--",
+        &command,
+    ]);
+    assert_eq!(out.status.code(), Some(0));
+    let recs = json_records(&out);
+    for (host, size) in [("o001", 20_000_000), ("o002", 7), ("o003", 20_000_000)] {
+        let r = &recs[host];
+        let path = outdir.join(host);
+        assert_eq!(r["stdout"], serde_json::Value::Null, "{r}");
+        assert_eq!(r["stdout_file"], path.to_str().unwrap(), "{r}");
+        assert_eq!(r["stdout_truncated"], false, "{r}");
+        assert_eq!(fs::metadata(&path).expect("file").len(), size, "{host}");
+    }
+    assert_eq!(recs["o002"]["stderr"], "quiet\n");
 }
