@@ -20,7 +20,8 @@ use crate::transport::{Link, OUTBOUND_HIGH_WATER};
 pub struct ExitStatus {
     /// The exit code the server reported (0 if it reported none).
     pub code: i32,
-    /// The signal that ended the process (`"TERM"`, `"KILL"`, …), if any.
+    /// The signal that ended the process (`"TERM"`, `"KILL"`, …), if any:
+    /// the server's text, control characters escaped, at most 1 KiB kept.
     pub signal: Option<String>,
 }
 
@@ -36,6 +37,31 @@ impl ExitStatus {
 ///
 /// Dropping a channel never blocks: the close it owes the server is sent
 /// and awaited by its session in the background.
+///
+/// # Unread output is bounded by the window
+///
+/// libssh2 keeps what the server sent on the channel (stdout and stderr
+/// alike) in its packet list until it is read, and the server may send
+/// only as much as the channel's receive window allows. The window is
+/// reopened for bytes once they are *read*, on either stream: stderr that
+/// nobody reads keeps its share of the window. Reads are capped at the
+/// initial window ([`Config::channel_window`](crate::Config::channel_window),
+/// 2 MiB by default), or at 32 KiB for a smaller window, so the window
+/// never exceeds the initial window plus that cap (plus 1 KiB): 4 MiB by
+/// default, and that is the most output libssh2 ever holds for a channel:
+/// a server flooding stderr while only stdout is read cannot make it hold
+/// more (what it sends past the window is dropped, as RFC 4254 allows).
+/// The bound is
+/// on data bytes: libssh2 keeps each packet in allocations of its own
+/// (about 100 bytes besides the data with padding and MAC), so a server
+/// that splits its output into 1-byte packets makes the memory up to about
+/// 100 times the window (the transfer of those packets costs it about
+/// half that in bytes sent).
+///
+/// The flip side: a remote process whose stderr fills the window blocks
+/// until stderr is read, and its stdout then stops too. Read both (as
+/// [`Channel::wait`] asks), or call [`Channel::discard_stderr`] to have
+/// stderr thrown away as it arrives.
 pub struct Channel {
     inner: Rc<ChannelInner>,
 }
@@ -53,10 +79,20 @@ pub(crate) struct ChannelInner {
     /// Data accepted from the caller that libssh2 has not taken yet.
     pending_write: RefCell<Vec<u8>>,
     eof_sent: Cell<bool>,
+    /// Stderr is read and dropped whenever stdout is read.
+    discard_stderr: Cell<bool>,
+    /// Stderr bytes dropped that way.
+    stderr_discarded: Cell<u64>,
 }
 
 /// libssh2 writes at most this much per call.
 const MAX_WRITE: usize = 32700;
+
+/// The smallest cap on one read: below it a read is as large as asked.
+const MIN_READ_CAP: usize = 32 * 1024;
+
+/// Bytes of stderr dropped per libssh2 call in discard mode.
+const DISCARD_CHUNK: usize = 16 * 1024;
 
 impl ChannelInner {
     pub(crate) fn new(session: Rc<SessionInner>, raw: *mut ffi::LIBSSH2_CHANNEL) -> Rc<Self> {
@@ -66,6 +102,8 @@ impl ChannelInner {
             abandoned: Cell::new(false),
             pending_write: RefCell::new(Vec::new()),
             eof_sent: Cell::new(false),
+            discard_stderr: Cell::new(false),
+            stderr_discarded: Cell::new(0),
         })
     }
 
@@ -154,12 +192,24 @@ impl ChannelInner {
         len: usize,
     ) -> Poll<io::Result<usize>> {
         let raw = self.raw()?;
+        // libssh2 opens the window to the initial size plus the length of
+        // the read (more if the read exceeds the window): capping reads at
+        // the initial window caps the window, and with it what unread
+        // stderr can make libssh2 hold, at twice the initial window.
+        let mut initial: std::os::raw::c_ulong = 0;
+        // SAFETY: live channel; libssh2 only stores the initial window size.
+        unsafe { ffi::libssh2_channel_window_read_ex(raw, std::ptr::null_mut(), &mut initial) };
+        let len = len.min((initial as usize).max(MIN_READ_CAP));
+        let discard = stream == 0 && self.discard_stderr.get();
         // Tokio's cooperative budget, as its own sockets do: a loop that
         // reads a channel whose data never runs out yields now and then, so
         // futures sharing its task (a `select!`, a `join!`) and other tasks
         // still run.
         let coop = ready!(tokio::task::coop::poll_proceed(cx));
         let n = ready!(self.session.poll_call(cx, &mut |_| {
+            if discard {
+                self.drop_queued_stderr(raw)?;
+            }
             // SAFETY: live channel; the caller keeps `dst` writable for
             // `len` bytes, and libssh2 writes at most that many.
             let n = unsafe { ffi::libssh2_channel_read_ex(raw, stream, dst, len) };
@@ -171,6 +221,33 @@ impl ChannelInner {
         }))?;
         coop.made_progress();
         Poll::Ready(Ok(n))
+    }
+
+    /// Reads and drops the stderr libssh2 holds for the channel (which
+    /// reopens the window for it); stops when none is left.
+    fn drop_queued_stderr(&self, raw: *mut ffi::LIBSSH2_CHANNEL) -> std::result::Result<(), c_int> {
+        let mut scratch = [0u8; DISCARD_CHUNK];
+        loop {
+            // SAFETY: live channel (the caller's); `scratch` is writable for
+            // its length, and libssh2 writes at most that many bytes.
+            let n = unsafe {
+                ffi::libssh2_channel_read_ex(
+                    raw,
+                    1,
+                    scratch.as_mut_ptr() as *mut c_char,
+                    scratch.len(),
+                )
+            };
+            match n {
+                n if n > 0 => self
+                    .stderr_discarded
+                    .set(self.stderr_discarded.get() + n as u64),
+                // No stderr left (0: the server's EOF).
+                0 => return Ok(()),
+                n if n as c_int == ffi::LIBSSH2_ERROR_EAGAIN => return Ok(()),
+                n => return Err(n as c_int),
+            }
+        }
     }
 
     /// One libssh2 write of `data` (at most [`MAX_WRITE`] bytes): bytes
@@ -340,9 +417,11 @@ impl ChannelInner {
             let signal = if sig.is_null() {
                 None
             } else {
-                let s =
-                    String::from_utf8_lossy(std::slice::from_raw_parts(sig as *const u8, sig_len))
-                        .into_owned();
+                // The server's text: printable, at most 1 KiB.
+                let s = crate::session::remote_text(std::slice::from_raw_parts(
+                    sig as *const u8,
+                    sig_len,
+                ));
                 if let Ok(sess) = self.session.raw() {
                     ffi::libssh2_free(sess, sig as *mut _);
                 }
@@ -452,6 +531,21 @@ impl Channel {
             .await
     }
 
+    /// From now on, reading stdout first reads and drops whatever stderr
+    /// has arrived, so that stderr nobody reads cannot fill the channel
+    /// window and stall the remote process (see the type's documentation).
+    /// A [`Stderr`] reader may still read: it gets what arrives between two
+    /// reads of stdout. Dropped bytes are counted in
+    /// [`Channel::stderr_discarded`].
+    pub fn discard_stderr(&self) {
+        self.inner.discard_stderr.set(true);
+    }
+
+    /// Stderr bytes dropped since [`Channel::discard_stderr`].
+    pub fn stderr_discarded(&self) -> u64 {
+        self.inner.stderr_discarded.get()
+    }
+
     /// A reader of the remote stderr, usable at the same time as this channel.
     pub fn stderr(&self) -> Stderr {
         Stderr {
@@ -485,8 +579,9 @@ impl Channel {
     /// Ends the channel in order — EOF, the server's EOF, CLOSE, the
     /// server's CLOSE (after which the exit status is final) — and returns
     /// how the remote process ended. Read
-    /// stdout and stderr to their end first: a process whose output window
-    /// is full cannot finish.
+    /// stdout and stderr to their end first (or stdout after
+    /// [`Channel::discard_stderr`]): a process whose output window is full
+    /// cannot finish.
     pub async fn wait(&mut self) -> Result<ExitStatus> {
         let inner = &self.inner;
         inner

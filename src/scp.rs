@@ -20,6 +20,16 @@
 //! [`Session::channel_session`]), and everything after it belongs to the
 //! channel alone. Dropping an [`ScpWriter`] or [`ScpReader`] half-way drops
 //! its channel, whose close the session finishes in the background.
+//!
+//! What the remote scp sends is bounded before it is used: a header or
+//! error line is at most [`MAX_LINE`] bytes ([`Error::LimitExceeded`]
+//! beyond), a `C` line must carry 1 to 4 octal digits of mode (at most
+//! `0o7777`), a size in decimal digits of at most `i64::MAX` (`off_t`, what
+//! a file can hold; [`Error::LimitExceeded`] beyond) and a name, and one
+//! `T` line at most may come before it. The size is only counted down as
+//! bytes arrive: nothing is allocated for it. The name in the `C` line is
+//! not used. Text from the remote scp that ends up in an error is cut to
+//! 1 KiB and has its control characters escaped.
 
 use std::io;
 use std::pin::Pin;
@@ -31,8 +41,21 @@ use crate::channel::Channel;
 use crate::error::{Error, Result};
 use crate::session::Session;
 
-/// Longest header or error line accepted from the remote scp.
-const MAX_LINE: usize = 64 * 1024;
+/// Longest header or error line accepted from the remote scp: room for a
+/// `PATH_MAX` path and the rest of a line (OpenSSH's scp reads header lines
+/// into 2 KiB, libssh2's into 256 bytes).
+const MAX_LINE: usize = 8 * 1024;
+
+/// Largest file size accepted from the remote scp: `off_t`'s maximum.
+const MAX_SIZE: u64 = i64::MAX as u64;
+
+/// The error for a line from the remote scp that exceeds [`MAX_LINE`].
+fn overlong_line() -> Error {
+    Error::LimitExceeded {
+        what: "a line from the remote scp",
+        limit: MAX_LINE as u64,
+    }
+}
 
 /// What the server reported about a file sent by [`Session::scp_recv`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,7 +77,8 @@ fn shell_quote(path: &str) -> String {
 
 /// An error line (`\x01` warning or `\x02` fatal) from the remote scp.
 fn remote_error(text: &str) -> Error {
-    let text = text.trim_end();
+    let text = crate::session::remote_text(text.trim_end().as_bytes());
+    let text = text.as_str();
     let kind = if text.contains("No such file or directory") {
         io::ErrorKind::NotFound
     } else if text.contains("Permission denied") {
@@ -84,7 +108,7 @@ async fn read_line(ch: &mut Channel) -> Result<Option<Vec<u8>>> {
             return Ok(Some(line));
         }
         if line.len() >= MAX_LINE {
-            return Err(protocol_error("overlong line from the remote scp".into()));
+            return Err(overlong_line());
         }
         line.push(byte[0]);
     }
@@ -98,8 +122,7 @@ async fn ended_early(ch: &mut Channel) -> Error {
         .take(MAX_LINE as u64)
         .read_to_end(&mut err)
         .await;
-    let text = String::from_utf8_lossy(&err);
-    let text = text.trim();
+    let text = crate::session::remote_text(err.trim_ascii());
     let status = ch.exit_status().map(|s| s.code).unwrap_or(0);
     Error::Io(io::Error::new(
         io::ErrorKind::UnexpectedEof,
@@ -189,6 +212,12 @@ impl Session {
     /// permission problem is the remote scp's own message in an
     /// [`Error::Io`] (`NotFound`, `PermissionDenied`, or `Other`). The
     /// start runs under the per-operation timeout, reading does not.
+    ///
+    /// What the remote scp announces is checked before use: a header or
+    /// error line over 8 KiB, or a size over `i64::MAX`, fails with
+    /// [`Error::LimitExceeded`]; a malformed header (mode not 1 to 4 octal
+    /// digits, size not decimal digits, no name, a second `T` line) with a
+    /// protocol error. Nothing is allocated from the announced size.
     pub async fn scp_recv(&self, path: &str) -> Result<(ScpReader, ScpStat)> {
         if path.contains('\0') {
             return Err(Error::InvalidInput("scp path contains a NUL byte".into()));
@@ -199,34 +228,19 @@ impl Session {
                 ch.exec(&format!("scp -p -f -- {}", shell_quote(path)))
                     .await?;
                 ch.write_all(&[0]).await?;
-                let (mut mtime, mut atime) = (0, 0);
+                let mut times = None;
                 loop {
                     let Some(line) = read_line(&mut ch).await? else {
                         return Err(ended_early(&mut ch).await);
                     };
-                    let text = String::from_utf8_lossy(&line).into_owned();
                     match line.first() {
-                        Some(b'T') => {
-                            let f: Vec<&str> = text[1..].split(' ').collect();
-                            match (f.first(), f.get(2)) {
-                                (Some(m), Some(a)) => {
-                                    mtime = m.parse().map_err(|_| bad_header(&text))?;
-                                    atime = a.parse().map_err(|_| bad_header(&text))?;
-                                }
-                                _ => return Err(bad_header(&text)),
-                            }
+                        Some(b'T') if times.is_none() => {
+                            times = Some(parse_t_line(&line)?);
                             ch.write_all(&[0]).await?;
                         }
                         Some(b'C') => {
-                            let mut f = text[1..].splitn(3, ' ');
-                            let mode = f
-                                .next()
-                                .and_then(|m| u32::from_str_radix(m, 8).ok())
-                                .ok_or_else(|| bad_header(&text))?;
-                            let size = f
-                                .next()
-                                .and_then(|s| s.parse::<u64>().ok())
-                                .ok_or_else(|| bad_header(&text))?;
+                            let (mode, size) = parse_c_line(&line)?;
+                            let (mtime, atime) = times.unwrap_or((0, 0));
                             ch.write_all(&[0]).await?;
                             ch.flush().await?;
                             let stat = ScpStat {
@@ -243,13 +257,15 @@ impl Session {
                             };
                             return Ok((reader, stat));
                         }
-                        Some(1 | 2) => return Err(remote_error(&text[1..])),
+                        Some(1 | 2) => {
+                            return Err(remote_error(&String::from_utf8_lossy(&line[1..])));
+                        }
                         Some(b'D') => {
                             return Err(Error::Io(io::Error::other(format!(
                                 "remote scp: {path} is a directory"
                             ))));
                         }
-                        _ => return Err(bad_header(&text)),
+                        _ => return Err(bad_header(&line)),
                     }
                 }
             })
@@ -257,8 +273,67 @@ impl Session {
     }
 }
 
-fn bad_header(line: &str) -> Error {
-    protocol_error(format!("unexpected header from the remote scp: {line:?}"))
+fn bad_header(line: &[u8]) -> Error {
+    protocol_error(format!(
+        "unexpected header from the remote scp: \"{}\"",
+        crate::session::remote_text(line)
+    ))
+}
+
+/// A field of decimal digits only (no sign, no spaces), as a number;
+/// `None` if it holds anything else, `Some(Err)` past `u64::MAX`.
+fn decimal(field: &[u8]) -> Option<std::result::Result<u64, ()>> {
+    if field.is_empty() || !field.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let mut v: u64 = 0;
+    for &d in field {
+        match v
+            .checked_mul(10)
+            .and_then(|v| v.checked_add((d - b'0') as u64))
+        {
+            Some(n) => v = n,
+            None => return Some(Err(())),
+        }
+    }
+    Some(Ok(v))
+}
+
+/// `C<mode> <size> <name>`: the mode and the size.
+fn parse_c_line(line: &[u8]) -> Result<(u32, u64)> {
+    let bad = || bad_header(line);
+    let mut f = line[1..].splitn(3, |&b| b == b' ');
+    let (mode, size, name) = (f.next(), f.next(), f.next());
+    let mode = mode
+        .filter(|m| (1..=4).contains(&m.len()) && m.iter().all(|d| (b'0'..=b'7').contains(d)))
+        .map(|m| m.iter().fold(0u32, |v, d| v * 8 + (d - b'0') as u32))
+        .ok_or_else(bad)?;
+    let size = match size.and_then(decimal) {
+        None => return Err(bad()),
+        Some(Ok(n)) if n <= MAX_SIZE => n,
+        Some(_) => {
+            return Err(Error::LimitExceeded {
+                what: "a file size announced by the remote scp",
+                limit: MAX_SIZE,
+            });
+        }
+    };
+    if name.is_none_or(|n| n.is_empty()) {
+        return Err(bad());
+    }
+    Ok((mode, size))
+}
+
+/// `T<mtime> 0 <atime> 0`: the modification and access times.
+fn parse_t_line(line: &[u8]) -> Result<(u64, u64)> {
+    let f: Vec<&[u8]> = line[1..].split(|&b| b == b' ').collect();
+    match f[..] {
+        [m, mu, a, au] => match (decimal(m), decimal(mu), decimal(a), decimal(au)) {
+            (Some(Ok(m)), Some(Ok(_)), Some(Ok(a)), Some(Ok(_))) => Ok((m, a)),
+            _ => Err(bad_header(line)),
+        },
+        _ => Err(bad_header(line)),
+    }
 }
 
 #[derive(Debug)]
@@ -341,6 +416,10 @@ impl ScpWriter {
                         (None, Some(0)) => self.finish = Finish::Eof,
                         (None, Some(1 | 2)) => *line = Some(Vec::new()),
                         (Some(l), Some(c)) if c != b'\n' && l.len() < MAX_LINE => l.push(c),
+                        (Some(_), Some(c)) if c != b'\n' => {
+                            self.finish = Finish::Failed;
+                            return Poll::Ready(Err(overlong_line().into()));
+                        }
                         (Some(l), _) => {
                             let e = remote_error(&String::from_utf8_lossy(l));
                             self.finish = Finish::Failed;
@@ -541,6 +620,7 @@ impl AsyncRead for ScpReader {
                         (_, Some(c)) if c != b'\n' && this.line.len() < MAX_LINE => {
                             this.line.push(c)
                         }
+                        (_, Some(c)) if c != b'\n' => return this.fail(overlong_line()),
                         _ => {
                             let e = remote_error(&String::from_utf8_lossy(&this.line));
                             return this.fail(e);
@@ -597,5 +677,86 @@ mod tests {
         let e = remote_error("scp: /tmp: not a regular file");
         assert_eq!(e.kind(), io::ErrorKind::Other);
         assert!(e.to_string().contains("not a regular file"), "{e}");
+    }
+
+    #[test]
+    fn c_lines_are_validated_and_sizes_bounded() {
+        assert_eq!(parse_c_line(b"C0644 12345 file").unwrap(), (0o644, 12345));
+        assert_eq!(parse_c_line(b"C7777 0 a b c").unwrap(), (0o7777, 0));
+        assert_eq!(
+            parse_c_line(b"C0600 9223372036854775807 f").unwrap(),
+            (0o600, i64::MAX as u64)
+        );
+        // 2^63 and past u64: the size bound, before anything uses it.
+        for big in [
+            &b"C0644 9223372036854775808 f"[..],
+            b"C0644 99999999999999999999999 f",
+        ] {
+            match parse_c_line(big) {
+                Err(Error::LimitExceeded { limit, what }) => {
+                    assert_eq!(limit, i64::MAX as u64);
+                    assert!(what.contains("size"), "{what}");
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        for bad in [
+            &b"C"[..],
+            b"C0644",
+            b"C0644 10",
+            b"C0644 10 ",
+            b"C06440 10 f",
+            b"C0648 10 f",
+            b"C+644 10 f",
+            b"C0644 +10 f",
+            b"C0644 -1 f",
+            b"C0644 1e3 f",
+            b"C 0644 10 f",
+        ] {
+            let e = parse_c_line(bad).expect_err(&String::from_utf8_lossy(bad));
+            assert_eq!(
+                e.ssh_code(),
+                Some(crate::ffi::LIBSSH2_ERROR_SCP_PROTOCOL),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
+    fn t_lines_are_validated() {
+        assert_eq!(
+            parse_t_line(b"T1600000000 0 1600000123 0").unwrap(),
+            (1_600_000_000, 1_600_000_123)
+        );
+        for bad in [
+            &b"T1 0 2"[..],
+            b"T1 0 2 0 5",
+            b"T1 0 x 0",
+            b"T99999999999999999999999 0 1 0",
+            b"T",
+        ] {
+            assert!(
+                parse_t_line(bad).is_err(),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+
+    #[test]
+    fn remote_text_in_errors_is_escaped_and_capped() {
+        let e = remote_error("scp: \x1b[2J\x1b]0;owned\x07: No such file or directory");
+        assert_eq!(e.kind(), io::ErrorKind::NotFound);
+        let msg = e.to_string();
+        assert!(!msg.contains('\x1b') && !msg.contains('\x07'), "{msg:?}");
+        assert!(msg.contains("\\x1b[2J"), "{msg}");
+        let long = "x".repeat(MAX_LINE);
+        assert!(remote_error(&long).to_string().len() < 1100);
+        let e = bad_header(&[b'Q', 0x1b, b'[', b'H']);
+        assert!(e.to_string().contains("Q\\x1b[H"), "{e}");
+        assert!(matches!(
+            overlong_line(),
+            Error::LimitExceeded { limit, .. } if limit == MAX_LINE as u64
+        ));
     }
 }

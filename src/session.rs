@@ -18,6 +18,7 @@ use crate::knownhosts::{self, HostKey, HostKeyPolicy};
 use crate::reactor::{OpId, Reactor, SharedFd};
 use crate::transport::callbacks::{self, KbdResponder};
 use crate::transport::{BridgeStats, Link, Transport};
+use zeroize::Zeroize;
 
 /// Cipher order offered by default on CPUs with AES instructions (see
 /// [`default_ciphers`]): AES-GCM first, ordered by measured client CPU per
@@ -298,6 +299,50 @@ pub(crate) fn cstring(what: &str, s: &str) -> Result<CString> {
     CString::new(s).map_err(|_| Error::InvalidInput(format!("{what} contains a NUL byte")))
 }
 
+/// A secret (a password or a key passphrase) copied for libssh2 as a
+/// NUL-terminated string, wiped when dropped. Its `Debug` shows nothing of it.
+///
+/// The buffer is allocated once at its final size and never grows, so no
+/// copy of the secret is left behind by a reallocation.
+pub(crate) struct SecretCString(Vec<u8>);
+
+impl SecretCString {
+    /// Copies `secret`; `what` names it in the error for an inner NUL byte
+    /// (the error never holds the secret).
+    pub(crate) fn new(what: &str, secret: &str) -> Result<Self> {
+        if secret.as_bytes().contains(&0) {
+            return Err(Error::InvalidInput(format!("{what} contains a NUL byte")));
+        }
+        let mut buf = Vec::with_capacity(secret.len() + 1);
+        buf.extend_from_slice(secret.as_bytes());
+        buf.push(0);
+        Ok(SecretCString(buf))
+    }
+
+    /// The NUL-terminated copy, valid while `self` lives.
+    pub(crate) fn as_ptr(&self) -> *const c_char {
+        self.0.as_ptr() as *const c_char
+    }
+
+    /// Overwrites the copy with zeros, in place (the buffer keeps its
+    /// length, so it stays an empty NUL-terminated string).
+    fn wipe(&mut self) {
+        self.0.as_mut_slice().zeroize();
+    }
+}
+
+impl Drop for SecretCString {
+    fn drop(&mut self) {
+        self.wipe();
+    }
+}
+
+impl std::fmt::Debug for SecretCString {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SecretCString(<redacted>)")
+    }
+}
+
 fn path_cstring(what: &str, p: &Path) -> Result<CString> {
     if !p.exists() {
         return Err(Error::InvalidInput(format!(
@@ -525,6 +570,9 @@ impl Session {
 
     /// Authenticates with a private key file (OpenSSH or PEM format); the
     /// public key is derived from it. `passphrase` decrypts an encrypted key.
+    ///
+    /// The copy of `passphrase` made for libssh2 is wiped when the call
+    /// returns; no error holds it.
     pub async fn auth_pubkey_file(
         &self,
         user: &str,
@@ -533,10 +581,13 @@ impl Session {
     ) -> Result<()> {
         let c_user = cstring("user name", user)?;
         let c_key = path_cstring("private key", private_key)?;
-        let c_pass = passphrase.map(|p| cstring("passphrase", p)).transpose()?;
+        let c_pass = passphrase
+            .map(|p| SecretCString::new("passphrase", p))
+            .transpose()?;
         self.inner
             .auth("public-key authentication", |s| {
-                // SAFETY: live session; every string outlives the call.
+                // SAFETY: live session; every string (`c_pass` included,
+                // wiped only when dropped after the call) outlives the call.
                 code(unsafe {
                     ffi::libssh2_userauth_publickey_fromfile_ex(
                         s,
@@ -553,16 +604,23 @@ impl Session {
     }
 
     /// Authenticates with a private key held in memory (PEM or OpenSSH text).
+    ///
+    /// `private_key` is handed to libssh2 as it is (no copy is made here);
+    /// the copy of `passphrase` made for libssh2 is wiped when the call
+    /// returns. No error holds either.
     pub async fn auth_pubkey_memory(
         &self,
         user: &str,
         private_key: &str,
         passphrase: Option<&str>,
     ) -> Result<()> {
-        let c_pass = passphrase.map(|p| cstring("passphrase", p)).transpose()?;
+        let c_pass = passphrase
+            .map(|p| SecretCString::new("passphrase", p))
+            .transpose()?;
         self.inner
             .auth("public-key authentication", |s| {
-                // SAFETY: live session; the buffers outlive the call.
+                // SAFETY: live session; the buffers (`c_pass` included,
+                // wiped only when dropped after the call) outlive the call.
                 code(unsafe {
                     ffi::libssh2_userauth_publickey_frommemory(
                         s,
@@ -581,6 +639,9 @@ impl Session {
     }
 
     /// Authenticates with a password.
+    ///
+    /// `password` is handed to libssh2 by pointer and length (no copy is
+    /// made here); no error holds it.
     pub async fn auth_password(&self, user: &str, password: &str) -> Result<()> {
         self.inner
             .auth("password authentication", |s| {
@@ -601,7 +662,7 @@ impl Session {
 
     /// Keyboard-interactive authentication: `respond(name, instruction,
     /// prompts)` returns one answer per prompt (a prompt is its text and
-    /// whether the answer may be echoed).
+    /// whether the answer may be echoed). No error holds an answer.
     pub async fn auth_keyboard_interactive<F>(&self, user: &str, mut respond: F) -> Result<()>
     where
         F: FnMut(&str, &str, &[(String, bool)]) -> Vec<String>,
@@ -794,6 +855,40 @@ pub(crate) fn code(rc: c_int) -> std::result::Result<(), c_int> {
     if rc < 0 { Err(rc) } else { Ok(()) }
 }
 
+/// Bytes of peer-supplied text kept in an error message.
+pub(crate) const REMOTE_TEXT_MAX: usize = 1024;
+
+/// Text that may come from the server (libssh2's error text, an SFTP status
+/// message, the remote scp's error line, a signal name), made safe to print:
+/// at most [`REMOTE_TEXT_MAX`] bytes of it are kept (then `… (N bytes)`),
+/// invalid UTF-8 becomes U+FFFD, and control and bidirectional-formatting
+/// characters are escaped (`\x1b`, `\u{202e}`), so the text cannot move a
+/// terminal's cursor, recolour it, or reorder what is printed around it.
+pub(crate) fn remote_text(bytes: &[u8]) -> String {
+    let kept = &bytes[..bytes.len().min(REMOTE_TEXT_MAX)];
+    let mut out = String::with_capacity(kept.len());
+    for c in String::from_utf8_lossy(kept).chars() {
+        let bidi = matches!(c, '\u{200e}' | '\u{200f}' | '\u{061c}')
+            || ('\u{202a}'..='\u{202e}').contains(&c)
+            || ('\u{2066}'..='\u{2069}').contains(&c);
+        if c.is_control() || bidi {
+            use std::fmt::Write;
+            if (c as u32) < 0x80 {
+                let _ = write!(out, "\\x{:02x}", c as u32);
+            } else {
+                let _ = write!(out, "\\u{{{:x}}}", c as u32);
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    if bytes.len() > kept.len() {
+        use std::fmt::Write;
+        let _ = write!(out, "… ({} bytes)", bytes.len());
+    }
+    out
+}
+
 /// A blocking TCP socket with TCP_NODELAY, owned for the ring.
 fn tcp_socket(addr: SocketAddr) -> Result<Rc<SharedFd>> {
     let domain = if addr.is_ipv4() {
@@ -867,11 +962,7 @@ impl SessionInner {
                     if msg.is_null() || len <= 0 {
                         String::new()
                     } else {
-                        String::from_utf8_lossy(std::slice::from_raw_parts(
-                            msg as *const u8,
-                            len as usize,
-                        ))
-                        .into_owned()
+                        remote_text(std::slice::from_raw_parts(msg as *const u8, len as usize))
                     }
                 }
             })
@@ -1304,5 +1395,69 @@ impl SessionInner {
 impl Drop for SessionInner {
     fn drop(&mut self) {
         self.free_now();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SECRET: &str = "correct horse battery staple";
+
+    #[test]
+    fn secret_copy_is_nul_terminated_and_wiped_in_place() {
+        let mut s = SecretCString::new("password", SECRET).unwrap();
+        let mut want = SECRET.as_bytes().to_vec();
+        want.push(0);
+        assert_eq!(s.0, want);
+        // SAFETY: `s` is alive and holds a NUL-terminated copy made by `new`.
+        let seen = unsafe { std::ffi::CStr::from_ptr(s.as_ptr()) };
+        assert_eq!(seen.to_bytes(), SECRET.as_bytes());
+        // What `drop` runs; the buffer is still allocated, so it can be read.
+        s.wipe();
+        assert_eq!(s.0.len(), SECRET.len() + 1, "wiped in place, not shrunk");
+        assert!(s.0.iter().all(|&b| b == 0), "not wiped: {:?}", s.0);
+    }
+
+    #[test]
+    fn secret_copy_refuses_a_nul_without_echoing_the_secret() {
+        let bad = format!("{SECRET}\0tail");
+        let e = SecretCString::new("passphrase", &bad).unwrap_err();
+        for text in [e.to_string(), format!("{e:?}")] {
+            assert!(text.contains("passphrase"), "{text}");
+            assert!(!text.contains(SECRET), "the secret leaked: {text}");
+            assert!(!text.contains("tail"), "the secret leaked: {text}");
+        }
+    }
+
+    #[test]
+    fn secret_copy_debug_shows_nothing_of_it() {
+        let s = SecretCString::new("password", SECRET).unwrap();
+        for text in [format!("{s:?}"), format!("{s:#?}")] {
+            assert!(!text.contains(SECRET), "{text}");
+            assert!(text.contains("redacted"), "{text}");
+        }
+    }
+
+    #[test]
+    fn remote_text_escapes_controls_and_caps_length() {
+        assert_eq!(remote_text(b"No such file"), "No such file");
+        assert_eq!(remote_text("é ü".as_bytes()), "é ü");
+        assert_eq!(
+            remote_text(b"\x1b[2J\x1b]0;pwned\x07a\tb\r\n"),
+            "\\x1b[2J\\x1b]0;pwned\\x07a\\x09b\\x0d\\x0a"
+        );
+        assert_eq!(
+            remote_text("x\u{202e}y\u{85}z".as_bytes()),
+            "x\\u{202e}y\\u{85}z"
+        );
+        assert_eq!(remote_text(b"a\xffb"), "a\u{fffd}b");
+        let long = vec![b'A'; 100_000];
+        let t = remote_text(&long);
+        assert!(t.starts_with(&"A".repeat(REMOTE_TEXT_MAX)), "{}", &t[..20]);
+        assert!(t.ends_with("… (100000 bytes)"), "{}", &t[t.len() - 30..]);
+        assert_eq!(t.len(), REMOTE_TEXT_MAX + "… (100000 bytes)".len());
+        // Escapes at most quadruple the kept bytes: the bound holds.
+        assert!(remote_text(&[0x1b; 100_000]).len() <= 4 * REMOTE_TEXT_MAX + 32);
     }
 }

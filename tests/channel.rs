@@ -289,3 +289,180 @@ async fn channels_of_one_session_progress_concurrently() {
     ch.read_to_string(&mut out).await.unwrap();
     assert_eq!(out, "alive\n");
 }
+
+/// Bytes the remote command writes to stderr in the flood tests.
+const FLOOD: u64 = 200_000_000;
+
+/// Most the process's resident memory may grow while the flood runs: far
+/// below the flood, whatever the allocator keeps around.
+const RSS_GROWTH_BOUND: u64 = 64 * MIB as u64;
+
+/// Most libssh2 may hold for the session while unread stderr fills the
+/// window: twice the default 2 MiB window (reads are capped at the
+/// window, see `Channel`) plus per-packet overhead and slack.
+const HELD_BOUND: i64 = 6 * MIB as i64;
+
+/// A `kB` field of `/proc/self/status` (`VmRSS`, `VmHWM`), in bytes.
+fn proc_status(field: &str) -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = status
+        .lines()
+        .find(|l| l.starts_with(field) && l[field.len()..].starts_with(':'))
+        .unwrap_or_else(|| panic!("no {field} in /proc/self/status"));
+    let kib: u64 = line[field.len() + 1..]
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .unwrap();
+    kib * 1024
+}
+
+/// Runs the test `name` alone in a fresh process of this test binary, so
+/// that the process's memory is that test's own: `true` inside that
+/// process (run the test's body), `false` in the caller, after checking
+/// that the body ran and passed there.
+fn alone_in_own_process(name: &str) -> bool {
+    const VAR: &str = "URING_SSH_TEST_ALONE";
+    if std::env::var_os(VAR).is_some() {
+        return true;
+    }
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([name, "--exact", "--test-threads=1", "--nocapture"])
+        .env(VAR, name)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && stdout.contains("1 passed"),
+        "{name} in its own process:\n{stdout}\n{stderr}"
+    );
+    eprint!("{stderr}");
+    false
+}
+
+#[tokio::test]
+async fn unread_stderr_flood_is_held_to_the_window() {
+    if !alone_in_own_process("unread_stderr_flood_is_held_to_the_window") {
+        return;
+    }
+    let sshd = Sshd::start();
+    let s = connect(&sshd).await;
+    let mut ch = s.exec("true").await.unwrap();
+    ch.wait().await.unwrap();
+    drop(ch);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let rss_before = proc_status("VmRSS");
+    let held_before = s.stats().libssh2_bytes;
+
+    let mut ch = s
+        .exec(&format!(
+            "echo start; head -c {FLOOD} /dev/zero >&2; echo end"
+        ))
+        .await
+        .unwrap();
+    let mut start = [0u8; 6];
+    ch.read_exact(&mut start).await.unwrap();
+    assert_eq!(&start, b"start\n");
+    // Reading only stdout: the flood fills the window and stops there, so
+    // `end` cannot come.
+    let mut more = [0u8; 64];
+    let r = tokio::time::timeout(Duration::from_secs(3), ch.read(&mut more)).await;
+    assert!(r.is_err(), "stdout went on past the stderr flood: {r:?}");
+    let held = s.stats().libssh2_bytes - held_before;
+    eprintln!("libssh2 holds {held} bytes of unread stderr");
+    assert!(
+        held > MIB as i64 && held < HELD_BOUND,
+        "libssh2 holds {held} bytes (window-bounded: under {HELD_BOUND})"
+    );
+    // A huge stdout read does not open the window by its size (libssh2
+    // would, for the whole buffer): the bound stays.
+    let mut huge = vec![0u8; 64 * MIB];
+    let r = tokio::time::timeout(Duration::from_secs(2), ch.read(&mut huge)).await;
+    assert!(r.is_err(), "stdout went on past the stderr flood: {r:?}");
+    drop(huge);
+    let held = s.stats().libssh2_bytes - held_before;
+    assert!(
+        held < HELD_BOUND,
+        "after a 64 MiB read libssh2 holds {held} bytes (bound {HELD_BOUND})"
+    );
+
+    // Reading stderr reopens the window: every byte arrives, then stdout's
+    // last line, then the exit status.
+    let mut err = ch.stderr();
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut total = 0u64;
+    loop {
+        let n = err.read(&mut buf).await.unwrap();
+        if n == 0 {
+            break;
+        }
+        assert!(buf[..n].iter().all(|&b| b == 0));
+        total += n as u64;
+    }
+    assert_eq!(total, FLOOD);
+    let mut rest = String::new();
+    ch.read_to_string(&mut rest).await.unwrap();
+    assert_eq!(rest, "end\n");
+    assert!(ch.wait().await.unwrap().success());
+    let growth = proc_status("VmHWM").saturating_sub(rss_before);
+    eprintln!("peak RSS growth: {} KiB", growth / 1024);
+    assert!(
+        growth < RSS_GROWTH_BOUND,
+        "RSS grew by {growth} bytes (bound {RSS_GROWTH_BOUND})"
+    );
+}
+
+#[tokio::test]
+async fn discarded_stderr_flood_lets_the_command_finish_in_bounded_memory() {
+    if !alone_in_own_process("discarded_stderr_flood_lets_the_command_finish_in_bounded_memory") {
+        return;
+    }
+    let sshd = Sshd::start();
+    let s = connect(&sshd).await;
+    let mut ch = s.exec("true").await.unwrap();
+    ch.wait().await.unwrap();
+    drop(ch);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let rss_before = proc_status("VmRSS");
+    let held_before = s.stats().libssh2_bytes;
+
+    let mut ch = s.channel_session().await.unwrap();
+    ch.discard_stderr();
+    ch.exec(&format!("head -c {FLOOD} /dev/zero >&2; echo end; exit 3"))
+        .await
+        .unwrap();
+    // Only stdout is read, in small reads, sampling what libssh2 holds.
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    let mut held_max = 0;
+    loop {
+        let n = tokio::time::timeout(Duration::from_secs(60), ch.read(&mut buf))
+            .await
+            .expect("stdout stalled: stderr was not discarded")
+            .unwrap();
+        held_max = held_max.max(s.stats().libssh2_bytes - held_before);
+        if n == 0 {
+            break;
+        }
+        out.extend_from_slice(&buf[..n]);
+    }
+    assert_eq!(out, b"end\n");
+    assert_eq!(ch.wait().await.unwrap().code, 3, "the exit status arrives");
+    assert_eq!(
+        ch.stderr_discarded(),
+        FLOOD,
+        "every stderr byte was dropped"
+    );
+    assert!(held_max < HELD_BOUND, "libssh2 held up to {held_max} bytes");
+    let growth = proc_status("VmHWM").saturating_sub(rss_before);
+    eprintln!(
+        "libssh2 held at most {held_max} bytes; peak RSS growth: {} KiB",
+        growth / 1024
+    );
+    assert!(
+        growth < RSS_GROWTH_BOUND,
+        "RSS grew by {growth} bytes (bound {RSS_GROWTH_BOUND})"
+    );
+}

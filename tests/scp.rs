@@ -8,7 +8,9 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use common::sshd::{Sshd, TEST_PASSWORD, TEST_USER, require_test_user};
-use common::util::{Prng, connect, hex, open_fds, settle_orphans, sha256_file, write_random_file};
+use common::util::{
+    Prng, connect, hex, open_fds, settle_orphans, sha256_file, wait_freed, write_random_file,
+};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -210,9 +212,11 @@ async fn scp_transfers_dropped_midway_leak_nothing() {
     // come and gone.
     let mut ch = s.exec("true").await.unwrap();
     ch.wait().await.unwrap();
+    let held = s.stats();
     drop(ch);
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let bytes_before = s.stats().libssh2_bytes;
+    let bytes_before = wait_freed(&s, held, Duration::from_secs(10), "the warm-up channel")
+        .await
+        .libssh2_bytes;
 
     for round in 0..3 {
         let dst = dir.path().join(format!("dst{round}.bin"));
@@ -332,4 +336,111 @@ async fn many_scp_transfers_run_at_once_on_one_session() {
         }
     });
     futures::future::join_all(recvs).await;
+}
+
+/// A stand-in for the remote scp, run by sshd's `ForceCommand` in place of
+/// every command: it answers `scp -f` for the paths below with a hostile
+/// header, and runs any other command as given.
+const HOSTILE_SCP: &str = r#"#!/bin/sh
+case "$SSH_ORIGINAL_COMMAND" in
+*bounds-huge-size*) printf 'C0644 9223372036854775808 f\n' ;;
+*bounds-max-size*) printf 'C0644 9223372036854775807 f\n'; head -c 2 >/dev/null; printf abc ;;
+*bounds-long-line*) head -c 1048576 /dev/zero | tr '\0' C ;;
+*bounds-escapes*) printf '\001scp: \033[2J\033]0;owned\007/x: No such file or directory\n' ;;
+*bounds-two-times*) printf 'T1 0 2 0\nT3 0 4 0\nC0644 1 f\nx' ;;
+*) exec /bin/sh -c "$SSH_ORIGINAL_COMMAND" ;;
+esac
+"#;
+
+/// An sshd whose remote scp is [`HOSTILE_SCP`] (the directory holding the
+/// script must outlive the server).
+fn hostile_scp_sshd(dir: &std::path::Path) -> Sshd {
+    let script = dir.join("hostile-scp");
+    std::fs::write(&script, HOSTILE_SCP).unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    Sshd::builder()
+        .extra(&format!("ForceCommand {}", script.display()))
+        .start()
+}
+
+/// A `kB` field of `/proc/self/status`, in bytes.
+fn proc_status(field: &str) -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = status
+        .lines()
+        .find(|l| l.starts_with(field) && l[field.len()..].starts_with(':'))
+        .unwrap_or_else(|| panic!("no {field} in /proc/self/status"));
+    let kib: u64 = line[field.len() + 1..]
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .unwrap();
+    kib * 1024
+}
+
+#[tokio::test]
+async fn hostile_scp_headers_are_bounded() {
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let sshd = hostile_scp_sshd(dir.path());
+    let s = connect(&sshd).await;
+
+    // A size past off_t: refused before anything is sized by it.
+    match s.scp_recv("/bounds-huge-size").await {
+        Err(uring_ssh::Error::LimitExceeded { what, limit }) => {
+            assert_eq!(limit, i64::MAX as u64);
+            assert!(what.contains("size"), "{what}");
+        }
+        other => panic!("a size of 2^63 was accepted: {other:?}"),
+    }
+
+    // The largest size is accepted and only counted down: no allocation
+    // follows it, the reader hands out what comes and then reports the
+    // shortfall.
+    let rss = proc_status("VmRSS");
+    let (mut r, stat) = s.scp_recv("/bounds-max-size").await.unwrap();
+    assert_eq!(stat.size, i64::MAX as u64);
+    let mut got = Vec::new();
+    let e = r
+        .read_to_end(&mut got)
+        .await
+        .expect_err("the file is short");
+    assert_eq!(got, b"abc");
+    assert_eq!(e.kind(), std::io::ErrorKind::UnexpectedEof, "{e}");
+    drop(r);
+    let growth = proc_status("VmRSS").saturating_sub(rss);
+    assert!(growth < 16 * MIB as u64, "RSS grew by {growth} bytes");
+
+    // A header line without end: cut off at the line bound.
+    match s.scp_recv("/bounds-long-line").await {
+        Err(uring_ssh::Error::LimitExceeded { limit, .. }) => {
+            assert_eq!(limit, 8 * 1024)
+        }
+        other => panic!("an endless header line was accepted: {other:?}"),
+    }
+
+    // Terminal escapes in the remote scp's error reach the caller escaped.
+    let e = s
+        .scp_recv("/bounds-escapes")
+        .await
+        .expect_err("the remote scp reported an error");
+    assert_eq!(e.kind(), std::io::ErrorKind::NotFound, "{e}");
+    let msg = e.to_string();
+    assert!(!msg.chars().any(|c| c.is_control()), "{msg:?}");
+    assert!(msg.contains(r"\x1b[2J\x1b]0;owned\x07/x"), "{msg}");
+
+    // One T line at most before the C line.
+    let e = s
+        .scp_recv("/bounds-two-times")
+        .await
+        .expect_err("two T lines");
+    assert!(e.to_string().contains("T3 0 4 0"), "{e}");
+
+    // The session is fine after all of these.
+    let mut ch = s.exec("echo alive").await.unwrap();
+    let mut out = String::new();
+    ch.read_to_string(&mut out).await.unwrap();
+    assert_eq!(out, "alive\n");
 }

@@ -12,6 +12,22 @@
 //! A request's id is its slot in a slab, and a slot is freed only when the
 //! reply for it has arrived: an id in flight is never reused, so a reply
 //! can never reach the wrong waiter, even after its future was dropped.
+//!
+//! What a server can make the engine hold is bounded:
+//!
+//! * the receive buffer never grows past one packet of
+//!   [`codec::MAX_PACKET`] and its length field: a longer length fails the
+//!   channel with [`Error::Protocol`] naming it, before room is made;
+//! * a reply whose id answers no request in flight, or answers one a
+//!   second time, fails the channel with [`Error::Protocol`] (every waiter
+//!   gets it): nothing is kept for an id nobody asked for;
+//! * a reply that is framed correctly but whose body is malformed, of an
+//!   unknown type, or over a bound of the codec (a handle over 256 bytes, a
+//!   name over [`codec::MAX_NAME_LEN`]) fails only the request it answers,
+//!   with [`Error::Protocol`] or [`Error::LimitExceeded`]; the channel
+//!   carries on. If that request was an OPEN, no handle was accepted and
+//!   there is nothing to close: the server drops it with the channel;
+//! * replies are kept only in the slots of requests in flight, one each.
 
 use std::cell::RefCell;
 use std::future::Future;
@@ -22,7 +38,7 @@ use std::task::{Context, Poll, Waker};
 
 use slab::Slab;
 
-use super::codec::{self, DecodeError, Reply, fxp};
+use super::codec::{self, MAX_PACKET, Reply, fxp};
 use crate::channel::ChannelInner;
 use crate::error::{Error, Result};
 use crate::transport::OUTBOUND_HIGH_WATER;
@@ -32,6 +48,10 @@ const RX_CHUNK: usize = 256 * 1024;
 
 /// Channel reads per poll before the reader lets other tasks run.
 const READS_PER_POLL: usize = 32;
+
+/// The most the receive buffer ever holds: one packet of the largest
+/// length accepted, with its length field.
+const RX_MAX: usize = 4 + MAX_PACKET;
 
 enum Slot {
     /// Sent (or queued); the waiter's waker, if it has been polled.
@@ -43,17 +63,100 @@ enum Slot {
     Abandoned { close_handle: bool },
 }
 
+/// Why the channel can carry no more requests.
+#[derive(Debug, Clone)]
+enum Dead {
+    /// The channel or the session under it failed.
+    Io(io::ErrorKind, String),
+    /// The server broke the protocol in a way no single request owns.
+    Protocol(String),
+}
+
+impl Dead {
+    /// The error every request on the dead channel gets.
+    fn error(&self) -> Error {
+        match self {
+            Dead::Io(kind, why) => Error::Io(io::Error::new(*kind, why.clone())),
+            Dead::Protocol(why) => Error::Protocol(why.clone()),
+        }
+    }
+}
+
+/// Received bytes not parsed yet, from `pos` to `end`.
+///
+/// Room is made only after every complete packet was taken out, so what is
+/// left is part of one packet whose length field, once its 4 bytes are in,
+/// passed [`codec::frame`]'s check: the buffer never needs, and never
+/// grows, past [`RX_MAX`].
+#[derive(Default)]
+struct RxBuf {
+    buf: Vec<u8>,
+    pos: usize,
+    end: usize,
+}
+
+impl RxBuf {
+    /// A buffer holding `leftover`, bytes read before the engine started.
+    fn new(leftover: &[u8]) -> RxBuf {
+        let mut buf = vec![0; RX_CHUNK.max(leftover.len())];
+        buf[..leftover.len()].copy_from_slice(leftover);
+        RxBuf {
+            buf,
+            pos: 0,
+            end: leftover.len(),
+        }
+    }
+
+    fn data(&self) -> &[u8] {
+        &self.buf[self.pos..self.end]
+    }
+
+    fn consume(&mut self, n: usize) {
+        self.pos += n;
+    }
+
+    /// Moves the unparsed bytes to the front and, if little room is left,
+    /// grows the buffer (doubling, never past [`RX_MAX`]).
+    fn make_room(&mut self) {
+        if self.pos > 0 {
+            self.buf.copy_within(self.pos..self.end, 0);
+            self.end -= self.pos;
+            self.pos = 0;
+        }
+        if self.buf.len() - self.end < RX_CHUNK / 4 && self.buf.len() < RX_MAX {
+            let want = (self.buf.len() * 2).clamp(RX_CHUNK, RX_MAX);
+            self.buf.resize(want, 0);
+        }
+    }
+
+    /// Where the next read goes.
+    fn room(&mut self) -> &mut [u8] {
+        &mut self.buf[self.end..]
+    }
+
+    fn filled(&mut self, n: usize) {
+        self.end += n;
+    }
+}
+
+/// What dispatching left to do once the state is no longer borrowed.
+#[derive(Default)]
+struct Dispatched {
+    /// Waiters whose reply arrived.
+    wake: Vec<Waker>,
+    /// Handles of abandoned opens, to close.
+    close: Vec<Vec<u8>>,
+}
+
 struct State {
     /// Encoded requests not yet taken by libssh2, from `out_pos`.
     out: Vec<u8>,
     out_pos: usize,
-    /// Received bytes not yet parsed, from `rx_pos` to `rx_end`.
-    rx: Vec<u8>,
-    rx_pos: usize,
-    rx_end: usize,
+    /// Received bytes not yet parsed.
+    rx: RxBuf,
     slots: Slab<Slot>,
     /// Why the channel can carry no more requests.
-    dead: Option<(io::ErrorKind, String)>,
+    dead: Option<Dead>,
     /// A flush of fire-and-forget requests is queued on the driver task.
     flush_scheduled: bool,
     /// Requests sent and replies received, for statistics.
@@ -72,8 +175,6 @@ pub(crate) struct Client {
 
 impl Client {
     pub(crate) fn new(chan: Rc<ChannelInner>, leftover: &[u8]) -> Rc<Client> {
-        let mut rx = vec![0; RX_CHUNK.max(leftover.len() * 2)];
-        rx[..leftover.len()].copy_from_slice(leftover);
         let client = Rc::new_cyclic(|weak: &std::rc::Weak<Client>| {
             let weak = weak.clone();
             let drain: Rc<dyn Fn()> = Rc::new(move || {
@@ -84,18 +185,7 @@ impl Client {
             Client {
                 _drain: drain,
                 chan,
-                st: RefCell::new(State {
-                    out: Vec::with_capacity(64 * 1024),
-                    out_pos: 0,
-                    rx,
-                    rx_pos: 0,
-                    rx_end: leftover.len(),
-                    slots: Slab::new(),
-                    dead: None,
-                    flush_scheduled: false,
-                    requests: 0,
-                    replies: 0,
-                }),
+                st: RefCell::new(State::new(leftover)),
             }
         });
         client
@@ -120,10 +210,10 @@ impl Client {
             }
         }
         if self.chan.session.transport.bridge().link() == crate::transport::Link::Dead {
-            self.fail(
+            self.fail(Dead::Io(
                 io::ErrorKind::NotConnected,
                 "the session was torn down".into(),
-            );
+            ));
             return;
         }
         let mut cx = Context::from_waker(Waker::noop());
@@ -199,40 +289,13 @@ impl Client {
 
     /// The error for a dead channel, if it is.
     fn dead_error(&self) -> Option<Error> {
-        self.st
-            .borrow()
-            .dead
-            .as_ref()
-            .map(|(k, m)| Error::Io(io::Error::new(*k, m.clone())))
+        self.st.borrow().dead.as_ref().map(Dead::error)
     }
 
-    /// Marks the channel dead: every waiter gets `why`.
-    fn fail(&self, kind: io::ErrorKind, why: String) {
-        let mut st = self.st.borrow_mut();
-        if st.dead.is_none() {
-            st.dead = Some((kind, why));
-        }
-        let (kind, why) = st.dead.clone().unwrap_or((kind, String::new()));
-        let mut wake = Vec::new();
-        let mut gone = Vec::new();
-        for (id, slot) in st.slots.iter_mut() {
-            match slot {
-                Slot::Waiting(w) => {
-                    if let Some(w) = w.take() {
-                        wake.push(w);
-                    }
-                    *slot = Slot::Done(Err(Error::Io(io::Error::new(kind, why.clone()))));
-                }
-                Slot::Abandoned { .. } => gone.push(id),
-                Slot::Done(_) => {}
-            }
-        }
-        for id in gone {
-            st.slots.remove(id);
-        }
-        st.out.clear();
-        st.out_pos = 0;
-        drop(st);
+    /// Marks the channel dead: every waiter gets the error for `why` (the
+    /// first failure's, if the channel was dead already).
+    fn fail(&self, why: Dead) {
+        let wake = self.st.borrow_mut().fail(why);
         wake.into_iter().for_each(Waker::wake);
     }
 
@@ -271,7 +334,7 @@ impl Client {
                     drop(st);
                     let kind = e.kind();
                     let msg = format!("SFTP channel write failed: {e}");
-                    self.fail(kind, msg);
+                    self.fail(Dead::Io(kind, msg));
                     return Poll::Ready(Err(Error::Io(e)));
                 }
                 Poll::Pending => return Poll::Pending,
@@ -284,8 +347,7 @@ impl Client {
     /// ([`Read::Dead`]), or a cap on work per call is hit ([`Read::More`]).
     fn read_replies(&self, cx: &mut Context<'_>) -> Read {
         for _ in 0..READS_PER_POLL {
-            if let Err(e) = self.dispatch() {
-                self.fail(io::ErrorKind::InvalidData, e.to_string());
+            if !self.dispatch() {
                 return Read::Dead;
             }
             let mut rx = {
@@ -293,98 +355,71 @@ impl Client {
                 if st.dead.is_some() {
                     return Read::Dead;
                 }
-                // Compact, then make room for a read.
-                if st.rx_pos > 0 {
-                    let (p, e) = (st.rx_pos, st.rx_end);
-                    st.rx.copy_within(p..e, 0);
-                    st.rx_end -= p;
-                    st.rx_pos = 0;
-                }
-                if st.rx.len() - st.rx_end < RX_CHUNK / 4 {
-                    let want = st.rx.len() * 2;
-                    st.rx.resize(want, 0);
-                }
+                st.rx.make_room();
                 std::mem::take(&mut st.rx)
             };
-            let end = self.st.borrow().rx_end;
-            let r = self.chan.poll_read_into(cx, 0, &mut rx[end..]);
+            let room = rx.room();
+            let r = if room.is_empty() {
+                // Cannot happen (see `RxBuf`); a read of 0 bytes would
+                // look like the end of the channel.
+                Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "the SFTP receive buffer is full",
+                )))
+            } else {
+                self.chan.poll_read_into(cx, 0, room)
+            };
             let mut st = self.st.borrow_mut();
             st.rx = rx;
             match r {
                 Poll::Ready(Ok(0)) => {
                     drop(st);
-                    self.fail(
+                    self.fail(Dead::Io(
                         io::ErrorKind::UnexpectedEof,
                         "the server closed the SFTP channel".into(),
-                    );
+                    ));
                     return Read::Dead;
                 }
-                Poll::Ready(Ok(n)) => st.rx_end += n,
+                Poll::Ready(Ok(n)) => st.rx.filled(n),
                 Poll::Ready(Err(e)) => {
                     drop(st);
-                    self.fail(e.kind(), format!("SFTP channel read failed: {e}"));
+                    self.fail(Dead::Io(e.kind(), format!("SFTP channel read failed: {e}")));
                     return Read::Dead;
                 }
                 Poll::Pending => {
                     drop(st);
-                    if let Err(e) = self.dispatch() {
-                        self.fail(io::ErrorKind::InvalidData, e.to_string());
+                    if !self.dispatch() {
                         return Read::Dead;
                     }
                     return Read::Drained;
                 }
             }
         }
-        if let Err(e) = self.dispatch() {
-            self.fail(io::ErrorKind::InvalidData, e.to_string());
+        if !self.dispatch() {
             return Read::Dead;
         }
         Read::More
     }
 
-    /// Hands every complete reply in the receive buffer to its slot.
-    fn dispatch(&self) -> std::result::Result<(), DecodeError> {
-        let mut wake = Vec::new();
-        let mut close = Vec::new();
-        {
-            let mut st = self.st.borrow_mut();
-            loop {
-                let avail = &st.rx[st.rx_pos..st.rx_end];
-                let Some(len) = codec::frame(avail)? else {
-                    break;
-                };
-                let (id, reply) = codec::decode_reply(&avail[4..len])?;
-                st.rx_pos += len;
-                st.replies += 1;
-                let id = id as usize;
-                let slot = st
-                    .slots
-                    .get_mut(id)
-                    .ok_or(DecodeError("reply to a request never sent"))?;
-                match slot {
-                    Slot::Waiting(w) => {
-                        if let Some(w) = w.take() {
-                            wake.push(w);
-                        }
-                        *slot = Slot::Done(Ok(reply));
-                    }
-                    Slot::Abandoned { close_handle } => {
-                        if let (true, Reply::Handle(h)) = (*close_handle, reply) {
-                            close.push(h);
-                        }
-                        st.slots.remove(id);
-                    }
-                    Slot::Done(_) => return Err(DecodeError("two replies to one request")),
-                }
-            }
-        }
-        for w in wake {
+    /// Hands every complete reply in the receive buffer to its slot, wakes
+    /// the waiters and queues the CLOSEs owed; `false` if the server broke
+    /// the protocol and the channel is now dead.
+    fn dispatch(&self) -> bool {
+        let mut done = Dispatched::default();
+        let r = self.st.borrow_mut().dispatch(&mut done);
+        for w in done.wake {
             w.wake();
         }
-        for h in close {
+        for h in done.close {
             self.close_handle_later(h);
         }
-        Ok(())
+        match r {
+            Ok(()) => true,
+            Err(why) => {
+                self.fail(Dead::Protocol(why));
+                false
+            }
+        }
     }
 
     /// Sends CLOSE for `handle` without waiting for its reply.
@@ -418,6 +453,96 @@ impl Client {
         }
         // Replies may have queued CLOSEs of abandoned opens.
         let _ = self.flush(cx);
+    }
+}
+
+impl State {
+    fn new(leftover: &[u8]) -> State {
+        State {
+            out: Vec::with_capacity(64 * 1024),
+            out_pos: 0,
+            rx: RxBuf::new(leftover),
+            slots: Slab::new(),
+            dead: None,
+            flush_scheduled: false,
+            requests: 0,
+            replies: 0,
+        }
+    }
+
+    /// Hands every complete reply in the receive buffer to its slot.
+    /// `Err` (the message of an [`Error::Protocol`]) when the server broke
+    /// the protocol in a way that belongs to no request: a bad frame, an id
+    /// nobody waits for, a second reply to a request.
+    fn dispatch(&mut self, done: &mut Dispatched) -> std::result::Result<(), String> {
+        loop {
+            let avail = self.rx.data();
+            let Some(len) = codec::frame(avail).map_err(|e| e.to_string())? else {
+                return Ok(());
+            };
+            let body = &avail[4..len];
+            let (id, reply) = match codec::decode_reply(body) {
+                Ok((id, reply)) => (id, Ok(reply)),
+                // Framed correctly: the error is the request's alone.
+                Err(e) => match codec::reply_id(body) {
+                    Some(id) if self.slots.contains(id as usize) => (id, Err(Error::from(e))),
+                    _ => return Err(e.to_string()),
+                },
+            };
+            self.rx.consume(len);
+            self.replies += 1;
+            let Some(slot) = self.slots.get_mut(id as usize) else {
+                return Err(format!(
+                    "SFTP reply with id {id} answers no request in flight"
+                ));
+            };
+            match slot {
+                Slot::Waiting(w) => {
+                    if let Some(w) = w.take() {
+                        done.wake.push(w);
+                    }
+                    *slot = Slot::Done(reply);
+                }
+                Slot::Abandoned { close_handle } => {
+                    // A rejected handle (over 256 bytes) is not closed: the
+                    // client never sends one.
+                    if let (true, Ok(Reply::Handle(h))) = (*close_handle, reply) {
+                        done.close.push(h);
+                    }
+                    self.slots.remove(id as usize);
+                }
+                Slot::Done(_) => {
+                    return Err(format!("a second SFTP reply to request {id}"));
+                }
+            }
+        }
+    }
+
+    /// Marks the channel dead (keeping the first reason): every waiting
+    /// request gets the error, abandoned ones are forgotten, queued ones
+    /// dropped. Returns the waiters to wake.
+    fn fail(&mut self, why: Dead) -> Vec<Waker> {
+        let why = self.dead.get_or_insert(why).clone();
+        let mut wake = Vec::new();
+        let mut gone = Vec::new();
+        for (id, slot) in self.slots.iter_mut() {
+            match slot {
+                Slot::Waiting(w) => {
+                    if let Some(w) = w.take() {
+                        wake.push(w);
+                    }
+                    *slot = Slot::Done(Err(why.error()));
+                }
+                Slot::Abandoned { .. } => gone.push(id),
+                Slot::Done(_) => {}
+            }
+        }
+        for id in gone {
+            self.slots.remove(id);
+        }
+        self.out.clear();
+        self.out_pos = 0;
+        wake
     }
 }
 
@@ -537,5 +662,217 @@ pub(crate) fn unexpected(reply: Reply, path: Option<&[u8]>) -> Error {
                 Reply::Status { .. } => "STATUS",
             }
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sftp::codec::{MAX_NAME_LEN, put_str, put_u32};
+
+    /// Bytes copied per simulated channel read.
+    const READ: usize = 100_000;
+
+    /// A reply packet (with its length) of type `kind` for `id`.
+    fn packet(kind: u8, id: u32, payload: &[u8]) -> Vec<u8> {
+        let mut p = Vec::new();
+        put_u32(&mut p, (payload.len() + 5) as u32);
+        p.push(kind);
+        put_u32(&mut p, id);
+        p.extend_from_slice(payload);
+        p
+    }
+
+    fn handle_reply(id: u32, handle: &[u8]) -> Vec<u8> {
+        let mut h = Vec::new();
+        put_str(&mut h, handle);
+        packet(fxp::HANDLE, id, &h)
+    }
+
+    fn ok_status(id: u32) -> Vec<u8> {
+        packet(fxp::STATUS, id, &[0, 0, 0, 0])
+    }
+
+    /// What `read_replies` does, with `bytes` as what the channel yields:
+    /// dispatch, make room, read, until everything was read and parsed.
+    /// Returns the largest the receive buffer became.
+    fn pump(
+        st: &mut State,
+        mut bytes: &[u8],
+        done: &mut Dispatched,
+    ) -> std::result::Result<usize, String> {
+        let mut largest = st.rx.buf.len();
+        loop {
+            st.dispatch(done)?;
+            if bytes.is_empty() {
+                return Ok(largest);
+            }
+            st.rx.make_room();
+            largest = largest.max(st.rx.buf.len());
+            let room = st.rx.room();
+            assert!(!room.is_empty(), "no room left for a read");
+            let n = room.len().min(bytes.len()).min(READ);
+            room[..n].copy_from_slice(&bytes[..n]);
+            st.rx.filled(n);
+            bytes = &bytes[n..];
+        }
+    }
+
+    fn waiting(st: &mut State) -> u32 {
+        st.slots.insert(Slot::Waiting(Some(Waker::noop().clone()))) as u32
+    }
+
+    fn take(st: &mut State, id: u32) -> Result<Reply> {
+        match st.slots.remove(id as usize) {
+            Slot::Done(r) => r,
+            _ => panic!("request {id} has no reply"),
+        }
+    }
+
+    #[test]
+    fn the_receive_buffer_never_grows_past_one_packet() {
+        let mut st = State::new(&[]);
+        let id = waiting(&mut st);
+        // The largest DATA reply accepted, then a small one behind it.
+        let mut data = Vec::new();
+        put_str(&mut data, &vec![0xab; MAX_PACKET - 9]);
+        let mut wire = packet(fxp::DATA, id, &data);
+        assert_eq!(wire.len(), RX_MAX);
+        let id2 = waiting(&mut st);
+        wire.extend(ok_status(id2));
+        let mut done = Dispatched::default();
+        let largest = pump(&mut st, &wire, &mut done).unwrap();
+        assert!(largest <= RX_MAX, "grew to {largest}");
+        assert_eq!(done.wake.len(), 2);
+        assert!(matches!(take(&mut st, id), Ok(Reply::Data(d)) if d.len() == MAX_PACKET - 9));
+        assert!(matches!(
+            take(&mut st, id2),
+            Ok(Reply::Status { code: 0, .. })
+        ));
+        assert!(st.rx.data().is_empty());
+    }
+
+    #[test]
+    fn a_packet_length_of_4_gib_fails_the_channel_with_a_protocol_error() {
+        let mut st = State::new(&[]);
+        let id = waiting(&mut st);
+        let before = st.rx.buf.len();
+        let mut done = Dispatched::default();
+        let why = pump(&mut st, &[0xff, 0xff, 0xff, 0xff, fxp::DATA], &mut done).unwrap_err();
+        assert!(why.contains("4294967295"), "{why}");
+        assert_eq!(st.rx.buf.len(), before, "the buffer grew for it");
+        // What `Client::fail` does with it: the waiter, and every request
+        // after, gets the protocol error naming the length.
+        assert_eq!(st.fail(Dead::Protocol(why.clone())).len(), 1);
+        match take(&mut st, id) {
+            Err(Error::Protocol(m)) => assert_eq!(m, why),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(st.dead.as_ref().map(Dead::error), Some(Error::Protocol(m)) if m == why));
+    }
+
+    #[test]
+    fn replies_to_no_request_fail_the_channel_and_keep_nothing() {
+        let mut st = State::new(&[]);
+        let id = waiting(&mut st);
+        let mut done = Dispatched::default();
+        let why = pump(&mut st, &ok_status(id + 7), &mut done).unwrap_err();
+        assert_eq!(
+            why,
+            format!("SFTP reply with id {} answers no request in flight", id + 7)
+        );
+        assert_eq!(st.slots.len(), 1, "nothing kept for the unknown id");
+        assert!(matches!(st.slots.get(id as usize), Some(Slot::Waiting(_))));
+
+        // A second reply to a request whose first reply is not taken yet.
+        let mut st = State::new(&[]);
+        let id = waiting(&mut st);
+        let wire = [ok_status(id), ok_status(id)].concat();
+        let why = pump(&mut st, &wire, &mut done).unwrap_err();
+        assert_eq!(why, format!("a second SFTP reply to request {id}"));
+    }
+
+    #[test]
+    fn a_malformed_reply_fails_only_its_request() {
+        let mut st = State::new(&[]);
+        let (a, b, c, d) = (
+            waiting(&mut st),
+            waiting(&mut st),
+            waiting(&mut st),
+            waiting(&mut st),
+        );
+        let mut name = Vec::new();
+        put_u32(&mut name, 1);
+        put_str(&mut name, &vec![b'n'; MAX_NAME_LEN + 1]);
+        put_str(&mut name, b"");
+        put_u32(&mut name, 0);
+        let wire = [
+            handle_reply(a, &[1; 257]),
+            packet(99, b, &[]),
+            packet(fxp::NAME, c, &name),
+            ok_status(d),
+        ]
+        .concat();
+        let mut done = Dispatched::default();
+        pump(&mut st, &wire, &mut done).unwrap();
+        assert_eq!(done.wake.len(), 4);
+        assert!(
+            matches!(take(&mut st, a), Err(Error::Protocol(m)) if m.contains("handle longer than 256"))
+        );
+        assert!(
+            matches!(take(&mut st, b), Err(Error::Protocol(m)) if m.contains("unknown reply type"))
+        );
+        assert!(matches!(
+            take(&mut st, c),
+            Err(Error::LimitExceeded { limit, .. }) if limit == MAX_NAME_LEN as u64
+        ));
+        assert!(matches!(
+            take(&mut st, d),
+            Ok(Reply::Status { code: 0, .. })
+        ));
+        assert!(st.dead.is_none());
+    }
+
+    #[test]
+    fn abandoned_opens_close_accepted_handles_only() {
+        let mut st = State::new(&[]);
+        let good = st.slots.insert(Slot::Abandoned { close_handle: true }) as u32;
+        let long = st.slots.insert(Slot::Abandoned { close_handle: true }) as u32;
+        let other = st.slots.insert(Slot::Abandoned {
+            close_handle: false,
+        }) as u32;
+        let wire = [
+            handle_reply(good, b"h-ok"),
+            handle_reply(long, &[2; 300]),
+            handle_reply(other, b"h-other"),
+        ]
+        .concat();
+        let mut done = Dispatched::default();
+        pump(&mut st, &wire, &mut done).unwrap();
+        assert_eq!(done.close, vec![b"h-ok".to_vec()]);
+        assert!(st.slots.is_empty(), "every abandoned slot was freed");
+    }
+
+    #[test]
+    fn wrong_reply_types_are_typed_errors() {
+        let e = unexpected(Reply::Data(vec![1]), Some(b"/x"));
+        assert!(
+            matches!(e, Error::Protocol(ref m) if m == "unexpected SFTP reply DATA"),
+            "{e:?}"
+        );
+        let e = status_ok(Reply::Name(Vec::new()), None).unwrap_err();
+        assert!(
+            matches!(e, Error::Protocol(ref m) if m.contains("NAME")),
+            "{e:?}"
+        );
+        let e = status_ok(
+            Reply::Status {
+                code: codec::status::NO_SUCH_FILE,
+                message: "gone".into(),
+            },
+            Some(b"/x"),
+        )
+        .unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::NotFound);
     }
 }

@@ -3,6 +3,11 @@
 //!
 //! Pure functions over byte slices, no IO: every reply parser returns a
 //! [`DecodeError`] on truncated or malformed input, never panics.
+//!
+//! Every size the server controls is bounded before anything is allocated
+//! for it: a packet's length by 4 MiB, a `NAME` reply's count by
+//! the bytes that follow it, a handle by the draft's 256 bytes, a file name
+//! by [`MAX_NAME_LEN`], a status message by the text kept in errors.
 
 use std::fmt;
 
@@ -77,6 +82,25 @@ const ATTR_EXTENDED: u32 = 0x8000_0000;
 
 /// The largest reply we accept; OpenSSH's server sends at most 256 KiB.
 pub(crate) const MAX_PACKET: usize = 4 * 1024 * 1024;
+
+/// The longest handle the draft allows ("MUST NOT be longer than 256
+/// bytes").
+pub(crate) const MAX_HANDLE_LEN: usize = 256;
+
+/// The longest file name accepted in a `NAME` reply (a listing's entry, a
+/// REALPATH or READLINK answer): `PATH_MAX`.
+pub const MAX_NAME_LEN: usize = 4096;
+
+/// The longest `ls -l`-style line accepted with a name: the name and room
+/// for the columns before it.
+pub const MAX_LONGNAME_LEN: usize = MAX_NAME_LEN + 1024;
+
+/// The fewest bytes one `NAME` entry takes: two string lengths and the
+/// attribute flags.
+const MIN_NAME_ENTRY: usize = 4 + 4 + 4;
+
+/// Entries reserved up front for a `NAME` reply; more grow as they parse.
+const NAME_RESERVE: usize = 256;
 
 /// File attributes: each field is present only if the server sent it (or,
 /// in a request, only if it should be changed).
@@ -238,13 +262,53 @@ pub(crate) enum Reply {
     Extended(Vec<u8>),
 }
 
-/// Why a reply could not be decoded.
+/// Why a reply could not be decoded, or which bound it broke.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DecodeError(pub(crate) &'static str);
+pub struct DecodeError(pub(crate) Problem);
+
+/// The kinds of [`DecodeError`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Problem {
+    /// Truncated, trailing bytes, a count that cannot fit, a bad type.
+    Malformed(&'static str),
+    /// A packet whose length field exceeds [`MAX_PACKET`].
+    PacketTooLong(u64),
+    /// A field longer than a bound the client keeps.
+    TooLong { what: &'static str, limit: u64 },
+}
+
+impl DecodeError {
+    pub(crate) const fn malformed(why: &'static str) -> Self {
+        DecodeError(Problem::Malformed(why))
+    }
+}
 
 impl fmt::Display for DecodeError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "malformed SFTP reply: {}", self.0)
+        match &self.0 {
+            Problem::Malformed(why) => write!(f, "malformed SFTP reply: {why}"),
+            Problem::PacketTooLong(len) => write!(
+                f,
+                "SFTP packet length {len} exceeds the client's limit of {MAX_PACKET} bytes"
+            ),
+            Problem::TooLong { what, limit } => {
+                write!(f, "{what} exceeds the client's limit of {limit}")
+            }
+        }
+    }
+}
+
+impl std::error::Error for DecodeError {}
+
+impl From<DecodeError> for crate::error::Error {
+    /// [`Error::LimitExceeded`](crate::error::Error::LimitExceeded) for a
+    /// field over a client bound, [`Error::Protocol`](crate::error::Error::Protocol)
+    /// otherwise.
+    fn from(e: DecodeError) -> Self {
+        match e.0 {
+            Problem::TooLong { what, limit } => crate::error::Error::LimitExceeded { what, limit },
+            _ => crate::error::Error::Protocol(e.to_string()),
+        }
     }
 }
 
@@ -260,7 +324,7 @@ impl<'a> Reader<'a> {
 
     fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
         if self.buf.len() < n {
-            return Err(DecodeError("truncated"));
+            return Err(DecodeError::malformed("truncated"));
         }
         let (head, tail) = self.buf.split_at(n);
         self.buf = tail;
@@ -286,6 +350,22 @@ impl<'a> Reader<'a> {
     pub(crate) fn string(&mut self) -> Result<&'a [u8], DecodeError> {
         let n = self.u32()? as usize;
         self.take(n)
+    }
+
+    /// A string of at most `limit` bytes; a longer one is `what` over it.
+    fn string_max(&mut self, limit: usize, what: &'static str) -> Result<&'a [u8], DecodeError> {
+        let s = self.string()?;
+        if s.len() > limit {
+            return Err(DecodeError(Problem::TooLong {
+                what,
+                limit: limit as u64,
+            }));
+        }
+        Ok(s)
+    }
+
+    fn remaining(&self) -> usize {
+        self.buf.len()
     }
 
     fn rest(&mut self) -> &'a [u8] {
@@ -361,17 +441,19 @@ impl<'a> Request<'a> {
 pub(crate) const WRITE_HEADER: usize = 4 + 1 + 4 + 4 + 8 + 4;
 
 /// The length of the first complete packet in `buf`, if there is one:
-/// `Ok(None)` while more bytes are needed.
+/// `Ok(None)` while more bytes are needed. The length field is checked
+/// against [`MAX_PACKET`] as soon as its 4 bytes are in, before a caller
+/// makes room for the rest.
 pub(crate) fn frame(buf: &[u8]) -> Result<Option<usize>, DecodeError> {
     if buf.len() < 4 {
         return Ok(None);
     }
     let len = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
     if len == 0 {
-        return Err(DecodeError("empty packet"));
+        return Err(DecodeError::malformed("empty packet"));
     }
     if len > MAX_PACKET {
-        return Err(DecodeError("packet longer than 4 MiB"));
+        return Err(DecodeError(Problem::PacketTooLong(len as u64)));
     }
     if buf.len() < 4 + len {
         return Ok(None);
@@ -387,7 +469,7 @@ pub(crate) type Extension = (String, Vec<u8>);
 pub(crate) fn decode_version(body: &[u8]) -> Result<(u32, Vec<Extension>), DecodeError> {
     let mut r = Reader::new(body);
     if r.u8()? != fxp::VERSION {
-        return Err(DecodeError("expected VERSION"));
+        return Err(DecodeError::malformed("expected VERSION"));
     }
     let version = r.u32()?;
     let mut ext = Vec::new();
@@ -397,6 +479,14 @@ pub(crate) fn decode_version(body: &[u8]) -> Result<(u32, Vec<Extension>), Decod
         ext.push((name, data));
     }
     Ok((version, ext))
+}
+
+/// The request id of a reply packet (without its length), if it is long
+/// enough to carry one: a reply whose body fails to decode still fails only
+/// the request it answers.
+pub(crate) fn reply_id(body: &[u8]) -> Option<u32> {
+    let b = body.get(1..5)?;
+    Some(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
 }
 
 /// Decodes a reply packet (without its length): its request id and body.
@@ -409,10 +499,12 @@ pub(crate) fn decode_reply(body: &[u8]) -> Result<(u32, Reply), DecodeError> {
             let code = r.u32()?;
             // Version 3 servers send a message and a language tag; very old
             // ones may omit both.
+            // The server's text ends up in errors that fleet tools print:
+            // capped and with control characters escaped.
             let message = if r.is_empty() {
                 String::new()
             } else {
-                let m = String::from_utf8_lossy(r.string()?).into_owned();
+                let m = crate::session::remote_text(r.string()?);
                 if !r.is_empty() {
                     r.string()?;
                 }
@@ -422,22 +514,30 @@ pub(crate) fn decode_reply(body: &[u8]) -> Result<(u32, Reply), DecodeError> {
         }
         fxp::HANDLE => {
             let h = r.string()?;
-            if h.is_empty() || h.len() > 256 {
-                return Err(DecodeError("handle length out of range"));
+            if h.is_empty() {
+                return Err(DecodeError::malformed("empty handle"));
+            }
+            if h.len() > MAX_HANDLE_LEN {
+                return Err(DecodeError::malformed("handle longer than 256 bytes"));
             }
             Reply::Handle(h.to_vec())
         }
         fxp::DATA => Reply::Data(r.string()?.to_vec()),
         fxp::NAME => {
             let n = r.u32()? as usize;
-            // Each entry takes at least 12 bytes: a bound before allocating.
-            if n > body.len() / 12 {
-                return Err(DecodeError("name count larger than the packet"));
+            // Each entry takes at least MIN_NAME_ENTRY bytes: a count the
+            // rest of the packet cannot hold is refused before allocating.
+            if n > r.remaining() / MIN_NAME_ENTRY {
+                return Err(DecodeError::malformed("name count larger than the packet"));
             }
-            let mut names = Vec::with_capacity(n);
+            let mut names = Vec::with_capacity(n.min(NAME_RESERVE));
             for _ in 0..n {
-                let filename = r.string()?.to_vec();
-                let longname = r.string()?.to_vec();
+                let filename = r
+                    .string_max(MAX_NAME_LEN, "a file name in an SFTP NAME reply")?
+                    .to_vec();
+                let longname = r
+                    .string_max(MAX_LONGNAME_LEN, "a long name in an SFTP NAME reply")?
+                    .to_vec();
                 let attrs = FileAttributes::decode(&mut r)?;
                 names.push(NameEntry {
                     filename,
@@ -449,10 +549,10 @@ pub(crate) fn decode_reply(body: &[u8]) -> Result<(u32, Reply), DecodeError> {
         }
         fxp::ATTRS => Reply::Attrs(FileAttributes::decode(&mut r)?),
         fxp::EXTENDED_REPLY => Reply::Extended(r.rest().to_vec()),
-        _ => return Err(DecodeError("unknown reply type")),
+        _ => return Err(DecodeError::malformed("unknown reply type")),
     };
     if !r.is_empty() {
-        return Err(DecodeError("trailing bytes"));
+        return Err(DecodeError::malformed("trailing bytes"));
     }
     Ok((id, reply))
 }
@@ -474,7 +574,7 @@ pub(crate) fn decode_statvfs(data: &[u8]) -> Result<StatVfs, DecodeError> {
         namemax: r.u64()?,
     };
     if !r.is_empty() {
-        return Err(DecodeError("trailing bytes in statvfs"));
+        return Err(DecodeError::malformed("trailing bytes in statvfs"));
     }
     Ok(v)
 }
@@ -489,7 +589,7 @@ pub(crate) fn decode_limits(data: &[u8]) -> Result<Limits, DecodeError> {
         max_open_handles: r.u64()?,
     };
     if !r.is_empty() {
-        return Err(DecodeError("trailing bytes in limits"));
+        return Err(DecodeError::malformed("trailing bytes in limits"));
     }
     Ok(v)
 }
@@ -653,6 +753,130 @@ mod tests {
         assert!(decode_version(&[fxp::VERSION, 0, 0]).is_err());
         assert!(decode_statvfs(&[0; 87]).is_err());
         assert!(decode_limits(&[0; 33]).is_err());
+    }
+
+    /// A NAME reply body with id 4 and one entry per name.
+    fn name_reply(names: &[(&[u8], &[u8])]) -> Vec<u8> {
+        let mut body = vec![fxp::NAME, 0, 0, 0, 4];
+        put_u32(&mut body, names.len() as u32);
+        for (name, long) in names {
+            put_str(&mut body, name);
+            put_str(&mut body, long);
+            put_u32(&mut body, 0);
+        }
+        body
+    }
+
+    #[test]
+    fn packet_length_is_bounded_before_the_packet_arrives() {
+        // Only the length field is present: refused at once, naming it.
+        let e = frame(&[0xff, 0xff, 0xff, 0xff]).unwrap_err();
+        assert_eq!(e, DecodeError(Problem::PacketTooLong(u32::MAX as u64)));
+        let msg = e.to_string();
+        assert!(
+            msg.contains("4294967295") && msg.contains("4194304"),
+            "{msg}"
+        );
+        match crate::error::Error::from(e) {
+            crate::error::Error::Protocol(m) => assert_eq!(m, msg),
+            other => panic!("{other:?}"),
+        }
+        let over = ((MAX_PACKET + 1) as u32).to_be_bytes();
+        assert!(frame(&over).is_err());
+        // The largest accepted length waits for its bytes.
+        let at = (MAX_PACKET as u32).to_be_bytes();
+        assert_eq!(frame(&at).unwrap(), None);
+    }
+
+    #[test]
+    fn name_count_is_bounded_by_the_bytes_present() {
+        // Each entry takes at least 12 bytes: 3 empty entries fit in 36.
+        let body = name_reply(&[(b"", b""), (b"", b""), (b"", b"")]);
+        let (_, r) = decode_reply(&body).unwrap();
+        assert!(matches!(r, Reply::Name(ref n) if n.len() == 3), "{r:?}");
+        // One more announced than the bytes can hold: refused before
+        // anything is reserved.
+        let mut over = body.clone();
+        over[5..9].copy_from_slice(&4u32.to_be_bytes());
+        assert_eq!(
+            decode_reply(&over).unwrap_err(),
+            DecodeError::malformed("name count larger than the packet")
+        );
+        let mut huge = body;
+        huge[5..9].copy_from_slice(&u32::MAX.to_be_bytes());
+        assert_eq!(
+            decode_reply(&huge).unwrap_err(),
+            DecodeError::malformed("name count larger than the packet")
+        );
+    }
+
+    #[test]
+    fn handles_longer_than_256_bytes_are_refused() {
+        let handle = |len: usize| {
+            let mut body = vec![fxp::HANDLE, 0, 0, 0, 1];
+            put_str(&mut body, &vec![7; len]);
+            decode_reply(&body)
+        };
+        assert!(matches!(handle(256), Ok((1, Reply::Handle(h))) if h.len() == 256));
+        let e = handle(257).unwrap_err();
+        assert_eq!(e, DecodeError::malformed("handle longer than 256 bytes"));
+        assert!(matches!(
+            crate::error::Error::from(e),
+            crate::error::Error::Protocol(m) if m.contains("256")
+        ));
+        assert!(handle(0).is_err());
+        assert!(handle(MAX_PACKET - 16).is_err());
+    }
+
+    #[test]
+    fn names_longer_than_path_max_are_refused() {
+        let ok = vec![b'n'; MAX_NAME_LEN];
+        let (_, r) = decode_reply(&name_reply(&[(&ok, b"l")])).unwrap();
+        assert!(matches!(r, Reply::Name(ref n) if n[0].filename.len() == MAX_NAME_LEN));
+        let long = vec![b'n'; MAX_NAME_LEN + 1];
+        let e = decode_reply(&name_reply(&[(b"a", b"l"), (&long, b"l")])).unwrap_err();
+        match crate::error::Error::from(e) {
+            crate::error::Error::LimitExceeded { what, limit } => {
+                assert_eq!(limit, MAX_NAME_LEN as u64);
+                assert!(what.contains("file name"), "{what}");
+            }
+            other => panic!("{other:?}"),
+        }
+        let longname = vec![b'l'; MAX_LONGNAME_LEN + 1];
+        let e = decode_reply(&name_reply(&[(b"a", &longname)])).unwrap_err();
+        assert!(matches!(
+            crate::error::Error::from(e),
+            crate::error::Error::LimitExceeded { limit, .. } if limit == MAX_LONGNAME_LEN as u64
+        ));
+    }
+
+    #[test]
+    fn status_messages_are_capped_and_escaped() {
+        let mut body = vec![fxp::STATUS, 0, 0, 0, 2, 0, 0, 0, 4];
+        let mut text = b"\x1b[31mred".to_vec();
+        text.extend(std::iter::repeat_n(b'x', 100_000));
+        put_str(&mut body, &text);
+        put_str(&mut body, b"en");
+        let (_, r) = decode_reply(&body).unwrap();
+        let Reply::Status { code, message } = r else {
+            panic!("{r:?}")
+        };
+        assert_eq!(code, status::FAILURE);
+        assert!(message.starts_with("\\x1b[31mred"), "{}", &message[..20]);
+        assert!(!message.contains('\x1b'));
+        assert!(message.len() < 1100, "{} bytes kept", message.len());
+        assert!(
+            message.ends_with("(100008 bytes)"),
+            "{}",
+            &message[message.len() - 20..]
+        );
+    }
+
+    #[test]
+    fn the_id_of_a_malformed_reply_is_still_readable() {
+        assert_eq!(reply_id(&[fxp::HANDLE, 0, 0, 1, 2, 0xff]), Some(258));
+        assert_eq!(reply_id(&[fxp::HANDLE, 0, 0, 1]), None);
+        assert_eq!(reply_id(&[]), None);
     }
 
     #[test]

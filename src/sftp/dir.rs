@@ -47,6 +47,14 @@ impl DirEntry {
 /// batch). Implements [`futures_core::Stream`]; [`ReadDir::next_entry`] is
 /// the same without the trait. Dropping it closes the handle in the
 /// background.
+///
+/// At most one batch is held: the next READDIR goes out only once the
+/// previous batch was consumed, and a batch is bounded by the reply that
+/// carried it (one packet of at most 4 MiB, whose announced count must fit
+/// the bytes that follow it). A batch holding a name longer than
+/// [`MAX_NAME_LEN`](super::codec::MAX_NAME_LEN) bytes, or a malformed one,
+/// ends the listing with [`Error::LimitExceeded`] or [`Error::Protocol`]
+/// (the handle is still closed).
 pub struct ReadDir {
     sftp: Sftp,
     handle: Rc<Handle>,

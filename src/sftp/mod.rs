@@ -67,6 +67,53 @@ const FALLBACK_IO_SIZE: u32 = 32 * 1024;
 /// is gained, and large requests delay the replies queued behind them.
 const MAX_IO_SIZE: u32 = 255 * 1024;
 
+/// The smallest READ or WRITE we make, whatever the server announces: a
+/// server announcing 1 byte would otherwise cost a round trip per byte.
+const MIN_IO_SIZE: u32 = 1024;
+
+/// Bytes of a WRITE packet besides its data, with room to spare for the
+/// longest handle: what a server's packet limit must leave for the header.
+const WRITE_OVERHEAD: u64 = 1024;
+
+/// The server's limits as the client applies them (see [`Sftp::limits`]):
+/// read and write lengths clamped to [`MIN_IO_SIZE`]..=[`MAX_IO_SIZE`], the
+/// packet length to what a WRITE of [`MIN_IO_SIZE`]..=[`codec::MAX_PACKET`]
+/// needs; 0 (not announced) stays 0, and so does everything when the
+/// server announced nothing.
+fn clamp_limits(announced: Limits) -> Limits {
+    let clamp = |v: u64, lo: u64, hi: u64| if v == 0 { 0 } else { v.clamp(lo, hi) };
+    let io = |v| clamp(v, MIN_IO_SIZE as u64, MAX_IO_SIZE as u64);
+    Limits {
+        max_packet_length: clamp(
+            announced.max_packet_length,
+            MIN_IO_SIZE as u64 + WRITE_OVERHEAD,
+            codec::MAX_PACKET as u64,
+        ),
+        max_read_length: io(announced.max_read_length),
+        max_write_length: io(announced.max_write_length),
+        max_open_handles: announced.max_open_handles,
+    }
+}
+
+/// Bytes per READ and per WRITE for (clamped) `limits`: the announced
+/// lengths, [`FALLBACK_IO_SIZE`] where none was announced, a WRITE small
+/// enough for the packet limit; always within
+/// [`MIN_IO_SIZE`]..=[`MAX_IO_SIZE`].
+fn io_sizes_for(limits: &Limits) -> (u32, u32) {
+    let size = |announced: u64| match announced {
+        0 => FALLBACK_IO_SIZE,
+        n => n.clamp(MIN_IO_SIZE as u64, MAX_IO_SIZE as u64) as u32,
+    };
+    let read = size(limits.max_read_length);
+    let mut write = size(limits.max_write_length) as u64;
+    if limits.max_packet_length > 0 {
+        // The whole WRITE packet must fit the server's packet limit.
+        write = write.min(limits.max_packet_length.saturating_sub(WRITE_OVERHEAD));
+    }
+    let write = write.clamp(MIN_IO_SIZE as u64, MAX_IO_SIZE as u64) as u32;
+    (read, write)
+}
+
 /// The extensions the server announced that we use.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Extensions {
@@ -160,11 +207,14 @@ impl Sftp {
         let mut buf = vec![0u8; 64 * 1024];
         let mut end = 0;
         let len = loop {
+            // The length is checked (at most MAX_PACKET) before the buffer
+            // grows for it, and it grows to one such packet at most.
             if let Some(len) = codec::frame(&buf[..end]).map_err(protocol)? {
                 break len;
             }
             if end == buf.len() {
-                buf.resize(buf.len() * 2, 0);
+                let want = (buf.len() * 2).min(4 + codec::MAX_PACKET);
+                buf.resize(want, 0);
             }
             let n = std::future::poll_fn(|cx| chan.poll_read_into(cx, 0, &mut buf[end..])).await?;
             if n == 0 {
@@ -193,7 +243,7 @@ impl Sftp {
             }
         }
         let client = Client::new(chan, &buf[len..end]);
-        let limits = if extensions.limits {
+        let announced = if extensions.limits {
             let r = client
                 .request(false, |out, id| {
                     codec::Request::new(out, fxp::EXTENDED, id)
@@ -208,23 +258,15 @@ impl Sftp {
         } else {
             Limits::default()
         };
-        let cap = |announced: u64| match announced {
-            0 => FALLBACK_IO_SIZE,
-            n => (n.min(MAX_IO_SIZE as u64)) as u32,
-        };
-        let mut write_size = cap(limits.max_write_length);
-        if limits.max_packet_length > 0 {
-            // The whole WRITE packet must fit the server's packet limit.
-            let room = limits.max_packet_length.saturating_sub(1024) as u32;
-            write_size = write_size.min(room.max(1024));
-        }
+        let limits = clamp_limits(announced);
+        let (read_size, write_size) = io_sizes_for(&limits);
         Ok(Sftp {
             inner: Rc::new(SftpInner {
                 client,
                 version,
                 extensions,
                 limits,
-                read_size: cap(limits.max_read_length),
+                read_size,
                 write_size,
                 handles: Default::default(),
             }),
@@ -241,13 +283,23 @@ impl Sftp {
         &self.inner.extensions
     }
 
-    /// The server's limits (all 0 if it announced none).
+    /// The server's `limits@openssh.com` values as this client applies
+    /// them (all 0 if it announced none; 0 for each it left unannounced).
+    /// A hostile or broken server may announce anything, so the lengths are
+    /// clamped: the read and write lengths to 1 KiB..=255 KiB, the packet
+    /// length to 2 KiB..=4 MiB (the largest reply this client accepts).
+    ///
+    /// `max_open_handles` is left as announced: it only ever lowers how
+    /// many files a transfer opens at once (a few below it, at least one),
+    /// so neither 1 nor 2^64−1 can make the client hold more than the
+    /// caller's own `max_open_files`.
     pub fn limits(&self) -> Limits {
         self.inner.limits
     }
 
     /// Bytes asked for per READ and sent per WRITE: the server's limits,
-    /// capped at 255 KiB; 32 KiB if it announces none.
+    /// clamped to 1 KiB..=255 KiB; 32 KiB if it announces none. A WRITE
+    /// also leaves 1 KiB of the server's packet limit for its header.
     pub fn io_sizes(&self) -> (u32, u32) {
         (self.inner.read_size, self.inner.write_size)
     }
@@ -602,8 +654,10 @@ impl Sftp {
     }
 }
 
+/// The error for a reply that failed to decode: [`Error::Protocol`], or
+/// [`Error::LimitExceeded`] for a field over one of the codec's bounds.
 pub(crate) fn protocol(e: codec::DecodeError) -> Error {
-    Error::Protocol(e.to_string())
+    Error::from(e)
 }
 
 pub(crate) fn path_from(b: Vec<u8>) -> std::path::PathBuf {
@@ -623,4 +677,61 @@ pub(crate) fn check_attrs(a: &FileAttributes) -> Result<()> {
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod limits_tests {
+    use super::*;
+
+    fn limits(packet: u64, read: u64, write: u64, handles: u64) -> Limits {
+        Limits {
+            max_packet_length: packet,
+            max_read_length: read,
+            max_write_length: write,
+            max_open_handles: handles,
+        }
+    }
+
+    #[test]
+    fn openssh_limits_are_kept() {
+        // What OpenSSH's sftp-server announces.
+        let l = clamp_limits(limits(256 * 1024, 255 * 1024, 255 * 1024, 0));
+        assert_eq!(l, limits(256 * 1024, 255 * 1024, 255 * 1024, 0));
+        assert_eq!(io_sizes_for(&l), (255 * 1024, 255 * 1024));
+        // None announced: the sizes every server accepts.
+        let l = clamp_limits(Limits::default());
+        assert_eq!(l, Limits::default());
+        assert_eq!(io_sizes_for(&l), (32 * 1024, 32 * 1024));
+    }
+
+    #[test]
+    fn hostile_limits_are_clamped() {
+        let max = u64::MAX;
+        let l = clamp_limits(limits(max, max, max, max));
+        assert_eq!(
+            l,
+            limits(codec::MAX_PACKET as u64, 255 * 1024, 255 * 1024, max)
+        );
+        assert_eq!(io_sizes_for(&l), (255 * 1024, 255 * 1024));
+
+        let l = clamp_limits(limits(1, 1, 1, 1));
+        assert_eq!(l, limits(2048, 1024, 1024, 1));
+        assert_eq!(io_sizes_for(&l), (1024, 1024));
+
+        // A packet limit that leaves little room shrinks writes, never
+        // below 1 KiB, whatever the write length says.
+        let l = clamp_limits(limits(4096, 0, max, 0));
+        assert_eq!(io_sizes_for(&l), (32 * 1024, 3072));
+        // A packet length past u32::MAX does not wrap to a few bytes.
+        let l = clamp_limits(limits((1 << 33) + 1029, 0, 0, 0));
+        assert_eq!(io_sizes_for(&l), (32 * 1024, 32 * 1024));
+        for v in [0, 1, 1023, 1024, 65536, 1 << 32, max] {
+            for p in [0, 1, 2048, 100_000, max] {
+                let (r, w) = io_sizes_for(&clamp_limits(limits(p, v, v, v)));
+                for s in [r, w] {
+                    assert!((1024..=255 * 1024).contains(&s), "{p} {v}: {s}");
+                }
+            }
+        }
+    }
 }

@@ -465,7 +465,8 @@ pub(crate) extern "C" fn kbd_cb(
             let Some(responder) = *s.kbd.borrow() else {
                 return;
             };
-            let answers = (*responder)(&name, &instruction, &asked);
+            // Wiped when dropped: the answers may be passwords.
+            let answers = zeroize::Zeroizing::new((*responder)(&name, &instruction, &asked));
             for i in 0..n {
                 let r = &mut *responses.add(i);
                 let answer = answers.get(i).map(|a| a.as_bytes()).unwrap_or(b"");
