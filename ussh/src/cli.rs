@@ -144,6 +144,14 @@ pub struct GetArgs {
     /// Keep modification times and permission bits.
     #[arg(long)]
     pub preserve: bool,
+    /// Symbolic links in remote trees: `keep` recreates each as a link
+    /// (never followed when writing), `skip` leaves them out, `safe`
+    /// keeps only those that stay inside the tree.
+    #[arg(long, value_enum, default_value_t = LinksArg::Keep, value_name = "POLICY")]
+    pub links: LinksArg,
+    /// Same as `--links safe` (rsync's name).
+    #[arg(long, conflicts_with = "links")]
+    pub safe_links: bool,
     /// Remote files or directories, then the local destination directory:
     /// each host's files go to DEST/<host>/, or to DEST with `{host}`
     /// replaced by the host's name if it contains `{host}`.
@@ -163,10 +171,26 @@ pub struct PutArgs {
     /// Keep modification times and permission bits.
     #[arg(long)]
     pub preserve: bool,
+    /// Follow local symbolic links that lead outside a directory being
+    /// pushed (by default they are skipped and counted as failures; links
+    /// inside it are followed).
+    #[arg(long)]
+    pub follow_external_links: bool,
     /// Local files or directories, then the remote directory they go into
     /// (created if missing; `{host}` is replaced by the host's name).
     #[arg(required = true, num_args = 2.., value_name = "LOCAL... REMOTE_DIR")]
     pub paths: Vec<String>,
+}
+
+/// `ussh get --links`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LinksArg {
+    /// Recreate links as links.
+    Keep,
+    /// Leave links out.
+    Skip,
+    /// Keep links that stay inside the tree.
+    Safe,
 }
 
 /// Parses a byte count: digits, then optionally `K`, `M` or `G` (KiB, MiB,

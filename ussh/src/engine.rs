@@ -846,6 +846,7 @@ async fn put(
 fn merge(into: &mut TransferReport, r: TransferReport) {
     into.files.extend(r.files);
     into.other_errors.extend(r.other_errors);
+    into.skipped_links.extend(r.skipped_links);
 }
 
 /// `mkdir -p` over SFTP.

@@ -14,12 +14,12 @@ use std::time::Duration;
 
 use clap::Parser;
 use futures_util::stream::{FuturesUnordered, StreamExt};
-use uring_ssh::sftp::TransferOptions;
+use uring_ssh::sftp::{LinkPolicy, TransferOptions};
 use uring_ssh::{Config, HostKeyPolicy, MethodType};
 use ussh::hosts::{self, Shard, Target};
 use ussh::sshconfig::{self, SshConfig, StrictMode};
 
-use cli::{Cli, Cmd, Common};
+use cli::{Cli, Cmd, Common, LinksArg};
 use engine::{Captured, ExecOutput, Job, Op, Outcome, Plan, Status};
 use ui::Ui;
 
@@ -46,6 +46,8 @@ fn usage_error(msg: &str) -> i32 {
 }
 
 async fn run(cli: Cli) -> i32 {
+    let mut links = LinkPolicy::Keep;
+    let mut follow_external_links = false;
     let (common, op, transfer_opts, name) = match cli.cmd {
         Cmd::Exec(a) => {
             let collect = a.gather || a.common.json;
@@ -74,6 +76,11 @@ async fn run(cli: Cli) -> i32 {
         Cmd::Get(mut a) => {
             let dest = a.paths.pop().expect("clap: at least two paths");
             let remotes = a.paths.iter().map(PathBuf::from).collect();
+            links = match (a.safe_links, a.links) {
+                (true, _) | (_, LinksArg::Safe) => LinkPolicy::Safe,
+                (_, LinksArg::Skip) => LinkPolicy::Skip,
+                (_, LinksArg::Keep) => LinkPolicy::Keep,
+            };
             (
                 a.common,
                 Op::Get { remotes, dest },
@@ -91,6 +98,7 @@ async fn run(cli: Cli) -> i32 {
                 }
                 locals.push(path);
             }
+            follow_external_links = a.follow_external_links;
             (
                 a.common,
                 Op::Put { locals, dest },
@@ -126,6 +134,11 @@ async fn run(cli: Cli) -> i32 {
     {
         return usage_error(&e);
     }
+    if let Op::Get { .. } = &op
+        && let Err(e) = check_get_labels(&plans)
+    {
+        return usage_error(&e);
+    }
 
     let parallel = common.parallel.max(1);
     let nofile = raise_nofile_limit();
@@ -133,6 +146,8 @@ async fn run(cli: Cli) -> i32 {
     if let Some((update, preserve)) = transfer_opts {
         transfer.skip_unchanged = update;
         transfer.preserve = preserve || update;
+        transfer.links = links;
+        transfer.follow_external_links = follow_external_links;
         // Keep open local files within the descriptor limit.
         let hosts_at_once = parallel.min(plans.len()).max(1) as u64;
         let per_host = nofile.saturating_sub(128) / hosts_at_once;
@@ -174,6 +189,25 @@ async fn run(cli: Cli) -> i32 {
 
 /// Checks that every host can name a file in the output directories, and
 /// creates them.
+/// `get` writes each host's files under a directory named after it: the
+/// name must be one plain path component.
+fn check_get_labels(plans: &[Plan]) -> Result<(), String> {
+    let bad: Vec<String> = plans
+        .iter()
+        .filter_map(|p| {
+            engine::file_name_problem(&p.label).map(|why| format!("{:?} ({why})", p.label))
+        })
+        .collect();
+    if bad.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "get: a host's name must be a plain file name; not usable: {}",
+            bad.join(", ")
+        ))
+    }
+}
+
 fn prepare_output_dirs(output: &ExecOutput, plans: &[Plan]) -> Result<(), String> {
     for (flag, dir) in [("--outdir", &output.outdir), ("--errdir", &output.errdir)] {
         let Some(dir) = dir else { continue };
