@@ -109,6 +109,11 @@ pub mod notes {
     pub mod sftp {
         #![doc = include_str!("../kernel-notes/sftp.md")]
     }
+    /// The threat model: what a hostile server, network or local user can
+    /// and cannot make the client do, each claim with its test.
+    pub mod security {
+        #![doc = include_str!("../kernel-notes/security.md")]
+    }
     /// What the tests, fault matrix, drop proofs and fuzz targets cover,
     /// and the commands to repeat them.
     pub mod testing {
