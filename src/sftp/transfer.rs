@@ -1583,7 +1583,12 @@ pub(crate) fn fuzz_tree(data: &[u8]) {
     }
 
     static N: AtomicU64 = AtomicU64::new(0);
-    let sandbox = std::env::temp_dir().join(format!(
+    // tmpfs where there is one: a sandbox per input is made and removed.
+    let base = match Path::new("/dev/shm") {
+        shm if shm.is_dir() => shm.to_owned(),
+        _ => std::env::temp_dir(),
+    };
+    let sandbox = base.join(format!(
         "uring-ssh-fuzz-tree-{}-{}",
         std::process::id(),
         N.fetch_add(1, Ordering::Relaxed)
@@ -1701,8 +1706,14 @@ pub(crate) fn fuzz_tree(data: &[u8]) {
             let e = e.expect("entry");
             let t = e.file_type().expect("type");
             let n = e.file_name();
+            // Ours are `.NAME.PID-N.part`; a server may name a file
+            // `x.part` itself.
+            let ours = format!(".{}-", std::process::id());
+            let b = n.as_encoded_bytes();
             assert!(
-                !n.as_encoded_bytes().ends_with(b".part"),
+                !(b.starts_with(b".")
+                    && b.ends_with(b".part")
+                    && b.windows(ours.len()).any(|w| w == ours.as_bytes())),
                 "a temporary file was left: {}",
                 e.path().display()
             );
