@@ -21,8 +21,8 @@ const USSH: &str = env!("CARGO_BIN_EXE_ussh");
 /// GNU time (Debian package `time`, installed by scripts/setup.sh).
 const TIME: &str = "/usr/bin/time";
 
-/// Several sshd processes and an ssh config naming `count` aliases
-/// `{prefix}NNN` spread over them round-robin.
+/// Several sshd processes and an ssh config with host aliases on them:
+/// `{prefix}NNN` round-robin ([`Fleet::start`]) or as given ([`Fleet::of`]).
 struct Fleet {
     sshds: Vec<Sshd>,
     dir: TempDir,
@@ -33,6 +33,15 @@ struct Fleet {
 impl Fleet {
     fn start(servers: usize, prefix: &str, count: usize) -> Fleet {
         let sshds: Vec<Sshd> = (0..servers).map(|_| Sshd::start()).collect();
+        let aliases: Vec<(String, usize)> = (1..=count)
+            .map(|i| (format!("{prefix}{i:03}"), (i - 1) % servers))
+            .collect();
+        Fleet::of(sshds, &aliases)
+    }
+
+    /// A fleet of the given servers, with an alias for each `(alias, n)`
+    /// on server `n`.
+    fn of(sshds: Vec<Sshd>, aliases: &[(String, usize)]) -> Fleet {
         let dir = tempfile::Builder::new()
             .prefix("ussh-fleet-")
             .tempdir()
@@ -51,8 +60,8 @@ impl Fleet {
             known_hosts,
         };
         let mut text = String::new();
-        for i in 1..=count {
-            text.push_str(&f.alias_block(&format!("{prefix}{i:03}"), (i - 1) % servers));
+        for (alias, n) in aliases {
+            text.push_str(&f.alias_block(alias, *n));
         }
         f.write_config(&text);
         f
@@ -1023,4 +1032,591 @@ fn outdir_and_errdir_get_each_hosts_whole_output() {
         assert_eq!(fs::metadata(&path).expect("file").len(), size, "{host}");
     }
     assert_eq!(recs["o002"]["stderr"], "quiet\n");
+}
+
+// `ussh get` against a hostile SFTP server: `uring-ssh-evil-sftp` (the root
+// package's `tests/evil_sftp/`) run by a real sshd as its `sftp` subsystem.
+
+/// `uring-ssh-evil-sftp`, from the profile directory of this test
+/// (`target/<profile>/deps/<test>` -> `target/<profile>/`). Cargo builds it
+/// for the root package's tests, not for this package's: a missing binary
+/// fails the test, saying how to build it.
+fn evil_sftp_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("the test's own path");
+    let profile = exe
+        .parent()
+        .and_then(Path::parent)
+        .unwrap_or_else(|| panic!("{} is not in target/<profile>/deps", exe.display()));
+    let bin = profile.join("uring-ssh-evil-sftp");
+    if !bin.is_file() {
+        let flag = if profile.file_name() == Some("release".as_ref()) {
+            " --release"
+        } else {
+            ""
+        };
+        panic!(
+            "{} is missing: the hostile-server tests need it. Build it from the workspace root \
+             with `cargo build{flag} --bin uring-ssh-evil-sftp` (`cargo test{flag} --workspace` \
+             builds it too), then run the tests again",
+            bin.display()
+        );
+    }
+    bin
+}
+
+/// What every file the evil server makes up holds.
+const PAYLOAD: &[u8] = b"uring-ssh-evil-sftp payload\n";
+
+/// The real files of the served `/evil`, by path below it; besides them
+/// `/evil` holds the empty directory `empty`.
+fn evil_tree() -> Vec<(&'static str, Vec<u8>)> {
+    let data: Vec<u8> = (0..3000u32).map(|i| (i * 31 + 7) as u8).collect();
+    vec![
+        ("hello.txt", b"hello, world\n".to_vec()),
+        ("data.bin", data),
+        ("sub/inner.txt", b"inner\n".to_vec()),
+        ("sub/deeper/leaf.txt", b"leaf\n".to_vec()),
+    ]
+}
+
+/// Bytes of [`evil_tree`].
+const EVIL_TREE_BYTES: u64 = 13 + 3000 + 6 + 5;
+
+/// Creates `root/evil` holding [`evil_tree`] and `empty`.
+fn make_evil_root(root: &Path) {
+    let evil = root.join("evil");
+    for (rel, data) in evil_tree() {
+        let p = evil.join(rel);
+        fs::create_dir_all(p.parent().unwrap()).expect("mkdir");
+        fs::write(&p, data).expect("write");
+    }
+    fs::create_dir_all(evil.join("empty")).expect("mkdir empty");
+}
+
+/// `p` as one word of sshd's `Subsystem` line (split on spaces, run by
+/// `sh -c`): plain characters only.
+fn shell_word(p: &Path) -> String {
+    let s = p.to_str().expect("a UTF-8 path");
+    assert!(
+        s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "/._-+".contains(c)),
+        "{s:?} cannot go into the Subsystem line unquoted"
+    );
+    s.to_string()
+}
+
+/// An sshd whose `sftp` subsystem is `uring-ssh-evil-sftp` serving `root`
+/// (`/` of the SFTP paths) in `scenario` (`none`: a plain, correct
+/// server), its hostile names and links pointing into `target`, one line
+/// per request appended to `log`.
+fn evil_sshd(root: &Path, scenario: &str, target: &Path, log: &Path) -> Sshd {
+    let bin = evil_sftp_bin();
+    let list = Command::new(&bin)
+        .arg("--list")
+        .output()
+        .unwrap_or_else(|e| panic!("run {}: {e}", bin.display()));
+    let known = String::from_utf8_lossy(&list.stdout).into_owned();
+    assert!(
+        known.lines().any(|l| l == scenario),
+        "{} does not know the scenario {scenario:?} (stale? rebuild it); it knows:\n{known}",
+        bin.display()
+    );
+    let command = [
+        bin.as_path(),
+        Path::new("--root"),
+        root,
+        Path::new("--scenario"),
+        Path::new(scenario),
+        Path::new("--target"),
+        target,
+        Path::new("--log"),
+        log,
+    ]
+    .iter()
+    .map(|p| shell_word(p))
+    .collect::<Vec<_>>()
+    .join(" ");
+    Sshd::builder().subsystem_sftp(&command).start()
+}
+
+/// One entry of a local tree, as seen without following links.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Item {
+    Dir,
+    File(Vec<u8>),
+    Link(PathBuf),
+}
+
+/// Everything under `root` by path relative to it (directories, files
+/// with their bytes, links with their targets); links are not followed.
+fn snapshot(root: &Path) -> BTreeMap<PathBuf, Item> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(&d).unwrap_or_else(|e| panic!("read_dir {}: {e}", d.display())) {
+            let p = e.expect("dir entry").path();
+            let rel = p.strip_prefix(root).expect("under root").to_path_buf();
+            let t = fs::symlink_metadata(&p).expect("lstat").file_type();
+            let item = if t.is_symlink() {
+                Item::Link(fs::read_link(&p).expect("readlink"))
+            } else if t.is_dir() {
+                stack.push(p.clone());
+                Item::Dir
+            } else {
+                Item::File(fs::read(&p).unwrap_or_else(|e| panic!("read {}: {e}", p.display())))
+            };
+            out.insert(rel, item);
+        }
+    }
+    out
+}
+
+/// Panics, listing every difference, unless the trees are the same.
+fn assert_same_tree(what: &str, got: &BTreeMap<PathBuf, Item>, want: &BTreeMap<PathBuf, Item>) {
+    let show = |i: &Item| match i {
+        Item::Dir => "directory".to_string(),
+        Item::File(b) => format!("file of {} bytes", b.len()),
+        Item::Link(t) => format!("link to {}", t.display()),
+    };
+    let mut diffs = Vec::new();
+    for (p, g) in got {
+        match want.get(p) {
+            None => diffs.push(format!("unexpected {}: {}", p.display(), show(g))),
+            Some(w) if w != g => diffs.push(format!(
+                "changed {}: {} (wanted {})",
+                p.display(),
+                show(g),
+                show(w)
+            )),
+            Some(_) => {}
+        }
+    }
+    for (p, w) in want {
+        if !got.contains_key(p) {
+            diffs.push(format!("missing {}: {}", p.display(), show(w)));
+        }
+    }
+    assert!(diffs.is_empty(), "{what}:\n  {}", diffs.join("\n  "));
+}
+
+/// Adds [`evil_tree`] (with `empty` and the directories) at `at`.
+fn add_evil_tree(tree: &mut BTreeMap<PathBuf, Item>, at: &Path) {
+    tree.insert(at.to_path_buf(), Item::Dir);
+    for d in ["sub", "sub/deeper", "empty"] {
+        tree.insert(at.join(d), Item::Dir);
+    }
+    for (rel, data) in evil_tree() {
+        tree.insert(at.join(rel), Item::File(data));
+    }
+}
+
+/// A listing scenario and what `ussh get` must make of it.
+struct Hostile {
+    /// The first name refused (escaped as ussh shows it) and why, or
+    /// `None` when nothing is refused.
+    refused: Option<(String, &'static str)>,
+    /// Further refusals, counted in the error line.
+    more: usize,
+    /// What correctly lands beside the real tree in DEST/evil/evil.
+    extra: Vec<(&'static str, Item)>,
+}
+
+impl Hostile {
+    /// `scenario` with its hostile names and links pointing into `target`.
+    fn new(scenario: &'static str, target: &Path) -> Hostile {
+        let refused = |name: &str, why| Some((name.to_string(), why));
+        let (refused, more, extra) = match scenario {
+            // `..` and `.` (listed again, as files) are not entries.
+            "dotdot" => (refused("../../escape", "holds a '/'"), 0, vec![]),
+            "abs-name" => (
+                refused(&format!("{}/abs-name", target.display()), "holds a '/'"),
+                0,
+                vec![],
+            ),
+            // `sub/inner`, then `nosub/inner`.
+            "slash-name" => (refused("sub/inner", "holds a '/'"), 1, vec![]),
+            "nul-name" => (refused("nul\\x00name", "holds a NUL byte"), 0, vec![]),
+            "empty-name" => (refused("", "empty name"), 0, vec![]),
+            // The link is kept (`--links keep`: as a link, never followed);
+            // the directory `x` listed after it is a second `x`.
+            "link-then-file" => (
+                refused("x", "listed more than once"),
+                0,
+                vec![("x", Item::Link(target.to_path_buf()))],
+            ),
+            // The directory comes first and is kept, with its file.
+            "dir-and-link" => (
+                refused("dl", "listed more than once"),
+                0,
+                vec![
+                    ("dl", Item::Dir),
+                    ("dl/inner", Item::File(PAYLOAD.to_vec())),
+                ],
+            ),
+            // Kept as a link: nothing to refuse.
+            "link-to-root" => (None, 0, vec![("root-link", Item::Link("/".into()))]),
+            _ => panic!("no expectations for {scenario:?}"),
+        };
+        Hostile {
+            refused,
+            more,
+            extra,
+        }
+    }
+
+    fn files(&self) -> u64 {
+        4 + self
+            .extra
+            .iter()
+            .filter(|(_, i)| matches!(i, Item::File(_)))
+            .count() as u64
+    }
+}
+
+/// `ussh get -H evil,good1,good2 /evil DEST` for each listing scenario, the
+/// evil host lying in it, the good ones serving the same tree: the evil
+/// host fails (or, with nothing to refuse, keeps a link as a link), names
+/// what it refused, and nothing at all changes outside DEST/<host>/evil:
+/// not a sentinel beside DEST or in it, not the directory behind links
+/// planted in the evil host's landing place, not the server's target.
+///
+/// The remote path must be `/evil` for every host of one run: the evil
+/// server makes its entries up in the listing of exactly `/evil`. So the
+/// good hosts run the same binary without a scenario (a plain, correct
+/// server of a root holding the same `/evil`); OpenSSH's own SFTP server
+/// is covered by `get_and_put_trees_on_10_hosts_with_update`.
+#[test]
+fn get_from_a_hostile_server_writes_only_beneath_its_host_directory() {
+    let logs = tempfile::Builder::new()
+        .prefix("ussh-hostile-logs-")
+        .tempdir()
+        .expect("temp dir");
+    let work = tempfile::Builder::new()
+        .prefix("ussh-hostile-")
+        .tempdir()
+        .expect("temp dir");
+    let w = work.path();
+    let (evil_root, good_root) = (w.join("srv/evil-root"), w.join("srv/good-root"));
+    make_evil_root(&evil_root);
+    make_evil_root(&good_root);
+    let scenarios = [
+        "dotdot",
+        "abs-name",
+        "slash-name",
+        "nul-name",
+        "empty-name",
+        "link-then-file",
+        "dir-and-link",
+        "link-to-root",
+    ];
+    let start = Instant::now();
+    let unused = w.join("srv/unused-target");
+    fs::create_dir_all(&unused).expect("mkdir");
+    let mut sshds: Vec<Sshd> = ["good1", "good2"]
+        .iter()
+        .map(|g| evil_sshd(&good_root, "none", &unused, &logs.path().join(g)))
+        .collect();
+    for sc in scenarios {
+        let target = w.join(sc).join("target");
+        fs::create_dir_all(&target).expect("mkdir target");
+        sshds.push(evil_sshd(&evil_root, sc, &target, &logs.path().join(sc)));
+    }
+    let good = [("good1".to_string(), 0), ("good2".to_string(), 1)];
+    let mut f = Fleet::of(sshds, &good);
+    eprintln!(
+        "{} sshd started in {:?}",
+        scenarios.len() + 2,
+        start.elapsed()
+    );
+    let good_blocks = f.alias_block("good1", 0) + &f.alias_block("good2", 1);
+
+    let mut results = Vec::new();
+    for (i, sc) in scenarios.into_iter().enumerate() {
+        let base = w.join(sc);
+        let target = base.join("target");
+        let case = Hostile::new(sc, &target);
+        let evil_block = f.alias_block("evil", i + 2);
+        f.write_config(&format!("{good_blocks}{evil_block}"));
+
+        // Sentinels: a file beside DEST, a directory in it, and links in
+        // the evil host's landing place to a directory outside.
+        let dest = base.join("dest");
+        let outside = base.join("outside");
+        fs::write(base.join("beside.txt"), "beside DEST\n").expect("write");
+        fs::create_dir_all(&outside).expect("mkdir");
+        fs::write(outside.join("keep.txt"), "outside\n").expect("write");
+        fs::create_dir_all(dest.join("other")).expect("mkdir");
+        fs::write(dest.join("other/keep.txt"), "other\n").expect("write");
+        let landing = dest.join("evil/evil");
+        fs::create_dir_all(&landing).expect("mkdir");
+        // `nosub` is where `nosub/inner` (slash-name) would go.
+        for name in ["planted", "nosub"] {
+            std::os::unix::fs::symlink(&outside, landing.join(name)).expect("symlink");
+        }
+        let before = snapshot(w);
+
+        let t = Instant::now();
+        let out = f.run(&[
+            "get",
+            "--json",
+            "--timeout",
+            "60",
+            "-H",
+            "evil,good1,good2",
+            "/evil",
+            dest.to_str().unwrap(),
+        ]);
+        let took = t.elapsed();
+
+        // Exactly the three trees were added, nothing else changed.
+        let rel = |p: &Path| p.strip_prefix(w).expect("under work").to_path_buf();
+        let mut want = before.clone();
+        for g in ["good1", "good2"] {
+            want.insert(rel(&dest.join(g)), Item::Dir);
+            add_evil_tree(&mut want, &rel(&dest.join(g).join("evil")));
+        }
+        add_evil_tree(&mut want, &rel(&landing));
+        for (p, item) in &case.extra {
+            want.insert(rel(&landing.join(p)), item.clone());
+        }
+        assert_same_tree(&format!("{sc}: the work directory"), &snapshot(w), &want);
+        assert_eq!(
+            fs::read_dir(&target).expect("read target").count(),
+            0,
+            "{sc}: the server's target"
+        );
+
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let line = stderr
+            .lines()
+            .find(|l| l.contains("] evil: "))
+            .unwrap_or_else(|| panic!("{sc}: no line for the evil host:\n{stderr}"));
+        let recs = json_records(&out);
+        assert_eq!(recs.len(), 3, "{sc}");
+        for g in ["good1", "good2"] {
+            let r = &recs[g];
+            assert_eq!(r["status"], "ok", "{sc}: {r}");
+            assert_eq!(r["files"], 4, "{sc}: {r}");
+            assert_eq!(r["bytes"], EVIL_TREE_BYTES, "{sc}: {r}");
+            assert_eq!(r["error"], serde_json::Value::Null, "{sc}: {r}");
+        }
+        let r = &recs["evil"];
+        assert_eq!(r["files"], case.files(), "{sc}: {r}");
+        assert_eq!(r["failed_files"], 0, "{sc}: {r}");
+        match &case.refused {
+            Some((name, why)) => {
+                assert_eq!(out.status.code(), Some(1), "{sc}");
+                // The listed directory is named `/evil/` (the remote
+                // root joined with an empty path); `/evil` would do too.
+                let said = |dir: &str| {
+                    let e = format!("{dir}: refused name \"{name}\" listed in {dir}: {why}");
+                    match case.more {
+                        0 => e,
+                        n => format!("{e} (and {n} more problems)"),
+                    }
+                };
+                let error = r["error"].as_str().unwrap_or_else(|| panic!("{sc}: {r}"));
+                assert_eq!(r["status"], "failed", "{sc}: {r}");
+                assert!(
+                    [said("/evil"), said("/evil/")].contains(&error.to_string()),
+                    "{sc}: {r}"
+                );
+                assert!(
+                    line.starts_with("ussh: [")
+                        && line.contains(&format!("] evil: failed {} files ", case.files()))
+                        && line.ends_with(&format!(": {error}")),
+                    "{sc}: {line}"
+                );
+            }
+            None => {
+                assert_eq!(out.status.code(), Some(0), "{sc}");
+                assert_eq!(r["status"], "ok", "{sc}: {r}");
+                assert_eq!(r["error"], serde_json::Value::Null, "{sc}: {r}");
+                assert!(line.contains("] evil: ok "), "{sc}: {line}");
+            }
+        }
+        results.push(format!(
+            "{sc}: exit {:?} in {took:.2?}; {line}",
+            out.status.code()
+        ));
+    }
+    eprintln!(
+        "hostile listings, {:?} in all:\n  {}",
+        start.elapsed(),
+        results.join("\n  ")
+    );
+}
+
+/// `--links skip`, `--safe-links` and `--links safe` against hosts listing
+/// a link to `/` and one to `../../..` beside the tree's own links (one
+/// staying inside at each level, one climbing out): skipped links are
+/// left out, and a host that only skipped links is ok. The default
+/// (`keep`) run shows what the others leave out.
+#[test]
+fn get_link_policies_leave_out_links_out_of_the_tree() {
+    let logs = tempfile::Builder::new()
+        .prefix("ussh-links-logs-")
+        .tempdir()
+        .expect("temp dir");
+    let work = tempfile::Builder::new()
+        .prefix("ussh-links-")
+        .tempdir()
+        .expect("temp dir");
+    let w = work.path();
+    let root = w.join("srv/root");
+    make_evil_root(&root);
+    let own_links = [
+        ("inside", "hello.txt", true),
+        ("sub/up-one", "../hello.txt", true),
+        ("sub/up-two", "../../beside-the-tree", false),
+    ];
+    for (at, to, _) in own_links {
+        std::os::unix::fs::symlink(to, root.join("evil").join(at)).expect("symlink");
+    }
+    // Host, scenario, the link it makes up.
+    let hosts = [
+        ("lroot", "link-to-root", ("root-link", "/")),
+        ("lparent", "link-to-parent", ("up", "../../..")),
+    ];
+    let mut sshds = Vec::new();
+    for (host, sc, _) in hosts {
+        let target = w.join(format!("target-{host}"));
+        fs::create_dir_all(&target).expect("mkdir");
+        sshds.push(evil_sshd(&root, sc, &target, &logs.path().join(host)));
+    }
+    let aliases: Vec<(String, usize)> = hosts
+        .iter()
+        .enumerate()
+        .map(|(i, (h, _, _))| (h.to_string(), i))
+        .collect();
+    let f = Fleet::of(sshds, &aliases);
+
+    #[derive(Clone, Copy, PartialEq)]
+    enum Kept {
+        All,
+        None,
+        Inside,
+    }
+    let runs: [(&str, &[&str], Kept); 4] = [
+        ("keep", &[], Kept::All),
+        ("skip", &["--links", "skip"], Kept::None),
+        ("safe-links", &["--safe-links"], Kept::Inside),
+        ("links-safe", &["--links", "safe"], Kept::Inside),
+    ];
+    for (name, flags, kept) in runs {
+        let dest = w.join(name);
+        let before = snapshot(w);
+        let mut args = vec!["get", "--json", "--timeout", "60"];
+        args.extend_from_slice(flags);
+        args.extend(["-H", "lroot,lparent", "/evil", dest.to_str().unwrap()]);
+        let t = Instant::now();
+        let out = f.run(&args);
+        eprintln!(
+            "{name}: exit {:?} in {:.2?}",
+            out.status.code(),
+            t.elapsed()
+        );
+
+        // Skipped links are not failures.
+        assert_eq!(out.status.code(), Some(0), "{name}");
+        let recs = json_records(&out);
+        for (host, _, _) in hosts {
+            let r = &recs[host];
+            assert_eq!(r["status"], "ok", "{name}: {r}");
+            assert_eq!(r["files"], 4, "{name}: {r}");
+            assert_eq!(r["error"], serde_json::Value::Null, "{name}: {r}");
+        }
+        let rel = |p: &Path| p.strip_prefix(w).expect("under work").to_path_buf();
+        let mut want = before.clone();
+        want.insert(rel(&dest), Item::Dir);
+        for (host, _, (link, to)) in hosts {
+            let landing = rel(&dest.join(host).join("evil"));
+            want.insert(rel(&dest.join(host)), Item::Dir);
+            add_evil_tree(&mut want, &landing);
+            for (at, target, inside) in own_links {
+                if kept == Kept::All || (kept == Kept::Inside && inside) {
+                    want.insert(landing.join(at), Item::Link(target.into()));
+                }
+            }
+            if kept == Kept::All {
+                want.insert(landing.join(link), Item::Link(to.into()));
+            }
+        }
+        assert_same_tree(&format!("{name}: the work directory"), &snapshot(w), &want);
+    }
+}
+
+/// A host name that is not one path component cannot name a directory of
+/// DEST: `ussh get` refuses it with one line and exit code 2 before
+/// connecting anywhere, and creates nothing. The same aliases lead to a
+/// working server: without the check, the files would land outside DEST.
+#[test]
+fn get_refuses_host_names_that_are_not_one_path_component() {
+    let logs = tempfile::Builder::new()
+        .prefix("ussh-names-logs-")
+        .tempdir()
+        .expect("temp dir");
+    let work = tempfile::Builder::new()
+        .prefix("ussh-names-")
+        .tempdir()
+        .expect("temp dir");
+    let w = work.path();
+    let root = w.join("srv/root");
+    make_evil_root(&root);
+    let log = logs.path().join("good1");
+    let sshd = evil_sshd(&root, "none", &w.join("srv"), &log);
+    let mut f = Fleet::of(vec![sshd], &[("good1".to_string(), 0)]);
+    let escape = "evil/../../escape";
+    let blocks = f.alias_block(escape, 0) + &f.alias_block("..", 0);
+    f.append_config(&blocks);
+
+    let dest = w.join("dest");
+    let per_host = w.join("dest/{host}");
+    let plain = |bad: &str, why: &str| {
+        format!("ussh: get: a host's name must be a plain file name; not usable: \"{bad}\" ({why})")
+    };
+    let cases = [
+        (
+            format!("good1,{escape}"),
+            &dest,
+            plain(escape, "it contains '/'"),
+        ),
+        (
+            format!("good1,{escape}"),
+            &per_host,
+            plain(escape, "it contains '/'"),
+        ),
+        (
+            "..,good1".to_string(),
+            &dest,
+            plain("..", "it names a directory"),
+        ),
+    ];
+    for (hosts, to, want) in &cases {
+        let before = snapshot(w);
+        let out = f.run(&["get", "-H", hosts, "/evil", to.to_str().unwrap()]);
+        assert_eq!(out.status.code(), Some(2), "{hosts}");
+        assert!(out.stdout.is_empty(), "{hosts}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(stderr, format!("{want}\n"), "{hosts}");
+        assert!(!dest.exists(), "{hosts}: {} created", dest.display());
+        assert_same_tree(
+            &format!("{hosts}: the work directory"),
+            &snapshot(w),
+            &before,
+        );
+    }
+    let requests = fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        !requests.contains("INIT"),
+        "a refused run reached the server:\n{requests}"
+    );
+
+    // The server and the alias work: only the name stood in the way.
+    let out = f.run(&["get", "-H", "good1", "/evil", dest.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0));
+    let mut want = BTreeMap::new();
+    add_evil_tree(&mut want, Path::new("good1/evil"));
+    want.insert(PathBuf::from("good1"), Item::Dir);
+    assert_same_tree("the control run", &snapshot(&dest), &want);
 }
