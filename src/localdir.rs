@@ -165,6 +165,18 @@ fn is_link(dir: libc::c_int, name: &CStr) -> bool {
     r == 0 && (st.st_mode & libc::S_IFMT) == libc::S_IFLNK
 }
 
+/// `name` as one component of this directory: checked again here, so that
+/// no caller's mistake can make a create, rename or link leave it.
+fn component(dir: &Path, name: &OsStr) -> Result<CString> {
+    if let Some(reason) = name_problem(name.as_bytes()) {
+        return Err(Error::OutsideDestination {
+            path: dir.join(name),
+            reason: format!("not a plain name: {reason}"),
+        });
+    }
+    cstr(name).map_err(|e| local_error(&dir.join(name), e))
+}
+
 fn cstr(name: &OsStr) -> io::Result<CString> {
     CString::new(name.as_bytes())
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "a NUL byte in a name"))
@@ -356,7 +368,7 @@ impl ConfinedDir {
     /// regular file (a FIFO or device planted there).
     pub(crate) fn create_file(&self, name: &OsStr, mode: u32, exclusive: bool) -> Result<fs::File> {
         let display = self.path.join(name);
-        let c = cstr(name).map_err(|e| local_error(&display, e))?;
+        let c = component(&self.path, name)?;
         let mut flags = libc::O_WRONLY | libc::O_CREAT | libc::O_NOFOLLOW | libc::O_NONBLOCK;
         flags |= if exclusive {
             libc::O_EXCL
@@ -398,10 +410,7 @@ impl ConfinedDir {
     /// `to` is replaced, not followed.
     pub(crate) fn rename(&self, from: &OsStr, to: &OsStr) -> Result<()> {
         let display = self.path.join(to);
-        let (f, t) = (
-            cstr(from).map_err(|e| local_error(&display, e))?,
-            cstr(to).map_err(|e| local_error(&display, e))?,
-        );
+        let (f, t) = (component(&self.path, from)?, component(&self.path, to)?);
         let fd = self.fd.as_raw_fd();
         // SAFETY: both names NUL-terminated, the fd open for the call.
         let r = unsafe { libc::renameat(fd, f.as_ptr(), fd, t.as_ptr()) };
@@ -410,6 +419,9 @@ impl ConfinedDir {
 
     /// Removes the file (or link) `name` of this directory.
     pub(crate) fn unlink(&self, name: &OsStr) -> io::Result<()> {
+        if name_problem(name.as_bytes()).is_some() {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
         let c = cstr(name)?;
         // SAFETY: `c` NUL-terminated, the fd open for the call.
         check(unsafe { libc::unlinkat(self.fd.as_raw_fd(), c.as_ptr(), 0) })
@@ -425,8 +437,9 @@ impl ConfinedDir {
             listed_in: display.display().to_string(),
             reason: "link target holds a NUL byte",
         })?;
+        component(&self.path, name)?;
         let temp = temp_name(name);
-        let c = cstr(&temp).map_err(|e| local_error(&display, e))?;
+        let c = component(&self.path, &temp)?;
         // SAFETY: both strings NUL-terminated, the fd open for the call;
         // symlinkat creates the link itself at `c`, resolving nothing.
         let r = unsafe { libc::symlinkat(t.as_ptr(), self.fd.as_raw_fd(), c.as_ptr()) };
@@ -560,6 +573,17 @@ mod tests {
         );
         assert!(!outside.join("target").exists());
 
+        // Names that are not plain never reach the kernel, whichever call.
+        for bad in ["..", "../x", "a/b", ""] {
+            let bad = OsStr::new(bad);
+            assert!(matches!(
+                a.create_file(bad, 0o644, true),
+                Err(Error::OutsideDestination { .. })
+            ));
+            assert!(a.rename(OsStr::new("file"), bad).is_err());
+            assert!(a.symlink(b"t", bad).is_err());
+            assert!(a.unlink(bad).is_err());
+        }
         // Components that are not plain names never reach the kernel.
         let e = root
             .dir_with(&RelPath(vec!["..".into()]), true, use_openat2)

@@ -1084,6 +1084,10 @@ impl TreeRules<'_> {
     }
 
     fn remote_path(&self, rel: &RelPath) -> PathBuf {
+        if rel.depth() == 0 {
+            // `join` of an empty path would add a trailing '/'.
+            return self.remote.to_owned();
+        }
         self.remote.join(rel.to_path())
     }
 

@@ -172,7 +172,8 @@ pub struct PutArgs {
     #[arg(long)]
     pub preserve: bool,
     /// Follow local symbolic links that lead outside a directory being
-    /// pushed (by default they are skipped and counted as failures; links
+    /// pushed (by default they are skipped and counted in the host's
+    /// line and `links_skipped` of `--json`; links
     /// inside it are followed).
     #[arg(long)]
     pub follow_external_links: bool,

@@ -151,6 +151,9 @@ pub struct Outcome {
     pub files: u64,
     /// Files skipped as unchanged.
     pub skipped: u64,
+    /// Symbolic links left out by the link policy (`get`) or because they
+    /// lead outside the pushed directory (`put`).
+    pub links_skipped: u64,
     /// Files that failed.
     pub failed_files: u64,
     /// From start to end, retries included.
@@ -212,6 +215,7 @@ impl Outcome {
             bytes: 0,
             files: 0,
             skipped: 0,
+            links_skipped: 0,
             failed_files: 0,
             duration: Duration::ZERO,
             error: None,
@@ -874,6 +878,7 @@ async fn mkdir_p(sftp: &Sftp, dir: &Path) -> Result<(), String> {
 }
 
 fn tally(out: &mut Outcome, r: &TransferReport) {
+    out.links_skipped += r.skipped_links.len() as u64;
     for f in &r.files {
         match &f.result {
             Ok(_) if f.skipped => out.skipped += 1,
@@ -912,7 +917,8 @@ fn tally(out: &mut Outcome, r: &TransferReport) {
         out.error = Some(if n == 1 {
             first
         } else {
-            format!("{first} (and {} more problems)", n - 1)
+            let s = if n == 2 { "" } else { "s" };
+            format!("{first} (and {} more problem{s})", n - 1)
         });
     }
 }

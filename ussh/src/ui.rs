@@ -183,6 +183,9 @@ impl Ui {
             if o.skipped > 0 {
                 s.push_str(&format!(", {} unchanged", o.skipped));
             }
+            if o.links_skipped > 0 {
+                s.push_str(&format!(", {} links skipped", o.links_skipped));
+            }
         }
         s.push_str(&format!(" in {:.2} s", o.duration.as_secs_f64()));
         if let Some(e) = &o.error {
@@ -270,6 +273,7 @@ pub fn json_record(o: &mut Outcome) -> serde_json::Value {
         "bytes": o.bytes,
         "files": o.files,
         "skipped": o.skipped,
+        "links_skipped": o.links_skipped,
         "failed_files": o.failed_files,
         "duration": (o.duration.as_secs_f64() * 1000.0).round() / 1000.0,
         "attempts": o.attempts,

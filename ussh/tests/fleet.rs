@@ -1412,6 +1412,7 @@ fn get_from_a_hostile_server_writes_only_beneath_its_host_directory() {
                     let e = format!("{dir}: refused name \"{name}\" listed in {dir}: {why}");
                     match case.more {
                         0 => e,
+                        1 => format!("{e} (and 1 more problem)"),
                         n => format!("{e} (and {n} more problems)"),
                     }
                 };
@@ -1525,6 +1526,13 @@ fn get_link_policies_leave_out_links_out_of_the_tree() {
             assert_eq!(r["status"], "ok", "{name}: {r}");
             assert_eq!(r["files"], 4, "{name}: {r}");
             assert_eq!(r["error"], serde_json::Value::Null, "{name}: {r}");
+            // The tree's own three links and the one the server made up.
+            let skipped = match kept {
+                Kept::All => 0,
+                Kept::None => 4,
+                Kept::Inside => 2,
+            };
+            assert_eq!(r["links_skipped"], skipped, "{name}: {r}");
         }
         let rel = |p: &Path| p.strip_prefix(w).expect("under work").to_path_buf();
         let mut want = before.clone();
