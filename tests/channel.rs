@@ -6,7 +6,9 @@ mod common;
 use std::time::Duration;
 
 use common::sshd::Sshd;
-use common::util::{Prng, connect, hex, sha256_file, write_random_file};
+use common::util::{
+    Prng, alone_in_own_process, connect, hex, proc_status, sha256_file, write_random_file,
+};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -301,46 +303,6 @@ const RSS_GROWTH_BOUND: u64 = 64 * MIB as u64;
 /// window: twice the default 2 MiB window (reads are capped at the
 /// window, see `Channel`) plus per-packet overhead and slack.
 const HELD_BOUND: i64 = 6 * MIB as i64;
-
-/// A `kB` field of `/proc/self/status` (`VmRSS`, `VmHWM`), in bytes.
-fn proc_status(field: &str) -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    let line = status
-        .lines()
-        .find(|l| l.starts_with(field) && l[field.len()..].starts_with(':'))
-        .unwrap_or_else(|| panic!("no {field} in /proc/self/status"));
-    let kib: u64 = line[field.len() + 1..]
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .unwrap();
-    kib * 1024
-}
-
-/// Runs the test `name` alone in a fresh process of this test binary, so
-/// that the process's memory is that test's own: `true` inside that
-/// process (run the test's body), `false` in the caller, after checking
-/// that the body ran and passed there.
-fn alone_in_own_process(name: &str) -> bool {
-    const VAR: &str = "URING_SSH_TEST_ALONE";
-    if std::env::var_os(VAR).is_some() {
-        return true;
-    }
-    let out = std::process::Command::new(std::env::current_exe().unwrap())
-        .args([name, "--exact", "--test-threads=1", "--nocapture"])
-        .env(VAR, name)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success() && stdout.contains("1 passed"),
-        "{name} in its own process:\n{stdout}\n{stderr}"
-    );
-    eprint!("{stderr}");
-    false
-}
 
 #[tokio::test]
 async fn unread_stderr_flood_is_held_to_the_window() {

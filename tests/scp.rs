@@ -9,7 +9,8 @@ use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use common::sshd::{Sshd, TEST_PASSWORD, TEST_USER, require_test_user};
 use common::util::{
-    Prng, connect, hex, open_fds, settle_orphans, sha256_file, wait_freed, write_random_file,
+    Prng, connect, hex, open_fds, proc_status, settle_orphans, sha256_file, wait_freed,
+    write_random_file,
 };
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -362,22 +363,6 @@ fn hostile_scp_sshd(dir: &std::path::Path) -> Sshd {
     Sshd::builder()
         .extra(&format!("ForceCommand {}", script.display()))
         .start()
-}
-
-/// A `kB` field of `/proc/self/status`, in bytes.
-fn proc_status(field: &str) -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    let line = status
-        .lines()
-        .find(|l| l.starts_with(field) && l[field.len()..].starts_with(':'))
-        .unwrap_or_else(|| panic!("no {field} in /proc/self/status"));
-    let kib: u64 = line[field.len() + 1..]
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .unwrap();
-    kib * 1024
 }
 
 #[tokio::test]

@@ -112,9 +112,15 @@ pub struct TransferOptions {
     pub max_entries: u64,
     /// Directory depth below the root of a tree. Default 256.
     pub max_depth: usize,
-    /// Downloads: bytes one file may have. `None` (default): no limit; a
-    /// file that keeps growing is read until the server says EOF.
+    /// Downloads: bytes one file may have. `None` (default): no limit
+    /// besides `max_growth`.
     pub max_file_size: Option<u64>,
+    /// Downloads: bytes a file may grow past the size the server announced
+    /// for it while it is read (a log being written). A file is read until
+    /// the server says EOF, so without this bound a server could send one
+    /// file without end. Default 64 MiB; past it the file fails with
+    /// [`Error::LimitExceeded`].
+    pub max_growth: u64,
 }
 
 impl Default for TransferOptions {
@@ -133,6 +139,7 @@ impl Default for TransferOptions {
             max_entries: 1_000_000,
             max_depth: 256,
             max_file_size: None,
+            max_growth: 64 * 1024 * 1024,
         }
     }
 }
@@ -153,6 +160,7 @@ impl std::fmt::Debug for TransferOptions {
             .field("max_entries", &self.max_entries)
             .field("max_depth", &self.max_depth)
             .field("max_file_size", &self.max_file_size)
+            .field("max_growth", &self.max_growth)
             .finish()
     }
 }
@@ -506,10 +514,15 @@ async fn download_one(
         }
     };
     let size = attrs.size.unwrap_or(0);
+    let grown_limit = size.saturating_add(opts.max_growth);
     let too_big = |n: u64| match opts.max_file_size {
         Some(max) if n > max => Err(Error::LimitExceeded {
             what: "a downloaded file's size",
             limit: max,
+        }),
+        _ if n > grown_limit => Err(Error::LimitExceeded {
+            what: "a downloaded file's growth past its announced size",
+            limit: opts.max_growth,
         }),
         _ => Ok(()),
     };
@@ -1198,6 +1211,8 @@ struct Walk<'a> {
     dirs: RefCell<VecDeque<RelPath>>,
     /// Links found, not yet made.
     links: RefCell<VecDeque<RelPath>>,
+    /// A directory or link was found.
+    found: Notify,
 }
 
 impl Walk<'_> {
@@ -1221,8 +1236,13 @@ impl Walk<'_> {
                     None => break,
                 }
             }
-            if running.next().await.is_none() {
-                break;
+            // Also wake when a listing finds a directory or link: a long
+            // listing must not hold back the ones it finds.
+            tokio::select! {
+                done = running.next() => if done.is_none() {
+                    break;
+                },
+                _ = self.found.notified() => {}
             }
         }
     }
@@ -1251,8 +1271,14 @@ impl Walk<'_> {
                 .rules
                 .entry(&rel, &mut seen, entry.name_bytes(), entry.attrs())
             {
-                Found::Dir(d) => self.dirs.borrow_mut().push_back(d),
-                Found::Link(l) => self.links.borrow_mut().push_back(l),
+                Found::Dir(d) => {
+                    self.dirs.borrow_mut().push_back(d);
+                    self.found.notify_one();
+                }
+                Found::Link(l) => {
+                    self.links.borrow_mut().push_back(l);
+                    self.found.notify_one();
+                }
                 Found::File(job) => self.feed.push(job).await,
                 Found::Nothing => {}
             }
@@ -1413,6 +1439,7 @@ pub async fn download_tree_over(
         feed: &feed,
         dirs: RefCell::default(),
         links: RefCell::default(),
+        found: Notify::new(),
     };
     let mut report = run_fed(sftps, &feed, walk.run(), opts, Direction::Download).await;
     report.other_errors.extend(walk.rules.errors.take());
