@@ -260,7 +260,9 @@ struct Lane {
 }
 
 impl Lane {
-    fn new(sftp: &Sftp, opts: &TransferOptions, write: bool) -> Lane {
+    /// `reserved`: handles the transfer keeps open besides its files (a
+    /// tree walk's directory listings on this channel).
+    fn new(sftp: &Sftp, opts: &TransferOptions, write: bool, reserved: usize) -> Lane {
         let (r, w) = sftp.io_sizes();
         let server = if write { w } else { r };
         let request_size = opts
@@ -271,7 +273,8 @@ impl Lane {
         let limit = sftp.limits().max_open_handles;
         if limit > 0 {
             // Leave room for the caller's own handles.
-            max_open = max_open.min((limit as usize).saturating_sub(4).max(1));
+            let usable = usize::try_from(limit).unwrap_or(usize::MAX);
+            max_open = max_open.min(usable.saturating_sub(4 + reserved).max(1));
         }
         let kib = (opts.max_bytes_in_flight / 1024).max(request_size as usize / 1024 + 1);
         Lane {
@@ -874,14 +877,16 @@ async fn run(
     dir: Direction,
 ) -> TransferReport {
     let feed = Feed::preloaded(items);
-    run_fed(sftps, &feed, std::future::ready(()), opts, dir).await
+    run_fed(sftps, &feed, std::future::ready(()), 0, opts, dir).await
 }
 
-/// Moves the files of `feed` while `walk` (which pushes into it) runs.
+/// Moves the files of `feed` while `walk` (which pushes into it, holding
+/// up to `walk_handles` handles of the first client) runs.
 async fn run_fed(
     sftps: &[Sftp],
     feed: &Feed,
     walk: impl std::future::Future<Output = ()>,
+    walk_handles: usize,
     opts: &TransferOptions,
     dir: Direction,
 ) -> TransferReport {
@@ -895,7 +900,11 @@ async fn run_fed(
     }
     let lanes: Vec<Lane> = sftps
         .iter()
-        .map(|s| Lane::new(s, opts, dir == Direction::Upload))
+        .enumerate()
+        .map(|(i, s)| {
+            let reserved = if i == 0 { walk_handles } else { 0 };
+            Lane::new(s, opts, dir == Direction::Upload, reserved)
+        })
         .collect();
     let progress = RefCell::new(Progress::default());
     let bytes_done = Cell::new(0u64);
@@ -1213,18 +1222,19 @@ struct Walk<'a> {
     links: RefCell<VecDeque<RelPath>>,
     /// A directory or link was found.
     found: Notify,
+    /// Listings (each an open handle) and link reads at once.
+    tasks_at_once: usize,
 }
 
 impl Walk<'_> {
     /// Lists many directories (and reads links) at once until the tree is
     /// done; directories are created as found, files fed as found.
     async fn run(&self) {
-        const TASKS_AT_ONCE: usize = 16;
         type Task<'t> = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + 't>>;
         let mut running: FuturesUnordered<Task<'_>> = FuturesUnordered::new();
         self.dirs.borrow_mut().push_back(RelPath::default());
         loop {
-            while running.len() < TASKS_AT_ONCE {
+            while running.len() < self.tasks_at_once {
                 let dir = self.dirs.borrow_mut().pop_front();
                 if let Some(rel) = dir {
                     running.push(Box::pin(self.list(rel)));
@@ -1424,6 +1434,12 @@ pub async fn download_tree_over(
             return report;
         }
     };
+    // Listings hold handles while files are moving: 16 at once, fewer
+    // where the server announces a small handle limit.
+    let walk_tasks = match first.limits().max_open_handles {
+        0 => 16,
+        l => usize::try_from(l / 4).unwrap_or(16).clamp(1, 16),
+    };
     let feed = Feed::default();
     let walk = Walk {
         sftp: first,
@@ -1440,8 +1456,17 @@ pub async fn download_tree_over(
         dirs: RefCell::default(),
         links: RefCell::default(),
         found: Notify::new(),
+        tasks_at_once: walk_tasks,
     };
-    let mut report = run_fed(sftps, &feed, walk.run(), opts, Direction::Download).await;
+    let mut report = run_fed(
+        sftps,
+        &feed,
+        walk.run(),
+        walk_tasks,
+        opts,
+        Direction::Download,
+    )
+    .await;
     report.other_errors.extend(walk.rules.errors.take());
     report.skipped_links.extend(walk.rules.skipped_links.take());
     report
