@@ -591,7 +591,9 @@ impl Sftp {
         ReadDir::open(self, path.as_ref()).await
     }
 
-    /// Lists a directory completely, without `.` and `..`.
+    /// Lists a directory completely, without `.` and `..`. The whole
+    /// listing is held in memory, as long as the server makes it: for a
+    /// directory of unknown size, stream it with [`Sftp::read_dir`].
     pub async fn read_dir_all(&self, path: impl AsRef<Path>) -> Result<Vec<DirEntry>> {
         let mut d = self.read_dir(path).await?;
         let mut all = Vec::new();
