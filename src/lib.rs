@@ -73,11 +73,11 @@ mod channel;
 mod error;
 mod ffi;
 mod forward;
-mod localdir;
 #[cfg(fuzzing)]
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod knownhosts;
+mod localdir;
 pub mod reactor;
 mod scp;
 mod session;
