@@ -83,6 +83,10 @@ pub(crate) struct ChannelInner {
     discard_stderr: Cell<bool>,
     /// Stderr bytes dropped that way.
     stderr_discarded: Cell<u64>,
+    /// The most one read asks for (see `poll_read_raw`); 0 until the
+    /// first read looks up the channel's initial window, which never
+    /// changes.
+    read_cap: Cell<usize>,
 }
 
 /// libssh2 writes at most this much per call.
@@ -104,6 +108,7 @@ impl ChannelInner {
             eof_sent: Cell::new(false),
             discard_stderr: Cell::new(false),
             stderr_discarded: Cell::new(0),
+            read_cap: Cell::new(0),
         })
     }
 
@@ -196,10 +201,14 @@ impl ChannelInner {
         // the read (more if the read exceeds the window): capping reads at
         // the initial window caps the window, and with it what unread
         // stderr can make libssh2 hold, at twice the initial window.
-        let mut initial: std::os::raw::c_ulong = 0;
-        // SAFETY: live channel; libssh2 only stores the initial window size.
-        unsafe { ffi::libssh2_channel_window_read_ex(raw, std::ptr::null_mut(), &mut initial) };
-        let len = len.min((initial as usize).max(MIN_READ_CAP));
+        if self.read_cap.get() == 0 {
+            let mut initial: std::os::raw::c_ulong = 0;
+            // SAFETY: live channel; libssh2 only stores the initial window
+            // size.
+            unsafe { ffi::libssh2_channel_window_read_ex(raw, std::ptr::null_mut(), &mut initial) };
+            self.read_cap.set((initial as usize).max(MIN_READ_CAP));
+        }
+        let len = len.min(self.read_cap.get());
         let discard = stream == 0 && self.discard_stderr.get();
         // Tokio's cooperative budget, as its own sockets do: a loop that
         // reads a channel whose data never runs out yields now and then, so

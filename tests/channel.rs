@@ -304,19 +304,27 @@ const RSS_GROWTH_BOUND: u64 = 64 * MIB as u64;
 /// window, see `Channel`) plus per-packet overhead and slack.
 const HELD_BOUND: i64 = 6 * MIB as i64;
 
+/// A session that has run one command (so that what one channel costs is
+/// already allocated), with this process's RSS and the session's libssh2
+/// bytes as baselines.
+async fn warmed_session(sshd: &Sshd) -> (uring_ssh::Session, u64, i64) {
+    let s = connect(sshd).await;
+    let mut ch = s.exec("true").await.unwrap();
+    ch.wait().await.unwrap();
+    drop(ch);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let rss = proc_status("VmRSS");
+    let held = s.stats().libssh2_bytes;
+    (s, rss, held)
+}
+
 #[tokio::test]
 async fn unread_stderr_flood_is_held_to_the_window() {
     if !alone_in_own_process("unread_stderr_flood_is_held_to_the_window") {
         return;
     }
     let sshd = Sshd::start();
-    let s = connect(&sshd).await;
-    let mut ch = s.exec("true").await.unwrap();
-    ch.wait().await.unwrap();
-    drop(ch);
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let rss_before = proc_status("VmRSS");
-    let held_before = s.stats().libssh2_bytes;
+    let (s, rss_before, held_before) = warmed_session(&sshd).await;
 
     let mut ch = s
         .exec(&format!(
@@ -382,13 +390,7 @@ async fn discarded_stderr_flood_lets_the_command_finish_in_bounded_memory() {
         return;
     }
     let sshd = Sshd::start();
-    let s = connect(&sshd).await;
-    let mut ch = s.exec("true").await.unwrap();
-    ch.wait().await.unwrap();
-    drop(ch);
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let rss_before = proc_status("VmRSS");
-    let held_before = s.stats().libssh2_bytes;
+    let (s, rss_before, held_before) = warmed_session(&sshd).await;
 
     let mut ch = s.channel_session().await.unwrap();
     ch.discard_stderr();
