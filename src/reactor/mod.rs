@@ -41,7 +41,7 @@ use tokio::io::unix::AsyncFd;
 use crate::error::{Error, KernelSupportError};
 
 pub(crate) use op::{Completion, Op, Resources, SharedFd};
-pub use probe::Features;
+pub use probe::{Features, TASK_WORK_ENV, TaskWork};
 
 /// Iterations of submit + reap in one driver poll before yielding.
 const DRIVER_BUDGET: usize = 64;
@@ -307,7 +307,11 @@ impl Reactor {
                 Err(e) => return Err(e),
             },
         };
-        Ok(Reactor {
+        Ok(Self::with_engine(engine, features))
+    }
+
+    fn with_engine(engine: Engine, features: Features) -> Reactor {
+        Reactor {
             engine,
             slots: RefCell::new(Slab::with_capacity(256)),
             next_generation: Cell::new(1),
@@ -318,7 +322,26 @@ impl Reactor {
             features,
             stats: Cell::new(Stats::default()),
             thread: std::thread::current().id(),
-        })
+        }
+    }
+
+    /// Makes this thread's reactor a ring in the first of `modes` the
+    /// kernel accepts (tests of each task-work mode). Fails if the thread
+    /// already has a reactor.
+    #[cfg(test)]
+    pub(crate) fn install_ring_with(modes: &[TaskWork]) -> Result<Rc<Reactor>, Error> {
+        let (ring, features) = ring::Ring::with_modes(modes)?;
+        let r = Rc::new(Reactor::with_engine(Engine::Ring(ring), features));
+        CURRENT.with(|c| {
+            let mut c = c.borrow_mut();
+            if c.is_some() {
+                return Err(Error::Runtime("this thread has a reactor already".into()));
+            }
+            *c = Some(r.clone());
+            Ok(())
+        })?;
+        r.ensure_driver(&current_thread_runtime()?)?;
+        Ok(r)
     }
 
     fn poll_engine() -> Result<(Engine, Features), Error> {
@@ -326,6 +349,8 @@ impl Reactor {
         let features = Features {
             backend: Backend::Poll,
             cancel_by_fd: true,
+            task_work: TaskWork::Signal,
+            registered_ring: false,
         };
         Ok((Engine::Poll(poll), features))
     }
@@ -755,22 +780,21 @@ impl Drop for Reactor {
             .filter(|(_, s)| !matches!(s.notify, Notify::Done(_)))
             .map(|(k, s)| ((s.generation as u64) << 32) | k as u64)
             .collect();
-        let ring = ring.ring.get_mut();
+        let stats = &self.stats;
         for id in ids {
-            let sqe = ring::Ring::cancel_sqe(OpId(id)).user_data(0);
-            // SAFETY: a cancel SQE carries no pointer.
-            while unsafe { ring.submission().push(&sqe) }.is_err() {
-                if ring.submit().is_err() {
-                    break;
-                }
-            }
+            // A cancel SQE carries no pointer; user_data 0 is no slot's.
+            ring.push(vec![ring::Ring::cancel_sqe(OpId(id)).user_data(0)]);
         }
         let slots = self.slots.get_mut();
+        let mut done = Vec::new();
         for _ in 0..100 {
-            let _ = ring.submit();
-            for cqe in ring.completion() {
-                let id = OpId(cqe.user_data());
-                if cqe.user_data() != 0
+            // Then with GETEVENTS: a deferred ring posts nothing without it.
+            let _ = ring.flush(stats);
+            ring.enter_getevents(stats);
+            done.clear();
+            ring.reap(&mut done);
+            for &(id, _) in &done {
+                if id.0 != 0
                     && slots
                         .get(id.key())
                         .is_some_and(|s| s.generation == id.generation())

@@ -17,6 +17,63 @@ pub(crate) const REQUIRED: &[(u8, &str, &str)] = &[
     (opcode::Shutdown::CODE, "IORING_OP_SHUTDOWN", "5.11"),
 ];
 
+/// The environment variable that picks how the ring runs completion work:
+/// `cooperative`, `signal` or `auto` (the default: cooperative where the
+/// kernel accepts it). For measurements and for testing the fallback.
+pub const TASK_WORK_ENV: &str = "URING_SSH_TASK_WORK";
+
+/// How the kernel runs the work that turns a ready socket into a
+/// completion (the copy of a receive, the posting of its CQE).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum TaskWork {
+    /// `IORING_SETUP_COOP_TASKRUN | TASKRUN_FLAG` (5.19): the work runs at
+    /// the thread's next system call, without an interrupt (no IPI while
+    /// the thread computes on another core than the sender).
+    Cooperative,
+    /// The default ring (5.1): the work interrupts the thread (an IPI when
+    /// it runs on another core, `EINTR` from its `epoll_wait`). Also what
+    /// the poll engine reports, where the question does not arise.
+    #[default]
+    Signal,
+}
+
+impl std::fmt::Display for TaskWork {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            TaskWork::Cooperative => "cooperative",
+            TaskWork::Signal => "signal",
+        })
+    }
+}
+
+/// Every mode, best first.
+const ALL_MODES: &[TaskWork] = &[TaskWork::Cooperative, TaskWork::Signal];
+
+impl TaskWork {
+    /// Modes to try, best first, as chosen by [`TASK_WORK_ENV`].
+    fn wanted() -> Result<&'static [TaskWork], Error> {
+        match std::env::var(TASK_WORK_ENV) {
+            Err(std::env::VarError::NotPresent) => Ok(ALL_MODES),
+            Ok(v) => Self::parse(&v),
+            Err(e) => Err(Error::InvalidInput(format!("{TASK_WORK_ENV}: {e}"))),
+        }
+    }
+
+    /// The modes a value of [`TASK_WORK_ENV`] asks for, best first.
+    pub(crate) fn parse(value: &str) -> Result<&'static [TaskWork], Error> {
+        Ok(match value.trim() {
+            "" | "auto" => ALL_MODES,
+            "cooperative" | "coop" => &ALL_MODES[..1],
+            "signal" => &ALL_MODES[1..],
+            other => {
+                return Err(Error::InvalidInput(format!(
+                    "{TASK_WORK_ENV}={other:?}: expected cooperative, signal or auto"
+                )));
+            }
+        })
+    }
+}
+
 /// What runs a thread's reactor, and what it supports beyond the required
 /// operations.
 #[derive(Debug, Clone, Copy, Default)]
@@ -26,28 +83,68 @@ pub struct Features {
     /// One request cancels every op on a socket: `IORING_ASYNC_CANCEL_FD`
     /// (5.19) on the ring; always on the poll engine.
     pub cancel_by_fd: bool,
+    /// How the ring runs completion work ([`TaskWork::Signal`] on the poll
+    /// engine).
+    pub task_work: TaskWork,
+    /// `io_uring_enter` names the ring by a registered index instead of
+    /// its fd (`IORING_REGISTER_RING_FDS`, 5.18): no fd lookup per call.
+    pub registered_ring: bool,
 }
 
-/// Creates a ring of `entries` submission slots and checks every required opcode.
+/// Creates a ring of `entries` submission slots, in the best task-work mode
+/// the kernel accepts (or the one [`TASK_WORK_ENV`] asks for), and checks
+/// every required opcode.
 pub(crate) fn setup(entries: u32) -> Result<(IoUring, Features), Error> {
-    let ring = IoUring::builder()
-        .setup_cqsize(entries * 4)
-        .build(entries)
-        .map_err(|e| {
-            let why = match e.raw_os_error() {
-                Some(libc::ENOSYS) => "io_uring_setup is not available (ENOSYS: kernel too old or built without it, or a seccomp filter)",
-                Some(libc::EPERM) => {
-                    "io_uring is forbidden here (EPERM: kernel.io_uring_disabled, or a seccomp \
-                     profile such as Docker's default)"
-                }
-                Some(libc::ENOMEM) => "the ring could not be allocated (ENOMEM: RLIMIT_MEMLOCK?)",
-                _ => "io_uring_setup failed",
-            };
-            Error::Kernel(KernelSupportError::Unavailable {
-                reason: why.to_owned(),
-                source: e,
-            })
-        })?;
+    setup_with(entries, TaskWork::wanted()?)
+}
+
+/// Like [`setup`], trying `modes` in order.
+pub(crate) fn setup_with(entries: u32, modes: &[TaskWork]) -> Result<(IoUring, Features), Error> {
+    let mut last = None;
+    for &mode in modes {
+        let mut b = IoUring::builder();
+        b.setup_cqsize(entries * 4);
+        match mode {
+            TaskWork::Cooperative => {
+                b.setup_coop_taskrun().setup_taskrun_flag();
+            }
+            TaskWork::Signal => {}
+        }
+        match b.build(entries) {
+            Ok(ring) => return check(ring, mode),
+            // An older kernel refuses flags it does not know with EINVAL:
+            // try the next mode. Anything else is the same for every mode.
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) && mode != TaskWork::Signal => {
+                last = Some(e)
+            }
+            Err(e) => return Err(unavailable(e)),
+        }
+    }
+    Err(unavailable(last.unwrap_or_else(|| {
+        std::io::Error::from_raw_os_error(libc::EINVAL)
+    })))
+}
+
+fn unavailable(e: std::io::Error) -> Error {
+    let why = match e.raw_os_error() {
+        Some(libc::ENOSYS) => {
+            "io_uring_setup is not available (ENOSYS: kernel too old or built without it, \
+             or a seccomp filter)"
+        }
+        Some(libc::EPERM) => {
+            "io_uring is forbidden here (EPERM: kernel.io_uring_disabled, or a seccomp \
+             profile such as Docker's default)"
+        }
+        Some(libc::ENOMEM) => "the ring could not be allocated (ENOMEM: RLIMIT_MEMLOCK?)",
+        _ => "io_uring_setup failed",
+    };
+    Error::Kernel(KernelSupportError::Unavailable {
+        reason: why.to_owned(),
+        source: e,
+    })
+}
+
+fn check(ring: IoUring, task_work: TaskWork) -> Result<(IoUring, Features), Error> {
     let mut probe = Probe::new();
     ring.submitter().register_probe(&mut probe).map_err(|e| {
         Error::Kernel(KernelSupportError::Unavailable {
@@ -68,6 +165,8 @@ pub(crate) fn setup(entries: u32) -> Result<(IoUring, Features), Error> {
     let features = Features {
         backend: super::Backend::IoUring,
         cancel_by_fd: probe.is_supported(opcode::Socket::CODE),
+        task_work,
+        registered_ring: false,
     };
     Ok((ring, features))
 }

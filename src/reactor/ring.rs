@@ -8,11 +8,26 @@ use std::os::fd::{AsRawFd, RawFd};
 
 use io_uring::{IoUring, opcode, squeue, types};
 
+use super::probe::TaskWork;
 use super::{Kind, OpId, Resources, Stats};
 use crate::error::Error;
 
 /// Submission queue slots per ring. Completions get four times as many.
 const RING_ENTRIES: u32 = 1024;
+
+// From <linux/io_uring.h> (the io-uring crate keeps its copies private).
+const IORING_ENTER_GETEVENTS: u32 = 1 << 0;
+const IORING_ENTER_REGISTERED_RING: u32 = 1 << 4;
+const IORING_REGISTER_RING_FDS: u32 = 20;
+const IORING_UNREGISTER_RING_FDS: u32 = 21;
+
+/// `struct io_uring_rsrc_update`.
+#[repr(C)]
+struct RsrcUpdate {
+    offset: u32,
+    resv: u32,
+    data: u64,
+}
 
 /// A ring and the SQEs waiting for room in it.
 pub(super) struct Ring {
@@ -21,16 +36,34 @@ pub(super) struct Ring {
     backlog: RefCell<VecDeque<Vec<squeue::Entry>>>,
     /// SQEs pushed into the queue since the last `io_uring_enter`.
     unsubmitted: Cell<u32>,
+    task_work: TaskWork,
+    /// The ring's index among the thread's registered ring fds.
+    registered: Option<u32>,
 }
 
 impl Ring {
     pub(super) fn new() -> Result<(Ring, super::Features), Error> {
-        let (ring, features) = super::probe::setup(RING_ENTRIES)?;
+        Self::from_setup(super::probe::setup(RING_ENTRIES)?)
+    }
+
+    /// A ring in one of `modes` (the reactor's tests of each mode).
+    #[cfg(test)]
+    pub(super) fn with_modes(modes: &[TaskWork]) -> Result<(Ring, super::Features), Error> {
+        Self::from_setup(super::probe::setup_with(RING_ENTRIES, modes)?)
+    }
+
+    fn from_setup(
+        (ring, mut features): (IoUring, super::Features),
+    ) -> Result<(Ring, super::Features), Error> {
+        let registered = register_ring_fd(&ring);
+        features.registered_ring = registered.is_some();
         Ok((
             Ring {
                 ring: RefCell::new(ring),
                 backlog: RefCell::new(VecDeque::new()),
                 unsubmitted: Cell::new(0),
+                task_work: features.task_work,
+                registered,
             },
             features,
         ))
@@ -39,6 +72,50 @@ impl Ring {
     /// The ring's fd, which turns readable when completions arrive.
     pub(super) fn raw_fd(&self) -> RawFd {
         self.ring.borrow().as_raw_fd()
+    }
+
+    /// Whether an enter would find completion work the kernel holds for us:
+    /// cooperative task work not yet run, or CQEs that overflowed the ring.
+    fn kernel_has_work(&self) -> bool {
+        let mut ring = self.ring.borrow_mut();
+        let sq = ring.submission();
+        sq.cq_overflow() || (self.task_work != TaskWork::Signal && sq.taskrun())
+    }
+
+    /// `io_uring_enter`: submits `to_submit` SQEs and, with `getevents`,
+    /// runs the task work pending for this ring (which posts its CQEs).
+    /// Waits for nothing.
+    fn enter(&self, to_submit: u32, getevents: bool) -> io::Result<usize> {
+        let mut flags = 0;
+        if getevents {
+            flags |= IORING_ENTER_GETEVENTS;
+        }
+        let fd = match self.registered {
+            Some(index) => {
+                flags |= IORING_ENTER_REGISTERED_RING;
+                index as libc::c_long
+            }
+            None => self.ring.borrow().as_raw_fd() as libc::c_long,
+        };
+        // SAFETY: io_uring_enter on our ring (by fd or by the index the
+        // kernel gave us) with no argument pointer. The SQEs it submits were
+        // pushed by `try_push_group`, whose pointers the reactor keeps valid.
+        let n = unsafe {
+            libc::syscall(
+                libc::SYS_io_uring_enter,
+                fd,
+                to_submit as libc::c_long,
+                0 as libc::c_long,
+                flags as libc::c_long,
+                std::ptr::null::<libc::c_void>(),
+                0 as libc::c_long,
+            )
+        };
+        if n < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(n as usize)
+        }
     }
 
     /// The SQE that performs `kind` on `resources`; pointers in it point
@@ -126,12 +203,14 @@ impl Ring {
                 }
             }
             let pending = self.unsubmitted.get();
-            // Completions that overflowed the CQ ring stay in the kernel
-            // until an enter with GETEVENTS (io-uring's submit adds it).
-            if pending == 0 && !self.ring.borrow_mut().submission().cq_overflow() {
+            // Completions that overflowed the CQ ring, and cooperative task
+            // work not yet run, stay in the kernel until an enter with
+            // GETEVENTS.
+            let kernel_work = self.kernel_has_work();
+            if pending == 0 && !kernel_work {
                 return Ok(());
             }
-            match self.ring.borrow().submit() {
+            match self.enter(pending, kernel_work) {
                 Ok(n) => {
                     self.unsubmitted.set(pending - n as u32);
                     bump(&|s| {
@@ -156,6 +235,21 @@ impl Ring {
             if self.backlog.borrow().is_empty() {
                 return Ok(());
             }
+        }
+    }
+
+    /// Enters with GETEVENTS whatever the flags say (teardown's reaping loop:
+    /// runs cooperative task work the flags may not show yet).
+    pub(super) fn enter_getevents(&self, stats: &Cell<Stats>) {
+        let pending = self.unsubmitted.replace(0);
+        let mut s = stats.get();
+        s.enter_calls += 1;
+        s.syscalls += 1;
+        stats.set(s);
+        if let Ok(n) = self.enter(pending, true) {
+            self.unsubmitted.set(pending - n as u32);
+        } else {
+            self.unsubmitted.set(pending);
         }
     }
 
@@ -188,4 +282,50 @@ impl Ring {
             .insert(Box::new(types::Timespec::from(after)));
         opcode::LinkTimeout::new(&**ts as *const types::Timespec).build()
     }
+}
+
+impl Drop for Ring {
+    fn drop(&mut self) {
+        // The registration holds a reference to the ring's file: let go of
+        // it, or the ring would live until the thread exits.
+        if let Some(index) = self.registered {
+            let mut update = RsrcUpdate {
+                offset: index,
+                resv: 0,
+                data: 0,
+            };
+            // SAFETY: as in `register_ring_fd`.
+            unsafe {
+                libc::syscall(
+                    libc::SYS_io_uring_register,
+                    self.ring.get_mut().as_raw_fd() as libc::c_long,
+                    IORING_UNREGISTER_RING_FDS as libc::c_long,
+                    &mut update as *mut RsrcUpdate,
+                    1 as libc::c_long,
+                )
+            };
+        }
+    }
+}
+
+/// Registers the ring's fd with the kernel (`IORING_REGISTER_RING_FDS`,
+/// 5.18) and returns its index, or `None` where the kernel refuses.
+fn register_ring_fd(ring: &IoUring) -> Option<u32> {
+    let mut update = RsrcUpdate {
+        offset: u32::MAX,
+        resv: 0,
+        data: ring.as_raw_fd() as u64,
+    };
+    // SAFETY: IORING_REGISTER_RING_FDS reads and writes one
+    // `io_uring_rsrc_update` that lives on this stack frame for the call.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_io_uring_register,
+            ring.as_raw_fd() as libc::c_long,
+            IORING_REGISTER_RING_FDS as libc::c_long,
+            &mut update as *mut RsrcUpdate,
+            1 as libc::c_long,
+        )
+    };
+    (r == 1).then_some(update.offset)
 }

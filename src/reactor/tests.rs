@@ -771,3 +771,61 @@ async fn completions_beyond_the_cq_ring_size_are_all_reaped() {
     );
     assert_eq!(fired.get(), N);
 }
+
+/// Each task-work mode the reactor can set up (cooperative where the kernel
+/// has it, the default ring as the fallback) wakes the driver when a recv
+/// that waited in the kernel completes, and enters through the registered
+/// ring fd where the kernel offers one (5.18+).
+#[test]
+fn every_task_work_mode_wakes_the_driver_and_delivers() {
+    use super::probe::TaskWork;
+    for mode in [TaskWork::Cooperative, TaskWork::Signal] {
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                let reactor = Reactor::install_ring_with(&[mode]).expect("ring in this mode");
+                let f = reactor.features();
+                assert_eq!(f.task_work, mode);
+                assert!(f.registered_ring, "5.18+ registers the ring fd");
+                super::nop().await.expect("warm-up nop");
+                let before = reactor.stats();
+                let (fd, peer) = socketpair();
+                let (op, _) = submit_recv(&reactor, &fd, 64);
+                let writer = std::thread::spawn(move || {
+                    std::thread::sleep(Duration::from_millis(100));
+                    write_all(peer.as_raw_fd(), b"mode");
+                    peer
+                });
+                let done = tokio::time::timeout(Duration::from_secs(5), op)
+                    .await
+                    .unwrap_or_else(|_| panic!("{mode}: the driver was never woken"));
+                assert_eq!(done.raw(), 4, "{mode}");
+                let _peer = writer.join().unwrap();
+                let after = reactor.stats();
+                assert_eq!(after.ops_in_flight, before.ops_in_flight, "{mode}");
+                assert_eq!(after.sqes_submitted - before.sqes_submitted, 1, "{mode}");
+            });
+        })
+        .join()
+        .unwrap();
+    }
+}
+
+/// `URING_SSH_TASK_WORK` values: best first for `auto`, one mode when
+/// named, an error naming the variable otherwise.
+#[test]
+fn task_work_values_parse() {
+    use super::probe::TaskWork;
+    assert_eq!(
+        TaskWork::parse("auto").unwrap(),
+        &[TaskWork::Cooperative, TaskWork::Signal]
+    );
+    assert_eq!(TaskWork::parse("").unwrap().len(), 2);
+    assert_eq!(TaskWork::parse(" coop ").unwrap(), &[TaskWork::Cooperative]);
+    assert_eq!(TaskWork::parse("signal").unwrap(), &[TaskWork::Signal]);
+    let e = TaskWork::parse("deferred").unwrap_err().to_string();
+    assert!(e.contains("URING_SSH_TASK_WORK"), "{e}");
+}
