@@ -27,6 +27,18 @@ unsafe extern "C" {
         callback: *mut c_void,
     ) -> *mut c_void;
 
+    /// `libssh2_session_init_ex` for an allocator whose first block (the
+    /// session) is already zeroed: libssh2 does not clear it again. From
+    /// our patch `0010-session-init-zeroed`.
+    pub fn libssh2_session_init_zeroed_ex(
+        my_alloc: Option<unsafe extern "C" fn(libc::size_t, *mut *mut c_void) -> *mut c_void>,
+        my_free: Option<unsafe extern "C" fn(*mut c_void, *mut *mut c_void)>,
+        my_realloc: Option<
+            unsafe extern "C" fn(*mut c_void, libc::size_t, *mut *mut c_void) -> *mut c_void,
+        >,
+        abstract_: *mut c_void,
+    ) -> *mut LIBSSH2_SESSION;
+
     /// The libssh2 version string at run time (`"1.11.2_DEV"`, …) when
     /// `required` is 0.
     pub fn libssh2_version(required: c_int) -> *const std::os::raw::c_char;

@@ -50,6 +50,8 @@ pub struct Shared {
     panic: RefCell<Option<Box<dyn std::any::Any + Send>>>,
     /// Packet-sized blocks libssh2 freed, kept for its next packets.
     cache: RefCell<Vec<*mut usize>>,
+    /// The next block is the session itself: map it as fresh zero pages.
+    map_next: Cell<bool>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -79,6 +81,7 @@ impl Shared {
             panic: RefCell::new(None),
             agent_timeout: Cell::new(None),
             cache: RefCell::new(Vec::new()),
+            map_next: Cell::new(false),
         }
     }
 
@@ -129,6 +132,9 @@ impl Shared {
     }
 
     fn alloc(&self, size: usize) -> *mut c_void {
+        if self.map_next.replace(false) {
+            return self.alloc_mapped(size);
+        }
         let capacity = block_capacity(size);
         let base = match self.take_cached(capacity) {
             Some(base) => base,
@@ -155,6 +161,37 @@ impl Shared {
         }
     }
 
+    /// A block of fresh anonymous pages: zero, and resident only once
+    /// written. Its capacity field holds the mapping's length with
+    /// [`MAPPED`] set.
+    fn alloc_mapped(&self, size: usize) -> *mut c_void {
+        let Some(total) = size.checked_add(HEADER) else {
+            return std::ptr::null_mut();
+        };
+        // SAFETY: an anonymous private mapping; the result is checked.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                total,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return std::ptr::null_mut();
+        }
+        let base = base as *mut usize;
+        // SAFETY: the mapping holds HEADER + `size` bytes.
+        unsafe {
+            *base = size;
+            *base.add(1) = total | MAPPED;
+            self.account(size as i64, 1);
+            (base as *mut u8).add(HEADER) as *mut c_void
+        }
+    }
+
     fn take_cached(&self, capacity: usize) -> Option<*mut usize> {
         if !(CACHE_MIN..=CACHE_MAX).contains(&capacity) {
             return None;
@@ -175,6 +212,12 @@ impl Shared {
     unsafe fn release(&self, base: *mut usize) {
         // SAFETY: per the contract, the header is valid.
         let capacity = unsafe { *base.add(1) };
+        if capacity & MAPPED != 0 {
+            // SAFETY: a block of `alloc_mapped`: the mapping starts at
+            // `base` and its length is the capacity without the flag.
+            unsafe { libc::munmap(base as *mut c_void, capacity & !MAPPED) };
+            return;
+        }
         if (CACHE_MIN..=CACHE_MAX).contains(&capacity) {
             let mut cache = self.cache.borrow_mut();
             let kept: usize = cache.len() * CACHE_MAX;
@@ -233,6 +276,10 @@ fn block_capacity(size: usize) -> usize {
 /// keeping malloc's 16-byte alignment.
 const HEADER: usize = 16;
 
+/// Set in a block's capacity field when the block is a mapping of its own
+/// (the session: see [`new_session`]).
+const MAPPED: usize = 1 << (usize::BITS - 1);
+
 /// # Safety
 /// `abstract_` must be a libssh2 abstract pointer to a live `Shared`.
 unsafe fn shared<'a>(abstract_: *mut *mut c_void) -> Option<&'a Shared> {
@@ -272,6 +319,9 @@ extern "C" fn free_cb(ptr: *mut c_void, abstract_: *mut *mut c_void) {
                     s.account(-(size as i64), -1);
                     s.release(base);
                 }
+                None if *base.add(1) & MAPPED != 0 => {
+                    libc::munmap(base as *mut c_void, *base.add(1) & !MAPPED);
+                }
                 None => libc::free(base as *mut c_void),
             }
         }
@@ -295,6 +345,17 @@ extern "C" fn realloc_cb(
             }
             let base = (ptr as *mut u8).sub(HEADER) as *mut usize;
             let old = *base;
+            if *base.add(1) & MAPPED != 0 {
+                // The session's own block (never resized by libssh2 today):
+                // move it to the heap.
+                let new = s.alloc(size);
+                if !new.is_null() {
+                    std::ptr::copy_nonoverlapping(ptr as *const u8, new as *mut u8, old.min(size));
+                    s.account(-(old as i64), -1);
+                    s.release(base);
+                }
+                return new;
+            }
             if size <= *base.add(1) {
                 // Fits the block as it is (a cached capacity may exceed it).
                 *base = size;
@@ -511,12 +572,17 @@ pub(crate) unsafe fn new_session(shared: *const Shared) -> *mut ffi::LIBSSH2_SES
     // SAFETY: the allocator functions honour libssh2's contract; `shared`
     // outlives the session per this function's contract.
     unsafe {
-        let raw = ffi::libssh2_session_init_ex(
+        // The session's ~81 KB block comes from fresh zero pages that
+        // libssh2 does not clear again (patch 0010): an idle session keeps
+        // only the pages it wrote.
+        (*shared).map_next.set(true);
+        let raw = ffi::libssh2_session_init_zeroed_ex(
             Some(alloc_cb),
             Some(free_cb),
             Some(realloc_cb),
             shared as *mut c_void,
         );
+        (*shared).map_next.set(false);
         if raw.is_null() {
             return raw;
         }
@@ -634,6 +700,57 @@ mod tests {
         let s = l.realloc(r, 10_000);
         assert_eq!(shared.bytes_outstanding(), 10_000);
         l.free(s);
+        assert_eq!(
+            (shared.blocks_outstanding(), shared.bytes_outstanding()),
+            (0, 0)
+        );
+    }
+}
+
+#[cfg(test)]
+mod session_block_tests {
+    use super::*;
+
+    /// Pages of `len` bytes at `base` that are resident (`mincore`).
+    fn resident_pages(base: *mut c_void, len: usize) -> usize {
+        let page = 4096;
+        let mut vec = vec![0u8; len.div_ceil(page)];
+        // SAFETY: `base` is the page-aligned start of a live mapping of
+        // `len` bytes; `vec` has one byte per page.
+        let rc = unsafe { libc::mincore(base, len, vec.as_mut_ptr()) };
+        assert_eq!(rc, 0, "mincore: {}", std::io::Error::last_os_error());
+        vec.iter().filter(|&&b| b & 1 == 1).count()
+    }
+
+    /// The session's own block is a mapping of fresh pages that libssh2 does
+    /// not clear (patch 0010): a new session has only the pages its
+    /// initialisation wrote resident, not its ~81 KB, and freeing the
+    /// session unmaps it with nothing left outstanding.
+    #[test]
+    fn a_new_session_block_is_mapped_and_mostly_untouched() {
+        let shared = Box::new(Shared::new());
+        // SAFETY: `shared` outlives the session (freed below).
+        let raw = unsafe { new_session(&*shared) };
+        assert!(!raw.is_null());
+        // SAFETY: the session pointer is the block's data; its header
+        // precedes it (see `alloc_mapped`).
+        let (size, capacity) = unsafe {
+            let base = (raw as *mut u8).sub(HEADER) as *mut usize;
+            (*base, *base.add(1))
+        };
+        assert_ne!(capacity & MAPPED, 0, "the session block is a mapping");
+        let len = capacity & !MAPPED;
+        assert!(size > 70_000, "LIBSSH2_SESSION is {size} bytes");
+        // SAFETY: as above.
+        let base = unsafe { (raw as *mut u8).sub(HEADER) } as *mut c_void;
+        let resident = resident_pages(base, len);
+        let pages = len.div_ceil(4096);
+        assert!(
+            resident * 4 <= pages,
+            "{resident} of {pages} pages resident after init: the block was cleared"
+        );
+        // SAFETY: a session made by `new_session`, freed once.
+        unsafe { ffi::libssh2_session_free(raw) };
         assert_eq!(
             (shared.blocks_outstanding(), shared.bytes_outstanding()),
             (0, 0)
