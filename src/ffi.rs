@@ -39,6 +39,11 @@ unsafe extern "C" {
         abstract_: *mut c_void,
     ) -> *mut LIBSSH2_SESSION;
 
+    /// Marks the session's transport as gone: freeing its channels then
+    /// skips building and sending their EOF and CLOSE. From our patch
+    /// `0011-session-set-disconnected`.
+    pub fn libssh2_session_set_disconnected(session: *mut LIBSSH2_SESSION);
+
     /// The libssh2 version string at run time (`"1.11.2_DEV"`, …) when
     /// `required` is 0.
     pub fn libssh2_version(required: c_int) -> *const std::os::raw::c_char;

@@ -1342,6 +1342,13 @@ impl SessionInner {
             self.reactor.abandon(op);
         }
         self.transport.kill();
+        let raw = self.raw.get();
+        if !raw.is_null() {
+            // SAFETY: a live session; this only sets its socket state. The
+            // link is dead (both callbacks fail): no channel free below
+            // needs to build and encrypt an EOF and a CLOSE to find out.
+            unsafe { ffi::libssh2_session_set_disconnected(raw) };
+        }
         // Agents first: libssh2 frees them through the session.
         let agents: Vec<_> = self.agents.borrow_mut().drain(..).collect();
         for agent in agents.iter().filter_map(Weak::upgrade) {

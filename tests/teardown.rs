@@ -10,6 +10,34 @@ use common::util::{config, connect, settle_orphans};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use uring_ssh::{Error, Session};
 
+/// Dropping a session mid-transfer with channels open builds no packet:
+/// the session is marked disconnected before libssh2 frees it, so no
+/// channel's EOF and CLOSE is built, encrypted and refused by the dead link.
+#[tokio::test]
+async fn drop_mid_transfer_builds_no_packet_for_the_dead_link() {
+    let sshd = Sshd::start();
+    let s = connect(&sshd).await;
+    let mut streaming = s.exec("cat /dev/zero").await.unwrap();
+    let idle = s.exec("cat").await.unwrap();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut got = 0;
+    while got < 1 << 20 {
+        got += streaming.read(&mut buf).await.unwrap();
+    }
+    let before = uring_ssh::transport::callbacks::sends_on_dead_links();
+    // The channels first (their frees are deferred to the driver), then the
+    // session, before the driver ran: the session's free frees them.
+    drop((streaming, idle));
+    drop(s);
+    assert_eq!(
+        uring_ssh::transport::callbacks::sends_on_dead_links() - before,
+        0,
+        "packets built for a torn-down link"
+    );
+    let st = settle_orphans(Duration::from_secs(2)).await;
+    assert_eq!(st.orphaned_outstanding, 0);
+}
+
 #[tokio::test]
 async fn graceful_close_sends_nothing_after_disconnect() {
     let sshd = Sshd::start();

@@ -18,6 +18,21 @@ use crate::ffi;
 static GLOBAL_BYTES: AtomicI64 = AtomicI64::new(0);
 static GLOBAL_BLOCKS: AtomicI64 = AtomicI64::new(0);
 
+thread_local! {
+    /// Packets libssh2 handed this thread's send callback on a torn-down
+    /// link (refused).
+    static SENDS_ON_DEAD_LINKS: Cell<u64> = const { Cell::new(0) };
+}
+
+/// Packets libssh2 built and handed to the send callback of a session on
+/// this thread after its teardown began (each refused). Freeing a session
+/// marks it disconnected first, so this stays 0: libssh2 then skips the
+/// EOF and CLOSE it would otherwise build, encrypt and fail to send for
+/// every open channel.
+pub fn sends_on_dead_links() -> u64 {
+    SENDS_ON_DEAD_LINKS.with(Cell::get)
+}
+
 /// Bytes libssh2 has allocated through our allocator and not freed, over all
 /// sessions of the process.
 pub fn libssh2_bytes_outstanding() -> i64 {
@@ -404,6 +419,9 @@ unsafe extern "C" fn send_cb(
             };
             (s, std::slice::from_raw_parts(buf as *const u8, len))
         };
+        if s.bridge.link() == super::bridge::Link::Dead {
+            SENDS_ON_DEAD_LINKS.with(|c| c.set(c.get() + 1));
+        }
         s.bridge.on_send(data)
     }))
     .unwrap_or_else(|p| panicked(abstract_, p))
