@@ -142,14 +142,14 @@ impl Default for Config {
             banner: None,
             window_size: DEFAULT_WINDOW,
             packet_size: DEFAULT_PACKET,
-            receive_batch_wait: None,
+            receive_batch_wait: Some(DEFAULT_RECEIVE_BATCH_WAIT),
         }
     }
 }
 
-/// A receive batch wait for bulk transfers (see
-/// [`Config::receive_batch_wait`]): what the benchmarks measured.
-pub const BULK_RECEIVE_BATCH_WAIT: Duration = Duration::from_millis(1);
+/// How long, by default, a receive waits for a full buffer while data
+/// streams in (see [`Config::receive_batch_wait`]).
+pub const DEFAULT_RECEIVE_BATCH_WAIT: Duration = Duration::from_millis(1);
 
 impl Config {
     /// The defaults: 10 s connect timeout, 60 s per operation, keepalive every
@@ -160,15 +160,13 @@ impl Config {
         Self::default()
     }
 
-    /// How long a receive may wait for a full buffer (64 to 512 KiB) while
-    /// data streams in, on the io_uring engine (5.19+). One completion, and
-    /// one wake-up of the thread, then carries a burst of packets instead
-    /// of one: with [`BULK_RECEIVE_BATCH_WAIT`] a fast stream cost 14% less
-    /// client CPU per GiB (`BENCHMARKS.md`). Batching starts when a
-    /// stream's rate would fill 64 KiB within the wait and stops when a
-    /// batch brings less; the cost is at most this much added latency at
-    /// the end of a burst, or while the server waits for the client to
-    /// read. `None` (the default) receives each packet as it comes. The
+    /// How long a receive may wait for a full buffer (512 KiB) while data
+    /// streams in, on the io_uring engine (default
+    /// [`DEFAULT_RECEIVE_BATCH_WAIT`]). One completion, and one wake-up of
+    /// the thread, then carries a burst of packets instead of one. Batching
+    /// starts after a receive of 16 KiB or more and stops after one that
+    /// brings less; the cost is at most this much added latency at the end
+    /// of a burst. `None` (or zero) receives each packet as it comes. The
     /// poll engine never batches.
     pub fn receive_batch_wait(mut self, wait: Option<Duration>) -> Self {
         self.receive_batch_wait = wait;

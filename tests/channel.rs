@@ -438,7 +438,7 @@ async fn discarded_stderr_flood_lets_the_command_finish_in_bounded_memory() {
 async fn streaming_reads_are_received_in_batches_on_the_ring() {
     uring_ssh::reactor::init_with(uring_ssh::reactor::Backend::IoUring).expect("io_uring");
     let sshd = Sshd::start();
-    for wait in [Some(uring_ssh::BULK_RECEIVE_BATCH_WAIT), None] {
+    for wait in [Some(uring_ssh::DEFAULT_RECEIVE_BATCH_WAIT), None] {
         let cfg = common::util::config(&sshd).receive_batch_wait(wait);
         let s = common::util::connect_with(&sshd, cfg).await;
         let mut ch = s
