@@ -359,7 +359,6 @@ impl Reactor {
             cancel_by_fd: true,
             task_work: TaskWork::Signal,
             registered_ring: false,
-            batched_recv: false,
         };
         Ok((Engine::Poll(poll), features))
     }

@@ -186,8 +186,7 @@ impl Reactor {
 
     /// Like [`Self::recv`], waiting (at most `wait`) for all `len` bytes:
     /// the callback gets what arrived by then, or `-ECANCELED` if nothing
-    /// did. A plain [`Self::recv`] where [`super::Features::batched_recv`]
-    /// is false (the poll engine, kernels before 5.19).
+    /// did. On the poll engine, a plain [`Self::recv`].
     pub(crate) fn recv_batched(
         &self,
         fd: Rc<SharedFd>,
@@ -196,7 +195,7 @@ impl Reactor {
         wait: std::time::Duration,
         callback: super::Callback,
     ) -> OpId {
-        if !self.features().batched_recv {
+        if self.features().backend != super::Backend::IoUring {
             return self.recv(fd, buf, len, callback);
         }
         assert!(len <= buf.len(), "recv of {len} bytes into {}", buf.len());

@@ -89,11 +89,6 @@ pub struct Features {
     /// `io_uring_enter` names the ring by a registered index instead of
     /// its fd (`IORING_REGISTER_RING_FDS`, 5.18): no fd lookup per call.
     pub registered_ring: bool,
-    /// Batched receives can run: a `MSG_WAITALL` receive keeps what it
-    /// received when its linked timeout ends it (5.18 fixed the count of
-    /// such partial receives; `IORING_OP_SOCKET`, 5.19, serves as marker).
-    /// Where this is false, receives are never batched.
-    pub batched_recv: bool,
 }
 
 /// Creates a ring of `entries` submission slots, in the best task-work mode
@@ -172,7 +167,6 @@ fn check(ring: IoUring, task_work: TaskWork) -> Result<(IoUring, Features), Erro
         cancel_by_fd: probe.is_supported(opcode::Socket::CODE),
         task_work,
         registered_ring: false,
-        batched_recv: probe.is_supported(opcode::Socket::CODE),
     };
     Ok((ring, features))
 }
