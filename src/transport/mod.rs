@@ -35,14 +35,13 @@ pub(crate) const RECV_MAX: usize = 512 * 1024;
 /// submitted (libssh2 reads at most ~35000 bytes per callback).
 const READAHEAD_LIMIT: usize = 2 * RECV_MAX;
 
+/// A receive of at least this many bytes means data streams in: the next
+/// one is batched (see [`Transport::set_batch_wait`]).
+const BATCH_ENTER: usize = 16 * 1024;
+
 /// The smallest batched receive: a stream too slow to fill this much
 /// within the wait is received packet by packet again.
 const BATCH_MIN: usize = 64 * 1024;
-
-/// Receives after batching stopped for a slow stream before it may start
-/// again: many slow streams (sessions sharing a busy server) would
-/// otherwise pay a wait and a timer for every other packet.
-const BATCH_BACKOFF: u32 = 64;
 
 /// Bytes waiting to be sent above which writers wait before calling libssh2.
 pub(crate) const OUTBOUND_HIGH_WATER: usize = 1024 * 1024;
@@ -67,8 +66,6 @@ pub(crate) struct Transport {
     batching: Cell<bool>,
     /// The recv in flight is a batched one.
     recv_batched: Cell<bool>,
-    /// Receives left before batching may start again.
-    batch_backoff: Cell<u32>,
     spare_out: RefCell<Vec<u8>>,
     spare_in: RefCell<Vec<u8>>,
     waiters: RefCell<Vec<Waker>>,
@@ -95,7 +92,6 @@ impl Transport {
             batch_wait: Cell::new(None),
             batching: Cell::new(false),
             recv_batched: Cell::new(false),
-            batch_backoff: Cell::new(0),
             spare_out: RefCell::new(Vec::new()),
             spare_in: RefCell::new(Vec::new()),
             waiters: RefCell::new(Vec::new()),
@@ -306,14 +302,11 @@ impl Transport {
             // the stream paused; receive as usual until it resumes.
             Err(e) if batched && e.raw_os_error() == Some(libc::ECANCELED) => {
                 self.batching.set(false);
-                self.batch_backoff.set(BATCH_BACKOFF);
                 self.ensure_recv();
             }
             Ok(n) => {
                 let n = n as usize;
                 let size = self.recv_size.get();
-                let now = Instant::now();
-                let since_last = now.saturating_duration_since(self.last_rx.get());
                 if batched {
                     // Filled within the wait: ask for more next time. Ended
                     // by the wait: ask for less, and stop batching once a
@@ -325,7 +318,6 @@ impl Transport {
                         self.recv_size.set(smaller.max(RECV_MIN));
                         if smaller < BATCH_MIN {
                             self.batching.set(false);
-                            self.batch_backoff.set(BATCH_BACKOFF);
                         }
                     }
                 } else {
@@ -334,22 +326,13 @@ impl Transport {
                     } else if n < size / 4 {
                         self.recv_size.set((size / 2).max(RECV_MIN));
                     }
-                    // Batch when this stream would fill the smallest batch
-                    // within the wait: BATCH_MIN per wait, judged by this
-                    // receive's bytes over the time since the last one.
-                    let backoff = self.batch_backoff.get();
-                    if backoff > 0 {
-                        self.batch_backoff.set(backoff - 1);
-                    } else if let Some(wait) = self.batch_wait.get()
-                        && (n as u128) * wait.as_nanos()
-                            >= (BATCH_MIN as u128) * since_last.as_nanos().max(1)
-                    {
+                    if n >= BATCH_ENTER && self.batch_wait.get().is_some() {
                         self.batching.set(true);
                         self.recv_size.set(self.recv_size.get().max(BATCH_MIN));
                     }
                 }
                 let buf = std::mem::take(&mut resources.buf);
-                self.last_rx.set(now);
+                self.last_rx.set(Instant::now());
                 let spare = self.bridge().deliver(buf, n);
                 *self.spare_in.borrow_mut() = spare;
                 self.ensure_recv();
