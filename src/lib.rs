@@ -128,8 +128,8 @@ pub use forward::{DEFAULT_ACCEPT_QUEUE, Listener, LocalForward, LocalForwardStat
 pub use knownhosts::{HostKey, HostKeyPolicy};
 pub use scp::{ScpReader, ScpStat, ScpWriter};
 pub use session::{
-    Config, DEFAULT_CIPHERS, DEFAULT_CIPHERS_NO_AES, DEFAULT_PACKET, DEFAULT_RECEIVE_BATCH_WAIT,
-    DEFAULT_WINDOW, MethodType, Session, SessionStats, default_ciphers, leaked_objects,
+    Config, DEFAULT_CIPHERS, DEFAULT_CIPHERS_NO_AES, DEFAULT_PACKET, DEFAULT_WINDOW, MethodType,
+    Session, SessionStats, default_ciphers, leaked_objects,
 };
 pub use transport::callbacks::{libssh2_blocks_outstanding, libssh2_bytes_outstanding};
 

@@ -123,7 +123,6 @@ pub struct Config {
     pub(crate) banner: Option<String>,
     pub(crate) window_size: u32,
     pub(crate) packet_size: u32,
-    pub(crate) receive_batch_wait: Option<Duration>,
 }
 
 impl Default for Config {
@@ -142,14 +141,9 @@ impl Default for Config {
             banner: None,
             window_size: DEFAULT_WINDOW,
             packet_size: DEFAULT_PACKET,
-            receive_batch_wait: Some(DEFAULT_RECEIVE_BATCH_WAIT),
         }
     }
 }
-
-/// How long, by default, a receive waits for a full buffer while data
-/// streams in (see [`Config::receive_batch_wait`]).
-pub const DEFAULT_RECEIVE_BATCH_WAIT: Duration = Duration::from_millis(1);
 
 impl Config {
     /// The defaults: 10 s connect timeout, 60 s per operation, keepalive every
@@ -158,19 +152,6 @@ impl Config {
     /// [`default_ciphers`].
     pub fn new() -> Self {
         Self::default()
-    }
-
-    /// How long a receive may wait for a full buffer (512 KiB) while data
-    /// streams in, on the io_uring engine (default
-    /// [`DEFAULT_RECEIVE_BATCH_WAIT`]). One completion, and one wake-up of
-    /// the thread, then carries a burst of packets instead of one. Batching
-    /// starts after a receive of 16 KiB or more and stops after one that
-    /// brings less; the cost is at most this much added latency at the end
-    /// of a burst. `None` (or zero) receives each packet as it comes. The
-    /// poll engine never batches.
-    pub fn receive_batch_wait(mut self, wait: Option<Duration>) -> Self {
-        self.receive_batch_wait = wait;
-        self
     }
 
     /// Time allowed for the TCP connect.
@@ -440,7 +421,6 @@ impl Session {
         }
         drop(done);
         let transport = Transport::new(reactor.clone(), fd);
-        transport.set_batch_wait(config.receive_batch_wait);
         // SAFETY: `transport.shared` is boxed inside the Rc'd transport, which
         // the session keeps until after `libssh2_session_free` (SessionInner
         // frees the session before its fields drop).

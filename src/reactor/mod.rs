@@ -116,9 +116,6 @@ pub struct Stats {
     pub cqes_reaped: u64,
     /// Operations submitted (or queued) whose completion has not been reaped.
     pub ops_in_flight: u64,
-    /// Batched receives started: `MSG_WAITALL` receives bounded by a linked
-    /// timeout (io_uring engine; see `Config::receive_batch_wait`).
-    pub batched_recvs: u64,
     /// Operations whose owner is gone and whose buffers the reactor still
     /// holds until their completion arrives.
     pub orphaned_outstanding: u64,
@@ -140,11 +137,6 @@ pub(crate) enum Kind {
     Send,
     /// `recv(2)` into `buf[..len]`.
     Recv(usize),
-    /// `recv(2)` into `buf[..len]` with `MSG_WAITALL`, bounded by a linked
-    /// timeout: completes when the buffer is full, or when the timeout ends
-    /// it with what arrived (`-ECANCELED` if nothing did). Ring engine; the
-    /// poll engine performs a plain [`Kind::Recv`].
-    RecvAll(usize),
     /// `connect(2)` to `addr`.
     Connect,
     /// `shutdown(2)` with SHUT_RDWR.
@@ -439,18 +431,6 @@ impl Reactor {
         callback: Callback,
     ) -> OpId {
         self.start(kind, resources, Notify::Callback(callback), None)
-    }
-
-    /// Starts `kind`, cancelled by a linked timeout after `timeout`; its
-    /// completion runs `callback` on the driver task.
-    pub(crate) fn start_callback_with_timeout(
-        &self,
-        kind: Kind,
-        resources: Resources,
-        callback: Callback,
-        timeout: Duration,
-    ) -> OpId {
-        self.start(kind, resources, Notify::Callback(callback), Some(timeout))
     }
 
     /// Starts `kind`; nobody waits, its resources are dropped on completion.

@@ -198,7 +198,7 @@ impl Poll {
                 self.close(raw);
                 ready(0);
             }
-            Kind::Send | Kind::Recv(_) | Kind::RecvAll(_) | Kind::Connect => {
+            Kind::Send | Kind::Recv(_) | Kind::Connect => {
                 if let Err(e) = self.register(fd) {
                     ready(-e);
                     return;
@@ -224,7 +224,7 @@ impl Poll {
                     let s = sockets.get_mut(&fd).expect("registered");
                     match kind {
                         Kind::Send => s.send = Some((id, 0)),
-                        Kind::Recv(len) | Kind::RecvAll(len) => s.recv = Some((id, len)),
+                        Kind::Recv(len) => s.recv = Some((id, len)),
                         _ => unreachable!(),
                     }
                 }

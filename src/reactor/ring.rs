@@ -135,13 +135,6 @@ impl Ring {
                 let buf = &mut resources.buf[..len];
                 opcode::Recv::new(fd, buf.as_mut_ptr(), len as u32).build()
             }
-            Kind::RecvAll(len) => {
-                let fd = fd();
-                let buf = &mut resources.buf[..len];
-                opcode::Recv::new(fd, buf.as_mut_ptr(), len as u32)
-                    .flags(libc::MSG_WAITALL)
-                    .build()
-            }
             Kind::Connect => {
                 let fd = fd();
                 let addr = resources.addr.as_mut().expect("connect without an address");
