@@ -788,7 +788,8 @@ impl Drop for Reactor {
         let slots = self.slots.get_mut();
         let mut done = Vec::new();
         for _ in 0..100 {
-            // Then with GETEVENTS: a deferred ring posts nothing without it.
+            // Then with GETEVENTS, whatever the flags say: cooperative task
+            // work not yet run posts its CQEs only in an enter.
             let _ = ring.flush(stats);
             ring.enter_getevents(stats);
             done.clear();

@@ -220,8 +220,8 @@ async fn recv_on_socketpair_fills_the_op_buffer() {
 }
 
 /// The only thing that can wake this thread while the data is on its way is
-/// the ring fd turning readable in tokio's epoll: a default ring (no
-/// COOP_TASKRUN/DEFER_TASKRUN) driven through `AsyncFd`.
+/// the ring fd turning readable in tokio's epoll (the thread's ring,
+/// cooperative where the kernel has it) driven through `AsyncFd`.
 #[tokio::test]
 async fn recv_completion_wakes_the_driver_through_the_ring_fd() {
     let reactor = warm_reactor().await;

@@ -227,12 +227,6 @@ impl Shared {
     unsafe fn release(&self, base: *mut usize) {
         // SAFETY: per the contract, the header is valid.
         let capacity = unsafe { *base.add(1) };
-        if capacity & MAPPED != 0 {
-            // SAFETY: a block of `alloc_mapped`: the mapping starts at
-            // `base` and its length is the capacity without the flag.
-            unsafe { libc::munmap(base as *mut c_void, capacity & !MAPPED) };
-            return;
-        }
         if (CACHE_MIN..=CACHE_MAX).contains(&capacity) {
             let mut cache = self.cache.borrow_mut();
             let kept: usize = cache.len() * CACHE_MAX;
@@ -244,8 +238,28 @@ impl Shared {
                 return;
             }
         }
-        // SAFETY: per the contract, `base` came from malloc/realloc.
-        unsafe { libc::free(base as *mut c_void) };
+        // SAFETY: per the contract, `base` is a live block of ours.
+        unsafe { free_block(base) };
+    }
+}
+
+/// Hands a block back to the system: unmaps a mapping of its own
+/// ([`MAPPED`]), frees a malloc'd one.
+///
+/// # Safety
+/// `base` is the start of a live block made by `alloc`/`alloc_mapped`/
+/// `realloc_cb`, not used afterwards.
+unsafe fn free_block(base: *mut usize) {
+    // SAFETY: per the contract, the header is valid; a mapped block's
+    // mapping starts at `base` and is as long as its capacity without the
+    // flag, any other block came from malloc/realloc.
+    unsafe {
+        let capacity = *base.add(1);
+        if capacity & MAPPED != 0 {
+            libc::munmap(base as *mut c_void, capacity & !MAPPED);
+        } else {
+            libc::free(base as *mut c_void);
+        }
     }
 }
 
@@ -334,10 +348,7 @@ extern "C" fn free_cb(ptr: *mut c_void, abstract_: *mut *mut c_void) {
                     s.account(-(size as i64), -1);
                     s.release(base);
                 }
-                None if *base.add(1) & MAPPED != 0 => {
-                    libc::munmap(base as *mut c_void, *base.add(1) & !MAPPED);
-                }
-                None => libc::free(base as *mut c_void),
+                None => free_block(base),
             }
         }
     });
