@@ -246,6 +246,8 @@ fn compile(tree: &Path, out_dir: &Path) {
         "HAVE_GETTIMEOFDAY",
         "LIBSSH2_DH_GEX_NEW",
         "LIBSSH2_HAVE_ZLIB",
+        // ML-KEM from src/mlkem.rs (patch 0012): OpenSSL 3.0 has none.
+        "LIBSSH2_MLKEM_EXTERNAL",
     ] {
         cfg.define(define, None);
     }

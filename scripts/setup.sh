@@ -16,7 +16,10 @@ fi
 # openssh-client brings ssh-keygen, ssh-agent and ssh-add (fixture and agent
 # tests) and scp, which the SCP tests run on the server side. time is GNU
 # time: ussh's tests read its peak memory from it.
-packages=(openssh-server openssh-client libssl-dev pkg-config zlib1g-dev cmake build-essential time)
+# dropbear-bin and debootstrap (with Debian's archive keys) bring the other
+# servers of tests/interop.rs: Dropbear, and OpenSSH 10 in a Debian 13 tree.
+packages=(openssh-server openssh-client libssl-dev pkg-config zlib1g-dev cmake build-essential time
+    dropbear-bin debootstrap debian-archive-keyring)
 bench=false
 if [ "${1:-}" = "--bench" ]; then
     bench=true
@@ -51,3 +54,24 @@ fi
 mkdir -p /run/sshd
 chmod 755 /run/sshd
 
+# OpenSSH 10 (Debian 13) for tests/interop.rs, run under chroot on loopback.
+# Built once from the machine's configured Debian mirror (~1 minute, ~260
+# MB) and kept; delete the directory to rebuild it.
+trixie=/var/cache/uring-ssh/trixie
+if [ ! -x "$trixie/usr/sbin/sshd" ]; then
+    mirror=$(sed -n 's/^URIs: *\(http[^ ]*debian\)\/*$/\1/p' /etc/apt/sources.list.d/*.sources 2>/dev/null | head -n 1)
+    if [ -z "$mirror" ]; then
+        mirror=$(sed -n 's/^deb \(\[[^]]*\] \)\{0,1\}\(http[^ ]*debian\)\/* .*/\2/p' /etc/apt/sources.list 2>/dev/null | head -n 1)
+    fi
+    mirror=${mirror:-http://deb.debian.org/debian}
+    echo "building the Debian 13 tree for OpenSSH 10 in $trixie from $mirror"
+    rm -rf "$trixie.tmp"
+    mkdir -p "$(dirname "$trixie")"
+    debootstrap --variant=minbase --include=openssh-server,openssh-sftp-server \
+        trixie "$trixie.tmp" "$mirror" >/tmp/uring-ssh-debootstrap.log 2>&1 || {
+        tail -n 30 /tmp/uring-ssh-debootstrap.log >&2
+        echo "scripts/setup.sh: debootstrap of Debian 13 failed (log above)" >&2
+        exit 1
+    }
+    mv "$trixie.tmp" "$trixie"
+fi

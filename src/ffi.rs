@@ -44,6 +44,21 @@ unsafe extern "C" {
     /// `0011-session-set-disconnected`.
     pub fn libssh2_session_set_disconnected(session: *mut LIBSSH2_SESSION);
 
+    /// Registers the ML-KEM primitive libssh2's hybrid key exchanges use.
+    /// From our patch `0012-mlkem-external-provider`.
+    pub fn libssh2_mlkem_provider_set(
+        keypair: extern "C" fn(c_int, *mut u8, libc::size_t, *mut u8, libc::size_t) -> c_int,
+        decapsulate: extern "C" fn(
+            c_int,
+            *mut u8,
+            libc::size_t,
+            *const u8,
+            libc::size_t,
+            *const u8,
+            libc::size_t,
+        ) -> c_int,
+    );
+
     /// The libssh2 version string at run time (`"1.11.2_DEV"`, …) when
     /// `required` is 0.
     pub fn libssh2_version(required: c_int) -> *const std::os::raw::c_char;

@@ -78,6 +78,7 @@ mod forward;
 pub mod fuzzing;
 pub mod knownhosts;
 mod localdir;
+mod mlkem;
 pub mod reactor;
 mod scp;
 mod session;
@@ -129,7 +130,7 @@ pub use knownhosts::{HostKey, HostKeyPolicy};
 pub use scp::{ScpReader, ScpStat, ScpWriter};
 pub use session::{
     Config, DEFAULT_CIPHERS, DEFAULT_CIPHERS_NO_AES, DEFAULT_PACKET, DEFAULT_WINDOW, MethodType,
-    Session, SessionStats, default_ciphers, leaked_objects,
+    Session, SessionStats, default_ciphers, leaked_objects, supported_methods,
 };
 pub use transport::callbacks::{libssh2_blocks_outstanding, libssh2_bytes_outstanding};
 

@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use std::os::raw::{c_char, c_int, c_uint};
 use std::path::{Path, PathBuf};
 use std::rc::{Rc, Weak};
+use std::sync::OnceLock;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -108,6 +109,78 @@ impl MethodType {
             MethodType::CompressionServerToClient => ffi::LIBSSH2_METHOD_COMP_SC,
         }
     }
+}
+
+impl std::fmt::Display for MethodType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            MethodType::Kex => "key exchange",
+            MethodType::HostKey => "host key",
+            MethodType::CipherClientToServer => "cipher (client to server)",
+            MethodType::CipherServerToClient => "cipher (server to client)",
+            MethodType::MacClientToServer => "MAC (client to server)",
+            MethodType::MacServerToClient => "MAC (server to client)",
+            MethodType::CompressionClientToServer => "compression (client to server)",
+            MethodType::CompressionServerToClient => "compression (server to client)",
+        })
+    }
+}
+
+/// The algorithms of `kind` this build can negotiate, in its default order
+/// of preference (for [`MethodType::Kex`], without the pseudo-methods
+/// `ext-info-c` and `kex-strict-c-v00@openssh.com`, which it always sends).
+pub fn supported_methods(kind: MethodType) -> &'static [String] {
+    static LISTS: [OnceLock<Vec<String>>; 8] = [const { OnceLock::new() }; 8];
+    let index = kind as usize;
+    LISTS[index].get_or_init(|| {
+        ffi::init();
+        crate::mlkem::register();
+        let mut names = Vec::new();
+        // SAFETY: a session with libssh2's default allocator that does no
+        // IO, freed below; each name list is freed with libssh2_free as
+        // libssh2_session_supported_algs requires, after the names are
+        // copied.
+        unsafe {
+            let raw = ffi::libssh2_session_init_ex(None, None, None, std::ptr::null_mut());
+            if raw.is_null() {
+                return names;
+            }
+            let mut list: *mut *const c_char = std::ptr::null_mut();
+            let n = ffi::libssh2_session_supported_algs(raw, kind.raw(), &mut list);
+            if n > 0 && !list.is_null() {
+                for i in 0..n as usize {
+                    let p = *list.add(i);
+                    if !p.is_null() {
+                        names.push(std::ffi::CStr::from_ptr(p).to_string_lossy().into_owned());
+                    }
+                }
+                ffi::libssh2_free(raw, list as *mut libc::c_void);
+            }
+            ffi::libssh2_session_free(raw);
+        }
+        names.retain(|n| n != "ext-info-c" && n != "kex-strict-c-v00@openssh.com");
+        names
+    })
+}
+
+/// Refuses a preference list that is empty or names an algorithm this
+/// build cannot negotiate (libssh2 would drop it silently).
+fn check_methods(kind: MethodType, prefs: &str) -> Result<()> {
+    let known = supported_methods(kind);
+    if prefs.split(',').all(|n| n.trim().is_empty()) {
+        return Err(Error::InvalidInput(format!("empty {kind} algorithm list")));
+    }
+    if let Some(unknown) = prefs
+        .split(',')
+        .map(str::trim)
+        .find(|n| !known.iter().any(|k| k == n))
+    {
+        return Err(Error::InvalidInput(format!(
+            "{kind} algorithm {unknown:?} is not supported by this build (it has: {})",
+            known.join(",")
+        )));
+    }
+    Ok(())
 }
 
 /// How a session connects, verifies and behaves.
@@ -400,6 +473,10 @@ impl Session {
     }
 
     async fn connect_addr_as(addr: SocketAddr, host: &str, config: Config) -> Result<Session> {
+        // A bad algorithm list fails here, before any connection is made.
+        for (kind, prefs) in &config.methods {
+            check_methods(*kind, prefs)?;
+        }
         let reactor = Reactor::current()?;
         let fd = tcp_socket(addr)?;
         let done = reactor.connect(&fd, addr, config.connect_timeout).await;
@@ -1410,6 +1487,49 @@ mod tests {
     use super::*;
 
     const SECRET: &str = "correct horse battery staple";
+
+    #[test]
+    fn the_post_quantum_kex_is_offered_first_and_unknown_names_are_refused() {
+        let kex = supported_methods(MethodType::Kex);
+        assert_eq!(
+            kex.first().map(String::as_str),
+            Some("mlkem768x25519-sha256"),
+            "{kex:?}"
+        );
+        assert!(kex.iter().any(|k| k == "curve25519-sha256"), "{kex:?}");
+        assert!(
+            !kex.iter().any(|k| k == "ext-info-c"),
+            "pseudo-methods are not listed"
+        );
+        assert!(check_methods(MethodType::Kex, "mlkem768x25519-sha256,curve25519-sha256").is_ok());
+        match check_methods(
+            MethodType::Kex,
+            "curve25519-sha256,sntrup761x25519-sha512@openssh.com",
+        ) {
+            Err(Error::InvalidInput(m)) => {
+                assert!(
+                    m.contains("key exchange algorithm \"sntrup761x25519-sha512@openssh.com\""),
+                    "{m}"
+                );
+                assert!(
+                    m.contains("mlkem768x25519-sha256"),
+                    "lists what the build has: {m}"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            check_methods(MethodType::HostKey, " , "),
+            Err(Error::InvalidInput(_))
+        ));
+        for kind in [
+            MethodType::HostKey,
+            MethodType::CipherClientToServer,
+            MethodType::MacServerToClient,
+        ] {
+            assert!(!supported_methods(kind).is_empty(), "{kind}");
+        }
+    }
 
     #[test]
     fn secret_copy_is_nul_terminated_and_wiped_in_place() {

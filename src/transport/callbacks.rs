@@ -598,6 +598,7 @@ pub(crate) fn dummy_fd() -> c_int {
 /// has returned).
 pub(crate) unsafe fn new_session(shared: *const Shared) -> *mut ffi::LIBSSH2_SESSION {
     ffi::init();
+    crate::mlkem::register();
     // SAFETY: the allocator functions honour libssh2's contract; `shared`
     // outlives the session per this function's contract.
     unsafe {

@@ -26,6 +26,9 @@ pub const SSH_KEYGEN: &str = "/usr/bin/ssh-keygen";
 pub const TEST_USER: &str = "uringssh-test";
 /// Password of [`TEST_USER`] (`scripts/test.sh` reads it from this line).
 pub const TEST_PASSWORD: &str = "uRing-ssh-T3st-pw";
+/// Root of the Debian 13 tree holding OpenSSH 10 (`scripts/setup.sh`
+/// builds it with debootstrap); `URING_SSH_TRIXIE_ROOT` overrides it.
+pub const TRIXIE_ROOT: &str = "/var/cache/uring-ssh/trixie";
 /// Passphrase of [`Sshd::user_key_encrypted`].
 pub const KEY_PASSPHRASE: &str = "uring-ssh-key-passphrase";
 
@@ -42,7 +45,9 @@ pub struct SshdBuilder {
     log_level: String,
     extra: String,
     rsa_host_key: bool,
+    ecdsa_host_key: bool,
     sftp_subsystem: String,
+    root: Option<PathBuf>,
 }
 
 impl Default for SshdBuilder {
@@ -60,7 +65,9 @@ impl SshdBuilder {
             log_level: "VERBOSE".to_string(),
             extra: String::new(),
             rsa_host_key: false,
+            ecdsa_host_key: false,
             sftp_subsystem: "internal-sftp".to_string(),
+            root: None,
         }
     }
 
@@ -102,6 +109,32 @@ impl SshdBuilder {
         self
     }
 
+    /// Also give the server an ECDSA P-256 host key (listed in `known_hosts`).
+    pub fn ecdsa_host_key(mut self, on: bool) -> Self {
+        self.ecdsa_host_key = on;
+        self
+    }
+
+    /// Runs OpenSSH 10 from the Debian 13 tree ([`TRIXIE_ROOT`]) under
+    /// `chroot` instead of the machine's sshd. The temporary directory then
+    /// lives inside that tree; [`Sshd::remote_path`] maps a local path to
+    /// the one the server sees.
+    pub fn openssh10(mut self) -> Self {
+        let root = std::env::var_os("URING_SSH_TRIXIE_ROOT")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(TRIXIE_ROOT));
+        let sshd = root.join("usr/sbin/sshd");
+        if !sshd.exists() {
+            panic!(
+                "{} not found: the OpenSSH 10 tests need the Debian 13 tree that \
+                 scripts/setup.sh builds with debootstrap; {HOW_TO_RUN}",
+                sshd.display()
+            );
+        }
+        self.root = Some(root);
+        self
+    }
+
     /// The command of `Subsystem sftp` (default `internal-sftp`). sshd runs
     /// it as the logged-in user through the user's shell (`sh -c`).
     pub fn subsystem_sftp(mut self, command: &str) -> Self {
@@ -117,6 +150,11 @@ impl SshdBuilder {
                 panic!("{bin} not found: the SSH integration tests need {what}; {HOW_TO_RUN}");
             }
         }
+        if let Some(root) = &self.root {
+            let run = root.join("run/sshd");
+            fs::create_dir_all(&run).expect("create run/sshd in the Debian 13 tree");
+            fs::set_permissions(&run, fs::Permissions::from_mode(0o755)).expect("chmod run/sshd");
+        }
         if is_root() {
             let run = Path::new("/run/sshd");
             if !run.exists() {
@@ -126,9 +164,13 @@ impl SshdBuilder {
             }
         }
 
+        let tmp = match &self.root {
+            Some(root) => root.join("tmp"),
+            None => std::env::temp_dir(),
+        };
         let dir = tempfile::Builder::new()
             .prefix("uring-ssh-sshd-")
-            .tempdir()
+            .tempdir_in(&tmp)
             .expect("create temp dir for sshd");
         // Readable by other users: sshd reads authorized_keys as the target
         // user (e.g. TEST_USER). Private keys stay 0600.
@@ -141,6 +183,13 @@ impl SshdBuilder {
         if self.rsa_host_key {
             cached_rsa(&RSA_HOST, "").write_to(&d.join("ssh_host_rsa_key"));
             host_pubs.push(read_pub(&d.join("ssh_host_rsa_key.pub")));
+        }
+        if self.ecdsa_host_key {
+            keygen(
+                &["-t", "ecdsa", "-b", "256", "-N", ""],
+                &d.join("ssh_host_ecdsa_key"),
+            );
+            host_pubs.push(read_pub(&d.join("ssh_host_ecdsa_key.pub")));
         }
         keygen_ed25519(&d.join("id_ed25519"), "", "uring-ssh-user");
         keygen_ed25519(
@@ -169,17 +218,17 @@ impl SshdBuilder {
             }
             write_file(&d.join("known_hosts"), kh.as_bytes(), 0o644);
             if !checked {
-                check_config(&config_path);
+                check_config(self.root.as_deref(), &config_path);
                 checked = true;
             }
             let pid_file = d.join("sshd.pid");
             let _ = fs::remove_file(&pid_file);
             let log = fs::File::create(&log_path).expect("create sshd log");
-            let mut child = Command::new(SSHD)
+            let mut child = sshd_command(self.root.as_deref())
                 .arg("-D")
                 .arg("-e")
                 .arg("-f")
-                .arg(&config_path)
+                .arg(inside(self.root.as_deref(), &config_path))
                 .stdin(Stdio::null())
                 .stdout(log.try_clone().expect("dup log fd"))
                 .stderr(log)
@@ -198,6 +247,7 @@ impl SshdBuilder {
                         log_path,
                         config_path,
                         dir,
+                        root: self.root.clone(),
                     };
                 }
                 // Port taken between picking and binding: try another one.
@@ -210,7 +260,9 @@ impl SshdBuilder {
         );
     }
 
-    fn config(&self, d: &Path, port: u16) -> String {
+    fn config(&self, local: &Path, port: u16) -> String {
+        let inner = inside(self.root.as_deref(), local);
+        let d = inner.as_path();
         let yn = |b: bool| if b { "yes" } else { "no" };
         let (head, tail) = split_extra(&self.extra);
         let mut c = String::new();
@@ -225,6 +277,12 @@ impl SshdBuilder {
             c.push_str(&format!(
                 "HostKey {}\n",
                 d.join("ssh_host_rsa_key").display()
+            ));
+        }
+        if self.ecdsa_host_key {
+            c.push_str(&format!(
+                "HostKey {}\n",
+                d.join("ssh_host_ecdsa_key").display()
             ));
         }
         c.push_str(&format!("PidFile {}\n", d.join("sshd.pid").display()));
@@ -283,6 +341,7 @@ pub struct Sshd {
     host_key_pub: String,
     log_path: PathBuf,
     config_path: PathBuf,
+    root: Option<PathBuf>,
 }
 
 impl Sshd {
@@ -309,6 +368,12 @@ impl Sshd {
     /// The temporary directory holding config, keys and log.
     pub fn dir(&self) -> &Path {
         self.dir.path()
+    }
+
+    /// The path the server sees for the local `path` (they differ for a
+    /// server run in the Debian 13 tree; `path` must lie inside it).
+    pub fn remote_path(&self, path: &Path) -> PathBuf {
+        inside(self.root.as_deref(), path)
     }
 
     /// The sshd_config file in use.
@@ -531,11 +596,34 @@ fn banner_ok(addr: SocketAddr) -> bool {
     buf.starts_with(b"SSH-2.0")
 }
 
-fn check_config(config: &Path) {
-    let out = Command::new(SSHD)
+/// `sshd`, or `chroot ROOT /usr/sbin/sshd` for a server in another tree.
+fn sshd_command(root: Option<&Path>) -> Command {
+    match root {
+        Some(root) => {
+            let mut c = Command::new("chroot");
+            c.arg(root).arg(SSHD);
+            c
+        }
+        None => Command::new(SSHD),
+    }
+}
+
+/// `path` as seen from inside `root` (unchanged without one).
+fn inside(root: Option<&Path>, path: &Path) -> PathBuf {
+    match root {
+        Some(root) => Path::new("/").join(
+            path.strip_prefix(root)
+                .unwrap_or_else(|_| panic!("{} lies outside {}", path.display(), root.display())),
+        ),
+        None => path.to_path_buf(),
+    }
+}
+
+fn check_config(root: Option<&Path>, config: &Path) {
+    let out = sshd_command(root)
         .arg("-t")
         .arg("-f")
-        .arg(config)
+        .arg(inside(root, config))
         .stdin(Stdio::null())
         .output()
         .unwrap_or_else(|e| panic!("run {SSHD} -t: {e}; {HOW_TO_RUN}"));
