@@ -4,6 +4,8 @@ use std::fmt;
 use std::io;
 use std::time::Duration;
 
+use crate::methods::MethodType;
+
 /// Everything that can go wrong in this crate.
 #[derive(Debug)]
 #[non_exhaustive]
@@ -74,6 +76,32 @@ pub enum Error {
         path: std::path::PathBuf,
         /// What stood in the way.
         reason: String,
+    },
+    /// Client and server offered no algorithm of one class in common: the
+    /// negotiation that follows the first exchange of KEXINIT messages
+    /// failed. Both offers are as sent (the server's names escaped and
+    /// bounded).
+    NoCommonAlgorithm {
+        /// The class with nothing in common (the first one, in KEXINIT order).
+        kind: MethodType,
+        /// What this client offered.
+        ours: Vec<String>,
+        /// What the server offered.
+        theirs: Vec<String>,
+    },
+    /// The server ended the session with SSH_MSG_DISCONNECT ("Too many
+    /// authentication failures", a shutdown, …). Nothing more can be done
+    /// on the session.
+    Disconnected {
+        /// The reason code (`SSH_DISCONNECT_*`, RFC 4253 §11.1).
+        reason: u32,
+        /// The server's description, escaped and bounded.
+        description: String,
+    },
+    /// The private key is encrypted and no passphrase was given.
+    KeyEncrypted {
+        /// Which key (its path, or "the key in memory").
+        key: String,
     },
     /// Something the server controls exceeded a bound the client keeps
     /// (entries in a tree, a file's size, a name's length, a header line).
@@ -176,6 +204,29 @@ impl fmt::Display for Error {
             Error::LimitExceeded { what, limit } => {
                 write!(f, "{what} exceeds the client's limit of {limit}")
             }
+            Error::NoCommonAlgorithm { kind, ours, theirs } => write!(
+                f,
+                "no matching {kind} algorithm: we offered {}; the server offered {}",
+                ours.join(","),
+                if theirs.is_empty() {
+                    "nothing".to_string()
+                } else {
+                    theirs.join(",")
+                }
+            ),
+            Error::Disconnected {
+                reason,
+                description,
+            } => write!(
+                f,
+                "the server disconnected ({}, reason {reason}): {description}",
+                disconnect_reason(*reason)
+            ),
+            Error::KeyEncrypted { key } => write!(
+                f,
+                "private key {key} is encrypted and no passphrase was given \
+                 (give its passphrase, or use an agent holding it)"
+            ),
         }
     }
 }
@@ -249,6 +300,9 @@ impl Error {
             Error::OutsideDestination { .. } => K::PermissionDenied,
             Error::LimitExceeded { .. } => K::InvalidData,
             Error::Protocol(_) => K::InvalidData,
+            Error::NoCommonAlgorithm { .. } => K::Unsupported,
+            Error::Disconnected { .. } => K::ConnectionAborted,
+            Error::KeyEncrypted { .. } => K::InvalidInput,
             Error::Sftp { code, .. } => {
                 use crate::sftp::status as st;
                 match *code {
@@ -306,6 +360,27 @@ impl Error {
                     | libssh2_sys::LIBSSH2_ERROR_METHOD_NONE
             )
         )
+    }
+}
+
+/// RFC 4253 §11.1's name for a disconnect reason code.
+fn disconnect_reason(code: u32) -> &'static str {
+    match code {
+        1 => "host not allowed to connect",
+        2 => "protocol error",
+        3 => "key exchange failed",
+        5 => "MAC error",
+        6 => "compression error",
+        7 => "service not available",
+        8 => "protocol version not supported",
+        9 => "host key not verifiable",
+        10 => "connection lost",
+        11 => "by application",
+        12 => "too many connections",
+        13 => "auth cancelled by user",
+        14 => "no more auth methods available",
+        15 => "illegal user name",
+        _ => "unknown reason",
     }
 }
 

@@ -78,6 +78,7 @@ mod forward;
 pub mod fuzzing;
 pub mod knownhosts;
 mod localdir;
+mod methods;
 mod mlkem;
 pub mod reactor;
 mod scp;
@@ -127,10 +128,11 @@ pub use channel::{Channel, ExitStatus, Stderr};
 pub use error::{Error, HostKeyError, KernelSupportError, Result};
 pub use forward::{DEFAULT_ACCEPT_QUEUE, Listener, LocalForward, LocalForwardStats};
 pub use knownhosts::{HostKey, HostKeyPolicy};
+pub use methods::{MethodType, supported_methods};
 pub use scp::{ScpReader, ScpStat, ScpWriter};
 pub use session::{
-    Config, DEFAULT_CIPHERS, DEFAULT_CIPHERS_NO_AES, DEFAULT_PACKET, DEFAULT_WINDOW, MethodType,
-    Session, SessionStats, default_ciphers, leaked_objects, supported_methods,
+    Config, DEFAULT_CIPHERS, DEFAULT_CIPHERS_NO_AES, DEFAULT_PACKET, DEFAULT_WINDOW, Session,
+    SessionStats, default_ciphers, leaked_objects,
 };
 pub use transport::callbacks::{libssh2_blocks_outstanding, libssh2_bytes_outstanding};
 

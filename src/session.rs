@@ -8,7 +8,6 @@ use std::net::SocketAddr;
 use std::os::raw::{c_char, c_int, c_uint};
 use std::path::{Path, PathBuf};
 use std::rc::{Rc, Weak};
-use std::sync::OnceLock;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -16,6 +15,8 @@ use crate::channel::{Channel, ChannelInner};
 use crate::error::{Error, Result};
 use crate::ffi;
 use crate::knownhosts::{self, HostKey, HostKeyPolicy};
+pub use crate::methods::MethodType;
+use crate::methods::{check_methods, no_common_algorithm};
 use crate::reactor::{OpId, Reactor, SharedFd};
 use crate::transport::callbacks::{self, KbdResponder};
 use crate::transport::{BridgeStats, Link, Transport};
@@ -73,115 +74,6 @@ const MAX_REPEATS: usize = 64;
 
 /// Largest packet libssh2 accepts (its receive buffer holds ~35000 bytes).
 pub const DEFAULT_PACKET: u32 = 32768;
-
-/// A class of algorithms whose preference order can be set.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum MethodType {
-    /// Key exchange.
-    Kex,
-    /// Host-key algorithms.
-    HostKey,
-    /// Ciphers, client to server.
-    CipherClientToServer,
-    /// Ciphers, server to client.
-    CipherServerToClient,
-    /// MACs, client to server.
-    MacClientToServer,
-    /// MACs, server to client.
-    MacServerToClient,
-    /// Compression, client to server.
-    CompressionClientToServer,
-    /// Compression, server to client.
-    CompressionServerToClient,
-}
-
-impl MethodType {
-    fn raw(self) -> c_int {
-        match self {
-            MethodType::Kex => ffi::LIBSSH2_METHOD_KEX,
-            MethodType::HostKey => ffi::LIBSSH2_METHOD_HOSTKEY,
-            MethodType::CipherClientToServer => ffi::LIBSSH2_METHOD_CRYPT_CS,
-            MethodType::CipherServerToClient => ffi::LIBSSH2_METHOD_CRYPT_SC,
-            MethodType::MacClientToServer => ffi::LIBSSH2_METHOD_MAC_CS,
-            MethodType::MacServerToClient => ffi::LIBSSH2_METHOD_MAC_SC,
-            MethodType::CompressionClientToServer => ffi::LIBSSH2_METHOD_COMP_CS,
-            MethodType::CompressionServerToClient => ffi::LIBSSH2_METHOD_COMP_SC,
-        }
-    }
-}
-
-impl std::fmt::Display for MethodType {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            MethodType::Kex => "key exchange",
-            MethodType::HostKey => "host key",
-            MethodType::CipherClientToServer => "cipher (client to server)",
-            MethodType::CipherServerToClient => "cipher (server to client)",
-            MethodType::MacClientToServer => "MAC (client to server)",
-            MethodType::MacServerToClient => "MAC (server to client)",
-            MethodType::CompressionClientToServer => "compression (client to server)",
-            MethodType::CompressionServerToClient => "compression (server to client)",
-        })
-    }
-}
-
-/// The algorithms of `kind` this build can negotiate, in its default order
-/// of preference (for [`MethodType::Kex`], without the pseudo-methods
-/// `ext-info-c` and `kex-strict-c-v00@openssh.com`, which it always sends).
-pub fn supported_methods(kind: MethodType) -> &'static [String] {
-    static LISTS: [OnceLock<Vec<String>>; 8] = [const { OnceLock::new() }; 8];
-    let index = kind as usize;
-    LISTS[index].get_or_init(|| {
-        ffi::init();
-        crate::mlkem::register();
-        let mut names = Vec::new();
-        // SAFETY: a session with libssh2's default allocator that does no
-        // IO, freed below; each name list is freed with libssh2_free as
-        // libssh2_session_supported_algs requires, after the names are
-        // copied.
-        unsafe {
-            let raw = ffi::libssh2_session_init_ex(None, None, None, std::ptr::null_mut());
-            if raw.is_null() {
-                return names;
-            }
-            let mut list: *mut *const c_char = std::ptr::null_mut();
-            let n = ffi::libssh2_session_supported_algs(raw, kind.raw(), &mut list);
-            if n > 0 && !list.is_null() {
-                for i in 0..n as usize {
-                    let p = *list.add(i);
-                    if !p.is_null() {
-                        names.push(std::ffi::CStr::from_ptr(p).to_string_lossy().into_owned());
-                    }
-                }
-                ffi::libssh2_free(raw, list as *mut libc::c_void);
-            }
-            ffi::libssh2_session_free(raw);
-        }
-        names.retain(|n| n != "ext-info-c" && n != "kex-strict-c-v00@openssh.com");
-        names
-    })
-}
-
-/// Refuses a preference list that is empty or names an algorithm this
-/// build cannot negotiate (libssh2 would drop it silently).
-fn check_methods(kind: MethodType, prefs: &str) -> Result<()> {
-    let known = supported_methods(kind);
-    if prefs.split(',').all(|n| n.trim().is_empty()) {
-        return Err(Error::InvalidInput(format!("empty {kind} algorithm list")));
-    }
-    if let Some(unknown) = prefs
-        .split(',')
-        .map(str::trim)
-        .find(|n| !known.iter().any(|k| k == n))
-    {
-        return Err(Error::InvalidInput(format!(
-            "{kind} algorithm {unknown:?} is not supported by this build (it has: {})",
-            known.join(",")
-        )));
-    }
-    Ok(())
-}
 
 /// How a session connects, verifies and behaves.
 #[derive(Debug, Clone)]
@@ -552,7 +444,8 @@ impl Session {
                     })
                     .await
             })
-            .await?;
+            .await
+            .map_err(|e| inner.negotiation_error(e))?;
         let key = knownhosts::session_host_key(inner.raw()?).ok_or_else(|| Error::Ssh {
             code: ffi::LIBSSH2_ERROR_HOSTKEY_INIT,
             message: "the server presented no host key".into(),
@@ -677,7 +570,12 @@ impl Session {
                 })
             })
             .await
-            .map_err(|e| key_error(e, &private_key.display().to_string()))
+            .map_err(|e| {
+                let which = private_key.display().to_string();
+                let encrypted = passphrase.is_none()
+                    && std::fs::read(private_key).is_ok_and(|k| key_is_encrypted(&k));
+                key_error(e, &which, encrypted)
+            })
     }
 
     /// Authenticates with a private key held in memory (PEM or OpenSSH text).
@@ -712,7 +610,10 @@ impl Session {
                 })
             })
             .await
-            .map_err(|e| key_error(e, "the key in memory"))
+            .map_err(|e| {
+                let encrypted = passphrase.is_none() && key_is_encrypted(private_key.as_bytes());
+                key_error(e, "the key in memory", encrypted)
+            })
     }
 
     /// Authenticates with a password.
@@ -903,8 +804,13 @@ fn open_session_channel(
 }
 
 /// libssh2 reports an undecryptable key as a file error: say what it means.
-fn key_error(e: Error, which: &str) -> Error {
+fn key_error(e: Error, which: &str, encrypted: bool) -> Error {
     match e {
+        Error::Ssh { code, .. } if code == ffi::LIBSSH2_ERROR_FILE && encrypted => {
+            Error::KeyEncrypted {
+                key: which.to_string(),
+            }
+        }
         Error::Ssh { code, message } if code == ffi::LIBSSH2_ERROR_FILE => Error::Ssh {
             code,
             message: format!(
@@ -913,6 +819,62 @@ fn key_error(e: Error, which: &str) -> Error {
         },
         e => e,
     }
+}
+
+/// Whether a private key (OpenSSH or PEM text) is protected by a
+/// passphrase: PEM's `ENCRYPTED` markers, or an OpenSSH key whose cipher
+/// is not `none`.
+fn key_is_encrypted(key: &[u8]) -> bool {
+    let text = String::from_utf8_lossy(key);
+    if text.contains("-----BEGIN ENCRYPTED PRIVATE KEY-----")
+        || text.contains("Proc-Type: 4,ENCRYPTED")
+    {
+        return true;
+    }
+    let Some(body) = text
+        .split("-----BEGIN OPENSSH PRIVATE KEY-----")
+        .nth(1)
+        .and_then(|b| b.split("-----END OPENSSH PRIVATE KEY-----").next())
+    else {
+        return false;
+    };
+    let b64: String = body.split_whitespace().collect();
+    let Some(raw) = base64_decode(&b64) else {
+        return false;
+    };
+    // "openssh-key-v1\0", then the cipher name as an SSH string.
+    let magic = b"openssh-key-v1\0";
+    let Some(rest) = raw.strip_prefix(magic.as_slice()) else {
+        return false;
+    };
+    let Some(len) = rest.get(..4) else {
+        return false;
+    };
+    let len = u32::from_be_bytes(len.try_into().expect("4 bytes")) as usize;
+    rest.get(4..4 + len).is_some_and(|cipher| cipher != b"none")
+}
+
+/// Standard base64 (padding optional); `None` on a character outside it.
+fn base64_decode(s: &str) -> Option<Vec<u8>> {
+    let mut out = Vec::with_capacity(s.len() * 3 / 4);
+    let (mut acc, mut bits) = (0u32, 0);
+    for c in s.bytes().take_while(|&c| c != b'=') {
+        let v = match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' => 62,
+            b'/' => 63,
+            _ => return None,
+        } as u32;
+        acc = (acc << 6) | v;
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+        }
+    }
+    Some(out)
 }
 
 /// Which libssh2 function opens a channel: a half-done open is resumed
@@ -1024,8 +986,25 @@ impl SessionInner {
         Ok(())
     }
 
+    /// A failed handshake as what failed in it: the first algorithm class
+    /// the two offers do not share, when that is the cause.
+    fn negotiation_error(&self, e: Error) -> Error {
+        let shared = &self.transport.shared;
+        let (ours, theirs) = (shared.sent_offer.borrow(), shared.received_offer.borrow());
+        match (ours.offer(), theirs.offer()) {
+            (Some(o), Some(t)) => no_common_algorithm(o, t).unwrap_or(e),
+            _ => e,
+        }
+    }
+
     /// libssh2's last error for `rc`, or the transport failure behind it.
     pub(crate) fn error(&self, rc: c_int) -> Error {
+        if let Some((reason, description)) = self.transport.shared.disconnect.borrow().clone() {
+            return Error::Disconnected {
+                reason,
+                description,
+            };
+        }
         let message = self
             .raw()
             .ok()
@@ -1487,49 +1466,6 @@ mod tests {
     use super::*;
 
     const SECRET: &str = "correct horse battery staple";
-
-    #[test]
-    fn the_post_quantum_kex_is_offered_first_and_unknown_names_are_refused() {
-        let kex = supported_methods(MethodType::Kex);
-        assert_eq!(
-            kex.first().map(String::as_str),
-            Some("mlkem768x25519-sha256"),
-            "{kex:?}"
-        );
-        assert!(kex.iter().any(|k| k == "curve25519-sha256"), "{kex:?}");
-        assert!(
-            !kex.iter().any(|k| k == "ext-info-c"),
-            "pseudo-methods are not listed"
-        );
-        assert!(check_methods(MethodType::Kex, "mlkem768x25519-sha256,curve25519-sha256").is_ok());
-        match check_methods(
-            MethodType::Kex,
-            "curve25519-sha256,sntrup761x25519-sha512@openssh.com",
-        ) {
-            Err(Error::InvalidInput(m)) => {
-                assert!(
-                    m.contains("key exchange algorithm \"sntrup761x25519-sha512@openssh.com\""),
-                    "{m}"
-                );
-                assert!(
-                    m.contains("mlkem768x25519-sha256"),
-                    "lists what the build has: {m}"
-                );
-            }
-            other => panic!("{other:?}"),
-        }
-        assert!(matches!(
-            check_methods(MethodType::HostKey, " , "),
-            Err(Error::InvalidInput(_))
-        ));
-        for kind in [
-            MethodType::HostKey,
-            MethodType::CipherClientToServer,
-            MethodType::MacServerToClient,
-        ] {
-            assert!(!supported_methods(kind).is_empty(), "{kind}");
-        }
-    }
 
     #[test]
     fn secret_copy_is_nul_terminated_and_wiped_in_place() {

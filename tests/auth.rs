@@ -773,3 +773,72 @@ async fn server_banner_is_available_after_auth_methods() {
     let remote = session.remote_banner().expect("identification string");
     assert!(remote.starts_with("SSH-2.0-OpenSSH"), "{remote}");
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn encrypted_key_without_passphrase_says_it_is_encrypted() {
+    let sshd = Sshd::start();
+    guarded("encrypted key, no passphrase", async {
+        let session = connect(&sshd).await;
+        let path = sshd.user_key_encrypted();
+        let err = session
+            .auth_pubkey_file(&sshd.user(), &path, None)
+            .await
+            .expect_err("an encrypted key without its passphrase");
+        match &err {
+            Error::KeyEncrypted { key } => assert_eq!(key, &path.display().to_string()),
+            other => panic!("{other:?}"),
+        }
+        assert!(
+            err.to_string()
+                .contains("is encrypted and no passphrase was given"),
+            "{err}"
+        );
+        let text = std::fs::read_to_string(&path).unwrap();
+        let err = session
+            .auth_pubkey_memory(&sshd.user(), &text, None)
+            .await
+            .expect_err("the same key in memory");
+        assert!(matches!(err, Error::KeyEncrypted { .. }), "{err:?}");
+        // A key that is merely unreadable is not called encrypted.
+        let garbled = text.replace('A', "B");
+        let err = session
+            .auth_pubkey_memory(&sshd.user(), &garbled, None)
+            .await
+            .expect_err("a garbled key");
+        assert!(!matches!(err, Error::KeyEncrypted { .. }), "{err:?}");
+        assert!(!session.authenticated());
+    })
+    .await;
+}
+
+/// `MaxAuthTries 1`: after one failed key sshd disconnects with "Too many
+/// authentication failures". That reason reaches the caller, and the next
+/// attempt fails at once with it instead of talking to a dead session.
+#[tokio::test(flavor = "current_thread")]
+async fn the_servers_disconnect_reason_reaches_the_error() {
+    let sshd = Sshd::builder().extra("MaxAuthTries 1").start();
+    guarded("disconnect reason", async {
+        let session = connect(&sshd).await;
+        let first = session
+            .auth_pubkey_file(&sshd.user(), &sshd.wrong_key(), None)
+            .await
+            .expect_err("a key not in authorized_keys");
+        let second = session
+            .auth_pubkey_file(&sshd.user(), &sshd.user_key(), None)
+            .await
+            .expect_err("the session is gone");
+        println!("first: {first}\nsecond: {second}");
+        let disconnected = |e: &Error| {
+            matches!(e, Error::Disconnected { reason: 2, description }
+                if description.contains("Too many authentication failures"))
+        };
+        assert!(
+            disconnected(&first) || disconnected(&second),
+            "{first:?} / {second:?}"
+        );
+        assert!(disconnected(&second), "{second:?}");
+        assert_eq!(second.kind(), std::io::ErrorKind::ConnectionAborted);
+        assert!(second.to_string().contains("protocol error"), "{second}");
+    })
+    .await;
+}

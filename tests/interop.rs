@@ -439,3 +439,70 @@ async fn openssh92_rekey_mid_write() {
 async fn openssh10_rekey_mid_write() {
     rekey_mid_write(rekeying(Sshd::builder().openssh10())).await;
 }
+
+/// The configuration the issue met in the field: a server that allows
+/// only post-quantum key exchanges. Ours connects with ML-KEM.
+#[tokio::test]
+async fn openssh10_with_only_post_quantum_kex_connects() {
+    let sshd = Sshd::builder()
+        .log_level("DEBUG1")
+        .extra("KexAlgorithms mlkem768x25519-sha256,sntrup761x25519-sha512")
+        .openssh10()
+        .start();
+    let server = Server::OpenSsh(sshd);
+    let s = server.connect(server.config()).await;
+    assert_eq!(
+        s.negotiated(MethodType::Kex).as_deref(),
+        Some("mlkem768x25519-sha256")
+    );
+    run_true(&s).await;
+}
+
+/// Nothing in common: the error names the class and both offers, as
+/// OpenSSH's "no matching key exchange method found. Their offer: …".
+#[tokio::test]
+async fn no_common_algorithm_names_the_class_and_both_offers() {
+    let cases = [
+        (
+            "KexAlgorithms sntrup761x25519-sha512@openssh.com",
+            MethodType::Kex,
+            "sntrup761x25519-sha512@openssh.com",
+        ),
+        (
+            "Ciphers aes128-cbc",
+            MethodType::CipherClientToServer,
+            "aes128-cbc",
+        ),
+        (
+            "HostKeyAlgorithms ssh-ed25519\nCiphers aes128-ctr\nMACs hmac-sha1",
+            MethodType::MacClientToServer,
+            "hmac-sha1",
+        ),
+    ];
+    for (line, kind, theirs_has) in cases {
+        let sshd = Sshd::builder().extra(line).start();
+        let err = Session::connect_addr(
+            sshd.addr(),
+            Config::new().known_hosts(Some(sshd.known_hosts())),
+        )
+        .await
+        .err()
+        .unwrap_or_else(|| panic!("{line}: connected"));
+        match &err {
+            uring_ssh::Error::NoCommonAlgorithm {
+                kind: k,
+                ours,
+                theirs,
+            } => {
+                assert_eq!(*k, kind, "{line}: {err}");
+                assert!(theirs.iter().any(|t| t == theirs_has), "{line}: {err}");
+                assert!(!ours.is_empty(), "{line}: {err}");
+                if kind == MethodType::Kex {
+                    assert_eq!(ours.as_slice(), supported_methods(kind), "what we sent");
+                }
+            }
+            other => panic!("{line}: {other:?}"),
+        }
+        eprintln!("{line:?} -> {err}");
+    }
+}

@@ -12,6 +12,7 @@ use std::sync::OnceLock;
 use std::sync::atomic::{AtomicI64, Ordering};
 
 use super::bridge::Bridge;
+use super::kexinit::Sniffer;
 use crate::ffi;
 
 /// Bytes and blocks libssh2 holds right now, over all sessions.
@@ -67,6 +68,12 @@ pub struct Shared {
     cache: RefCell<Vec<*mut usize>>,
     /// The next block is the session itself: map it as fresh zero pages.
     map_next: Cell<bool>,
+    /// Our KEXINIT, read off the bytes libssh2 sends.
+    pub(crate) sent_offer: RefCell<Sniffer>,
+    /// The server's KEXINIT, read off the bytes handed to libssh2.
+    pub(crate) received_offer: RefCell<Sniffer>,
+    /// The server's SSH_MSG_DISCONNECT: reason code and description.
+    pub(crate) disconnect: RefCell<Option<(u32, String)>>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -97,6 +104,9 @@ impl Shared {
             agent_timeout: Cell::new(None),
             cache: RefCell::new(Vec::new()),
             map_next: Cell::new(false),
+            sent_offer: RefCell::new(Sniffer::default()),
+            received_offer: RefCell::new(Sniffer::default()),
+            disconnect: RefCell::new(None),
         }
     }
 
@@ -433,6 +443,10 @@ unsafe extern "C" fn send_cb(
         if s.bridge.link() == super::bridge::Link::Dead {
             SENDS_ON_DEAD_LINKS.with(|c| c.set(c.get() + 1));
         }
+        let mut offer = s.sent_offer.borrow_mut();
+        if offer.wants() {
+            offer.feed(data);
+        }
         s.bridge.on_send(data)
     }))
     .unwrap_or_else(|p| panicked(abstract_, p))
@@ -461,7 +475,12 @@ unsafe extern "C" fn recv_cb(
             };
             (s, std::slice::from_raw_parts_mut(buf as *mut u8, len))
         };
-        s.bridge.on_recv(out)
+        let n = s.bridge.on_recv(out);
+        let mut offer = s.received_offer.borrow_mut();
+        if n > 0 && offer.wants() {
+            offer.feed(&out[..n as usize]);
+        }
+        n
     }))
     .unwrap_or_else(|p| panicked(abstract_, p))
 }
@@ -626,9 +645,58 @@ pub(crate) unsafe fn new_session(shared: *const Shared) -> *mut ffi::LIBSSH2_SES
             ffi::LIBSSH2_CALLBACK_RECV,
             recv_cb as ffi::RecvCallback as *mut c_void,
         );
+        ffi::libssh2_session_callback_set2(
+            raw,
+            LIBSSH2_CALLBACK_DISCONNECT,
+            disconnect_cb as DisconnectCallback as *mut c_void,
+        );
         ffi::libssh2_session_set_blocking(raw, 0);
         raw
     }
+}
+
+/// `cbtype` of libssh2's SSH_MSG_DISCONNECT callback.
+const LIBSSH2_CALLBACK_DISCONNECT: c_int = 2;
+
+/// `LIBSSH2_DISCONNECT_FUNC`.
+type DisconnectCallback = unsafe extern "C" fn(
+    *mut ffi::LIBSSH2_SESSION,
+    c_int,
+    *const c_char,
+    c_int,
+    *const c_char,
+    c_int,
+    *mut *mut c_void,
+);
+
+/// Keeps the server's disconnect reason and description (sanitised and
+/// bounded: it is the server's text) for the error the caller gets next.
+unsafe extern "C" fn disconnect_cb(
+    _session: *mut ffi::LIBSSH2_SESSION,
+    reason: c_int,
+    message: *const c_char,
+    message_len: c_int,
+    _language: *const c_char,
+    _language_len: c_int,
+    abstract_: *mut *mut c_void,
+) {
+    let _ = catch_unwind(AssertUnwindSafe(|| {
+        // SAFETY: libssh2 passes our abstract pointer, and `message` (when
+        // not null) points at `message_len` bytes of the packet it is
+        // handling, alive for this call.
+        let (s, text) = unsafe {
+            let Some(s) = shared(abstract_) else { return };
+            let text = if message.is_null() || message_len <= 0 {
+                &[][..]
+            } else {
+                std::slice::from_raw_parts(message as *const u8, message_len as usize)
+            };
+            (s, text)
+        };
+        s.disconnect
+            .borrow_mut()
+            .get_or_insert((reason as u32, crate::session::remote_text(text)));
+    }));
 }
 
 #[cfg(test)]

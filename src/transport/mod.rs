@@ -11,6 +11,7 @@ pub mod bridge;
 pub mod callbacks;
 #[cfg(any(test, fuzzing))]
 pub(crate) mod fake_peer;
+pub(crate) mod kexinit;
 
 use std::cell::{Cell, RefCell};
 use std::rc::{Rc, Weak};
