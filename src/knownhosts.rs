@@ -190,6 +190,78 @@ pub(crate) fn verify(
     }
 }
 
+/// Key types known_hosts can hold, each with the host-key algorithms that
+/// use it (in the preference order OpenSSH's client uses for RSA).
+const KEY_TYPE_ALGORITHMS: [(&str, &[&str]); 5] = [
+    ("ssh-ed25519", &["ssh-ed25519"]),
+    ("ecdsa-sha2-nistp256", &["ecdsa-sha2-nistp256"]),
+    ("ecdsa-sha2-nistp384", &["ecdsa-sha2-nistp384"]),
+    ("ecdsa-sha2-nistp521", &["ecdsa-sha2-nistp521"]),
+    ("ssh-rsa", &["rsa-sha2-512", "rsa-sha2-256", "ssh-rsa"]),
+];
+
+/// The host-key algorithms to offer `host:port`: those whose key type
+/// known_hosts already holds for it first, then the rest of `supported`,
+/// as OpenSSH's client orders them, so that a host known by its RSA key
+/// only is not asked for an Ed25519 key we would then refuse. `None` when
+/// the file holds no key for the host (the default order stands).
+pub(crate) fn preferred_host_key_algorithms(
+    raw: *mut ffi::LIBSSH2_SESSION,
+    host: &str,
+    port: u16,
+    path: &Path,
+    supported: &[String],
+) -> Option<String> {
+    if !path.exists() {
+        return None;
+    }
+    let c_host = CString::new(host).ok()?;
+    let c_path = CString::new(path.as_os_str().as_encoded_bytes()).ok()?;
+    let mut known: Vec<&str> = Vec::new();
+    // SAFETY: `raw` is a live session; the collection is freed below on
+    // every path; the strings and the probe key outlive the calls.
+    unsafe {
+        let kh = ffi::libssh2_knownhost_init(raw);
+        if kh.is_null() {
+            return None;
+        }
+        if ffi::libssh2_knownhost_readfile(kh, c_path.as_ptr(), ffi::LIBSSH2_KNOWNHOST_FILE_OPENSSH)
+            >= 0
+        {
+            // libssh2's own matching (plain, hashed and bracketed names)
+            // answers "an entry of this type exists" as a mismatch for a
+            // key that cannot be in the file.
+            let probe = b"\0uring-ssh-probe";
+            for (key_type, algorithms) in KEY_TYPE_ALGORITHMS {
+                let mut entry = std::ptr::null_mut();
+                let check = ffi::libssh2_knownhost_checkp(
+                    kh,
+                    c_host.as_ptr(),
+                    port as i32,
+                    probe.as_ptr() as *const _,
+                    probe.len(),
+                    ffi::LIBSSH2_KNOWNHOST_TYPE_PLAIN
+                        | ffi::LIBSSH2_KNOWNHOST_KEYENC_RAW
+                        | knownhost_key_bits(key_type),
+                    &mut entry,
+                );
+                if check == ffi::LIBSSH2_KNOWNHOST_CHECK_MISMATCH
+                    || check == ffi::LIBSSH2_KNOWNHOST_CHECK_MATCH
+                {
+                    known.extend_from_slice(algorithms);
+                }
+            }
+        }
+        ffi::libssh2_knownhost_free(kh);
+    }
+    if known.is_empty() {
+        return None;
+    }
+    let first = supported.iter().filter(|a| known.contains(&a.as_str()));
+    let rest = supported.iter().filter(|a| !known.contains(&a.as_str()));
+    Some(first.chain(rest).cloned().collect::<Vec<_>>().join(","))
+}
+
 /// Appends one `name type base64` line, creating the file (and its
 /// directory) if needed. The rest of the file is left as it is.
 fn append(path: &Path, name: &str, key: &HostKey) -> std::io::Result<()> {

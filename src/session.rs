@@ -433,6 +433,7 @@ impl Session {
             .agent_timeout
             .set(inner.config.timeout);
         inner.apply_config()?;
+        inner.prefer_known_host_key_types(host, addr.port())?;
         inner
             .with_timeout("handshake", async {
                 inner
@@ -979,6 +980,38 @@ impl SessionInner {
             let c = cstring("banner", &format!("SSH-2.0-{b}"))?;
             // SAFETY: live session; libssh2 copies the banner.
             let rc = unsafe { ffi::libssh2_session_banner_set(raw, c.as_ptr()) };
+            if rc < 0 {
+                return Err(self.error(rc));
+            }
+        }
+        Ok(())
+    }
+
+    /// Offers first the host-key algorithms whose key type known_hosts
+    /// holds for the host, unless the configuration sets the order.
+    fn prefer_known_host_key_types(&self, host: &str, port: u16) -> Result<()> {
+        let config = &self.config;
+        if config
+            .methods
+            .iter()
+            .any(|(k, _)| *k == MethodType::HostKey)
+            || config.host_key_policy == HostKeyPolicy::InsecureAcceptAny
+        {
+            return Ok(());
+        }
+        let Some(path) = config.known_hosts.as_deref() else {
+            return Ok(());
+        };
+        let raw = self.raw()?;
+        let supported = crate::methods::supported_methods(MethodType::HostKey);
+        if let Some(order) =
+            knownhosts::preferred_host_key_algorithms(raw, host, port, path, supported)
+        {
+            let c = cstring("host-key preference", &order)?;
+            // SAFETY: live session; `c` outlives the call.
+            let rc = unsafe {
+                ffi::libssh2_session_method_pref(raw, MethodType::HostKey.raw(), c.as_ptr())
+            };
             if rc < 0 {
                 return Err(self.error(rc));
             }

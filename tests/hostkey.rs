@@ -8,7 +8,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::sshd::*;
-use uring_ssh::{Config, Error, HostKeyError, HostKeyPolicy, Session};
+use uring_ssh::{Config, Error, HostKeyError, HostKeyPolicy, MethodType, Session};
 
 const HANG_GUARD: Duration = Duration::from_secs(60);
 
@@ -461,4 +461,68 @@ async fn key_of_another_type_is_not_reported_as_changed() {
         "AcceptNew with only the server's RSA key on file",
     )
     .await;
+}
+
+/// A host known by its RSA key only (what `ssh-keyscan -t rsa` writes),
+/// serving Ed25519, ECDSA and RSA keys: the RSA algorithms are offered
+/// first, as OpenSSH's client does, and the session connects. A host-key
+/// order set in the configuration wins over known_hosts.
+#[tokio::test]
+async fn host_key_algorithms_follow_what_known_hosts_holds() {
+    let sshd = Sshd::builder()
+        .rsa_host_key(true)
+        .ecdsa_host_key(true)
+        .start();
+    let all = std::fs::read_to_string(sshd.known_hosts()).unwrap();
+    let only = |kind: &str| -> std::path::PathBuf {
+        let path = sshd.dir().join(format!("known_hosts.{kind}"));
+        let lines: String = all
+            .lines()
+            .filter(|l| l.split_whitespace().nth(1) == Some(kind))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        assert!(!lines.is_empty(), "{kind} in {all}");
+        std::fs::write(&path, lines).unwrap();
+        path
+    };
+    for (kind, want) in [
+        ("ssh-rsa", "rsa-sha2-512"),
+        ("ecdsa-sha2-nistp256", "ecdsa-sha2-nistp256"),
+        ("ssh-ed25519", "ssh-ed25519"),
+    ] {
+        let config = Config::new().known_hosts(Some(only(kind)));
+        let s = Session::connect_addr(sshd.addr(), config)
+            .await
+            .unwrap_or_else(|e| panic!("known by {kind} only: {e}"));
+        assert_eq!(s.negotiated(MethodType::HostKey).as_deref(), Some(want));
+        assert_eq!(s.host_key().unwrap().key_type, kind);
+    }
+    // Hashed entries (`ssh-keygen -H`) count too.
+    let hashed = only("ssh-rsa");
+    let out = std::process::Command::new("ssh-keygen")
+        .arg("-H")
+        .arg("-f")
+        .arg(&hashed)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert!(std::fs::read_to_string(&hashed).unwrap().starts_with("|1|"));
+    let s = Session::connect_addr(sshd.addr(), Config::new().known_hosts(Some(&hashed)))
+        .await
+        .expect("hashed RSA entry");
+    assert_eq!(
+        s.negotiated(MethodType::HostKey).as_deref(),
+        Some("rsa-sha2-512")
+    );
+    // The user's order wins: Ed25519 asked for, RSA known: refused as unknown.
+    let config = Config::new()
+        .known_hosts(Some(only("ssh-rsa")))
+        .method(MethodType::HostKey, "ssh-ed25519");
+    match Session::connect_addr(sshd.addr(), config).await {
+        Err(Error::HostKey(HostKeyError::Unknown { key_type, .. })) => {
+            assert_eq!(key_type, "ssh-ed25519")
+        }
+        Err(e) => panic!("{e:?}"),
+        Ok(_) => panic!("connected with an unknown Ed25519 key"),
+    }
 }
