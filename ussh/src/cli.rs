@@ -84,6 +84,15 @@ pub struct Common {
     /// out), with exponential backoff from 0.5 s.
     #[arg(long, value_name = "N", default_value_t = 1)]
     pub retries: u32,
+    /// New connections (not yet authenticated) at once per server
+    /// address. Servers refuse more: Dropbear 5 per client address,
+    /// sshd's MaxStartups starts dropping at 10.
+    #[arg(long, value_name = "N", default_value_t = 4)]
+    pub per_address: usize,
+    /// Do not say in the summary how many hosts negotiated no post-quantum
+    /// key exchange.
+    #[arg(long)]
+    pub no_pq_warning: bool,
     /// Key exchange algorithms to offer (overrides KexAlgorithms).
     #[arg(long, value_name = "LIST")]
     pub kex: Option<String>,

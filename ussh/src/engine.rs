@@ -2,7 +2,8 @@
 //! move the files, and say what happened. Every failure ends up in the
 //! host's [`Outcome`]; nothing here stops another host.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
 use std::fs::File;
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
@@ -11,11 +12,12 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::sync::Semaphore;
 use uring_ssh::sftp::{
     self, Progress, Sftp, TransferItem, TransferOptions, TransferReport, download_tree_over,
     upload_tree_over,
 };
-use uring_ssh::{Config, Error, Session};
+use uring_ssh::{Config, Error, MethodType, Session};
 
 use crate::ui::Ui;
 
@@ -107,6 +109,52 @@ pub struct Job {
     pub retries: u32,
     /// Bound of a host's whole job.
     pub timeout: Option<Duration>,
+    /// Bounds the unauthenticated connections per server address.
+    pub pacing: Rc<Pacing>,
+}
+
+/// One gate per server address: at most `per_address` connections of ours
+/// to it between TCP connect and the end of authentication, so that a
+/// server's limit on unauthenticated connections (Dropbear: 5 per client
+/// address; sshd: `MaxStartups`) is not what fails the many aliases of
+/// one host a fleet may list.
+#[derive(Debug)]
+pub struct Pacing {
+    per_address: usize,
+    gates: RefCell<HashMap<(String, u16), Rc<Semaphore>>>,
+}
+
+impl Pacing {
+    /// Gates of `per_address` (at least 1).
+    pub fn new(per_address: usize) -> Pacing {
+        Pacing {
+            per_address: per_address.max(1),
+            gates: RefCell::new(HashMap::new()),
+        }
+    }
+
+    /// Waits for a turn to connect to `host:port`.
+    async fn enter(&self, host: &str, port: u16) -> OwnedSemaphorePermit {
+        let gate = self
+            .gates
+            .borrow_mut()
+            .entry((host.to_string(), port))
+            .or_insert_with(|| Rc::new(Semaphore::new(self.per_address)))
+            .clone();
+        // Rc'd semaphores are never closed: acquire cannot fail.
+        let permit = gate.acquire().await.expect("gate never closed");
+        permit.forget();
+        OwnedSemaphorePermit(gate)
+    }
+}
+
+/// A turn at a [`Pacing`] gate, given back on drop.
+pub struct OwnedSemaphorePermit(Rc<Semaphore>);
+
+impl Drop for OwnedSemaphorePermit {
+    fn drop(&mut self) {
+        self.0.add_permits(1);
+    }
 }
 
 /// How a host ended.
@@ -162,6 +210,8 @@ pub struct Outcome {
     pub error: Option<String>,
     /// Connection attempts.
     pub attempts: u32,
+    /// The key exchange negotiated, once connected.
+    pub kex: Option<String>,
     /// Collected stdout (exec; shared between hosts of identical output
     /// once they are done).
     pub stdout: Rc<Captured>,
@@ -220,6 +270,7 @@ impl Outcome {
             duration: Duration::ZERO,
             error: None,
             attempts: 0,
+            kex: None,
             stdout: Rc::default(),
             stderr: Captured::default(),
             stdout_file: None,
@@ -293,9 +344,12 @@ async fn run_inner(
         } => Some(exec_sinks(plan, *collect, output, ui, out)?),
         _ => None,
     };
+    let turn = job.pacing.enter(&plan.hostname, plan.port).await;
     let session = connect_with_retries(plan, job.retries, phase, out).await?;
+    out.kex = session.negotiated(MethodType::Kex);
     phase.set("authenticating");
     authenticate(&session, plan).await?;
+    drop(turn);
     match &job.op {
         Op::Exec { command, .. } => {
             phase.set("running the command");
@@ -394,7 +448,7 @@ async fn connect(plan: &Plan) -> Result<Session, Fail> {
         }),
         Ok(Ok(s)) => Ok(s),
         Ok(Err(e)) => {
-            let retry = matches!(e, Error::Io(_) | Error::Timeout { .. });
+            let retry = matches!(e, Error::Io(_) | Error::Timeout { .. }) || before_banner(&e);
             let msg = match &e {
                 Error::Io(io) if io.kind() == std::io::ErrorKind::ConnectionRefused => {
                     format!("connection refused by {host} port {}", plan.port)
@@ -405,11 +459,35 @@ async fn connect(plan: &Plan) -> Result<Session, Fail> {
                     secs(t)
                 ),
                 Error::HostKey(_) => format!("{} (port {})", describe(&e), plan.port),
+                _ if before_banner(&e) => format!(
+                    "connect to {host} port {}: {} (the server closed the connection \
+                     before its banner: it may limit unauthenticated connections per \
+                     client address, as Dropbear (5) and sshd's MaxStartups do; \
+                     lower --per-address)",
+                    plan.port,
+                    describe(&e)
+                ),
                 _ => format!("connect to {host} port {}: {}", plan.port, describe(&e)),
             };
             Err(Fail { msg, retry })
         }
     }
+}
+
+/// A connection reset or closed before the server's identification line.
+fn before_banner(e: &Error) -> bool {
+    let text = e.to_string();
+    text.contains("banner")
+        || matches!(e, Error::Io(io) if io.kind() == std::io::ErrorKind::ConnectionReset)
+}
+
+/// Whether no further authentication attempt can succeed on the session:
+/// the server disconnected, or the connection is gone.
+fn session_gone(e: &Error) -> bool {
+    matches!(
+        e,
+        Error::Disconnected { .. } | Error::Closed(_) | Error::Io(_)
+    )
 }
 
 async fn authenticate(session: &Session, plan: &Plan) -> Result<(), String> {
@@ -419,6 +497,7 @@ async fn authenticate(session: &Session, plan: &Plan) -> Result<(), String> {
         match session.auth_agent_at(user, sock.as_deref()).await {
             Ok(()) => return Ok(()),
             Err(e) if e.is_auth_failure() => tried.push("agent keys refused".to_string()),
+            Err(e) if session_gone(&e) => return Err(auth_failed(user, &tried, &e)),
             Err(e) => tried.push(format!("agent: {}", describe(&e))),
         }
     }
@@ -430,6 +509,11 @@ async fn authenticate(session: &Session, plan: &Plan) -> Result<(), String> {
         match session.auth_pubkey_file(user, key, None).await {
             Ok(()) => return Ok(()),
             Err(e) if e.is_auth_failure() => tried.push(format!("key {} refused", key.display())),
+            Err(e) if session_gone(&e) => return Err(auth_failed(user, &tried, &e)),
+            Err(Error::KeyEncrypted { .. }) => tried.push(format!(
+                "key {} is encrypted and no passphrase was given (load it into ssh-agent)",
+                key.display()
+            )),
             Err(e) => tried.push(format!("key {}: {}", key.display(), describe(&e))),
         }
     }
@@ -440,6 +524,16 @@ async fn authenticate(session: &Session, plan: &Plan) -> Result<(), String> {
         "authentication as {user} failed: {}",
         tried.join("; ")
     ))
+}
+
+/// The line for an authentication that ended because the session did.
+fn auth_failed(user: &str, tried: &[String], e: &Error) -> String {
+    let before = if tried.is_empty() {
+        String::new()
+    } else {
+        format!(" after {}", tried.join("; "))
+    };
+    format!("authentication as {user} stopped{before}: {}", describe(e))
 }
 
 /// Why `label` cannot name a file in an output directory, if it cannot:

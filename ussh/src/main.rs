@@ -158,6 +158,7 @@ async fn run(cli: Cli) -> i32 {
         transfer,
         retries: common.retries,
         timeout: common.timeout.map(Duration::from_secs_f64),
+        pacing: Rc::new(engine::Pacing::new(common.per_address)),
     };
 
     let ui = Rc::new(Ui::new(
@@ -176,6 +177,9 @@ async fn run(cli: Cli) -> i32 {
         ui::print_gathered(&outcomes);
     }
     ui::print_summary(name, &outcomes, transfer_opts.is_some(), ui.elapsed());
+    if !common.no_pq_warning {
+        ui::print_pq_line(&outcomes);
+    }
     if interrupted {
         eprintln!("ussh: interrupted: every session was dropped; finished hosts are listed above");
         return EXIT_INTERRUPTED;

@@ -277,6 +277,7 @@ pub fn json_record(o: &mut Outcome) -> serde_json::Value {
         "failed_files": o.failed_files,
         "duration": (o.duration.as_secs_f64() * 1000.0).round() / 1000.0,
         "attempts": o.attempts,
+        "kex": o.kex,
         "error": o.error,
     });
     if o.exit_code.is_some() {
@@ -371,6 +372,43 @@ pub fn cpu_times() -> (Duration, Duration) {
     let ru = unsafe { ru.assume_init() };
     let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
     (tv(ru.ru_utime), tv(ru.ru_stime))
+}
+
+/// Whether a key exchange resists a quantum computer recording the
+/// session today ("store now, decrypt later"): the ML-KEM and NTRU Prime
+/// hybrids.
+pub fn is_post_quantum(kex: &str) -> bool {
+    kex.starts_with("mlkem") || kex.starts_with("sntrup")
+}
+
+/// One line on stderr saying how many connected hosts negotiated no
+/// post-quantum key exchange (nothing when all did).
+pub fn print_pq_line(outcomes: &[Outcome]) {
+    let classic: Vec<&str> = outcomes
+        .iter()
+        .filter_map(|o| {
+            o.kex
+                .as_deref()
+                .filter(|k| !is_post_quantum(k))
+                .map(|_| o.label.as_str())
+        })
+        .collect();
+    if classic.is_empty() {
+        return;
+    }
+    let connected = outcomes.iter().filter(|o| o.kex.is_some()).count();
+    let shown: Vec<&str> = classic.iter().take(5).copied().collect();
+    let more = if classic.len() > shown.len() {
+        ", …"
+    } else {
+        ""
+    };
+    eprintln!(
+        "ussh: {} of {connected} hosts negotiated no post-quantum key exchange \
+         (their servers lack mlkem768x25519-sha256; e.g. {}{more}); --no-pq-warning hides this",
+        classic.len(),
+        shown.join(", ")
+    );
 }
 
 /// The final summary on stderr: a table (per host when there are few,

@@ -1,9 +1,9 @@
 //! `ussh` against real sshd processes on loopback: several servers on
 //! different ports, reached under host aliases of a temporary ssh config.
 
-#[path = "../../tests/common/sshd.rs"]
 #[allow(dead_code)]
-mod sshd;
+mod fixture;
+use fixture::sshd;
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -1627,4 +1627,69 @@ fn get_refuses_host_names_that_are_not_one_path_component() {
     add_evil_tree(&mut want, Path::new("good1/evil"));
     want.insert(PathBuf::from("good1"), Item::Dir);
     assert_same_tree("the control run", &snapshot(&dest), &want);
+}
+
+/// 40 aliases of one Dropbear, which resets a client address's sixth
+/// unauthenticated connection: paced per server address, every host
+/// succeeds. `--json` names each host's key exchange, and the summary says
+/// that none was post-quantum (Dropbear 2022.83 has none), unless told not to.
+#[test]
+fn forty_aliases_of_one_dropbear_all_succeed() {
+    let db = fixture::dropbear::Dropbear::start();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("ssh_config");
+    let mut text = String::new();
+    for i in 1..=40 {
+        text.push_str(&format!(
+            "Host d{i:03}\n    HostName 127.0.0.1\n    Port {}\n    User {}\n    IdentityFile {}\n    UserKnownHostsFile {}\n",
+            db.addr().port(),
+            db.user(),
+            db.user_key().display(),
+            db.known_hosts().display()
+        ));
+    }
+    fs::write(&config, text).unwrap();
+    let run = |extra: &[&str]| {
+        let out = Command::new(USSH)
+            .args(["exec", "-F"])
+            .arg(&config)
+            .args(["--no-agent", "-H", "d[001-040]"])
+            .args(extra)
+            .args(["--", "echo", "up"])
+            .env_remove("SSH_AUTH_SOCK")
+            .stdin(Stdio::null())
+            .output()
+            .expect("run ussh");
+        eprintln!("{}", String::from_utf8_lossy(&out.stderr));
+        out
+    };
+    let out = run(&["--json"]);
+    assert_eq!(out.status.code(), Some(0), "every host succeeds");
+    let records = json_records(&out);
+    assert_eq!(records.len(), 40);
+    for (host, r) in &records {
+        assert_eq!(r["status"], "ok", "{host}: {r}");
+        assert_eq!(r["kex"], "curve25519-sha256", "{host}: {r}");
+    }
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("40 of 40 hosts negotiated no post-quantum key exchange"),
+        "{stderr}"
+    );
+    let out = run(&["-q", "--no-pq-warning"]);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("post-quantum"));
+    // Without pacing (one gate slot per host), Dropbear's limit shows, and
+    // the error says what the likely cause is.
+    let out = run(&["--per-address", "40", "--retries", "0"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "40 connections at once exceed Dropbear's 5"
+    );
+    assert!(
+        stderr.contains("limit unauthenticated connections"),
+        "{stderr}"
+    );
 }
