@@ -55,7 +55,7 @@ impl AsyncPeer for Ours {
         let cfg = Config::new()
             .known_hosts(Some(&a.known_hosts))
             .ciphers(&a.cipher)
-            .method(MethodType::Kex, client::KEX);
+            .method(MethodType::Kex, &a.kex);
         let addr = SocketAddr::from(([127, 0, 0, 1], a.port));
         let s = Session::connect_addr(addr, cfg).await.expect("connect");
         s.auth_pubkey_file(&a.user, Path::new(&a.key), None)

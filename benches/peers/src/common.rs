@@ -38,8 +38,10 @@ pub struct Args {
     pub key: String,
     /// OpenSSH known_hosts file (clients that check host keys).
     pub known_hosts: String,
-    /// The one cipher offered (kex is always curve25519-sha256).
+    /// The one cipher offered.
     pub cipher: String,
+    /// The one key exchange offered (default [`KEX`]).
+    pub kex: String,
     /// MiB per channel.
     pub mib: u64,
     /// Sessions (or, for `connect`, connects at once).
@@ -54,7 +56,7 @@ pub struct Args {
     pub local: String,
 }
 
-/// The key exchange every client pins.
+/// The key exchange every client pins unless `--kex` says otherwise.
 pub const KEX: &str = "curve25519-sha256";
 
 /// Parses the process arguments (`--mode` is an alias of `--scenario`).
@@ -71,6 +73,7 @@ pub fn parse_args(mut it: impl Iterator<Item = String>) -> Args {
         key: String::new(),
         known_hosts: String::new(),
         cipher: "chacha20-poly1305@openssh.com".into(),
+        kex: KEX.into(),
         mib: 1024,
         sessions: 1,
         channels: 1,
@@ -88,6 +91,7 @@ pub fn parse_args(mut it: impl Iterator<Item = String>) -> Args {
             "--key" => a.key = v,
             "--known-hosts" => a.known_hosts = v,
             "--cipher" => a.cipher = v,
+            "--kex" => a.kex = v,
             "--mib" => a.mib = num(&v) as u64,
             "--sessions" => a.sessions = num(&v).max(1),
             "--channels" => a.channels = num(&v).max(1),

@@ -39,7 +39,7 @@ impl AsyncPeer for Lite {
         for (t, pref) in [
             (MethodType::CryptCs, a.cipher.as_str()),
             (MethodType::CryptSc, a.cipher.as_str()),
-            (MethodType::Kex, common::KEX),
+            (MethodType::Kex, a.kex.as_str()),
         ] {
             s.method_pref(t, pref).await.expect("method_pref");
         }

@@ -59,9 +59,14 @@ impl AsyncPeer for Russh {
             "aes128-ctr" => cipher::AES_128_CTR,
             other => panic!("cipher {other}"),
         };
+        let kex = match a.kex.as_str() {
+            "curve25519-sha256" => kex::CURVE25519,
+            "mlkem768x25519-sha256" => kex::MLKEM768X25519_SHA256,
+            other => panic!("kex {other}"),
+        };
         let config = client::Config {
             preferred: Preferred {
-                kex: Cow::Owned(vec![kex::CURVE25519, kex::EXTENSION_SUPPORT_AS_CLIENT]),
+                kex: Cow::Owned(vec![kex, kex::EXTENSION_SUPPORT_AS_CLIENT]),
                 cipher: Cow::Owned(vec![cipher]),
                 ..Default::default()
             },

@@ -46,7 +46,7 @@ impl BlockingPeer for Ssh2 {
         s.set_tcp_stream(tcp);
         s.method_pref(ssh2::MethodType::CryptCs, &a.cipher).unwrap();
         s.method_pref(ssh2::MethodType::CryptSc, &a.cipher).unwrap();
-        s.method_pref(ssh2::MethodType::Kex, common::KEX).unwrap();
+        s.method_pref(ssh2::MethodType::Kex, &a.kex).unwrap();
         s.handshake().expect("handshake");
         s.userauth_pubkey_file(&a.user, None, a.key.as_ref(), None)
             .expect("auth");
