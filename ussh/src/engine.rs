@@ -462,8 +462,10 @@ async fn connect(plan: &Plan) -> Result<Session, Fail> {
                 _ if before_banner(&e) => format!(
                     "connect to {host} port {}: {} (the server closed the connection \
                      before its banner: it may limit unauthenticated connections per \
-                     client address, as Dropbear (5) and sshd's MaxStartups do; \
-                     lower --per-address)",
+                     client address, as Dropbear (5) and sshd's MaxStartups do: lower \
+                     --per-address; or, OpenSSH 9.8 and later, refuse this address for a \
+                     while after failed or unauthenticated connections (PerSourcePenalties, \
+                     15 s to 10 min): retry later or raise --retries)",
                     plan.port,
                     describe(&e)
                 ),
