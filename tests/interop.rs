@@ -2,9 +2,10 @@
 //! OpenSSH 9.2 (this machine's), OpenSSH 10.0 (a Debian 13 tree run under
 //! chroot) and Dropbear 2022.83. Against each: the default key exchange
 //! (post-quantum where the server has it), exec, 64 MiB each way and SFTP
-//! both ways checked with SHA-256, a forwarded TCP connection, every key
-//! exchange, cipher, MAC and host-key algorithm the two sides share, and
-//! (OpenSSH, whose rekey interval can be set) a write rekeyed many times.
+//! both ways checked with SHA-256, a forwarded TCP connection, every
+//! combination of key exchange × host-key algorithm × cipher the two sides
+//! share and every shared MAC, and (OpenSSH, whose rekey interval can be
+//! set) a write rekeyed many times.
 //!
 //! What was chosen is asserted from our side (`Session::negotiated`) and,
 //! for OpenSSH, from the server's own log (`LogLevel DEBUG1` prints
@@ -312,56 +313,75 @@ async fn core(server: Server, expected_kex: &str) {
     s.close("done").await.unwrap();
 }
 
-/// Every key exchange, host-key, cipher and MAC algorithm both sides have:
-/// a session pinned to it connects, authenticates and runs a command, and
-/// both sides agree on what was chosen.
+/// Every key exchange × host-key algorithm × cipher both sides have, then
+/// every MAC both have under a cipher that uses one: a session pinned to
+/// the combination connects, authenticates and runs a command, and both
+/// sides agree on what was chosen.
 async fn every_shared_algorithm(server: Server) {
     let offer = server_offer(server.addr());
-    let mut tried = Vec::new();
-    let cases = [
-        (MethodType::Kex, 0, "kex: algorithm: "),
-        (MethodType::HostKey, 1, "kex: host key algorithm: "),
-    ];
-    for (kind, list, log_prefix) in cases {
-        let ours = shared(kind, &offer[list]);
-        assert!(
-            !ours.is_empty(),
-            "no {kind} algorithm in common: {:?}",
-            offer[list]
-        );
-        for alg in ours {
-            let line = format!("{log_prefix}{alg}");
-            let before = server.logged(&line);
-            let s = server.connect(server.config().method(kind, &alg)).await;
-            assert_eq!(s.negotiated(kind).as_deref(), Some(alg.as_str()));
-            run_true(&s).await;
-            if let (Some(b), Some(a)) = (before, server.logged(&line)) {
-                assert_eq!(a, b + 1, "the server's log names {alg}");
+    let kexes = shared(MethodType::Kex, &offer[0]);
+    let host_keys = shared(MethodType::HostKey, &offer[1]);
+    let ciphers = shared(MethodType::CipherClientToServer, &offer[2]);
+    for (what, list) in [
+        ("kex", &kexes),
+        ("host key", &host_keys),
+        ("cipher", &ciphers),
+    ] {
+        assert!(!list.is_empty(), "no {what} in common: {offer:?}");
+    }
+    let mut combinations = 0;
+    for kex in &kexes {
+        for host_key in &host_keys {
+            for cipher in &ciphers {
+                let config = server
+                    .config()
+                    .method(MethodType::Kex, kex)
+                    .method(MethodType::HostKey, host_key)
+                    .ciphers(cipher);
+                let line = format!("kex: algorithm: {kex}");
+                let before = server.logged(&line);
+                let s = server.connect(config).await;
+                let what = format!("{kex} / {host_key} / {cipher}");
+                assert_eq!(
+                    s.negotiated(MethodType::Kex).as_deref(),
+                    Some(kex.as_str()),
+                    "{what}"
+                );
+                assert_eq!(
+                    s.negotiated(MethodType::HostKey).as_deref(),
+                    Some(host_key.as_str()),
+                    "{what}"
+                );
+                for kind in [
+                    MethodType::CipherClientToServer,
+                    MethodType::CipherServerToClient,
+                ] {
+                    assert_eq!(
+                        s.negotiated(kind).as_deref(),
+                        Some(cipher.as_str()),
+                        "{what}"
+                    );
+                }
+                run_true(&s).await;
+                s.close("done").await.unwrap();
+                if let (Some(b), Some(a)) = (before, server.logged(&line)) {
+                    assert_eq!(a, b + 1, "the server's log names the key exchange: {what}");
+                    let chosen = format!("kex: host key algorithm: {host_key}");
+                    assert!(server.logged(&chosen).unwrap() > 0, "{what}");
+                    let chosen = format!("kex: client->server cipher: {cipher} ");
+                    assert!(server.logged(&chosen).unwrap() > 0, "{what}");
+                }
+                combinations += 1;
             }
-            tried.push(alg);
         }
     }
-    // Ciphers (AEAD ones bring their own integrity), then every MAC under
-    // a cipher that uses one.
-    for cipher in shared(MethodType::CipherClientToServer, &offer[2]) {
-        let s = server.connect(server.config().ciphers(&cipher)).await;
-        for kind in [
-            MethodType::CipherClientToServer,
-            MethodType::CipherServerToClient,
-        ] {
-            assert_eq!(s.negotiated(kind).as_deref(), Some(cipher.as_str()));
-        }
-        let line = format!("kex: client->server cipher: {cipher} ");
-        assert!(server.logged(&line).is_none_or(|n| n > 0), "{line}");
-        run_true(&s).await;
-        tried.push(cipher);
-    }
-    for mac in shared(MethodType::MacClientToServer, &offer[4]) {
+    let macs = shared(MethodType::MacClientToServer, &offer[4]);
+    for mac in &macs {
         let config = server
             .config()
             .ciphers("aes128-ctr")
-            .method(MethodType::MacClientToServer, &mac)
-            .method(MethodType::MacServerToClient, &mac);
+            .method(MethodType::MacClientToServer, mac)
+            .method(MethodType::MacServerToClient, mac);
         let s = server.connect(config).await;
         for kind in [MethodType::MacClientToServer, MethodType::MacServerToClient] {
             assert_eq!(s.negotiated(kind).as_deref(), Some(mac.as_str()));
@@ -369,14 +389,16 @@ async fn every_shared_algorithm(server: Server) {
         let line = format!("cipher: aes128-ctr MAC: {mac} ");
         assert!(server.logged(&line).is_none_or(|n| n > 0), "{line}");
         run_true(&s).await;
-        tried.push(mac);
+        s.close("done").await.unwrap();
     }
     // The matrix as run, for the record (`--nocapture`).
     eprintln!(
-        "{}: {} algorithms: {}",
+        "{}: {combinations} combinations of kex [{}] × host key [{}] × cipher [{}]; MACs [{}]",
         server.name(),
-        tried.len(),
-        tried.join(" ")
+        kexes.join(" "),
+        host_keys.join(" "),
+        ciphers.join(" "),
+        macs.join(" ")
     );
 }
 
