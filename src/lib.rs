@@ -128,7 +128,7 @@ pub use channel::{Channel, ExitStatus, Stderr};
 pub use error::{Error, HostKeyError, KernelSupportError, Result};
 pub use forward::{DEFAULT_ACCEPT_QUEUE, Listener, LocalForward, LocalForwardStats};
 pub use knownhosts::{HostKey, HostKeyPolicy};
-pub use methods::{MethodType, supported_methods};
+pub use methods::{MethodType, Negotiated, is_post_quantum, supported_methods};
 pub use scp::{ScpReader, ScpStat, ScpWriter};
 pub use session::{
     Config, DEFAULT_CIPHERS, DEFAULT_CIPHERS_NO_AES, DEFAULT_PACKET, DEFAULT_WINDOW, Session,

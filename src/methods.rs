@@ -60,6 +60,38 @@ impl std::fmt::Display for MethodType {
     }
 }
 
+/// What a session negotiated, every class at once ([`crate::Session::algorithms`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Negotiated {
+    /// Key exchange (`mlkem768x25519-sha256`, …).
+    pub kex: String,
+    /// Host-key algorithm (`ssh-ed25519`, `rsa-sha2-512`, …).
+    pub host_key: String,
+    /// Cipher, client to server.
+    pub cipher_client_to_server: String,
+    /// Cipher, server to client.
+    pub cipher_server_to_client: String,
+    /// MAC, client to server (the cipher's own for AEAD ciphers).
+    pub mac_client_to_server: String,
+    /// MAC, server to client.
+    pub mac_server_to_client: String,
+}
+
+impl Negotiated {
+    /// Whether the key exchange resists a recording broken later by a
+    /// quantum computer: the ML-KEM and NTRU Prime hybrids.
+    pub fn post_quantum(&self) -> bool {
+        is_post_quantum(&self.kex)
+    }
+}
+
+/// Whether the key exchange `kex` is one of the post-quantum hybrids
+/// (ML-KEM or NTRU Prime with X25519 or an ECDH curve).
+pub fn is_post_quantum(kex: &str) -> bool {
+    kex.starts_with("mlkem") || kex.starts_with("sntrup")
+}
+
 /// The algorithms of `kind` this build can negotiate, in its default order
 /// of preference (for [`MethodType::Kex`], without the pseudo-methods
 /// `ext-info-c` and `kex-strict-c-v00@openssh.com`, which it always sends).

@@ -505,6 +505,20 @@ impl Session {
         }
     }
 
+    /// Every class of algorithm the handshake settled on; `None` once the
+    /// session is closed.
+    pub fn algorithms(&self) -> Option<crate::methods::Negotiated> {
+        let get = |kind| self.negotiated(kind);
+        Some(crate::methods::Negotiated {
+            kex: get(MethodType::Kex)?,
+            host_key: get(MethodType::HostKey)?,
+            cipher_client_to_server: get(MethodType::CipherClientToServer)?,
+            cipher_server_to_client: get(MethodType::CipherServerToClient)?,
+            mac_client_to_server: get(MethodType::MacClientToServer)?,
+            mac_server_to_client: get(MethodType::MacServerToClient)?,
+        })
+    }
+
     /// The authentication methods the server offers `user`, or an empty list
     /// if `none` authentication succeeded.
     pub async fn auth_methods(&self, user: &str) -> Result<Vec<String>> {

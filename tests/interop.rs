@@ -224,6 +224,10 @@ async fn core(server: Server, expected_kex: &str) {
     // Default configuration: the key exchange we prefer that it has.
     let s = server.connect(server.config()).await;
     assert_eq!(s.negotiated(MethodType::Kex).as_deref(), Some(expected_kex));
+    let all = s.algorithms().expect("an open session");
+    assert_eq!(all.kex, expected_kex);
+    assert_eq!(all.post_quantum(), expected_kex.starts_with("mlkem"));
+    assert_eq!(Some(all.host_key), s.negotiated(MethodType::HostKey));
     if let Some(n) = server.logged(&format!("kex: algorithm: {expected_kex}")) {
         assert_eq!(n, 1, "the server's log names the key exchange");
     }

@@ -40,6 +40,32 @@ fn main() {
     std::process::exit(code);
 }
 
+/// Refuses a list naming an algorithm this build lacks, naming it.
+fn check_algorithms(kind: MethodType, list: &str) -> Result<(), String> {
+    let known = uring_ssh::supported_methods(kind);
+    match list
+        .split(',')
+        .map(str::trim)
+        .find(|n| !known.iter().any(|k| k == n))
+    {
+        Some(bad) => Err(format!(
+            "{bad:?} is not supported by this build (it has: {})",
+            known.join(",")
+        )),
+        None => Ok(()),
+    }
+}
+
+/// The names of `list` this build supports, comma-joined, in order.
+fn supported_subset(kind: MethodType, list: &str) -> String {
+    let known = uring_ssh::supported_methods(kind);
+    list.split(',')
+        .map(str::trim)
+        .filter(|n| known.iter().any(|k| k == n))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 fn usage_error(msg: &str) -> i32 {
     eprintln!("ussh: {msg}");
     EXIT_USAGE
@@ -109,6 +135,18 @@ async fn run(cli: Cli) -> i32 {
     };
     let gather = matches!(&op, Op::Exec { collect: true, .. }) && !common.json;
 
+    for (flag, list, kind) in [
+        ("--kex", &common.kex, MethodType::Kex),
+        (
+            "--ciphers",
+            &common.ciphers,
+            MethodType::CipherClientToServer,
+        ),
+    ] {
+        if let Some(Err(e)) = list.as_deref().map(|l| check_algorithms(kind, l)) {
+            return usage_error(&format!("{flag}: {e}"));
+        }
+    }
     let targets = match collect_targets(&common) {
         Ok(t) => t,
         Err(e) => return usage_error(&e),
@@ -403,19 +441,40 @@ fn make_plans(targets: &[Target], cfg: &SshConfig, c: &Common) -> Result<Vec<Pla
             .keepalive(keepalive, s.server_alive_count_max.unwrap_or(3))
             .known_hosts(Some(known_hosts))
             .host_key_policy(policy);
-        if let Some(v) = c.ciphers.as_ref().or(s.ciphers.as_ref()) {
+        // Lists from an ssh config were written for OpenSSH, whose
+        // algorithms we may lack (sntrup761…): those names are left out,
+        // and a list left empty blocks the host with a line naming it.
+        let mut no_algorithm = None;
+        let mut known = |what: &str, kind: MethodType, list: &str| {
+            let kept = supported_subset(kind, list);
+            if kept.is_empty() {
+                no_algorithm.get_or_insert(format!(
+                    "{what} {list}: none of these is supported by this build"
+                ));
+            }
+            kept
+        };
+        if let Some(v) = &c.ciphers {
             config = config.ciphers(v);
+        } else if let Some(v) = &s.ciphers {
+            config = config.ciphers(&known("Ciphers", MethodType::CipherClientToServer, v));
         }
-        if let Some(v) = c.kex.as_ref().or(s.kex_algorithms.as_ref()) {
+        if let Some(v) = &c.kex {
             config = config.method(MethodType::Kex, v.clone());
+        } else if let Some(v) = &s.kex_algorithms {
+            config = config.method(MethodType::Kex, known("KexAlgorithms", MethodType::Kex, v));
         }
         if let Some(v) = &s.macs {
+            let v = known("MACs", MethodType::MacClientToServer, v);
             config = config
                 .method(MethodType::MacClientToServer, v.clone())
-                .method(MethodType::MacServerToClient, v.clone());
+                .method(MethodType::MacServerToClient, v);
         }
         if let Some(v) = &s.host_key_algorithms {
-            config = config.method(MethodType::HostKey, v.clone());
+            config = config.method(
+                MethodType::HostKey,
+                known("HostKeyAlgorithms", MethodType::HostKey, v),
+            );
         }
         let mut identities: Vec<PathBuf> = c.identity.clone();
         identities.extend(s.identity_files.iter().cloned());
@@ -446,7 +505,8 @@ fn make_plans(targets: &[Target], cfg: &SshConfig, c: &Common) -> Result<Vec<Pla
                 u.name.eq_ignore_ascii_case("proxyjump")
                     || u.name.eq_ignore_ascii_case("proxycommand")
             })
-            .map(|u| format!("{} ({}) is not supported: not connecting", u.name, u.at));
+            .map(|u| format!("{} ({}) is not supported: not connecting", u.name, u.at))
+            .or(no_algorithm);
         plans.push(Plan {
             label: t.to_string(),
             hostname,

@@ -374,13 +374,6 @@ pub fn cpu_times() -> (Duration, Duration) {
     (tv(ru.ru_utime), tv(ru.ru_stime))
 }
 
-/// Whether a key exchange resists a quantum computer recording the
-/// session today ("store now, decrypt later"): the ML-KEM and NTRU Prime
-/// hybrids.
-pub fn is_post_quantum(kex: &str) -> bool {
-    kex.starts_with("mlkem") || kex.starts_with("sntrup")
-}
-
 /// One line on stderr saying how many connected hosts negotiated no
 /// post-quantum key exchange (nothing when all did).
 pub fn print_pq_line(outcomes: &[Outcome]) {
@@ -389,7 +382,7 @@ pub fn print_pq_line(outcomes: &[Outcome]) {
         .filter_map(|o| {
             o.kex
                 .as_deref()
-                .filter(|k| !is_post_quantum(k))
+                .filter(|k| !uring_ssh::is_post_quantum(k))
                 .map(|_| o.label.as_str())
         })
         .collect();

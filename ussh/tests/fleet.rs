@@ -575,8 +575,20 @@ fn bad_input_is_one_clear_line() {
     let f = Fleet::start(1, "b", 2);
     let outdir = f.dir.path().join("never-created");
     let outdir = outdir.to_str().unwrap();
-    let cases: [(&[&str], &str); 10] = [
+    let cases: [(&[&str], &str); 11] = [
         (&["exec", "-H", "b[001-", "--", "true"], "unclosed '['"),
+        (
+            &[
+                "exec",
+                "-H",
+                "b001",
+                "--kex",
+                "curve25519-sha256,sntrup761x25519-sha512@openssh.com",
+                "--",
+                "true",
+            ],
+            "--kex: \"sntrup761x25519-sha512@openssh.com\" is not supported by this build (it has: mlkem768x25519-sha256,",
+        ),
         (&["exec", "-H", "b[5-1]", "--", "true"], "backwards"),
         (
             &["exec", "-H", "b001", "--shard", "3/2", "--", "true"],
@@ -1691,5 +1703,29 @@ fn forty_aliases_of_one_dropbear_all_succeed() {
     assert!(
         stderr.contains("limit unauthenticated connections"),
         "{stderr}"
+    );
+}
+
+/// An ssh config written for OpenSSH may name algorithms this build lacks:
+/// those are left out and the host connects with the rest; a list with
+/// nothing this build has blocks only its host, with a line naming it.
+#[test]
+fn config_algorithm_lists_keep_what_the_build_has() {
+    let mut f = Fleet::start(1, "k", 2);
+    f.append_config(
+        "Host k001\n    KexAlgorithms sntrup761x25519-sha512@openssh.com,curve25519-sha256\n\
+         Host k002\n    KexAlgorithms sntrup761x25519-sha512@openssh.com\n",
+    );
+    let out = f.run(&["exec", "--json", "-H", "k[001-002]", "--", "true"]);
+    let records = json_records(&out);
+    assert_eq!(records["k001"]["status"], "ok", "{:?}", records["k001"]);
+    assert_eq!(records["k001"]["kex"], "curve25519-sha256");
+    assert_eq!(records["k002"]["status"], "error");
+    let error = records["k002"]["error"].as_str().unwrap();
+    assert!(
+        error.contains(
+            "KexAlgorithms sntrup761x25519-sha512@openssh.com: none of these is supported"
+        ),
+        "{error}"
     );
 }
