@@ -21,8 +21,7 @@ use std::time::Duration;
 
 use common::dropbear::Dropbear;
 use common::sshd::Sshd;
-use common::util::{hex, sha256_file, write_random_file};
-use sha2::{Digest, Sha256};
+use common::util::{sha256_file, sha256_stream, write_prng, write_random_file};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use uring_ssh::{Config, MethodType, Session, supported_methods};
 
@@ -201,22 +200,12 @@ async fn write_through_cat(s: &Session, remote: &str, len: usize, seed: u64) -> 
         .exec(&format!("cat > '{remote}'"))
         .await
         .expect("exec cat");
-    let mut rng = common::util::Prng::new(seed);
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; MIB];
-    let mut left = len;
-    while left > 0 {
-        let n = left.min(buf.len());
-        rng.fill(&mut buf[..n]);
-        h.update(&buf[..n]);
-        ch.write_all(&buf[..n]).await.expect("write");
-        left -= n;
-    }
+    let sum = write_prng(&mut ch, len, seed).await;
     ch.send_eof().await.unwrap();
     let mut sink = Vec::new();
     ch.read_to_end(&mut sink).await.unwrap();
     assert!(ch.wait().await.unwrap().success());
-    hex(&h.finalize())
+    sum
 }
 
 /// The core matrix against one server.
@@ -244,23 +233,9 @@ async fn core(server: Server, expected_kex: &str) {
         .exec(&format!("cat '{}'", server.remote(&source)))
         .await
         .unwrap();
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; MIB];
-    let mut total = 0;
-    loop {
-        let n = ch.read(&mut buf).await.unwrap();
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-        total += n;
-    }
+    let (total, got) = sha256_stream(&mut ch).await;
     assert!(ch.wait().await.unwrap().success());
-    assert_eq!(
-        (total, hex(&h.finalize())),
-        (64 * MIB, sum),
-        "64 MiB read intact"
-    );
+    assert_eq!((total, got), (64 * MIB, sum), "64 MiB read intact");
 
     // SFTP both ways.
     let sftp = s.sftp().await.expect("sftp");

@@ -80,6 +80,44 @@ pub fn write_random_file(path: &std::path::Path, len: usize, seed: u64) -> Strin
     hex(&h.finalize())
 }
 
+/// Reads `r` to its end: bytes read and their SHA-256 (hex).
+pub async fn sha256_stream(mut r: impl tokio::io::AsyncRead + Unpin) -> (usize, String) {
+    use tokio::io::AsyncReadExt;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut total = 0;
+    loop {
+        let n = r.read(&mut buf).await.expect("read");
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+        total += n;
+    }
+    (total, hex(&h.finalize()))
+}
+
+/// Writes `len` pseudo-random bytes from `seed` to `w`; returns their SHA-256.
+pub async fn write_prng(
+    mut w: impl tokio::io::AsyncWrite + Unpin,
+    len: usize,
+    seed: u64,
+) -> String {
+    use tokio::io::AsyncWriteExt;
+    let mut rng = Prng::new(seed);
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(buf.len());
+        rng.fill(&mut buf[..n]);
+        h.update(&buf[..n]);
+        w.write_all(&buf[..n]).await.expect("write");
+        left -= n;
+    }
+    hex(&h.finalize())
+}
+
 /// SHA-256 of a file, hex.
 pub fn sha256_file(path: &std::path::Path) -> String {
     use std::io::Read;
