@@ -588,7 +588,11 @@ impl Session {
             .map_err(|e| {
                 let which = private_key.display().to_string();
                 let encrypted = passphrase.is_none()
-                    && std::fs::read(private_key).is_ok_and(|k| key_is_encrypted(&k));
+                    && std::fs::read(private_key).is_ok_and(|mut k| {
+                        let encrypted = key_is_encrypted(&k);
+                        k.zeroize();
+                        encrypted
+                    });
                 key_error(e, &which, encrypted)
             })
     }
@@ -840,21 +844,26 @@ fn key_error(e: Error, which: &str, encrypted: bool) -> Error {
 /// passphrase: PEM's `ENCRYPTED` markers, or an OpenSSH key whose cipher
 /// is not `none`.
 fn key_is_encrypted(key: &[u8]) -> bool {
-    let text = String::from_utf8_lossy(key);
-    if text.contains("-----BEGIN ENCRYPTED PRIVATE KEY-----")
-        || text.contains("Proc-Type: 4,ENCRYPTED")
+    // Searched in place, and only the key's first 64 base64 characters
+    // decoded (magic, cipher and KDF names): no copy of key material is made.
+    let find = |needle: &[u8]| key.windows(needle.len()).position(|w| w == needle);
+    if find(b"-----BEGIN ENCRYPTED PRIVATE KEY-----").is_some()
+        || find(b"Proc-Type: 4,ENCRYPTED").is_some()
     {
         return true;
     }
-    let Some(body) = text
-        .split("-----BEGIN OPENSSH PRIVATE KEY-----")
-        .nth(1)
-        .and_then(|b| b.split("-----END OPENSSH PRIVATE KEY-----").next())
-    else {
+    let begin = b"-----BEGIN OPENSSH PRIVATE KEY-----";
+    let Some(at) = find(begin) else {
         return false;
     };
-    let b64: String = body.split_whitespace().collect();
-    let Some(raw) = base64_decode(&b64) else {
+    let head: String = key[at + begin.len()..]
+        .iter()
+        .take_while(|&&b| b != b'-')
+        .filter(|b| !b.is_ascii_whitespace())
+        .take(64)
+        .map(|&b| b as char)
+        .collect();
+    let Some(raw) = base64_decode(&head) else {
         return false;
     };
     // "openssh-key-v1\0", then the cipher name as an SSH string.
@@ -1513,6 +1522,37 @@ mod tests {
     use super::*;
 
     const SECRET: &str = "correct horse battery staple";
+
+    #[test]
+    fn encrypted_keys_are_told_apart_from_plain_and_unreadable_ones() {
+        let openssh = |body: &str| {
+            format!(
+                "-----BEGIN OPENSSH PRIVATE KEY-----\n{}\n-----END OPENSSH PRIVATE KEY-----\n",
+                body.as_bytes()
+                    .chunks(20)
+                    .map(|c| std::str::from_utf8(c).unwrap())
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            )
+        };
+        let none = "b3BlbnNzaC1rZXktdjEAAAAABG5vbmUAAAAGYmNyeXB0";
+        let aes = "b3BlbnNzaC1rZXktdjEAAAAACmFlczI1Ni1jdHIAAAAGYmNyeXB0";
+        let chacha =
+            "b3BlbnNzaC1rZXktdjEAAAAAHWNoYWNoYTIwLXBvbHkxMzA1QG9wZW5zc2guY29tAAAABmJjcnlwdA==";
+        assert!(!key_is_encrypted(openssh(none).as_bytes()));
+        assert!(key_is_encrypted(openssh(aes).as_bytes()));
+        assert!(key_is_encrypted(openssh(chacha).as_bytes()));
+        assert!(!key_is_encrypted(openssh("not*base64").as_bytes()));
+        assert!(!key_is_encrypted(b"-----BEGIN OPENSSH PRIVATE KEY-----"));
+        assert!(key_is_encrypted(
+            b"-----BEGIN RSA PRIVATE KEY-----\nProc-Type: 4,ENCRYPTED\nDEK-Info: AES-128-CBC,00\n"
+        ));
+        assert!(key_is_encrypted(
+            b"-----BEGIN ENCRYPTED PRIVATE KEY-----\nMIIB\n"
+        ));
+        assert!(!key_is_encrypted(b"-----BEGIN PRIVATE KEY-----\nMIIB\n"));
+        assert!(!key_is_encrypted(b""));
+    }
 
     #[test]
     fn secret_copy_is_nul_terminated_and_wiped_in_place() {
