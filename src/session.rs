@@ -15,7 +15,7 @@ use crate::channel::{Channel, ChannelInner};
 use crate::error::{Error, Result};
 use crate::ffi;
 use crate::knownhosts::{self, HostKey, HostKeyPolicy};
-pub use crate::methods::MethodType;
+use crate::methods::MethodType;
 use crate::methods::{check_methods, no_common_algorithm};
 use crate::reactor::{OpId, Reactor, SharedFd};
 use crate::transport::callbacks::{self, KbdResponder};

@@ -11,7 +11,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::sshd::Sshd;
-use common::util::{Prng, config, connect_with, hex};
+use common::util::{Prng, config, connect_with, hex, sha256_stream};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use uring_ssh::{Config, MethodType, Session};
@@ -108,20 +108,7 @@ async fn round_trip(s: &Session, len: usize, seed: u64) -> (String, String) {
         w.shutdown().await.expect("EOF to cat");
         (w, hex(&h.finalize()))
     };
-    let reader = async {
-        let mut h = Sha256::new();
-        let mut buf = vec![0u8; 256 * 1024];
-        let mut total = 0usize;
-        loop {
-            let n = r.read(&mut buf).await.expect("read");
-            if n == 0 {
-                break;
-            }
-            h.update(&buf[..n]);
-            total += n;
-        }
-        (total, hex(&h.finalize()))
-    };
+    let reader = sha256_stream(&mut r);
     let ((w, sent), (total, got)) = tokio::join!(writer, reader);
     assert_eq!(total, len, "bytes back from cat");
     let mut ch = r.unsplit(w);

@@ -134,7 +134,7 @@ impl Pacing {
     }
 
     /// Waits for a turn to connect to `host:port`.
-    async fn enter(&self, host: &str, port: u16) -> OwnedSemaphorePermit {
+    async fn enter(&self, host: &str, port: u16) -> Turn {
         let gate = self
             .gates
             .borrow_mut()
@@ -144,14 +144,14 @@ impl Pacing {
         // Rc'd semaphores are never closed: acquire cannot fail.
         let permit = gate.acquire().await.expect("gate never closed");
         permit.forget();
-        OwnedSemaphorePermit(gate)
+        Turn(gate)
     }
 }
 
 /// A turn at a [`Pacing`] gate, given back on drop.
-pub struct OwnedSemaphorePermit(Rc<Semaphore>);
+pub struct Turn(Rc<Semaphore>);
 
-impl Drop for OwnedSemaphorePermit {
+impl Drop for Turn {
     fn drop(&mut self) {
         self.0.add_permits(1);
     }
