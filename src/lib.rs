@@ -84,6 +84,7 @@ pub mod reactor;
 mod scp;
 mod session;
 pub mod sftp;
+mod text;
 pub mod transport;
 
 /// Design notes from `kernel-notes/`, rendered with the API docs.
@@ -134,7 +135,7 @@ pub use session::{
     Config, DEFAULT_CIPHERS, DEFAULT_CIPHERS_NO_AES, DEFAULT_PACKET, DEFAULT_WINDOW, Session,
     SessionStats, default_ciphers, leaked_objects,
 };
-pub use transport::callbacks::{libssh2_blocks_outstanding, libssh2_bytes_outstanding};
+pub use transport::alloc::{libssh2_blocks_outstanding, libssh2_bytes_outstanding};
 
 /// The libssh2 version linked, as it reports itself at run time.
 pub fn libssh2_version() -> String {

@@ -2,22 +2,18 @@
 //! creation of a libssh2 session wired to them.
 //!
 //! Every callback receives `abstract`, a pointer to the session's abstract
-//! pointer, which points at the session's [`Shared`]. No panic may unwind
+//! pointer, which points at the session's [`CallbackContext`]. No panic may unwind
 //! through these functions: each body runs under `catch_unwind`.
 
 use std::cell::{Cell, RefCell};
 use std::os::raw::{c_char, c_int, c_uint, c_void};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::OnceLock;
-use std::sync::atomic::{AtomicI64, Ordering};
 
+use super::alloc::{BlockAllocator, alloc_cb, free_cb, realloc_cb};
 use super::bridge::Bridge;
 use super::kexinit::Sniffer;
 use crate::ffi;
-
-/// Bytes and blocks libssh2 holds right now, over all sessions.
-static GLOBAL_BYTES: AtomicI64 = AtomicI64::new(0);
-static GLOBAL_BLOCKS: AtomicI64 = AtomicI64::new(0);
 
 thread_local! {
     /// Packets libssh2 handed this thread's send callback on a torn-down
@@ -34,28 +30,16 @@ pub fn sends_on_dead_links() -> u64 {
     SENDS_ON_DEAD_LINKS.with(Cell::get)
 }
 
-/// Bytes libssh2 has allocated through our allocator and not freed, over all
-/// sessions of the process.
-pub fn libssh2_bytes_outstanding() -> i64 {
-    GLOBAL_BYTES.load(Ordering::Relaxed)
-}
-
-/// Blocks libssh2 has allocated through our allocator and not freed, over all
-/// sessions of the process.
-pub fn libssh2_blocks_outstanding() -> i64 {
-    GLOBAL_BLOCKS.load(Ordering::Relaxed)
-}
-
 /// Answers keyboard-interactive prompts: `(name, instruction, prompts)` →
 /// one response per prompt. A prompt is its text and whether to echo it.
 pub type KbdResponder<'a> = dyn FnMut(&str, &str, &[(String, bool)]) -> Vec<String> + 'a;
 
 /// What libssh2's abstract pointer points at: one per session.
-pub struct Shared {
+pub struct CallbackContext {
     /// The byte queues and link state.
     pub bridge: Bridge,
-    bytes: Cell<i64>,
-    blocks: Cell<i64>,
+    /// libssh2's memory for this session.
+    pub(crate) alloc: BlockAllocator,
     /// The responder of a keyboard-interactive call in progress. Only set
     /// while that call runs (borrowed, lifetime erased).
     pub(crate) kbd: RefCell<Option<*mut KbdResponder<'static>>>,
@@ -64,10 +48,6 @@ pub struct Shared {
     /// A panic caught in a callback (which then returned an error), to be
     /// resumed once the libssh2 call that ran the callback has returned.
     panic: RefCell<Option<Box<dyn std::any::Any + Send>>>,
-    /// Packet-sized blocks libssh2 freed, kept for its next packets.
-    cache: RefCell<Vec<*mut usize>>,
-    /// The next block is the session itself: map it as fresh zero pages.
-    map_next: Cell<bool>,
     /// Our KEXINIT, read off the bytes libssh2 sends.
     pub(crate) sent_offer: RefCell<Sniffer>,
     /// The server's KEXINIT, read off the bytes handed to libssh2.
@@ -76,47 +56,44 @@ pub struct Shared {
     pub(crate) disconnect: RefCell<Option<(u32, String)>>,
 }
 
-impl std::fmt::Debug for Shared {
+impl std::fmt::Debug for CallbackContext {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Shared")
+        f.debug_struct("CallbackContext")
             .field("bridge", &self.bridge)
-            .field("bytes", &self.bytes.get())
-            .field("blocks", &self.blocks.get())
+            .field("alloc", &self.alloc)
             .finish()
     }
 }
 
-impl Default for Shared {
+impl Default for CallbackContext {
     fn default() -> Self {
         Self::new()
     }
 }
 
-impl Shared {
+impl CallbackContext {
     /// A fresh bridge and zeroed counters.
     pub fn new() -> Self {
-        Shared {
+        CallbackContext {
             bridge: Bridge::new(),
-            bytes: Cell::new(0),
-            blocks: Cell::new(0),
+            alloc: BlockAllocator::default(),
             kbd: RefCell::new(None),
             panic: RefCell::new(None),
             agent_timeout: Cell::new(None),
-            cache: RefCell::new(Vec::new()),
-            map_next: Cell::new(false),
             sent_offer: RefCell::new(Sniffer::default()),
             received_offer: RefCell::new(Sniffer::default()),
             disconnect: RefCell::new(None),
         }
     }
 
-    /// Blocks kept in this session's cache and their bytes.
-    pub fn cached(&self) -> (usize, usize) {
-        let cache = self.cache.borrow();
-        // SAFETY: cached blocks are live allocations whose header holds
-        // their capacity (set by `alloc`).
-        let bytes = cache.iter().map(|&b| unsafe { *b.add(1) }).sum();
-        (cache.len(), bytes)
+    /// Bytes libssh2 holds for this session.
+    pub fn bytes_outstanding(&self) -> i64 {
+        self.alloc.bytes_outstanding()
+    }
+
+    /// Blocks libssh2 holds for this session.
+    pub fn blocks_outstanding(&self) -> i64 {
+        self.alloc.blocks_outstanding()
     }
 
     /// Takes the panic a callback caught, if any (resume it with
@@ -124,295 +101,19 @@ impl Shared {
     pub fn take_panic(&self) -> Option<Box<dyn std::any::Any + Send>> {
         self.panic.borrow_mut().take()
     }
-
-    /// Bytes libssh2 holds for this session.
-    pub fn bytes_outstanding(&self) -> i64 {
-        self.bytes.get()
-    }
-
-    /// Blocks libssh2 holds for this session.
-    pub fn blocks_outstanding(&self) -> i64 {
-        self.blocks.get()
-    }
-
-    fn account(&self, bytes: i64, blocks: i64) {
-        self.bytes.set(self.bytes.get() + bytes);
-        self.blocks.set(self.blocks.get() + blocks);
-        GLOBAL_BYTES.fetch_add(bytes, Ordering::Relaxed);
-        GLOBAL_BLOCKS.fetch_add(blocks, Ordering::Relaxed);
-    }
-
-    /// Copies `data` (plus a NUL) into a block from this session's allocator,
-    /// for strings libssh2 will free itself (keyboard-interactive answers).
-    pub(crate) fn alloc_copy(&self, data: &[u8]) -> *mut c_char {
-        let p = self.alloc(data.len() + 1) as *mut u8;
-        if !p.is_null() {
-            // SAFETY: `p` points at `data.len() + 1` writable bytes just allocated.
-            unsafe {
-                std::ptr::copy_nonoverlapping(data.as_ptr(), p, data.len());
-                *p.add(data.len()) = 0;
-            }
-        }
-        p as *mut c_char
-    }
-
-    fn alloc(&self, size: usize) -> *mut c_void {
-        if self.map_next.replace(false) {
-            return self.alloc_mapped(size);
-        }
-        let capacity = block_capacity(size);
-        let base = match self.take_cached(capacity) {
-            Some(base) => base,
-            None => {
-                let Some(total) = capacity.checked_add(HEADER) else {
-                    return std::ptr::null_mut();
-                };
-                // SAFETY: plain malloc; the result is checked for null.
-                let base = unsafe { libc::malloc(total) } as *mut usize;
-                if base.is_null() {
-                    return std::ptr::null_mut();
-                }
-                base
-            }
-        };
-        // SAFETY: `base` points at HEADER + `capacity` bytes: the header
-        // records the size libssh2 asked for (for accounting) and the
-        // capacity (for the cache).
-        unsafe {
-            *base = size;
-            *base.add(1) = capacity;
-            self.account(size as i64, 1);
-            (base as *mut u8).add(HEADER) as *mut c_void
-        }
-    }
-
-    /// A block of fresh anonymous pages: zero, and resident only once
-    /// written. Its capacity field holds the mapping's length with
-    /// [`MAPPED`] set.
-    fn alloc_mapped(&self, size: usize) -> *mut c_void {
-        let Some(total) = size.checked_add(HEADER) else {
-            return std::ptr::null_mut();
-        };
-        // SAFETY: an anonymous private mapping; the result is checked.
-        let base = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                total,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        if base == libc::MAP_FAILED {
-            return std::ptr::null_mut();
-        }
-        let base = base as *mut usize;
-        // SAFETY: the mapping holds HEADER + `size` bytes.
-        unsafe {
-            *base = size;
-            *base.add(1) = total | MAPPED;
-            self.account(size as i64, 1);
-            (base as *mut u8).add(HEADER) as *mut c_void
-        }
-    }
-
-    fn take_cached(&self, capacity: usize) -> Option<*mut usize> {
-        if !(CACHE_MIN..=CACHE_MAX).contains(&capacity) {
-            return None;
-        }
-        let mut cache = self.cache.borrow_mut();
-        // SAFETY: cached blocks are live allocations with a valid header.
-        let at = cache
-            .iter()
-            .position(|&b| unsafe { *b.add(1) } == capacity)?;
-        THREAD_CACHED.with(|c| c.set(c.get() - capacity));
-        Some(cache.swap_remove(at))
-    }
-
-    /// Frees a block libssh2 let go of, or keeps it for the next packet.
-    ///
-    /// # Safety
-    /// `base` is the start of a live block made by `alloc`/`realloc_cb`.
-    unsafe fn release(&self, base: *mut usize) {
-        // SAFETY: per the contract, the header is valid.
-        let capacity = unsafe { *base.add(1) };
-        if (CACHE_MIN..=CACHE_MAX).contains(&capacity) {
-            let mut cache = self.cache.borrow_mut();
-            let kept: usize = cache.len() * CACHE_MAX;
-            let fits = kept + capacity <= CACHE_SESSION_BYTES
-                && THREAD_CACHED.with(|c| c.get()) + capacity <= CACHE_THREAD_BYTES;
-            if fits {
-                THREAD_CACHED.with(|c| c.set(c.get() + capacity));
-                cache.push(base);
-                return;
-            }
-        }
-        // SAFETY: per the contract, `base` is a live block of ours.
-        unsafe { free_block(base) };
-    }
 }
-
-/// Hands a block back to the system: unmaps a mapping of its own
-/// ([`MAPPED`]), frees a malloc'd one.
-///
-/// # Safety
-/// `base` is the start of a live block made by `alloc`/`alloc_mapped`/
-/// `realloc_cb`, not used afterwards.
-unsafe fn free_block(base: *mut usize) {
-    // SAFETY: per the contract, the header is valid; a mapped block's
-    // mapping starts at `base` and is as long as its capacity without the
-    // flag, any other block came from malloc/realloc.
-    unsafe {
-        let capacity = *base.add(1);
-        if capacity & MAPPED != 0 {
-            libc::munmap(base as *mut c_void, capacity & !MAPPED);
-        } else {
-            libc::free(base as *mut c_void);
-        }
-    }
-}
-
-impl Drop for Shared {
-    fn drop(&mut self) {
-        for base in self.cache.get_mut().drain(..) {
-            // SAFETY: cached blocks are live allocations owned by the cache.
-            unsafe {
-                THREAD_CACHED.with(|c| c.set(c.get() - *base.add(1)));
-                libc::free(base as *mut c_void);
-            }
-        }
-    }
-}
-
-/// Blocks of this many bytes (after rounding) are cached: libssh2 allocates
-/// and frees one per packet (up to 35,000 bytes plus headers), and handing
-/// them back to malloc made glibc trim and regrow the heap top every few
-/// packets: a page fault for every 4 KiB received.
-const CACHE_MIN: usize = 4 * 1024;
-const CACHE_MAX: usize = 64 * 1024;
-/// Bytes of cached blocks per session (each counted as CACHE_MAX: at most
-/// 16 blocks) and per thread.
-const CACHE_SESSION_BYTES: usize = 16 * CACHE_MAX;
-const CACHE_THREAD_BYTES: usize = 64 * 1024 * 1024;
-
-thread_local! {
-    /// Bytes in the caches of this thread's sessions.
-    static THREAD_CACHED: Cell<usize> = const { Cell::new(0) };
-}
-
-/// The capacity of a block for `size` bytes: packet-sized blocks are
-/// rounded up to 4 KiB so that the cache serves packets of similar size.
-fn block_capacity(size: usize) -> usize {
-    if (CACHE_MIN..=CACHE_MAX).contains(&size) {
-        size.div_ceil(4096) * 4096
-    } else {
-        size
-    }
-}
-
-/// Bytes in front of each block (the size asked for, then the capacity),
-/// keeping malloc's 16-byte alignment.
-const HEADER: usize = 16;
-
-/// Set in a block's capacity field when the block is a mapping of its own
-/// (the session: see [`new_session`]).
-const MAPPED: usize = 1 << (usize::BITS - 1);
 
 /// # Safety
-/// `abstract_` must be a libssh2 abstract pointer to a live `Shared`.
-unsafe fn shared<'a>(abstract_: *mut *mut c_void) -> Option<&'a Shared> {
-    // SAFETY: per the contract, `*abstract_` is our `Shared` (set at
+/// `abstract_` must be a libssh2 abstract pointer to a live `CallbackContext`.
+pub(super) unsafe fn context<'a>(abstract_: *mut *mut c_void) -> Option<&'a CallbackContext> {
+    // SAFETY: per the contract, `*abstract_` is our `CallbackContext` (set at
     // `libssh2_session_init_ex`) and outlives the libssh2 session.
     unsafe {
         if abstract_.is_null() || (*abstract_).is_null() {
             return None;
         }
-        Some(&*(*abstract_ as *const Shared))
+        Some(&*(*abstract_ as *const CallbackContext))
     }
-}
-
-extern "C" fn alloc_cb(size: libc::size_t, abstract_: *mut *mut c_void) -> *mut c_void {
-    catch_unwind(|| {
-        // SAFETY: libssh2 passes the abstract pointer we gave it.
-        match unsafe { shared(abstract_) } {
-            Some(s) => s.alloc(size),
-            None => std::ptr::null_mut(),
-        }
-    })
-    .unwrap_or(std::ptr::null_mut())
-}
-
-extern "C" fn free_cb(ptr: *mut c_void, abstract_: *mut *mut c_void) {
-    let _ = catch_unwind(|| {
-        if ptr.is_null() {
-            return;
-        }
-        // SAFETY: `ptr` came from `alloc_cb`/`realloc_cb`, so a header with
-        // its size precedes it; libssh2 frees each block once.
-        unsafe {
-            let base = (ptr as *mut u8).sub(HEADER) as *mut usize;
-            let size = *base;
-            match shared(abstract_) {
-                Some(s) => {
-                    s.account(-(size as i64), -1);
-                    s.release(base);
-                }
-                None => free_block(base),
-            }
-        }
-    });
-}
-
-extern "C" fn realloc_cb(
-    ptr: *mut c_void,
-    size: libc::size_t,
-    abstract_: *mut *mut c_void,
-) -> *mut c_void {
-    catch_unwind(|| {
-        // SAFETY: as in `free_cb` for the old block; the new block gets a
-        // fresh header. On failure the old block stays valid, as realloc promises.
-        unsafe {
-            let Some(s) = shared(abstract_) else {
-                return std::ptr::null_mut();
-            };
-            if ptr.is_null() {
-                return s.alloc(size);
-            }
-            let base = (ptr as *mut u8).sub(HEADER) as *mut usize;
-            let old = *base;
-            if *base.add(1) & MAPPED != 0 {
-                // The session's own block (never resized by libssh2 today):
-                // move it to the heap.
-                let new = s.alloc(size);
-                if !new.is_null() {
-                    std::ptr::copy_nonoverlapping(ptr as *const u8, new as *mut u8, old.min(size));
-                    s.account(-(old as i64), -1);
-                    s.release(base);
-                }
-                return new;
-            }
-            if size <= *base.add(1) {
-                // Fits the block as it is (a cached capacity may exceed it).
-                *base = size;
-                s.account(size as i64 - old as i64, 0);
-                return ptr;
-            }
-            let capacity = block_capacity(size);
-            let Some(total) = capacity.checked_add(HEADER) else {
-                return std::ptr::null_mut();
-            };
-            let new = libc::realloc(base as *mut c_void, total) as *mut usize;
-            if new.is_null() {
-                return std::ptr::null_mut();
-            }
-            *new = size;
-            *new.add(1) = capacity;
-            s.account(size as i64 - old as i64, 0);
-            (new as *mut u8).add(HEADER) as *mut c_void
-        }
-    })
-    .unwrap_or(std::ptr::null_mut())
 }
 
 unsafe extern "C" fn send_cb(
@@ -435,7 +136,7 @@ unsafe extern "C" fn send_cb(
         // SAFETY: libssh2 passes our abstract pointer and a buffer of `len`
         // readable bytes that lives for this call.
         let (s, data) = unsafe {
-            let Some(s) = shared(abstract_) else {
+            let Some(s) = context(abstract_) else {
                 return -(libc::EBADF as isize);
             };
             (s, std::slice::from_raw_parts(buf as *const u8, len))
@@ -470,7 +171,7 @@ unsafe extern "C" fn recv_cb(
         // SAFETY: libssh2 passes our abstract pointer and a buffer of `len`
         // writable bytes that lives for this call.
         let (s, out) = unsafe {
-            let Some(s) = shared(abstract_) else {
+            let Some(s) = context(abstract_) else {
                 return -(libc::EBADF as isize);
             };
             (s, std::slice::from_raw_parts_mut(buf as *mut u8, len))
@@ -495,7 +196,7 @@ fn agent_io(
     io: impl FnOnce() -> isize,
 ) -> isize {
     // SAFETY: the pointer libssh2 gave the callback.
-    let timeout = unsafe { shared(abstract_) }
+    let timeout = unsafe { context(abstract_) }
         .and_then(|s| s.agent_timeout.get())
         .map_or(-1, |t| t.as_millis().min(i32::MAX as u128) as c_int);
     let mut pfd = libc::pollfd {
@@ -526,7 +227,7 @@ fn os_result(n: isize) -> isize {
 /// keep the panic for the caller of libssh2.
 fn panicked(abstract_: *mut *mut c_void, payload: Box<dyn std::any::Any + Send>) -> isize {
     // SAFETY: same pointer the callback was given.
-    if let Some(s) = unsafe { shared(abstract_) } {
+    if let Some(s) = unsafe { context(abstract_) } {
         s.panic.borrow_mut().get_or_insert(payload);
         s.bridge.kill();
     }
@@ -534,7 +235,7 @@ fn panicked(abstract_: *mut *mut c_void, payload: Box<dyn std::any::Any + Send>)
 }
 
 /// libssh2's keyboard-interactive callback: asks the responder stored in
-/// `Shared::kbd` and hands libssh2 answers allocated with its allocator.
+/// `CallbackContext::kbd` and hands libssh2 answers allocated with its allocator.
 pub(crate) extern "C" fn kbd_cb(
     name: *const c_char,
     name_len: c_int,
@@ -550,7 +251,7 @@ pub(crate) extern "C" fn kbd_cb(
         // instruction and `num_prompts` prompts, and `num_prompts` writable
         // responses; the responder pointer is valid while the auth call runs.
         unsafe {
-            let Some(s) = shared(abstract_) else { return };
+            let Some(s) = context(abstract_) else { return };
             let text = |p: *const c_char, n: c_int| -> String {
                 if p.is_null() || n <= 0 {
                     String::new()
@@ -579,7 +280,7 @@ pub(crate) extern "C" fn kbd_cb(
             for i in 0..n {
                 let r = &mut *responses.add(i);
                 let answer = answers.get(i).map(|a| a.as_bytes()).unwrap_or(b"");
-                r.text = s.alloc_copy(answer);
+                r.text = s.alloc.copy_in(answer);
                 r.length = if r.text.is_null() {
                     0
                 } else {
@@ -592,7 +293,7 @@ pub(crate) extern "C" fn kbd_cb(
         // The answers stay unset: libssh2 sends empty ones, and the caller
         // re-raises the responder's panic once libssh2 has returned.
         // SAFETY: same pointer the callback was given.
-        if let Some(s) = unsafe { shared(abstract_) } {
+        if let Some(s) = unsafe { context(abstract_) } {
             s.panic.borrow_mut().get_or_insert(payload);
         }
     }
@@ -615,7 +316,7 @@ pub(crate) fn dummy_fd() -> c_int {
 /// # Safety
 /// `shared` must outlive the returned session (until `libssh2_session_free`
 /// has returned).
-pub(crate) unsafe fn new_session(shared: *const Shared) -> *mut ffi::LIBSSH2_SESSION {
+pub(crate) unsafe fn new_session(shared: *const CallbackContext) -> *mut ffi::LIBSSH2_SESSION {
     ffi::init();
     crate::mlkem::register();
     // SAFETY: the allocator functions honour libssh2's contract; `shared`
@@ -624,14 +325,14 @@ pub(crate) unsafe fn new_session(shared: *const Shared) -> *mut ffi::LIBSSH2_SES
         // The session's ~81 KB block comes from fresh zero pages that
         // libssh2 does not clear again (patch 0010): an idle session keeps
         // only the pages it wrote.
-        (*shared).map_next.set(true);
+        (*shared).alloc.map_next(true);
         let raw = ffi::libssh2_session_init_zeroed_ex(
             Some(alloc_cb),
             Some(free_cb),
             Some(realloc_cb),
             shared as *mut c_void,
         );
-        (*shared).map_next.set(false);
+        (*shared).alloc.map_next(false);
         if raw.is_null() {
             return raw;
         }
@@ -685,7 +386,7 @@ unsafe extern "C" fn disconnect_cb(
         // not null) points at `message_len` bytes of the packet it is
         // handling, alive for this call.
         let (s, text) = unsafe {
-            let Some(s) = shared(abstract_) else { return };
+            let Some(s) = context(abstract_) else { return };
             let text = if message.is_null() || message_len <= 0 {
                 &[][..]
             } else {
@@ -700,114 +401,9 @@ unsafe extern "C" fn disconnect_cb(
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// libssh2's view: the allocator callbacks with the session's abstract pointer.
-    struct Libssh2<'a> {
-        abstract_: *mut c_void,
-        _shared: std::marker::PhantomData<&'a Shared>,
-    }
-
-    impl Libssh2<'_> {
-        fn new(shared: &Shared) -> Libssh2<'_> {
-            Libssh2 {
-                abstract_: shared as *const Shared as *mut c_void,
-                _shared: std::marker::PhantomData,
-            }
-        }
-        fn alloc(&mut self, n: usize) -> *mut c_void {
-            let p = alloc_cb(n, &mut self.abstract_);
-            assert!(!p.is_null());
-            // SAFETY: `p` has room for `n` bytes: write all of them, so that
-            // a block smaller than promised shows under ASan/valgrind.
-            unsafe { std::ptr::write_bytes(p as *mut u8, 0xa5, n) };
-            p
-        }
-        fn realloc(&mut self, p: *mut c_void, n: usize) -> *mut c_void {
-            let q = realloc_cb(p, n, &mut self.abstract_);
-            assert!(!q.is_null());
-            // SAFETY: as in `alloc`.
-            unsafe { std::ptr::write_bytes(q as *mut u8, 0x5a, n) };
-            q
-        }
-        fn free(&mut self, p: *mut c_void) {
-            free_cb(p, &mut self.abstract_);
-        }
-    }
-
-    #[test]
-    fn packet_blocks_are_reused_and_the_cache_is_bounded() {
-        let shared = Shared::new();
-        let mut l = Libssh2::new(&shared);
-        // A burst of packet-sized blocks, as libssh2 reading a full recv.
-        let first: Vec<_> = (0..24).map(|i| l.alloc(32_768 + 29 + i)).collect();
-        assert_eq!(shared.blocks_outstanding(), 24);
-        for &p in &first {
-            l.free(p);
-        }
-        assert_eq!(
-            (shared.blocks_outstanding(), shared.bytes_outstanding()),
-            (0, 0)
-        );
-        let (kept, bytes) = shared.cached();
-        assert_eq!(kept, 16, "at most 16 blocks per session");
-        assert_eq!(bytes, 16 * 36_864, "rounded up to 4 KiB");
-        // The next burst gets the cached blocks back.
-        let second: Vec<_> = (0..16).map(|_| l.alloc(33_000)).collect();
-        assert!(second.iter().all(|p| first.contains(p)));
-        assert_eq!(shared.cached().0, 0);
-        assert_eq!(shared.bytes_outstanding(), 16 * 33_000);
-        for p in second {
-            l.free(p);
-        }
-    }
-
-    #[test]
-    fn small_and_large_blocks_are_exact_and_never_cached() {
-        let shared = Shared::new();
-        let mut l = Libssh2::new(&shared);
-        let small = l.alloc(20);
-        let large = l.alloc(1 << 20);
-        assert_eq!(shared.bytes_outstanding(), 20 + (1 << 20));
-        l.free(small);
-        l.free(large);
-        assert_eq!(shared.cached(), (0, 0));
-        assert_eq!(
-            (shared.blocks_outstanding(), shared.bytes_outstanding()),
-            (0, 0)
-        );
-    }
-
-    #[test]
-    fn realloc_keeps_the_contents_and_the_accounting() {
-        let shared = Shared::new();
-        let mut l = Libssh2::new(&shared);
-        let p = l.alloc(5_000);
-        // Within the rounded capacity: the same block.
-        let q = l.realloc(p, 8_000);
-        assert_eq!(p, q);
-        assert_eq!(shared.bytes_outstanding(), 8_000);
-        // SAFETY: `q` holds 8,000 bytes written by `realloc`.
-        unsafe { *(q as *mut u8) = 7 };
-        let r = realloc_cb(q, 100_000, &mut l.abstract_);
-        assert!(!r.is_null());
-        // SAFETY: `r` starts with the old block's bytes.
-        assert_eq!(unsafe { *(r as *mut u8) }, 7, "contents moved");
-        assert_eq!(shared.bytes_outstanding(), 100_000);
-        let s = l.realloc(r, 10_000);
-        assert_eq!(shared.bytes_outstanding(), 10_000);
-        l.free(s);
-        assert_eq!(
-            (shared.blocks_outstanding(), shared.bytes_outstanding()),
-            (0, 0)
-        );
-    }
-}
-
-#[cfg(test)]
 mod session_block_tests {
     use super::*;
+    use crate::transport::alloc::{HEADER, MAPPED};
 
     /// Pages of `len` bytes at `base` that are resident (`mincore`).
     fn resident_pages(base: *mut c_void, len: usize) -> usize {
@@ -826,7 +422,7 @@ mod session_block_tests {
     /// session unmaps it with nothing left outstanding.
     #[test]
     fn a_new_session_block_is_mapped_and_mostly_untouched() {
-        let shared = Box::new(Shared::new());
+        let shared = Box::new(CallbackContext::new());
         // SAFETY: `shared` outlives the session (freed below).
         let raw = unsafe { new_session(&*shared) };
         assert!(!raw.is_null());

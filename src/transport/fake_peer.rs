@@ -1,7 +1,7 @@
 //! The bridge driven by libssh2 itself, with no ring and no socket: a
 //! deterministic fake peer.
 //!
-//! Each test creates a real libssh2 session wired to a [`Shared`] through
+//! Each test creates a real libssh2 session wired to a [`CallbackContext`] through
 //! [`callbacks::new_session`] and calls `libssh2_session_handshake`
 //! synchronously, in a loop, the way `Session::poll_call` does: clear the
 //! "asked for input" flag, call, then move the bytes libssh2 queued to the
@@ -22,7 +22,7 @@
 use std::os::raw::{c_char, c_int};
 
 use super::bridge::{Bridge, BridgeStats, Link};
-use super::callbacks::{self, Shared};
+use super::callbacks::{self, CallbackContext};
 use crate::ffi;
 
 const EAGAIN: c_int = ffi::LIBSSH2_ERROR_EAGAIN;
@@ -85,11 +85,11 @@ impl XorShift {
 // The client under test: a libssh2 session over a bridge
 // ---------------------------------------------------------------------------
 
-/// One libssh2 session and the [`Shared`] its callbacks use.
+/// One libssh2 session and the [`CallbackContext`] its callbacks use.
 struct Client {
     /// Boxed so its address, which libssh2 keeps, never changes. Must
     /// outlive `raw`: `Drop` frees the session before the box.
-    shared: Box<Shared>,
+    context: Box<CallbackContext>,
     raw: *mut ffi::LIBSSH2_SESSION,
     /// libssh2 calls made so far.
     calls: usize,
@@ -99,14 +99,14 @@ struct Client {
 
 impl Client {
     fn new() -> Client {
-        let shared = Box::new(Shared::new());
+        let shared = Box::new(CallbackContext::new());
         // SAFETY: `shared` is boxed (stable address) and owned by the
         // returned `Client`, which frees the session (`free` or `Drop`)
         // before the box is dropped, or leaks the box if it cannot.
         let raw = unsafe { callbacks::new_session(&*shared) };
         assert!(!raw.is_null(), "libssh2_session_init_ex failed");
         Client {
-            shared,
+            context: shared,
             raw,
             calls: 0,
             silent_eagains: 0,
@@ -114,7 +114,7 @@ impl Client {
     }
 
     fn bridge(&self) -> &Bridge {
-        &self.shared.bridge
+        &self.context.bridge
     }
 
     fn stats(&self) -> BridgeStats {
@@ -132,7 +132,7 @@ impl Client {
         self.calls += 1;
         self.bridge().clear_wants_recv();
         // SAFETY: `raw` is a live session (not freed: checked above) whose
-        // `Shared` is alive; this thread is the only one using it and no
+        // `CallbackContext` is alive; this thread is the only one using it and no
         // callback of it is running.
         unsafe { ffi::libssh2_session_handshake(self.raw, callbacks::dummy_fd()) }
     }
@@ -198,13 +198,13 @@ impl Client {
     fn free_and_check(mut self) {
         let rc = self.free();
         assert_eq!(rc, 0, "libssh2_session_free");
-        assert_eq!(self.shared.bytes_outstanding(), 0, "bytes left after free");
+        assert_eq!(self.context.bytes_outstanding(), 0, "bytes left after free");
         assert_eq!(
-            self.shared.blocks_outstanding(),
+            self.context.blocks_outstanding(),
             0,
             "blocks left after free"
         );
-        assert!(self.shared.take_panic().is_none(), "a callback panicked");
+        assert!(self.context.take_panic().is_none(), "a callback panicked");
     }
 
     // -- Scripted openings ------------------------------------------------
@@ -262,7 +262,7 @@ impl Drop for Client {
         self.bridge().kill();
         if self.free() == EAGAIN {
             // libssh2 still points at `shared`: leak it rather than dangle.
-            let shared = std::mem::replace(&mut self.shared, Box::new(Shared::new()));
+            let shared = std::mem::replace(&mut self.context, Box::new(CallbackContext::new()));
             Box::leak(shared);
         }
     }
@@ -835,14 +835,14 @@ fn connection_reset_mid_handshake_fails_without_eagain() {
 #[test]
 fn session_allocations_are_counted_and_returned() {
     let c = Client::new();
-    assert!(c.shared.bytes_outstanding() > 0);
-    assert!(c.shared.blocks_outstanding() > 0);
+    assert!(c.context.bytes_outstanding() > 0);
+    assert!(c.context.blocks_outstanding() > 0);
     c.free_and_check();
 
     // And after a handshake got as far as key exchange (banners, both
     // KEXINITs, key-exchange state held by libssh2).
     let c = client_at(Stage::KexReplyAwaited);
-    assert!(c.shared.bytes_outstanding() > 0);
+    assert!(c.context.bytes_outstanding() > 0);
     c.free_and_check();
 }
 
@@ -873,21 +873,21 @@ fn process_wide_counters_return_to_their_baseline() {
         return;
     }
 
-    let bytes_before = callbacks::libssh2_bytes_outstanding();
-    let blocks_before = callbacks::libssh2_blocks_outstanding();
+    let bytes_before = crate::libssh2_bytes_outstanding();
+    let blocks_before = crate::libssh2_blocks_outstanding();
     let c = client_at(Stage::KexReplyAwaited);
     assert_eq!(
-        callbacks::libssh2_bytes_outstanding() - bytes_before,
-        c.shared.bytes_outstanding(),
+        crate::libssh2_bytes_outstanding() - bytes_before,
+        c.context.bytes_outstanding(),
         "the global counter moves with the session's"
     );
     assert_eq!(
-        callbacks::libssh2_blocks_outstanding() - blocks_before,
-        c.shared.blocks_outstanding()
+        crate::libssh2_blocks_outstanding() - blocks_before,
+        c.context.blocks_outstanding()
     );
     c.free_and_check();
-    assert_eq!(callbacks::libssh2_bytes_outstanding(), bytes_before);
-    assert_eq!(callbacks::libssh2_blocks_outstanding(), blocks_before);
+    assert_eq!(crate::libssh2_bytes_outstanding(), bytes_before);
+    assert_eq!(crate::libssh2_blocks_outstanding(), blocks_before);
 }
 
 // ---------------------------------------------------------------------------
@@ -1067,11 +1067,11 @@ pub(crate) fn fuzz_server_bytes(data: &[u8]) {
     let rc = c.free();
     assert_ne!(rc, EAGAIN, "free over a killed link said EAGAIN");
     assert_eq!(
-        c.shared.bytes_outstanding(),
+        c.context.bytes_outstanding(),
         0,
         "libssh2 bytes left after free"
     );
-    assert!(c.shared.take_panic().is_none(), "a callback panicked");
+    assert!(c.context.take_panic().is_none(), "a callback panicked");
 }
 
 /// Fuzzing entry: `data` read as a known_hosts file by libssh2 (line by
@@ -1111,5 +1111,5 @@ pub(crate) fn fuzz_known_hosts(data: &[u8]) {
     }
     c.bridge().kill();
     assert_ne!(c.free(), EAGAIN);
-    assert_eq!(c.shared.bytes_outstanding(), 0, "libssh2 bytes left");
+    assert_eq!(c.context.bytes_outstanding(), 0, "libssh2 bytes left");
 }

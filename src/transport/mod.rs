@@ -7,6 +7,7 @@
 //! completions run as callbacks on the reactor's driver task, so the socket
 //! keeps flowing even when no future of the session is being polled.
 
+pub(crate) mod alloc;
 pub mod bridge;
 pub mod callbacks;
 #[cfg(any(test, fuzzing))]
@@ -20,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use crate::reactor::{Completion, OpId, Reactor, SharedFd};
 pub use bridge::{Bridge, BridgeStats, Link};
-pub use callbacks::Shared;
+pub use callbacks::CallbackContext;
 
 /// Bytes asked for by a recv on a quiet session (an idle session holds two
 /// buffers of this size: the one in flight and the one libssh2 reads).
@@ -42,7 +43,7 @@ pub(crate) const OUTBOUND_HIGH_WATER: usize = 1024 * 1024;
 /// One session's socket, the ops in flight on it and the tasks waiting for it.
 pub(crate) struct Transport {
     /// What libssh2's abstract pointer points at (boxed: stable address).
-    pub shared: Box<Shared>,
+    pub context: Box<CallbackContext>,
     reactor: Rc<Reactor>,
     fd: RefCell<Option<Rc<SharedFd>>>,
     send_op: Cell<Option<OpId>>,
@@ -68,7 +69,7 @@ impl Transport {
     /// A transport over the connected (blocking) socket `fd`.
     pub fn new(reactor: Rc<Reactor>, fd: Rc<SharedFd>) -> Rc<Transport> {
         Rc::new_cyclic(|this| Transport {
-            shared: Box::new(Shared::new()),
+            context: Box::new(CallbackContext::new()),
             reactor,
             fd: RefCell::new(Some(fd)),
             send_op: Cell::new(None),
@@ -87,7 +88,7 @@ impl Transport {
 
     /// The bridge the callbacks use.
     pub fn bridge(&self) -> &Bridge {
-        &self.shared.bridge
+        &self.context.bridge
     }
 
     /// Sets the hook run after each receive.

@@ -1,0 +1,441 @@
+//! libssh2's memory: the allocator handed to `libssh2_session_init_ex`.
+//!
+//! Every block is counted (bytes and blocks, per session and over the
+//! process), so leaks are measured rather than guessed; packet-sized blocks
+//! are cached for the session's next packets; the session's own block is
+//! mapped as fresh zero pages, resident only where libssh2 writes.
+
+use std::cell::{Cell, RefCell};
+use std::os::raw::{c_char, c_void};
+use std::panic::catch_unwind;
+use std::sync::atomic::{AtomicI64, Ordering};
+
+use super::callbacks::context;
+
+/// Bytes and blocks libssh2 holds right now, over all sessions.
+static GLOBAL_BYTES: AtomicI64 = AtomicI64::new(0);
+static GLOBAL_BLOCKS: AtomicI64 = AtomicI64::new(0);
+
+/// Bytes libssh2 has allocated through our allocator and not freed, over all
+/// sessions of the process.
+pub fn libssh2_bytes_outstanding() -> i64 {
+    GLOBAL_BYTES.load(Ordering::Relaxed)
+}
+
+/// Blocks libssh2 has allocated through our allocator and not freed, over all
+/// sessions of the process.
+pub fn libssh2_blocks_outstanding() -> i64 {
+    GLOBAL_BLOCKS.load(Ordering::Relaxed)
+}
+
+/// One session's allocator state.
+#[derive(Debug, Default)]
+pub(crate) struct BlockAllocator {
+    bytes: Cell<i64>,
+    blocks: Cell<i64>,
+    /// Packet-sized blocks libssh2 freed, kept for its next packets.
+    cache: RefCell<Vec<*mut usize>>,
+    /// The next block is the session itself: map it as fresh zero pages.
+    map_next: Cell<bool>,
+}
+
+impl BlockAllocator {
+    /// Maps the next block as fresh zero pages (set around
+    /// `libssh2_session_init_zeroed_ex`, whose first block is the session).
+    pub(crate) fn map_next(&self, on: bool) {
+        self.map_next.set(on);
+    }
+
+    /// Blocks kept in this session's cache and their bytes.
+    #[cfg(test)]
+    pub(crate) fn cached(&self) -> (usize, usize) {
+        let cache = self.cache.borrow();
+        // SAFETY: cached blocks are live allocations whose header holds
+        // their capacity (set by `alloc`).
+        let bytes = cache.iter().map(|&b| unsafe { *b.add(1) }).sum();
+        (cache.len(), bytes)
+    }
+
+    /// Bytes libssh2 holds for this session.
+    pub(crate) fn bytes_outstanding(&self) -> i64 {
+        self.bytes.get()
+    }
+
+    /// Blocks libssh2 holds for this session.
+    pub(crate) fn blocks_outstanding(&self) -> i64 {
+        self.blocks.get()
+    }
+
+    fn account(&self, bytes: i64, blocks: i64) {
+        self.bytes.set(self.bytes.get() + bytes);
+        self.blocks.set(self.blocks.get() + blocks);
+        GLOBAL_BYTES.fetch_add(bytes, Ordering::Relaxed);
+        GLOBAL_BLOCKS.fetch_add(blocks, Ordering::Relaxed);
+    }
+
+    /// Copies `data` (plus a NUL) into a block from this session's allocator,
+    /// for strings libssh2 will free itself (keyboard-interactive answers).
+    pub(crate) fn copy_in(&self, data: &[u8]) -> *mut c_char {
+        let p = self.alloc(data.len() + 1) as *mut u8;
+        if !p.is_null() {
+            // SAFETY: `p` points at `data.len() + 1` writable bytes just allocated.
+            unsafe {
+                std::ptr::copy_nonoverlapping(data.as_ptr(), p, data.len());
+                *p.add(data.len()) = 0;
+            }
+        }
+        p as *mut c_char
+    }
+
+    pub(crate) fn alloc(&self, size: usize) -> *mut c_void {
+        if self.map_next.replace(false) {
+            return self.alloc_mapped(size);
+        }
+        let capacity = block_capacity(size);
+        let base = match self.take_cached(capacity) {
+            Some(base) => base,
+            None => {
+                let Some(total) = capacity.checked_add(HEADER) else {
+                    return std::ptr::null_mut();
+                };
+                // SAFETY: plain malloc; the result is checked for null.
+                let base = unsafe { libc::malloc(total) } as *mut usize;
+                if base.is_null() {
+                    return std::ptr::null_mut();
+                }
+                base
+            }
+        };
+        // SAFETY: `base` points at HEADER + `capacity` bytes: the header
+        // records the size libssh2 asked for (for accounting) and the
+        // capacity (for the cache).
+        unsafe {
+            *base = size;
+            *base.add(1) = capacity;
+            self.account(size as i64, 1);
+            (base as *mut u8).add(HEADER) as *mut c_void
+        }
+    }
+
+    /// A block of fresh anonymous pages: zero, and resident only once
+    /// written. Its capacity field holds the mapping's length with
+    /// [`MAPPED`] set.
+    fn alloc_mapped(&self, size: usize) -> *mut c_void {
+        let Some(total) = size.checked_add(HEADER) else {
+            return std::ptr::null_mut();
+        };
+        // SAFETY: an anonymous private mapping; the result is checked.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                total,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return std::ptr::null_mut();
+        }
+        let base = base as *mut usize;
+        // SAFETY: the mapping holds HEADER + `size` bytes.
+        unsafe {
+            *base = size;
+            *base.add(1) = total | MAPPED;
+            self.account(size as i64, 1);
+            (base as *mut u8).add(HEADER) as *mut c_void
+        }
+    }
+
+    fn take_cached(&self, capacity: usize) -> Option<*mut usize> {
+        if !(CACHE_MIN..=CACHE_MAX).contains(&capacity) {
+            return None;
+        }
+        let mut cache = self.cache.borrow_mut();
+        // SAFETY: cached blocks are live allocations with a valid header.
+        let at = cache
+            .iter()
+            .position(|&b| unsafe { *b.add(1) } == capacity)?;
+        THREAD_CACHED.with(|c| c.set(c.get() - capacity));
+        Some(cache.swap_remove(at))
+    }
+
+    /// Frees a block libssh2 let go of, or keeps it for the next packet.
+    ///
+    /// # Safety
+    /// `base` is the start of a live block made by `alloc`/`realloc_cb`.
+    unsafe fn release(&self, base: *mut usize) {
+        // SAFETY: per the contract, the header is valid.
+        let capacity = unsafe { *base.add(1) };
+        if (CACHE_MIN..=CACHE_MAX).contains(&capacity) {
+            let mut cache = self.cache.borrow_mut();
+            let kept: usize = cache.len() * CACHE_MAX;
+            let fits = kept + capacity <= CACHE_SESSION_BYTES
+                && THREAD_CACHED.with(|c| c.get()) + capacity <= CACHE_THREAD_BYTES;
+            if fits {
+                THREAD_CACHED.with(|c| c.set(c.get() + capacity));
+                cache.push(base);
+                return;
+            }
+        }
+        // SAFETY: per the contract, `base` is a live block of ours.
+        unsafe { free_block(base) };
+    }
+}
+
+/// Hands a block back to the system: unmaps a mapping of its own
+/// ([`MAPPED`]), frees a malloc'd one.
+///
+/// # Safety
+/// `base` is the start of a live block made by `alloc`/`alloc_mapped`/
+/// `realloc_cb`, not used afterwards.
+unsafe fn free_block(base: *mut usize) {
+    // SAFETY: per the contract, the header is valid; a mapped block's
+    // mapping starts at `base` and is as long as its capacity without the
+    // flag, any other block came from malloc/realloc.
+    unsafe {
+        let capacity = *base.add(1);
+        if capacity & MAPPED != 0 {
+            libc::munmap(base as *mut c_void, capacity & !MAPPED);
+        } else {
+            libc::free(base as *mut c_void);
+        }
+    }
+}
+
+impl Drop for BlockAllocator {
+    fn drop(&mut self) {
+        for base in self.cache.get_mut().drain(..) {
+            // SAFETY: cached blocks are live allocations owned by the cache.
+            unsafe {
+                THREAD_CACHED.with(|c| c.set(c.get() - *base.add(1)));
+                libc::free(base as *mut c_void);
+            }
+        }
+    }
+}
+
+/// Blocks of this many bytes (after rounding) are cached: libssh2 allocates
+/// and frees one per packet (up to 35,000 bytes plus headers), and handing
+/// them back to malloc made glibc trim and regrow the heap top every few
+/// packets: a page fault for every 4 KiB received.
+const CACHE_MIN: usize = 4 * 1024;
+const CACHE_MAX: usize = 64 * 1024;
+/// Bytes of cached blocks per session (each counted as CACHE_MAX: at most
+/// 16 blocks) and per thread.
+const CACHE_SESSION_BYTES: usize = 16 * CACHE_MAX;
+const CACHE_THREAD_BYTES: usize = 64 * 1024 * 1024;
+
+thread_local! {
+    /// Bytes in the caches of this thread's sessions.
+    static THREAD_CACHED: Cell<usize> = const { Cell::new(0) };
+}
+
+/// The capacity of a block for `size` bytes: packet-sized blocks are
+/// rounded up to 4 KiB so that the cache serves packets of similar size.
+fn block_capacity(size: usize) -> usize {
+    if (CACHE_MIN..=CACHE_MAX).contains(&size) {
+        size.div_ceil(4096) * 4096
+    } else {
+        size
+    }
+}
+
+/// Bytes in front of each block (the size asked for, then the capacity),
+/// keeping malloc's 16-byte alignment.
+pub(super) const HEADER: usize = 16;
+
+/// Set in a block's capacity field when the block is a mapping of its own
+/// (the session: see [`new_session`]).
+pub(super) const MAPPED: usize = 1 << (usize::BITS - 1);
+
+pub(super) extern "C" fn alloc_cb(size: libc::size_t, abstract_: *mut *mut c_void) -> *mut c_void {
+    catch_unwind(|| {
+        // SAFETY: libssh2 passes the abstract pointer we gave it.
+        match unsafe { context(abstract_) } {
+            Some(s) => s.alloc.alloc(size),
+            None => std::ptr::null_mut(),
+        }
+    })
+    .unwrap_or(std::ptr::null_mut())
+}
+
+pub(super) extern "C" fn free_cb(ptr: *mut c_void, abstract_: *mut *mut c_void) {
+    let _ = catch_unwind(|| {
+        if ptr.is_null() {
+            return;
+        }
+        // SAFETY: `ptr` came from `alloc_cb`/`realloc_cb`, so a header with
+        // its size precedes it; libssh2 frees each block once.
+        unsafe {
+            let base = (ptr as *mut u8).sub(HEADER) as *mut usize;
+            let size = *base;
+            match context(abstract_) {
+                Some(s) => {
+                    s.alloc.account(-(size as i64), -1);
+                    s.alloc.release(base);
+                }
+                None => free_block(base),
+            }
+        }
+    });
+}
+
+pub(super) extern "C" fn realloc_cb(
+    ptr: *mut c_void,
+    size: libc::size_t,
+    abstract_: *mut *mut c_void,
+) -> *mut c_void {
+    catch_unwind(|| {
+        // SAFETY: as in `free_cb` for the old block; the new block gets a
+        // fresh header. On failure the old block stays valid, as realloc promises.
+        unsafe {
+            let Some(s) = context(abstract_) else {
+                return std::ptr::null_mut();
+            };
+            if ptr.is_null() {
+                return s.alloc.alloc(size);
+            }
+            let base = (ptr as *mut u8).sub(HEADER) as *mut usize;
+            let old = *base;
+            if *base.add(1) & MAPPED != 0 {
+                // The session's own block (never resized by libssh2 today):
+                // move it to the heap.
+                let new = s.alloc.alloc(size);
+                if !new.is_null() {
+                    std::ptr::copy_nonoverlapping(ptr as *const u8, new as *mut u8, old.min(size));
+                    s.alloc.account(-(old as i64), -1);
+                    s.alloc.release(base);
+                }
+                return new;
+            }
+            if size <= *base.add(1) {
+                // Fits the block as it is (a cached capacity may exceed it).
+                *base = size;
+                s.alloc.account(size as i64 - old as i64, 0);
+                return ptr;
+            }
+            let capacity = block_capacity(size);
+            let Some(total) = capacity.checked_add(HEADER) else {
+                return std::ptr::null_mut();
+            };
+            let new = libc::realloc(base as *mut c_void, total) as *mut usize;
+            if new.is_null() {
+                return std::ptr::null_mut();
+            }
+            *new = size;
+            *new.add(1) = capacity;
+            s.alloc.account(size as i64 - old as i64, 0);
+            (new as *mut u8).add(HEADER) as *mut c_void
+        }
+    })
+    .unwrap_or(std::ptr::null_mut())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::transport::callbacks::CallbackContext;
+
+    /// libssh2's view: the allocator callbacks with the session's abstract pointer.
+    struct Libssh2<'a> {
+        abstract_: *mut c_void,
+        _shared: std::marker::PhantomData<&'a CallbackContext>,
+    }
+
+    impl Libssh2<'_> {
+        fn new(shared: &CallbackContext) -> Libssh2<'_> {
+            Libssh2 {
+                abstract_: shared as *const CallbackContext as *mut c_void,
+                _shared: std::marker::PhantomData,
+            }
+        }
+        fn alloc(&mut self, n: usize) -> *mut c_void {
+            let p = alloc_cb(n, &mut self.abstract_);
+            assert!(!p.is_null());
+            // SAFETY: `p` has room for `n` bytes: write all of them, so that
+            // a block smaller than promised shows under ASan/valgrind.
+            unsafe { std::ptr::write_bytes(p as *mut u8, 0xa5, n) };
+            p
+        }
+        fn realloc(&mut self, p: *mut c_void, n: usize) -> *mut c_void {
+            let q = realloc_cb(p, n, &mut self.abstract_);
+            assert!(!q.is_null());
+            // SAFETY: as in `alloc`.
+            unsafe { std::ptr::write_bytes(q as *mut u8, 0x5a, n) };
+            q
+        }
+        fn free(&mut self, p: *mut c_void) {
+            free_cb(p, &mut self.abstract_);
+        }
+    }
+
+    #[test]
+    fn packet_blocks_are_reused_and_the_cache_is_bounded() {
+        let shared = CallbackContext::new();
+        let mut l = Libssh2::new(&shared);
+        // A burst of packet-sized blocks, as libssh2 reading a full recv.
+        let first: Vec<_> = (0..24).map(|i| l.alloc(32_768 + 29 + i)).collect();
+        assert_eq!(shared.blocks_outstanding(), 24);
+        for &p in &first {
+            l.free(p);
+        }
+        assert_eq!(
+            (shared.blocks_outstanding(), shared.bytes_outstanding()),
+            (0, 0)
+        );
+        let (kept, bytes) = shared.alloc.cached();
+        assert_eq!(kept, 16, "at most 16 blocks per session");
+        assert_eq!(bytes, 16 * 36_864, "rounded up to 4 KiB");
+        // The next burst gets the cached blocks back.
+        let second: Vec<_> = (0..16).map(|_| l.alloc(33_000)).collect();
+        assert!(second.iter().all(|p| first.contains(p)));
+        assert_eq!(shared.alloc.cached().0, 0);
+        assert_eq!(shared.bytes_outstanding(), 16 * 33_000);
+        for p in second {
+            l.free(p);
+        }
+    }
+
+    #[test]
+    fn small_and_large_blocks_are_exact_and_never_cached() {
+        let shared = CallbackContext::new();
+        let mut l = Libssh2::new(&shared);
+        let small = l.alloc(20);
+        let large = l.alloc(1 << 20);
+        assert_eq!(shared.bytes_outstanding(), 20 + (1 << 20));
+        l.free(small);
+        l.free(large);
+        assert_eq!(shared.alloc.cached(), (0, 0));
+        assert_eq!(
+            (shared.blocks_outstanding(), shared.bytes_outstanding()),
+            (0, 0)
+        );
+    }
+
+    #[test]
+    fn realloc_keeps_the_contents_and_the_accounting() {
+        let shared = CallbackContext::new();
+        let mut l = Libssh2::new(&shared);
+        let p = l.alloc(5_000);
+        // Within the rounded capacity: the same block.
+        let q = l.realloc(p, 8_000);
+        assert_eq!(p, q);
+        assert_eq!(shared.bytes_outstanding(), 8_000);
+        // SAFETY: `q` holds 8,000 bytes written by `realloc`.
+        unsafe { *(q as *mut u8) = 7 };
+        let r = realloc_cb(q, 100_000, &mut l.abstract_);
+        assert!(!r.is_null());
+        // SAFETY: `r` starts with the old block's bytes.
+        assert_eq!(unsafe { *(r as *mut u8) }, 7, "contents moved");
+        assert_eq!(shared.bytes_outstanding(), 100_000);
+        let s = l.realloc(r, 10_000);
+        assert_eq!(shared.bytes_outstanding(), 10_000);
+        l.free(s);
+        assert_eq!(
+            (shared.blocks_outstanding(), shared.bytes_outstanding()),
+            (0, 0)
+        );
+    }
+}
