@@ -14,6 +14,7 @@ use std::rc::Rc;
 
 use crate::error::{Error, Result};
 use crate::ffi;
+use crate::session::children::Release;
 use crate::session::{Session, SessionInner, code, cstring};
 
 /// One identity the agent holds: its public key and comment.
@@ -108,10 +109,12 @@ impl AgentInner {
             Ok(raw)
         }
     }
+}
 
+impl Release for AgentInner {
     /// Frees the libssh2 agent (closing its socket); called before the
     /// session is freed, or on drop.
-    pub(crate) fn release(&self) {
+    fn release(&self) {
         let raw = self.raw.replace(std::ptr::null_mut());
         if !raw.is_null() {
             // SAFETY: the agent came from `libssh2_agent_init` on this
@@ -126,10 +129,7 @@ impl AgentInner {
 impl Drop for AgentInner {
     fn drop(&mut self) {
         self.release();
-        self.session
-            .agents
-            .borrow_mut()
-            .retain(|w| w.strong_count() > 0);
+        self.session.children.agents.prune();
     }
 }
 
@@ -148,11 +148,7 @@ impl Agent {
             raw: Cell::new(raw),
             connected: Cell::new(false),
         });
-        session
-            .inner
-            .agents
-            .borrow_mut()
-            .push(Rc::downgrade(&inner));
+        session.inner.children.agents.add(Rc::downgrade(&inner));
         Ok(Agent { inner })
     }
 

@@ -12,6 +12,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::error::{Error, Result};
 use crate::ffi;
+use crate::session::children::Release;
 use crate::session::{Abandon, SessionInner, code, cstring};
 use crate::transport::{Link, OUTBOUND_HIGH_WATER};
 
@@ -391,9 +392,11 @@ impl ChannelInner {
         })
         .await
     }
+}
 
+impl Release for ChannelInner {
     /// Gives the libssh2 channel back to the session (freed now or later).
-    pub(crate) fn release(&self) {
+    fn release(&self) {
         let raw = self.raw.replace(std::ptr::null_mut());
         if raw.is_null() {
             return;
@@ -405,7 +408,9 @@ impl ChannelInner {
             SessionInner::defer_free(&self.session, raw);
         }
     }
+}
 
+impl ChannelInner {
     fn exit_status(&self) -> Result<ExitStatus> {
         let raw = self.raw()?;
         // SAFETY: live channel; the signal name is copied and then freed
@@ -444,7 +449,7 @@ impl ChannelInner {
 impl Drop for ChannelInner {
     fn drop(&mut self) {
         self.release();
-        self.session.prune_channels();
+        self.session.children.channels.prune();
     }
 }
 

@@ -28,7 +28,7 @@ use std::cell::{Cell, RefCell};
 use std::ffi::CString;
 use std::net::SocketAddr;
 use std::os::raw::c_int;
-use std::rc::{Rc, Weak};
+use std::rc::Rc;
 use std::task::Poll;
 
 use tokio::net::{TcpListener, TcpStream, ToSocketAddrs};
@@ -36,7 +36,8 @@ use tokio::net::{TcpListener, TcpStream, ToSocketAddrs};
 use crate::channel::Channel;
 use crate::error::{Error, Result};
 use crate::ffi;
-use crate::session::{OpenKind, Session, SessionInner, code, cstring};
+use crate::session::children::{Deferred, Release};
+use crate::session::{OpenKind, Session, SessionInner, cstring};
 
 /// Connections libssh2 queues for a [`Listener`] before they are accepted;
 /// the server's further connections are refused until some are.
@@ -60,10 +61,8 @@ pub(crate) struct Forwards {
     listen_lock: tokio::sync::Mutex<()>,
     /// A request in progress, or abandoned half-way (the next caller finishes it).
     pending: RefCell<Option<ListenRequest>>,
-    listeners: RefCell<Vec<Weak<ListenerInner>>>,
     /// Listeners dropped whose cancel libssh2 has not finished.
-    deferred: RefCell<Vec<*mut ffi::LIBSSH2_LISTENER>>,
-    scheduled: Cell<bool>,
+    deferred: Deferred<ffi::LIBSSH2_LISTENER>,
     /// Global-request replies in libssh2's packet list that no request of
     /// ours will claim (see the module docs).
     stale_replies: Cell<u32>,
@@ -74,9 +73,7 @@ impl Forwards {
         Forwards {
             listen_lock: tokio::sync::Mutex::new(()),
             pending: RefCell::new(None),
-            listeners: RefCell::new(Vec::new()),
-            deferred: RefCell::new(Vec::new()),
-            scheduled: Cell::new(false),
+            deferred: Deferred::new(),
             stale_replies: Cell::new(0),
         }
     }
@@ -87,22 +84,16 @@ impl Forwards {
     }
 
     /// The session is being freed: `libssh2_session_free` cancels and frees
-    /// every listener, live or deferred; nothing here may touch them again.
+    /// every listener with a cancel owed; nothing here may touch them again.
     pub(crate) fn forget(&self) {
-        self.deferred.borrow_mut().clear();
-        for l in self.listeners.borrow_mut().drain(..) {
-            if let Some(l) = l.upgrade() {
-                l.raw.set(std::ptr::null_mut());
-            }
-        }
+        self.deferred.take_all();
     }
 }
 
 impl std::fmt::Debug for Forwards {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Forwards")
-            .field("listeners", &self.listeners.borrow().len())
-            .field("deferred_cancels", &self.deferred.borrow().len())
+            .field("deferred_cancels", &self.deferred.len())
             .field("stale_replies", &self.stale_replies.get())
             .finish()
     }
@@ -260,10 +251,10 @@ impl Session {
                     // A close began meanwhile: its listener pass (or the
                     // session's free) cancels it.
                     l.raw.set(std::ptr::null_mut());
-                    f.deferred.borrow_mut().push(raw);
+                    f.deferred.push(raw);
                     return Err(Error::Closed("session"));
                 }
-                f.listeners.borrow_mut().push(Rc::downgrade(&l));
+                inner.children.listeners.add(Rc::downgrade(&l));
                 Ok(Listener { inner: l })
             })
             .await
@@ -340,71 +331,45 @@ async fn run_listen(
 /// Hands a listener's cancel to the driver task (it sends a global request
 /// and frees the connections queued for it).
 fn defer_cancel(inner: &Rc<SessionInner>, raw: *mut ffi::LIBSSH2_LISTENER) {
-    let f = &inner.forwards;
-    f.deferred.borrow_mut().push(raw);
-    if f.scheduled.replace(true) {
-        return;
-    }
-    let weak = Rc::downgrade(inner);
-    inner.reactor.run_soon(Box::new(move |_| {
-        if let Some(s) = weak.upgrade() {
-            s.forwards.scheduled.set(false);
-            retry_deferred_cancels(&s);
-        }
-    }));
+    inner.forwards.deferred.push(raw);
+    SessionInner::schedule_retry(inner);
 }
 
 /// Retries the deferred cancels; only while the session is open (a close
 /// in progress owns the list).
 pub(crate) fn retry_deferred_cancels(inner: &SessionInner) {
-    if inner.forwards.deferred.borrow().is_empty() || !inner.is_open() || inner.raw().is_err() {
+    if inner.forwards.deferred.is_empty() || !inner.is_open() || inner.raw().is_err() {
         return;
     }
-    let pending = std::mem::take(&mut *inner.forwards.deferred.borrow_mut());
-    for raw in pending {
-        // SAFETY: a listener of this live session, on the deferred list
-        // only: libssh2 frees it on any result but EAGAIN, after which it
-        // is not touched again.
-        let rc = unsafe { ffi::libssh2_channel_forward_cancel(raw) };
-        if rc == ffi::LIBSSH2_ERROR_EAGAIN {
-            inner.forwards.deferred.borrow_mut().push(raw);
-        }
-    }
+    // SAFETY: listeners of this live session on the deferred list only:
+    // libssh2 frees each on any result but EAGAIN, after which the list
+    // no longer holds it.
+    inner
+        .forwards
+        .deferred
+        .retry(|raw| unsafe { ffi::libssh2_channel_forward_cancel(raw) });
     inner.transport.pump();
 }
 
 /// Graceful close: cancels every listener, live or deferred, before the
 /// session's DISCONNECT.
 pub(crate) async fn close_listeners(inner: &SessionInner) {
-    let live: Vec<Rc<ListenerInner>> = inner
-        .forwards
-        .listeners
-        .borrow()
-        .iter()
-        .filter_map(Weak::upgrade)
-        .collect();
-    for l in live {
-        let raw = l.raw.get();
+    for l in inner.children.listeners.live() {
+        let raw = l.raw.replace(std::ptr::null_mut());
         if !raw.is_null() {
             // Stays reachable (for `forget`) until libssh2 has freed it.
-            inner.forwards.deferred.borrow_mut().push(raw);
-            l.raw.set(std::ptr::null_mut());
+            inner.forwards.deferred.push(raw);
         }
     }
-    loop {
-        let Some(raw) = inner.forwards.deferred.borrow().last().copied() else {
-            break;
-        };
-        let _ = inner
-            .call(|_| {
-                // SAFETY: a listener on the deferred list, which only this
-                // loop touches while the session closes; `call` repeats
-                // only on EAGAIN, when libssh2 has not freed it.
-                code(unsafe { ffi::libssh2_channel_forward_cancel(raw) })
-            })
-            .await;
-        inner.forwards.deferred.borrow_mut().retain(|&r| r != raw);
-    }
+    inner
+        .forwards
+        .deferred
+        // SAFETY: as in `retry_deferred_cancels`; only this close touches
+        // the list while the session closes.
+        .finish(inner, |raw| unsafe {
+            ffi::libssh2_channel_forward_cancel(raw)
+        })
+        .await;
 }
 
 /// A remote forward: the server listens on its side and hands each
@@ -482,8 +447,14 @@ impl Drop for ListenerInner {
             return;
         }
         defer_cancel(&self.session, raw);
-        let f = &self.session.forwards;
-        f.listeners.borrow_mut().retain(|w| w.strong_count() > 0);
+        self.session.children.listeners.prune();
+    }
+}
+
+impl Release for ListenerInner {
+    /// `libssh2_session_free` cancels and frees the listener: forget it.
+    fn release(&self) {
+        self.raw.set(std::ptr::null_mut());
     }
 }
 

@@ -91,7 +91,7 @@ impl SessionInner {
         // and completions never run inside one).
         unsafe { ffi::libssh2_keepalive_send(s, &mut next) };
         this.transport.pump();
-        this.retry_deferred_frees();
+        this.retry_deferred();
         if this.transport.bridge().stats().packets_sent > sent_before {
             this.keepalives_unanswered.set(unanswered + 1);
             this.keepalive_sent_at.set(Some(Instant::now()));

@@ -5,6 +5,7 @@
 
 mod auth;
 pub(crate) mod call;
+pub(crate) mod children;
 pub(crate) mod config;
 mod keepalive;
 
@@ -26,6 +27,7 @@ use crate::transport::{BridgeStats, Link, Transport};
 
 pub(crate) use crate::text::{cstring, remote_text};
 pub(crate) use call::{Abandon, code};
+use children::{Children, Deferred, Release};
 pub use config::{
     Config, DEFAULT_CIPHERS, DEFAULT_CIPHERS_NO_AES, DEFAULT_PACKET, DEFAULT_WINDOW,
     default_ciphers,
@@ -79,11 +81,15 @@ pub(crate) struct SessionInner {
     /// abandoned open must be resumed with the function that began it.
     open_kind: Cell<OpenKind>,
     auth_abandoned: Cell<bool>,
-    channels: RefCell<Vec<Weak<ChannelInner>>>,
+    /// Live channels, agents and listeners.
+    pub(crate) children: Children,
     /// Channels dropped while their close was still owed to the peer.
-    deferred_frees: RefCell<Vec<*mut ffi::LIBSSH2_CHANNEL>>,
-    /// A driver callback that frees the deferred channels is queued.
-    frees_scheduled: Cell<bool>,
+    deferred_frees: Deferred<ffi::LIBSSH2_CHANNEL>,
+    /// A driver callback that retries the deferred frees and cancels is queued.
+    retry_scheduled: Cell<bool>,
+    /// Retries the deferred frees after each receive, failure and teardown
+    /// of the transport (which holds it weakly).
+    recv_hook: Rc<dyn Fn()>,
     keepalive_op: Cell<Option<OpId>>,
     /// Keepalives sent since bytes last arrived.
     keepalives_unanswered: Cell<u32>,
@@ -93,9 +99,6 @@ pub(crate) struct SessionInner {
     /// Remote forwarding: listeners, their deferred cancels, the queue of
     /// `forward_listen` calls.
     pub(crate) forwards: crate::forward::Forwards,
-    /// Live [`crate::Agent`]s: freed before the session (libssh2 frees an
-    /// agent through its session).
-    pub(crate) agents: RefCell<Vec<Weak<crate::agent::AgentInner>>>,
     host_key: RefCell<Option<HostKey>>,
 }
 
@@ -170,33 +173,38 @@ impl Session {
                 message: "libssh2_session_init_ex failed".into(),
             });
         }
-        let inner = Rc::new(SessionInner {
-            raw: Cell::new(raw),
-            transport,
-            config,
-            state: Cell::new(State::Open),
-            auth_lock: tokio::sync::Mutex::new(()),
-            open_lock: tokio::sync::Mutex::new(()),
-            open_abandoned: Cell::new(false),
-            open_kind: Cell::new(OpenKind::Session),
-            auth_abandoned: Cell::new(false),
-            channels: RefCell::new(Vec::new()),
-            deferred_frees: RefCell::new(Vec::new()),
-            frees_scheduled: Cell::new(false),
-            keepalive_op: Cell::new(None),
-            keepalives_unanswered: Cell::new(0),
-            keepalive_sent_at: Cell::new(None),
-            reactor,
-            forwards: crate::forward::Forwards::new(),
-            agents: RefCell::new(Vec::new()),
-            host_key: RefCell::new(None),
-        });
-        let weak = Rc::downgrade(&inner);
-        inner.transport.set_after_recv(Rc::new(move || {
-            if let Some(s) = weak.upgrade() {
-                s.retry_deferred_frees();
+        let inner = Rc::new_cyclic(|this: &Weak<SessionInner>| {
+            let this = this.clone();
+            let recv_hook: Rc<dyn Fn()> = Rc::new(move || {
+                if let Some(s) = this.upgrade() {
+                    s.retry_deferred();
+                }
+            });
+            SessionInner {
+                raw: Cell::new(raw),
+                transport,
+                config,
+                state: Cell::new(State::Open),
+                auth_lock: tokio::sync::Mutex::new(()),
+                open_lock: tokio::sync::Mutex::new(()),
+                open_abandoned: Cell::new(false),
+                open_kind: Cell::new(OpenKind::Session),
+                auth_abandoned: Cell::new(false),
+                children: Children::new(),
+                deferred_frees: Deferred::new(),
+                retry_scheduled: Cell::new(false),
+                keepalive_op: Cell::new(None),
+                keepalives_unanswered: Cell::new(0),
+                keepalive_sent_at: Cell::new(None),
+                reactor,
+                forwards: crate::forward::Forwards::new(),
+                host_key: RefCell::new(None),
+                recv_hook,
             }
-        }));
+        });
+        inner
+            .transport
+            .add_recv_hook(Rc::downgrade(&inner.recv_hook));
         inner
             .transport
             .context
@@ -574,7 +582,7 @@ impl SessionInner {
             // goes with the session (dropping `ch` hands it back).
             return Err(Error::Closed("session"));
         }
-        this.channels.borrow_mut().push(Rc::downgrade(&ch));
+        this.children.channels.add(Rc::downgrade(&ch));
         Ok(Channel::from_inner(ch))
     }
 
@@ -596,21 +604,11 @@ impl SessionInner {
             .await;
         self.open_abandoned.set(false);
         if let Ok(raw) = r {
-            self.free_channel(raw);
+            // Freed now, or later if its close must wait for the peer.
+            self.deferred_frees.push(raw);
+            self.retry_deferred();
         }
         Ok(())
-    }
-
-    /// Frees a channel without waiting: whatever close it still owes is
-    /// finished later by the session (or skipped if the session dies first).
-    fn free_channel(&self, raw: *mut ffi::LIBSSH2_CHANNEL) {
-        // SAFETY: `raw` belongs to this live session and is freed once:
-        // either now, or later from the deferred list.
-        let rc = unsafe { ffi::libssh2_channel_free(raw) };
-        if rc == ffi::LIBSSH2_ERROR_EAGAIN {
-            self.deferred_frees.borrow_mut().push(raw);
-        }
-        self.transport.pump();
     }
 
     /// Frees a channel over a dead link: no IO, no waiting. libssh2 may say
@@ -633,29 +631,38 @@ impl SessionInner {
     /// runs on the driver task, not on the dropper's path. During a close
     /// or teardown, the close path frees it.
     pub(crate) fn defer_free(this: &Rc<Self>, raw: *mut ffi::LIBSSH2_CHANNEL) {
-        this.deferred_frees.borrow_mut().push(raw);
-        if this.frees_scheduled.replace(true) {
+        this.deferred_frees.push(raw);
+        Self::schedule_retry(this);
+    }
+
+    /// Queues one driver callback that retries the deferred channel frees
+    /// and listener cancels.
+    pub(crate) fn schedule_retry(this: &Rc<Self>) {
+        if this.retry_scheduled.replace(true) {
             return;
         }
         let weak = Rc::downgrade(this);
         this.reactor.run_soon(Box::new(move |_| {
             if let Some(s) = weak.upgrade() {
-                s.frees_scheduled.set(false);
-                s.retry_deferred_frees();
+                s.retry_scheduled.set(false);
+                s.retry_deferred();
             }
         }));
     }
 
-    /// Retries the deferred frees; only while the session is open (a close
-    /// in progress owns the list).
-    fn retry_deferred_frees(&self) {
+    /// Retries the deferred channel frees and listener cancels, without
+    /// waiting; only while the session is open (a close in progress owns
+    /// the lists).
+    pub(crate) fn retry_deferred(&self) {
         if !self.is_open() {
             return;
         }
-        let pending = std::mem::take(&mut *self.deferred_frees.borrow_mut());
-        for raw in pending {
-            self.free_channel(raw);
-        }
+        // SAFETY: channels of this live session on the deferred list only;
+        // libssh2 frees each on any result but EAGAIN, after which the
+        // list no longer holds it.
+        self.deferred_frees
+            .retry(|raw| unsafe { ffi::libssh2_channel_free(raw) });
+        self.transport.pump();
         crate::forward::retry_deferred_cancels(self);
     }
 
@@ -663,31 +670,15 @@ impl SessionInner {
     /// channel stays on the deferred list until libssh2 has freed it, so a
     /// close abandoned half-way leaves nothing behind for `free_now`.
     async fn close_channels(&self) {
-        let live: Vec<Rc<ChannelInner>> = self
-            .channels
-            .borrow()
-            .iter()
-            .filter_map(Weak::upgrade)
-            .collect();
-        for ch in live {
+        for ch in self.children.channels.live() {
             let _ = ch.close().await;
             ch.release();
         }
-        loop {
-            let Some(raw) = self.deferred_frees.borrow().last().copied() else {
-                break;
-            };
-            // Any result but EAGAIN means libssh2 freed the channel.
-            let _ = self
-                .call(|_| {
-                    // SAFETY: a channel on the deferred list, which only this
-                    // loop touches while the session is closing; `call`
-                    // repeats only on EAGAIN, when libssh2 has not freed it.
-                    code(unsafe { ffi::libssh2_channel_free(raw) })
-                })
-                .await;
-            self.deferred_frees.borrow_mut().retain(|&r| r != raw);
-        }
+        self.deferred_frees
+            // SAFETY: as in `retry_deferred`; only this close touches the
+            // list while the session is closing.
+            .finish(self, |raw| unsafe { ffi::libssh2_channel_free(raw) })
+            .await;
     }
 
     /// Non-blocking teardown: the transport fails both callbacks, the ring
@@ -706,23 +697,10 @@ impl SessionInner {
             // needs to build and encrypt an EOF and a CLOSE to find out.
             unsafe { ffi::libssh2_session_set_disconnected(raw) };
         }
-        // Agents first: libssh2 frees them through the session.
-        let agents: Vec<_> = self.agents.borrow_mut().drain(..).collect();
-        for agent in agents.iter().filter_map(Weak::upgrade) {
-            agent.release();
-        }
-        // Listeners (live or with a cancel owed) go with `session_free`.
+        self.children.release_all();
+        // Listeners with a cancel owed go with `session_free` too.
         self.forwards.forget();
-        let live: Vec<Rc<ChannelInner>> = self
-            .channels
-            .borrow_mut()
-            .drain(..)
-            .filter_map(|w| w.upgrade())
-            .collect();
-        for ch in live {
-            ch.release();
-        }
-        for raw in std::mem::take(&mut *self.deferred_frees.borrow_mut()) {
+        for raw in self.deferred_frees.take_all() {
             self.free_channel_dead(raw);
         }
         let raw = self.raw.replace(std::ptr::null_mut());
@@ -748,11 +726,6 @@ impl SessionInner {
 
     pub(crate) fn is_open(&self) -> bool {
         self.state.get() == State::Open
-    }
-
-    /// Drops registry entries of channels that no longer exist.
-    pub(crate) fn prune_channels(&self) {
-        self.channels.borrow_mut().retain(|w| w.strong_count() > 0);
     }
 }
 

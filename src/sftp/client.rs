@@ -192,7 +192,7 @@ impl Client {
             .chan
             .session
             .transport
-            .add_listener(Rc::downgrade(&client._drain));
+            .add_recv_hook(Rc::downgrade(&client._drain));
         client
     }
 

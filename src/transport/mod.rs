@@ -20,6 +20,7 @@ use std::task::Waker;
 use std::time::{Duration, Instant};
 
 use crate::reactor::{Completion, OpId, Reactor, SharedFd};
+use crate::session::children::Registry;
 pub use bridge::{Bridge, BridgeStats, Link};
 pub use callbacks::CallbackContext;
 
@@ -58,10 +59,10 @@ pub(crate) struct Transport {
     waiters: RefCell<Vec<Waker>>,
     last_rx: Cell<Instant>,
     /// Runs after each receive (the session retries deferred channel frees).
-    after_recv: RefCell<Option<Rc<dyn Fn()>>>,
-    /// Run after each receive, failure and teardown, while alive: readers
-    /// of channel data that no task awaits right now.
-    listeners: RefCell<Vec<Weak<dyn Fn()>>>,
+    /// Run after each receive, failure and teardown, while alive: the
+    /// session's retry of deferred frees, readers of channel data that no
+    /// task awaits right now.
+    recv_hooks: Registry<dyn Fn()>,
     this: Weak<Transport>,
 }
 
@@ -80,8 +81,7 @@ impl Transport {
             spare_in: RefCell::new(Vec::new()),
             waiters: RefCell::new(Vec::new()),
             last_rx: Cell::new(Instant::now()),
-            after_recv: RefCell::new(None),
-            listeners: RefCell::new(Vec::new()),
+            recv_hooks: Registry::new(),
             this: this.clone(),
         })
     }
@@ -91,29 +91,17 @@ impl Transport {
         &self.context.bridge
     }
 
-    /// Sets the hook run after each receive.
-    pub fn set_after_recv(&self, hook: Rc<dyn Fn()>) {
-        *self.after_recv.borrow_mut() = Some(hook);
+    /// Adds a hook run after each receive, failure and teardown, in the
+    /// order added, for as long as it is alive.
+    pub fn add_recv_hook(&self, hook: Weak<dyn Fn()>) {
+        self.recv_hooks.add(hook);
     }
 
-    /// Adds a listener run after each receive, failure and teardown, for
-    /// as long as it is alive.
-    pub fn add_listener(&self, listener: Weak<dyn Fn()>) {
-        let mut v = self.listeners.borrow_mut();
-        v.retain(|w| w.strong_count() > 0);
-        v.push(listener);
-    }
-
-    fn notify_listeners(&self) {
-        // Not borrowed while they run: a listener may add another.
-        let live: Vec<_> = self
-            .listeners
-            .borrow()
-            .iter()
-            .filter_map(Weak::upgrade)
-            .collect();
-        for l in live {
-            l();
+    fn run_recv_hooks(&self) {
+        // Not borrowed while they run: a hook may add another, or end in
+        // `kill()`.
+        for hook in self.recv_hooks.live() {
+            hook();
         }
     }
 
@@ -282,19 +270,14 @@ impl Transport {
                 .bridge()
                 .set_failed(e.raw_os_error().unwrap_or(libc::EIO)),
         }
-        // Not borrowed while it runs: the hook may end in `kill()`.
-        let hook = self.after_recv.borrow().clone();
-        if let Some(hook) = hook {
-            hook();
-        }
-        self.notify_listeners();
+        self.run_recv_hooks();
         self.wake_all();
     }
 
     /// Fails the link with `errno` (keepalive timeout), waking every waiter.
     pub fn fail(&self, errno: i32) {
         self.bridge().set_failed(errno);
-        self.notify_listeners();
+        self.run_recv_hooks();
         self.wake_all();
     }
 
@@ -332,7 +315,6 @@ impl Transport {
     /// holding it completes.
     pub fn kill(&self) {
         self.bridge().kill();
-        *self.after_recv.borrow_mut() = None;
         let ops = [self.send_op.take(), self.recv_op.take()];
         let fd = self.fd.borrow_mut().take();
         match &fd {
@@ -355,7 +337,7 @@ impl Transport {
         if let Some(fd) = fd {
             self.reactor.shutdown_detached(&fd);
         }
-        self.notify_listeners();
+        self.run_recv_hooks();
         self.wake_all();
     }
 }
