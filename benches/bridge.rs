@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 use std::hint::black_box;
-use uring_ssh::transport::Bridge;
+use uring_ssh::Bridge;
 
 const PACKET: usize = 32 * 1024;
 const DELIVERY: usize = 512 * 1024;

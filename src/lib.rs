@@ -12,12 +12,15 @@
 //!   ([`reactor::Backend::Poll`]): chosen when the kernel refuses the ring,
 //!   or explicitly with [`reactor::init_with`] or
 //!   `URING_SSH_BACKEND=poll`.
-//! * [`transport`]: libssh2's send and recv callbacks. The send callback
-//!   takes each packet whole into an outbound queue (never short, never
-//!   `EAGAIN`, which would pin libssh2 to that packet); the recv callback
-//!   reads from a buffer that 64 KiB ring recvs fill. libssh2 is handed a
-//!   dummy non-blocking fd; the real, blocking socket is seen only by the
-//!   ring.
+//! * The transport (crate-private): libssh2's allocator and its send and
+//!   recv callbacks. The send callback takes each packet whole into an
+//!   outbound queue (never short, never `EAGAIN`, which would pin libssh2
+//!   to that packet); the recv callback reads from a buffer that the
+//!   reactor's receives fill (4 KiB on a quiet session, doubling up to
+//!   512 KiB while they come back full). libssh2 is handed a dummy
+//!   non-blocking fd; the real, blocking socket is seen only by the
+//!   reactor. Its counters are public: [`SessionStats`],
+//!   [`libssh2_bytes_outstanding`], [`sends_on_dead_links`].
 //! * [`Session`] and [`Channel`]: async wrappers. Each libssh2 call that
 //!   says `EAGAIN` waits for the session's next socket event and is
 //!   resumed. libssh2 keeps the half-done state of a call in its object, so
@@ -85,7 +88,7 @@ mod scp;
 mod session;
 pub mod sftp;
 mod text;
-pub mod transport;
+mod transport;
 
 /// Design notes from `kernel-notes/`, rendered with the API docs.
 pub mod notes {
@@ -135,7 +138,13 @@ pub use session::{
     Config, DEFAULT_CIPHERS, DEFAULT_CIPHERS_NO_AES, DEFAULT_PACKET, DEFAULT_WINDOW, Session,
     SessionStats, default_ciphers, leaked_objects,
 };
+/// The bridge's byte queues alone, public only so that `benches/bridge.rs`
+/// can measure them without a session; not part of the API.
+#[doc(hidden)]
+pub use transport::Bridge;
+pub use transport::BridgeStats;
 pub use transport::alloc::{libssh2_blocks_outstanding, libssh2_bytes_outstanding};
+pub use transport::callbacks::sends_on_dead_links;
 
 /// The libssh2 version linked, as it reports itself at run time.
 pub fn libssh2_version() -> String {

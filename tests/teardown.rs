@@ -24,13 +24,13 @@ async fn drop_mid_transfer_builds_no_packet_for_the_dead_link() {
     while got < 1 << 20 {
         got += streaming.read(&mut buf).await.unwrap();
     }
-    let before = uring_ssh::transport::callbacks::sends_on_dead_links();
+    let before = uring_ssh::sends_on_dead_links();
     // The channels first (their frees are deferred to the driver), then the
     // session, before the driver ran: the session's free frees them.
     drop((streaming, idle));
     drop(s);
     assert_eq!(
-        uring_ssh::transport::callbacks::sends_on_dead_links() - before,
+        uring_ssh::sends_on_dead_links() - before,
         0,
         "packets built for a torn-down link"
     );

@@ -54,7 +54,8 @@ enum State {
     Closed,
 }
 
-/// An SSH session over the thread's io_uring ring.
+/// An SSH session over the thread's reactor (its io_uring ring, or the
+/// poll engine where the kernel refuses the ring).
 ///
 /// Cheap to clone: clones share one connection. Every channel keeps its
 /// session alive. Not `Send`: a session lives on the thread whose ring it
