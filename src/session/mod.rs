@@ -97,7 +97,7 @@ pub(crate) struct SessionInner {
     /// When the last keepalive left: bytes arriving after it answer it.
     keepalive_sent_at: Cell<Option<Instant>>,
     pub(crate) reactor: Rc<Reactor>,
-    /// Remote forwarding: listeners, their deferred cancels, the queue of
+    /// Remote forwarding: deferred listener cancels, the queue of
     /// `forward_listen` calls.
     pub(crate) forwards: crate::forward::Forwards,
     host_key: RefCell<Option<HostKey>>,
