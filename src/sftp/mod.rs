@@ -29,7 +29,7 @@ pub(crate) use transfer::fuzz_tree as transfer_fuzz_tree;
 use std::path::Path;
 use std::rc::Rc;
 
-pub use codec::{FileAttributes, Limits, StatVfs, status};
+pub use codec::{FileAttributes, Limits, StatVfs, status, status_name};
 pub use dir::{DirEntry, ReadDir};
 pub use file::{File, OpenOptions};
 pub use transfer::{
@@ -41,22 +41,6 @@ use crate::error::{Error, Result};
 use crate::session::Session;
 use client::{Client, status_ok, unexpected};
 use codec::{Reply, fxp};
-
-/// The name of an SFTP status code.
-pub fn status_name(code: u32) -> &'static str {
-    match code {
-        status::OK => "OK",
-        status::EOF => "EOF",
-        status::NO_SUCH_FILE => "no such file",
-        status::PERMISSION_DENIED => "permission denied",
-        status::FAILURE => "failure",
-        status::BAD_MESSAGE => "bad message",
-        status::NO_CONNECTION => "no connection",
-        status::CONNECTION_LOST => "connection lost",
-        status::OP_UNSUPPORTED => "operation unsupported",
-        _ => "unknown status",
-    }
-}
 
 /// Read and write sizes used when the server announces no limits: the
 /// sizes every SFTP v3 server must accept.
