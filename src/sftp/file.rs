@@ -13,7 +13,7 @@ use std::task::{Context, Poll, ready};
 use tokio::io::{AsyncRead, AsyncSeek, AsyncWrite, ReadBuf};
 
 use super::client::{Client, ReplyFuture, status_ok, unexpected};
-use super::codec::{self, FileAttributes, Reply, fxp, open_flags};
+use super::codec::{self, FileAttributes, Reply, open_flags};
 use super::{Sftp, StatVfs, check_attrs, protocol, wire};
 use crate::error::{Error, Result};
 
@@ -160,18 +160,7 @@ pub(crate) async fn open_handle(
         permissions: Some(mode),
         ..Default::default()
     };
-    let r = sftp
-        .inner
-        .client
-        .request(true, |out, id| {
-            codec::Request::new(out, fxp::OPEN, id)
-                .str(p)
-                .u32(flags)
-                .attrs(&attrs)
-                .finish();
-        })
-        .await?;
-    match r {
+    match sftp.inner.client.open(p, flags, &attrs).await? {
         Reply::Handle(h) => Ok(h),
         other => Err(unexpected(other, Some(p))),
     }
@@ -266,39 +255,6 @@ impl File {
         }
     }
 
-    /// A READ of `len` bytes at `offset`, not touching the cursor.
-    pub(crate) fn read_request(
-        client: &Rc<Client>,
-        handle: &[u8],
-        offset: u64,
-        len: u32,
-    ) -> ReplyFuture {
-        client.request(false, |out, id| {
-            codec::Request::new(out, fxp::READ, id)
-                .str(handle)
-                .u64(offset)
-                .u32(len)
-                .finish();
-        })
-    }
-
-    /// A WRITE of `data` at `offset`, not touching the cursor.
-    pub(crate) fn write_request(
-        client: &Rc<Client>,
-        handle: &[u8],
-        offset: u64,
-        data: &[u8],
-    ) -> ReplyFuture {
-        client.request(false, |out, id| {
-            out.reserve(codec::WRITE_HEADER + handle.len() + data.len());
-            codec::Request::new(out, fxp::WRITE, id)
-                .str(handle)
-                .u64(offset)
-                .str(data)
-                .finish();
-        })
-    }
-
     /// Reads up to `len` bytes at `offset` without moving the cursor; an
     /// empty result means end of file.
     pub async fn read_at(&self, offset: u64, len: u32) -> Result<Vec<u8>> {
@@ -308,7 +264,7 @@ impl File {
             .sftp
             .timed(
                 "SFTP read",
-                File::read_request(self.client(), &self.handle.bytes, offset, len),
+                self.client().read(&self.handle.bytes, offset, len),
             )
             .await?;
         match r {
@@ -331,12 +287,8 @@ impl File {
             .chunks(size.max(1))
             .enumerate()
             .map(|(i, c)| {
-                File::write_request(
-                    self.client(),
-                    &self.handle.bytes,
-                    offset + (i * size) as u64,
-                    c,
-                )
+                self.client()
+                    .write(&self.handle.bytes, offset + (i * size) as u64, c)
             })
             .collect();
         self.sftp
@@ -349,32 +301,24 @@ impl File {
             .await
     }
 
+    /// A request on the file's handle (made by `request`, given the client
+    /// and the handle).
     async fn handle_op(
         &self,
         operation: &'static str,
-        kind: u8,
-        attrs: Option<&FileAttributes>,
+        request: impl FnOnce(&Rc<Client>, &[u8]) -> ReplyFuture,
     ) -> Result<Reply> {
         self.check_open()?;
-        let h = &self.handle.bytes;
         self.sftp
             .timed(operation, async {
-                self.client()
-                    .request(false, |out, id| {
-                        let r = codec::Request::new(out, kind, id).str(h);
-                        match attrs {
-                            Some(a) => r.attrs(a).finish(),
-                            None => r.finish(),
-                        };
-                    })
-                    .await
+                request(self.client(), &self.handle.bytes).await
             })
             .await
     }
 
     /// The file's attributes (`FSTAT`).
     pub async fn stat(&self) -> Result<FileAttributes> {
-        match self.handle_op("SFTP fstat", fxp::FSTAT, None).await? {
+        match self.handle_op("SFTP fstat", |c, h| c.fstat(h)).await? {
             Reply::Attrs(a) => Ok(a),
             other => Err(unexpected(other, None)),
         }
@@ -384,7 +328,7 @@ impl File {
     pub async fn setstat(&self, attrs: &FileAttributes) -> Result<()> {
         check_attrs(attrs)?;
         status_ok(
-            self.handle_op("SFTP fsetstat", fxp::FSETSTAT, Some(attrs))
+            self.handle_op("SFTP fsetstat", |c, h| c.fsetstat(h, attrs))
                 .await?,
             None,
         )
@@ -403,7 +347,7 @@ impl File {
                 "SFTP fsync",
                 self.sftp.inner.extensions.fsync,
                 "fsync@openssh.com",
-                |r| r.str(&h.bytes),
+                &[&h.bytes],
             )
             .await?;
         status_ok(r, None)
@@ -420,7 +364,7 @@ impl File {
                 "SFTP fstatvfs",
                 self.sftp.inner.extensions.fstatvfs,
                 "fstatvfs@openssh.com",
-                |r| r.str(&h.bytes),
+                &[&h.bytes],
             )
             .await?;
         match r {
@@ -441,15 +385,7 @@ impl File {
         let r = self
             .sftp
             .timed("SFTP close", async {
-                let r = self
-                    .client()
-                    .request(false, |out, id| {
-                        codec::Request::new(out, fxp::CLOSE, id)
-                            .str(&h.bytes)
-                            .finish();
-                    })
-                    .await?;
-                status_ok(r, None)
+                status_ok(self.client().close(&h.bytes).await?, None)
             })
             .await;
         flushed.and(r)
@@ -499,7 +435,7 @@ impl File {
             }
             let size = self.sftp.inner.read_size;
             while self.reads.len() < self.depth {
-                let f = File::read_request(self.client(), &self.handle.bytes, self.next_read, size);
+                let f = self.client().read(&self.handle.bytes, self.next_read, size);
                 self.reads.push_back((self.next_read, size, f));
                 self.next_read += size as u64;
             }
@@ -548,7 +484,9 @@ impl File {
         if n == 0 {
             return Poll::Ready(Ok(0));
         }
-        let f = File::write_request(self.client(), &self.handle.bytes, self.pos, &data[..n]);
+        let f = self
+            .client()
+            .write(&self.handle.bytes, self.pos, &data[..n]);
         self.writes.push_back((n as u32, f));
         self.pos += n as u64;
         // Poll once so the request is handed to libssh2 now.
@@ -613,15 +551,7 @@ impl AsyncSeek for File {
         this.seek = match to {
             SeekFrom::Start(n) => SeekState::Done(n),
             SeekFrom::Current(d) => SeekState::Done(target(this.pos, d)?),
-            SeekFrom::End(d) => {
-                let h = this.handle.clone();
-                let f = this.client().request(false, |out, id| {
-                    codec::Request::new(out, fxp::FSTAT, id)
-                        .str(&h.bytes)
-                        .finish();
-                });
-                SeekState::Sizing(f, d)
-            }
+            SeekFrom::End(d) => SeekState::Sizing(this.client().fstat(&this.handle.bytes), d),
         };
         Ok(())
     }
@@ -684,10 +614,7 @@ impl Drop for File {
                 .run_soon(Box::new(move |_| drop(parked)));
         }
         if !self.handle.closed.replace(true) {
-            let h = &self.handle.bytes;
-            self.client().send_and_forget(|out, id| {
-                codec::Request::new(out, fxp::CLOSE, id).str(h).finish();
-            });
+            self.client().close_in_background(&self.handle.bytes);
         }
     }
 }

@@ -31,8 +31,8 @@ use futures_util::stream::{FuturesUnordered, StreamExt};
 use tokio::sync::{Notify, Semaphore, SemaphorePermit};
 
 use super::client::{ReplyFuture, status_ok, unexpected};
-use super::codec::{self, FileAttributes, Reply, fxp};
-use super::file::{File, open_handle};
+use super::codec::{self, FileAttributes, Reply};
+use super::file::open_handle;
 use super::{Sftp, wire};
 use crate::error::{Error, Result};
 use crate::localdir::{self, ConfinedDir, RelPath, check_name, escape_name};
@@ -326,16 +326,7 @@ fn local_unchanged(dir: &ConfinedDir, name: &OsStr, a: &FileAttributes) -> bool 
 }
 
 async fn close_remote(sftp: &Sftp, handle: &[u8]) -> Result<()> {
-    let r = sftp
-        .inner
-        .client
-        .request(false, |out, id| {
-            codec::Request::new(out, fxp::CLOSE, id)
-                .str(handle)
-                .finish();
-        })
-        .await?;
-    status_ok(r, None)
+    status_ok(sftp.inner.client.close(handle).await?, None)
 }
 
 /// A remote handle that is closed in the background if the transfer of its
@@ -355,9 +346,7 @@ impl RemoteHandle<'_> {
 impl Drop for RemoteHandle<'_> {
     fn drop(&mut self) {
         if let Some(h) = self.bytes.take() {
-            self.sftp.inner.client.send_and_forget(|out, id| {
-                codec::Request::new(out, fxp::CLOSE, id).str(&h).finish();
-            });
+            self.sftp.inner.client.close_in_background(&h);
         }
     }
 }
@@ -502,19 +491,10 @@ async fn download_one(
     let h = handle.bytes.as_deref().expect("open");
     let attrs = match &item.attrs {
         Some(a) if a.size.is_some() => a.clone(),
-        _ => {
-            let r = sftp
-                .inner
-                .client
-                .request(false, |out, id| {
-                    codec::Request::new(out, fxp::FSTAT, id).str(h).finish();
-                })
-                .await?;
-            match r {
-                Reply::Attrs(a) => a,
-                other => return Err(unexpected(other, Some(wire(&item.remote)))),
-            }
-        }
+        _ => match sftp.inner.client.fstat(h).await? {
+            Reply::Attrs(a) => a,
+            other => return Err(unexpected(other, Some(wire(&item.remote)))),
+        },
     };
     let size = attrs.size.unwrap_or(0);
     let grown_limit = size.saturating_add(opts.max_growth);
@@ -552,7 +532,7 @@ async fn download_one(
                 }
             };
             let permit = permit.map_err(|_| Error::Closed("transfer"))?;
-            let f = File::read_request(&sftp.inner.client, h, next, chunk);
+            let f = sftp.inner.client.read(h, next, chunk);
             reads.push_back((next, chunk, permit, f));
             next += chunk as u64;
         }
@@ -674,11 +654,7 @@ async fn upload_one(
                     eof = true;
                     break;
                 }
-                writes.push_back((
-                    permit,
-                    n as u64,
-                    File::write_request(&sftp.inner.client, h, off, &buf[..n]),
-                ));
+                writes.push_back((permit, n as u64, sftp.inner.client.write(h, off, &buf[..n])));
                 off += n as u64;
                 if n < chunk {
                     eof = true;
@@ -701,28 +677,14 @@ async fn upload_one(
                 mtime: mtime.or(atime),
                 ..Default::default()
             };
-            let r = sftp
-                .inner
-                .client
-                .request(false, |out, id| {
-                    codec::Request::new(out, fxp::FSETSTAT, id)
-                        .str(h)
-                        .attrs(&attrs)
-                        .finish();
-                })
-                .await?;
+            let r = sftp.inner.client.fsetstat(h, &attrs).await?;
             status_ok(r, Some(wire(&dest)))?;
         }
         if opts.fsync && sftp.extensions().fsync {
             let r = sftp
                 .inner
                 .client
-                .request(false, |out, id| {
-                    codec::Request::new(out, fxp::EXTENDED, id)
-                        .str(b"fsync@openssh.com")
-                        .str(h)
-                        .finish();
-                })
+                .extended("fsync@openssh.com", &[h])
                 .await?;
             status_ok(r, Some(wire(&dest)))?;
         }
@@ -755,10 +717,7 @@ async fn upload_one(
 
 /// Removes a remote temporary file without waiting.
 fn forget_unlink(sftp: &Sftp, path: &Path) {
-    let p = wire(path);
-    sftp.inner.client.send_and_forget(|out, id| {
-        codec::Request::new(out, fxp::REMOVE, id).str(p).finish();
-    });
+    sftp.inner.client.remove_in_background(wire(path));
 }
 
 fn secs(t: SystemTime) -> Option<u32> {
