@@ -346,7 +346,7 @@ impl Client {
     /// Reads from the channel and dispatches every complete reply, until
     /// the channel has nothing more ([`Read::Drained`]), the channel failed
     /// ([`Read::Dead`]), or a cap on work per call is hit ([`Read::More`]).
-    fn read_replies(&self, cx: &mut Context<'_>) -> Read {
+    fn read_replies(self: &Rc<Self>, cx: &mut Context<'_>) -> Read {
         for _ in 0..READS_PER_POLL {
             if !self.dispatch() {
                 return Read::Dead;
@@ -405,14 +405,16 @@ impl Client {
     /// Hands every complete reply in the receive buffer to its slot, wakes
     /// the waiters and queues the CLOSEs owed; `false` if the server broke
     /// the protocol and the channel is now dead.
-    fn dispatch(&self) -> bool {
+    fn dispatch(self: &Rc<Self>) -> bool {
         let mut done = Dispatched::default();
         let r = self.st.borrow_mut().dispatch(&mut done);
         for w in done.wake {
             w.wake();
         }
+        // Dispatching may run on the driver task with no waiter left to
+        // flush: each CLOSE schedules its own send.
         for h in done.close {
-            self.close_handle_later(h);
+            self.close_in_background(&h);
         }
         match r {
             Ok(()) => true,
@@ -423,27 +425,9 @@ impl Client {
         }
     }
 
-    /// Sends CLOSE for `handle` without waiting for its reply.
-    fn close_handle_later(&self, handle: Vec<u8>) {
-        // `send_and_forget` needs the Rc for its deferred flush; replies are
-        // dispatched from a `&Client`, so queue directly: the next waiter
-        // (there is one: we are inside a poll) flushes it.
-        let mut st = self.st.borrow_mut();
-        if st.dead.is_some() {
-            return;
-        }
-        let id = st.slots.insert(Slot::Abandoned {
-            close_handle: false,
-        });
-        Request::new(&mut st.out, fxp::CLOSE, id as u32)
-            .str(&handle)
-            .finish();
-        st.requests += 1;
-    }
-
     /// A waiter's turn at the IO: hand queued requests on (waiting for
     /// the window with `cx` if it is full) and read what is buffered.
-    fn poll_io(&self, cx: &mut Context<'_>) {
+    fn poll_io(self: &Rc<Self>, cx: &mut Context<'_>) {
         if let Poll::Ready(Err(_)) = self.flush(cx) {
             return;
         }
