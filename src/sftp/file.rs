@@ -2,7 +2,6 @@
 //! `AsyncSeek`, reading ahead and writing behind with several requests in
 //! flight.
 
-use std::collections::VecDeque;
 use std::future::Future;
 use std::io::{self, SeekFrom};
 use std::path::Path;
@@ -14,6 +13,7 @@ use tokio::io::{AsyncRead, AsyncSeek, AsyncWrite, ReadBuf};
 
 use super::client::{Client, ReplyFuture, status_ok, unexpected};
 use super::codec::{self, FileAttributes, Reply, open_flags};
+use super::pipeline::{Chunk, ReadPipeline, WritePipeline};
 use super::{Sftp, StatVfs, check_attrs, protocol, wire};
 use crate::error::{Error, Result};
 
@@ -193,10 +193,8 @@ pub struct File {
     handle: Rc<Handle>,
     /// The cursor: where the next read or write starts.
     pos: u64,
-    /// In-flight reads: (offset, length, reply), in offset order.
-    reads: VecDeque<(u64, u32, ReplyFuture)>,
-    /// Where the next read-ahead request starts.
-    next_read: u64,
+    /// In-flight reads, from where the read-ahead started.
+    reads: ReadPipeline,
     /// How many reads may be in flight: grows while reading is sequential.
     depth: usize,
     /// Received data not yet handed out, from `buf_pos`.
@@ -204,7 +202,7 @@ pub struct File {
     buf_pos: usize,
     eof: bool,
     /// In-flight writes.
-    writes: VecDeque<(u32, ReplyFuture)>,
+    writes: WritePipeline,
     write_error: Option<Error>,
     seek: SeekState,
 }
@@ -231,13 +229,12 @@ impl File {
             sftp,
             handle,
             pos: 0,
-            reads: VecDeque::new(),
-            next_read: 0,
+            reads: ReadPipeline::default(),
             depth: 1,
             buf: Vec::new(),
             buf_pos: 0,
             eof: false,
-            writes: VecDeque::new(),
+            writes: WritePipeline::default(),
             write_error: None,
             seek: SeekState::Idle,
         }
@@ -377,7 +374,7 @@ impl File {
     /// the server's answer: the first error of any write, or of the close.
     pub async fn close(mut self) -> Result<()> {
         let flushed = std::future::poll_fn(|cx| self.poll_writes(cx, 0)).await;
-        self.reads.clear();
+        self.reads.restart(self.pos);
         if self.handle.closed.replace(true) {
             return flushed;
         }
@@ -394,10 +391,7 @@ impl File {
     /// Polls finished writes off the front until at most `keep` remain.
     fn poll_writes(&mut self, cx: &mut Context<'_>, keep: usize) -> Poll<Result<()>> {
         while self.writes.len() > keep {
-            let (_, f) = self.writes.front_mut().expect("non-empty");
-            let r = ready!(Pin::new(f).poll(cx));
-            self.writes.pop_front();
-            if let Err(e) = r.and_then(|r| status_ok(r, None)) {
+            if let Some(Err(e)) = ready!(self.writes.poll_front(cx, None)) {
                 self.write_error.get_or_insert(e);
             }
         }
@@ -409,10 +403,9 @@ impl File {
 
     /// Drops the read-ahead: the cursor moved.
     fn reset_reads(&mut self) {
-        self.reads.clear();
+        self.reads.restart(self.pos);
         self.buf.clear();
         self.buf_pos = 0;
-        self.next_read = self.pos;
         self.depth = 1;
         self.eof = false;
     }
@@ -435,40 +428,19 @@ impl File {
             }
             let size = self.sftp.inner.read_size;
             while self.reads.len() < self.depth {
-                let f = self.client().read(&self.handle.bytes, self.next_read, size);
-                self.reads.push_back((self.next_read, size, f));
-                self.next_read += size as u64;
+                self.reads
+                    .push(&self.sftp.inner.client, &self.handle.bytes, size, ());
             }
-            let (off, len, f) = self.reads.front_mut().expect("non-empty");
-            let (off, len) = (*off, *len);
-            let r = ready!(Pin::new(f).poll(cx));
-            self.reads.pop_front();
-            match r? {
-                Reply::Data(d) if d.len() <= len as usize && !d.is_empty() => {
-                    if d.len() < len as usize {
-                        // A short read: the requests behind it assumed a
-                        // full one. Ask again from where the data ends.
-                        self.reads.clear();
-                        self.next_read = off + d.len() as u64;
-                    } else if self.depth * (size as usize) < READ_AHEAD_BYTES {
+            match ready!(self.reads.poll_front(cx, None))? {
+                Chunk::Data { data, short, .. } => {
+                    // A short read restarted the read-ahead from its end.
+                    if !short && self.depth * (size as usize) < READ_AHEAD_BYTES {
                         self.depth *= 2;
                     }
-                    self.buf = d;
+                    self.buf = data;
                     self.buf_pos = 0;
                 }
-                Reply::Data(_) => {
-                    return Poll::Ready(Err(Error::Protocol(
-                        "READ reply empty or longer than asked".into(),
-                    )));
-                }
-                Reply::Status {
-                    code: codec::status::EOF,
-                    ..
-                } => {
-                    self.reads.clear();
-                    self.eof = true;
-                }
-                other => return Poll::Ready(Err(unexpected(other, None))),
+                Chunk::Eof { .. } => self.eof = true,
             }
         }
     }
@@ -484,19 +456,16 @@ impl File {
         if n == 0 {
             return Poll::Ready(Ok(0));
         }
-        let f = self
-            .client()
-            .write(&self.handle.bytes, self.pos, &data[..n]);
-        self.writes.push_back((n as u32, f));
+        self.writes.push(
+            &self.sftp.inner.client,
+            &self.handle.bytes,
+            self.pos,
+            &data[..n],
+            (),
+        );
         self.pos += n as u64;
-        // Poll once so the request is handed to libssh2 now.
-        if let Some((_, f)) = self.writes.back_mut()
-            && let Poll::Ready(r) = Pin::new(f).poll(cx)
-        {
-            self.writes.pop_back();
-            if let Err(e) = r.and_then(|r| status_ok(r, None)) {
-                self.write_error.get_or_insert(e);
-            }
+        if let Some(Err(e)) = self.writes.poll_back(cx) {
+            self.write_error.get_or_insert(e);
         }
         Poll::Ready(Ok(n))
     }

@@ -22,6 +22,7 @@ mod client;
 pub mod codec;
 mod dir;
 mod file;
+mod pipeline;
 mod transfer;
 #[cfg(fuzzing)]
 pub(crate) use transfer::fuzz_tree as transfer_fuzz_tree;
