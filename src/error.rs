@@ -182,7 +182,7 @@ impl fmt::Display for Error {
                 message,
                 path,
             } => {
-                let name = crate::sftp::status_name(*code);
+                let name = crate::sftp::codec::status_name(*code);
                 match path {
                     Some(p) => write!(f, "SFTP {name} for {p}: {message}"),
                     None => write!(f, "SFTP {name}: {message}"),
@@ -304,7 +304,7 @@ impl Error {
             Error::Disconnected { .. } => K::ConnectionAborted,
             Error::KeyEncrypted { .. } => K::InvalidInput,
             Error::Sftp { code, .. } => {
-                use crate::sftp::status as st;
+                use crate::sftp::codec::status as st;
                 match *code {
                     st::EOF => K::UnexpectedEof,
                     st::NO_SUCH_FILE => K::NotFound,

@@ -420,6 +420,31 @@ async fn a_dropped_request_does_not_disturb_the_next() {
     );
 }
 
+#[tokio::test]
+async fn an_abandoned_open_is_closed_on_an_idle_channel() {
+    let sshd = Sshd::start();
+    let (_s, sftp) = sftp(&sshd).await;
+    let d = scratch();
+    std::fs::write(d.path().join("a"), b"abc").unwrap();
+    // The OPEN goes out on the first poll; its reply arrives after the
+    // drop, with no other request to carry the CLOSE it owes.
+    let mut open = Box::pin(sftp.open(d.path().join("a")));
+    assert!(futures::poll!(&mut open).is_pending());
+    drop(open);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while (sshd_handles(&sshd, d.path()) > 0 || sftp.in_flight() > 0)
+        && std::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        sshd_handles(&sshd, d.path()),
+        0,
+        "the server still holds the abandoned open's handle"
+    );
+    assert_eq!(sftp.in_flight(), 0, "the CLOSE was never answered");
+}
+
 /// Files the session's sshd child holds open under `dir`: its SFTP
 /// handles there.
 fn sshd_handles(sshd: &Sshd, dir: &Path) -> usize {

@@ -38,7 +38,7 @@ use std::task::{Context, Poll, Waker};
 
 use slab::Slab;
 
-use super::codec::{self, MAX_PACKET, Reply, fxp};
+use super::codec::{self, FileAttributes, MAX_PACKET, Reply, Request, fxp};
 use crate::channel::ChannelInner;
 use crate::error::{Error, Result};
 use crate::transport::OUTBOUND_HIGH_WATER;
@@ -168,9 +168,10 @@ struct State {
 pub(crate) struct Client {
     pub(crate) chan: Rc<ChannelInner>,
     st: RefCell<State>,
-    /// Registered with the session (weakly): drains replies that nobody
-    /// awaits, so that abandoned requests never stall the channel.
-    _drain: Rc<dyn Fn()>,
+    /// Registered with the session (weakly), and kept alive here: drains
+    /// replies that nobody awaits, so that abandoned requests never stall
+    /// the channel.
+    drain_hook: Rc<dyn Fn()>,
 }
 
 impl Client {
@@ -183,7 +184,7 @@ impl Client {
                 }
             });
             Client {
-                _drain: drain,
+                drain_hook: drain,
                 chan,
                 st: RefCell::new(State::new(leftover)),
             }
@@ -192,7 +193,7 @@ impl Client {
             .chan
             .session
             .transport
-            .add_recv_hook(Rc::downgrade(&client._drain));
+            .add_recv_hook(Rc::downgrade(&client.drain_hook));
         client
     }
 
@@ -232,7 +233,7 @@ impl Client {
     /// Queues a request built by `build` (given the buffer and the id) and
     /// returns the future of its reply. `is_open`: the reply carries a
     /// handle that must be closed if nobody takes it.
-    pub(crate) fn request(
+    fn request(
         self: &Rc<Self>,
         is_open: bool,
         build: impl FnOnce(&mut Vec<u8>, u32),
@@ -251,7 +252,7 @@ impl Client {
 
     /// Queues a request whose reply nobody waits for (a CLOSE of a dropped
     /// file), and makes sure it is sent even if no other request follows.
-    pub(crate) fn send_and_forget(self: &Rc<Self>, build: impl FnOnce(&mut Vec<u8>, u32)) {
+    fn send_and_forget(self: &Rc<Self>, build: impl FnOnce(&mut Vec<u8>, u32)) {
         let mut st = self.st.borrow_mut();
         if st.dead.is_some() {
             return;
@@ -345,7 +346,7 @@ impl Client {
     /// Reads from the channel and dispatches every complete reply, until
     /// the channel has nothing more ([`Read::Drained`]), the channel failed
     /// ([`Read::Dead`]), or a cap on work per call is hit ([`Read::More`]).
-    fn read_replies(&self, cx: &mut Context<'_>) -> Read {
+    fn read_replies(self: &Rc<Self>, cx: &mut Context<'_>) -> Read {
         for _ in 0..READS_PER_POLL {
             if !self.dispatch() {
                 return Read::Dead;
@@ -404,14 +405,16 @@ impl Client {
     /// Hands every complete reply in the receive buffer to its slot, wakes
     /// the waiters and queues the CLOSEs owed; `false` if the server broke
     /// the protocol and the channel is now dead.
-    fn dispatch(&self) -> bool {
+    fn dispatch(self: &Rc<Self>) -> bool {
         let mut done = Dispatched::default();
         let r = self.st.borrow_mut().dispatch(&mut done);
         for w in done.wake {
             w.wake();
         }
+        // Dispatching may run on the driver task with no waiter left to
+        // flush: each CLOSE schedules its own send.
         for h in done.close {
-            self.close_handle_later(h);
+            self.close_in_background(&h);
         }
         match r {
             Ok(()) => true,
@@ -422,27 +425,9 @@ impl Client {
         }
     }
 
-    /// Sends CLOSE for `handle` without waiting for its reply.
-    pub(crate) fn close_handle_later(self: &Client, handle: Vec<u8>) {
-        // `send_and_forget` needs the Rc for its deferred flush; replies are
-        // dispatched from a `&Client`, so queue directly: the next waiter
-        // (there is one: we are inside a poll) flushes it.
-        let mut st = self.st.borrow_mut();
-        if st.dead.is_some() {
-            return;
-        }
-        let id = st.slots.insert(Slot::Abandoned {
-            close_handle: false,
-        });
-        codec::Request::new(&mut st.out, fxp::CLOSE, id as u32)
-            .str(&handle)
-            .finish();
-        st.requests += 1;
-    }
-
     /// A waiter's turn at the IO: hand queued requests on (waiting for
     /// the window with `cx` if it is full) and read what is buffered.
-    fn poll_io(&self, cx: &mut Context<'_>) {
+    fn poll_io(self: &Rc<Self>, cx: &mut Context<'_>) {
         if let Poll::Ready(Err(_)) = self.flush(cx) {
             return;
         }
@@ -453,6 +438,185 @@ impl Client {
         }
         // Replies may have queued CLOSEs of abandoned opens.
         let _ = self.flush(cx);
+    }
+}
+
+/// The typed requests: the one place where request packets are encoded.
+/// Paths and handles are the bytes sent on the wire.
+impl Client {
+    /// The INIT packet asking for protocol `version`, sent before the
+    /// engine starts (INIT carries no request id).
+    pub(crate) fn init_packet(version: u32) -> Vec<u8> {
+        let mut out = Vec::new();
+        Request::new(&mut out, fxp::INIT, 0).u32(version).finish();
+        out
+    }
+
+    /// A request of type `kind` whose only field is `s` (a path or a
+    /// handle).
+    fn one_str(self: &Rc<Self>, kind: u8, s: &[u8]) -> ReplyFuture {
+        self.request(false, |out, id| {
+            Request::new(out, kind, id).str(s).finish();
+        })
+    }
+
+    /// A request of type `kind` on `s` (a path or a handle) and `attrs`.
+    fn str_attrs(self: &Rc<Self>, kind: u8, s: &[u8], attrs: &FileAttributes) -> ReplyFuture {
+        self.request(false, |out, id| {
+            Request::new(out, kind, id).str(s).attrs(attrs).finish();
+        })
+    }
+
+    /// A request of type `kind` on two paths.
+    fn two_str(self: &Rc<Self>, kind: u8, a: &[u8], b: &[u8]) -> ReplyFuture {
+        self.request(false, |out, id| {
+            Request::new(out, kind, id).str(a).str(b).finish();
+        })
+    }
+
+    /// OPEN `path` with `flags` (`SSH_FXF_*`); the handle in its reply is
+    /// closed if the future is dropped before taking it.
+    pub(crate) fn open(
+        self: &Rc<Self>,
+        path: &[u8],
+        flags: u32,
+        attrs: &FileAttributes,
+    ) -> ReplyFuture {
+        self.request(true, |out, id| {
+            Request::new(out, fxp::OPEN, id)
+                .str(path)
+                .u32(flags)
+                .attrs(attrs)
+                .finish();
+        })
+    }
+
+    /// OPENDIR `path`; like [`Client::open`], an untaken handle is closed.
+    pub(crate) fn opendir(self: &Rc<Self>, path: &[u8]) -> ReplyFuture {
+        self.request(true, |out, id| {
+            Request::new(out, fxp::OPENDIR, id).str(path).finish();
+        })
+    }
+
+    /// CLOSE `handle`.
+    pub(crate) fn close(self: &Rc<Self>, handle: &[u8]) -> ReplyFuture {
+        self.one_str(fxp::CLOSE, handle)
+    }
+
+    /// CLOSE `handle` without waiting for the reply; sent even if no other
+    /// request follows.
+    pub(crate) fn close_in_background(self: &Rc<Self>, handle: &[u8]) {
+        self.send_and_forget(|out, id| {
+            Request::new(out, fxp::CLOSE, id).str(handle).finish();
+        });
+    }
+
+    /// READ `len` bytes of `handle` at `offset`.
+    pub(crate) fn read(self: &Rc<Self>, handle: &[u8], offset: u64, len: u32) -> ReplyFuture {
+        self.request(false, |out, id| {
+            Request::new(out, fxp::READ, id)
+                .str(handle)
+                .u64(offset)
+                .u32(len)
+                .finish();
+        })
+    }
+
+    /// WRITE `data` to `handle` at `offset`.
+    pub(crate) fn write(self: &Rc<Self>, handle: &[u8], offset: u64, data: &[u8]) -> ReplyFuture {
+        self.request(false, |out, id| {
+            out.reserve(codec::WRITE_HEADER + handle.len() + data.len());
+            Request::new(out, fxp::WRITE, id)
+                .str(handle)
+                .u64(offset)
+                .str(data)
+                .finish();
+        })
+    }
+
+    /// READDIR: the next batch of names of the directory `handle`.
+    pub(crate) fn readdir(self: &Rc<Self>, handle: &[u8]) -> ReplyFuture {
+        self.one_str(fxp::READDIR, handle)
+    }
+
+    /// FSTAT `handle`.
+    pub(crate) fn fstat(self: &Rc<Self>, handle: &[u8]) -> ReplyFuture {
+        self.one_str(fxp::FSTAT, handle)
+    }
+
+    /// FSETSTAT `handle` to `attrs`.
+    pub(crate) fn fsetstat(self: &Rc<Self>, handle: &[u8], attrs: &FileAttributes) -> ReplyFuture {
+        self.str_attrs(fxp::FSETSTAT, handle, attrs)
+    }
+
+    /// STAT `path` (following links).
+    pub(crate) fn stat(self: &Rc<Self>, path: &[u8]) -> ReplyFuture {
+        self.one_str(fxp::STAT, path)
+    }
+
+    /// LSTAT `path` (not following a link).
+    pub(crate) fn lstat(self: &Rc<Self>, path: &[u8]) -> ReplyFuture {
+        self.one_str(fxp::LSTAT, path)
+    }
+
+    /// SETSTAT `path` to `attrs`.
+    pub(crate) fn setstat(self: &Rc<Self>, path: &[u8], attrs: &FileAttributes) -> ReplyFuture {
+        self.str_attrs(fxp::SETSTAT, path, attrs)
+    }
+
+    /// MKDIR `path` with `attrs`.
+    pub(crate) fn mkdir(self: &Rc<Self>, path: &[u8], attrs: &FileAttributes) -> ReplyFuture {
+        self.str_attrs(fxp::MKDIR, path, attrs)
+    }
+
+    /// RMDIR `path`.
+    pub(crate) fn rmdir(self: &Rc<Self>, path: &[u8]) -> ReplyFuture {
+        self.one_str(fxp::RMDIR, path)
+    }
+
+    /// REMOVE `path`.
+    pub(crate) fn remove(self: &Rc<Self>, path: &[u8]) -> ReplyFuture {
+        self.one_str(fxp::REMOVE, path)
+    }
+
+    /// REMOVE `path` without waiting for the reply.
+    pub(crate) fn remove_in_background(self: &Rc<Self>, path: &[u8]) {
+        self.send_and_forget(|out, id| {
+            Request::new(out, fxp::REMOVE, id).str(path).finish();
+        });
+    }
+
+    /// RENAME `from` to `to` (SFTP v3: refused if `to` exists).
+    pub(crate) fn rename(self: &Rc<Self>, from: &[u8], to: &[u8]) -> ReplyFuture {
+        self.two_str(fxp::RENAME, from, to)
+    }
+
+    /// SYMLINK at `link` to `target`, in OpenSSH's order: target first
+    /// (the draft has them the other way round; OpenSSH's server reads
+    /// them so, and every OpenSSH client sends them so).
+    pub(crate) fn symlink(self: &Rc<Self>, target: &[u8], link: &[u8]) -> ReplyFuture {
+        self.two_str(fxp::SYMLINK, target, link)
+    }
+
+    /// REALPATH `path`.
+    pub(crate) fn realpath(self: &Rc<Self>, path: &[u8]) -> ReplyFuture {
+        self.one_str(fxp::REALPATH, path)
+    }
+
+    /// READLINK `path`.
+    pub(crate) fn readlink(self: &Rc<Self>, path: &[u8]) -> ReplyFuture {
+        self.one_str(fxp::READLINK, path)
+    }
+
+    /// The extension request `name` with `args`, each sent as a string.
+    pub(crate) fn extended(self: &Rc<Self>, name: &str, args: &[&[u8]]) -> ReplyFuture {
+        self.request(false, |out, id| {
+            let mut r = Request::new(out, fxp::EXTENDED, id).str(name.as_bytes());
+            for a in args {
+                r = r.str(a);
+            }
+            r.finish();
+        })
     }
 }
 
@@ -626,10 +790,7 @@ impl Drop for ReplyFuture {
             }
         }
         if let Some(h) = handle {
-            let c = self.client.clone();
-            c.send_and_forget(|out, id| {
-                codec::Request::new(out, fxp::CLOSE, id).str(&h).finish();
-            });
+            self.client.close_in_background(&h);
         }
     }
 }

@@ -64,6 +64,22 @@ pub mod status {
     pub const OP_UNSUPPORTED: u32 = 8;
 }
 
+/// The name of an SFTP status code.
+pub fn status_name(code: u32) -> &'static str {
+    match code {
+        status::OK => "OK",
+        status::EOF => "EOF",
+        status::NO_SUCH_FILE => "no such file",
+        status::PERMISSION_DENIED => "permission denied",
+        status::FAILURE => "failure",
+        status::BAD_MESSAGE => "bad message",
+        status::NO_CONNECTION => "no connection",
+        status::CONNECTION_LOST => "connection lost",
+        status::OP_UNSUPPORTED => "operation unsupported",
+        _ => "unknown status",
+    }
+}
+
 /// Open flags (`SSH_FXF_*`).
 pub(crate) mod open_flags {
     pub const READ: u32 = 0x01;

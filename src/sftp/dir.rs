@@ -8,7 +8,7 @@ use std::rc::Rc;
 use std::task::{Context, Poll, ready};
 
 use super::client::{ReplyFuture, status_ok, unexpected};
-use super::codec::{self, FileAttributes, NameEntry, Reply, fxp};
+use super::codec::{self, FileAttributes, NameEntry, Reply};
 use super::file::Handle;
 use super::{Sftp, wire};
 use crate::error::{Error, Result};
@@ -77,14 +77,7 @@ impl ReadDir {
         let p = wire(path);
         let h = sftp
             .timed("SFTP opendir", async {
-                let r = sftp
-                    .inner
-                    .client
-                    .request(true, |out, id| {
-                        codec::Request::new(out, fxp::OPENDIR, id).str(p).finish();
-                    })
-                    .await?;
-                match r {
+                match sftp.inner.client.opendir(p).await? {
                     Reply::Handle(h) => Ok(h),
                     other => Err(unexpected(other, Some(p))),
                 }
@@ -116,12 +109,9 @@ impl ReadDir {
                 self.done = true;
                 return Poll::Ready(Some(Err(Error::Closed("SFTP directory"))));
             }
-            let f = self.pending.get_or_insert_with(|| {
-                let h = &self.handle.bytes;
-                self.sftp.inner.client.request(false, |out, id| {
-                    codec::Request::new(out, fxp::READDIR, id).str(h).finish();
-                })
-            });
+            let f = self
+                .pending
+                .get_or_insert_with(|| self.sftp.inner.client.readdir(&self.handle.bytes));
             let r = ready!(Pin::new(f).poll(cx));
             self.pending = None;
             match r {
@@ -162,17 +152,7 @@ impl ReadDir {
         let h = self.handle.clone();
         self.sftp
             .timed("SFTP close", async {
-                let r = self
-                    .sftp
-                    .inner
-                    .client
-                    .request(false, |out, id| {
-                        codec::Request::new(out, fxp::CLOSE, id)
-                            .str(&h.bytes)
-                            .finish();
-                    })
-                    .await?;
-                status_ok(r, None)
+                status_ok(self.sftp.inner.client.close(&h.bytes).await?, None)
             })
             .await
     }
@@ -190,10 +170,10 @@ impl Drop for ReadDir {
     fn drop(&mut self) {
         self.pending = None;
         if !self.handle.closed.replace(true) {
-            let h = &self.handle.bytes;
-            self.sftp.inner.client.send_and_forget(|out, id| {
-                codec::Request::new(out, fxp::CLOSE, id).str(h).finish();
-            });
+            self.sftp
+                .inner
+                .client
+                .close_in_background(&self.handle.bytes);
         }
     }
 }

@@ -2,7 +2,6 @@
 //! `AsyncSeek`, reading ahead and writing behind with several requests in
 //! flight.
 
-use std::collections::VecDeque;
 use std::future::Future;
 use std::io::{self, SeekFrom};
 use std::path::Path;
@@ -13,7 +12,8 @@ use std::task::{Context, Poll, ready};
 use tokio::io::{AsyncRead, AsyncSeek, AsyncWrite, ReadBuf};
 
 use super::client::{Client, ReplyFuture, status_ok, unexpected};
-use super::codec::{self, FileAttributes, Reply, fxp, open_flags};
+use super::codec::{self, FileAttributes, Reply, open_flags};
+use super::pipeline::{Chunk, ReadPipeline, WritePipeline};
 use super::{Sftp, StatVfs, check_attrs, protocol, wire};
 use crate::error::{Error, Result};
 
@@ -160,18 +160,7 @@ pub(crate) async fn open_handle(
         permissions: Some(mode),
         ..Default::default()
     };
-    let r = sftp
-        .inner
-        .client
-        .request(true, |out, id| {
-            codec::Request::new(out, fxp::OPEN, id)
-                .str(p)
-                .u32(flags)
-                .attrs(&attrs)
-                .finish();
-        })
-        .await?;
-    match r {
+    match sftp.inner.client.open(p, flags, &attrs).await? {
         Reply::Handle(h) => Ok(h),
         other => Err(unexpected(other, Some(p))),
     }
@@ -204,10 +193,8 @@ pub struct File {
     handle: Rc<Handle>,
     /// The cursor: where the next read or write starts.
     pos: u64,
-    /// In-flight reads: (offset, length, reply), in offset order.
-    reads: VecDeque<(u64, u32, ReplyFuture)>,
-    /// Where the next read-ahead request starts.
-    next_read: u64,
+    /// In-flight reads, from where the read-ahead started.
+    reads: ReadPipeline,
     /// How many reads may be in flight: grows while reading is sequential.
     depth: usize,
     /// Received data not yet handed out, from `buf_pos`.
@@ -215,7 +202,7 @@ pub struct File {
     buf_pos: usize,
     eof: bool,
     /// In-flight writes.
-    writes: VecDeque<(u32, ReplyFuture)>,
+    writes: WritePipeline,
     write_error: Option<Error>,
     seek: SeekState,
 }
@@ -242,13 +229,12 @@ impl File {
             sftp,
             handle,
             pos: 0,
-            reads: VecDeque::new(),
-            next_read: 0,
+            reads: ReadPipeline::default(),
             depth: 1,
             buf: Vec::new(),
             buf_pos: 0,
             eof: false,
-            writes: VecDeque::new(),
+            writes: WritePipeline::default(),
             write_error: None,
             seek: SeekState::Idle,
         }
@@ -266,39 +252,6 @@ impl File {
         }
     }
 
-    /// A READ of `len` bytes at `offset`, not touching the cursor.
-    pub(crate) fn read_request(
-        client: &Rc<Client>,
-        handle: &[u8],
-        offset: u64,
-        len: u32,
-    ) -> ReplyFuture {
-        client.request(false, |out, id| {
-            codec::Request::new(out, fxp::READ, id)
-                .str(handle)
-                .u64(offset)
-                .u32(len)
-                .finish();
-        })
-    }
-
-    /// A WRITE of `data` at `offset`, not touching the cursor.
-    pub(crate) fn write_request(
-        client: &Rc<Client>,
-        handle: &[u8],
-        offset: u64,
-        data: &[u8],
-    ) -> ReplyFuture {
-        client.request(false, |out, id| {
-            out.reserve(codec::WRITE_HEADER + handle.len() + data.len());
-            codec::Request::new(out, fxp::WRITE, id)
-                .str(handle)
-                .u64(offset)
-                .str(data)
-                .finish();
-        })
-    }
-
     /// Reads up to `len` bytes at `offset` without moving the cursor; an
     /// empty result means end of file.
     pub async fn read_at(&self, offset: u64, len: u32) -> Result<Vec<u8>> {
@@ -308,7 +261,7 @@ impl File {
             .sftp
             .timed(
                 "SFTP read",
-                File::read_request(self.client(), &self.handle.bytes, offset, len),
+                self.client().read(&self.handle.bytes, offset, len),
             )
             .await?;
         match r {
@@ -331,12 +284,8 @@ impl File {
             .chunks(size.max(1))
             .enumerate()
             .map(|(i, c)| {
-                File::write_request(
-                    self.client(),
-                    &self.handle.bytes,
-                    offset + (i * size) as u64,
-                    c,
-                )
+                self.client()
+                    .write(&self.handle.bytes, offset + (i * size) as u64, c)
             })
             .collect();
         self.sftp
@@ -349,32 +298,24 @@ impl File {
             .await
     }
 
+    /// A request on the file's handle (made by `request`, given the client
+    /// and the handle).
     async fn handle_op(
         &self,
         operation: &'static str,
-        kind: u8,
-        attrs: Option<&FileAttributes>,
+        request: impl FnOnce(&Rc<Client>, &[u8]) -> ReplyFuture,
     ) -> Result<Reply> {
         self.check_open()?;
-        let h = &self.handle.bytes;
         self.sftp
             .timed(operation, async {
-                self.client()
-                    .request(false, |out, id| {
-                        let r = codec::Request::new(out, kind, id).str(h);
-                        match attrs {
-                            Some(a) => r.attrs(a).finish(),
-                            None => r.finish(),
-                        };
-                    })
-                    .await
+                request(self.client(), &self.handle.bytes).await
             })
             .await
     }
 
     /// The file's attributes (`FSTAT`).
     pub async fn stat(&self) -> Result<FileAttributes> {
-        match self.handle_op("SFTP fstat", fxp::FSTAT, None).await? {
+        match self.handle_op("SFTP fstat", |c, h| c.fstat(h)).await? {
             Reply::Attrs(a) => Ok(a),
             other => Err(unexpected(other, None)),
         }
@@ -384,7 +325,7 @@ impl File {
     pub async fn setstat(&self, attrs: &FileAttributes) -> Result<()> {
         check_attrs(attrs)?;
         status_ok(
-            self.handle_op("SFTP fsetstat", fxp::FSETSTAT, Some(attrs))
+            self.handle_op("SFTP fsetstat", |c, h| c.fsetstat(h, attrs))
                 .await?,
             None,
         )
@@ -403,7 +344,7 @@ impl File {
                 "SFTP fsync",
                 self.sftp.inner.extensions.fsync,
                 "fsync@openssh.com",
-                |r| r.str(&h.bytes),
+                &[&h.bytes],
             )
             .await?;
         status_ok(r, None)
@@ -420,7 +361,7 @@ impl File {
                 "SFTP fstatvfs",
                 self.sftp.inner.extensions.fstatvfs,
                 "fstatvfs@openssh.com",
-                |r| r.str(&h.bytes),
+                &[&h.bytes],
             )
             .await?;
         match r {
@@ -433,7 +374,7 @@ impl File {
     /// the server's answer: the first error of any write, or of the close.
     pub async fn close(mut self) -> Result<()> {
         let flushed = std::future::poll_fn(|cx| self.poll_writes(cx, 0)).await;
-        self.reads.clear();
+        self.reads.restart(self.pos);
         if self.handle.closed.replace(true) {
             return flushed;
         }
@@ -441,15 +382,7 @@ impl File {
         let r = self
             .sftp
             .timed("SFTP close", async {
-                let r = self
-                    .client()
-                    .request(false, |out, id| {
-                        codec::Request::new(out, fxp::CLOSE, id)
-                            .str(&h.bytes)
-                            .finish();
-                    })
-                    .await?;
-                status_ok(r, None)
+                status_ok(self.client().close(&h.bytes).await?, None)
             })
             .await;
         flushed.and(r)
@@ -458,10 +391,7 @@ impl File {
     /// Polls finished writes off the front until at most `keep` remain.
     fn poll_writes(&mut self, cx: &mut Context<'_>, keep: usize) -> Poll<Result<()>> {
         while self.writes.len() > keep {
-            let (_, f) = self.writes.front_mut().expect("non-empty");
-            let r = ready!(Pin::new(f).poll(cx));
-            self.writes.pop_front();
-            if let Err(e) = r.and_then(|r| status_ok(r, None)) {
+            if let Some(Err(e)) = ready!(self.writes.poll_front(cx, None)) {
                 self.write_error.get_or_insert(e);
             }
         }
@@ -473,10 +403,9 @@ impl File {
 
     /// Drops the read-ahead: the cursor moved.
     fn reset_reads(&mut self) {
-        self.reads.clear();
+        self.reads.restart(self.pos);
         self.buf.clear();
         self.buf_pos = 0;
-        self.next_read = self.pos;
         self.depth = 1;
         self.eof = false;
     }
@@ -499,40 +428,19 @@ impl File {
             }
             let size = self.sftp.inner.read_size;
             while self.reads.len() < self.depth {
-                let f = File::read_request(self.client(), &self.handle.bytes, self.next_read, size);
-                self.reads.push_back((self.next_read, size, f));
-                self.next_read += size as u64;
+                self.reads
+                    .push(&self.sftp.inner.client, &self.handle.bytes, size, ());
             }
-            let (off, len, f) = self.reads.front_mut().expect("non-empty");
-            let (off, len) = (*off, *len);
-            let r = ready!(Pin::new(f).poll(cx));
-            self.reads.pop_front();
-            match r? {
-                Reply::Data(d) if d.len() <= len as usize && !d.is_empty() => {
-                    if d.len() < len as usize {
-                        // A short read: the requests behind it assumed a
-                        // full one. Ask again from where the data ends.
-                        self.reads.clear();
-                        self.next_read = off + d.len() as u64;
-                    } else if self.depth * (size as usize) < READ_AHEAD_BYTES {
+            match ready!(self.reads.poll_front(cx, None))? {
+                Chunk::Data { data, short, .. } => {
+                    // A short read restarted the read-ahead from its end.
+                    if !short && self.depth * (size as usize) < READ_AHEAD_BYTES {
                         self.depth *= 2;
                     }
-                    self.buf = d;
+                    self.buf = data;
                     self.buf_pos = 0;
                 }
-                Reply::Data(_) => {
-                    return Poll::Ready(Err(Error::Protocol(
-                        "READ reply empty or longer than asked".into(),
-                    )));
-                }
-                Reply::Status {
-                    code: codec::status::EOF,
-                    ..
-                } => {
-                    self.reads.clear();
-                    self.eof = true;
-                }
-                other => return Poll::Ready(Err(unexpected(other, None))),
+                Chunk::Eof { .. } => self.eof = true,
             }
         }
     }
@@ -548,17 +456,16 @@ impl File {
         if n == 0 {
             return Poll::Ready(Ok(0));
         }
-        let f = File::write_request(self.client(), &self.handle.bytes, self.pos, &data[..n]);
-        self.writes.push_back((n as u32, f));
+        self.writes.push(
+            &self.sftp.inner.client,
+            &self.handle.bytes,
+            self.pos,
+            &data[..n],
+            (),
+        );
         self.pos += n as u64;
-        // Poll once so the request is handed to libssh2 now.
-        if let Some((_, f)) = self.writes.back_mut()
-            && let Poll::Ready(r) = Pin::new(f).poll(cx)
-        {
-            self.writes.pop_back();
-            if let Err(e) = r.and_then(|r| status_ok(r, None)) {
-                self.write_error.get_or_insert(e);
-            }
+        if let Some(Err(e)) = self.writes.poll_back(cx) {
+            self.write_error.get_or_insert(e);
         }
         Poll::Ready(Ok(n))
     }
@@ -613,15 +520,7 @@ impl AsyncSeek for File {
         this.seek = match to {
             SeekFrom::Start(n) => SeekState::Done(n),
             SeekFrom::Current(d) => SeekState::Done(target(this.pos, d)?),
-            SeekFrom::End(d) => {
-                let h = this.handle.clone();
-                let f = this.client().request(false, |out, id| {
-                    codec::Request::new(out, fxp::FSTAT, id)
-                        .str(&h.bytes)
-                        .finish();
-                });
-                SeekState::Sizing(f, d)
-            }
+            SeekFrom::End(d) => SeekState::Sizing(this.client().fstat(&this.handle.bytes), d),
         };
         Ok(())
     }
@@ -684,10 +583,7 @@ impl Drop for File {
                 .run_soon(Box::new(move |_| drop(parked)));
         }
         if !self.handle.closed.replace(true) {
-            let h = &self.handle.bytes;
-            self.client().send_and_forget(|out, id| {
-                codec::Request::new(out, fxp::CLOSE, id).str(h).finish();
-            });
+            self.client().close_in_background(&self.handle.bytes);
         }
     }
 }

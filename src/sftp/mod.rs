@@ -22,6 +22,7 @@ mod client;
 pub mod codec;
 mod dir;
 mod file;
+mod pipeline;
 mod transfer;
 #[cfg(fuzzing)]
 pub(crate) use transfer::fuzz_tree as transfer_fuzz_tree;
@@ -29,7 +30,7 @@ pub(crate) use transfer::fuzz_tree as transfer_fuzz_tree;
 use std::path::Path;
 use std::rc::Rc;
 
-pub use codec::{FileAttributes, Limits, StatVfs, status};
+pub use codec::{FileAttributes, Limits, StatVfs, status, status_name};
 pub use dir::{DirEntry, ReadDir};
 pub use file::{File, OpenOptions};
 pub use transfer::{
@@ -39,24 +40,8 @@ pub use transfer::{
 
 use crate::error::{Error, Result};
 use crate::session::Session;
-use client::{Client, status_ok, unexpected};
-use codec::{Reply, fxp};
-
-/// The name of an SFTP status code.
-pub fn status_name(code: u32) -> &'static str {
-    match code {
-        status::OK => "OK",
-        status::EOF => "EOF",
-        status::NO_SUCH_FILE => "no such file",
-        status::PERMISSION_DENIED => "permission denied",
-        status::FAILURE => "failure",
-        status::BAD_MESSAGE => "bad message",
-        status::NO_CONNECTION => "no connection",
-        status::CONNECTION_LOST => "connection lost",
-        status::OP_UNSUPPORTED => "operation unsupported",
-        _ => "unknown status",
-    }
-}
+use client::{Client, ReplyFuture, status_ok, unexpected};
+use codec::Reply;
 
 /// Read and write sizes used when the server announces no limits: the
 /// sizes every SFTP v3 server must accept.
@@ -196,10 +181,7 @@ impl Session {
 
 impl Sftp {
     async fn init(chan: Rc<crate::channel::ChannelInner>) -> Result<Sftp> {
-        let mut hello = Vec::new();
-        codec::Request::new(&mut hello, fxp::INIT, 0)
-            .u32(3)
-            .finish();
+        let hello = Client::init_packet(3);
         let mut pos = 0;
         while pos < hello.len() {
             pos += std::future::poll_fn(|cx| chan.poll_write_raw(cx, &hello[pos..])).await?;
@@ -244,13 +226,7 @@ impl Sftp {
         }
         let client = Client::new(chan, &buf[len..end]);
         let announced = if extensions.limits {
-            let r = client
-                .request(false, |out, id| {
-                    codec::Request::new(out, fxp::EXTENDED, id)
-                        .str(b"limits@openssh.com")
-                        .finish();
-                })
-                .await?;
+            let r = client.extended("limits@openssh.com", &[]).await?;
             match r {
                 Reply::Extended(d) => codec::decode_limits(&d).map_err(protocol)?,
                 other => return Err(unexpected(other, None)),
@@ -327,32 +303,17 @@ impl Sftp {
             .await
     }
 
-    /// A request on a path whose reply is a STATUS.
-    async fn path_op(&self, operation: &'static str, kind: u8, path: &Path) -> Result<()> {
-        let p = wire(path);
-        self.timed(operation, async {
-            let r = self
-                .inner
-                .client
-                .request(false, |out, id| {
-                    codec::Request::new(out, kind, id).str(p).finish();
-                })
-                .await?;
-            status_ok(r, Some(p))
-        })
-        .await
-    }
-
-    /// A request on two paths whose reply is a STATUS.
-    async fn two_path_op(
+    /// A request (made by `request`, given the client) whose reply is a
+    /// STATUS; `path` names the file in its error.
+    async fn status_op(
         &self,
         operation: &'static str,
-        build: impl FnOnce(&mut Vec<u8>, u32),
-        path: &Path,
+        path: &[u8],
+        request: impl FnOnce(&Rc<Client>) -> ReplyFuture,
     ) -> Result<()> {
         self.timed(operation, async {
-            let r = self.inner.client.request(false, build).await?;
-            status_ok(r, Some(wire(path)))
+            let r = request(&self.inner.client).await?;
+            status_ok(r, Some(path))
         })
         .await
     }
@@ -364,7 +325,7 @@ impl Sftp {
         operation: &'static str,
         offered: bool,
         name: &'static str,
-        build: impl FnOnce(codec::Request<'_>) -> codec::Request<'_>,
+        args: &[&[u8]],
     ) -> Result<Reply> {
         if !offered {
             return Err(Error::Io(std::io::Error::new(
@@ -373,33 +334,21 @@ impl Sftp {
             )));
         }
         self.timed(operation, async {
-            self.inner
-                .client
-                .request(false, |out, id| {
-                    build(codec::Request::new(out, fxp::EXTENDED, id).str(name.as_bytes()))
-                        .finish();
-                })
-                .await
+            self.inner.client.extended(name, args).await
         })
         .await
     }
 
+    /// A request on `path` whose reply is its attributes.
     async fn attrs_op(
         &self,
         operation: &'static str,
-        kind: u8,
         path: &Path,
+        request: impl FnOnce(&Rc<Client>, &[u8]) -> ReplyFuture,
     ) -> Result<FileAttributes> {
         let p = wire(path);
         self.timed(operation, async {
-            let r = self
-                .inner
-                .client
-                .request(false, |out, id| {
-                    codec::Request::new(out, kind, id).str(p).finish();
-                })
-                .await?;
-            match r {
+            match request(&self.inner.client, p).await? {
                 Reply::Attrs(a) => Ok(a),
                 other => Err(unexpected(other, Some(p))),
             }
@@ -409,12 +358,14 @@ impl Sftp {
 
     /// The attributes of `path`, following symbolic links.
     pub async fn stat(&self, path: impl AsRef<Path>) -> Result<FileAttributes> {
-        self.attrs_op("SFTP stat", fxp::STAT, path.as_ref()).await
+        self.attrs_op("SFTP stat", path.as_ref(), |c, p| c.stat(p))
+            .await
     }
 
     /// The attributes of `path` itself, not following a symbolic link.
     pub async fn lstat(&self, path: impl AsRef<Path>) -> Result<FileAttributes> {
-        self.attrs_op("SFTP lstat", fxp::LSTAT, path.as_ref()).await
+        self.attrs_op("SFTP lstat", path.as_ref(), |c, p| c.lstat(p))
+            .await
     }
 
     /// Changes the attributes present in `attrs` (size truncates or
@@ -422,17 +373,8 @@ impl Sftp {
     pub async fn setstat(&self, path: impl AsRef<Path>, attrs: &FileAttributes) -> Result<()> {
         check_attrs(attrs)?;
         let p = wire(path.as_ref());
-        self.two_path_op(
-            "SFTP setstat",
-            |out, id| {
-                codec::Request::new(out, fxp::SETSTAT, id)
-                    .str(p)
-                    .attrs(attrs)
-                    .finish();
-            },
-            path.as_ref(),
-        )
-        .await
+        self.status_op("SFTP setstat", p, |c| c.setstat(p, attrs))
+            .await
     }
 
     /// Creates a directory with permission bits `mode`.
@@ -442,28 +384,20 @@ impl Sftp {
             permissions: Some(mode & 0o7777),
             ..Default::default()
         };
-        self.two_path_op(
-            "SFTP mkdir",
-            |out, id| {
-                codec::Request::new(out, fxp::MKDIR, id)
-                    .str(p)
-                    .attrs(&attrs)
-                    .finish();
-            },
-            path.as_ref(),
-        )
-        .await
+        self.status_op("SFTP mkdir", p, |c| c.mkdir(p, &attrs))
+            .await
     }
 
     /// Removes an empty directory.
     pub async fn rmdir(&self, path: impl AsRef<Path>) -> Result<()> {
-        self.path_op("SFTP rmdir", fxp::RMDIR, path.as_ref()).await
+        let p = wire(path.as_ref());
+        self.status_op("SFTP rmdir", p, |c| c.rmdir(p)).await
     }
 
     /// Removes a file (or a symbolic link).
     pub async fn unlink(&self, path: impl AsRef<Path>) -> Result<()> {
-        self.path_op("SFTP unlink", fxp::REMOVE, path.as_ref())
-            .await
+        let p = wire(path.as_ref());
+        self.status_op("SFTP unlink", p, |c| c.remove(p)).await
     }
 
     /// Renames `from` to `to`, replacing `to` if it exists when the server
@@ -473,41 +407,17 @@ impl Sftp {
         let (f, t) = (wire(from.as_ref()), wire(to.as_ref()));
         if self.inner.extensions.posix_rename {
             let r = self
-                .extended("SFTP rename", true, "posix-rename@openssh.com", |r| {
-                    r.str(f).str(t)
-                })
+                .extended("SFTP rename", true, "posix-rename@openssh.com", &[f, t])
                 .await?;
             return status_ok(r, Some(f));
         }
-        self.two_path_op(
-            "SFTP rename",
-            |out, id| {
-                codec::Request::new(out, fxp::RENAME, id)
-                    .str(f)
-                    .str(t)
-                    .finish();
-            },
-            from.as_ref(),
-        )
-        .await
+        self.status_op("SFTP rename", f, |c| c.rename(f, t)).await
     }
 
     /// Creates a symbolic link at `link` pointing to `target`.
     pub async fn symlink(&self, target: impl AsRef<Path>, link: impl AsRef<Path>) -> Result<()> {
         let (t, l) = (wire(target.as_ref()), wire(link.as_ref()));
-        // OpenSSH's server reads the two paths in the opposite order from
-        // the draft (target first); every OpenSSH client sends them so.
-        self.two_path_op(
-            "SFTP symlink",
-            |out, id| {
-                codec::Request::new(out, fxp::SYMLINK, id)
-                    .str(t)
-                    .str(l)
-                    .finish();
-            },
-            link.as_ref(),
-        )
-        .await
+        self.status_op("SFTP symlink", l, |c| c.symlink(t, l)).await
     }
 
     /// Creates a hard link `link` to `target` (`hardlink@openssh.com`).
@@ -515,24 +425,21 @@ impl Sftp {
         let (t, l) = (wire(target.as_ref()), wire(link.as_ref()));
         let offered = self.inner.extensions.hardlink;
         let r = self
-            .extended("SFTP hardlink", offered, "hardlink@openssh.com", |r| {
-                r.str(t).str(l)
-            })
+            .extended("SFTP hardlink", offered, "hardlink@openssh.com", &[t, l])
             .await?;
         status_ok(r, Some(l))
     }
 
-    async fn name_op(&self, operation: &'static str, kind: u8, path: &Path) -> Result<Vec<u8>> {
+    /// A request on `path` whose reply is one name.
+    async fn name_op(
+        &self,
+        operation: &'static str,
+        path: &Path,
+        request: impl FnOnce(&Rc<Client>, &[u8]) -> ReplyFuture,
+    ) -> Result<Vec<u8>> {
         let p = wire(path);
         self.timed(operation, async {
-            let r = self
-                .inner
-                .client
-                .request(false, |out, id| {
-                    codec::Request::new(out, kind, id).str(p).finish();
-                })
-                .await?;
-            match r {
+            match request(&self.inner.client, p).await? {
                 Reply::Name(mut n) if n.len() == 1 => Ok(n.remove(0).filename),
                 other => Err(unexpected(other, Some(p))),
             }
@@ -543,7 +450,7 @@ impl Sftp {
     /// The target of a symbolic link.
     pub async fn readlink(&self, path: impl AsRef<Path>) -> Result<std::path::PathBuf> {
         let b = self
-            .name_op("SFTP readlink", fxp::READLINK, path.as_ref())
+            .name_op("SFTP readlink", path.as_ref(), |c, p| c.readlink(p))
             .await?;
         Ok(path_from(b))
     }
@@ -552,7 +459,7 @@ impl Sftp {
     /// directory).
     pub async fn realpath(&self, path: impl AsRef<Path>) -> Result<std::path::PathBuf> {
         let b = self
-            .name_op("SFTP realpath", fxp::REALPATH, path.as_ref())
+            .name_op("SFTP realpath", path.as_ref(), |c, p| c.realpath(p))
             .await?;
         Ok(path_from(b))
     }
@@ -563,7 +470,7 @@ impl Sftp {
         let p = wire(path.as_ref());
         let offered = self.inner.extensions.statvfs;
         let r = self
-            .extended("SFTP statvfs", offered, "statvfs@openssh.com", |r| r.str(p))
+            .extended("SFTP statvfs", offered, "statvfs@openssh.com", &[p])
             .await?;
         match r {
             Reply::Extended(d) => codec::decode_statvfs(&d).map_err(protocol),
@@ -622,13 +529,7 @@ impl Sftp {
                 .collect();
             let closes: Vec<_> = open
                 .iter()
-                .map(|h| {
-                    self.inner.client.request(false, |out, id| {
-                        codec::Request::new(out, fxp::CLOSE, id)
-                            .str(&h.bytes)
-                            .finish();
-                    })
-                })
+                .map(|h| self.inner.client.close(&h.bytes))
                 .collect();
             let mut first_err = None;
             for c in closes {
@@ -642,13 +543,7 @@ impl Sftp {
             // A round trip behind everything sent so far: replies arrive in
             // order for OpenSSH, and this waits until the queue drains.
             while self.inner.client.in_flight() > 0 {
-                let p = b".";
-                self.inner
-                    .client
-                    .request(false, |out, id| {
-                        codec::Request::new(out, fxp::REALPATH, id).str(p).finish();
-                    })
-                    .await?;
+                self.inner.client.realpath(b".").await?;
             }
             self.inner.client.chan.close().await
         })

@@ -30,9 +30,10 @@ use std::time::{Duration, SystemTime};
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use tokio::sync::{Notify, Semaphore, SemaphorePermit};
 
-use super::client::{ReplyFuture, status_ok, unexpected};
-use super::codec::{self, FileAttributes, Reply, fxp};
-use super::file::{File, open_handle};
+use super::client::{status_ok, unexpected};
+use super::codec::{self, FileAttributes, Reply};
+use super::file::open_handle;
+use super::pipeline::{Chunk, ReadPipeline, WritePipeline};
 use super::{Sftp, wire};
 use crate::error::{Error, Result};
 use crate::localdir::{self, ConfinedDir, RelPath, check_name, escape_name};
@@ -286,8 +287,20 @@ impl Lane {
         }
     }
 
-    fn permits(&self, len: u32) -> u32 {
-        len.div_ceil(1024).max(1)
+    /// Budget for a request of `len` bytes: waited for if `wait` (the
+    /// file has nothing in flight, so it must get some), else `None` when
+    /// the budget is spent.
+    async fn reserve(&self, len: u32, wait: bool) -> Result<Option<SemaphorePermit<'_>>> {
+        let permits = len.div_ceil(1024).max(1);
+        let permit = if wait {
+            self.budget.acquire_many(permits).await
+        } else {
+            match self.budget.try_acquire_many(permits) {
+                Ok(p) => Ok(p),
+                Err(_) => return Ok(None),
+            }
+        };
+        permit.map(Some).map_err(|_| Error::Closed("transfer"))
     }
 }
 
@@ -326,16 +339,7 @@ fn local_unchanged(dir: &ConfinedDir, name: &OsStr, a: &FileAttributes) -> bool 
 }
 
 async fn close_remote(sftp: &Sftp, handle: &[u8]) -> Result<()> {
-    let r = sftp
-        .inner
-        .client
-        .request(false, |out, id| {
-            codec::Request::new(out, fxp::CLOSE, id)
-                .str(handle)
-                .finish();
-        })
-        .await?;
-    status_ok(r, None)
+    status_ok(sftp.inner.client.close(handle).await?, None)
 }
 
 /// A remote handle that is closed in the background if the transfer of its
@@ -355,9 +359,7 @@ impl RemoteHandle<'_> {
 impl Drop for RemoteHandle<'_> {
     fn drop(&mut self) {
         if let Some(h) = self.bytes.take() {
-            self.sftp.inner.client.send_and_forget(|out, id| {
-                codec::Request::new(out, fxp::CLOSE, id).str(&h).finish();
-            });
+            self.sftp.inner.client.close_in_background(&h);
         }
     }
 }
@@ -502,124 +504,129 @@ async fn download_one(
     let h = handle.bytes.as_deref().expect("open");
     let attrs = match &item.attrs {
         Some(a) if a.size.is_some() => a.clone(),
-        _ => {
-            let r = sftp
-                .inner
-                .client
-                .request(false, |out, id| {
-                    codec::Request::new(out, fxp::FSTAT, id).str(h).finish();
-                })
-                .await?;
-            match r {
-                Reply::Attrs(a) => a,
-                other => return Err(unexpected(other, Some(wire(&item.remote)))),
-            }
-        }
-    };
-    let size = attrs.size.unwrap_or(0);
-    let grown_limit = size.saturating_add(opts.max_growth);
-    let too_big = |n: u64| match opts.max_file_size {
-        Some(max) if n > max => Err(Error::LimitExceeded {
-            what: "a downloaded file's size",
-            limit: max,
-        }),
-        _ if n > grown_limit => Err(Error::LimitExceeded {
-            what: "a downloaded file's growth past its announced size",
-            limit: opts.max_growth,
-        }),
-        _ => Ok(()),
-    };
-    too_big(size)?;
-    let local = LocalFile::create(dir, name, opts.atomic)?;
-    let (out, dest) = (&local.file, &local.path);
-    let chunk = lane.request_size;
-    // In flight, in offset order: (offset, asked, budget held, reply).
-    let mut reads: VecDeque<(u64, u32, SemaphorePermit<'_>, ReplyFuture)> = VecDeque::new();
-    let mut next = 0u64;
-    let mut total = 0u64;
-    loop {
-        // Queue full-size reads over the announced size, up to the budget;
-        // past it, one read at a time (the file grew, or the EOF proves
-        // we have it all).
-        while next < size || reads.is_empty() {
-            let permits = lane.permits(chunk);
-            let permit = if reads.is_empty() {
-                lane.budget.acquire_many(permits).await
-            } else {
-                match lane.budget.try_acquire_many(permits) {
-                    Ok(p) => Ok(p),
-                    Err(_) => break,
-                }
-            };
-            let permit = permit.map_err(|_| Error::Closed("transfer"))?;
-            let f = File::read_request(&sftp.inner.client, h, next, chunk);
-            reads.push_back((next, chunk, permit, f));
-            next += chunk as u64;
-        }
-        let (off, len, _, f) = reads.front_mut().expect("one read queued");
-        let (off, len) = (*off, *len);
-        let r = f.await;
-        reads.pop_front();
-        match r? {
-            Reply::Data(d) if !d.is_empty() && d.len() <= len as usize => {
-                too_big(off + d.len() as u64)?;
-                out.write_all_at(&d, off).map_err(|e| local_err(dest, e))?;
-                total += d.len() as u64;
-                progress.add(d.len() as u64);
-                if d.len() < len as usize {
-                    let end = off + d.len() as u64;
-                    if end == size && total == size {
-                        // A short read that ends exactly at the size the
-                        // server announced: the server's read(2) stopped at
-                        // the end of the file. This saves a READ per file
-                        // (a quarter of the requests for small files).
-                        break;
-                    }
-                    // Short elsewhere: everything queued behind assumed a
-                    // full read.
-                    reads.clear();
-                    next = end;
-                }
-            }
-            Reply::Data(_) => {
-                return Err(Error::Protocol(
-                    "READ reply empty or longer than asked".into(),
-                ));
-            }
-            Reply::Status {
-                code: codec::status::EOF,
-                ..
-            } => {
-                if off != total {
-                    return Err(Error::Protocol(format!(
-                        "EOF at offset {off} of {} after {total} bytes",
-                        item.remote.display()
-                    )));
-                }
-                reads.clear();
-                break;
-            }
+        _ => match sftp.inner.client.fstat(h).await? {
+            Reply::Attrs(a) => a,
             other => return Err(unexpected(other, Some(wire(&item.remote)))),
-        }
-    }
+        },
+    };
+    let size = SizeCheck::new(attrs.size.unwrap_or(0), opts);
+    size.check(size.announced)?;
+    let local = LocalFile::create(dir, name, opts.atomic)?;
+    let total = receive(lane, h, &item.remote, &size, &local, progress).await?;
     handle.close().await?;
+    let (out, dest) = (&local.file, &local.path);
     if opts.preserve || opts.skip_unchanged {
-        if let Some(p) = attrs.permissions {
-            out.set_permissions(fs::Permissions::from_mode(p & 0o7777))
-                .map_err(|e| local_err(dest, e))?;
-        }
-        if let (Some(a), Some(m)) = (attrs.atime, attrs.mtime) {
-            let t = fs::FileTimes::new()
-                .set_accessed(SystemTime::UNIX_EPOCH + Duration::from_secs(a as u64))
-                .set_modified(SystemTime::UNIX_EPOCH + Duration::from_secs(m as u64));
-            out.set_times(t).map_err(|e| local_err(dest, e))?;
-        }
+        set_local_attrs(out, &attrs).map_err(|e| local_err(dest, e))?;
     }
     if opts.fsync {
         out.sync_all().map_err(|e| local_err(dest, e))?;
     }
     local.finish()?;
     Ok(total)
+}
+
+/// The bounds on a downloaded file's size (see
+/// [`TransferOptions::max_file_size`] and [`TransferOptions::max_growth`]).
+struct SizeCheck {
+    /// The size the server announced.
+    announced: u64,
+    max_file_size: Option<u64>,
+    max_growth: u64,
+}
+
+impl SizeCheck {
+    fn new(announced: u64, opts: &TransferOptions) -> SizeCheck {
+        SizeCheck {
+            announced,
+            max_file_size: opts.max_file_size,
+            max_growth: opts.max_growth,
+        }
+    }
+
+    /// Fails if the file reaching `n` bytes is over a bound.
+    fn check(&self, n: u64) -> Result<()> {
+        match self.max_file_size {
+            Some(max) if n > max => Err(Error::LimitExceeded {
+                what: "a downloaded file's size",
+                limit: max,
+            }),
+            _ if n > self.announced.saturating_add(self.max_growth) => Err(Error::LimitExceeded {
+                what: "a downloaded file's growth past its announced size",
+                limit: self.max_growth,
+            }),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Reads the remote file open as `h` into `local` until the server says
+/// EOF (or a short read ends at the announced size); returns its length.
+async fn receive(
+    lane: &Lane,
+    h: &[u8],
+    remote: &Path,
+    size: &SizeCheck,
+    local: &LocalFile<'_>,
+    progress: &Moved<'_>,
+) -> Result<u64> {
+    let (out, dest) = (&local.file, &local.path);
+    let client = &lane.sftp.inner.client;
+    let chunk = lane.request_size;
+    let mut reads = ReadPipeline::default();
+    let mut total = 0u64;
+    loop {
+        // Queue full-size reads over the announced size, up to the budget;
+        // past it, one read at a time (the file grew, or the EOF proves
+        // we have it all).
+        while reads.next_offset() < size.announced || reads.is_empty() {
+            let Some(permit) = lane.reserve(chunk, reads.is_empty()).await? else {
+                break;
+            };
+            reads.push(client, h, chunk, permit);
+        }
+        let path = Some(wire(remote));
+        match std::future::poll_fn(|cx| reads.poll_front(cx, path)).await? {
+            Chunk::Data { at, data, short } => {
+                let end = at + data.len() as u64;
+                size.check(end)?;
+                out.write_all_at(&data, at)
+                    .map_err(|e| local_err(dest, e))?;
+                total += data.len() as u64;
+                progress.add(data.len() as u64);
+                // A short read that ends exactly at the size the server
+                // announced: the server's read(2) stopped at the end of
+                // the file. This saves a READ per file (a quarter of the
+                // requests for small files). Short elsewhere, the reads
+                // behind it were asked again from its end.
+                if short && end == size.announced && total == size.announced {
+                    return Ok(total);
+                }
+            }
+            Chunk::Eof { at } => {
+                if at != total {
+                    return Err(Error::Protocol(format!(
+                        "EOF at offset {at} of {} after {total} bytes",
+                        remote.display()
+                    )));
+                }
+                return Ok(total);
+            }
+        }
+    }
+}
+
+/// Gives a downloaded file the permission bits and times of `attrs`.
+fn set_local_attrs(out: &fs::File, attrs: &FileAttributes) -> io::Result<()> {
+    if let Some(p) = attrs.permissions {
+        out.set_permissions(fs::Permissions::from_mode(p & 0o7777))?;
+    }
+    if let (Some(a), Some(m)) = (attrs.atime, attrs.mtime) {
+        let t = fs::FileTimes::new()
+            .set_accessed(SystemTime::UNIX_EPOCH + Duration::from_secs(a as u64))
+            .set_modified(SystemTime::UNIX_EPOCH + Duration::from_secs(m as u64));
+        out.set_times(t)?;
+    }
+    Ok(())
 }
 
 /// Uploads one file over `lane`.
@@ -651,114 +658,104 @@ async fn upload_one(
         bytes: Some(handle),
     };
     let h = handle.bytes.as_deref().expect("open");
-    let r: Result<u64> = async {
-        let chunk = lane.request_size as usize;
-        let mut writes: VecDeque<(SemaphorePermit<'_>, u64, ReplyFuture)> = VecDeque::new();
-        let mut buf = vec![0u8; chunk];
-        let mut off = 0u64;
-        let mut eof = false;
-        while !eof || !writes.is_empty() {
-            while !eof {
-                let permits = lane.permits(chunk as u32);
-                let permit = if writes.is_empty() {
-                    lane.budget.acquire_many(permits).await
-                } else {
-                    match lane.budget.try_acquire_many(permits) {
-                        Ok(p) => Ok(p),
-                        Err(_) => break,
-                    }
-                };
-                let permit = permit.map_err(|_| Error::Closed("transfer"))?;
-                let n = read_full_at(&src, &mut buf, off).map_err(|e| local_err(&item.local, e))?;
-                if n == 0 {
-                    eof = true;
-                    break;
-                }
-                writes.push_back((
-                    permit,
-                    n as u64,
-                    File::write_request(&sftp.inner.client, h, off, &buf[..n]),
-                ));
-                off += n as u64;
-                if n < chunk {
-                    eof = true;
-                }
-            }
-            if let Some((_, n, f)) = writes.front_mut() {
-                let n = *n;
-                let r = f.await;
-                writes.pop_front();
-                status_ok(r?, Some(wire(&dest)))?;
-                progress.add(n);
-            }
-        }
-        if opts.preserve || opts.skip_unchanged {
-            let atime = meta.accessed().ok().and_then(secs);
-            let mtime = mtime_secs(&meta);
-            let attrs = FileAttributes {
-                permissions: Some(mode),
-                atime: atime.or(mtime),
-                mtime: mtime.or(atime),
-                ..Default::default()
-            };
-            let r = sftp
-                .inner
-                .client
-                .request(false, |out, id| {
-                    codec::Request::new(out, fxp::FSETSTAT, id)
-                        .str(h)
-                        .attrs(&attrs)
-                        .finish();
-                })
-                .await?;
-            status_ok(r, Some(wire(&dest)))?;
-        }
-        if opts.fsync && sftp.extensions().fsync {
-            let r = sftp
-                .inner
-                .client
-                .request(false, |out, id| {
-                    codec::Request::new(out, fxp::EXTENDED, id)
-                        .str(b"fsync@openssh.com")
-                        .str(h)
-                        .finish();
-                })
-                .await?;
-            status_ok(r, Some(wire(&dest)))?;
-        }
-        Ok(off)
+    let r = async {
+        let n = send(lane, &src, &item.local, h, &dest, progress).await?;
+        finish_remote(sftp, h, &dest, &meta, opts).await?;
+        Ok(n)
     }
     .await;
+    // On failure the handle is closed in the background when dropped,
+    // after the temporary's REMOVE below.
     let r = match r {
-        Ok(n) => handle.close().await.map(|_| n),
+        Ok(n) => handle.close().await.map(|()| n),
         Err(e) => Err(e),
     };
-    match r {
-        Ok(n) => {
-            progress.rename_sent.set(opts.atomic);
-            if opts.atomic
-                && let Err(e) = sftp.rename(&dest, &item.remote).await
-            {
-                forget_unlink(sftp, &dest);
-                return Err(e);
+    if r.is_ok() {
+        progress.rename_sent.set(opts.atomic);
+    }
+    let r = match r {
+        Ok(n) if opts.atomic => sftp.rename(&dest, &item.remote).await.map(|()| n),
+        r => r,
+    };
+    if r.is_err() && opts.atomic {
+        forget_unlink(sftp, &dest);
+    }
+    r
+}
+
+/// Writes the local file `src` to the remote file open as `h` (at `dest`),
+/// each WRITE acknowledged; returns its length.
+async fn send(
+    lane: &Lane,
+    src: &fs::File,
+    local: &Path,
+    h: &[u8],
+    dest: &Path,
+    progress: &Moved<'_>,
+) -> Result<u64> {
+    let client = &lane.sftp.inner.client;
+    let chunk = lane.request_size as usize;
+    let mut writes = WritePipeline::default();
+    let mut buf = vec![0u8; chunk];
+    let mut off = 0u64;
+    let mut eof = false;
+    while !eof || !writes.is_empty() {
+        while !eof {
+            let Some(permit) = lane.reserve(chunk as u32, writes.is_empty()).await? else {
+                break;
+            };
+            let n = read_full_at(src, &mut buf, off).map_err(|e| local_err(local, e))?;
+            if n == 0 {
+                eof = true;
+                break;
             }
-            Ok(n)
+            writes.push(client, h, off, &buf[..n], permit);
+            off += n as u64;
+            eof = n < chunk;
         }
-        Err(e) => {
-            if opts.atomic {
-                forget_unlink(sftp, &dest);
-            }
-            Err(e)
+        let path = Some(wire(dest));
+        if let Some(r) = std::future::poll_fn(|cx| writes.poll_front(cx, path)).await {
+            progress.add(r? as u64);
         }
     }
+    Ok(off)
+}
+
+/// After an upload's last WRITE: its permission bits and times (with
+/// `preserve`) and an fsync (if asked and offered).
+async fn finish_remote(
+    sftp: &Sftp,
+    h: &[u8],
+    dest: &Path,
+    meta: &fs::Metadata,
+    opts: &TransferOptions,
+) -> Result<()> {
+    if opts.preserve || opts.skip_unchanged {
+        let atime = meta.accessed().ok().and_then(secs);
+        let mtime = mtime_secs(meta);
+        let attrs = FileAttributes {
+            permissions: Some(meta.permissions().mode() & 0o7777),
+            atime: atime.or(mtime),
+            mtime: mtime.or(atime),
+            ..Default::default()
+        };
+        let r = sftp.inner.client.fsetstat(h, &attrs).await?;
+        status_ok(r, Some(wire(dest)))?;
+    }
+    if opts.fsync && sftp.extensions().fsync {
+        let r = sftp
+            .inner
+            .client
+            .extended("fsync@openssh.com", &[h])
+            .await?;
+        status_ok(r, Some(wire(dest)))?;
+    }
+    Ok(())
 }
 
 /// Removes a remote temporary file without waiting.
 fn forget_unlink(sftp: &Sftp, path: &Path) {
-    let p = wire(path);
-    sftp.inner.client.send_and_forget(|out, id| {
-        codec::Request::new(out, fxp::REMOVE, id).str(p).finish();
-    });
+    sftp.inner.client.remove_in_background(wire(path));
 }
 
 fn secs(t: SystemTime) -> Option<u32> {
