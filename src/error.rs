@@ -182,7 +182,7 @@ impl fmt::Display for Error {
                 message,
                 path,
             } => {
-                let name = crate::sftp::codec::status_name(*code);
+                let name = sftp_status::name(*code);
                 match path {
                     Some(p) => write!(f, "SFTP {name} for {p}: {message}"),
                     None => write!(f, "SFTP {name}: {message}"),
@@ -304,7 +304,7 @@ impl Error {
             Error::Disconnected { .. } => K::ConnectionAborted,
             Error::KeyEncrypted { .. } => K::InvalidInput,
             Error::Sftp { code, .. } => {
-                use crate::sftp::codec::status as st;
+                use sftp_status as st;
                 match *code {
                     st::EOF => K::UnexpectedEof,
                     st::NO_SUCH_FILE => K::NotFound,
@@ -395,6 +395,46 @@ impl From<Error> for io::Error {
         match e {
             Error::Io(e) => e,
             other => io::Error::new(other.kind(), other),
+        }
+    }
+}
+
+// Kept beside the error they fill, so that the SFTP layer takes them from
+// here and not the reverse; public as `uring_ssh::sftp::status`.
+/// SFTP status codes (`SSH_FX_*`) and their names.
+pub mod sftp_status {
+    /// Success.
+    pub const OK: u32 = 0;
+    /// End of file, or no more directory entries.
+    pub const EOF: u32 = 1;
+    /// The path does not exist.
+    pub const NO_SUCH_FILE: u32 = 2;
+    /// The server refused the operation.
+    pub const PERMISSION_DENIED: u32 = 3;
+    /// A generic failure (OpenSSH: directory not empty, file exists, …).
+    pub const FAILURE: u32 = 4;
+    /// The server could not parse the request.
+    pub const BAD_MESSAGE: u32 = 5;
+    /// No connection (client-side code).
+    pub const NO_CONNECTION: u32 = 6;
+    /// The connection was lost (client-side code).
+    pub const CONNECTION_LOST: u32 = 7;
+    /// The server does not support the operation.
+    pub const OP_UNSUPPORTED: u32 = 8;
+
+    /// The name of an SFTP status code.
+    pub fn name(code: u32) -> &'static str {
+        match code {
+            OK => "OK",
+            EOF => "EOF",
+            NO_SUCH_FILE => "no such file",
+            PERMISSION_DENIED => "permission denied",
+            FAILURE => "failure",
+            BAD_MESSAGE => "bad message",
+            NO_CONNECTION => "no connection",
+            CONNECTION_LOST => "connection lost",
+            OP_UNSUPPORTED => "operation unsupported",
+            _ => "unknown status",
         }
     }
 }

@@ -42,43 +42,8 @@ pub(crate) mod fxp {
     pub const EXTENDED_REPLY: u8 = 201;
 }
 
-/// SFTP status codes (`SSH_FX_*`).
-pub mod status {
-    /// Success.
-    pub const OK: u32 = 0;
-    /// End of file, or no more directory entries.
-    pub const EOF: u32 = 1;
-    /// The path does not exist.
-    pub const NO_SUCH_FILE: u32 = 2;
-    /// The server refused the operation.
-    pub const PERMISSION_DENIED: u32 = 3;
-    /// A generic failure (OpenSSH: directory not empty, file exists, …).
-    pub const FAILURE: u32 = 4;
-    /// The server could not parse the request.
-    pub const BAD_MESSAGE: u32 = 5;
-    /// No connection (client-side code).
-    pub const NO_CONNECTION: u32 = 6;
-    /// The connection was lost (client-side code).
-    pub const CONNECTION_LOST: u32 = 7;
-    /// The server does not support the operation.
-    pub const OP_UNSUPPORTED: u32 = 8;
-}
-
-/// The name of an SFTP status code.
-pub fn status_name(code: u32) -> &'static str {
-    match code {
-        status::OK => "OK",
-        status::EOF => "EOF",
-        status::NO_SUCH_FILE => "no such file",
-        status::PERMISSION_DENIED => "permission denied",
-        status::FAILURE => "failure",
-        status::BAD_MESSAGE => "bad message",
-        status::NO_CONNECTION => "no connection",
-        status::CONNECTION_LOST => "connection lost",
-        status::OP_UNSUPPORTED => "operation unsupported",
-        _ => "unknown status",
-    }
-}
+pub use crate::error::sftp_status as status;
+pub use crate::error::sftp_status::name as status_name;
 
 /// Open flags (`SSH_FXF_*`).
 pub(crate) mod open_flags {
