@@ -38,7 +38,7 @@ use io_uring::squeue;
 use slab::Slab;
 use tokio::io::unix::AsyncFd;
 
-use crate::error::{Error, KernelSupportError};
+use crate::error::Error;
 
 pub(crate) use op::{Completion, Op, Resources, SharedFd};
 pub use probe::{Features, TASK_WORK_ENV, TaskWork};
@@ -914,12 +914,5 @@ impl Drop for Driver {
                 }
             });
         }
-    }
-}
-
-/// Kernel-support failures are errors of their own kind.
-impl From<KernelSupportError> for Error {
-    fn from(e: KernelSupportError) -> Self {
-        Error::Kernel(e)
     }
 }
