@@ -130,7 +130,7 @@ pub(crate) type Callback = Box<dyn FnOnce(Completion)>;
 
 /// What an operation does; its buffer, fd and address are in its [`Resources`].
 #[derive(Debug, Clone, Copy)]
-pub(crate) enum Kind {
+pub(crate) enum OpKind {
     /// Nothing: a round trip through the driver.
     Nop,
     /// `send(2)` of `buf[offset..]`, all of it (MSG_NOSIGNAL).
@@ -147,11 +147,13 @@ pub(crate) enum Kind {
     Timeout(Duration),
 }
 
-enum Notify {
+/// Where an op stands between its start and the moment its slot is freed,
+/// and who gets its result.
+enum Lifecycle {
     /// A future waits for the result.
     Waiting(Option<Waker>),
     /// The result arrived; the future has not taken it yet.
-    Done(i32),
+    Completed(i32),
     /// Run this when the result arrives.
     Callback(Callback),
     /// Fire and forget: nobody waits, resources are dropped on completion.
@@ -160,9 +162,11 @@ enum Notify {
     Orphaned,
 }
 
+/// One in-flight op in the reactor's slab.
 struct Slot {
+    /// Told apart from earlier ops of the same slab key.
     generation: u32,
-    notify: Notify,
+    lifecycle: Lifecycle,
     resources: Resources,
 }
 
@@ -180,8 +184,8 @@ impl OpId {
 }
 
 enum Engine {
-    Ring(ring::Ring),
-    Poll(poll::Poll),
+    Ring(ring::RingEngine),
+    Poll(poll::PollEngine),
 }
 
 /// A thread's engine, its in-flight operations and its counters.
@@ -251,7 +255,7 @@ pub fn stats() -> Option<Stats> {
 /// the reactor.
 pub async fn nop() -> Result<(), Error> {
     let reactor = Reactor::current()?;
-    let op = reactor.start_op(Kind::Nop, Resources::default());
+    let op = reactor.start_op(OpKind::Nop, Resources::default());
     let done = op.await;
     done.result().map(drop).map_err(Error::Io)
 }
@@ -298,10 +302,10 @@ impl Reactor {
         let (engine, features) = match choice {
             Choice::Only(Backend::Poll) => Self::poll_engine()?,
             Choice::Only(Backend::IoUring) => {
-                let (ring, f) = ring::Ring::new()?;
+                let (ring, f) = ring::RingEngine::new()?;
                 (Engine::Ring(ring), f)
             }
-            Choice::Auto => match ring::Ring::new() {
+            Choice::Auto => match ring::RingEngine::new() {
                 Ok((ring, f)) => (Engine::Ring(ring), f),
                 Err(Error::Kernel(_)) => Self::poll_engine()?,
                 Err(e) => return Err(e),
@@ -330,7 +334,7 @@ impl Reactor {
     /// already has a reactor.
     #[cfg(test)]
     pub(crate) fn install_ring_with(modes: &[TaskWork]) -> Result<Rc<Reactor>, Error> {
-        let (ring, features) = ring::Ring::with_modes(modes)?;
+        let (ring, features) = ring::RingEngine::with_modes(modes)?;
         let r = Rc::new(Reactor::with_engine(Engine::Ring(ring), features));
         CURRENT.with(|c| {
             let mut c = c.borrow_mut();
@@ -345,7 +349,7 @@ impl Reactor {
     }
 
     fn poll_engine() -> Result<(Engine, Features), Error> {
-        let poll = poll::Poll::new().map_err(Error::Io)?;
+        let poll = poll::PollEngine::new().map_err(Error::Io)?;
         let features = Features {
             backend: Backend::Poll,
             cancel_by_fd: true,
@@ -418,48 +422,48 @@ impl Reactor {
     }
 
     /// Starts `kind`; a future awaits its result.
-    pub(crate) fn start_op(self: &Rc<Self>, kind: Kind, resources: Resources) -> Op {
-        let id = self.start(kind, resources, Notify::Waiting(None), None);
+    pub(crate) fn start_op(self: &Rc<Self>, kind: OpKind, resources: Resources) -> Op {
+        let id = self.start(kind, resources, Lifecycle::Waiting(None), None);
         Op::new(self.clone(), id)
     }
 
     /// Starts `kind`; its completion runs `callback` on the driver task.
     pub(crate) fn start_with_callback(
         &self,
-        kind: Kind,
+        kind: OpKind,
         resources: Resources,
         callback: Callback,
     ) -> OpId {
-        self.start(kind, resources, Notify::Callback(callback), None)
+        self.start(kind, resources, Lifecycle::Callback(callback), None)
     }
 
     /// Starts `kind`; nobody waits, its resources are dropped on completion.
-    pub(crate) fn start_detached(&self, kind: Kind, resources: Resources) -> OpId {
-        self.start(kind, resources, Notify::Detached, None)
+    pub(crate) fn start_detached(&self, kind: OpKind, resources: Resources) -> OpId {
+        self.start(kind, resources, Lifecycle::Detached, None)
     }
 
     /// Runs `callback` on the driver task soon (after a no-op's round trip,
     /// batched with everything else): work moved off a caller's path.
     pub(crate) fn run_soon(&self, callback: Callback) {
-        self.start_with_callback(Kind::Nop, Resources::default(), callback);
+        self.start_with_callback(OpKind::Nop, Resources::default(), callback);
     }
 
     /// Starts `kind`, cancelled if it has not completed within `timeout`
     /// (it then completes with `-ECANCELED`).
     pub(crate) fn start_op_with_timeout(
         self: &Rc<Self>,
-        kind: Kind,
+        kind: OpKind,
         resources: Resources,
         timeout: Duration,
     ) -> Op {
-        let id = self.start(kind, resources, Notify::Waiting(None), Some(timeout));
+        let id = self.start(kind, resources, Lifecycle::Waiting(None), Some(timeout));
         Op::new(self.clone(), id)
     }
 
     /// A standalone timer that runs `callback` when it fires (result
     /// `-ETIME`) or is cancelled (`-ECANCELED`).
     pub(crate) fn submit_timer(&self, after: Duration, callback: Callback) -> OpId {
-        self.start_with_callback(Kind::Timeout(after), Resources::default(), callback)
+        self.start_with_callback(OpKind::Timeout(after), Resources::default(), callback)
     }
 
     /// Asks the engine to cancel every request on `fd`. Only where
@@ -468,12 +472,12 @@ impl Reactor {
         debug_assert!(self.features.cancel_by_fd);
         match &self.engine {
             Engine::Ring(_) => {
-                let sqe = ring::Ring::cancel_fd_sqe(fd.raw());
+                let sqe = ring::RingEngine::cancel_fd_sqe(fd.raw());
                 let resources = Resources {
                     fd: Some(fd.clone()),
                     ..Resources::default()
                 };
-                self.push_sqes(vec![(sqe, resources, Notify::Detached)]);
+                self.push_sqes(vec![(sqe, resources, Lifecycle::Detached)]);
             }
             Engine::Poll(p) => {
                 p.cancel_fd(fd.raw());
@@ -487,7 +491,7 @@ impl Reactor {
     pub(crate) fn close_fd(&self, fd: std::os::fd::RawFd) {
         match &self.engine {
             Engine::Ring(_) => {
-                self.start_detached(Kind::Close(fd), Resources::default());
+                self.start_detached(OpKind::Close(fd), Resources::default());
             }
             Engine::Poll(p) => p.close(fd),
         }
@@ -496,12 +500,12 @@ impl Reactor {
     fn new_slot(
         slots: &mut Slab<Slot>,
         generation: u32,
-        notify: Notify,
+        lifecycle: Lifecycle,
         resources: Resources,
     ) -> OpId {
         let key = slots.insert(Slot {
             generation,
-            notify,
+            lifecycle,
             resources,
         });
         OpId(((generation as u64) << 32) | key as u64)
@@ -515,20 +519,20 @@ impl Reactor {
 
     fn start(
         &self,
-        kind: Kind,
+        kind: OpKind,
         mut resources: Resources,
-        notify: Notify,
+        lifecycle: Lifecycle,
         timeout: Option<Duration>,
     ) -> OpId {
         match &self.engine {
             Engine::Ring(_) => {
-                let sqe = ring::Ring::sqe(kind, &mut resources);
-                let mut group = vec![(sqe, resources, notify)];
+                let sqe = ring::RingEngine::sqe(kind, &mut resources);
+                let mut group = vec![(sqe, resources, lifecycle)];
                 if let Some(t) = timeout {
                     let mut link_res = Resources::default();
-                    let link = ring::Ring::link_timeout_sqe(&mut link_res, t);
+                    let link = ring::RingEngine::link_timeout_sqe(&mut link_res, t);
                     group[0].0 = group[0].0.clone().flags(squeue::Flags::IO_LINK);
-                    group.push((link, link_res, Notify::Detached));
+                    group.push((link, link_res, Lifecycle::Detached));
                 }
                 self.push_sqes(group)[0]
             }
@@ -536,7 +540,7 @@ impl Reactor {
                 let id = {
                     let mut slots = self.slots.borrow_mut();
                     let generation = self.next_generation();
-                    Self::new_slot(&mut slots, generation, notify, resources)
+                    Self::new_slot(&mut slots, generation, lifecycle, resources)
                 };
                 self.bump(|s| s.ops_in_flight += 1);
                 {
@@ -550,7 +554,7 @@ impl Reactor {
     }
 
     /// Queues raw SQEs on the ring engine (a linked group stays together).
-    fn push_sqes(&self, group: Vec<(squeue::Entry, Resources, Notify)>) -> Vec<OpId> {
+    fn push_sqes(&self, group: Vec<(squeue::Entry, Resources, Lifecycle)>) -> Vec<OpId> {
         let Engine::Ring(ring) = &self.engine else {
             unreachable!("SQEs on the poll engine");
         };
@@ -558,9 +562,9 @@ impl Reactor {
         let mut sqes = Vec::with_capacity(group.len());
         {
             let mut slots = self.slots.borrow_mut();
-            for (sqe, resources, notify) in group {
+            for (sqe, resources, lifecycle) in group {
                 let generation = self.next_generation();
-                let id = Self::new_slot(&mut slots, generation, notify, resources);
+                let id = Self::new_slot(&mut slots, generation, lifecycle, resources);
                 ids.push(id);
                 sqes.push(sqe.user_data(id.0));
             }
@@ -582,7 +586,7 @@ impl Reactor {
     /// the reactor's own tests).
     #[cfg(test)]
     pub(crate) fn submit_op(self: &Rc<Self>, sqe: squeue::Entry, resources: Resources) -> Op {
-        let id = self.push_sqes(vec![(sqe, resources, Notify::Waiting(None))])[0];
+        let id = self.push_sqes(vec![(sqe, resources, Lifecycle::Waiting(None))])[0];
         Op::new(self.clone(), id)
     }
 
@@ -640,19 +644,19 @@ impl Reactor {
                 if slot.generation != id.generation() {
                     continue;
                 }
-                match std::mem::replace(&mut slot.notify, Notify::Done(result)) {
-                    Notify::Waiting(w) => wakers.extend(w),
-                    Notify::Done(_) => {}
-                    Notify::Callback(cb) => {
+                match std::mem::replace(&mut slot.lifecycle, Lifecycle::Completed(result)) {
+                    Lifecycle::Waiting(w) => wakers.extend(w),
+                    Lifecycle::Completed(_) => {}
+                    Lifecycle::Callback(cb) => {
                         finished += 1;
                         let slot = slots.remove(id.key());
                         callbacks.push((cb, Completion::new(result, slot.resources)));
                     }
-                    Notify::Detached => {
+                    Lifecycle::Detached => {
                         finished += 1;
                         dead.push(slots.remove(id.key()).resources);
                     }
-                    Notify::Orphaned => {
+                    Lifecycle::Orphaned => {
                         finished += 1;
                         orphans_done += 1;
                         dead.push(slots.remove(id.key()).resources);
@@ -696,15 +700,15 @@ impl Reactor {
             id.generation(),
             "op polled after completion"
         );
-        match &mut slot.notify {
-            Notify::Done(result) => {
+        match &mut slot.lifecycle {
+            Lifecycle::Completed(result) => {
                 let result = *result;
                 let slot = slots.remove(id.key());
                 drop(slots);
                 self.bump(|s| s.ops_in_flight -= 1);
                 Poll::Ready(Completion::new(result, slot.resources))
             }
-            Notify::Waiting(w) => {
+            Lifecycle::Waiting(w) => {
                 match w {
                     Some(w) if w.will_wake(cx.waker()) => {}
                     _ => *w = Some(cx.waker().clone()),
@@ -721,8 +725,8 @@ impl Reactor {
         if self.orphan(id) {
             match &self.engine {
                 Engine::Ring(_) => {
-                    let sqe = ring::Ring::cancel_sqe(id);
-                    self.push_sqes(vec![(sqe, Resources::default(), Notify::Detached)]);
+                    let sqe = ring::RingEngine::cancel_sqe(id);
+                    self.push_sqes(vec![(sqe, Resources::default(), Lifecycle::Detached)]);
                 }
                 Engine::Poll(p) => {
                     p.cancel(id);
@@ -743,22 +747,22 @@ impl Reactor {
         if slot.generation != id.generation() {
             return false;
         }
-        match slot.notify {
-            Notify::Done(_) => {
+        match slot.lifecycle {
+            Lifecycle::Completed(_) => {
                 let slot = slots.remove(id.key());
                 drop(slots);
                 self.bump(|s| s.ops_in_flight -= 1);
                 drop(slot);
                 false
             }
-            Notify::Waiting(_) | Notify::Callback(_) => {
-                let old = std::mem::replace(&mut slot.notify, Notify::Orphaned);
+            Lifecycle::Waiting(_) | Lifecycle::Callback(_) => {
+                let old = std::mem::replace(&mut slot.lifecycle, Lifecycle::Orphaned);
                 drop(slots);
                 drop(old);
                 self.bump(|s| s.orphaned_outstanding += 1);
                 true
             }
-            Notify::Detached | Notify::Orphaned => false,
+            Lifecycle::Detached | Lifecycle::Orphaned => false,
         }
     }
 }
@@ -777,13 +781,13 @@ impl Drop for Reactor {
             .slots
             .get_mut()
             .iter()
-            .filter(|(_, s)| !matches!(s.notify, Notify::Done(_)))
+            .filter(|(_, s)| !matches!(s.lifecycle, Lifecycle::Completed(_)))
             .map(|(k, s)| ((s.generation as u64) << 32) | k as u64)
             .collect();
         let stats = &self.stats;
         for id in ids {
             // A cancel SQE carries no pointer; user_data 0 is no slot's.
-            ring.push(vec![ring::Ring::cancel_sqe(OpId(id)).user_data(0)]);
+            ring.push(vec![ring::RingEngine::cancel_sqe(OpId(id)).user_data(0)]);
         }
         let slots = self.slots.get_mut();
         let mut done = Vec::new();
@@ -805,7 +809,7 @@ impl Drop for Reactor {
             }
             if slots
                 .iter()
-                .all(|(_, s)| matches!(s.notify, Notify::Done(_)))
+                .all(|(_, s)| matches!(s.lifecycle, Lifecycle::Completed(_)))
             {
                 break;
             }
@@ -813,7 +817,7 @@ impl Drop for Reactor {
         }
         let leaked = slots
             .drain()
-            .filter(|s| !matches!(s.notify, Notify::Done(_)))
+            .filter(|s| !matches!(s.lifecycle, Lifecycle::Completed(_)))
             .map(|s| std::mem::forget(s.resources))
             .count();
         GLOBAL_LEAKED_AT_TEARDOWN.fetch_add(leaked as u64, std::sync::atomic::Ordering::Relaxed);

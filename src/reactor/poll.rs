@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use slab::Slab;
 
-use super::{Kind, OpId, Resources, Slot, Stats};
+use super::{OpId, OpKind, Resources, Slot, Stats};
 
 /// epoll `data` of the timerfd (sockets use their fd number).
 const TIMER_TOKEN: u64 = u64::MAX;
@@ -36,7 +36,7 @@ enum Expiry {
 
 /// Where an op waits, so that a cancel can find it.
 #[derive(Clone, Copy)]
-enum Place {
+enum WaitsOn {
     Socket(RawFd),
     Timer((Instant, u64)),
 }
@@ -56,14 +56,14 @@ struct Socket {
 
 /// The epoll set, the sockets in it, the timers, and results waiting for
 /// the next tick.
-pub(super) struct Poll {
+pub(super) struct PollEngine {
     epoll: OwnedFd,
     timerfd: OwnedFd,
     sockets: RefCell<HashMap<RawFd, Socket>>,
     runnable: RefCell<Vec<RawFd>>,
     ready: RefCell<Vec<(OpId, i32)>>,
     timers: RefCell<BTreeMap<(Instant, u64), (OpId, Expiry)>>,
-    waiting: RefCell<HashMap<u64, Place>>,
+    waiting: RefCell<HashMap<u64, WaitsOn>>,
     /// The deadline the timerfd is set to.
     armed: Cell<Option<Instant>>,
     next_seq: Cell<u64>,
@@ -79,8 +79,8 @@ fn errno() -> i32 {
         .unwrap_or(libc::EIO)
 }
 
-impl Poll {
-    pub(super) fn new() -> std::io::Result<Poll> {
+impl PollEngine {
+    pub(super) fn new() -> std::io::Result<PollEngine> {
         // SAFETY: plain syscalls creating descriptors that are owned at once.
         let (epoll, timerfd) = unsafe {
             let ep = libc::epoll_create1(libc::EPOLL_CLOEXEC);
@@ -97,7 +97,7 @@ impl Poll {
             }
             (epoll, OwnedFd::from_raw_fd(tf))
         };
-        let poll = Poll {
+        let poll = PollEngine {
             epoll,
             timerfd,
             sockets: RefCell::new(HashMap::new()),
@@ -119,13 +119,13 @@ impl Poll {
         self.epoll.as_raw_fd()
     }
 
-    fn count(&self, n: u64) {
+    fn count_syscalls(&self, n: u64) {
         self.syscalls.set(self.syscalls.get() + n);
     }
 
     fn epoll_add(&self, fd: RawFd, events: u32, token: u64) -> std::io::Result<()> {
         let mut ev = libc::epoll_event { events, u64: token };
-        self.count(1);
+        self.count_syscalls(1);
         // SAFETY: `ev` is a valid epoll_event for the duration of the call.
         if unsafe { libc::epoll_ctl(self.epoll.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut ev) } < 0
         {
@@ -141,7 +141,7 @@ impl Poll {
             return Ok(());
         }
         let on: libc::c_int = 1;
-        self.count(1);
+        self.count_syscalls(1);
         // SAFETY: FIONBIO reads one int from the pointer, valid for the call.
         if unsafe { libc::ioctl(fd, libc::FIONBIO, &on) } < 0 {
             return Err(errno());
@@ -179,31 +179,31 @@ impl Poll {
 
     /// Starts `kind` for op `id`. Work that needs a ready socket or a
     /// passing deadline waits; results are delivered by [`Self::tick`].
-    pub(super) fn start(&self, id: OpId, kind: Kind, res: &Resources, timeout: Option<Duration>) {
+    pub(super) fn start(&self, id: OpId, kind: OpKind, res: &Resources, timeout: Option<Duration>) {
         let fd = res.fd.as_ref().map_or(-1, |f| f.raw());
         let ready = |r: i32| self.ready.borrow_mut().push((id, r));
         match kind {
-            Kind::Nop => ready(0),
-            Kind::Timeout(after) => {
+            OpKind::Nop => ready(0),
+            OpKind::Timeout(after) => {
                 let key = self.add_timer(Instant::now() + after, id, Expiry::Fire);
-                self.waiting.borrow_mut().insert(id.0, Place::Timer(key));
+                self.waiting.borrow_mut().insert(id.0, WaitsOn::Timer(key));
             }
-            Kind::Shutdown => {
-                self.count(1);
+            OpKind::Shutdown => {
+                self.count_syscalls(1);
                 // SAFETY: `fd` is kept open by the op's resources.
                 let r = unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
                 ready(if r < 0 { -errno() } else { 0 });
             }
-            Kind::Close(raw) => {
+            OpKind::Close(raw) => {
                 self.close(raw);
                 ready(0);
             }
-            Kind::Send | Kind::Recv(_) | Kind::Connect => {
+            OpKind::Send | OpKind::Recv(_) | OpKind::Connect => {
                 if let Err(e) = self.register(fd) {
                     ready(-e);
                     return;
                 }
-                if let Kind::Connect = kind {
+                if let OpKind::Connect = kind {
                     match self.connect_call(fd, res) {
                         Some(r) => ready(r),
                         None => {
@@ -214,7 +214,7 @@ impl Poll {
                             let s = sockets.get_mut(&fd).expect("registered");
                             s.writable = false;
                             s.connect = Some((id, deadline));
-                            self.waiting.borrow_mut().insert(id.0, Place::Socket(fd));
+                            self.waiting.borrow_mut().insert(id.0, WaitsOn::Socket(fd));
                         }
                     }
                     return;
@@ -223,12 +223,12 @@ impl Poll {
                     let mut sockets = self.sockets.borrow_mut();
                     let s = sockets.get_mut(&fd).expect("registered");
                     match kind {
-                        Kind::Send => s.send = Some((id, 0)),
-                        Kind::Recv(len) => s.recv = Some((id, len)),
+                        OpKind::Send => s.send = Some((id, 0)),
+                        OpKind::Recv(len) => s.recv = Some((id, len)),
                         _ => unreachable!(),
                     }
                 }
-                self.waiting.borrow_mut().insert(id.0, Place::Socket(fd));
+                self.waiting.borrow_mut().insert(id.0, WaitsOn::Socket(fd));
                 self.mark_runnable(fd);
             }
         }
@@ -240,7 +240,7 @@ impl Poll {
         let Some(addr) = res.addr.as_ref() else {
             return Some(-libc::EINVAL);
         };
-        self.count(1);
+        self.count_syscalls(1);
         // SAFETY: `addr` holds a socket address of length `addr.1`, alive
         // for the call; `fd` is kept open by the op's resources.
         let r = unsafe {
@@ -268,10 +268,10 @@ impl Poll {
             return false;
         };
         match place {
-            Place::Timer(key) => {
+            WaitsOn::Timer(key) => {
                 self.timers.borrow_mut().remove(&key);
             }
-            Place::Socket(fd) => {
+            WaitsOn::Socket(fd) => {
                 let mut sockets = self.sockets.borrow_mut();
                 if let Some(s) = sockets.get_mut(&fd) {
                     if s.send.is_some_and(|(op, _)| op == id) {
@@ -321,7 +321,7 @@ impl Poll {
             removed.is_none_or(|s| s.send.is_none() && s.recv.is_none() && s.connect.is_none()),
             "closing a socket with ops waiting"
         );
-        self.count(1);
+        self.count_syscalls(1);
         // SAFETY: the caller owns `fd` and closes it exactly once, here.
         unsafe { libc::close(fd) };
     }
@@ -359,7 +359,7 @@ impl Poll {
         // SAFETY: epoll_event is plain old data; all-zero is a valid value.
         let mut events: [libc::epoll_event; EVENTS_PER_WAIT] = unsafe { std::mem::zeroed() };
         loop {
-            self.count(1);
+            self.count_syscalls(1);
             // SAFETY: `events` has room for EVENTS_PER_WAIT entries; timeout 0.
             let n = unsafe {
                 libc::epoll_wait(
@@ -379,7 +379,7 @@ impl Poll {
                 let (token, bits) = (ev.u64, ev.events);
                 if token == TIMER_TOKEN {
                     let mut expirations = 0u64;
-                    self.count(1);
+                    self.count_syscalls(1);
                     // SAFETY: reads 8 bytes into `expirations`; non-blocking.
                     unsafe {
                         libc::read(
@@ -462,7 +462,7 @@ impl Poll {
                 tv_nsec: after.subsec_nanos() as libc::c_long,
             },
         };
-        self.count(1);
+        self.count_syscalls(1);
         // SAFETY: `spec` is valid for the call; the old value is not asked for.
         unsafe { libc::timerfd_settime(self.timerfd.as_raw_fd(), 0, &spec, std::ptr::null_mut()) };
     }
@@ -503,7 +503,7 @@ impl Poll {
                 finished.push((id, sent as i32));
                 break;
             }
-            self.count(1);
+            self.count_syscalls(1);
             // SAFETY: `rest` is valid for reads of its length for the call.
             let n = unsafe {
                 libc::send(
@@ -532,7 +532,7 @@ impl Poll {
                 break;
             };
             let buf = &mut slot.resources.buf[..len];
-            self.count(1);
+            self.count_syscalls(1);
             // SAFETY: `buf` is valid for writes of its length for the call.
             let n =
                 unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };

@@ -9,7 +9,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use io_uring::{IoUring, opcode, squeue, types};
 
 use super::probe::TaskWork;
-use super::{Kind, OpId, Resources, Stats};
+use super::{OpId, OpKind, Resources, Stats};
 use crate::error::Error;
 
 /// Submission queue slots per ring. Completions get four times as many.
@@ -30,7 +30,7 @@ struct RsrcUpdate {
 }
 
 /// A ring and the SQEs waiting for room in it.
-pub(super) struct Ring {
+pub(super) struct RingEngine {
     pub(super) ring: RefCell<IoUring>,
     /// SQE groups (a linked pair stays together) waiting for queue space.
     backlog: RefCell<VecDeque<Vec<squeue::Entry>>>,
@@ -41,24 +41,24 @@ pub(super) struct Ring {
     registered: Option<u32>,
 }
 
-impl Ring {
-    pub(super) fn new() -> Result<(Ring, super::Features), Error> {
+impl RingEngine {
+    pub(super) fn new() -> Result<(RingEngine, super::Features), Error> {
         Self::from_setup(super::probe::setup(RING_ENTRIES)?)
     }
 
     /// A ring in one of `modes` (the reactor's tests of each mode).
     #[cfg(test)]
-    pub(super) fn with_modes(modes: &[TaskWork]) -> Result<(Ring, super::Features), Error> {
+    pub(super) fn with_modes(modes: &[TaskWork]) -> Result<(RingEngine, super::Features), Error> {
         Self::from_setup(super::probe::setup_with(RING_ENTRIES, modes)?)
     }
 
     fn from_setup(
         (ring, mut features): (IoUring, super::Features),
-    ) -> Result<(Ring, super::Features), Error> {
+    ) -> Result<(RingEngine, super::Features), Error> {
         let registered = register_ring_fd(&ring);
         features.registered_ring = registered.is_some();
         Ok((
-            Ring {
+            RingEngine {
                 ring: RefCell::new(ring),
                 backlog: RefCell::new(VecDeque::new()),
                 unsubmitted: Cell::new(0),
@@ -120,22 +120,22 @@ impl Ring {
 
     /// The SQE that performs `kind` on `resources`; pointers in it point
     /// into `resources`, which the reactor keeps until the op's CQE.
-    pub(super) fn sqe(kind: Kind, resources: &mut Resources) -> squeue::Entry {
+    pub(super) fn sqe(kind: OpKind, resources: &mut Resources) -> squeue::Entry {
         let fd = || types::Fd(resources.fd.as_ref().map_or(-1, |f| f.raw()));
         match kind {
-            Kind::Nop => opcode::Nop::new().build(),
-            Kind::Send => {
+            OpKind::Nop => opcode::Nop::new().build(),
+            OpKind::Send => {
                 let rest = &resources.buf[resources.offset..];
                 opcode::Send::new(fd(), rest.as_ptr(), rest.len() as u32)
                     .flags(libc::MSG_NOSIGNAL)
                     .build()
             }
-            Kind::Recv(len) => {
+            OpKind::Recv(len) => {
                 let fd = fd();
                 let buf = &mut resources.buf[..len];
                 opcode::Recv::new(fd, buf.as_mut_ptr(), len as u32).build()
             }
-            Kind::Connect => {
+            OpKind::Connect => {
                 let fd = fd();
                 let addr = resources.addr.as_mut().expect("connect without an address");
                 opcode::Connect::new(
@@ -145,9 +145,9 @@ impl Ring {
                 )
                 .build()
             }
-            Kind::Shutdown => opcode::Shutdown::new(fd(), libc::SHUT_RDWR).build(),
-            Kind::Close(raw) => opcode::Close::new(types::Fd(raw)).build(),
-            Kind::Timeout(after) => {
+            OpKind::Shutdown => opcode::Shutdown::new(fd(), libc::SHUT_RDWR).build(),
+            OpKind::Close(raw) => opcode::Close::new(types::Fd(raw)).build(),
+            OpKind::Timeout(after) => {
                 let ts = resources
                     .timespec
                     .insert(Box::new(types::Timespec::from(after)));
@@ -284,7 +284,7 @@ impl Ring {
     }
 }
 
-impl Drop for Ring {
+impl Drop for RingEngine {
     fn drop(&mut self) {
         // The registration holds a reference to the ring's file: let go of
         // it, or the ring would live until the thread exits.
