@@ -13,11 +13,12 @@
 use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, HashMap};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use slab::Slab;
 
-use super::{OpId, OpKind, Resources, Slot, Stats};
+use super::{Engine, Lifecycle, OpId, OpKind, Reactor, Resources, SharedFd, Slot, Stats};
 
 /// epoll `data` of the timerfd (sockets use their fd number).
 const TIMER_TOKEN: u64 = u64::MAX;
@@ -34,7 +35,7 @@ enum Expiry {
     CancelConnect(RawFd),
 }
 
-/// Where an op waits, so that a cancel can find it.
+/// What an op waits for, so that a cancel can find it.
 #[derive(Clone, Copy)]
 enum WaitsOn {
     Socket(RawFd),
@@ -114,11 +115,6 @@ impl PollEngine {
         Ok(poll)
     }
 
-    /// The epoll fd, which turns readable when a socket or the timer is ready.
-    pub(super) fn raw_fd(&self) -> RawFd {
-        self.epoll.as_raw_fd()
-    }
-
     fn count_syscalls(&self, n: u64) {
         self.syscalls.set(self.syscalls.get() + n);
     }
@@ -178,8 +174,8 @@ impl PollEngine {
     }
 
     /// Starts `kind` for op `id`. Work that needs a ready socket or a
-    /// passing deadline waits; results are delivered by [`Self::tick`].
-    pub(super) fn start(&self, id: OpId, kind: OpKind, res: &Resources, timeout: Option<Duration>) {
+    /// passing deadline waits; results are delivered by a tick.
+    fn begin(&self, id: OpId, kind: OpKind, res: &Resources, timeout: Option<Duration>) {
         let fd = res.fd.as_ref().map_or(-1, |f| f.raw());
         let ready = |r: i32| self.ready.borrow_mut().push((id, r));
         match kind {
@@ -195,7 +191,7 @@ impl PollEngine {
                 ready(if r < 0 { -errno() } else { 0 });
             }
             OpKind::Close(raw) => {
-                self.close(raw);
+                self.close_now(raw);
                 ready(0);
             }
             OpKind::Send | OpKind::Recv(_) | OpKind::Connect => {
@@ -263,7 +259,7 @@ impl PollEngine {
 
     /// Cancels op `id` if it still waits; it completes with `-ECANCELED`
     /// at the next tick. Returns whether it was waiting.
-    pub(super) fn cancel(&self, id: OpId) -> bool {
+    fn cancel_op(&self, id: OpId) -> bool {
         let Some(place) = self.waiting.borrow_mut().remove(&id.0) else {
             return false;
         };
@@ -296,7 +292,7 @@ impl PollEngine {
     }
 
     /// Cancels every op waiting on `fd`.
-    pub(super) fn cancel_fd(&self, fd: RawFd) {
+    fn cancel_ops_on(&self, fd: RawFd) {
         let ids: Vec<OpId> = {
             let sockets = self.sockets.borrow();
             let Some(s) = sockets.get(&fd) else {
@@ -310,12 +306,12 @@ impl PollEngine {
                 .collect()
         };
         for id in ids {
-            self.cancel(id);
+            self.cancel_op(id);
         }
     }
 
     /// Closes `fd` now (closing removes it from the epoll set).
-    pub(super) fn close(&self, fd: RawFd) {
+    fn close_now(&self, fd: RawFd) {
         let removed = self.sockets.borrow_mut().remove(&fd);
         debug_assert!(
             removed.is_none_or(|s| s.send.is_none() && s.recv.is_none() && s.connect.is_none()),
@@ -324,35 +320,6 @@ impl PollEngine {
         self.count_syscalls(1);
         // SAFETY: the caller owns `fd` and closes it exactly once, here.
         unsafe { libc::close(fd) };
-    }
-
-    /// The driver saw the epoll fd readable.
-    pub(super) fn note_events(&self) {
-        self.events_pending.set(true);
-    }
-
-    /// One tick: gathers ready events, runs the calls of every socket that
-    /// can make progress and fires passed deadlines. Results go to `out`;
-    /// the system calls made are added to `stats`.
-    pub(super) fn tick(
-        &self,
-        slots: &RefCell<Slab<Slot>>,
-        out: &mut Vec<(OpId, i32)>,
-        stats: &Cell<Stats>,
-    ) {
-        out.append(&mut self.ready.borrow_mut());
-        if self.events_pending.replace(false) {
-            self.take_events();
-        }
-        self.fire_deadlines(out);
-        let runnable = std::mem::take(&mut *self.runnable.borrow_mut());
-        for fd in runnable {
-            self.run_socket(fd, slots, out);
-        }
-        self.rearm_timer();
-        let mut s = stats.get();
-        s.syscalls += self.syscalls.replace(0);
-        stats.set(s);
     }
 
     fn take_events(&self) {
@@ -555,5 +522,79 @@ impl PollEngine {
             waiting.remove(&id.0);
         }
         out.extend(finished);
+    }
+}
+
+impl Engine for PollEngine {
+    /// The epoll fd, which turns readable when a socket or the timer is ready.
+    fn raw_fd(&self) -> RawFd {
+        self.epoll.as_raw_fd()
+    }
+
+    fn start(
+        &self,
+        reactor: &Reactor,
+        kind: OpKind,
+        resources: Resources,
+        lifecycle: Lifecycle,
+        timeout: Option<Duration>,
+    ) -> OpId {
+        let id = reactor.new_op(&mut reactor.slots.borrow_mut(), lifecycle, resources);
+        self.begin(
+            id,
+            kind,
+            &reactor.slots.borrow()[id.key()].resources,
+            timeout,
+        );
+        reactor.wake_driver();
+        id
+    }
+
+    fn cancel(&self, reactor: &Reactor, id: OpId) {
+        self.cancel_op(id);
+        reactor.wake_driver();
+    }
+
+    fn cancel_fd(&self, reactor: &Reactor, fd: &Rc<SharedFd>) {
+        self.cancel_ops_on(fd.raw());
+        reactor.wake_driver();
+    }
+
+    fn close(&self, _: &Reactor, fd: RawFd) {
+        // At once: the engine holds no request on it that a later close
+        // would have to wait for.
+        self.close_now(fd);
+    }
+
+    /// Gathers ready events, runs the calls of every socket that can make
+    /// progress and fires passed deadlines; the system calls made go into
+    /// the reactor's counters.
+    fn tick(&self, reactor: &Reactor, done: &mut Vec<(OpId, i32)>) {
+        done.append(&mut self.ready.borrow_mut());
+        if self.events_pending.replace(false) {
+            self.take_events();
+        }
+        self.fire_deadlines(done);
+        let runnable = std::mem::take(&mut *self.runnable.borrow_mut());
+        for fd in runnable {
+            self.run_socket(fd, &reactor.slots, done);
+        }
+        self.rearm_timer();
+        let syscalls = self.syscalls.replace(0);
+        reactor.bump(|s| s.syscalls += syscalls);
+    }
+
+    fn note_readable(&self) {
+        self.events_pending.set(true);
+    }
+
+    fn submit_now(&self, _: &Reactor) {
+        // Nothing waits for the kernel: the engine makes its calls in ticks.
+    }
+
+    fn teardown(&self, _: &mut Slab<Slot>, _: &Cell<Stats>) -> usize {
+        // Nothing of the poll engine is in the kernel's hands: the slots'
+        // buffers and fds go with the reactor.
+        0
     }
 }
