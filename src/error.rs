@@ -441,3 +441,10 @@ pub mod sftp_status {
 
 /// Shorthand for results of this crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Kernel-support failures are errors of their own kind.
+impl From<KernelSupportError> for Error {
+    fn from(e: KernelSupportError) -> Self {
+        Error::Kernel(e)
+    }
+}

@@ -28,17 +28,19 @@ mod ring;
 mod tests;
 
 use std::cell::{Cell, RefCell};
+use std::os::fd::RawFd;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::task::{Context, Poll, Waker};
 use std::thread::ThreadId;
 use std::time::Duration;
 
+#[cfg(test)]
 use io_uring::squeue;
 use slab::Slab;
 use tokio::io::unix::AsyncFd;
 
-use crate::error::{Error, KernelSupportError};
+use crate::error::Error;
 
 pub(crate) use op::{Completion, Op, Resources, SharedFd};
 pub use probe::{Features, TASK_WORK_ENV, TaskWork};
@@ -130,7 +132,7 @@ pub(crate) type Callback = Box<dyn FnOnce(Completion)>;
 
 /// What an operation does; its buffer, fd and address are in its [`Resources`].
 #[derive(Debug, Clone, Copy)]
-pub(crate) enum Kind {
+pub(crate) enum OpKind {
     /// Nothing: a round trip through the driver.
     Nop,
     /// `send(2)` of `buf[offset..]`, all of it (MSG_NOSIGNAL).
@@ -147,11 +149,13 @@ pub(crate) enum Kind {
     Timeout(Duration),
 }
 
-enum Notify {
+/// Where an op stands between its start and the moment its slot is freed,
+/// and who gets its result.
+enum Lifecycle {
     /// A future waits for the result.
     Waiting(Option<Waker>),
     /// The result arrived; the future has not taken it yet.
-    Done(i32),
+    Completed(i32),
     /// Run this when the result arrives.
     Callback(Callback),
     /// Fire and forget: nobody waits, resources are dropped on completion.
@@ -160,9 +164,11 @@ enum Notify {
     Orphaned,
 }
 
+/// One in-flight op in the reactor's slab.
 struct Slot {
+    /// Told apart from earlier ops of the same slab key.
     generation: u32,
-    notify: Notify,
+    lifecycle: Lifecycle,
     resources: Resources,
 }
 
@@ -179,14 +185,103 @@ impl OpId {
     }
 }
 
-enum Engine {
-    Ring(ring::Ring),
-    Poll(poll::Poll),
+/// What an engine does for the reactor, which keeps the slots, the
+/// lifecycles and the driver task.
+///
+/// A trait rather than `match` arms in the reactor, so that each engine's
+/// half of every step (start, cancel, close, tick, teardown) reads in its
+/// own file and the reactor's code says nothing engine-specific. Both
+/// engines implement it and the reactor calls it through [`AnyEngine`],
+/// whose `match` keeps every call static: no `Box<dyn>`, no vtable on the
+/// hot path.
+trait Engine {
+    /// The fd the driver waits on: readable when the engine has work.
+    fn raw_fd(&self) -> RawFd;
+    /// Gives the op a slot of `reactor` and starts it; with `timeout`, it
+    /// is cancelled (result `-ECANCELED`) if it has not completed by then.
+    fn start(
+        &self,
+        reactor: &Reactor,
+        kind: OpKind,
+        resources: Resources,
+        lifecycle: Lifecycle,
+        timeout: Option<Duration>,
+    ) -> OpId;
+    /// Cancels `id`, whose owner is gone; its completion still arrives.
+    fn cancel(&self, reactor: &Reactor, id: OpId);
+    /// Cancels every op on `fd`.
+    fn cancel_fd(&self, reactor: &Reactor, fd: &Rc<SharedFd>);
+    /// Closes `fd`, whose last holder let go.
+    fn close(&self, reactor: &Reactor, fd: RawFd);
+    /// Submits what is queued and adds what completed to `done`.
+    fn tick(&self, reactor: &Reactor, done: &mut Vec<(OpId, i32)>);
+    /// The driver saw [`Self::raw_fd`] readable.
+    fn note_readable(&self);
+    /// No driver task will tick again (its runtime is gone): hands what is
+    /// queued to the kernel now.
+    fn submit_now(&self, reactor: &Reactor);
+    /// Thread teardown with `slots` still in flight: frees what it safely
+    /// can and returns how many ops' resources it had to leak.
+    fn teardown(&self, slots: &mut Slab<Slot>, stats: &Cell<Stats>) -> usize;
+}
+
+/// The engine a reactor runs: a closed choice of two, so a `match` instead
+/// of a vtable.
+enum AnyEngine {
+    Ring(ring::RingEngine),
+    Poll(poll::PollEngine),
+}
+
+/// Calls the same method on whichever engine `$any` holds.
+macro_rules! dispatch {
+    ($any:expr, $e:ident => $call:expr) => {
+        match $any {
+            AnyEngine::Ring($e) => $call,
+            AnyEngine::Poll($e) => $call,
+        }
+    };
+}
+
+impl Engine for AnyEngine {
+    fn raw_fd(&self) -> RawFd {
+        dispatch!(self, e => e.raw_fd())
+    }
+    fn start(
+        &self,
+        reactor: &Reactor,
+        kind: OpKind,
+        resources: Resources,
+        lifecycle: Lifecycle,
+        timeout: Option<Duration>,
+    ) -> OpId {
+        dispatch!(self, e => e.start(reactor, kind, resources, lifecycle, timeout))
+    }
+    fn cancel(&self, reactor: &Reactor, id: OpId) {
+        dispatch!(self, e => e.cancel(reactor, id))
+    }
+    fn cancel_fd(&self, reactor: &Reactor, fd: &Rc<SharedFd>) {
+        dispatch!(self, e => e.cancel_fd(reactor, fd))
+    }
+    fn close(&self, reactor: &Reactor, fd: RawFd) {
+        dispatch!(self, e => e.close(reactor, fd))
+    }
+    fn tick(&self, reactor: &Reactor, done: &mut Vec<(OpId, i32)>) {
+        dispatch!(self, e => e.tick(reactor, done))
+    }
+    fn note_readable(&self) {
+        dispatch!(self, e => e.note_readable())
+    }
+    fn submit_now(&self, reactor: &Reactor) {
+        dispatch!(self, e => e.submit_now(reactor))
+    }
+    fn teardown(&self, slots: &mut Slab<Slot>, stats: &Cell<Stats>) -> usize {
+        dispatch!(self, e => e.teardown(slots, stats))
+    }
 }
 
 /// A thread's engine, its in-flight operations and its counters.
 pub struct Reactor {
-    engine: Engine,
+    engine: AnyEngine,
     slots: RefCell<Slab<Slot>>,
     next_generation: Cell<u32>,
     driver_waker: RefCell<Option<Waker>>,
@@ -251,7 +346,7 @@ pub fn stats() -> Option<Stats> {
 /// the reactor.
 pub async fn nop() -> Result<(), Error> {
     let reactor = Reactor::current()?;
-    let op = reactor.start_op(Kind::Nop, Resources::default());
+    let op = reactor.start_op(OpKind::Nop, Resources::default());
     let done = op.await;
     done.result().map(drop).map_err(Error::Io)
 }
@@ -298,11 +393,11 @@ impl Reactor {
         let (engine, features) = match choice {
             Choice::Only(Backend::Poll) => Self::poll_engine()?,
             Choice::Only(Backend::IoUring) => {
-                let (ring, f) = ring::Ring::new()?;
-                (Engine::Ring(ring), f)
+                let (ring, f) = ring::RingEngine::new()?;
+                (AnyEngine::Ring(ring), f)
             }
-            Choice::Auto => match ring::Ring::new() {
-                Ok((ring, f)) => (Engine::Ring(ring), f),
+            Choice::Auto => match ring::RingEngine::new() {
+                Ok((ring, f)) => (AnyEngine::Ring(ring), f),
                 Err(Error::Kernel(_)) => Self::poll_engine()?,
                 Err(e) => return Err(e),
             },
@@ -310,7 +405,7 @@ impl Reactor {
         Ok(Self::with_engine(engine, features))
     }
 
-    fn with_engine(engine: Engine, features: Features) -> Reactor {
+    fn with_engine(engine: AnyEngine, features: Features) -> Reactor {
         Reactor {
             engine,
             slots: RefCell::new(Slab::with_capacity(256)),
@@ -330,8 +425,8 @@ impl Reactor {
     /// already has a reactor.
     #[cfg(test)]
     pub(crate) fn install_ring_with(modes: &[TaskWork]) -> Result<Rc<Reactor>, Error> {
-        let (ring, features) = ring::Ring::with_modes(modes)?;
-        let r = Rc::new(Reactor::with_engine(Engine::Ring(ring), features));
+        let (ring, features) = ring::RingEngine::with_modes(modes)?;
+        let r = Rc::new(Reactor::with_engine(AnyEngine::Ring(ring), features));
         CURRENT.with(|c| {
             let mut c = c.borrow_mut();
             if c.is_some() {
@@ -344,15 +439,15 @@ impl Reactor {
         Ok(r)
     }
 
-    fn poll_engine() -> Result<(Engine, Features), Error> {
-        let poll = poll::Poll::new().map_err(Error::Io)?;
+    fn poll_engine() -> Result<(AnyEngine, Features), Error> {
+        let poll = poll::PollEngine::new().map_err(Error::Io)?;
         let features = Features {
             backend: Backend::Poll,
             cancel_by_fd: true,
             task_work: TaskWork::Signal,
             registered_ring: false,
         };
-        Ok((Engine::Poll(poll), features))
+        Ok((AnyEngine::Poll(poll), features))
     }
 
     /// What runs this reactor, and what it supports.
@@ -380,13 +475,6 @@ impl Reactor {
         }
     }
 
-    fn engine_fd(&self) -> std::os::fd::RawFd {
-        match &self.engine {
-            Engine::Ring(r) => r.raw_fd(),
-            Engine::Poll(p) => p.raw_fd(),
-        }
-    }
-
     fn ensure_driver(&self, handle: &tokio::runtime::Handle) -> Result<(), Error> {
         if self.driver_runtime.get() == Some(handle.id()) {
             return Ok(());
@@ -396,7 +484,7 @@ impl Reactor {
         // teardown order is not ours to choose): give it a duplicate of the
         // engine's fd that it owns.
         // SAFETY: the engine's fd is open while `self` lives, which covers this call.
-        let engine_fd = unsafe { BorrowedFd::borrow_raw(self.engine_fd()) };
+        let engine_fd = unsafe { BorrowedFd::borrow_raw(self.engine.raw_fd()) };
         let owned = engine_fd.try_clone_to_owned().map_err(Error::Io)?;
         // SAFETY: `owned` is a valid fd owned by the AsyncFd from here on, so
         // it stays open and the same for the AsyncFd's whole lifetime.
@@ -418,171 +506,95 @@ impl Reactor {
     }
 
     /// Starts `kind`; a future awaits its result.
-    pub(crate) fn start_op(self: &Rc<Self>, kind: Kind, resources: Resources) -> Op {
-        let id = self.start(kind, resources, Notify::Waiting(None), None);
+    pub(crate) fn start_op(self: &Rc<Self>, kind: OpKind, resources: Resources) -> Op {
+        let id = self
+            .engine
+            .start(self, kind, resources, Lifecycle::Waiting(None), None);
         Op::new(self.clone(), id)
     }
 
     /// Starts `kind`; its completion runs `callback` on the driver task.
     pub(crate) fn start_with_callback(
         &self,
-        kind: Kind,
+        kind: OpKind,
         resources: Resources,
         callback: Callback,
     ) -> OpId {
-        self.start(kind, resources, Notify::Callback(callback), None)
+        self.engine
+            .start(self, kind, resources, Lifecycle::Callback(callback), None)
     }
 
     /// Starts `kind`; nobody waits, its resources are dropped on completion.
-    pub(crate) fn start_detached(&self, kind: Kind, resources: Resources) -> OpId {
-        self.start(kind, resources, Notify::Detached, None)
+    pub(crate) fn start_detached(&self, kind: OpKind, resources: Resources) -> OpId {
+        self.engine
+            .start(self, kind, resources, Lifecycle::Detached, None)
     }
 
     /// Runs `callback` on the driver task soon (after a no-op's round trip,
     /// batched with everything else): work moved off a caller's path.
     pub(crate) fn run_soon(&self, callback: Callback) {
-        self.start_with_callback(Kind::Nop, Resources::default(), callback);
+        self.start_with_callback(OpKind::Nop, Resources::default(), callback);
     }
 
     /// Starts `kind`, cancelled if it has not completed within `timeout`
     /// (it then completes with `-ECANCELED`).
     pub(crate) fn start_op_with_timeout(
         self: &Rc<Self>,
-        kind: Kind,
+        kind: OpKind,
         resources: Resources,
         timeout: Duration,
     ) -> Op {
-        let id = self.start(kind, resources, Notify::Waiting(None), Some(timeout));
+        let id = self.engine.start(
+            self,
+            kind,
+            resources,
+            Lifecycle::Waiting(None),
+            Some(timeout),
+        );
         Op::new(self.clone(), id)
     }
 
     /// A standalone timer that runs `callback` when it fires (result
     /// `-ETIME`) or is cancelled (`-ECANCELED`).
     pub(crate) fn submit_timer(&self, after: Duration, callback: Callback) -> OpId {
-        self.start_with_callback(Kind::Timeout(after), Resources::default(), callback)
+        self.start_with_callback(OpKind::Timeout(after), Resources::default(), callback)
     }
 
     /// Asks the engine to cancel every request on `fd`. Only where
     /// [`Features::cancel_by_fd`] holds.
     pub(crate) fn cancel_fd(&self, fd: &Rc<SharedFd>) {
         debug_assert!(self.features.cancel_by_fd);
-        match &self.engine {
-            Engine::Ring(_) => {
-                let sqe = ring::Ring::cancel_fd_sqe(fd.raw());
-                let resources = Resources {
-                    fd: Some(fd.clone()),
-                    ..Resources::default()
-                };
-                self.push_sqes(vec![(sqe, resources, Notify::Detached)]);
-            }
-            Engine::Poll(p) => {
-                p.cancel_fd(fd.raw());
-                self.wake_driver();
-            }
-        }
+        self.engine.cancel_fd(self, fd);
     }
 
     /// Closes `fd` (the last holder let go): through the ring, batched with
     /// everything else, or at once on the poll engine.
-    pub(crate) fn close_fd(&self, fd: std::os::fd::RawFd) {
-        match &self.engine {
-            Engine::Ring(_) => {
-                self.start_detached(Kind::Close(fd), Resources::default());
-            }
-            Engine::Poll(p) => p.close(fd),
-        }
+    pub(crate) fn close_fd(&self, fd: RawFd) {
+        self.engine.close(self, fd);
     }
 
-    fn new_slot(
-        slots: &mut Slab<Slot>,
-        generation: u32,
-        notify: Notify,
-        resources: Resources,
-    ) -> OpId {
-        let key = slots.insert(Slot {
-            generation,
-            notify,
-            resources,
-        });
-        OpId(((generation as u64) << 32) | key as u64)
-    }
-
-    fn next_generation(&self) -> u32 {
+    /// Gives an op a slot in `slots` (the reactor's, borrowed by the
+    /// caller) and counts it in flight: its id.
+    fn new_op(&self, slots: &mut Slab<Slot>, lifecycle: Lifecycle, resources: Resources) -> OpId {
         let generation = self.next_generation.get();
         self.next_generation.set(generation.wrapping_add(1).max(1));
-        generation
-    }
-
-    fn start(
-        &self,
-        kind: Kind,
-        mut resources: Resources,
-        notify: Notify,
-        timeout: Option<Duration>,
-    ) -> OpId {
-        match &self.engine {
-            Engine::Ring(_) => {
-                let sqe = ring::Ring::sqe(kind, &mut resources);
-                let mut group = vec![(sqe, resources, notify)];
-                if let Some(t) = timeout {
-                    let mut link_res = Resources::default();
-                    let link = ring::Ring::link_timeout_sqe(&mut link_res, t);
-                    group[0].0 = group[0].0.clone().flags(squeue::Flags::IO_LINK);
-                    group.push((link, link_res, Notify::Detached));
-                }
-                self.push_sqes(group)[0]
-            }
-            Engine::Poll(p) => {
-                let id = {
-                    let mut slots = self.slots.borrow_mut();
-                    let generation = self.next_generation();
-                    Self::new_slot(&mut slots, generation, notify, resources)
-                };
-                self.bump(|s| s.ops_in_flight += 1);
-                {
-                    let slots = self.slots.borrow();
-                    p.start(id, kind, &slots[id.key()].resources, timeout);
-                }
-                self.wake_driver();
-                id
-            }
-        }
-    }
-
-    /// Queues raw SQEs on the ring engine (a linked group stays together).
-    fn push_sqes(&self, group: Vec<(squeue::Entry, Resources, Notify)>) -> Vec<OpId> {
-        let Engine::Ring(ring) = &self.engine else {
-            unreachable!("SQEs on the poll engine");
-        };
-        let mut ids = Vec::with_capacity(group.len());
-        let mut sqes = Vec::with_capacity(group.len());
-        {
-            let mut slots = self.slots.borrow_mut();
-            for (sqe, resources, notify) in group {
-                let generation = self.next_generation();
-                let id = Self::new_slot(&mut slots, generation, notify, resources);
-                ids.push(id);
-                sqes.push(sqe.user_data(id.0));
-            }
-        }
-        let n = sqes.len() as u64;
-        self.bump(|s| s.ops_in_flight += n);
-        ring.push(sqes);
-        if self.driver_runtime.get().is_none() {
-            // No task will submit (a drop after the runtime is gone):
-            // enter the kernel now so cancels, shutdowns and closes happen.
-            let _ = ring.flush(&self.stats);
-        } else {
-            self.schedule_driver();
-        }
-        ids
+        let key = slots.insert(Slot {
+            generation,
+            lifecycle,
+            resources,
+        });
+        self.bump(|s| s.ops_in_flight += 1);
+        OpId(((generation as u64) << 32) | key as u64)
     }
 
     /// Queues one raw SQE whose result a future will await (ring engine;
     /// the reactor's own tests).
     #[cfg(test)]
     pub(crate) fn submit_op(self: &Rc<Self>, sqe: squeue::Entry, resources: Resources) -> Op {
-        let id = self.push_sqes(vec![(sqe, resources, Notify::Waiting(None))])[0];
+        let AnyEngine::Ring(ring) = &self.engine else {
+            unreachable!("SQEs on the poll engine");
+        };
+        let id = ring.push_ops(self, vec![(sqe, resources, Lifecycle::Waiting(None))])[0];
         Op::new(self.clone(), id)
     }
 
@@ -605,17 +617,7 @@ impl Reactor {
     /// completed and delivers it. Returns how many completions it delivered.
     fn tick(&self) -> usize {
         let mut done = Vec::new();
-        match &self.engine {
-            Engine::Ring(ring) => {
-                // An enter error other than EINTR/EBUSY means the ring is
-                // unusable: its ops stay in flight and their owners time out.
-                let _ = ring.flush(&self.stats);
-                ring.reap(&mut done);
-                let n = done.len() as u64;
-                self.bump(|s| s.cqes_reaped += n);
-            }
-            Engine::Poll(p) => p.tick(&self.slots, &mut done, &self.stats),
-        }
+        self.engine.tick(self, &mut done);
         let count = done.len();
         if count > 0 {
             self.deliver(done);
@@ -640,19 +642,19 @@ impl Reactor {
                 if slot.generation != id.generation() {
                     continue;
                 }
-                match std::mem::replace(&mut slot.notify, Notify::Done(result)) {
-                    Notify::Waiting(w) => wakers.extend(w),
-                    Notify::Done(_) => {}
-                    Notify::Callback(cb) => {
+                match std::mem::replace(&mut slot.lifecycle, Lifecycle::Completed(result)) {
+                    Lifecycle::Waiting(w) => wakers.extend(w),
+                    Lifecycle::Completed(_) => {}
+                    Lifecycle::Callback(cb) => {
                         finished += 1;
                         let slot = slots.remove(id.key());
                         callbacks.push((cb, Completion::new(result, slot.resources)));
                     }
-                    Notify::Detached => {
+                    Lifecycle::Detached => {
                         finished += 1;
                         dead.push(slots.remove(id.key()).resources);
                     }
-                    Notify::Orphaned => {
+                    Lifecycle::Orphaned => {
                         finished += 1;
                         orphans_done += 1;
                         dead.push(slots.remove(id.key()).resources);
@@ -696,15 +698,15 @@ impl Reactor {
             id.generation(),
             "op polled after completion"
         );
-        match &mut slot.notify {
-            Notify::Done(result) => {
+        match &mut slot.lifecycle {
+            Lifecycle::Completed(result) => {
                 let result = *result;
                 let slot = slots.remove(id.key());
                 drop(slots);
                 self.bump(|s| s.ops_in_flight -= 1);
                 Poll::Ready(Completion::new(result, slot.resources))
             }
-            Notify::Waiting(w) => {
+            Lifecycle::Waiting(w) => {
                 match w {
                     Some(w) if w.will_wake(cx.waker()) => {}
                     _ => *w = Some(cx.waker().clone()),
@@ -719,16 +721,7 @@ impl Reactor {
     /// let the reactor keep its resources until its own completion arrives.
     pub(crate) fn abandon(&self, id: OpId) {
         if self.orphan(id) {
-            match &self.engine {
-                Engine::Ring(_) => {
-                    let sqe = ring::Ring::cancel_sqe(id);
-                    self.push_sqes(vec![(sqe, Resources::default(), Notify::Detached)]);
-                }
-                Engine::Poll(p) => {
-                    p.cancel(id);
-                    self.wake_driver();
-                }
-            }
+            self.engine.cancel(self, id);
         }
     }
 
@@ -743,79 +736,29 @@ impl Reactor {
         if slot.generation != id.generation() {
             return false;
         }
-        match slot.notify {
-            Notify::Done(_) => {
+        match slot.lifecycle {
+            Lifecycle::Completed(_) => {
                 let slot = slots.remove(id.key());
                 drop(slots);
                 self.bump(|s| s.ops_in_flight -= 1);
                 drop(slot);
                 false
             }
-            Notify::Waiting(_) | Notify::Callback(_) => {
-                let old = std::mem::replace(&mut slot.notify, Notify::Orphaned);
+            Lifecycle::Waiting(_) | Lifecycle::Callback(_) => {
+                let old = std::mem::replace(&mut slot.lifecycle, Lifecycle::Orphaned);
                 drop(slots);
                 drop(old);
                 self.bump(|s| s.orphaned_outstanding += 1);
                 true
             }
-            Notify::Detached | Notify::Orphaned => false,
+            Lifecycle::Detached | Lifecycle::Orphaned => false,
         }
     }
 }
 
 impl Drop for Reactor {
     fn drop(&mut self) {
-        let Engine::Ring(ring) = &mut self.engine else {
-            // Nothing of the poll engine is in the kernel's hands: the
-            // slots' buffers and fds go with the reactor.
-            return;
-        };
-        // Thread teardown: cancel what is in flight, give the kernel a short
-        // while to complete it, and leak the buffers of whatever remains
-        // (the kernel may still write into them after the ring is gone).
-        let ids: Vec<u64> = self
-            .slots
-            .get_mut()
-            .iter()
-            .filter(|(_, s)| !matches!(s.notify, Notify::Done(_)))
-            .map(|(k, s)| ((s.generation as u64) << 32) | k as u64)
-            .collect();
-        let stats = &self.stats;
-        for id in ids {
-            // A cancel SQE carries no pointer; user_data 0 is no slot's.
-            ring.push(vec![ring::Ring::cancel_sqe(OpId(id)).user_data(0)]);
-        }
-        let slots = self.slots.get_mut();
-        let mut done = Vec::new();
-        for _ in 0..100 {
-            // Then with GETEVENTS, whatever the flags say: cooperative task
-            // work not yet run posts its CQEs only in an enter.
-            let _ = ring.flush(stats);
-            ring.enter_getevents(stats);
-            done.clear();
-            ring.reap(&mut done);
-            for &(id, _) in &done {
-                if id.0 != 0
-                    && slots
-                        .get(id.key())
-                        .is_some_and(|s| s.generation == id.generation())
-                {
-                    slots.remove(id.key());
-                }
-            }
-            if slots
-                .iter()
-                .all(|(_, s)| matches!(s.notify, Notify::Done(_)))
-            {
-                break;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(1));
-        }
-        let leaked = slots
-            .drain()
-            .filter(|s| !matches!(s.notify, Notify::Done(_)))
-            .map(|s| std::mem::forget(s.resources))
-            .count();
+        let leaked = self.engine.teardown(self.slots.get_mut(), &self.stats);
         GLOBAL_LEAKED_AT_TEARDOWN.fetch_add(leaked as u64, std::sync::atomic::Ordering::Relaxed);
     }
 }
@@ -883,9 +826,7 @@ impl std::future::Future for Driver {
             match self.fd.poll_read_ready(cx) {
                 Poll::Ready(Ok(mut guard)) => {
                     guard.clear_ready();
-                    if let Engine::Poll(p) = &reactor.engine {
-                        p.note_events();
-                    }
+                    reactor.engine.note_readable();
                 }
                 Poll::Ready(Err(_)) => return Poll::Ready(()),
                 Poll::Pending => return Poll::Pending,
@@ -908,18 +849,9 @@ impl Drop for Driver {
                     *r.driver_waker.borrow_mut() = None;
                     // What was queued in this runtime's last tick (a drop's
                     // cancel, shutdown and close) still reaches the kernel.
-                    if let Engine::Ring(ring) = &r.engine {
-                        let _ = ring.flush(&r.stats);
-                    }
+                    r.engine.submit_now(r);
                 }
             });
         }
-    }
-}
-
-/// Kernel-support failures are errors of their own kind.
-impl From<KernelSupportError> for Error {
-    fn from(e: KernelSupportError) -> Self {
-        Error::Kernel(e)
     }
 }

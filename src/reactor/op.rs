@@ -164,7 +164,7 @@ impl Reactor {
             fd: Some(fd),
             ..Resources::default()
         };
-        self.start_with_callback(super::Kind::Send, resources, callback)
+        self.start_with_callback(super::OpKind::Send, resources, callback)
     }
 
     /// `recv(2)` into `buf[..len]`; `callback` gets the count received.
@@ -181,7 +181,7 @@ impl Reactor {
             fd: Some(fd),
             ..Resources::default()
         };
-        self.start_with_callback(super::Kind::Recv(len), resources, callback)
+        self.start_with_callback(super::OpKind::Recv(len), resources, callback)
     }
 
     /// `shutdown(2)` with SHUT_RDWR, detached: nobody waits for it.
@@ -190,7 +190,7 @@ impl Reactor {
             fd: Some(fd.clone()),
             ..Resources::default()
         };
-        self.start_detached(super::Kind::Shutdown, resources);
+        self.start_detached(super::OpKind::Shutdown, resources);
     }
 
     /// `shutdown(2)` with SHUT_RDWR, awaited.
@@ -199,7 +199,7 @@ impl Reactor {
             fd: Some(fd.clone()),
             ..Resources::default()
         };
-        self.start_op(super::Kind::Shutdown, resources)
+        self.start_op(super::OpKind::Shutdown, resources)
     }
 
     /// `connect(2)` to `addr`, cancelled after `timeout` (the result is
@@ -215,7 +215,7 @@ impl Reactor {
             addr: Some(Box::new(sockaddr_from(addr))),
             ..Resources::default()
         };
-        self.start_op_with_timeout(super::Kind::Connect, resources, timeout)
+        self.start_op_with_timeout(super::OpKind::Connect, resources, timeout)
     }
 }
 

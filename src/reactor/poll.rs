@@ -13,11 +13,12 @@
 use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, HashMap};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use slab::Slab;
 
-use super::{Kind, OpId, Resources, Slot, Stats};
+use super::{Engine, Lifecycle, OpId, OpKind, Reactor, Resources, SharedFd, Slot, Stats};
 
 /// epoll `data` of the timerfd (sockets use their fd number).
 const TIMER_TOKEN: u64 = u64::MAX;
@@ -34,9 +35,9 @@ enum Expiry {
     CancelConnect(RawFd),
 }
 
-/// Where an op waits, so that a cancel can find it.
+/// What an op waits for, so that a cancel can find it.
 #[derive(Clone, Copy)]
-enum Place {
+enum WaitsOn {
     Socket(RawFd),
     Timer((Instant, u64)),
 }
@@ -56,14 +57,14 @@ struct Socket {
 
 /// The epoll set, the sockets in it, the timers, and results waiting for
 /// the next tick.
-pub(super) struct Poll {
+pub(super) struct PollEngine {
     epoll: OwnedFd,
     timerfd: OwnedFd,
     sockets: RefCell<HashMap<RawFd, Socket>>,
     runnable: RefCell<Vec<RawFd>>,
     ready: RefCell<Vec<(OpId, i32)>>,
     timers: RefCell<BTreeMap<(Instant, u64), (OpId, Expiry)>>,
-    waiting: RefCell<HashMap<u64, Place>>,
+    waiting: RefCell<HashMap<u64, WaitsOn>>,
     /// The deadline the timerfd is set to.
     armed: Cell<Option<Instant>>,
     next_seq: Cell<u64>,
@@ -79,8 +80,8 @@ fn errno() -> i32 {
         .unwrap_or(libc::EIO)
 }
 
-impl Poll {
-    pub(super) fn new() -> std::io::Result<Poll> {
+impl PollEngine {
+    pub(super) fn new() -> std::io::Result<PollEngine> {
         // SAFETY: plain syscalls creating descriptors that are owned at once.
         let (epoll, timerfd) = unsafe {
             let ep = libc::epoll_create1(libc::EPOLL_CLOEXEC);
@@ -97,7 +98,7 @@ impl Poll {
             }
             (epoll, OwnedFd::from_raw_fd(tf))
         };
-        let poll = Poll {
+        let poll = PollEngine {
             epoll,
             timerfd,
             sockets: RefCell::new(HashMap::new()),
@@ -114,18 +115,13 @@ impl Poll {
         Ok(poll)
     }
 
-    /// The epoll fd, which turns readable when a socket or the timer is ready.
-    pub(super) fn raw_fd(&self) -> RawFd {
-        self.epoll.as_raw_fd()
-    }
-
-    fn count(&self, n: u64) {
+    fn count_syscalls(&self, n: u64) {
         self.syscalls.set(self.syscalls.get() + n);
     }
 
     fn epoll_add(&self, fd: RawFd, events: u32, token: u64) -> std::io::Result<()> {
         let mut ev = libc::epoll_event { events, u64: token };
-        self.count(1);
+        self.count_syscalls(1);
         // SAFETY: `ev` is a valid epoll_event for the duration of the call.
         if unsafe { libc::epoll_ctl(self.epoll.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut ev) } < 0
         {
@@ -141,7 +137,7 @@ impl Poll {
             return Ok(());
         }
         let on: libc::c_int = 1;
-        self.count(1);
+        self.count_syscalls(1);
         // SAFETY: FIONBIO reads one int from the pointer, valid for the call.
         if unsafe { libc::ioctl(fd, libc::FIONBIO, &on) } < 0 {
             return Err(errno());
@@ -178,32 +174,32 @@ impl Poll {
     }
 
     /// Starts `kind` for op `id`. Work that needs a ready socket or a
-    /// passing deadline waits; results are delivered by [`Self::tick`].
-    pub(super) fn start(&self, id: OpId, kind: Kind, res: &Resources, timeout: Option<Duration>) {
+    /// passing deadline waits; results are delivered by a tick.
+    fn begin(&self, id: OpId, kind: OpKind, res: &Resources, timeout: Option<Duration>) {
         let fd = res.fd.as_ref().map_or(-1, |f| f.raw());
         let ready = |r: i32| self.ready.borrow_mut().push((id, r));
         match kind {
-            Kind::Nop => ready(0),
-            Kind::Timeout(after) => {
+            OpKind::Nop => ready(0),
+            OpKind::Timeout(after) => {
                 let key = self.add_timer(Instant::now() + after, id, Expiry::Fire);
-                self.waiting.borrow_mut().insert(id.0, Place::Timer(key));
+                self.waiting.borrow_mut().insert(id.0, WaitsOn::Timer(key));
             }
-            Kind::Shutdown => {
-                self.count(1);
+            OpKind::Shutdown => {
+                self.count_syscalls(1);
                 // SAFETY: `fd` is kept open by the op's resources.
                 let r = unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
                 ready(if r < 0 { -errno() } else { 0 });
             }
-            Kind::Close(raw) => {
-                self.close(raw);
+            OpKind::Close(raw) => {
+                self.close_now(raw);
                 ready(0);
             }
-            Kind::Send | Kind::Recv(_) | Kind::Connect => {
+            OpKind::Send | OpKind::Recv(_) | OpKind::Connect => {
                 if let Err(e) = self.register(fd) {
                     ready(-e);
                     return;
                 }
-                if let Kind::Connect = kind {
+                if let OpKind::Connect = kind {
                     match self.connect_call(fd, res) {
                         Some(r) => ready(r),
                         None => {
@@ -214,7 +210,7 @@ impl Poll {
                             let s = sockets.get_mut(&fd).expect("registered");
                             s.writable = false;
                             s.connect = Some((id, deadline));
-                            self.waiting.borrow_mut().insert(id.0, Place::Socket(fd));
+                            self.waiting.borrow_mut().insert(id.0, WaitsOn::Socket(fd));
                         }
                     }
                     return;
@@ -223,12 +219,12 @@ impl Poll {
                     let mut sockets = self.sockets.borrow_mut();
                     let s = sockets.get_mut(&fd).expect("registered");
                     match kind {
-                        Kind::Send => s.send = Some((id, 0)),
-                        Kind::Recv(len) => s.recv = Some((id, len)),
+                        OpKind::Send => s.send = Some((id, 0)),
+                        OpKind::Recv(len) => s.recv = Some((id, len)),
                         _ => unreachable!(),
                     }
                 }
-                self.waiting.borrow_mut().insert(id.0, Place::Socket(fd));
+                self.waiting.borrow_mut().insert(id.0, WaitsOn::Socket(fd));
                 self.mark_runnable(fd);
             }
         }
@@ -240,7 +236,7 @@ impl Poll {
         let Some(addr) = res.addr.as_ref() else {
             return Some(-libc::EINVAL);
         };
-        self.count(1);
+        self.count_syscalls(1);
         // SAFETY: `addr` holds a socket address of length `addr.1`, alive
         // for the call; `fd` is kept open by the op's resources.
         let r = unsafe {
@@ -263,15 +259,15 @@ impl Poll {
 
     /// Cancels op `id` if it still waits; it completes with `-ECANCELED`
     /// at the next tick. Returns whether it was waiting.
-    pub(super) fn cancel(&self, id: OpId) -> bool {
+    fn cancel_op(&self, id: OpId) -> bool {
         let Some(place) = self.waiting.borrow_mut().remove(&id.0) else {
             return false;
         };
         match place {
-            Place::Timer(key) => {
+            WaitsOn::Timer(key) => {
                 self.timers.borrow_mut().remove(&key);
             }
-            Place::Socket(fd) => {
+            WaitsOn::Socket(fd) => {
                 let mut sockets = self.sockets.borrow_mut();
                 if let Some(s) = sockets.get_mut(&fd) {
                     if s.send.is_some_and(|(op, _)| op == id) {
@@ -296,7 +292,7 @@ impl Poll {
     }
 
     /// Cancels every op waiting on `fd`.
-    pub(super) fn cancel_fd(&self, fd: RawFd) {
+    fn cancel_ops_on(&self, fd: RawFd) {
         let ids: Vec<OpId> = {
             let sockets = self.sockets.borrow();
             let Some(s) = sockets.get(&fd) else {
@@ -310,56 +306,27 @@ impl Poll {
                 .collect()
         };
         for id in ids {
-            self.cancel(id);
+            self.cancel_op(id);
         }
     }
 
     /// Closes `fd` now (closing removes it from the epoll set).
-    pub(super) fn close(&self, fd: RawFd) {
+    fn close_now(&self, fd: RawFd) {
         let removed = self.sockets.borrow_mut().remove(&fd);
         debug_assert!(
             removed.is_none_or(|s| s.send.is_none() && s.recv.is_none() && s.connect.is_none()),
             "closing a socket with ops waiting"
         );
-        self.count(1);
+        self.count_syscalls(1);
         // SAFETY: the caller owns `fd` and closes it exactly once, here.
         unsafe { libc::close(fd) };
-    }
-
-    /// The driver saw the epoll fd readable.
-    pub(super) fn note_events(&self) {
-        self.events_pending.set(true);
-    }
-
-    /// One tick: gathers ready events, runs the calls of every socket that
-    /// can make progress and fires passed deadlines. Results go to `out`;
-    /// the system calls made are added to `stats`.
-    pub(super) fn tick(
-        &self,
-        slots: &RefCell<Slab<Slot>>,
-        out: &mut Vec<(OpId, i32)>,
-        stats: &Cell<Stats>,
-    ) {
-        out.append(&mut self.ready.borrow_mut());
-        if self.events_pending.replace(false) {
-            self.take_events();
-        }
-        self.fire_deadlines(out);
-        let runnable = std::mem::take(&mut *self.runnable.borrow_mut());
-        for fd in runnable {
-            self.run_socket(fd, slots, out);
-        }
-        self.rearm_timer();
-        let mut s = stats.get();
-        s.syscalls += self.syscalls.replace(0);
-        stats.set(s);
     }
 
     fn take_events(&self) {
         // SAFETY: epoll_event is plain old data; all-zero is a valid value.
         let mut events: [libc::epoll_event; EVENTS_PER_WAIT] = unsafe { std::mem::zeroed() };
         loop {
-            self.count(1);
+            self.count_syscalls(1);
             // SAFETY: `events` has room for EVENTS_PER_WAIT entries; timeout 0.
             let n = unsafe {
                 libc::epoll_wait(
@@ -379,7 +346,7 @@ impl Poll {
                 let (token, bits) = (ev.u64, ev.events);
                 if token == TIMER_TOKEN {
                     let mut expirations = 0u64;
-                    self.count(1);
+                    self.count_syscalls(1);
                     // SAFETY: reads 8 bytes into `expirations`; non-blocking.
                     unsafe {
                         libc::read(
@@ -462,7 +429,7 @@ impl Poll {
                 tv_nsec: after.subsec_nanos() as libc::c_long,
             },
         };
-        self.count(1);
+        self.count_syscalls(1);
         // SAFETY: `spec` is valid for the call; the old value is not asked for.
         unsafe { libc::timerfd_settime(self.timerfd.as_raw_fd(), 0, &spec, std::ptr::null_mut()) };
     }
@@ -503,7 +470,7 @@ impl Poll {
                 finished.push((id, sent as i32));
                 break;
             }
-            self.count(1);
+            self.count_syscalls(1);
             // SAFETY: `rest` is valid for reads of its length for the call.
             let n = unsafe {
                 libc::send(
@@ -532,7 +499,7 @@ impl Poll {
                 break;
             };
             let buf = &mut slot.resources.buf[..len];
-            self.count(1);
+            self.count_syscalls(1);
             // SAFETY: `buf` is valid for writes of its length for the call.
             let n =
                 unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
@@ -555,5 +522,79 @@ impl Poll {
             waiting.remove(&id.0);
         }
         out.extend(finished);
+    }
+}
+
+impl Engine for PollEngine {
+    /// The epoll fd, which turns readable when a socket or the timer is ready.
+    fn raw_fd(&self) -> RawFd {
+        self.epoll.as_raw_fd()
+    }
+
+    fn start(
+        &self,
+        reactor: &Reactor,
+        kind: OpKind,
+        resources: Resources,
+        lifecycle: Lifecycle,
+        timeout: Option<Duration>,
+    ) -> OpId {
+        let id = reactor.new_op(&mut reactor.slots.borrow_mut(), lifecycle, resources);
+        self.begin(
+            id,
+            kind,
+            &reactor.slots.borrow()[id.key()].resources,
+            timeout,
+        );
+        reactor.wake_driver();
+        id
+    }
+
+    fn cancel(&self, reactor: &Reactor, id: OpId) {
+        self.cancel_op(id);
+        reactor.wake_driver();
+    }
+
+    fn cancel_fd(&self, reactor: &Reactor, fd: &Rc<SharedFd>) {
+        self.cancel_ops_on(fd.raw());
+        reactor.wake_driver();
+    }
+
+    fn close(&self, _: &Reactor, fd: RawFd) {
+        // At once: the engine holds no request on it that a later close
+        // would have to wait for.
+        self.close_now(fd);
+    }
+
+    /// Gathers ready events, runs the calls of every socket that can make
+    /// progress and fires passed deadlines; the system calls made go into
+    /// the reactor's counters.
+    fn tick(&self, reactor: &Reactor, done: &mut Vec<(OpId, i32)>) {
+        done.append(&mut self.ready.borrow_mut());
+        if self.events_pending.replace(false) {
+            self.take_events();
+        }
+        self.fire_deadlines(done);
+        let runnable = std::mem::take(&mut *self.runnable.borrow_mut());
+        for fd in runnable {
+            self.run_socket(fd, &reactor.slots, done);
+        }
+        self.rearm_timer();
+        let syscalls = self.syscalls.replace(0);
+        reactor.bump(|s| s.syscalls += syscalls);
+    }
+
+    fn note_readable(&self) {
+        self.events_pending.set(true);
+    }
+
+    fn submit_now(&self, _: &Reactor) {
+        // Nothing waits for the kernel: the engine makes its calls in ticks.
+    }
+
+    fn teardown(&self, _: &mut Slab<Slot>, _: &Cell<Stats>) -> usize {
+        // Nothing of the poll engine is in the kernel's hands: the slots'
+        // buffers and fds go with the reactor.
+        0
     }
 }

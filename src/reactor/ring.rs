@@ -5,11 +5,14 @@ use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
+use std::rc::Rc;
+use std::time::Duration;
 
 use io_uring::{IoUring, opcode, squeue, types};
+use slab::Slab;
 
 use super::probe::TaskWork;
-use super::{Kind, OpId, Resources, Stats};
+use super::{Engine, Lifecycle, OpId, OpKind, Reactor, Resources, SharedFd, Slot, Stats};
 use crate::error::Error;
 
 /// Submission queue slots per ring. Completions get four times as many.
@@ -30,8 +33,8 @@ struct RsrcUpdate {
 }
 
 /// A ring and the SQEs waiting for room in it.
-pub(super) struct Ring {
-    pub(super) ring: RefCell<IoUring>,
+pub(super) struct RingEngine {
+    ring: RefCell<IoUring>,
     /// SQE groups (a linked pair stays together) waiting for queue space.
     backlog: RefCell<VecDeque<Vec<squeue::Entry>>>,
     /// SQEs pushed into the queue since the last `io_uring_enter`.
@@ -41,24 +44,24 @@ pub(super) struct Ring {
     registered: Option<u32>,
 }
 
-impl Ring {
-    pub(super) fn new() -> Result<(Ring, super::Features), Error> {
+impl RingEngine {
+    pub(super) fn new() -> Result<(RingEngine, super::Features), Error> {
         Self::from_setup(super::probe::setup(RING_ENTRIES)?)
     }
 
     /// A ring in one of `modes` (the reactor's tests of each mode).
     #[cfg(test)]
-    pub(super) fn with_modes(modes: &[TaskWork]) -> Result<(Ring, super::Features), Error> {
+    pub(super) fn with_modes(modes: &[TaskWork]) -> Result<(RingEngine, super::Features), Error> {
         Self::from_setup(super::probe::setup_with(RING_ENTRIES, modes)?)
     }
 
     fn from_setup(
         (ring, mut features): (IoUring, super::Features),
-    ) -> Result<(Ring, super::Features), Error> {
+    ) -> Result<(RingEngine, super::Features), Error> {
         let registered = register_ring_fd(&ring);
         features.registered_ring = registered.is_some();
         Ok((
-            Ring {
+            RingEngine {
                 ring: RefCell::new(ring),
                 backlog: RefCell::new(VecDeque::new()),
                 unsubmitted: Cell::new(0),
@@ -67,11 +70,6 @@ impl Ring {
             },
             features,
         ))
-    }
-
-    /// The ring's fd, which turns readable when completions arrive.
-    pub(super) fn raw_fd(&self) -> RawFd {
-        self.ring.borrow().as_raw_fd()
     }
 
     /// Whether an enter would find completion work the kernel holds for us:
@@ -120,22 +118,22 @@ impl Ring {
 
     /// The SQE that performs `kind` on `resources`; pointers in it point
     /// into `resources`, which the reactor keeps until the op's CQE.
-    pub(super) fn sqe(kind: Kind, resources: &mut Resources) -> squeue::Entry {
+    fn sqe(kind: OpKind, resources: &mut Resources) -> squeue::Entry {
         let fd = || types::Fd(resources.fd.as_ref().map_or(-1, |f| f.raw()));
         match kind {
-            Kind::Nop => opcode::Nop::new().build(),
-            Kind::Send => {
+            OpKind::Nop => opcode::Nop::new().build(),
+            OpKind::Send => {
                 let rest = &resources.buf[resources.offset..];
                 opcode::Send::new(fd(), rest.as_ptr(), rest.len() as u32)
                     .flags(libc::MSG_NOSIGNAL)
                     .build()
             }
-            Kind::Recv(len) => {
+            OpKind::Recv(len) => {
                 let fd = fd();
                 let buf = &mut resources.buf[..len];
                 opcode::Recv::new(fd, buf.as_mut_ptr(), len as u32).build()
             }
-            Kind::Connect => {
+            OpKind::Connect => {
                 let fd = fd();
                 let addr = resources.addr.as_mut().expect("connect without an address");
                 opcode::Connect::new(
@@ -145,9 +143,9 @@ impl Ring {
                 )
                 .build()
             }
-            Kind::Shutdown => opcode::Shutdown::new(fd(), libc::SHUT_RDWR).build(),
-            Kind::Close(raw) => opcode::Close::new(types::Fd(raw)).build(),
-            Kind::Timeout(after) => {
+            OpKind::Shutdown => opcode::Shutdown::new(fd(), libc::SHUT_RDWR).build(),
+            OpKind::Close(raw) => opcode::Close::new(types::Fd(raw)).build(),
+            OpKind::Timeout(after) => {
                 let ts = resources
                     .timespec
                     .insert(Box::new(types::Timespec::from(after)));
@@ -156,10 +154,38 @@ impl Ring {
         }
     }
 
+    /// Gives each SQE of `group` a slot of `reactor` (with its resources
+    /// and lifecycle) and queues them together: their ids, in order.
+    pub(super) fn push_ops(
+        &self,
+        reactor: &Reactor,
+        group: Vec<(squeue::Entry, Resources, Lifecycle)>,
+    ) -> Vec<OpId> {
+        let mut ids = Vec::with_capacity(group.len());
+        let mut sqes = Vec::with_capacity(group.len());
+        {
+            let mut slots = reactor.slots.borrow_mut();
+            for (sqe, resources, lifecycle) in group {
+                let id = reactor.new_op(&mut slots, lifecycle, resources);
+                ids.push(id);
+                sqes.push(sqe.user_data(id.0));
+            }
+        }
+        self.push(sqes);
+        if reactor.driver_runtime.get().is_none() {
+            // No task will submit (a drop after the runtime is gone):
+            // enter the kernel now so cancels, shutdowns and closes happen.
+            let _ = self.flush(&reactor.stats);
+        } else {
+            reactor.schedule_driver();
+        }
+        ids
+    }
+
     /// Queues SQE groups (already tagged with their `user_data`), keeping
     /// submission order: once something waits in the backlog, everything
     /// after it waits too.
-    pub(super) fn push(&self, sqes: Vec<squeue::Entry>) {
+    fn push(&self, sqes: Vec<squeue::Entry>) {
         let mut backlog = self.backlog.borrow_mut();
         if !backlog.is_empty() || !self.try_push_group(&sqes) {
             backlog.push_back(sqes);
@@ -186,7 +212,7 @@ impl Ring {
 
     /// Moves backlogged SQEs into the queue and enters the kernel once for
     /// everything queued (more often only if the queue fills up).
-    pub(super) fn flush(&self, stats: &Cell<Stats>) -> io::Result<()> {
+    fn flush(&self, stats: &Cell<Stats>) -> io::Result<()> {
         let bump = |f: &dyn Fn(&mut Stats)| {
             let mut s = stats.get();
             f(&mut s);
@@ -240,7 +266,7 @@ impl Ring {
 
     /// Enters with GETEVENTS whatever the flags say (teardown's reaping loop:
     /// runs cooperative task work the flags may not show yet).
-    pub(super) fn enter_getevents(&self, stats: &Cell<Stats>) {
+    fn enter_getevents(&self, stats: &Cell<Stats>) {
         let pending = self.unsubmitted.replace(0);
         let mut s = stats.get();
         s.enter_calls += 1;
@@ -254,7 +280,7 @@ impl Ring {
     }
 
     /// Takes every available CQE as (user_data, result).
-    pub(super) fn reap(&self, out: &mut Vec<(OpId, i32)>) {
+    fn reap(&self, out: &mut Vec<(OpId, i32)>) {
         let mut ring = self.ring.borrow_mut();
         out.extend(
             ring.completion()
@@ -262,21 +288,18 @@ impl Ring {
         );
     }
 
-    /// Queues a cancel of the op with `user_data` `id` (its own CQE says -ECANCELED).
-    pub(super) fn cancel_sqe(id: OpId) -> squeue::Entry {
+    /// A cancel of the op with `user_data` `id` (its own CQE says -ECANCELED).
+    fn cancel_sqe(id: OpId) -> squeue::Entry {
         opcode::AsyncCancel::new(id.0).build()
     }
 
     /// A cancel of every request on `fd` (5.19+).
-    pub(super) fn cancel_fd_sqe(fd: RawFd) -> squeue::Entry {
+    fn cancel_fd_sqe(fd: RawFd) -> squeue::Entry {
         opcode::AsyncCancel2::new(types::CancelBuilder::fd(types::Fd(fd)).all()).build()
     }
 
     /// A timeout linked to the SQE before it.
-    pub(super) fn link_timeout_sqe(
-        resources: &mut Resources,
-        after: std::time::Duration,
-    ) -> squeue::Entry {
+    fn link_timeout_sqe(resources: &mut Resources, after: Duration) -> squeue::Entry {
         let ts = resources
             .timespec
             .insert(Box::new(types::Timespec::from(after)));
@@ -284,7 +307,128 @@ impl Ring {
     }
 }
 
-impl Drop for Ring {
+impl Engine for RingEngine {
+    /// The ring's fd, which turns readable when completions arrive.
+    fn raw_fd(&self) -> RawFd {
+        self.ring.borrow().as_raw_fd()
+    }
+
+    fn start(
+        &self,
+        reactor: &Reactor,
+        kind: OpKind,
+        mut resources: Resources,
+        lifecycle: Lifecycle,
+        timeout: Option<Duration>,
+    ) -> OpId {
+        let sqe = Self::sqe(kind, &mut resources);
+        let Some(after) = timeout else {
+            return self.push_ops(reactor, vec![(sqe, resources, lifecycle)])[0];
+        };
+        let mut link_resources = Resources::default();
+        let link = Self::link_timeout_sqe(&mut link_resources, after);
+        let group = vec![
+            (sqe.flags(squeue::Flags::IO_LINK), resources, lifecycle),
+            (link, link_resources, Lifecycle::Detached),
+        ];
+        self.push_ops(reactor, group)[0]
+    }
+
+    fn cancel(&self, reactor: &Reactor, id: OpId) {
+        let cancel = Self::cancel_sqe(id);
+        self.push_ops(
+            reactor,
+            vec![(cancel, Resources::default(), Lifecycle::Detached)],
+        );
+    }
+
+    fn cancel_fd(&self, reactor: &Reactor, fd: &Rc<SharedFd>) {
+        let cancel = Self::cancel_fd_sqe(fd.raw());
+        let resources = Resources {
+            fd: Some(fd.clone()),
+            ..Resources::default()
+        };
+        self.push_ops(reactor, vec![(cancel, resources, Lifecycle::Detached)]);
+    }
+
+    fn close(&self, reactor: &Reactor, fd: RawFd) {
+        // An op like any other, batched with everything else on the ring.
+        let kind = OpKind::Close(fd);
+        self.start(
+            reactor,
+            kind,
+            Resources::default(),
+            Lifecycle::Detached,
+            None,
+        );
+    }
+
+    fn tick(&self, reactor: &Reactor, done: &mut Vec<(OpId, i32)>) {
+        // An enter error other than EINTR/EBUSY means the ring is unusable:
+        // its ops stay in flight and their owners time out.
+        let _ = self.flush(&reactor.stats);
+        let before = done.len();
+        self.reap(done);
+        let n = (done.len() - before) as u64;
+        reactor.bump(|s| s.cqes_reaped += n);
+    }
+
+    fn note_readable(&self) {
+        // The CQEs are in the ring, or held by the kernel until the next
+        // tick's enter asks for them: nothing to remember.
+    }
+
+    fn submit_now(&self, reactor: &Reactor) {
+        let _ = self.flush(&reactor.stats);
+    }
+
+    fn teardown(&self, slots: &mut Slab<Slot>, stats: &Cell<Stats>) -> usize {
+        // Cancel what is in flight, give the kernel a short while to
+        // complete it, and leak the buffers of whatever remains (the kernel
+        // may still write into them after the ring is gone).
+        let ids: Vec<u64> = slots
+            .iter()
+            .filter(|(_, s)| !matches!(s.lifecycle, Lifecycle::Completed(_)))
+            .map(|(k, s)| ((s.generation as u64) << 32) | k as u64)
+            .collect();
+        for id in ids {
+            // A cancel SQE carries no pointer; user_data 0 is no slot's.
+            self.push(vec![Self::cancel_sqe(OpId(id)).user_data(0)]);
+        }
+        let mut done = Vec::new();
+        for _ in 0..100 {
+            // Then with GETEVENTS, whatever the flags say: cooperative task
+            // work not yet run posts its CQEs only in an enter.
+            let _ = self.flush(stats);
+            self.enter_getevents(stats);
+            done.clear();
+            self.reap(&mut done);
+            for &(id, _) in &done {
+                if id.0 != 0
+                    && slots
+                        .get(id.key())
+                        .is_some_and(|s| s.generation == id.generation())
+                {
+                    slots.remove(id.key());
+                }
+            }
+            if slots
+                .iter()
+                .all(|(_, s)| matches!(s.lifecycle, Lifecycle::Completed(_)))
+            {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        slots
+            .drain()
+            .filter(|s| !matches!(s.lifecycle, Lifecycle::Completed(_)))
+            .map(|s| std::mem::forget(s.resources))
+            .count()
+    }
+}
+
+impl Drop for RingEngine {
     fn drop(&mut self) {
         // The registration holds a reference to the ring's file: let go of
         // it, or the ring would live until the thread exits.

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use io_uring::{IoUring, Probe, opcode, types};
 
 use super::probe::REQUIRED;
-use super::{Notify, Op, Reactor, Resources, SharedFd, Stats};
+use super::{Lifecycle, Op, Reactor, Resources, SharedFd, Stats};
 
 /// Upper bound for anything that should happen "soon".
 const PATIENCE: Duration = Duration::from_secs(2);
@@ -314,7 +314,7 @@ async fn dropped_recv_is_cancelled_and_keeps_its_resources_until_its_cqe() {
         let slots = reactor.slots.borrow();
         let orphan = slots
             .iter()
-            .find(|(_, s)| matches!(s.notify, Notify::Orphaned))
+            .find(|(_, s)| matches!(s.lifecycle, Lifecycle::Orphaned))
             .map(|(_, s)| s)
             .expect("the orphaned op keeps its slot");
         assert_eq!(orphan.resources.buf.as_ptr(), buf_ptr);
