@@ -390,6 +390,13 @@ impl From<io::Error> for Error {
     }
 }
 
+/// Kernel-support failures are errors of their own kind.
+impl From<KernelSupportError> for Error {
+    fn from(e: KernelSupportError) -> Self {
+        Error::Kernel(e)
+    }
+}
+
 impl From<Error> for io::Error {
     fn from(e: Error) -> Self {
         match e {
@@ -441,10 +448,3 @@ pub mod sftp_status {
 
 /// Shorthand for results of this crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
-
-/// Kernel-support failures are errors of their own kind.
-impl From<KernelSupportError> for Error {
-    fn from(e: KernelSupportError) -> Self {
-        Error::Kernel(e)
-    }
-}
