@@ -12,7 +12,7 @@ use std::ffi::CStr;
 use std::path::Path;
 use std::rc::Rc;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, InvalidInput, Result};
 use crate::ffi;
 use crate::session::children::Release;
 use crate::session::{Session, SessionInner, code, cstring};
@@ -169,19 +169,19 @@ impl Agent {
         }
         if let Some(p) = path {
             if !p.exists() {
-                return Err(Error::InvalidInput(format!(
-                    "agent socket {} does not exist",
-                    p.display()
-                )));
+                return Err(Error::InvalidInput(InvalidInput::NotFound {
+                    what: "agent socket".into(),
+                    path: p.to_owned(),
+                }));
             }
             let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes())
-                .map_err(|_| Error::InvalidInput("agent socket path contains a NUL byte".into()))?;
+                .map_err(|_| Error::InvalidInput(InvalidInput::nul("agent socket path")))?;
             // SAFETY: live agent; libssh2 copies the path.
             unsafe { ffi::libssh2_agent_set_identity_path(raw, c.as_ptr()) };
         } else if std::env::var_os("SSH_AUTH_SOCK").is_none() {
-            return Err(Error::InvalidInput(
-                "SSH_AUTH_SOCK is not set: no agent to connect to".into(),
-            ));
+            return Err(Error::InvalidInput(InvalidInput::Usage(
+                "SSH_AUTH_SOCK is not set: no agent to connect to",
+            )));
         }
         // SAFETY: live agent; the connect is a local unix-socket connect.
         let rc = unsafe { ffi::libssh2_agent_connect(raw) };
@@ -220,9 +220,9 @@ impl Agent {
     fn connected_raw(&self) -> Result<*mut ffi::LIBSSH2_AGENT> {
         let raw = self.inner.raw()?;
         if !self.inner.connected.get() {
-            return Err(Error::InvalidInput(
-                "the agent is not connected: call connect first".into(),
-            ));
+            return Err(Error::InvalidInput(InvalidInput::Usage(
+                "the agent is not connected: call connect first",
+            )));
         }
         Ok(raw)
     }

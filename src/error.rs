@@ -32,11 +32,12 @@ pub enum Error {
     HostKey(HostKeyError),
     /// The kernel cannot run the reactor.
     Kernel(KernelSupportError),
-    /// The crate is used outside of what it supports (wrong runtime flavour).
-    Runtime(String),
+    /// The crate is used outside of what it supports (no runtime, or a
+    /// multi-thread one).
+    Runtime(RuntimeError),
     /// A caller passed something unusable (a string with a NUL byte, a
-    /// missing file, a negative size).
-    InvalidInput(String),
+    /// missing file, arguments that do not go together).
+    InvalidInput(InvalidInput),
     /// The session or channel was closed, or torn down, before this call.
     Closed(&'static str),
     /// The SFTP server answered a request with an error status.
@@ -48,9 +49,14 @@ pub enum Error {
         /// The path the request named, if it named one.
         path: Option<String>,
     },
-    /// The server sent something the protocol does not allow (a malformed
-    /// or unexpected SFTP reply).
-    Protocol(String),
+    /// The server broke the SFTP or scp protocol (a malformed or unexpected
+    /// reply, a header scp does not allow).
+    Protocol {
+        /// Which protocol.
+        protocol: RemoteProtocol,
+        /// What the server did, its text escaped and bounded.
+        message: String,
+    },
     /// An earlier call on the same object was abandoned half-way (its future
     /// was dropped or timed out) in a way libssh2 cannot resume; the object
     /// must be dropped.
@@ -111,6 +117,92 @@ pub enum Error {
         /// The bound.
         limit: u64,
     },
+}
+
+/// Where the crate cannot run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RuntimeError {
+    /// Called outside a tokio runtime.
+    NoRuntime,
+    /// Called on a multi-thread tokio runtime: the reactor keeps one ring
+    /// per thread and needs a current-thread runtime.
+    MultiThread,
+    /// `reactor::init` on a thread that has a reactor already.
+    ReactorExists,
+    /// `reactor::init_with` asked for one engine on a thread whose reactor
+    /// runs the other.
+    BackendMismatch {
+        /// The engine the thread's reactor runs.
+        running: crate::reactor::Backend,
+        /// The engine asked for.
+        asked: crate::reactor::Backend,
+    },
+}
+
+/// What is wrong with a caller's input.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum InvalidInput {
+    /// A string for libssh2 (a user name, a command, a path) holds a NUL
+    /// byte, or a newline where the protocol forbids one.
+    ForbiddenByte {
+        /// What the string is.
+        what: String,
+        /// The byte.
+        byte: u8,
+    },
+    /// A file or socket the call needs does not exist.
+    NotFound {
+        /// What the file is for.
+        what: String,
+        /// Where it was looked for.
+        path: std::path::PathBuf,
+    },
+    /// A path the call cannot use: it names no file, or not a regular
+    /// file, where one is needed.
+    Path {
+        /// The path given.
+        path: String,
+        /// What is wrong with it.
+        problem: &'static str,
+    },
+    /// An algorithm preference list that is empty, or names an algorithm
+    /// this build does not have.
+    Algorithm {
+        /// The algorithm class.
+        kind: MethodType,
+        /// The name this build lacks (`None`: the list was empty).
+        unsupported: Option<String>,
+        /// What this build has for the class, in its default order.
+        supported: Vec<String>,
+    },
+    /// An environment variable holds a value the crate does not know.
+    Environment {
+        /// The variable.
+        variable: &'static str,
+        /// Its value (lossily decoded).
+        value: String,
+        /// The values it may hold.
+        expected: &'static str,
+    },
+    /// A host name that resolved to no address.
+    NoAddress {
+        /// The name.
+        host: String,
+    },
+    /// Arguments that do not go together, or a call made out of order.
+    Usage(&'static str),
+}
+
+/// A protocol run over an SSH channel whose rules the server broke.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RemoteProtocol {
+    /// SFTP (the `sftp` subsystem).
+    Sftp,
+    /// scp's protocol (`scp -t` / `scp -f`).
+    Scp,
 }
 
 /// Why a host key was rejected.
@@ -174,8 +266,8 @@ impl fmt::Display for Error {
             }
             Error::HostKey(e) => write!(f, "{e}"),
             Error::Kernel(e) => write!(f, "{e}"),
-            Error::Runtime(m) => write!(f, "{m}"),
-            Error::InvalidInput(m) => write!(f, "invalid input: {m}"),
+            Error::Runtime(e) => write!(f, "{e}"),
+            Error::InvalidInput(e) => write!(f, "invalid input: {e}"),
             Error::Closed(what) => write!(f, "{what} is closed"),
             Error::Sftp {
                 code,
@@ -188,7 +280,9 @@ impl fmt::Display for Error {
                     None => write!(f, "SFTP {name}: {message}"),
                 }
             }
-            Error::Protocol(m) => write!(f, "protocol error: {m}"),
+            Error::Protocol { protocol, message } => {
+                write!(f, "{protocol} protocol error: {message}")
+            }
             Error::Poisoned(what) => write!(
                 f,
                 "{what} is unusable: an earlier call on it was abandoned half-way"
@@ -228,6 +322,75 @@ impl fmt::Display for Error {
                  (give its passphrase, or use an agent holding it)"
             ),
         }
+    }
+}
+
+impl fmt::Display for RuntimeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RuntimeError::NoRuntime => {
+                f.write_str("uring-ssh must be used inside a tokio current-thread runtime")
+            }
+            RuntimeError::MultiThread => f.write_str(
+                "uring-ssh keeps one ring per thread and needs a current-thread runtime \
+                 (run one per thread instead of a multi-thread runtime)",
+            ),
+            RuntimeError::ReactorExists => f.write_str("this thread has a reactor already"),
+            RuntimeError::BackendMismatch { running, asked } => write!(
+                f,
+                "this thread's reactor already runs on {running}, not {asked}"
+            ),
+        }
+    }
+}
+
+impl fmt::Display for InvalidInput {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            InvalidInput::ForbiddenByte { what, byte: 0 } => {
+                write!(f, "{what} contains a NUL byte")
+            }
+            InvalidInput::ForbiddenByte { what, byte: b'\n' } => {
+                write!(f, "{what} contains a newline")
+            }
+            InvalidInput::ForbiddenByte { what, byte } => {
+                write!(f, "{what} contains the byte {byte:#04x}")
+            }
+            InvalidInput::NotFound { what, path } => {
+                write!(f, "{what} {} does not exist", path.display())
+            }
+            InvalidInput::Path { path, problem } => write!(f, "{path} {problem}"),
+            InvalidInput::Algorithm {
+                kind,
+                unsupported: None,
+                ..
+            } => write!(f, "empty {kind} algorithm list"),
+            InvalidInput::Algorithm {
+                kind,
+                unsupported: Some(name),
+                supported,
+            } => write!(
+                f,
+                "{kind} algorithm {name:?} is not supported by this build (it has: {})",
+                supported.join(",")
+            ),
+            InvalidInput::Environment {
+                variable,
+                value,
+                expected,
+            } => write!(f, "{variable}={value:?}: expected {expected}"),
+            InvalidInput::NoAddress { host } => write!(f, "{host} has no address"),
+            InvalidInput::Usage(what) => f.write_str(what),
+        }
+    }
+}
+
+impl fmt::Display for RemoteProtocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            RemoteProtocol::Sftp => "SFTP",
+            RemoteProtocol::Scp => "scp",
+        })
     }
 }
 
@@ -281,6 +444,8 @@ impl std::error::Error for Error {
 }
 
 impl std::error::Error for HostKeyError {}
+impl std::error::Error for RuntimeError {}
+impl std::error::Error for InvalidInput {}
 impl std::error::Error for KernelSupportError {}
 
 impl Error {
@@ -299,7 +464,7 @@ impl Error {
             Error::UnsafeName { .. } => K::InvalidData,
             Error::OutsideDestination { .. } => K::PermissionDenied,
             Error::LimitExceeded { .. } => K::InvalidData,
-            Error::Protocol(_) => K::InvalidData,
+            Error::Protocol { .. } => K::InvalidData,
             Error::NoCommonAlgorithm { .. } => K::Unsupported,
             Error::Disconnected { .. } => K::ConnectionAborted,
             Error::KeyEncrypted { .. } => K::InvalidInput,
@@ -381,6 +546,46 @@ fn disconnect_reason(code: u32) -> &'static str {
         14 => "no more auth methods available",
         15 => "illegal user name",
         _ => "unknown reason",
+    }
+}
+
+impl Error {
+    /// An SFTP protocol error.
+    pub(crate) fn sftp_protocol(message: impl Into<String>) -> Error {
+        Error::Protocol {
+            protocol: RemoteProtocol::Sftp,
+            message: message.into(),
+        }
+    }
+
+    /// An scp protocol error.
+    pub(crate) fn scp_protocol(message: impl Into<String>) -> Error {
+        Error::Protocol {
+            protocol: RemoteProtocol::Scp,
+            message: message.into(),
+        }
+    }
+}
+
+impl InvalidInput {
+    /// `what` holds a NUL byte.
+    pub(crate) fn nul(what: impl Into<String>) -> InvalidInput {
+        InvalidInput::ForbiddenByte {
+            what: what.into(),
+            byte: 0,
+        }
+    }
+}
+
+impl From<InvalidInput> for Error {
+    fn from(e: InvalidInput) -> Self {
+        Error::InvalidInput(e)
+    }
+}
+
+impl From<RuntimeError> for Error {
+    fn from(e: RuntimeError) -> Self {
+        Error::Runtime(e)
     }
 }
 

@@ -4,7 +4,7 @@ use std::ffi::CString;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use crate::error::{Error, HostKeyError};
+use crate::error::{Error, HostKeyError, InvalidInput};
 use crate::ffi;
 
 /// What to do with a server whose key is not in known_hosts.
@@ -126,9 +126,9 @@ pub(crate) fn verify(
     let Some(path) = path else {
         return Err(unknown());
     };
-    let c_host = CString::new(host).map_err(|_| Error::InvalidInput("host has a NUL".into()))?;
+    let c_host = CString::new(host).map_err(|_| Error::InvalidInput(InvalidInput::nul("host")))?;
     let c_path = CString::new(path.as_os_str().as_encoded_bytes())
-        .map_err(|_| Error::InvalidInput("known_hosts path has a NUL".into()))?;
+        .map_err(|_| Error::InvalidInput(InvalidInput::nul("known_hosts path")))?;
     let exists = path.exists();
     // SAFETY: `raw` is a live session; the collection is freed below on
     // every path; the strings outlive the calls that read them.

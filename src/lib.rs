@@ -129,7 +129,9 @@ pub mod notes {
 
 pub use agent::{Agent, AgentIdentity};
 pub use channel::{Channel, ExitStatus, Stderr};
-pub use error::{Error, HostKeyError, KernelSupportError, Result};
+pub use error::{
+    Error, HostKeyError, InvalidInput, KernelSupportError, RemoteProtocol, Result, RuntimeError,
+};
 pub use forward::{DEFAULT_ACCEPT_QUEUE, Listener, LocalForward, LocalForwardStats};
 pub use knownhosts::{HostKey, HostKeyPolicy};
 pub use methods::{MethodType, Negotiated, is_post_quantum, supported_methods};

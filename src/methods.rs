@@ -4,7 +4,7 @@
 use std::os::raw::{c_char, c_int};
 use std::sync::OnceLock;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, InvalidInput, Result};
 use crate::ffi;
 use crate::transport::kexinit::Offer;
 
@@ -134,17 +134,24 @@ pub fn supported_methods(kind: MethodType) -> &'static [String] {
 pub(crate) fn check_methods(kind: MethodType, prefs: &str) -> Result<()> {
     let known = supported_methods(kind);
     if prefs.split(',').all(|n| n.trim().is_empty()) {
-        return Err(Error::InvalidInput(format!("empty {kind} algorithm list")));
+        return Err(InvalidInput::Algorithm {
+            kind,
+            unsupported: None,
+            supported: known.to_vec(),
+        }
+        .into());
     }
     if let Some(unknown) = prefs
         .split(',')
         .map(str::trim)
         .find(|n| !known.iter().any(|k| k == n))
     {
-        return Err(Error::InvalidInput(format!(
-            "{kind} algorithm {unknown:?} is not supported by this build (it has: {})",
-            known.join(",")
-        )));
+        return Err(InvalidInput::Algorithm {
+            kind,
+            unsupported: Some(unknown.to_string()),
+            supported: known.to_vec(),
+        }
+        .into());
     }
     Ok(())
 }
@@ -248,7 +255,14 @@ mod tests {
             MethodType::Kex,
             "curve25519-sha256,sntrup761x25519-sha512@openssh.com",
         ) {
-            Err(Error::InvalidInput(m)) => {
+            Err(Error::InvalidInput(
+                e @ InvalidInput::Algorithm {
+                    kind: MethodType::Kex,
+                    unsupported: Some(_),
+                    ..
+                },
+            )) => {
+                let m = e.to_string();
                 assert!(
                     m.contains("key exchange algorithm \"sntrup761x25519-sha512@openssh.com\""),
                     "{m}"
@@ -262,7 +276,10 @@ mod tests {
         }
         assert!(matches!(
             check_methods(MethodType::HostKey, " , "),
-            Err(Error::InvalidInput(_))
+            Err(Error::InvalidInput(InvalidInput::Algorithm {
+                unsupported: None,
+                ..
+            }))
         ));
         for kind in [
             MethodType::HostKey,

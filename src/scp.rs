@@ -38,7 +38,7 @@ use std::task::{Context, Poll, ready};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 use crate::channel::Channel;
-use crate::error::{Error, Result};
+use crate::error::{Error, InvalidInput, Result};
 use crate::session::Session;
 
 /// Longest header or error line accepted from the remote scp: room for a
@@ -90,10 +90,7 @@ fn remote_error(text: &str) -> Error {
 }
 
 fn protocol_error(what: String) -> Error {
-    Error::Ssh {
-        code: crate::ffi::LIBSSH2_ERROR_SCP_PROTOCOL,
-        message: what,
-    }
+    Error::scp_protocol(what)
 }
 
 /// Reads one line (without its `\n`) from the remote scp.
@@ -171,16 +168,18 @@ impl Session {
         size: u64,
         times: Option<(u64, u64)>,
     ) -> Result<ScpWriter> {
-        if path.contains('\n') || path.contains('\0') {
-            return Err(Error::InvalidInput(
-                "scp path contains a newline or NUL byte".into(),
-            ));
+        if let Some(byte) = path.bytes().find(|&b| b == b'\n' || b == 0) {
+            return Err(Error::InvalidInput(InvalidInput::ForbiddenByte {
+                what: "scp path".into(),
+                byte,
+            }));
         }
         let name = path.rsplit('/').next().unwrap_or(path);
         if name.is_empty() {
-            return Err(Error::InvalidInput(format!(
-                "scp path {path:?} names no file"
-            )));
+            return Err(Error::InvalidInput(InvalidInput::Path {
+                path: format!("scp path {path:?}"),
+                problem: "names no file",
+            }));
         }
         self.inner
             .with_timeout("scp send", async {
@@ -220,7 +219,7 @@ impl Session {
     /// protocol error. Nothing is allocated from the announced size.
     pub async fn scp_recv(&self, path: &str) -> Result<(ScpReader, ScpStat)> {
         if path.contains('\0') {
-            return Err(Error::InvalidInput("scp path contains a NUL byte".into()));
+            return Err(Error::InvalidInput(InvalidInput::nul("scp path")));
         }
         self.inner
             .with_timeout("scp receive", async {
@@ -536,9 +535,8 @@ impl ScpReader {
     /// Under the per-operation timeout.
     pub async fn finish(mut self) -> Result<()> {
         if self.left > 0 {
-            return Err(Error::InvalidInput(format!(
-                "scp: {} bytes of the file were not read",
-                self.left
+            return Err(Error::InvalidInput(InvalidInput::Usage(
+                "scp: finish before the file was read to its end",
             )));
         }
         let session = self.channel.session();
@@ -714,9 +712,14 @@ mod tests {
             b"C 0644 10 f",
         ] {
             let e = parse_c_line(bad).expect_err(&String::from_utf8_lossy(bad));
-            assert_eq!(
-                e.ssh_code(),
-                Some(crate::ffi::LIBSSH2_ERROR_SCP_PROTOCOL),
+            assert!(
+                matches!(
+                    e,
+                    Error::Protocol {
+                        protocol: crate::error::RemoteProtocol::Scp,
+                        ..
+                    }
+                ),
                 "{e}"
             );
         }

@@ -7,11 +7,11 @@ use std::path::Path;
 
 use zeroize::Zeroize;
 
-use crate::error::{Error, Result};
+use crate::error::{InvalidInput, Result};
 
 /// `s` as a C string; `what` names it in the error for an inner NUL byte.
 pub(crate) fn cstring(what: &str, s: &str) -> Result<CString> {
-    CString::new(s).map_err(|_| Error::InvalidInput(format!("{what} contains a NUL byte")))
+    CString::new(s).map_err(|_| InvalidInput::nul(what).into())
 }
 
 /// A secret (a password or a key passphrase) copied for libssh2 as a
@@ -26,7 +26,7 @@ impl SecretCString {
     /// (the error never holds the secret).
     pub(crate) fn new(what: &str, secret: &str) -> Result<Self> {
         if secret.as_bytes().contains(&0) {
-            return Err(Error::InvalidInput(format!("{what} contains a NUL byte")));
+            return Err(InvalidInput::nul(what).into());
         }
         let mut buf = Vec::with_capacity(secret.len() + 1);
         buf.extend_from_slice(secret.as_bytes());
@@ -61,13 +61,14 @@ impl std::fmt::Debug for SecretCString {
 /// A path that must exist, as a C string; `what` names it in errors.
 pub(crate) fn path_cstring(what: &str, p: &Path) -> Result<CString> {
     if !p.exists() {
-        return Err(Error::InvalidInput(format!(
-            "{what} {} does not exist",
-            p.display()
-        )));
+        return Err(InvalidInput::NotFound {
+            what: what.into(),
+            path: p.to_owned(),
+        }
+        .into());
     }
     CString::new(p.as_os_str().as_encoded_bytes())
-        .map_err(|_| Error::InvalidInput(format!("{what} path contains a NUL byte")))
+        .map_err(|_| InvalidInput::nul(format!("{what} path")).into())
 }
 
 /// Bytes of peer-supplied text kept in an error message.

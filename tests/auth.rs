@@ -241,11 +241,14 @@ async fn missing_key_file_is_invalid_input_naming_the_path() {
             .expect_err("a missing key file must fail");
         println!("missing key -> {err} ({err:?})");
         match &err {
-            Error::InvalidInput(msg) => assert!(
-                msg.contains(&missing.display().to_string()),
-                "message does not name {}: {msg:?}",
-                missing.display()
-            ),
+            Error::InvalidInput(e @ uring_ssh::InvalidInput::NotFound { path, .. }) => {
+                assert_eq!(path, &missing);
+                assert!(
+                    e.to_string().contains(&missing.display().to_string()),
+                    "message does not name {}: {e}",
+                    missing.display()
+                )
+            }
             other => panic!("expected Error::InvalidInput, got {other:?}"),
         }
         assert_eq!(err.kind(), std::io::ErrorKind::InvalidInput);

@@ -68,7 +68,13 @@ async fn sha1_macs_are_not_offered() {
     for mac in ["hmac-sha1", "hmac-sha1-etm@openssh.com"] {
         let cfg = pinned(&sshd, "aes128-ctr", mac);
         match Session::connect_addr(sshd.addr(), cfg).await {
-            Err(uring_ssh::Error::InvalidInput(m)) => {
+            Err(uring_ssh::Error::InvalidInput(
+                e @ uring_ssh::InvalidInput::Algorithm {
+                    unsupported: Some(_),
+                    ..
+                },
+            )) => {
+                let m = e.to_string();
                 assert!(
                     m.contains(&format!("{mac:?}")),
                     "{mac}: error names it: {m}"

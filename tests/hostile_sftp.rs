@@ -950,8 +950,7 @@ async fn endless_file_stops_at_the_default_growth_bound() {
 #[tokio::test(flavor = "current_thread")]
 async fn reply_to_an_unknown_id_fails_the_channel_and_its_bytes_go_nowhere() {
     let server = EvilServer::start(scenario::UNKNOWN_ID, |_| {});
-    let stray =
-        |e: &Error| matches!(e, Error::Protocol(m) if m.contains("answers no request in flight"));
+    let stray = |e: &Error| matches!(e, Error::Protocol { protocol: uring_ssh::RemoteProtocol::Sftp, message: m } if m.contains("answers no request in flight"));
     for (atomic, collisions) in [(true, &[("hello.txt", To::Sentinel)][..]), (false, &[][..])] {
         // The first failure poisons the channel: a new one each time.
         let (_session, sftp) = server.sftp().await;
@@ -997,7 +996,7 @@ async fn wrong_reply_type_fails_the_call_and_the_channel_stays_usable() {
         .await
         .unwrap_err();
     assert!(
-        matches!(&e, Error::Protocol(m) if m.contains("DATA")),
+        matches!(&e, Error::Protocol { protocol: uring_ssh::RemoteProtocol::Sftp, message: m } if m.contains("DATA")),
         "{e:?}"
     );
     let a = sftp.lstat("/evil/hello.txt").await.expect("lstat");
@@ -1028,7 +1027,7 @@ async fn huge_packet_length_fails_at_once_in_bounded_memory() {
     peak.assert_under("huge-length", 32);
     assert!(took < AT_ONCE, "took {took:?}: waited for the 4 GiB packet");
 
-    let huge = |e: &Error| matches!(e, Error::Protocol(m) if m.contains("4294967295"));
+    let huge = |e: &Error| matches!(e, Error::Protocol { protocol: uring_ssh::RemoteProtocol::Sftp, message: m } if m.contains("4294967295"));
     assert!(report.files.is_empty(), "{}", errors(&report));
     match &report.other_errors[..] {
         [(p, e)] => {
@@ -1066,7 +1065,7 @@ async fn read_replies_longer_than_asked_fail_the_files_and_leave_nothing() {
             let ok = if planted {
                 matches!(e, Error::OutsideDestination { path, .. } if *path == sb.dest().join("hello.txt"))
             } else {
-                matches!(e, Error::Protocol(m) if m.contains("longer than asked"))
+                matches!(e, Error::Protocol { protocol: uring_ssh::RemoteProtocol::Sftp, message: m } if m.contains("longer than asked"))
             };
             assert!(ok, "atomic {atomic}: {}: {e:?}", f.item.remote.display());
         }
@@ -1134,7 +1133,7 @@ async fn huge_handle_is_refused_in_bounded_memory() {
     assert_eq!(report.files.len(), normal_tree().len());
     for f in &report.files {
         assert!(
-            matches!(&f.result, Err(Error::Protocol(m)) if m.contains("handle longer than 256 bytes")),
+            matches!(&f.result, Err(Error::Protocol { protocol: uring_ssh::RemoteProtocol::Sftp, message: m }) if m.contains("handle longer than 256 bytes")),
             "{}: {:?}",
             f.item.remote.display(),
             f.result
@@ -1164,7 +1163,15 @@ async fn huge_name_count_fails_the_listing_in_bounded_memory() {
 
     assert!(report.files.is_empty(), "{}", errors(&report));
     match &report.other_errors[..] {
-        [(p, Error::Protocol(m))] => {
+        [
+            (
+                p,
+                Error::Protocol {
+                    protocol: uring_ssh::RemoteProtocol::Sftp,
+                    message: m,
+                },
+            ),
+        ] => {
             assert_eq!(p, Path::new("/evil/"));
             assert!(m.contains("name count"), "{m}");
         }

@@ -128,7 +128,9 @@ fn nop_outside_any_runtime_is_a_runtime_error() {
     let mut fut = pin!(nop());
     let mut cx = Context::from_waker(Waker::noop());
     match fut.as_mut().poll(&mut cx) {
-        Poll::Ready(Err(Error::Runtime(msg))) => assert!(msg.contains("runtime"), "{msg}"),
+        Poll::Ready(Err(Error::Runtime(e @ uring_ssh::RuntimeError::NoRuntime))) => {
+            assert!(e.to_string().contains("runtime"), "{e}")
+        }
         Poll::Ready(other) => panic!("expected Error::Runtime, got {other:?}"),
         Poll::Pending => panic!("nop outside a runtime must fail at once"),
     }
@@ -232,7 +234,12 @@ fn the_engine_follows_the_environment_and_explicit_choices() {
             Backend::IoUring => Backend::Poll,
         };
         match init_with(other) {
-            Err(Error::Runtime(msg)) => assert!(msg.contains("already runs on"), "{msg}"),
+            Err(Error::Runtime(
+                e @ uring_ssh::RuntimeError::BackendMismatch { running, asked },
+            )) => {
+                assert_eq!((running, asked), (wanted, other));
+                assert!(e.to_string().contains("already runs on"), "{e}")
+            }
             r => panic!("a second engine on one thread: {r:?}"),
         }
     });

@@ -40,7 +40,7 @@ use io_uring::squeue;
 use slab::Slab;
 use tokio::io::unix::AsyncFd;
 
-use crate::error::Error;
+use crate::error::{Error, InvalidInput, RuntimeError};
 
 pub(crate) use op::{Completion, Op, Resources, SharedFd};
 pub use probe::{Features, TASK_WORK_ENV, TaskWork};
@@ -91,7 +91,7 @@ impl Choice {
         match std::env::var(BACKEND_ENV) {
             Err(std::env::VarError::NotPresent) => Ok(Choice::Auto),
             Ok(v) => Self::parse(&v),
-            Err(e) => Err(Error::InvalidInput(format!("{BACKEND_ENV}: {e}"))),
+            Err(std::env::VarError::NotUnicode(v)) => Err(Self::invalid(&v.to_string_lossy())),
         }
     }
 
@@ -100,10 +100,17 @@ impl Choice {
             "" | "auto" => Ok(Choice::Auto),
             "io_uring" | "io-uring" | "uring" => Ok(Choice::Only(Backend::IoUring)),
             "poll" | "epoll" => Ok(Choice::Only(Backend::Poll)),
-            other => Err(Error::InvalidInput(format!(
-                "{BACKEND_ENV}={other:?}: expected io_uring, poll or auto"
-            ))),
+            other => Err(Self::invalid(other)),
         }
+    }
+
+    fn invalid(value: &str) -> Error {
+        InvalidInput::Environment {
+            variable: BACKEND_ENV,
+            value: value.to_string(),
+            expected: "io_uring, poll or auto",
+        }
+        .into()
     }
 }
 
@@ -326,10 +333,10 @@ pub fn init() -> Result<Features, Error> {
 pub fn init_with(backend: Backend) -> Result<Features, Error> {
     let r = Reactor::current_with(Choice::Only(backend))?;
     if r.features.backend != backend {
-        return Err(Error::Runtime(format!(
-            "this thread's reactor already runs on {}, not {backend}",
-            r.features.backend
-        )));
+        return Err(Error::Runtime(RuntimeError::BackendMismatch {
+            running: r.features.backend,
+            asked: backend,
+        }));
     }
     Ok(r.features)
 }
@@ -430,7 +437,7 @@ impl Reactor {
         CURRENT.with(|c| {
             let mut c = c.borrow_mut();
             if c.is_some() {
-                return Err(Error::Runtime("this thread has a reactor already".into()));
+                return Err(Error::Runtime(RuntimeError::ReactorExists));
             }
             *c = Some(r.clone());
             Ok(())
@@ -765,15 +772,10 @@ impl Drop for Reactor {
 
 /// The current tokio runtime, if it is a current-thread one.
 fn current_thread_runtime() -> Result<tokio::runtime::Handle, Error> {
-    let handle = tokio::runtime::Handle::try_current().map_err(|_| {
-        Error::Runtime("uring-ssh must be used inside a tokio current-thread runtime".into())
-    })?;
+    let handle = tokio::runtime::Handle::try_current()
+        .map_err(|_| Error::Runtime(RuntimeError::NoRuntime))?;
     if handle.runtime_flavor() != tokio::runtime::RuntimeFlavor::CurrentThread {
-        return Err(Error::Runtime(
-            "uring-ssh keeps one ring per thread and needs a current-thread runtime \
-             (run one per thread instead of a multi-thread runtime)"
-                .into(),
-        ));
+        return Err(Error::Runtime(RuntimeError::MultiThread));
     }
     Ok(handle)
 }

@@ -2,7 +2,7 @@
 
 use io_uring::{IoUring, Probe, opcode};
 
-use crate::error::{Error, KernelSupportError};
+use crate::error::{Error, InvalidInput, KernelSupportError};
 
 /// The opcodes the reactor submits, with the kernel release that added each.
 pub(crate) const REQUIRED: &[(u8, &str, &str)] = &[
@@ -55,7 +55,7 @@ impl TaskWork {
         match std::env::var(TASK_WORK_ENV) {
             Err(std::env::VarError::NotPresent) => Ok(ALL_MODES),
             Ok(v) => Self::parse(&v),
-            Err(e) => Err(Error::InvalidInput(format!("{TASK_WORK_ENV}: {e}"))),
+            Err(std::env::VarError::NotUnicode(v)) => Err(Self::invalid(&v.to_string_lossy())),
         }
     }
 
@@ -65,12 +65,17 @@ impl TaskWork {
             "" | "auto" => ALL_MODES,
             "cooperative" | "coop" => &ALL_MODES[..1],
             "signal" => &ALL_MODES[1..],
-            other => {
-                return Err(Error::InvalidInput(format!(
-                    "{TASK_WORK_ENV}={other:?}: expected cooperative, signal or auto"
-                )));
-            }
+            other => return Err(Self::invalid(other)),
         })
+    }
+
+    fn invalid(value: &str) -> Error {
+        InvalidInput::Environment {
+            variable: TASK_WORK_ENV,
+            value: value.to_string(),
+            expected: "cooperative, signal or auto",
+        }
+        .into()
     }
 }
 

@@ -16,7 +16,7 @@ use std::rc::{Rc, Weak};
 use std::time::{Duration, Instant};
 
 use crate::channel::{Channel, ChannelInner};
-use crate::error::{Error, Result};
+use crate::error::{Error, InvalidInput, Result};
 use crate::ffi;
 use crate::knownhosts::{self, HostKey, HostKeyPolicy};
 use crate::methods::MethodType;
@@ -130,7 +130,11 @@ impl Session {
                 Err(e) => return Err(e),
             }
         }
-        Err(last.unwrap_or_else(|| Error::InvalidInput(format!("{host} has no address"))))
+        Err(last.unwrap_or_else(|| {
+            Error::InvalidInput(InvalidInput::NoAddress {
+                host: host.to_string(),
+            })
+        }))
     }
 
     /// Connects to `addr`; known_hosts is searched for its IP address.

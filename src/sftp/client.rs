@@ -77,7 +77,7 @@ impl Dead {
     fn error(&self) -> Error {
         match self {
             Dead::Io(kind, why) => Error::Io(io::Error::new(*kind, why.clone())),
-            Dead::Protocol(why) => Error::Protocol(why.clone()),
+            Dead::Protocol(why) => Error::sftp_protocol(why.clone()),
         }
     }
 }
@@ -812,7 +812,7 @@ pub(crate) fn unexpected(reply: Reply, path: Option<&[u8]>) -> Error {
             message,
             path: path.map(|p| String::from_utf8_lossy(p).into_owned()),
         },
-        other => Error::Protocol(format!(
+        other => Error::sftp_protocol(format!(
             "unexpected SFTP reply {}",
             match other {
                 Reply::Handle(_) => "HANDLE",
@@ -926,10 +926,12 @@ mod tests {
         // after, gets the protocol error naming the length.
         assert_eq!(st.fail(Dead::Protocol(why.clone())).len(), 1);
         match take(&mut st, id) {
-            Err(Error::Protocol(m)) => assert_eq!(m, why),
+            Err(Error::Protocol { message: m, .. }) => assert_eq!(m, why),
             other => panic!("{other:?}"),
         }
-        assert!(matches!(st.dead.as_ref().map(Dead::error), Some(Error::Protocol(m)) if m == why));
+        assert!(
+            matches!(st.dead.as_ref().map(Dead::error), Some(Error::Protocol { message: m, .. }) if m == why)
+        );
     }
 
     #[test]
@@ -978,10 +980,10 @@ mod tests {
         pump(&mut st, &wire, &mut done).unwrap();
         assert_eq!(done.wake.len(), 4);
         assert!(
-            matches!(take(&mut st, a), Err(Error::Protocol(m)) if m.contains("handle longer than 256"))
+            matches!(take(&mut st, a), Err(Error::Protocol { message: m, .. }) if m.contains("handle longer than 256"))
         );
         assert!(
-            matches!(take(&mut st, b), Err(Error::Protocol(m)) if m.contains("unknown reply type"))
+            matches!(take(&mut st, b), Err(Error::Protocol { message: m, .. }) if m.contains("unknown reply type"))
         );
         assert!(matches!(
             take(&mut st, c),
@@ -1018,12 +1020,12 @@ mod tests {
     fn wrong_reply_types_are_typed_errors() {
         let e = unexpected(Reply::Data(vec![1]), Some(b"/x"));
         assert!(
-            matches!(e, Error::Protocol(ref m) if m == "unexpected SFTP reply DATA"),
+            matches!(e, Error::Protocol { message: ref m, .. } if m == "unexpected SFTP reply DATA"),
             "{e:?}"
         );
         let e = status_ok(Reply::Name(Vec::new()), None).unwrap_err();
         assert!(
-            matches!(e, Error::Protocol(ref m) if m.contains("NAME")),
+            matches!(e, Error::Protocol { message: ref m, .. } if m.contains("NAME")),
             "{e:?}"
         );
         let e = status_ok(

@@ -288,7 +288,7 @@ impl From<DecodeError> for crate::error::Error {
     fn from(e: DecodeError) -> Self {
         match e.0 {
             Problem::TooLong { what, limit } => crate::error::Error::LimitExceeded { what, limit },
-            _ => crate::error::Error::Protocol(e.to_string()),
+            _ => crate::error::Error::sftp_protocol(e.to_string()),
         }
     }
 }
@@ -759,7 +759,7 @@ mod tests {
             "{msg}"
         );
         match crate::error::Error::from(e) {
-            crate::error::Error::Protocol(m) => assert_eq!(m, msg),
+            crate::error::Error::Protocol { message: m, .. } => assert_eq!(m, msg),
             other => panic!("{other:?}"),
         }
         let over = ((MAX_PACKET + 1) as u32).to_be_bytes();
@@ -803,7 +803,7 @@ mod tests {
         assert_eq!(e, DecodeError::malformed("handle longer than 256 bytes"));
         assert!(matches!(
             crate::error::Error::from(e),
-            crate::error::Error::Protocol(m) if m.contains("256")
+            crate::error::Error::Protocol { message: m, .. } if m.contains("256")
         ));
         assert!(handle(0).is_err());
         assert!(handle(MAX_PACKET - 16).is_err());

@@ -15,7 +15,7 @@ use super::client::{Client, ReplyFuture, status_ok, unexpected};
 use super::codec::{self, FileAttributes, Reply, open_flags};
 use super::pipeline::{Chunk, ReadPipeline, WritePipeline};
 use super::{Sftp, StatVfs, check_attrs, protocol, wire};
-use crate::error::{Error, Result};
+use crate::error::{Error, InvalidInput, Result};
 
 /// Most bytes requested ahead of the reader (at least two requests): enough
 /// to keep a loopback or LAN link busy; more only parks data in memory,
@@ -103,14 +103,14 @@ impl OpenOptions {
     fn flags(&self) -> Result<u32> {
         let write = self.write || self.append;
         if !self.read && !write {
-            return Err(Error::InvalidInput(
-                "open needs read, write or append".into(),
-            ));
+            return Err(Error::InvalidInput(InvalidInput::Usage(
+                "open needs read, write or append",
+            )));
         }
         if (self.create || self.create_new || self.truncate) && !write {
-            return Err(Error::InvalidInput(
-                "create and truncate need write or append".into(),
-            ));
+            return Err(Error::InvalidInput(InvalidInput::Usage(
+                "create and truncate need write or append",
+            )));
         }
         let mut f = 0;
         if self.read {
@@ -266,7 +266,7 @@ impl File {
             .await?;
         match r {
             Reply::Data(d) if d.len() <= len as usize => Ok(d),
-            Reply::Data(_) => Err(Error::Protocol("READ reply longer than asked".into())),
+            Reply::Data(_) => Err(Error::sftp_protocol("READ reply longer than asked")),
             Reply::Status {
                 code: codec::status::EOF,
                 ..

@@ -38,7 +38,7 @@ pub use transfer::{
     download_many, download_tree_over, upload_many, upload_tree_over,
 };
 
-use crate::error::{Error, Result};
+use crate::error::{Error, InvalidInput, Result};
 use crate::session::Session;
 use client::{Client, ReplyFuture, status_ok, unexpected};
 use codec::Reply;
@@ -200,15 +200,15 @@ impl Sftp {
             }
             let n = std::future::poll_fn(|cx| chan.poll_read_into(cx, 0, &mut buf[end..])).await?;
             if n == 0 {
-                return Err(Error::Protocol(
-                    "the server closed the SFTP channel before its VERSION".into(),
+                return Err(Error::sftp_protocol(
+                    "the server closed the SFTP channel before its VERSION",
                 ));
             }
             end += n;
         };
         let (version, ext) = codec::decode_version(&buf[4..len]).map_err(protocol)?;
         if version < 3 {
-            return Err(Error::Protocol(format!(
+            return Err(Error::sftp_protocol(format!(
                 "the server speaks SFTP version {version}; version 3 is needed"
             )));
         }
@@ -564,14 +564,14 @@ pub(crate) fn path_from(b: Vec<u8>) -> std::path::PathBuf {
 
 pub(crate) fn check_attrs(a: &FileAttributes) -> Result<()> {
     if a.uid.is_some() != a.gid.is_some() {
-        return Err(Error::InvalidInput(
-            "SFTP sets uid and gid together: give both or neither".into(),
-        ));
+        return Err(Error::InvalidInput(InvalidInput::Usage(
+            "SFTP sets uid and gid together: give both or neither",
+        )));
     }
     if a.atime.is_some() != a.mtime.is_some() {
-        return Err(Error::InvalidInput(
-            "SFTP sets atime and mtime together: give both or neither".into(),
-        ));
+        return Err(Error::InvalidInput(InvalidInput::Usage(
+            "SFTP sets atime and mtime together: give both or neither",
+        )));
     }
     Ok(())
 }

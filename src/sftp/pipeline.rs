@@ -94,8 +94,8 @@ impl<T> ReadPipeline<T> {
                 }
                 Ok(Chunk::Data { at, data, short })
             }
-            Ok(Reply::Data(_)) => Err(Error::Protocol(
-                "READ reply empty or longer than asked".into(),
+            Ok(Reply::Data(_)) => Err(Error::sftp_protocol(
+                "READ reply empty or longer than asked",
             )),
             Ok(Reply::Status {
                 code: status::EOF, ..

@@ -35,7 +35,7 @@ use super::codec::{self, FileAttributes, Reply};
 use super::file::open_handle;
 use super::pipeline::{Chunk, ReadPipeline, WritePipeline};
 use super::{Sftp, wire};
-use crate::error::{Error, Result};
+use crate::error::{Error, InvalidInput, Result};
 use crate::localdir::{self, ConfinedDir, RelPath, check_name, escape_name};
 
 /// Progress of a many-file transfer, as reported to the callback.
@@ -456,15 +456,20 @@ impl Job {
             Place::Given => {
                 let local = &self.item.local;
                 let name = local.file_name().ok_or_else(|| {
-                    Error::InvalidInput(format!("{} does not name a file", local.display()))
+                    Error::InvalidInput(InvalidInput::Path {
+                        path: local.display().to_string(),
+                        problem: "does not name a file",
+                    })
                 })?;
                 let parent = local.parent().unwrap_or(Path::new(""));
                 Ok((ConfinedDir::open_given(parent)?, name.to_owned()))
             }
             Place::Beneath { root, rel } => {
-                let (parent, name) = rel
-                    .split_last()
-                    .ok_or_else(|| Error::InvalidInput("a tree's root is not a file".into()))?;
+                let (parent, name) =
+                    rel.split_last()
+                        .ok_or(Error::InvalidInput(InvalidInput::Usage(
+                            "a tree's root is not a file",
+                        )))?;
                 Ok((root.dir(&parent, true)?, name.to_owned()))
             }
         }
@@ -604,7 +609,7 @@ async fn receive(
             }
             Chunk::Eof { at } => {
                 if at != total {
-                    return Err(Error::Protocol(format!(
+                    return Err(Error::sftp_protocol(format!(
                         "EOF at offset {at} of {} after {total} bytes",
                         remote.display()
                     )));
@@ -640,10 +645,10 @@ async fn upload_one(
     let src = fs::File::open(&item.local).map_err(|e| local_err(&item.local, e))?;
     let meta = src.metadata().map_err(|e| local_err(&item.local, e))?;
     if !meta.is_file() {
-        return Err(Error::InvalidInput(format!(
-            "{} is not a regular file",
-            item.local.display()
-        )));
+        return Err(Error::InvalidInput(InvalidInput::Path {
+            path: item.local.display().to_string(),
+            problem: "is not a regular file",
+        }));
     }
     let mode = meta.permissions().mode() & 0o7777;
     let dest = if opts.atomic {
@@ -891,7 +896,9 @@ async fn run_fed(
     if sftps.is_empty() {
         report.other_errors.push((
             PathBuf::new(),
-            Error::InvalidInput("a transfer needs at least one SFTP client".into()),
+            Error::InvalidInput(InvalidInput::Usage(
+                "a transfer needs at least one SFTP client",
+            )),
         ));
         return report;
     }
@@ -1402,7 +1409,7 @@ fn single(r: &mut TransferReport) -> Result<u64> {
     }
     match r.files.pop() {
         Some(f) => f.result,
-        None => Err(Error::Protocol("transfer ended without its file".into())),
+        None => Err(Error::sftp_protocol("transfer ended without its file")),
     }
 }
 

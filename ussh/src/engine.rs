@@ -878,7 +878,10 @@ async fn get(
     if let Err(e) = std::fs::create_dir_all(root) {
         total.other_errors.push((
             root.to_path_buf(),
-            Error::InvalidInput(format!("cannot create {}: {e}", root.display())),
+            Error::Io(std::io::Error::new(
+                e.kind(),
+                format!("cannot create {}: {e}", root.display()),
+            )),
         ));
         return total;
     }
