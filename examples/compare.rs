@@ -32,15 +32,11 @@
 
 #[path = "../benches/peers/src/common.rs"]
 mod client;
-#[path = "../benches/common/drops.rs"]
-mod drops;
+use uring_ssh_testkit::drops;
 #[path = "../benches/common/ours.rs"]
 mod ours;
-#[path = "../tests/common/sshd.rs"]
-#[allow(dead_code)]
-mod sshd;
-#[path = "../benches/common/tools.rs"]
-mod tools;
+use uring_ssh_testkit::sshd;
+use uring_ssh_testkit::tools;
 
 use std::fmt::Write as _;
 use std::io::{Read, Write};
