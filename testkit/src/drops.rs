@@ -1,6 +1,6 @@
 //! Drop latency of sessions against a loopback OpenSSH server, shared by
 //! `benches/drop_latency.rs` and the comparison harness
-//! (`examples/compare.rs`): sessions connected, authenticated, maybe mid-
+//! (`examples/compare/`): sessions connected, authenticated, maybe mid-
 //! transfer, then dropped; only the drop is timed, and everything the drops
 //! could leave behind is counted afterwards.
 
