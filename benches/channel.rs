@@ -10,9 +10,7 @@ mod client;
 #[path = "common/ours.rs"]
 #[allow(dead_code)]
 mod ours;
-#[path = "../tests/common/sshd.rs"]
-#[allow(dead_code)]
-mod sshd;
+use uring_ssh_testkit::sshd;
 
 use std::time::Duration;
 

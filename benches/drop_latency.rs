@@ -5,11 +5,8 @@
 //! idle (right after auth), then dropped; only the drop itself is timed.
 //! Exits non-zero if anything leaked.
 
-#[path = "common/drops.rs"]
-mod drops;
-#[path = "../tests/common/sshd.rs"]
-#[allow(dead_code)]
-mod sshd;
+use uring_ssh_testkit::drops;
+use uring_ssh_testkit::sshd;
 
 fn main() {
     // `cargo bench` passes `--bench`; nothing else is expected.

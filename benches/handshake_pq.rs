@@ -14,9 +14,7 @@
 //!
 //! Options (after `--`): `--count N` (default 100), `--runs R` (default 5).
 
-#[path = "../tests/common/sshd.rs"]
-#[allow(dead_code)]
-mod sshd;
+use uring_ssh_testkit::sshd;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};

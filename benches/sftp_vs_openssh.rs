@@ -23,11 +23,8 @@
 //! sshd). Set `BIG_MIB=0` or `FILES=0` to skip a part, `ONLY_OURS=1` to
 //! skip the OpenSSH rows of the many-files part (for profiling).
 
-#[path = "../tests/common/sshd.rs"]
-#[allow(dead_code)]
-mod sshd;
-#[path = "common/tools.rs"]
-mod tools;
+use uring_ssh_testkit::sshd;
+use uring_ssh_testkit::tools;
 
 use std::time::Instant;
 

@@ -12,9 +12,7 @@
 //! Run: `cargo bench --bench transfer_vs_openssh` (as root: the fixture's
 //! sshd). The machine is shared: repeat and compare within one run.
 
-#[path = "../tests/common/sshd.rs"]
-#[allow(dead_code)]
-mod sshd;
+use uring_ssh_testkit::sshd;
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::process::{Command, Stdio};

@@ -15,9 +15,7 @@
 
 #[path = "../benches/peers/src/common.rs"]
 mod client;
-#[path = "../tests/common/sshd.rs"]
-#[allow(dead_code)]
-mod sshd;
+use uring_ssh_testkit::sshd;
 
 use std::time::Instant;
 

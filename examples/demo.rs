@@ -8,9 +8,8 @@
 //! printing throughput, client CPU, io_uring submissions per MiB and drop
 //! statistics. `cargo run --release --example demo -- --help` for options.
 
-#[path = "../tests/common/sshd.rs"]
-#[allow(dead_code)]
-mod sshd;
+use uring_ssh_testkit::sshd;
+use uring_ssh_testkit::util::settle;
 
 use std::cell::Cell;
 use std::rc::Rc;
@@ -192,7 +191,7 @@ async fn run(o: Options) {
     drop(sessions);
 
     // 3. Random drops.
-    settle().await;
+    settle(Duration::from_secs(10)).await;
     let fds_before = open_fds();
     let mut durations = Vec::new();
     let mut mid_transfer = 0;
@@ -219,7 +218,7 @@ async fn run(o: Options) {
         durations.push(t.elapsed());
         mid_transfer += transferring.get() as usize;
     }
-    let ring = settle().await;
+    let ring = settle(Duration::from_secs(10)).await;
     durations.sort();
     if !durations.is_empty() {
         let p = |q: f64| durations[((durations.len() - 1) as f64 * q) as usize];
@@ -242,18 +241,6 @@ async fn run(o: Options) {
         open_fds() as i64 - fds_before as i64,
         uring_ssh::leaked_objects()
     );
-}
-
-/// Waits (bounded) until the ring has nothing in flight.
-async fn settle() -> uring_ssh::reactor::Stats {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let r = uring_ssh::reactor::stats().unwrap_or_default();
-        if r.ops_in_flight == 0 || Instant::now() > deadline {
-            return r;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
 }
 
 fn open_fds() -> usize {

@@ -11,9 +11,8 @@
 //!
 //! `cargo run --release --example soak -- --sessions 1000 --minutes 10`
 
-#[path = "../tests/common/sshd.rs"]
-#[allow(dead_code)]
-mod sshd;
+use uring_ssh_testkit::sshd;
+use uring_ssh_testkit::util::settle;
 
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
@@ -299,17 +298,6 @@ async fn worker(env: Rc<Env>, id: usize) {
     }
 }
 
-async fn settle() -> uring_ssh::reactor::Stats {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let s = uring_ssh::reactor::stats().expect("ring");
-        if (s.ops_in_flight == 0 && s.orphaned_outstanding == 0) || Instant::now() > deadline {
-            return s;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
 async fn run(o: Options) -> bool {
     let nofile = raise_nofile();
     let sshd = sshd::Sshd::builder()
@@ -346,7 +334,7 @@ async fn run(o: Options) -> bool {
         .close("warm-up")
         .await
         .expect("close");
-    settle().await;
+    settle(Duration::from_secs(20)).await;
     let fds0 = open_fds();
     let bytes0 = uring_ssh::libssh2_bytes_outstanding();
     let t0 = Instant::now();
@@ -391,7 +379,7 @@ async fn run(o: Options) -> bool {
     }
     let curve = reporter.await.expect("reporter");
     let took = t0.elapsed();
-    let st = settle().await;
+    let st = settle(Duration::from_secs(20)).await;
     let c = &env.counters;
     // Warm-up: the first report with (nearly) every session up.
     let warm = curve

@@ -2,7 +2,7 @@
 # The comparison harness: uring-ssh beside ssh2-rs, async-ssh2-lite, russh,
 # the OpenSSH tools and two ceilings, every scenario, one table.
 #
-#   bash scripts/compare.sh [--smoke] [--json FILE] [more options of examples/compare.rs]
+#   bash scripts/compare.sh [--smoke] [--json FILE] [more options of examples/compare/main.rs]
 #
 # As root on a fresh Debian/Ubuntu machine it first installs what is
 # missing (scripts/setup.sh --bench: the test dependencies, rsync, strace

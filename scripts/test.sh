@@ -14,7 +14,7 @@ fi
 bash scripts/setup.sh
 
 # Password-auth test user; name and password come from the fixture's constants.
-fixture=tests/common/sshd.rs
+fixture=testkit/src/sshd.rs
 test_user=$(sed -n 's/^pub const TEST_USER: &str = "\(.*\)";$/\1/p' "$fixture")
 test_password=$(sed -n 's/^pub const TEST_PASSWORD: &str = "\(.*\)";$/\1/p' "$fixture")
 if [ -z "$test_user" ] || [ -z "$test_password" ]; then

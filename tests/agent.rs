@@ -1,16 +1,14 @@
 //! The agent against a real `ssh-agent` started by each test, with the
 //! fixture's user key added by `ssh-add`.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::sshd::Sshd;
-use common::util::config;
 use tokio::io::AsyncReadExt;
 use uring_ssh::{Agent, Error, Session};
+use uring_ssh_testkit::sshd::Sshd;
+use uring_ssh_testkit::util::config;
 
 const SSH_AGENT: &str = "/usr/bin/ssh-agent";
 const SSH_ADD: &str = "/usr/bin/ssh-add";

@@ -3,8 +3,6 @@
 //! Every test that needs sshd starts its own through the fixture, which
 //! panics (never skips) when sshd or the test user is missing.
 
-mod common;
-
 use std::io::Write;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -12,9 +10,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::sshd::*;
 use tokio::io::AsyncReadExt;
 use uring_ssh::{Config, Error, ExitStatus, Session};
+use uring_ssh_testkit::sshd::*;
 
 /// Upper bound on any single test body: a hang fails the test instead of
 /// blocking the run.

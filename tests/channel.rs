@@ -1,16 +1,14 @@
 //! Channels against a real sshd: exec, stdio, exit status, big transfers with
 //! SHA-256 end to end, many sessions and many channels on one thread.
 
-mod common;
-
 use std::time::Duration;
 
-use common::sshd::Sshd;
-use common::util::{
-    Prng, alone_in_own_process, connect, hex, proc_status, sha256_file, write_random_file,
-};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use uring_ssh_testkit::sshd::Sshd;
+use uring_ssh_testkit::util::{
+    Prng, alone_in_own_process, connect, hex, proc_status, sha256_file, write_random_file,
+};
 
 const MIB: usize = 1024 * 1024;
 

@@ -3,18 +3,16 @@
 //! server rekeying every 8 MiB), and corrupted or cut encrypted input from
 //! the server ends the session with an error instead of bad data or a hang.
 
-mod common;
-
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::sshd::Sshd;
-use common::util::{Prng, config, connect_with, hex, sha256_stream};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use uring_ssh::{Config, MethodType, Session};
+use uring_ssh_testkit::sshd::Sshd;
+use uring_ssh_testkit::util::{Prng, config, connect_with, hex, sha256_stream};
 
 const MIB: usize = 1024 * 1024;
 /// Bytes moved each way per cipher and MAC pair.

@@ -4,16 +4,14 @@
 //! no open fds. Its own test binary, so the process-wide counters it reads
 //! belong to it alone.
 
-mod common;
-
 use std::cell::Cell;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use common::sshd::Sshd;
-use common::util::{Prng, config, open_fds};
 use tokio::io::AsyncReadExt;
 use uring_ssh::Session;
+use uring_ssh_testkit::sshd::Sshd;
+use uring_ssh_testkit::util::{Prng, config, open_fds, settle};
 
 const DROPS: usize = 1000;
 
@@ -37,14 +35,14 @@ async fn thousand_random_drops_leak_nothing() {
     let mut setup = Duration::ZERO;
     for _ in 0..3 {
         let t = Instant::now();
-        let s = common::util::connect(&sshd).await;
+        let s = uring_ssh_testkit::util::connect(&sshd).await;
         to_auth = to_auth.min(t.elapsed());
         let ch = s.exec("true").await.unwrap();
         setup = setup.max(t.elapsed());
         drop(ch);
         s.close("warm-up").await.unwrap();
     }
-    let stats = settle().await;
+    let stats = settle(Duration::from_secs(10)).await;
     let fds_before = open_fds();
     let bytes_before = uring_ssh::libssh2_bytes_outstanding();
     let blocks_before = uring_ssh::libssh2_blocks_outstanding();
@@ -78,7 +76,7 @@ async fn thousand_random_drops_leak_nothing() {
         phases[phase.get() as usize] += 1;
     }
 
-    let stats = settle().await;
+    let stats = settle(Duration::from_secs(10)).await;
     assert_eq!(stats.orphaned_outstanding, 0, "{stats:?}");
     assert_eq!(stats.ops_in_flight, 0, "{stats:?}");
     assert_eq!(uring_ssh::libssh2_bytes_outstanding(), bytes_before);
@@ -121,17 +119,5 @@ async fn transfer(sshd: &Sshd, phase: Rc<Cell<Phase>>) -> Result<(), uring_ssh::
         if ch.read(&mut buf).await? == 0 {
             return Ok(());
         }
-    }
-}
-
-/// Waits (bounded) until the ring has nothing in flight.
-async fn settle() -> uring_ssh::reactor::Stats {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let s = uring_ssh::reactor::stats().expect("ring");
-        if (s.ops_in_flight == 0 && s.orphaned_outstanding == 0) || Instant::now() > deadline {
-            return s;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }

@@ -6,24 +6,20 @@
 //! a panic or a silent success — leave nothing behind once the session is
 //! dropped, and leave a healthy session on the same thread untouched.
 
-mod common;
-#[path = "common/fault_proxy.rs"]
-mod fault_proxy;
-
 use std::cell::Cell;
 use std::io::ErrorKind;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use common::sshd::Sshd;
-use common::util::{
-    config, connect, open_fds, settle_orphans, sha256_file, wait_for_value, write_random_file,
-};
-use fault_proxy::{Dir, Fault, FaultProxy, Rule};
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncReadExt;
 use uring_ssh::sftp::{TransferItem, TransferOptions, download_many, upload_many};
 use uring_ssh::{Config, Error, Session};
+use uring_ssh_testkit::fault_proxy::{Dir, Fault, FaultProxy, Rule};
+use uring_ssh_testkit::sshd::Sshd;
+use uring_ssh_testkit::util::{
+    config, connect, open_fds, settle_orphans, sha256_file, wait_for_value, write_random_file,
+};
 
 const TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -259,7 +255,7 @@ async fn matrix(sshd: &Sshd, proxy: &FaultProxy, marks: &Marks, phases: &[Phase]
                     h.update(&buf[..n]);
                 }
                 assert_eq!(
-                    common::util::hex(&h.finalize()),
+                    uring_ssh_testkit::util::hex(&h.finalize()),
                     want,
                     "healthy session corrupted"
                 );
@@ -426,7 +422,7 @@ async fn sigstop_of_the_servers_process_fires_the_keepalive() {
         .keepalive(Some(Duration::from_secs(1)), 2);
     let other = connect(&sshd).await;
     let before: Vec<u32> = sshd.connection_pids();
-    let s = common::util::connect_with(&sshd, cfg).await;
+    let s = uring_ssh_testkit::util::connect_with(&sshd, cfg).await;
     let mut ch = s.exec("cat /dev/zero").await.unwrap();
     let mut buf = vec![0u8; 1 << 20];
     ch.read_exact(&mut buf).await.unwrap();

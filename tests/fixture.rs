@@ -1,7 +1,5 @@
 //! Tests of the throwaway-sshd fixture itself (real sshd, real ssh client).
 
-mod common;
-
 use std::io::{BufRead, BufReader};
 use std::net::{TcpListener, TcpStream};
 use std::path::Path;
@@ -9,7 +7,7 @@ use std::process::{Command, Output, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::sshd::{self, Sshd, SshdBuilder};
+use uring_ssh_testkit::sshd::{self, Sshd, SshdBuilder};
 
 /// An OpenSSH client command that ignores every user/system config.
 fn ssh(sshd: &Sshd, user: &str) -> Command {

@@ -3,17 +3,15 @@
 //! with Listener (and its cancel on drop), direct-streamlocal, and an
 //! abandoned direct open resumed with its own libssh2 function.
 
-mod common;
-
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener as StdListener, TcpStream as StdStream};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::sshd::Sshd;
-use common::util::{Prng, config, connect, connect_with, settle_orphans, wait_freed};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use uring_ssh::{Error, LocalForward};
+use uring_ssh_testkit::sshd::Sshd;
+use uring_ssh_testkit::util::{Prng, config, connect, connect_with, settle_orphans, wait_freed};
 
 const MIB: usize = 1024 * 1024;
 

@@ -1,6 +1,6 @@
 //! The SFTP client against `uring-ssh-evil-sftp`, a server of ours that a
 //! real sshd runs as its `sftp` subsystem and that lies on purpose in the
-//! scenario asked for (see `tests/common/evil.rs`).
+//! scenario asked for (see `testkit/src/evil.rs`).
 //!
 //! Every hostile tree download goes into a [`Sandbox`]: the destination
 //! `T/dest/evil` stands beside sentinels (`T/dest/sentinel.txt`,
@@ -21,21 +21,26 @@
 //! The memory-heavy scenarios each run alone in a process of their own
 //! (see [`alone_in_own_process`]) and bound that process's peak RSS growth.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::fs;
 use std::os::unix::fs::{MetadataExt, symlink};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::evil::{EvilServer, PAYLOAD, assert_normal_tree, bounded, normal_tree, scenario};
-use common::util::{alone_in_own_process, proc_status};
 use tempfile::TempDir;
 use uring_ssh::Error;
 use uring_ssh::sftp::{LinkPolicy, Sftp, TransferOptions, TransferReport, status};
+use uring_ssh_testkit::evil::{
+    EvilServer, PAYLOAD, assert_normal_tree, bounded, normal_tree, scenario,
+};
+use uring_ssh_testkit::util::{alone_in_own_process, proc_status};
 
 const MIB: u64 = 1024 * 1024;
+
+/// The hostile server's binary, as cargo built it for this package's tests.
+fn evil_sftp() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_uring-ssh-evil-sftp"))
+}
 
 /// How fast a failure that needs no waiting must come back.
 const AT_ONCE: Duration = Duration::from_secs(10);
@@ -425,7 +430,7 @@ impl Peak {
 /// against the server, and a tree download arrives intact.
 #[tokio::test(flavor = "current_thread")]
 async fn benign_server_serves_a_tree_intact() {
-    let server = EvilServer::start(scenario::NONE, |_| {});
+    let server = EvilServer::start(evil_sftp(), scenario::NONE, |_| {});
     let (_session, sftp) = server.sftp().await;
     assert_eq!(sftp.version(), 3);
     let ext = sftp.extensions();
@@ -482,7 +487,7 @@ async fn refused_names(server: &EvilServer, collisions: &[(&str, To)], want: &[(
 /// there, nor at `dest/OUTSIDE/abs-name`.
 #[tokio::test(flavor = "current_thread")]
 async fn absolute_name_is_refused_and_nothing_is_written_there() {
-    let server = EvilServer::start(scenario::ABS_NAME, |_| {});
+    let server = EvilServer::start(evil_sftp(), scenario::ABS_NAME, |_| {});
     let name = format!("{}/abs-name", server.outside().display());
     refused_names(&server, &[], &[(&name, "holds a '/'")]).await;
 }
@@ -492,7 +497,7 @@ async fn absolute_name_is_refused_and_nothing_is_written_there() {
 /// listing's own.
 #[tokio::test(flavor = "current_thread")]
 async fn dotdot_names_are_refused_and_nothing_lands_above_the_destination() {
-    let server = EvilServer::start(scenario::DOTDOT, |_| {});
+    let server = EvilServer::start(evil_sftp(), scenario::DOTDOT, |_| {});
     refused_names(&server, &[], &[("../../escape", "holds a '/'")]).await;
 }
 
@@ -501,7 +506,7 @@ async fn dotdot_names_are_refused_and_nothing_lands_above_the_destination() {
 /// would write `other-host/inner`.
 #[tokio::test(flavor = "current_thread")]
 async fn names_with_a_slash_are_refused_even_past_a_planted_link() {
-    let server = EvilServer::start(scenario::SLASH_NAME, |_| {});
+    let server = EvilServer::start(evil_sftp(), scenario::SLASH_NAME, |_| {});
     refused_names(
         &server,
         &[("nosub", To::OtherHost)],
@@ -514,7 +519,7 @@ async fn names_with_a_slash_are_refused_even_past_a_planted_link() {
 /// planted at `nul` stays and its target is not written.
 #[tokio::test(flavor = "current_thread")]
 async fn name_with_a_nul_byte_is_refused_not_cut_short() {
-    let server = EvilServer::start(scenario::NUL_NAME, |_| {});
+    let server = EvilServer::start(evil_sftp(), scenario::NUL_NAME, |_| {});
     refused_names(
         &server,
         &[("nul", To::Sentinel)],
@@ -526,7 +531,7 @@ async fn name_with_a_nul_byte_is_refused_not_cut_short() {
 /// `empty-name`: the empty name is refused; it is not the directory.
 #[tokio::test(flavor = "current_thread")]
 async fn empty_name_is_refused() {
-    let server = EvilServer::start(scenario::EMPTY_NAME, |_| {});
+    let server = EvilServer::start(evil_sftp(), scenario::EMPTY_NAME, |_| {});
     refused_names(&server, &[], &[("", "empty name")]).await;
 }
 
@@ -536,7 +541,7 @@ async fn empty_name_is_refused() {
 /// place refuses to open through them.
 #[tokio::test(flavor = "current_thread")]
 async fn duplicate_names_keep_the_first_and_are_reported() {
-    let server = EvilServer::start(scenario::DUP_NAMES, |_| {});
+    let server = EvilServer::start(evil_sftp(), scenario::DUP_NAMES, |_| {});
     let (_session, sftp) = server.sftp().await;
     let collisions = [("dup", To::Sentinel), ("both", To::OtherHost)];
     let refused = [
@@ -577,7 +582,7 @@ async fn duplicate_names_keep_the_first_and_are_reported() {
 /// is refused by the kernel and nothing is written through it.
 #[tokio::test(flavor = "current_thread")]
 async fn directory_then_link_of_one_name_never_writes_through_a_link() {
-    let server = EvilServer::start(scenario::DIR_AND_LINK, |_| {});
+    let server = EvilServer::start(evil_sftp(), scenario::DIR_AND_LINK, |_| {});
     let (_session, sftp) = server.sftp().await;
     let refused = [("dl", "listed more than once")];
 
@@ -617,7 +622,7 @@ async fn links_to_root_and_parent_are_kept_or_skipped_never_followed() {
         (scenario::LINK_TO_ROOT, "root-link", "/"),
         (scenario::LINK_TO_PARENT, "up", "../../.."),
     ] {
-        let server = EvilServer::start(scen, |_| {});
+        let server = EvilServer::start(evil_sftp(), scen, |_| {});
         let (_session, sftp) = server.sftp().await;
         for links in [LinkPolicy::Keep, LinkPolicy::Safe, LinkPolicy::Skip] {
             let sb = Sandbox::new(&[(name, To::OtherHost)]);
@@ -653,7 +658,7 @@ async fn links_to_root_and_parent_are_kept_or_skipped_never_followed() {
 /// tree, so `Safe` keeps them too) or skipped, and the download finishes.
 #[tokio::test(flavor = "current_thread")]
 async fn link_loop_is_recreated_and_the_download_finishes() {
-    let server = EvilServer::start(scenario::LINK_LOOP, |_| {});
+    let server = EvilServer::start(evil_sftp(), scenario::LINK_LOOP, |_| {});
     let (_session, sftp) = server.sftp().await;
     for links in [LinkPolicy::Keep, LinkPolicy::Safe, LinkPolicy::Skip] {
         let sb = Sandbox::new(&[("a", To::OtherHost)]);
@@ -691,7 +696,7 @@ async fn link_loop_is_recreated_and_the_download_finishes() {
 /// through the planted link (`Safe` skips the absolute link).
 #[tokio::test(flavor = "current_thread")]
 async fn link_then_directory_of_one_name_never_writes_through_a_link() {
-    let server = EvilServer::start(scenario::LINK_THEN_FILE, |_| {});
+    let server = EvilServer::start(evil_sftp(), scenario::LINK_THEN_FILE, |_| {});
     let (_session, sftp) = server.sftp().await;
     for links in [LinkPolicy::Keep, LinkPolicy::Safe] {
         let sb = Sandbox::new(&[("x", To::OtherHost)]);
@@ -721,7 +726,7 @@ async fn link_then_directory_of_one_name_never_writes_through_a_link() {
 /// read about that many names of the listing (not the million), keeps the
 /// real files found before the limit, and stays under `bound` MiB.
 async fn million_entries(max_entries: u64, bound: u64) {
-    let server = EvilServer::start(scenario::MILLION, |_| {});
+    let server = EvilServer::start(evil_sftp(), scenario::MILLION, |_| {});
     let (_session, sftp) = server.sftp().await;
     // The first generated name is planted: it must stay as it is.
     let sb = Sandbox::new(&[("m0000000", To::Sentinel)]);
@@ -817,7 +822,7 @@ async fn million_entries_stop_at_the_default_limit_in_bounded_memory() {
 /// a link, the kernel refuses the first level and nothing is listed below.
 #[tokio::test(flavor = "current_thread")]
 async fn endless_nesting_stops_at_max_depth() {
-    let server = EvilServer::start(scenario::DEEP, |_| {});
+    let server = EvilServer::start(evil_sftp(), scenario::DEEP, |_| {});
     let (_session, sftp) = server.sftp().await;
     let max = TransferOptions::default().max_depth;
 
@@ -862,7 +867,7 @@ async fn endless_file_stops_at_max_file_size_in_bounded_memory() {
         return;
     }
     const MAX: u64 = 8 * MIB;
-    let server = EvilServer::start(scenario::ENDLESS_FILE, |_| {});
+    let server = EvilServer::start(evil_sftp(), scenario::ENDLESS_FILE, |_| {});
     let (_session, sftp) = server.sftp().await;
     let sb = Sandbox::new(&[("endless", To::Sentinel)]);
     let o = TransferOptions {
@@ -911,7 +916,7 @@ async fn endless_file_stops_at_the_default_growth_bound() {
     if !alone_in_own_process("endless_file_stops_at_the_default_growth_bound") {
         return;
     }
-    let server = EvilServer::start(scenario::ENDLESS_FILE, |_| {});
+    let server = EvilServer::start(evil_sftp(), scenario::ENDLESS_FILE, |_| {});
     let (_session, sftp) = server.sftp().await;
     let sb = Sandbox::new(&[]);
     let o = TransferOptions::default();
@@ -949,7 +954,7 @@ async fn endless_file_stops_at_the_default_growth_bound() {
 /// `hello.txt` stays, no temporary is left.
 #[tokio::test(flavor = "current_thread")]
 async fn reply_to_an_unknown_id_fails_the_channel_and_its_bytes_go_nowhere() {
-    let server = EvilServer::start(scenario::UNKNOWN_ID, |_| {});
+    let server = EvilServer::start(evil_sftp(), scenario::UNKNOWN_ID, |_| {});
     let stray = |e: &Error| matches!(e, Error::Protocol { protocol: uring_ssh::RemoteProtocol::Sftp, message: m } if m.contains("answers no request in flight"));
     for (atomic, collisions) in [(true, &[("hello.txt", To::Sentinel)][..]), (false, &[][..])] {
         // The first failure poisons the channel: a new one each time.
@@ -990,7 +995,7 @@ async fn reply_to_an_unknown_id_fails_the_channel_and_its_bytes_go_nowhere() {
 /// channel carries on and a tree download over it arrives intact.
 #[tokio::test(flavor = "current_thread")]
 async fn wrong_reply_type_fails_the_call_and_the_channel_stays_usable() {
-    let server = EvilServer::start(scenario::WRONG_TYPE, |_| {});
+    let server = EvilServer::start(evil_sftp(), scenario::WRONG_TYPE, |_| {});
     let (_session, sftp) = server.sftp().await;
     let e = bounded("stat", sftp.stat("/evil/hello.txt"))
         .await
@@ -1017,7 +1022,7 @@ async fn huge_packet_length_fails_at_once_in_bounded_memory() {
     if !alone_in_own_process("huge_packet_length_fails_at_once_in_bounded_memory") {
         return;
     }
-    let server = EvilServer::start(scenario::HUGE_LENGTH, |_| {});
+    let server = EvilServer::start(evil_sftp(), scenario::HUGE_LENGTH, |_| {});
     let (_session, sftp) = server.sftp().await;
     let sb = Sandbox::new(&[]);
     let peak = Peak::start();
@@ -1052,7 +1057,7 @@ async fn huge_packet_length_fails_at_once_in_bounded_memory() {
 /// before any byte comes. The channel carries on.
 #[tokio::test(flavor = "current_thread")]
 async fn read_replies_longer_than_asked_fail_the_files_and_leave_nothing() {
-    let server = EvilServer::start(scenario::LONG_READ, |_| {});
+    let server = EvilServer::start(evil_sftp(), scenario::LONG_READ, |_| {});
     let (_session, sftp) = server.sftp().await;
     for atomic in [true, false] {
         let sb = Sandbox::new(&[("hello.txt", To::Sentinel)]);
@@ -1097,7 +1102,7 @@ async fn absurd_limits_are_clamped_and_the_tree_arrives() {
         (scenario::ABSURD_LIMITS_ZERO, 32 * 1024, 0),
         (scenario::ABSURD_LIMITS_ONE, 1024, 2048),
     ] {
-        let server = EvilServer::start(scen, |_| {});
+        let server = EvilServer::start(evil_sftp(), scen, |_| {});
         let (_session, sftp) = server.sftp().await;
         assert_eq!(sftp.io_sizes(), (io, io), "{scen}");
         assert_eq!(sftp.limits().max_packet_length, packet, "{scen}");
@@ -1122,7 +1127,7 @@ async fn huge_handle_is_refused_in_bounded_memory() {
     if !alone_in_own_process("huge_handle_is_refused_in_bounded_memory") {
         return;
     }
-    let server = EvilServer::start(scenario::HUGE_HANDLE, |_| {});
+    let server = EvilServer::start(evil_sftp(), scenario::HUGE_HANDLE, |_| {});
     let (_session, sftp) = server.sftp().await;
     let sb = Sandbox::new(&[("hello.txt", To::Sentinel)]);
     let peak = Peak::start();
@@ -1154,7 +1159,7 @@ async fn huge_name_count_fails_the_listing_in_bounded_memory() {
     if !alone_in_own_process("huge_name_count_fails_the_listing_in_bounded_memory") {
         return;
     }
-    let server = EvilServer::start(scenario::HUGE_NAME_COUNT, |_| {});
+    let server = EvilServer::start(evil_sftp(), scenario::HUGE_NAME_COUNT, |_| {});
     let (_session, sftp) = server.sftp().await;
     let sb = Sandbox::new(&[]);
     let peak = Peak::start();
@@ -1194,7 +1199,7 @@ async fn long_name_is_refused_in_bounded_memory() {
     if !alone_in_own_process("long_name_is_refused_in_bounded_memory") {
         return;
     }
-    let server = EvilServer::start(scenario::LONG_NAME, |_| {});
+    let server = EvilServer::start(evil_sftp(), scenario::LONG_NAME, |_| {});
     let (_session, sftp) = server.sftp().await;
     let sb = Sandbox::new(&[]);
     let peak = Peak::start();

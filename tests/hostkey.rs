@@ -1,14 +1,12 @@
 //! Host-key verification tests (`Config::known_hosts`, `HostKeyPolicy`)
 //! against a real sshd.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::sshd::*;
 use uring_ssh::{Config, Error, HostKeyError, HostKeyPolicy, MethodType, Session};
+use uring_ssh_testkit::sshd::*;
 
 const HANG_GUARD: Duration = Duration::from_secs(60);
 

@@ -11,19 +11,17 @@
 //! for OpenSSH, from the server's own log (`LogLevel DEBUG1` prints
 //! `kex: algorithm: …`). Dropbear logs no algorithms without a debug build.
 
-mod common;
-
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::thread;
 use std::time::Duration;
 
-use common::dropbear::Dropbear;
-use common::sshd::Sshd;
-use common::util::{sha256_file, sha256_stream, write_prng, write_random_file};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use uring_ssh::{Config, MethodType, Session, supported_methods};
+use uring_ssh_testkit::dropbear::Dropbear;
+use uring_ssh_testkit::sshd::Sshd;
+use uring_ssh_testkit::util::{sha256_file, sha256_stream, write_prng, write_random_file};
 
 const MIB: usize = 1024 * 1024;
 
@@ -116,7 +114,7 @@ impl Server {
 }
 
 /// Ed25519, ECDSA and RSA host keys, and a log that names the algorithms.
-fn host_keys(b: common::sshd::SshdBuilder) -> common::sshd::SshdBuilder {
+fn host_keys(b: uring_ssh_testkit::sshd::SshdBuilder) -> uring_ssh_testkit::sshd::SshdBuilder {
     b.log_level("DEBUG1")
         .rsa_host_key(true)
         .ecdsa_host_key(true)
@@ -397,7 +395,7 @@ async fn rekey_mid_write(sshd: Sshd) {
     s.close("done").await.unwrap();
 }
 
-fn rekeying(b: common::sshd::SshdBuilder) -> Sshd {
+fn rekeying(b: uring_ssh_testkit::sshd::SshdBuilder) -> Sshd {
     b.log_level("DEBUG1").extra("RekeyLimit 1M").start()
 }
 

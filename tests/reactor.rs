@@ -9,8 +9,7 @@ use std::time::Duration;
 use uring_ssh::reactor::{BACKEND_ENV, Backend, Features, init, init_with, nop, stats};
 use uring_ssh::{Error, KernelSupportError};
 
-mod common;
-use common::seccomp::on_thread_without_io_uring;
+use uring_ssh_testkit::seccomp::on_thread_without_io_uring;
 
 fn current_thread_runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()

@@ -2,11 +2,9 @@
 //! crate supports: a plain current-thread runtime, a `LocalSet`, and
 //! `tokio_uring::start` (whose own ring lives beside ours).
 
-mod common;
-
-use common::sshd::Sshd;
-use common::util::connect;
 use tokio::io::AsyncReadExt;
+use uring_ssh_testkit::sshd::Sshd;
+use uring_ssh_testkit::util::connect;
 
 async fn exec_echo(sshd: &Sshd) -> String {
     let s = connect(sshd).await;
@@ -82,16 +80,17 @@ fn session_where_io_uring_is_forbidden_runs_on_the_poll_engine() {
     }
     let sshd = std::sync::Arc::new(Sshd::start());
     let sshd2 = sshd.clone();
-    let (backend, out) = common::seccomp::on_thread_without_io_uring(libc::EPERM, move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async {
-            let backend = uring_ssh::reactor::init().expect("fallback").backend;
-            (backend, exec_echo(&sshd2).await)
-        })
-    });
+    let (backend, out) =
+        uring_ssh_testkit::seccomp::on_thread_without_io_uring(libc::EPERM, move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                let backend = uring_ssh::reactor::init().expect("fallback").backend;
+                (backend, exec_echo(&sshd2).await)
+            })
+        });
     assert_eq!(backend, Backend::Poll);
     assert!(out.starts_with("hello from"), "{out:?}");
 }

@@ -2,18 +2,16 @@
 //! times checked on both sides; the remote scp's errors; transfers dropped
 //! half-way leave nothing behind.
 
-mod common;
-
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
-use common::sshd::{Sshd, TEST_PASSWORD, TEST_USER, require_test_user};
-use common::util::{
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use uring_ssh_testkit::sshd::{Sshd, TEST_PASSWORD, TEST_USER, require_test_user};
+use uring_ssh_testkit::util::{
     Prng, connect, hex, open_fds, proc_status, settle_orphans, sha256_file, wait_freed,
     write_random_file,
 };
-use sha2::{Digest, Sha256};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const MIB: usize = 1024 * 1024;
 
@@ -282,7 +280,7 @@ async fn permission_denied_is_reported_as_such() {
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
     let secret = dir.path().join("secret");
     std::fs::write(&secret, b"x").unwrap();
-    let s = uring_ssh::Session::connect_addr(sshd.addr(), common::util::config(&sshd))
+    let s = uring_ssh::Session::connect_addr(sshd.addr(), uring_ssh_testkit::util::config(&sshd))
         .await
         .unwrap();
     s.auth_password(TEST_USER, TEST_PASSWORD).await.unwrap();

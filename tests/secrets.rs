@@ -8,12 +8,10 @@
 //! wiped; see the unit tests of the session module). The [`Session`] they
 //! pass through is the struct whose `Debug` is checked here.
 
-mod common;
-
 use std::time::Duration;
 
-use common::sshd::*;
 use uring_ssh::{Config, Error, Session};
+use uring_ssh_testkit::sshd::*;
 
 /// Upper bound on any single test body: a hang fails the test instead of
 /// blocking the run.

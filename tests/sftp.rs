@@ -2,21 +2,19 @@
 //! its errors, files as tokio streams, many tasks on one client, and whole
 //! file and tree transfers compared byte for byte.
 
-mod common;
-
 use std::io::{ErrorKind, SeekFrom};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::time::Duration;
 
-use common::sshd::{Sshd, TEST_USER, require_test_user};
-use common::util::{Prng, config, connect, sha256_file, write_random_file};
 use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 use uring_ssh::sftp::{
     FileAttributes, LinkPolicy, OpenOptions, Sftp, TransferItem, TransferOptions, status,
 };
 use uring_ssh::{Error, Session};
+use uring_ssh_testkit::sshd::{Sshd, TEST_USER, require_test_user};
+use uring_ssh_testkit::util::{Prng, config, connect, sha256_file, write_random_file};
 
 const MIB: usize = 1024 * 1024;
 

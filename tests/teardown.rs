@@ -1,14 +1,12 @@
 //! Teardown against a real sshd: graceful close sends nothing after
 //! DISCONNECT, drops never block, a dead server is an error, not a hang.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::sshd::Sshd;
-use common::util::{config, connect, settle_orphans};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use uring_ssh::{Error, Session};
+use uring_ssh_testkit::sshd::Sshd;
+use uring_ssh_testkit::util::{config, connect, settle_orphans};
 
 /// Dropping a session mid-transfer with channels open builds no packet:
 /// the session is marked disconnected before libssh2 frees it, so no
@@ -196,7 +194,7 @@ async fn drop_mid_handshake_and_mid_auth_is_immediate() {
 async fn keepalive_detects_a_stopped_server() {
     let sshd = Sshd::start();
     let cfg = config(&sshd).keepalive(Some(Duration::from_secs(1)), 2);
-    let s = common::util::connect_with(&sshd, cfg).await;
+    let s = uring_ssh_testkit::util::connect_with(&sshd, cfg).await;
     let mut ch = s.exec("sleep 60").await.unwrap();
     // Freeze the server's side of this connection: it stays open, silent.
     let pids = sshd.connection_pids();
@@ -316,7 +314,7 @@ async fn wait_reports_the_exit_status_while_a_sibling_streams() {
 async fn keepalive_does_not_end_a_healthy_idle_session() {
     let sshd = Sshd::start();
     let cfg = config(&sshd).keepalive(Some(Duration::from_secs(1)), 1);
-    let s = common::util::connect_with(&sshd, cfg).await;
+    let s = uring_ssh_testkit::util::connect_with(&sshd, cfg).await;
     tokio::time::sleep(Duration::from_millis(3500)).await;
     let mut ch = s.exec("echo alive").await.expect("idle session was ended");
     let mut out = String::new();
@@ -331,7 +329,7 @@ async fn keepalive_does_not_end_a_healthy_idle_session() {
 async fn late_keepalive_ticks_do_not_end_a_healthy_session() {
     let sshd = Sshd::start();
     let cfg = config(&sshd).keepalive(Some(Duration::from_secs(1)), 1);
-    let s = common::util::connect_with(&sshd, cfg).await;
+    let s = uring_ssh_testkit::util::connect_with(&sshd, cfg).await;
     let end = Instant::now() + Duration::from_secs(7);
     while Instant::now() < end {
         tokio::time::sleep(Duration::from_millis(100)).await;

@@ -1,6 +1,6 @@
 //! uring-ssh as a benchmark client: the scenarios of
 //! `benches/peers/src/common.rs` on our API, shared by the comparison
-//! harness (`examples/compare.rs`) and the criterion benches.
+//! harness (`examples/compare/`) and the criterion benches.
 
 use std::net::SocketAddr;
 use std::path::Path;

@@ -57,7 +57,7 @@
 //! | `long-name` | lists a file whose name is 1 MiB long |
 //!
 //! What a correct client must do against each is written beside the
-//! scenario names in the tests' helper (`tests/common/evil.rs`).
+//! scenario names in the tests' helper (`testkit/src/evil.rs`).
 
 mod wire;
 

@@ -18,9 +18,7 @@
 //! `cargo bench -p ussh --bench fleet_vs_peers`. A missing peer is skipped
 //! with a note.
 
-#[path = "../../tests/common/sshd.rs"]
-#[allow(dead_code)]
-mod sshd;
+use uring_ssh_testkit::sshd;
 
 use std::fs;
 use std::path::{Path, PathBuf};

@@ -6,9 +6,7 @@
 //!
 //! `cargo run --release -p ussh --example fleet -- --help` for options.
 
-#[path = "../../tests/common/sshd.rs"]
-#[allow(dead_code)]
-mod sshd;
+use uring_ssh_testkit::sshd;
 
 use std::fs;
 use std::net::TcpListener;

@@ -1,10 +1,6 @@
 //! `ussh` against real sshd processes on loopback: several servers on
 //! different ports, reached under host aliases of a temporary ssh config.
 
-#[allow(dead_code)]
-mod fixture;
-use fixture::sshd;
-
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::Read;
@@ -14,8 +10,8 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant, SystemTime};
 
 use sha2::{Digest, Sha256};
-use sshd::Sshd;
 use tempfile::TempDir;
+use uring_ssh_testkit::sshd::Sshd;
 
 const USSH: &str = env!("CARGO_BIN_EXE_ussh");
 /// GNU time (Debian package `time`, installed by scripts/setup.sh).
@@ -1647,7 +1643,7 @@ fn get_refuses_host_names_that_are_not_one_path_component() {
 /// that none was post-quantum (Dropbear 2022.83 has none), unless told not to.
 #[test]
 fn forty_aliases_of_one_dropbear_all_succeed() {
-    let db = fixture::dropbear::Dropbear::start();
+    let db = uring_ssh_testkit::dropbear::Dropbear::start();
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("ssh_config");
     let mut text = String::new();

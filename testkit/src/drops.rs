@@ -1,10 +1,8 @@
 //! Drop latency of sessions against a loopback OpenSSH server, shared by
 //! `benches/drop_latency.rs` and the comparison harness
-//! (`examples/compare.rs`): sessions connected, authenticated, maybe mid-
+//! (`examples/compare/`): sessions connected, authenticated, maybe mid-
 //! transfer, then dropped; only the drop is timed, and everything the drops
 //! could leave behind is counted afterwards.
-
-#![allow(dead_code)]
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -12,6 +10,8 @@ use std::time::{Duration, Instant};
 
 use tokio::io::AsyncReadExt;
 use uring_ssh::{Config, Session};
+
+use crate::util::settle;
 
 const MIB: usize = 1 << 20;
 
@@ -80,7 +80,7 @@ where
     F: Fn() -> Fut,
     Fut: std::future::Future<Output = (Option<uring_ssh::Channel>, Session)>,
 {
-    let before = settle().await;
+    let before = settle(Duration::from_secs(10)).await;
     let fds_before = open_fds();
     let bytes_before = uring_ssh::libssh2_bytes_outstanding();
     let leaked_before = uring_ssh::leaked_objects();
@@ -104,7 +104,7 @@ where
         orphaned_by_drops += now.saturating_sub(orphaned);
     }
     let wall = started.elapsed();
-    let ring = settle().await;
+    let ring = settle(Duration::from_secs(10)).await;
     let fds_after = open_fds();
     let bytes = uring_ssh::libssh2_bytes_outstanding();
     let blocks = uring_ssh::libssh2_blocks_outstanding();
@@ -158,18 +158,6 @@ async fn session(t: &Target) -> Session {
         .await
         .expect("auth");
     s
-}
-
-/// Waits (bounded, 10 s) until the ring has nothing in flight.
-async fn settle() -> uring_ssh::reactor::Stats {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let r = uring_ssh::reactor::stats().expect("ring");
-        if (r.ops_in_flight == 0 && r.orphaned_outstanding == 0) || Instant::now() > deadline {
-            return r;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
 }
 
 fn open_fds() -> usize {

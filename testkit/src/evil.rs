@@ -4,7 +4,8 @@
 //! transport included, against replies that lie on purpose.
 //!
 //! ```ignore
-//! let server = EvilServer::start(scenario::LINK_THEN_FILE, |_root| {});
+//! let bin = Path::new(env!("CARGO_BIN_EXE_uring-ssh-evil-sftp"));
+//! let server = EvilServer::start(bin, scenario::LINK_THEN_FILE, |_root| {});
 //! let (_session, sftp) = server.sftp().await;
 //! let dest = tempfile::tempdir().unwrap();
 //! let report = bounded(
@@ -21,13 +22,13 @@
 //! every hostile name or link points into [`EvilServer::outside`], an empty
 //! directory that a correct client never writes to.
 //!
-//! Finding the binary: cargo builds it for this package's integration
-//! tests and names it in `CARGO_BIN_EXE_uring-ssh-evil-sftp`
-//! ([`evil_sftp_bin`]). Another package of the workspace (`ussh`) gets no
-//! such variable and cargo does not build it for that package's tests:
-//! build it first (`cargo build [--release] --bin uring-ssh-evil-sftp`),
-//! then take it from the profile directory, the parent of the test
-//! executable's `deps/` directory:
+//! Finding the binary: cargo builds it for uring-ssh's integration tests
+//! and names it in `CARGO_BIN_EXE_uring-ssh-evil-sftp`, which those tests
+//! pass to [`EvilServer::start`]. Another package of the workspace (`ussh`)
+//! gets no such variable and cargo does not build it for that package's
+//! tests: build it first (`cargo build [--release] --bin
+//! uring-ssh-evil-sftp`), then take it from the profile directory, the
+//! parent of the test executable's `deps/` directory:
 //! `std::env::current_exe()?.parent()?.parent()?.join("uring-ssh-evil-sftp")`
 //! (`target/<profile>/deps/<test>-<hash>` -> `target/<profile>/uring-ssh-evil-sftp`).
 
@@ -40,8 +41,8 @@ use tempfile::TempDir;
 use uring_ssh::Session;
 use uring_ssh::sftp::Sftp;
 
-use super::sshd::Sshd;
-use super::util::connect;
+use crate::sshd::Sshd;
+use crate::util::connect;
 
 /// What every injected file contains (the server's `PAYLOAD`).
 pub const PAYLOAD: &[u8] = b"uring-ssh-evil-sftp payload\n";
@@ -168,11 +169,6 @@ pub mod scenario {
     ];
 }
 
-/// The server binary, as cargo built it for this package's tests.
-pub fn evil_sftp_bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_uring-ssh-evil-sftp"))
-}
-
 /// The real files under the server's `/evil`: path below `/evil` and
 /// contents. Besides them `/evil` holds the empty directory `empty`.
 pub fn normal_tree() -> Vec<(&'static str, Vec<u8>)> {
@@ -218,10 +214,10 @@ pub struct EvilServer {
 impl EvilServer {
     /// Creates a root with [`normal_tree`], lets `root_setup` add to it
     /// (it gets the root: `/evil` is `root.join("evil")`), and starts an
-    /// sshd on 127.0.0.1 serving it with `scenario` (see [`scenario`]).
-    pub fn start(scenario: &str, root_setup: impl FnOnce(&Path)) -> EvilServer {
-        let bin = evil_sftp_bin();
-        let list = Command::new(&bin)
+    /// sshd on 127.0.0.1 serving it with `scenario` (see [`scenario`]),
+    /// running the server binary `bin` (see the module's documentation).
+    pub fn start(bin: &Path, scenario: &str, root_setup: impl FnOnce(&Path)) -> EvilServer {
+        let list = Command::new(bin)
             .arg("--list")
             .output()
             .unwrap_or_else(|e| panic!("run {}: {e}", bin.display()));
@@ -251,7 +247,7 @@ impl EvilServer {
 
         let log = base.path().join("evil-sftp.log");
         let command = [
-            bin.as_path(),
+            bin,
             Path::new("--root"),
             &root,
             Path::new("--scenario"),

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
-use super::sshd::{TEST_USER, require_test_user};
+use crate::sshd::{TEST_USER, require_test_user};
 
 /// The Dropbear server binary (Debian's `dropbear-bin`).
 pub const DROPBEAR: &str = "/usr/sbin/dropbear";

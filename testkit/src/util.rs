@@ -7,7 +7,7 @@ use std::time::Duration;
 use sha2::{Digest, Sha256};
 use uring_ssh::{Config, Session, SessionStats};
 
-use super::sshd::Sshd;
+use crate::sshd::Sshd;
 
 /// Strict host-key checking against the fixture's known_hosts.
 pub fn config(sshd: &Sshd) -> Config {
@@ -153,6 +153,22 @@ pub async fn settle_orphans(limit: Duration) -> uring_ssh::reactor::Stats {
     loop {
         let s = uring_ssh::reactor::stats().expect("this thread has a ring");
         if s.orphaned_outstanding == 0 || tokio::time::Instant::now() >= deadline {
+            return s;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Waits (bounded by `limit`) until the ring has nothing in flight and no
+/// orphaned completion outstanding; returns the last counters. Panics on
+/// a thread without a ring.
+pub async fn settle(limit: Duration) -> uring_ssh::reactor::Stats {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let s = uring_ssh::reactor::stats().expect("this thread has a ring");
+        if (s.ops_in_flight == 0 && s.orphaned_outstanding == 0)
+            || tokio::time::Instant::now() >= deadline
+        {
             return s;
         }
         tokio::time::sleep(Duration::from_millis(5)).await;

@@ -1,7 +1,6 @@
 //! What the benchmarks that run OpenSSH's client tools share: their
 //! options, the many-files tool commands, test trees and their comparison,
 //! and the CPU of waited-for child processes.
-#![allow(dead_code)]
 
 use std::path::Path;
 use std::process::{Command, Stdio};

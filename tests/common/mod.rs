@@ -1,8 +1,0 @@
-#![allow(dead_code)]
-//! Shared helpers for the integration tests.
-
-pub mod dropbear;
-pub mod evil;
-pub mod seccomp;
-pub mod sshd;
-pub mod util;
