@@ -1,5 +1,5 @@
 //! What every benchmark client shares: the peer programs of this crate and
-//! uring-ssh's own client in `examples/compare.rs`, which includes this file
+//! uring-ssh's own client in `examples/compare/`, which includes this file
 //! by path. Arguments, the scenario drivers (one for async clients, whose
 //! sessions all run on one thread, one for blocking clients, one OS thread
 //! per session), and the one JSON line each run prints.
