@@ -148,68 +148,8 @@ impl Session {
             check_methods(*kind, prefs)?;
         }
         let reactor = Reactor::current()?;
-        let fd = tcp_socket(addr)?;
-        let done = reactor.connect(&fd, addr, config.connect_timeout).await;
-        match done.raw() {
-            0 => {}
-            r if r == -libc::ECANCELED || r == -libc::ETIME => {
-                return Err(Error::Timeout {
-                    operation: "connect",
-                    after: config.connect_timeout,
-                });
-            }
-            r => {
-                let e = std::io::Error::from_raw_os_error(-r);
-                return Err(Error::Io(std::io::Error::new(
-                    e.kind(),
-                    format!("connect to {addr}: {e}"),
-                )));
-            }
-        }
-        drop(done);
-        let transport = Transport::new(reactor.clone(), fd);
-        // SAFETY: `transport.context` is boxed inside the Rc'd transport, which
-        // the session keeps until after `libssh2_session_free` (SessionInner
-        // frees the session before its fields drop).
-        let raw = unsafe { callbacks::new_session(&*transport.context) };
-        if raw.is_null() {
-            return Err(Error::Ssh {
-                code: ffi::LIBSSH2_ERROR_ALLOC,
-                message: "libssh2_session_init_ex failed".into(),
-            });
-        }
-        let inner = Rc::new_cyclic(|this: &Weak<SessionInner>| {
-            let this = this.clone();
-            let recv_hook: Rc<dyn Fn()> = Rc::new(move || {
-                if let Some(s) = this.upgrade() {
-                    s.retry_deferred();
-                }
-            });
-            SessionInner {
-                raw: Cell::new(raw),
-                transport,
-                config,
-                state: Cell::new(State::Open),
-                auth_lock: tokio::sync::Mutex::new(()),
-                open_lock: tokio::sync::Mutex::new(()),
-                open_abandoned: Cell::new(false),
-                open_kind: Cell::new(OpenKind::Session),
-                auth_abandoned: Cell::new(false),
-                children: Children::new(),
-                deferred_frees: Deferred::new(),
-                retry_scheduled: Cell::new(false),
-                keepalive_op: Cell::new(None),
-                keepalives_unanswered: Cell::new(0),
-                keepalive_sent_at: Cell::new(None),
-                reactor,
-                forwards: crate::forward::Forwards::new(),
-                host_key: RefCell::new(None),
-                recv_hook,
-            }
-        });
-        inner
-            .transport
-            .add_recv_hook(Rc::downgrade(&inner.recv_hook));
+        let fd = tcp_connect(&reactor, addr, config.connect_timeout).await?;
+        let inner = SessionInner::new(Transport::new(reactor.clone(), fd), config, reactor)?;
         inner
             .transport
             .context
@@ -449,6 +389,34 @@ pub(crate) enum OpenKind {
     DirectStreamlocal,
 }
 
+/// A blocking TCP socket connected to `addr` through the reactor, within
+/// `timeout`.
+async fn tcp_connect(
+    reactor: &Rc<Reactor>,
+    addr: SocketAddr,
+    timeout: Duration,
+) -> Result<Rc<SharedFd>> {
+    let fd = tcp_socket(addr)?;
+    let done = reactor.connect(&fd, addr, timeout).await;
+    match done.raw() {
+        0 => {}
+        r if r == -libc::ECANCELED || r == -libc::ETIME => {
+            return Err(Error::Timeout {
+                operation: "connect",
+                after: timeout,
+            });
+        }
+        r => {
+            let e = std::io::Error::from_raw_os_error(-r);
+            return Err(Error::Io(std::io::Error::new(
+                e.kind(),
+                format!("connect to {addr}: {e}"),
+            )));
+        }
+    }
+    Ok(fd)
+}
+
 /// A blocking TCP socket with TCP_NODELAY, owned for the ring.
 fn tcp_socket(addr: SocketAddr) -> Result<Rc<SharedFd>> {
     let domain = if addr.is_ipv4() {
@@ -476,6 +444,54 @@ fn tcp_socket(addr: SocketAddr) -> Result<Rc<SharedFd>> {
 }
 
 impl SessionInner {
+    /// A libssh2 session over `transport`, wired to its callbacks, its
+    /// receive hook registered.
+    fn new(transport: Rc<Transport>, config: Config, reactor: Rc<Reactor>) -> Result<Rc<Self>> {
+        // SAFETY: `transport.context` is boxed inside the Rc'd transport, which
+        // the session keeps until after `libssh2_session_free` (SessionInner
+        // frees the session before its fields drop).
+        let raw = unsafe { callbacks::new_session(&*transport.context) };
+        if raw.is_null() {
+            return Err(Error::Ssh {
+                code: ffi::LIBSSH2_ERROR_ALLOC,
+                message: "libssh2_session_init_ex failed".into(),
+            });
+        }
+        let inner = Rc::new_cyclic(|this: &Weak<SessionInner>| {
+            let this = this.clone();
+            let recv_hook: Rc<dyn Fn()> = Rc::new(move || {
+                if let Some(s) = this.upgrade() {
+                    s.retry_deferred();
+                }
+            });
+            SessionInner {
+                raw: Cell::new(raw),
+                transport,
+                config,
+                state: Cell::new(State::Open),
+                auth_lock: tokio::sync::Mutex::new(()),
+                open_lock: tokio::sync::Mutex::new(()),
+                open_abandoned: Cell::new(false),
+                open_kind: Cell::new(OpenKind::Session),
+                auth_abandoned: Cell::new(false),
+                children: Children::new(),
+                deferred_frees: Deferred::new(),
+                retry_scheduled: Cell::new(false),
+                keepalive_op: Cell::new(None),
+                keepalives_unanswered: Cell::new(0),
+                keepalive_sent_at: Cell::new(None),
+                reactor,
+                forwards: crate::forward::Forwards::new(),
+                host_key: RefCell::new(None),
+                recv_hook,
+            }
+        });
+        inner
+            .transport
+            .add_recv_hook(Rc::downgrade(&inner.recv_hook));
+        Ok(inner)
+    }
+
     /// The libssh2 session, unless it was freed.
     pub(crate) fn raw(&self) -> Result<*mut ffi::LIBSSH2_SESSION> {
         let raw = self.raw.get();
