@@ -164,8 +164,8 @@ impl<P> Deferred<P> {
             let Some(raw) = self.list.borrow().last().copied() else {
                 break;
             };
-            // Any result but EAGAIN means libssh2 freed it; `call` repeats
-            // only on EAGAIN.
+            // `call` repeats only on EAGAIN: any other result means
+            // libssh2 freed it, or the link failed and `session_free` will.
             let _ = session.call(|_| code(free(raw))).await;
             self.list.borrow_mut().retain(|&r| r != raw);
         }
