@@ -3,7 +3,7 @@
 //! over a temporary directory, so that tests drive the whole client,
 //! transport included, against replies that lie on purpose.
 //!
-//! ```ignore
+//! ```text
 //! let bin = Path::new(env!("CARGO_BIN_EXE_uring-ssh-evil-sftp"));
 //! let server = EvilServer::start(bin, scenario::LINK_THEN_FILE, |_root| {});
 //! let (_session, sftp) = server.sftp().await;
