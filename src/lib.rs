@@ -83,6 +83,7 @@ pub mod knownhosts;
 mod localdir;
 mod methods;
 mod mlkem;
+mod pool;
 pub mod reactor;
 mod scp;
 mod session;
@@ -135,6 +136,7 @@ pub use error::{
 pub use forward::{DEFAULT_ACCEPT_QUEUE, Listener, LocalForward, LocalForwardStats};
 pub use knownhosts::{HostKey, HostKeyPolicy};
 pub use methods::{MethodType, Negotiated, is_post_quantum, supported_methods};
+pub use pool::{JoinError, JoinHandle, Pool, PoolConfig};
 pub use scp::{ScpReader, ScpStat, ScpWriter};
 pub use session::{
     Config, DEFAULT_CIPHERS, DEFAULT_CIPHERS_NO_AES, DEFAULT_PACKET, DEFAULT_WINDOW, Session,

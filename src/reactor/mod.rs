@@ -134,6 +134,22 @@ pub struct Stats {
     pub syscalls: u64,
 }
 
+impl std::ops::Add for Stats {
+    type Output = Stats;
+
+    /// Field by field: the counters of several threads together.
+    fn add(self, o: Stats) -> Stats {
+        Stats {
+            sqes_submitted: self.sqes_submitted + o.sqes_submitted,
+            enter_calls: self.enter_calls + o.enter_calls,
+            cqes_reaped: self.cqes_reaped + o.cqes_reaped,
+            ops_in_flight: self.ops_in_flight + o.ops_in_flight,
+            orphaned_outstanding: self.orphaned_outstanding + o.orphaned_outstanding,
+            syscalls: self.syscalls + o.syscalls,
+        }
+    }
+}
+
 /// A completion callback: runs on the driver task, after the ring borrow is released.
 pub(crate) type Callback = Box<dyn FnOnce(Completion)>;
 
