@@ -149,26 +149,28 @@ pub fn open_fds() -> usize {
 /// Waits (bounded) until the ring has reaped the completions of every op
 /// whose owner is gone; returns the last counters.
 pub async fn settle_orphans(limit: Duration) -> uring_ssh::reactor::Stats {
-    let deadline = tokio::time::Instant::now() + limit;
-    loop {
-        let s = uring_ssh::reactor::stats().expect("this thread has a ring");
-        if s.orphaned_outstanding == 0 || tokio::time::Instant::now() >= deadline {
-            return s;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    settle_until(limit, |s| s.orphaned_outstanding == 0).await
 }
 
 /// Waits (bounded by `limit`) until the ring has nothing in flight and no
 /// orphaned completion outstanding; returns the last counters. Panics on
 /// a thread without a ring.
 pub async fn settle(limit: Duration) -> uring_ssh::reactor::Stats {
+    settle_until(limit, |s| {
+        s.ops_in_flight == 0 && s.orphaned_outstanding == 0
+    })
+    .await
+}
+
+/// Polls this thread's reactor counters until `done` holds or `limit` passes.
+async fn settle_until(
+    limit: Duration,
+    done: impl Fn(&uring_ssh::reactor::Stats) -> bool,
+) -> uring_ssh::reactor::Stats {
     let deadline = tokio::time::Instant::now() + limit;
     loop {
         let s = uring_ssh::reactor::stats().expect("this thread has a ring");
-        if (s.ops_in_flight == 0 && s.orphaned_outstanding == 0)
-            || tokio::time::Instant::now() >= deadline
-        {
+        if done(&s) || tokio::time::Instant::now() >= deadline {
             return s;
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
