@@ -46,6 +46,7 @@ mod report;
 mod run;
 mod scenarios;
 mod tcp;
+mod threads;
 
 use client::Args;
 use opts::Opts;
@@ -74,6 +75,7 @@ fn client_main(a: Args) {
     client::raise_nofile();
     let f = match a.scenario.as_str() {
         "tcp-read" | "tcp-write" => tcp::tcp_client(&a),
+        _ if a.threads > 0 => threads::on_pool(&a),
         _ => {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()

@@ -34,6 +34,9 @@ pub struct Job {
     pub how: How,
     /// Client options of this row only.
     pub extra: Vec<String>,
+    /// The cores the row's client may use when pinning (`taskset -c`);
+    /// `None`: core 0, the sshd on core 1.
+    pub cores: Option<&'static str>,
 }
 
 /// What a case checks after each run, and what it cleans before.
@@ -121,6 +124,7 @@ impl Ctx {
                 env: vec![("URING_SSH_BACKEND", "io_uring")],
             },
             extra: Vec::new(),
+            cores: None,
         }
     }
 
@@ -132,6 +136,7 @@ impl Ctx {
                 env: vec![("URING_SSH_BACKEND", "poll")],
             },
             extra: Vec::new(),
+            cores: None,
         }
     }
 
@@ -143,6 +148,7 @@ impl Ctx {
                 env: Vec::new(),
             },
             extra: Vec::new(),
+            cores: None,
         }
     }
 
@@ -166,6 +172,7 @@ impl Ctx {
                 count,
             },
             extra: Vec::new(),
+            cores: None,
         }
     }
 
@@ -173,7 +180,7 @@ impl Ctx {
     pub fn command(&self, job: &Job, args: &[String], counted: Option<&Path>) -> Command {
         let mut argv: Vec<String> = Vec::new();
         if self.pin {
-            argv.extend(["taskset", "-c", "0"].map(String::from));
+            argv.extend(["taskset", "-c", job.cores.unwrap_or("0")].map(String::from));
         }
         if let (Some(out), Some(tool)) = (counted, self.counter) {
             match tool {

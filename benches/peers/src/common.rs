@@ -17,6 +17,12 @@
 //! * `tree`: every file under the remote directory `--remote` fetched into
 //!   `--local`, over `--sessions N` sessions where the client can share
 //!   work between sessions (else one).
+//!
+//! `--threads T` (async clients, `read`/`write` only): the sessions spread
+//! over T threads instead of one — a multi-thread runtime with T workers
+//! for the peers, a pool of T ring threads for uring-ssh. `--via handle`
+//! (uring-ssh only): every channel driven through the `Send` session
+//! handle from tasks of a multi-thread runtime.
 #![allow(dead_code, async_fn_in_trait)]
 
 use std::collections::BTreeMap;
@@ -54,6 +60,10 @@ pub struct Args {
     pub remote: String,
     /// Local path (`sftp-*`, `tree`).
     pub local: String,
+    /// Threads the sessions spread over; 0: one current-thread runtime.
+    pub threads: usize,
+    /// How uring-ssh drives its sessions: `native` or `handle`.
+    pub via: String,
 }
 
 /// The key exchange every client pins unless `--kex` says otherwise.
@@ -80,6 +90,8 @@ pub fn parse_args(mut it: impl Iterator<Item = String>) -> Args {
         count: 1,
         remote: String::new(),
         local: String::new(),
+        threads: 0,
+        via: "native".into(),
     };
     while let Some(k) = it.next() {
         let v = it.next().unwrap_or_else(|| panic!("{k} needs a value"));
@@ -98,6 +110,8 @@ pub fn parse_args(mut it: impl Iterator<Item = String>) -> Args {
             "--count" => a.count = num(&v).max(1),
             "--remote" => a.remote = v,
             "--local" => a.local = v,
+            "--threads" => a.threads = num(&v),
+            "--via" => a.via = v,
             other => panic!("unknown option {other}"),
         }
     }
@@ -285,7 +299,8 @@ pub trait AsyncPeer {
     }
 }
 
-async fn connect_many<P: AsyncPeer>(a: &Args, n: usize) -> Vec<P::Session> {
+/// `n` authenticated sessions, connected `CONNECT_BATCH` at a time.
+pub async fn connect_many<P: AsyncPeer>(a: &Args, n: usize) -> Vec<P::Session> {
     let mut v = Vec::with_capacity(n);
     while v.len() < n {
         let k = CONNECT_BATCH.min(n - v.len());
@@ -373,6 +388,52 @@ pub async fn run_async<P: AsyncPeer>(a: &Args) -> Figures {
         }
         other => panic!("scenario {other} not supported by this client"),
     }
+}
+
+/// `read`/`write` with `a.sessions` sessions on a multi-thread runtime of
+/// `a.threads` workers, one task per channel: `connect` makes a session on
+/// a worker, `transfer(session, args, write)` moves one channel's bytes.
+/// Timed, like [`run_async`], once every session is authenticated.
+pub fn run_multi_thread<S, C, CF, T, TF>(a: &Args, connect: C, transfer: T) -> Figures
+where
+    S: Send + Sync + 'static,
+    C: Fn(Args) -> CF,
+    CF: std::future::Future<Output = S> + Send + 'static,
+    T: Fn(std::sync::Arc<S>, Args, bool) -> TF,
+    TF: std::future::Future<Output = ()> + Send + 'static,
+{
+    assert!(
+        matches!(a.scenario.as_str(), "read" | "write"),
+        "--threads runs read or write only"
+    );
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(a.threads.max(1))
+        .enable_all()
+        .build()
+        .expect("multi-thread runtime");
+    rt.block_on(async {
+        let mut sessions = Vec::with_capacity(a.sessions);
+        while sessions.len() < a.sessions {
+            let k = CONNECT_BATCH.min(a.sessions - sessions.len());
+            let batch: Vec<_> = (0..k).map(|_| tokio::spawn(connect(a.clone()))).collect();
+            for t in batch {
+                sessions.push(std::sync::Arc::new(t.await.expect("connect task")));
+            }
+        }
+        let m = Meter::start(Vec::new());
+        let write = a.scenario == "write";
+        let tasks: Vec<_> = sessions
+            .iter()
+            .flat_map(|s| {
+                (0..a.channels).map(|_| tokio::spawn(transfer(s.clone(), a.clone(), write)))
+            })
+            .collect();
+        for t in tasks {
+            t.await.expect("transfer task");
+        }
+        let total = a.bytes() * (a.sessions * a.channels) as u64;
+        m.finish(total, Vec::new())
+    })
 }
 
 async fn idle<S>(a: &Args, connect: impl std::future::Future<Output = Vec<S>>) -> Figures {

@@ -10,6 +10,7 @@ pub mod sessions;
 pub mod sftp_file;
 pub mod sftp_tree;
 pub mod stream;
+pub mod threads;
 
 use crate::opts::Opts;
 use crate::run::{Case, Check, Ctx, Job};
@@ -42,6 +43,11 @@ const SCENARIOS: &[Scenario] = &[
         number: 3,
         per_cipher: true,
         cases: channels::cases,
+    },
+    Scenario {
+        number: 10,
+        per_cipher: true,
+        cases: threads::cases,
     },
     Scenario {
         number: 9,

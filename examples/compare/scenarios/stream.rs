@@ -16,6 +16,7 @@ pub fn cases(o: &Opts, ctx: &Ctx, cipher: &str) -> Vec<Case> {
         client: format!("ceiling: openssl speed -evp {short}"),
         how: How::Fixed(f),
         extra: Vec::new(),
+        cores: None,
     });
     let mut cases = Vec::new();
     for (mib, counted) in [(o.big(), false), (o.pick(256, 16).min(o.big()), true)] {

@@ -1,12 +1,11 @@
 //! russh 0.65 (pure Rust, tokio) with russh-sftp for the SFTP scenarios;
-//! every session on one current-thread runtime: see `common.rs`.
+//! every session on one current-thread runtime (or, with `--threads`, a
+//! multi-thread one): see `common.rs`.
 #[path = "../common.rs"]
 mod common;
 
 use std::borrow::Cow;
-use std::cell::RefCell;
 use std::path::Path;
-use std::rc::Rc;
 use std::sync::Arc;
 
 use common::{Args, AsyncPeer, BUF};
@@ -30,19 +29,19 @@ impl client::Handler for Client {
 /// A session and, once a scenario needs one, its SFTP client.
 struct Conn {
     h: client::Handle<Client>,
-    sftp: RefCell<Option<Rc<SftpSession>>>,
+    sftp: tokio::sync::OnceCell<Arc<SftpSession>>,
 }
 
 impl Conn {
-    async fn sftp(&self) -> Rc<SftpSession> {
-        if let Some(s) = self.sftp.borrow().as_ref() {
-            return s.clone();
-        }
-        let ch = self.h.channel_open_session().await.expect("channel");
-        ch.request_subsystem(true, "sftp").await.expect("subsystem");
-        let s = Rc::new(SftpSession::new(ch.into_stream()).await.expect("sftp"));
-        *self.sftp.borrow_mut() = Some(s.clone());
-        s
+    async fn sftp(&self) -> Arc<SftpSession> {
+        self.sftp
+            .get_or_init(|| async {
+                let ch = self.h.channel_open_session().await.expect("channel");
+                ch.request_subsystem(true, "sftp").await.expect("subsystem");
+                Arc::new(SftpSession::new(ch.into_stream()).await.expect("sftp"))
+            })
+            .await
+            .clone()
     }
 }
 
@@ -83,7 +82,7 @@ impl AsyncPeer for Russh {
         assert!(r.success(), "auth refused");
         Conn {
             h,
-            sftp: RefCell::new(None),
+            sftp: Default::default(),
         }
     }
 
@@ -142,8 +141,27 @@ impl AsyncPeer for Russh {
     }
 }
 
-#[tokio::main(flavor = "current_thread")]
-async fn main() {
+fn main() {
     common::raise_nofile();
-    common::report(&common::run_async::<Russh>(&common::args()).await);
+    let a = common::args();
+    let f = if a.threads > 0 {
+        common::run_multi_thread(
+            &a,
+            |a| async move { Russh::connect(&a).await },
+            |s, a, write| async move {
+                if write {
+                    Russh::write(&s, &a).await
+                } else {
+                    Russh::read(&s, &a).await
+                }
+            },
+        )
+    } else {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime")
+            .block_on(common::run_async::<Russh>(&a))
+    };
+    common::report(&f);
 }
