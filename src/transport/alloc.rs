@@ -1,7 +1,7 @@
 //! libssh2's memory: the allocator handed to `libssh2_session_init_ex`.
 //!
 //! Every block is counted (bytes and blocks, per session and over the
-//! process), so leaks are measured rather than guessed; packet-sized blocks
+//! process, the latter in per-thread parts summed on reading), so leaks are measured rather than guessed; packet-sized blocks
 //! are cached for the session's next packets; the session's own block is
 //! mapped as fresh zero pages, resident only where libssh2 writes.
 
@@ -9,23 +9,102 @@ use std::cell::{Cell, RefCell};
 use std::os::raw::{c_char, c_void};
 use std::panic::catch_unwind;
 use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use super::callbacks::context;
 
-/// Bytes and blocks libssh2 holds right now, over all sessions.
-static GLOBAL_BYTES: AtomicI64 = AtomicI64::new(0);
-static GLOBAL_BLOCKS: AtomicI64 = AtomicI64::new(0);
+/// One thread's part of the process-wide counts. Only its own thread
+/// writes it (sessions never leave their thread), on a cache line of its
+/// own: counting every libssh2 allocation costs no shared, contended line
+/// however many threads run sessions. Readers sum every part.
+#[derive(Default)]
+#[repr(align(64))]
+struct ThreadCounts {
+    bytes: AtomicI64,
+    blocks: AtomicI64,
+}
+
+impl ThreadCounts {
+    /// Adds to this thread's counts; a plain load and store, as no other
+    /// thread writes them.
+    fn add(&self, bytes: i64, blocks: i64) {
+        let (b, k) = (&self.bytes, &self.blocks);
+        b.store(b.load(Ordering::Relaxed) + bytes, Ordering::Relaxed);
+        k.store(k.load(Ordering::Relaxed) + blocks, Ordering::Relaxed);
+    }
+}
+
+/// The parts of live threads, and what exited threads left (their parts
+/// folded in at exit, under the same lock readers take).
+struct Census {
+    live: Vec<Arc<ThreadCounts>>,
+    exited: (i64, i64),
+}
+
+static CENSUS: Mutex<Census> = Mutex::new(Census {
+    live: Vec::new(),
+    exited: (0, 0),
+});
+
+fn census() -> std::sync::MutexGuard<'static, Census> {
+    CENSUS.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A thread's registration; folds its counts into the census at exit.
+struct Registered(Arc<ThreadCounts>);
+
+impl Registered {
+    fn new() -> Registered {
+        let counts = Arc::new(ThreadCounts::default());
+        census().live.push(counts.clone());
+        Registered(counts)
+    }
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        let mut c = census();
+        c.live.retain(|p| !Arc::ptr_eq(p, &self.0));
+        c.exited.0 += self.0.bytes.load(Ordering::Relaxed);
+        c.exited.1 += self.0.blocks.load(Ordering::Relaxed);
+    }
+}
+
+thread_local! {
+    static THIS_THREAD: Registered = Registered::new();
+}
+
+/// Counts `bytes` and `blocks` for the process, on this thread's part (or,
+/// while the thread is exiting, straight into the census).
+fn count_globally(bytes: i64, blocks: i64) {
+    if THIS_THREAD.try_with(|r| r.0.add(bytes, blocks)).is_err() {
+        let mut c = census();
+        c.exited.0 += bytes;
+        c.exited.1 += blocks;
+    }
+}
+
+/// (bytes, blocks) over every thread.
+fn global_counts() -> (i64, i64) {
+    let c = census();
+    c.live.iter().fold(c.exited, |(b, k), p| {
+        (
+            b + p.bytes.load(Ordering::Relaxed),
+            k + p.blocks.load(Ordering::Relaxed),
+        )
+    })
+}
 
 /// Bytes libssh2 has allocated through our allocator and not freed, over all
 /// sessions of the process.
 pub fn libssh2_bytes_outstanding() -> i64 {
-    GLOBAL_BYTES.load(Ordering::Relaxed)
+    global_counts().0
 }
 
 /// Blocks libssh2 has allocated through our allocator and not freed, over all
 /// sessions of the process.
 pub fn libssh2_blocks_outstanding() -> i64 {
-    GLOBAL_BLOCKS.load(Ordering::Relaxed)
+    global_counts().1
 }
 
 /// One session's allocator state.
@@ -69,8 +148,7 @@ impl BlockAllocator {
     fn account(&self, bytes: i64, blocks: i64) {
         self.bytes.set(self.bytes.get() + bytes);
         self.blocks.set(self.blocks.get() + blocks);
-        GLOBAL_BYTES.fetch_add(bytes, Ordering::Relaxed);
-        GLOBAL_BLOCKS.fetch_add(blocks, Ordering::Relaxed);
+        count_globally(bytes, blocks);
     }
 
     /// Copies `data` (plus a NUL) into a block from this session's allocator,
