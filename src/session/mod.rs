@@ -149,6 +149,43 @@ impl Session {
         }
         let reactor = Reactor::current()?;
         let fd = tcp_connect(&reactor, addr, config.connect_timeout).await?;
+        Self::connect_over(reactor, fd, host, addr.port(), config).await
+    }
+
+    /// Runs SSH over `stream`, a connected stream socket of any family
+    /// (TCP, a Unix socket, one end of a `socketpair` whose other end a
+    /// proxy command or a relay holds), which the session owns from here
+    /// on; `host` and `port` are what known_hosts is searched for. The
+    /// socket is put in blocking mode: the reactor's operations wait on it,
+    /// nothing else does.
+    ///
+    /// Bastions without a TCP path of their own reach a host this way: a
+    /// `ProxyCommand` such as `ssh -W %h:%p bastion` is given one end of a
+    /// `socketpair` as its stdin and stdout, the session the other.
+    ///
+    /// Fails with [`Error::Io`] when `stream` is not a stream socket.
+    pub async fn connect_stream(
+        stream: std::os::fd::OwnedFd,
+        host: &str,
+        port: u16,
+        config: Config,
+    ) -> Result<Session> {
+        for (kind, prefs) in &config.methods {
+            check_methods(*kind, prefs)?;
+        }
+        let reactor = Reactor::current()?;
+        let fd = stream_socket(stream)?;
+        Self::connect_over(reactor, fd, host, port, config).await
+    }
+
+    /// Handshake and host-key check over a connected socket.
+    async fn connect_over(
+        reactor: Rc<Reactor>,
+        fd: Rc<SharedFd>,
+        host: &str,
+        port: u16,
+        config: Config,
+    ) -> Result<Session> {
         let inner = SessionInner::new(Transport::new(reactor.clone(), fd), config, reactor)?;
         inner
             .transport
@@ -156,7 +193,7 @@ impl Session {
             .agent_timeout
             .set(inner.config.timeout);
         inner.apply_config()?;
-        inner.prefer_known_host_key_types(host, addr.port())?;
+        inner.prefer_known_host_key_types(host, port)?;
         inner
             .with_timeout("handshake", async {
                 inner
@@ -177,7 +214,7 @@ impl Session {
         knownhosts::verify(
             inner.raw()?,
             host,
-            addr.port(),
+            port,
             &key,
             inner.config.known_hosts.as_deref(),
             inner.config.host_key_policy,
@@ -415,6 +452,57 @@ async fn tcp_connect(
         }
     }
     Ok(fd)
+}
+
+/// `stream`, checked to be a stream socket and made blocking, owned for
+/// the ring.
+fn stream_socket(stream: std::os::fd::OwnedFd) -> Result<Rc<SharedFd>> {
+    use std::os::fd::{AsRawFd, IntoRawFd};
+    let raw = stream.as_raw_fd();
+    let mut kind: c_int = 0;
+    let mut len = std::mem::size_of::<c_int>() as libc::socklen_t;
+    // SAFETY: `raw` is open (owned by `stream`); `kind` and `len` are ours.
+    let rc = unsafe {
+        libc::getsockopt(
+            raw,
+            libc::SOL_SOCKET,
+            libc::SO_TYPE,
+            &mut kind as *mut c_int as *mut libc::c_void,
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(Error::Io(std::io::Error::new(
+            e.kind(),
+            format!("the stream given to connect_stream is not a socket: {e}"),
+        )));
+    }
+    if kind != libc::SOCK_STREAM {
+        return Err(Error::Io(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "the socket given to connect_stream is not a stream socket",
+        )));
+    }
+    // SAFETY: fcntl on the open fd `raw`.
+    let flags = unsafe { libc::fcntl(raw, libc::F_GETFL) };
+    // SAFETY: as above; clearing O_NONBLOCK only.
+    if flags < 0 || unsafe { libc::fcntl(raw, libc::F_SETFL, flags & !libc::O_NONBLOCK) } < 0 {
+        return Err(Error::Io(std::io::Error::last_os_error()));
+    }
+    // TCP_NODELAY where it applies; other families refuse it, harmlessly.
+    let one: c_int = 1;
+    // SAFETY: setsockopt on the open fd `raw` with a c_int we own.
+    unsafe {
+        libc::setsockopt(
+            raw,
+            libc::IPPROTO_TCP,
+            libc::TCP_NODELAY,
+            &one as *const c_int as *const libc::c_void,
+            std::mem::size_of::<c_int>() as libc::socklen_t,
+        )
+    };
+    Ok(SharedFd::new(stream.into_raw_fd()))
 }
 
 /// A blocking TCP socket with TCP_NODELAY, owned for the ring.
