@@ -65,7 +65,7 @@ pub struct Common {
     /// Do not use the ssh-agent.
     #[arg(long)]
     pub no_agent: bool,
-    /// Hosts worked on at once.
+    /// Hosts worked on at once, over all threads.
     #[arg(
         short = 'j',
         long = "parallel",
