@@ -5,7 +5,8 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 /// Run commands on, and move files to and from, many SSH hosts at once,
-/// all from one thread (no ssh or scp processes).
+/// from a few threads with an io_uring ring each (no ssh or scp
+/// processes).
 ///
 /// Exit status: 0 if every host succeeded, 1 if any host failed (could not
 /// connect or authenticate, a command exited non-zero or was killed, a file
@@ -64,7 +65,7 @@ pub struct Common {
     /// Do not use the ssh-agent.
     #[arg(long)]
     pub no_agent: bool,
-    /// Hosts worked on at once.
+    /// Hosts worked on at once, over all threads.
     #[arg(
         short = 'j',
         long = "parallel",
@@ -72,6 +73,12 @@ pub struct Common {
         default_value_t = 256
     )]
     pub parallel: usize,
+    /// Threads the hosts are spread over, each with its own ring: a host
+    /// starts on the thread with the fewest hosts running and stays there.
+    /// Default: one per CPU this process may run on, and never more than
+    /// there are hosts. -j and --per-address count over all threads.
+    #[arg(long, value_name = "N")]
+    pub threads: Option<usize>,
     /// Seconds allowed for the TCP connect and the whole SSH handshake
     /// (overrides ConnectTimeout; default 30: a loaded server may take
     /// seconds to finish many key exchanges at once).

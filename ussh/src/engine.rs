@@ -2,24 +2,26 @@
 //! move the files, and say what happened. Every failure ends up in the
 //! host's [`Outcome`]; nothing here stops another host.
 
-use std::cell::{Cell, RefCell};
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::Semaphore;
 use uring_ssh::sftp::{
-    self, Progress, Sftp, TransferItem, TransferOptions, TransferReport, download_tree_over,
-    upload_tree_over,
+    self, LinkPolicy, Progress, Sftp, TransferItem, TransferOptions, TransferReport,
+    download_tree_over, upload_tree_over,
 };
 use uring_ssh::{Config, Error, MethodType, Session};
 
-use crate::ui::Ui;
+use crate::ui::HostUi;
 
 /// Everything needed to reach one host.
 #[derive(Debug, Clone)]
@@ -98,19 +100,50 @@ pub const STREAM_LINE_CAP: usize = 64 << 10;
 /// What ends each piece of a streamed line that was cut.
 pub const LINE_CONTINUES: &[u8] = b" [line continues]";
 
-/// Settings shared by every host.
-#[derive(Clone)]
+/// Settings shared by every host, on whichever thread it runs.
+#[derive(Debug, Clone)]
 pub struct Job {
     /// The work.
     pub op: Op,
-    /// Transfer settings (progress callback set per host).
-    pub transfer: TransferOptions,
+    /// Transfer settings.
+    pub transfer: Transfer,
     /// Retries after connection-level failures.
     pub retries: u32,
     /// Bound of a host's whole job.
     pub timeout: Option<Duration>,
-    /// Bounds the unauthenticated connections per server address.
-    pub pacing: Rc<Pacing>,
+    /// Bounds the unauthenticated connections per server address, over
+    /// all threads.
+    pub pacing: Arc<Pacing>,
+}
+
+/// The transfer settings of `get` and `put`: each host builds its
+/// [`TransferOptions`] from them on its own thread, since their progress
+/// callback cannot cross threads.
+#[derive(Debug, Clone, Copy)]
+pub struct Transfer {
+    /// Skip files whose size and modification time match.
+    pub skip_unchanged: bool,
+    /// Keep times and permission bits.
+    pub preserve: bool,
+    /// Symbolic links in remote trees.
+    pub links: LinkPolicy,
+    /// Follow local links leading out of a pushed directory.
+    pub follow_external_links: bool,
+    /// Local files open at once per host.
+    pub max_open_files: usize,
+}
+
+impl Default for Transfer {
+    fn default() -> Self {
+        let o = TransferOptions::default();
+        Transfer {
+            skip_unchanged: o.skip_unchanged,
+            preserve: o.preserve,
+            links: o.links,
+            follow_external_links: o.follow_external_links,
+            max_open_files: o.max_open_files,
+        }
+    }
 }
 
 /// One gate per server address: at most `per_address` connections of ours
@@ -121,7 +154,7 @@ pub struct Job {
 #[derive(Debug)]
 pub struct Pacing {
     per_address: usize,
-    gates: RefCell<HashMap<(String, u16), Rc<Semaphore>>>,
+    gates: Mutex<HashMap<(String, u16), Arc<Semaphore>>>,
 }
 
 impl Pacing {
@@ -129,7 +162,7 @@ impl Pacing {
     pub fn new(per_address: usize) -> Pacing {
         Pacing {
             per_address: per_address.max(1),
-            gates: RefCell::new(HashMap::new()),
+            gates: Mutex::new(HashMap::new()),
         }
     }
 
@@ -137,11 +170,12 @@ impl Pacing {
     async fn enter(&self, host: &str, port: u16) -> Turn {
         let gate = self
             .gates
-            .borrow_mut()
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
             .entry((host.to_string(), port))
-            .or_insert_with(|| Rc::new(Semaphore::new(self.per_address)))
+            .or_insert_with(|| Arc::new(Semaphore::new(self.per_address)))
             .clone();
-        // Rc'd semaphores are never closed: acquire cannot fail.
+        // The gates' semaphores are never closed: acquire cannot fail.
         let permit = gate.acquire().await.expect("gate never closed");
         permit.forget();
         Turn(gate)
@@ -149,7 +183,7 @@ impl Pacing {
 }
 
 /// A turn at a [`Pacing`] gate, given back on drop.
-pub struct Turn(Rc<Semaphore>);
+pub struct Turn(Arc<Semaphore>);
 
 impl Drop for Turn {
     fn drop(&mut self) {
@@ -214,13 +248,15 @@ pub struct Outcome {
     pub kex: Option<String>,
     /// Collected stdout (exec; shared between hosts of identical output
     /// once they are done).
-    pub stdout: Rc<Captured>,
+    pub stdout: Arc<Captured>,
     /// Collected stderr (exec, JSON).
     pub stderr: Captured,
     /// The file stdout went to (exec with an output directory).
     pub stdout_file: Option<PathBuf>,
     /// The file stderr went to (exec with an error directory).
     pub stderr_file: Option<PathBuf>,
+    /// The pool thread the host ran on (`None`: it never started).
+    pub thread: Option<usize>,
 }
 
 /// The start of one output stream of a command, up to a cap.
@@ -271,10 +307,11 @@ impl Outcome {
             error: None,
             attempts: 0,
             kex: None,
-            stdout: Rc::default(),
+            stdout: Arc::default(),
             stderr: Captured::default(),
             stdout_file: None,
             stderr_file: None,
+            thread: None,
         }
     }
 }
@@ -305,7 +342,7 @@ fn secs(d: Duration) -> String {
 
 /// Runs `job` on the host of `plan`; never fails, the outcome says how it
 /// went. `phase` tells a whole-job timeout what was going on.
-pub async fn run_host(plan: &Plan, job: &Job, ui: &Rc<Ui>) -> Outcome {
+pub async fn run_host(plan: &Plan, job: &Job, ui: &HostUi) -> Outcome {
     let start = Instant::now();
     let phase = Cell::new("connecting");
     let mut out = Outcome::new(&plan.label, Status::Error);
@@ -332,7 +369,7 @@ pub async fn run_host(plan: &Plan, job: &Job, ui: &Rc<Ui>) -> Outcome {
 async fn run_inner(
     plan: &Plan,
     job: &Job,
-    ui: &Rc<Ui>,
+    ui: &HostUi,
     phase: &Cell<&'static str>,
     out: &mut Outcome,
 ) -> Result<(), String> {
@@ -682,8 +719,7 @@ fn utf8_cut(b: &[u8]) -> usize {
 enum Sink<'a> {
     /// Printed as `host: line`, long lines in pieces.
     Lines {
-        ui: &'a Ui,
-        label: &'a str,
+        ui: &'a HostUi,
         stderr: bool,
         split: LineSplitter,
         text: Vec<u8>,
@@ -695,18 +731,17 @@ enum Sink<'a> {
 }
 
 impl Sink<'_> {
-    fn feed(&mut self, data: &[u8]) -> Result<(), String> {
+    async fn feed(&mut self, data: &[u8]) -> Result<(), String> {
         match self {
             Sink::Lines {
                 ui,
-                label,
                 stderr,
                 split,
                 text,
             } => {
                 split.feed(data, text);
                 if !text.is_empty() {
-                    ui.host_lines(label, text, *stderr);
+                    ui.host_lines(text, *stderr).await;
                     text.clear();
                 }
             }
@@ -719,18 +754,17 @@ impl Sink<'_> {
     }
 
     /// Flushes the last line; what was kept.
-    fn finish(self) -> Captured {
+    async fn finish(self) -> Captured {
         match self {
             Sink::Lines {
                 ui,
-                label,
                 stderr,
                 mut split,
                 mut text,
             } => {
                 split.finish(&mut text);
                 if !text.is_empty() {
-                    ui.host_lines(label, &text, stderr);
+                    ui.host_lines(&text, stderr).await;
                 }
                 Captured::default()
             }
@@ -755,9 +789,9 @@ async fn pump<R: AsyncRead + Unpin>(
         if n == 0 {
             break;
         }
-        sink.feed(&buf[..n])?;
+        sink.feed(&buf[..n]).await?;
     }
-    Ok(sink.finish())
+    Ok(sink.finish().await)
 }
 
 /// Where a host's stdout and stderr go: files when the output directories
@@ -768,7 +802,7 @@ fn exec_sinks<'a>(
     plan: &'a Plan,
     collect: bool,
     output: &ExecOutput,
-    ui: &'a Ui,
+    ui: &'a HostUi,
     out: &mut Outcome,
 ) -> Result<(Sink<'a>, Sink<'a>), String> {
     let sink = |dir: &Option<PathBuf>, keep: bool, is_err: bool| -> Result<Sink<'a>, String> {
@@ -783,7 +817,6 @@ fn exec_sinks<'a>(
             },
             None => Sink::Lines {
                 ui,
-                label: &plan.label,
                 stderr: is_err,
                 split: LineSplitter::new(output.line_cap),
                 text: Vec::new(),
@@ -822,7 +855,7 @@ async fn exec(
     .await;
     let (o, e) = (ro?, re?);
     let st = ch.wait().await.map_err(|e| fail("waiting for exit", e))?;
-    out.stdout = Rc::new(o);
+    out.stdout = Arc::new(o);
     out.stderr = e;
     out.exit_code = Some(st.code);
     out.signal = st.signal.clone();
@@ -856,15 +889,22 @@ fn base_name(p: &Path) -> PathBuf {
 }
 
 /// Transfer options for one host, with its progress feeding the totals.
-fn host_options(job: &Job, ui: &Rc<Ui>) -> TransferOptions {
-    let mut o = job.transfer.clone();
-    let ui = ui.clone();
+fn host_options(job: &Job, ui: &HostUi) -> TransferOptions {
+    let t = &job.transfer;
+    let bytes = ui.bytes();
     let last = Cell::new(0u64);
-    o.progress = Some(Rc::new(move |p: &Progress| {
-        let prev = last.replace(p.bytes_done);
-        ui.add_bytes(p.bytes_done.saturating_sub(prev));
-    }));
-    o
+    TransferOptions {
+        skip_unchanged: t.skip_unchanged,
+        preserve: t.preserve,
+        links: t.links,
+        follow_external_links: t.follow_external_links,
+        max_open_files: t.max_open_files,
+        progress: Some(Rc::new(move |p: &Progress| {
+            let prev = last.replace(p.bytes_done);
+            bytes.fetch_add(p.bytes_done.saturating_sub(prev), Ordering::Relaxed);
+        })),
+        ..TransferOptions::default()
+    }
 }
 
 async fn get(
@@ -872,7 +912,7 @@ async fn get(
     remotes: &[PathBuf],
     root: &Path,
     job: &Job,
-    ui: &Rc<Ui>,
+    ui: &HostUi,
 ) -> TransferReport {
     let mut total = TransferReport::default();
     if let Err(e) = std::fs::create_dir_all(root) {
@@ -920,7 +960,7 @@ async fn put(
     locals: &[PathBuf],
     root: &Path,
     job: &Job,
-    ui: &Rc<Ui>,
+    ui: &HostUi,
 ) -> TransferReport {
     let mut total = TransferReport::default();
     let mut items = Vec::new();

@@ -1,5 +1,7 @@
 //! `ussh`: run a command on, fetch files from, or push files to many SSH
-//! hosts at once, all sessions on one thread over the `uring-ssh` library.
+//! hosts at once over the `uring-ssh` library: the hosts' sessions spread
+//! over the threads of a [`Pool`], each with its own ring, and the main
+//! thread printing what they report.
 
 mod cli;
 mod engine;
@@ -9,24 +11,30 @@ use std::collections::BTreeMap;
 use std::collections::HashSet;
 use std::io::{IsTerminal, Read};
 use std::path::PathBuf;
-use std::rc::Rc;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
+use futures_util::FutureExt;
 use futures_util::stream::{FuturesUnordered, StreamExt};
-use uring_ssh::sftp::{LinkPolicy, TransferOptions};
-use uring_ssh::{Config, HostKeyPolicy, MethodType};
+use tokio::sync::mpsc;
+use uring_ssh::sftp::LinkPolicy;
+use uring_ssh::{Config, HostKeyPolicy, MethodType, Pool, PoolConfig};
 use ussh::hosts::{self, Shard, Target};
 use ussh::sshconfig::{self, SshConfig, StrictMode};
 
 use cli::{Cli, Cmd, Common, LinksArg};
-use engine::{Captured, ExecOutput, Job, Op, Outcome, Plan, Status};
-use ui::Ui;
+use engine::{Captured, ExecOutput, Job, Op, Outcome, Plan, Status, Transfer};
+use ui::{HostLines, Ui};
 
 /// Exit code for bad input.
 const EXIT_USAGE: i32 = 2;
 /// Exit code after Ctrl-C.
 const EXIT_INTERRUPTED: i32 = 130;
+/// Messages of output lines waiting for the main thread to print them: a
+/// few, so that a host printing faster than its output is read waits
+/// instead of piling up its output in memory.
+const LINES_QUEUE: usize = 16;
 
 fn main() {
     let cli = Cli::parse();
@@ -178,9 +186,12 @@ async fn run(cli: Cli) -> i32 {
         return usage_error(&e);
     }
 
+    if common.threads == Some(0) {
+        return usage_error("--threads: at least 1");
+    }
     let parallel = common.parallel.max(1);
     let nofile = raise_nofile_limit();
-    let mut transfer = TransferOptions::default();
+    let mut transfer = Transfer::default();
     if let Some((update, preserve)) = transfer_opts {
         transfer.skip_unchanged = update;
         transfer.preserve = preserve || update;
@@ -196,25 +207,38 @@ async fn run(cli: Cli) -> i32 {
         transfer,
         retries: common.retries,
         timeout: common.timeout.map(Duration::from_secs_f64),
-        pacing: Rc::new(engine::Pacing::new(common.per_address)),
+        pacing: Arc::new(engine::Pacing::new(common.per_address)),
+    };
+    // More threads than hosts would only start idle rings.
+    let threads = common.threads.unwrap_or_else(allowed_cpus).min(plans.len());
+    let pool = match Pool::new(PoolConfig::new().threads(threads)) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("ussh: cannot start the threads: {}", engine::describe(&e));
+            return 1;
+        }
     };
 
-    let ui = Rc::new(Ui::new(
+    let ui = Ui::new(
         plans.len(),
         transfer_opts.is_some(),
         common.quiet,
         common.json,
-    ));
+    );
+    ui.set_threads(threads);
     if let Op::Put { locals, .. } = &job.op {
         let per_host: u64 = locals.iter().map(|p| local_bytes(p)).sum();
         ui.set_total_bytes(per_host * plans.len() as u64);
     }
-    let (outcomes, interrupted) = run_all(&plans, &job, &ui, parallel).await;
+    let (outcomes, interrupted) = run_all(&plans, Arc::new(job), &ui, parallel, pool).await;
     ui.clear();
     if gather {
         ui::print_gathered(&outcomes);
     }
     ui::print_summary(name, &outcomes, transfer_opts.is_some(), ui.elapsed());
+    if threads > 1 && !common.quiet {
+        ui::print_threads(&outcomes, threads, transfer_opts.is_some());
+    }
     if !common.no_pq_warning {
         ui::print_pq_line(&outcomes);
     }
@@ -271,60 +295,106 @@ fn prepare_output_dirs(output: &ExecOutput, plans: &[Plan]) -> Result<(), String
     Ok(())
 }
 
-/// Runs every plan, `parallel` at a time, until done or Ctrl-C; on Ctrl-C
-/// every session still running is dropped at once. Gathered output is
-/// held once per distinct content.
-async fn run_all(plans: &[Plan], job: &Job, ui: &Rc<Ui>, parallel: usize) -> (Vec<Outcome>, bool) {
+/// Runs every plan, `parallel` at a time over all of `pool`'s threads,
+/// until done or Ctrl-C; on Ctrl-C every session still running is dropped
+/// at once. Each host starts on the thread with the fewest hosts running;
+/// what it prints and its outcome come back here, its lines always before
+/// its outcome. Gathered output is held once per distinct content.
+async fn run_all(
+    plans: &[Plan],
+    job: Arc<Job>,
+    ui: &Ui,
+    parallel: usize,
+    pool: Pool,
+) -> (Vec<Outcome>, bool) {
     let gather = matches!(job.op, Op::Exec { collect: true, .. }) && !ui.json();
-    let mut distinct: HashSet<Rc<Captured>> = HashSet::new();
+    let mut distinct: HashSet<Arc<Captured>> = HashSet::new();
     let mut outcomes: Vec<Option<Outcome>> = vec![None; plans.len()];
+    let mut placed: Vec<Option<usize>> = vec![None; plans.len()];
+    let mut load = vec![0usize; pool.threads()];
+    let (lines_tx, mut lines) = mpsc::channel::<HostLines>(LINES_QUEUE);
     let mut next = 0;
     let mut running = FuturesUnordered::new();
     let ctrl_c = tokio::signal::ctrl_c();
     tokio::pin!(ctrl_c);
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     let mut interrupted = false;
+    // Records the end of host `i`, which ran on thread `t`: its lines
+    // still queued (sent before it ended) are printed first.
+    let mut finish = |i: usize, t: usize, mut o: Outcome, lines: &mut mpsc::Receiver<HostLines>| {
+        while let Ok(l) = lines.try_recv() {
+            ui.print_lines(&l);
+        }
+        o.thread = Some(t);
+        ui.finished(&mut o);
+        if gather {
+            match distinct.get(&*o.stdout) {
+                Some(same) => o.stdout = same.clone(),
+                None => {
+                    distinct.insert(o.stdout.clone());
+                }
+            }
+        }
+        outcomes[i] = Some(o);
+    };
     loop {
         while running.len() < parallel && next < plans.len() {
             let i = next;
             next += 1;
-            let (plan, ui2) = (&plans[i], ui.clone());
+            let t = (0..load.len()).min_by_key(|&t| load[t]).unwrap_or(0);
+            load[t] += 1;
+            placed[i] = Some(t);
+            let plan = plans[i].clone();
+            let (job, host_ui) = (job.clone(), ui.host_ui(&plan.label, &lines_tx));
             ui.started();
-            running.push(async move { (i, engine::run_host(plan, job, &ui2).await) });
+            let handle = pool.spawn_on(t, move || async move {
+                engine::run_host(&plan, &job, &host_ui).await
+            });
+            running.push(handle.map(move |r| (i, t, r)));
         }
         if running.is_empty() {
             break;
         }
+        // The tick first: a flood of lines must not starve the progress.
         tokio::select! {
             biased;
             _ = &mut ctrl_c => {
                 interrupted = true;
                 break;
             }
-            Some((i, mut o)) = running.next() => {
-                ui.finished(&mut o);
-                if gather {
-                    match distinct.get(&*o.stdout) {
-                        Some(same) => o.stdout = same.clone(),
-                        None => {
-                            distinct.insert(o.stdout.clone());
-                        }
-                    }
-                }
-                outcomes[i] = Some(o);
-            }
             _ = tick.tick() => ui.refresh(),
+            Some((i, t, r)) = running.next() => {
+                load[t] -= 1;
+                match r {
+                    Ok(o) => finish(i, t, o, &mut lines),
+                    // A bug in a host's task stops the run as it would
+                    // have on one thread.
+                    Err(e) => e.resume(),
+                }
+            }
+            Some(l) = lines.recv() => ui.print_lines(&l),
         }
     }
-    // Drops every session still running: each teardown is immediate.
-    drop(running);
+    // Drops every session still running, each on its own thread: each
+    // teardown is immediate. Hosts that ended meanwhile keep their outcome.
+    pool.shutdown();
+    while let Some((i, t, r)) = running.next().await {
+        if let Ok(o) = r {
+            finish(i, t, o, &mut lines);
+        }
+    }
+    while let Ok(l) = lines.try_recv() {
+        ui.print_lines(&l);
+    }
     let outcomes = outcomes
         .into_iter()
         .zip(plans)
-        .map(|(o, p)| {
+        .zip(placed)
+        .map(|((o, p), t)| {
             o.unwrap_or_else(|| {
                 let mut o = Outcome::new(&p.label, Status::Interrupted);
                 o.error = Some("interrupted".into());
+                o.thread = t;
                 o
             })
         })
@@ -569,4 +639,17 @@ fn raise_nofile_limit() -> u64 {
         }
     }
     lim.rlim_cur
+}
+
+/// The CPUs this process may run on (as the pool counts them by default).
+fn allowed_cpus() -> usize {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; the kernel writes at
+    // most its size.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            return 1;
+        }
+        (libc::CPU_COUNT(&set) as usize).max(1)
+    }
 }

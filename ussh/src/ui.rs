@@ -1,13 +1,17 @@
 //! What the operator sees: streamed output, the progress bar (a terminal)
 //! or plain per-host lines (otherwise), JSON records, gathered output and
-//! the final summary.
+//! the final summary. All of it is printed by the main thread: hosts on
+//! pool threads report through a [`HostUi`].
 
 use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
 use std::io::{IsTerminal, Write};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use tokio::sync::mpsc;
 use ussh::hosts::fold;
 
 use crate::engine::{Captured, Outcome, Status};
@@ -20,7 +24,8 @@ pub struct Ui {
     transfer: bool,
     total: usize,
     start: Instant,
-    bytes: Cell<u64>,
+    /// Bytes moved, credited by the hosts' threads.
+    bytes: Arc<AtomicU64>,
     done: Cell<usize>,
     ok: Cell<usize>,
     failed: Cell<usize>,
@@ -28,6 +33,54 @@ pub struct Ui {
     last_rate: RefCell<(Instant, u64, f64)>,
     /// Bytes the whole run will move, when known up front (`put`).
     total_bytes: Cell<Option<u64>>,
+    /// Threads the hosts run on.
+    threads: Cell<usize>,
+}
+
+/// Complete lines of one host's output, each prefixed with `host: `.
+#[derive(Debug)]
+pub struct HostLines {
+    /// The lines, newlines included.
+    pub text: Vec<u8>,
+    /// Whether they go to stderr.
+    pub stderr: bool,
+}
+
+/// The [`Ui`] as a host's task sees it, on whichever thread it runs: its
+/// lines go to the main thread to be printed, whole, and the bytes it
+/// moves to a shared counter.
+#[derive(Debug, Clone)]
+pub struct HostUi {
+    label: String,
+    json: bool,
+    lines: mpsc::Sender<HostLines>,
+    bytes: Arc<AtomicU64>,
+}
+
+impl HostUi {
+    /// Whether records go out as JSON.
+    pub fn json(&self) -> bool {
+        self.json
+    }
+
+    /// The counter of bytes moved.
+    pub fn bytes(&self) -> Arc<AtomicU64> {
+        self.bytes.clone()
+    }
+
+    /// Sends complete lines of the host's output, prefixed, to be printed.
+    /// The queue is bounded: a host printing faster than the output is
+    /// read waits here, holding no more than a few pieces.
+    pub async fn host_lines(&self, data: &[u8], stderr: bool) {
+        let mut text = Vec::with_capacity(data.len() + 16);
+        for line in data.split_inclusive(|&b| b == b'\n') {
+            text.extend_from_slice(self.label.as_bytes());
+            text.extend_from_slice(b": ");
+            text.extend_from_slice(line);
+        }
+        // The receiver is gone only once the run is over.
+        let _ = self.lines.send(HostLines { text, stderr }).await;
+    }
 }
 
 /// `1.5 MiB` style.
@@ -72,13 +125,14 @@ impl Ui {
             transfer,
             total,
             start: Instant::now(),
-            bytes: Cell::new(0),
+            bytes: Arc::new(AtomicU64::new(0)),
             done: Cell::new(0),
             ok: Cell::new(0),
             failed: Cell::new(0),
             running: Cell::new(0),
             last_rate: RefCell::new((Instant::now(), 0, 0.0)),
             total_bytes: Cell::new(None),
+            threads: Cell::new(1),
         }
     }
 
@@ -95,19 +149,24 @@ impl Ui {
         }
     }
 
-    /// Prints complete lines of a host's output with a `host: ` prefix.
-    pub fn host_lines(&self, label: &str, data: &[u8], stderr: bool) {
-        let mut text = Vec::with_capacity(data.len() + 16);
-        for line in data.split_inclusive(|&b| b == b'\n') {
-            text.extend_from_slice(label.as_bytes());
-            text.extend_from_slice(b": ");
-            text.extend_from_slice(line);
+    /// What the task of host `label` reports through: its lines go to
+    /// `lines`, whose receiver hands them to [`Ui::print_lines`].
+    pub fn host_ui(&self, label: &str, lines: &mpsc::Sender<HostLines>) -> HostUi {
+        HostUi {
+            label: label.to_string(),
+            json: self.json,
+            lines: lines.clone(),
+            bytes: self.bytes.clone(),
         }
+    }
+
+    /// Prints lines a host sent, whole.
+    pub fn print_lines(&self, l: &HostLines) {
         self.out(|| {
-            let _ = if stderr {
-                std::io::stderr().lock().write_all(&text)
+            let _ = if l.stderr {
+                std::io::stderr().lock().write_all(&l.text)
             } else {
-                std::io::stdout().lock().write_all(&text)
+                std::io::stdout().lock().write_all(&l.text)
             };
         });
     }
@@ -120,14 +179,15 @@ impl Ui {
         }
     }
 
+    /// Sets the number of threads the hosts run on: with more than one,
+    /// each JSON record says which ran its host.
+    pub fn set_threads(&self, n: usize) {
+        self.threads.set(n);
+    }
+
     /// Sets the bytes the run will move at most (for the ETA).
     pub fn set_total_bytes(&self, n: u64) {
         self.total_bytes.set(Some(n));
-    }
-
-    /// Credits bytes moved.
-    pub fn add_bytes(&self, n: u64) {
-        self.bytes.set(self.bytes.get() + n);
     }
 
     /// A host started.
@@ -146,7 +206,10 @@ impl Ui {
             self.failed.set(self.failed.get() + 1);
         }
         if self.json {
-            let record = json_record(o);
+            let mut record = json_record(o);
+            if self.threads.get() > 1 {
+                record["thread"] = o.thread.into();
+            }
             self.out(|| {
                 // Written as it is serialised: a record may hold megabytes.
                 let mut w = std::io::stdout().lock();
@@ -205,7 +268,7 @@ impl Ui {
         );
         if self.transfer {
             let now = Instant::now();
-            let bytes = self.bytes.get();
+            let bytes = self.bytes.load(Ordering::Relaxed);
             let mut r = self.last_rate.borrow_mut();
             let dt = now.duration_since(r.0).as_secs_f64();
             if dt >= 0.5 {
@@ -281,7 +344,7 @@ pub fn json_record(o: &mut Outcome) -> serde_json::Value {
         "error": o.error,
     });
     if o.exit_code.is_some() {
-        let stdout = std::rc::Rc::make_mut(&mut o.stdout);
+        let stdout = Arc::make_mut(&mut o.stdout);
         for (name, got, file) in [
             ("stdout", stdout, &o.stdout_file),
             ("stderr", &mut o.stderr, &o.stderr_file),
@@ -528,4 +591,19 @@ pub fn print_summary(op: &str, outcomes: &[Outcome], transfer: bool, elapsed: Du
         cpu.as_secs_f64() * 1000.0 / n.max(1) as f64
     ));
     let _ = writeln!(w, "{line}");
+}
+
+/// With several threads, one line on stderr: the hosts each thread ran
+/// and, moving files, the bytes they moved.
+pub fn print_threads(outcomes: &[Outcome], threads: usize, transfer: bool) {
+    let mut line = format!("threads: {threads}");
+    for t in 0..threads {
+        let on = outcomes.iter().filter(|o| o.thread == Some(t));
+        let (hosts, bytes) = on.fold((0usize, 0u64), |(n, b), o| (n + 1, b + o.bytes));
+        line.push_str(&format!(" · t{t} {hosts} hosts"));
+        if transfer {
+            line.push_str(&format!(" {}", human_bytes(bytes)));
+        }
+    }
+    eprintln!("{line}");
 }

@@ -1725,3 +1725,242 @@ fn config_algorithm_lists_keep_what_the_build_has() {
         "{error}"
     );
 }
+
+/// The summary's `threads:` line as (thread count, per thread its hosts
+/// and the rest of its entry, the bytes it moved when moving files).
+fn threads_line(stderr: &str) -> Option<(usize, Vec<(usize, String)>)> {
+    let line = stderr.lines().find(|l| l.starts_with("threads: "))?;
+    let mut parts = line.split(" · ");
+    let n = parts.next()?["threads: ".len()..].parse().ok()?;
+    let per: Vec<(usize, String)> = parts
+        .enumerate()
+        .map(|(t, p)| {
+            let rest = p
+                .strip_prefix(&format!("t{t} "))
+                .unwrap_or_else(|| panic!("entry {t} of {line:?}"));
+            let (hosts, rest) = rest.split_once(" hosts").expect("hosts");
+            (hosts.parse().expect("host count"), rest.trim().to_string())
+        })
+        .collect();
+    assert_eq!(per.len(), n, "{line}");
+    Some((n, per))
+}
+
+/// Bytes as ussh's summary writes them (`1.5 MiB`).
+fn human_bytes(n: u64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let (mut v, mut u) = (n as f64, 0);
+    while v >= 1024.0 && u + 1 < units.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", units[u])
+    }
+}
+
+/// Sorted lines.
+fn sorted_lines(b: &[u8]) -> Vec<String> {
+    let mut v: Vec<String> = String::from_utf8_lossy(b)
+        .lines()
+        .map(String::from)
+        .collect();
+    v.sort();
+    v
+}
+
+/// `--threads 1` and `--threads 2` do the same work with the same output:
+/// streamed lines whole and prefixed (hosts on both threads printing at
+/// once), gathered blocks, JSON records, exit codes and files; the summary
+/// names each thread with its hosts (and, moving files, its bytes), and
+/// JSON records name their host's thread.
+#[test]
+fn one_thread_or_two_give_the_same_results() {
+    let f = Fleet::start(2, "w", 10);
+    let hosts = "w[001-010]";
+    let port_of = |i: usize| f.sshds[(i - 1) % 2].port();
+    let lines = 300;
+    let command = format!(
+        "p=$(echo $SSH_CONNECTION | cut -d' ' -f4); for i in $(seq 1 {lines}); do \
+         echo \"line $i from port $p\"; echo \"err $i\" >&2; done; exit $((p % 3))"
+    );
+    let exec = |threads: &str, extra: &[&str]| {
+        let mut args = vec!["exec", "--threads", threads, "-H", hosts];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&["--", &command]);
+        f.run(&args)
+    };
+    let want_code = if (1..=10).any(|i| port_of(i) % 3 != 0) {
+        1
+    } else {
+        0
+    };
+
+    // Streamed.
+    let one = exec("1", &[]);
+    let two = exec("2", &[]);
+    for out in [&one, &two] {
+        assert_eq!(out.status.code(), Some(want_code));
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(stdout.lines().count(), 10 * lines, "{stdout}");
+        for l in stdout.lines() {
+            let (host, rest) = l.split_once(": ").unwrap_or_else(|| panic!("{l:?}"));
+            let i: usize = host[1..].parse().unwrap_or_else(|_| panic!("{l:?}"));
+            let (_, port) = rest
+                .rsplit_once(" from port ")
+                .unwrap_or_else(|| panic!("{l:?}"));
+            assert!(rest.starts_with("line "), "{l:?}");
+            assert_eq!(port, port_of(i).to_string(), "{l:?}");
+        }
+    }
+    assert_eq!(sorted_lines(&one.stdout), sorted_lines(&two.stdout));
+    let err_lines = |out: &Output| -> Vec<String> {
+        sorted_lines(&out.stderr)
+            .into_iter()
+            .filter(|l| l.starts_with('w') && l.contains(": err "))
+            .collect()
+    };
+    assert_eq!(err_lines(&one).len(), 10 * lines);
+    assert_eq!(err_lines(&one), err_lines(&two));
+    let one_err = String::from_utf8_lossy(&one.stderr);
+    let two_err = String::from_utf8_lossy(&two.stderr);
+    assert_eq!(threads_line(&one_err), None, "{one_err}");
+    let (n, per) = threads_line(&two_err).expect("a threads line");
+    assert_eq!(n, 2);
+    assert!(per.iter().all(|(h, _)| *h > 0), "{per:?}");
+    assert_eq!(per.iter().map(|(h, _)| h).sum::<usize>(), 10);
+    assert!(per.iter().all(|(_, bytes)| bytes.is_empty()), "{per:?}");
+
+    // Gathered: the same blocks, byte for byte.
+    let one = exec("1", &["-b"]);
+    let two = exec("2", &["-b"]);
+    assert_eq!(one.status.code(), Some(want_code));
+    assert_eq!(two.status.code(), Some(want_code));
+    assert!(!one.stdout.is_empty());
+    assert_eq!(one.stdout, two.stdout);
+
+    // JSON: the same records but for timing; with several threads each
+    // names its thread, and the summary's counts agree. More threads than
+    // hosts start one per host.
+    let one = exec("1", &["--json"]);
+    let two = exec("2", &["--json"]);
+    let many = exec("64", &["--json"]);
+    let strip = |mut r: serde_json::Value| {
+        r.as_object_mut().expect("object").remove("duration");
+        r
+    };
+    let one_recs = json_records(&one);
+    for (out, threads) in [(&two, 2), (&many, 10)] {
+        assert_eq!(out.status.code(), Some(want_code));
+        let recs = json_records(out);
+        assert_eq!(recs.len(), 10);
+        let mut per_thread = vec![0usize; threads];
+        for (host, r) in recs {
+            let t = r["thread"].as_u64().unwrap_or_else(|| panic!("{r}")) as usize;
+            per_thread[t] += 1;
+            let mut r = strip(r);
+            r.as_object_mut().unwrap().remove("thread");
+            assert_eq!(r, strip(one_recs[&host].clone()), "{host}");
+        }
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let (n, per) = threads_line(&stderr).expect("a threads line");
+        assert_eq!(n, threads);
+        let hosts: Vec<usize> = per.iter().map(|(h, _)| *h).collect();
+        assert_eq!(hosts, per_thread, "{stderr}");
+    }
+    for r in one_recs.values() {
+        assert!(r.get("thread").is_none(), "{r}");
+    }
+
+    let out = exec("0", &[]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--threads"));
+}
+
+/// `get` and `put` with one thread or two move the same files; the summary
+/// says what each thread moved.
+#[test]
+fn one_thread_or_two_move_the_same_files() {
+    let f = Fleet::start(2, "x", 8);
+    let hosts = "x[001-008]";
+    let work = f.dir.path();
+    let src = work.join("src/tree");
+    for i in 0..40u64 {
+        let d = src.join(format!("d{}", i % 4));
+        fs::create_dir_all(&d).expect("mkdir");
+        let len = ((i * 2654435761) % 8192) as usize;
+        fs::write(d.join(format!("f{i:02}")), random_bytes(len, i + 1)).expect("write");
+    }
+    fs::write(src.join("large.bin"), random_bytes((3 << 20) + 5, 99)).expect("write");
+    let want = tree_hashes(&src);
+    let src_s = src.to_str().unwrap();
+
+    // The summary's bytes per thread are those of the hosts it ran.
+    let check_threads = |out: &Output, threads: usize| {
+        let recs = json_records(out);
+        assert_eq!(recs.len(), 8);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        if threads == 1 {
+            assert_eq!(threads_line(&stderr), None, "{stderr}");
+            return;
+        }
+        let mut per_thread = vec![(0usize, 0u64); threads];
+        for r in recs.values() {
+            let t = r["thread"].as_u64().expect("thread") as usize;
+            per_thread[t].0 += 1;
+            per_thread[t].1 += r["bytes"].as_u64().expect("bytes");
+        }
+        let want: Vec<(usize, String)> = per_thread
+            .iter()
+            .map(|&(h, b)| (h, human_bytes(b)))
+            .collect();
+        assert_eq!(threads_line(&stderr), Some((threads, want)), "{stderr}");
+        assert!(per_thread.iter().all(|&(h, _)| h > 0), "{per_thread:?}");
+    };
+    for threads in [1, 2] {
+        let t = threads.to_string();
+        let dest = work.join(format!("got{threads}"));
+        let out = f.run(&[
+            "get",
+            "--json",
+            "--threads",
+            &t,
+            "-H",
+            hosts,
+            src_s,
+            dest.to_str().unwrap(),
+        ]);
+        assert_eq!(out.status.code(), Some(0));
+        check_threads(&out, threads);
+        for i in 1..=8 {
+            let host = format!("x{i:03}");
+            assert_eq!(tree_hashes(&dest.join(&host).join("tree")), want, "{host}");
+        }
+
+        let remote = work.join(format!("pushed{threads}/{{host}}"));
+        let out = f.run(&[
+            "put",
+            "--json",
+            "--threads",
+            &t,
+            "-H",
+            hosts,
+            src_s,
+            remote.to_str().unwrap(),
+        ]);
+        assert_eq!(out.status.code(), Some(0));
+        check_threads(&out, threads);
+        for i in 1..=8 {
+            let host = format!("x{i:03}");
+            let got = tree_hashes(
+                &work
+                    .join(format!("pushed{threads}"))
+                    .join(&host)
+                    .join("tree"),
+            );
+            assert_eq!(got, want, "{host}");
+        }
+    }
+}
