@@ -104,6 +104,10 @@ pub struct Common {
     /// output.
     #[arg(long)]
     pub json: bool,
+    /// Show progress (a bar on a terminal, one line per host otherwise)
+    /// even with --json, which shows none by default.
+    #[arg(long, conflicts_with = "quiet")]
+    pub progress: bool,
     /// No progress and no per-host lines on standard error (failures and
     /// the summary are still printed).
     #[arg(short = 'q', long)]

@@ -189,7 +189,8 @@ pub struct Outcome {
     pub label: String,
     /// How it ended.
     pub status: Status,
-    /// The command's exit code.
+    /// The command's exit code: `None` when a signal ended it (the code a
+    /// server reports then means nothing) or it did not end.
     pub exit_code: Option<i32>,
     /// The signal that killed the command.
     pub signal: Option<String>,
@@ -276,6 +277,11 @@ impl Outcome {
             stdout_file: None,
             stderr_file: None,
         }
+    }
+
+    /// Whether the command ran to its end (an exit code or a signal).
+    pub fn ended(&self) -> bool {
+        self.exit_code.is_some() || self.signal.is_some()
     }
 }
 
@@ -824,7 +830,7 @@ async fn exec(
     let st = ch.wait().await.map_err(|e| fail("waiting for exit", e))?;
     out.stdout = Rc::new(o);
     out.stderr = e;
-    out.exit_code = Some(st.code);
+    out.exit_code = st.signal.is_none().then_some(st.code);
     out.signal = st.signal.clone();
     if st.success() {
         out.status = Status::Ok;

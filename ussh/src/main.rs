@@ -204,6 +204,7 @@ async fn run(cli: Cli) -> i32 {
         transfer_opts.is_some(),
         common.quiet,
         common.json,
+        common.progress,
     ));
     if let Op::Put { locals, .. } = &job.op {
         let per_host: u64 = locals.iter().map(|p| local_bytes(p)).sum();

@@ -334,6 +334,99 @@ fn gathered_output_folds_identical_hosts() {
     );
 }
 
+/// Standard base64 decoded (the records' `_b64` fields).
+fn unbase64(s: &str) -> Vec<u8> {
+    let val = |c: u8| match c {
+        b'A'..=b'Z' => c - b'A',
+        b'a'..=b'z' => c - b'a' + 26,
+        b'0'..=b'9' => c - b'0' + 52,
+        b'+' => 62,
+        b'/' => 63,
+        _ => panic!("not base64: {s:?}"),
+    };
+    let mut out = Vec::new();
+    for q in s.as_bytes().chunks(4) {
+        assert_eq!(q.len(), 4, "unpadded base64: {s:?}");
+        let n = q
+            .iter()
+            .take_while(|&&c| c != b'=')
+            .fold(0u32, |n, &c| (n << 6) | u32::from(val(c)));
+        let pad = q.iter().filter(|&&c| c == b'=').count();
+        let n = n << (6 * pad);
+        out.extend_from_slice(&n.to_be_bytes()[1..4 - pad]);
+    }
+    out
+}
+
+#[test]
+fn json_records_signals_and_bytes_as_they_are() {
+    let f = Fleet::start(1, "j", 3);
+    // Bytes that are not UTF-8 on stdout, UTF-8 on stderr, then the shell
+    // kills itself.
+    let out = f.run(&[
+        "exec",
+        "--json",
+        "-H",
+        "j001",
+        "--",
+        "printf '\\377\\376'; printf 'caf\\303\\251\\n' >&2; kill -TERM $$",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let recs = json_records(&out);
+    assert_eq!(out.stdout.iter().filter(|&&b| b == b'\n').count(), 1);
+    let r = &recs["j001"];
+    assert_eq!(r["status"], "failed", "{r}");
+    assert_eq!(r["exit_code"], serde_json::Value::Null, "{r}");
+    assert_eq!(r["signal"], "TERM", "{r}");
+    assert_eq!(r["stdout"], serde_json::Value::Null, "{r}");
+    assert_eq!(
+        unbase64(r["stdout_b64"].as_str().expect("stdout_b64")),
+        [0xff, 0xfe],
+        "{r}"
+    );
+    assert_eq!(r["stderr"], "café\n", "{r}");
+    assert!(r.get("stderr_b64").is_none(), "{r}");
+    // No progress on stderr with --json: the summary only.
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("] j001:"), "{stderr}");
+    assert!(
+        stderr.contains("ussh exec: 1 hosts, 0 ok, 1 failed"),
+        "{stderr}"
+    );
+
+    // KILL, then an exit code; progress asked for.
+    let out = f.run(&[
+        "exec",
+        "--json",
+        "--progress",
+        "-H",
+        "j[001-003]",
+        "--",
+        "kill -KILL $$",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let recs = json_records(&out);
+    assert_eq!(recs.len(), 3);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 3);
+    for r in recs.values() {
+        assert_eq!(r["exit_code"], serde_json::Value::Null, "{r}");
+        assert_eq!(r["signal"], "KILL", "{r}");
+        assert_eq!(r["stdout"], "", "{r}");
+    }
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    for h in ["j001", "j002", "j003"] {
+        assert!(stderr.contains(&format!("] {h}: failed")), "{stderr}");
+    }
+    let out = f.run(&["exec", "--json", "-H", "j002", "--", "echo ok; exit 7"]);
+    let r = &json_records(&out)["j002"];
+    assert_eq!(
+        (r["exit_code"].as_i64(), &r["signal"]),
+        (Some(7), &serde_json::Value::Null),
+        "{r}"
+    );
+    assert_eq!(r["stdout"], "ok\n", "{r}");
+}
+
 #[test]
 fn get_and_put_trees_on_10_hosts_with_update() {
     let f = Fleet::start(3, "t", 10);
