@@ -61,6 +61,14 @@ pub struct Common {
     /// IdentityFile. Repeatable.
     #[arg(short = 'i', value_name = "KEY")]
     pub identity: Vec<PathBuf>,
+    /// An ssh_config option for every host, `Key=Value` or `'Key Value'`,
+    /// winning over the config files: HostName, Port, User, IdentityFile,
+    /// IdentitiesOnly, IdentityAgent, ConnectTimeout, ServerAliveInterval,
+    /// ServerAliveCountMax, UserKnownHostsFile, StrictHostKeyChecking
+    /// (yes, accept-new, no), Ciphers, KexAlgorithms, MACs,
+    /// HostKeyAlgorithms, BatchMode. Repeatable.
+    #[arg(short = 'o', value_name = "OPTION")]
+    pub options: Vec<String>,
     /// Do not use the ssh-agent.
     #[arg(long)]
     pub no_agent: bool,
@@ -133,8 +141,9 @@ pub struct ExecArgs {
     pub max_output: Option<String>,
     /// Write each host's stdout, whole, to DIR/<host> instead of the
     /// terminal (DIR is created; an existing file is overwritten, but a
-    /// symbolic link there is not followed: that host fails).
-    #[arg(short = 'o', long, value_name = "DIR", conflicts_with = "gather")]
+    /// symbolic link there is not followed: that host fails). pssh's `-o`;
+    /// here `-o` is ssh's option.
+    #[arg(long, value_name = "DIR", conflicts_with = "gather")]
     pub outdir: Option<PathBuf>,
     /// Write each host's stderr, whole, to DIR/<host> instead of the
     /// terminal.

@@ -17,7 +17,7 @@ use uring_ssh::sftp::{
     self, Progress, Sftp, TransferItem, TransferOptions, TransferReport, download_tree_over,
     upload_tree_over,
 };
-use uring_ssh::{Config, Error, MethodType, Session};
+use uring_ssh::{Config, Error, HostKeyError, MethodType, Session};
 
 use crate::ui::Ui;
 
@@ -44,6 +44,9 @@ pub struct Plan {
     /// Why this host must not be connected to directly (it needs a proxy
     /// we do not support).
     pub blocked: Option<String>,
+    /// The known_hosts file its key is checked against (and, with
+    /// accept-new, added to).
+    pub known_hosts: PathBuf,
 }
 
 /// What to do on every host.
@@ -464,7 +467,7 @@ async fn connect(plan: &Plan) -> Result<Session, Fail> {
                     plan.port,
                     secs(t)
                 ),
-                Error::HostKey(_) => format!("{} (port {})", describe(&e), plan.port),
+                Error::HostKey(h) => host_key_problem(h, plan),
                 _ if before_banner(&e) => format!(
                     "connect to {host} port {}: {} (the server closed the connection \
                      before its banner: it may limit unauthenticated connections per \
@@ -479,6 +482,44 @@ async fn connect(plan: &Plan) -> Result<Session, Fail> {
             };
             Err(Fail { msg, retry })
         }
+    }
+}
+
+/// A host-key failure, with the file checked and what to do about it.
+fn host_key_problem(e: &HostKeyError, plan: &Plan) -> String {
+    let file = shell_word(&plan.known_hosts.to_string_lossy());
+    match e {
+        HostKeyError::Unknown { .. } => format!(
+            "{e}; checked {file}; to trust the key on first contact: \
+             -o StrictHostKeyChecking=accept-new, or add it once its fingerprint \
+             is checked: ssh-keyscan -p {} {} >> {file}",
+            plan.port,
+            shell_word(&plan.hostname)
+        ),
+        HostKeyError::Changed { .. } => {
+            let name = if plan.port == 22 {
+                plan.hostname.clone()
+            } else {
+                format!("[{}]:{}", plan.hostname, plan.port)
+            };
+            format!(
+                "{e} {file}; refused under StrictHostKeyChecking yes and accept-new \
+                 alike (accept-new only adds unknown hosts); if the server's key was replaced on purpose: \
+                 ssh-keygen -R {} -f {file}",
+                shell_word(&name)
+            )
+        }
+        _ => format!("{e} (port {})", plan.port),
+    }
+}
+
+/// `s` as one shell word: as it is when it needs no quoting.
+fn shell_word(s: &str) -> String {
+    let plain = |c: char| c.is_ascii_alphanumeric() || "@%+=:,./_-".contains(c);
+    if !s.is_empty() && s.chars().all(plain) {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', "'\\''"))
     }
 }
 

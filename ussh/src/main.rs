@@ -384,6 +384,12 @@ fn collect_targets(c: &Common) -> Result<Vec<Target>, String> {
 }
 
 fn load_config(c: &Common) -> Result<SshConfig, String> {
+    let mut config = load_config_files(c)?;
+    config.add_options(&c.options)?;
+    Ok(config)
+}
+
+fn load_config_files(c: &Common) -> Result<SshConfig, String> {
     match &c.config {
         Some(p) if p.as_os_str() == "none" => Ok(SshConfig::default()),
         Some(p) => {
@@ -440,7 +446,7 @@ fn make_plans(targets: &[Target], cfg: &SshConfig, c: &Common) -> Result<Vec<Pla
             .connect_timeout(connect_timeout)
             .timeout(Some(op_timeout))
             .keepalive(keepalive, s.server_alive_count_max.unwrap_or(3))
-            .known_hosts(Some(known_hosts))
+            .known_hosts(Some(known_hosts.clone()))
             .host_key_policy(policy);
         // Lists from an ssh config were written for OpenSSH, whose
         // algorithms we may lack (sntrup761…): those names are left out,
@@ -518,6 +524,7 @@ fn make_plans(targets: &[Target], cfg: &SshConfig, c: &Common) -> Result<Vec<Pla
             identities,
             agent,
             blocked,
+            known_hosts,
         });
     }
     if !unsupported.is_empty() {

@@ -428,6 +428,105 @@ fn json_records_signals_and_bytes_as_they_are() {
 }
 
 #[test]
+fn first_contact_accept_new_adds_the_key_and_a_changed_key_stays_refused() {
+    let mut f = Fleet::start(1, "k", 1);
+    let s = &f.sshds[0];
+    let (port, user, key, host_key) = (s.port(), s.user(), s.user_key(), s.host_key_pub());
+    let kh = f.dir.path().join("fresh/known_hosts");
+    // No port, user nor known_hosts in the config: -o gives them.
+    let block = format!(
+        "Host new1\n    HostName 127.0.0.1\n    IdentityFile {}\n",
+        key.display()
+    );
+    f.append_config(&block);
+    let port_opt = format!("Port={port}");
+    let user_opt = format!("User {user}");
+    let kh_opt = format!("UserKnownHostsFile={}", kh.display());
+    let run = |strict: &str| {
+        let strict = format!("StrictHostKeyChecking={strict}");
+        f.run(&[
+            "exec",
+            "-o",
+            &port_opt,
+            "-o",
+            &user_opt,
+            "-o",
+            &kh_opt,
+            "-o",
+            &strict,
+            "-H",
+            "new1",
+            "--",
+            "echo reached",
+        ])
+    };
+    let entry = format!("[127.0.0.1]:{port} ");
+
+    // Strict: refused, naming the file and both ways to fix it.
+    let out = run("yes");
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let file = kh.display().to_string();
+    for want in [
+        format!("host key for [127.0.0.1]:{port} is not in known_hosts"),
+        format!("checked {file}"),
+        "-o StrictHostKeyChecking=accept-new".to_string(),
+        format!("ssh-keyscan -p {port} 127.0.0.1 >> {file}"),
+    ] {
+        assert!(stderr.contains(&want), "{want:?} in {stderr}");
+    }
+    assert!(!kh.exists(), "strict checking wrote {file}");
+
+    // accept-new: the key is added, owner-only, and the command runs.
+    let out = run("accept-new");
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "new1: reached\n");
+    let text = fs::read_to_string(&kh).expect("known_hosts written");
+    assert_eq!(text, format!("{entry}{host_key}\n"));
+    use std::os::unix::fs::PermissionsExt;
+    let mode = fs::metadata(&kh).expect("stat").permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "{mode:o}");
+    // Now strict checking passes, and nothing more is added.
+    let out = run("yes");
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(fs::read_to_string(&kh).expect("read"), text);
+
+    // Another server's key under this host's name: a changed key, refused
+    // even with accept-new, and the file left as it was.
+    let other = Sshd::start();
+    let forged = format!("{entry}{}\n", other.host_key_pub());
+    fs::write(&kh, &forged).expect("write");
+    let out = run("accept-new");
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("has CHANGED"), "{stderr}");
+    assert!(stderr.contains(&format!("known_hosts {file}")), "{stderr}");
+    assert!(
+        stderr.contains(&format!("ssh-keygen -R '[127.0.0.1]:{port}' -f {file}")),
+        "{stderr}"
+    );
+    assert!(out.stdout.is_empty());
+    assert_eq!(fs::read_to_string(&kh).expect("read"), forged);
+
+    // Options ussh does not know, or bad values, stop the run at once.
+    for (opt, want) in [
+        (
+            "ProxyJump=bastion",
+            "\"ProxyJump\" is not an ssh option ussh understands",
+        ),
+        ("Port=0", "Port: bad port"),
+        ("StrictHostKeyChecking=maybe", "\"maybe\""),
+        ("out", "--outdir DIR"),
+    ] {
+        let out = f.run(&["exec", "-o", opt, "-H", "new1", "--", "true"]);
+        assert_eq!(out.status.code(), Some(2), "{opt}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        assert!(stderr.contains(want), "{opt}: {stderr}");
+    }
+}
+
+#[test]
 fn get_and_put_trees_on_10_hosts_with_update() {
     let f = Fleet::start(3, "t", 10);
     let work = f.dir.path();
@@ -706,7 +805,15 @@ fn bad_input_is_one_clear_line() {
         // Host names that are not one path component cannot name output
         // files: refused before anything starts.
         (
-            &["exec", "-H", "b001,x/../../y", "-o", outdir, "--", "true"],
+            &[
+                "exec",
+                "-H",
+                "b001,x/../../y",
+                "--outdir",
+                outdir,
+                "--",
+                "true",
+            ],
             "--outdir: a host's name must be a plain file name; not usable: \"x/../../y\" (it contains '/')",
         ),
         (
@@ -1073,8 +1180,17 @@ fn outdir_and_errdir_get_each_hosts_whole_output() {
         "echo normal; echo quiet >&2",
     );
     let (o, e) = (outdir.to_str().unwrap(), errdir.to_str().unwrap());
-    let (out, rss) =
-        f.run_measured(&["exec", "-o", o, "-e", e, "-H", "o[001-003]", "--", &command]);
+    let (out, rss) = f.run_measured(&[
+        "exec",
+        "--outdir",
+        o,
+        "-e",
+        e,
+        "-H",
+        "o[001-003]",
+        "--",
+        &command,
+    ]);
     eprintln!("peak RSS writing 20 MB to --outdir: {:.1} MiB", mib(rss));
     assert_rss_within("--outdir", rss, 0);
     assert_eq!(out.status.code(), Some(1), "o003 fails");
@@ -1115,7 +1231,7 @@ fn outdir_and_errdir_get_each_hosts_whole_output() {
     let out = f.run(&[
         "exec",
         "--json",
-        "-o",
+        "--outdir",
         o,
         "-H",
         "o[001-003]",
