@@ -92,6 +92,8 @@ pub struct ExecOutput {
     pub outdir: Option<PathBuf>,
     /// Each host's stderr goes, whole, to the file `errdir/<host>`.
     pub errdir: Option<PathBuf>,
+    /// Stderr is collected with stdout, in one buffer, as it arrives (`-B`).
+    pub merge_stderr: bool,
 }
 
 /// Default of [`ExecOutput::max_output`]: 8 MiB.
@@ -737,6 +739,11 @@ enum Sink<'a> {
     },
     /// Kept up to `cap` bytes; the rest counted and discarded.
     Keep { cap: usize, got: Captured },
+    /// As `Keep`, into a buffer both streams share.
+    Shared {
+        cap: usize,
+        got: Rc<RefCell<Captured>>,
+    },
     /// Written to a file as it arrives.
     File { file: File, path: PathBuf },
 }
@@ -758,6 +765,7 @@ impl Sink<'_> {
                 }
             }
             Sink::Keep { cap, got } => got.keep(data, *cap),
+            Sink::Shared { cap, got } => got.borrow_mut().keep(data, *cap),
             Sink::File { file, path } => file
                 .write_all(data)
                 .map_err(|e| format!("writing {}: {e}", path.display()))?,
@@ -765,7 +773,8 @@ impl Sink<'_> {
         Ok(())
     }
 
-    /// Flushes the last line; what was kept.
+    /// Flushes the last line; what was kept (a shared buffer is taken by
+    /// its owner instead).
     fn finish(self) -> Captured {
         match self {
             Sink::Lines {
@@ -782,7 +791,7 @@ impl Sink<'_> {
                 Captured::default()
             }
             Sink::Keep { got, .. } => got,
-            Sink::File { .. } => Captured::default(),
+            Sink::Shared { .. } | Sink::File { .. } => Captured::default(),
         }
     }
 }
@@ -837,6 +846,14 @@ fn exec_sinks<'a>(
             },
         })
     };
+    if output.merge_stderr {
+        let got = Rc::new(RefCell::new(Captured::default()));
+        let shared = || Sink::Shared {
+            cap: output.max_output,
+            got: got.clone(),
+        };
+        return Ok((shared(), shared()));
+    }
     let so = sink(&output.outdir, collect, false)?;
     let se = sink(&output.errdir, ui.json(), true)?;
     for (s, file) in [(&so, &mut out.stdout_file), (&se, &mut out.stderr_file)] {
@@ -855,6 +872,11 @@ async fn exec(
     out: &mut Outcome,
 ) -> Result<(), String> {
     let fail = |what: &str, e: Error| format!("{what}: {}", describe(&e));
+    // The buffer both streams share (-B), taken once both have ended.
+    let merged = match &so {
+        Sink::Shared { got, .. } => Some(got.clone()),
+        _ => None,
+    };
     let mut ch = session
         .exec(command)
         .await
@@ -867,7 +889,10 @@ async fn exec(
         pump(stderr, se, "reading error output"),
     )
     .await;
-    let (o, e) = (ro?, re?);
+    let (mut o, e) = (ro?, re?);
+    if let Some(got) = merged {
+        o = got.take();
+    }
     let st = ch.wait().await.map_err(|e| fail("waiting for exit", e))?;
     out.stdout = Rc::new(o);
     out.stderr = e;

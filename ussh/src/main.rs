@@ -74,9 +74,11 @@ fn usage_error(msg: &str) -> i32 {
 async fn run(cli: Cli) -> i32 {
     let mut links = LinkPolicy::Keep;
     let mut follow_external_links = false;
+    let mut maxrc = false;
     let (common, op, transfer_opts, name) = match cli.cmd {
         Cmd::Exec(a) => {
-            let collect = a.gather || a.common.json;
+            maxrc = a.maxrc;
+            let collect = a.gather || a.gather_all || a.common.json;
             let max_output = match a.max_output.as_deref().map(cli::parse_size) {
                 None => engine::DEFAULT_MAX_OUTPUT,
                 Some(Ok(n)) => usize::try_from(n).unwrap_or(usize::MAX),
@@ -87,6 +89,7 @@ async fn run(cli: Cli) -> i32 {
                 line_cap: engine::STREAM_LINE_CAP.min(max_output),
                 outdir: a.outdir,
                 errdir: a.errdir,
+                merge_stderr: a.gather_all,
             };
             (
                 a.common,
@@ -215,19 +218,37 @@ async fn run(cli: Cli) -> i32 {
     if gather {
         ui::print_gathered(&outcomes);
     }
-    ui::print_summary(name, &outcomes, transfer_opts.is_some(), ui.elapsed());
-    if !common.no_pq_warning {
+    ui::print_summary(
+        name,
+        &outcomes,
+        transfer_opts.is_some(),
+        ui.elapsed(),
+        common.quiet,
+    );
+    if !common.no_pq_warning && !common.quiet {
         ui::print_pq_line(&outcomes);
     }
     if interrupted {
         eprintln!("ussh: interrupted: every session was dropped; finished hosts are listed above");
         return EXIT_INTERRUPTED;
     }
-    if outcomes.iter().all(|o| o.status == Status::Ok) {
+    if maxrc {
+        largest_exit_code(&outcomes)
+    } else if outcomes.iter().all(|o| o.status == Status::Ok) {
         0
     } else {
         1
     }
+}
+
+/// `-S`: the largest exit code of the hosts; 255, as ssh exits, for a host
+/// whose command did not end with one (not reached, killed by a signal).
+fn largest_exit_code(outcomes: &[Outcome]) -> i32 {
+    outcomes
+        .iter()
+        .map(|o| o.exit_code.unwrap_or(255))
+        .max()
+        .unwrap_or(0)
 }
 
 /// Checks that every host can name a file in the output directories, and
@@ -374,6 +395,13 @@ fn collect_targets(c: &Common) -> Result<Vec<Target>, String> {
         from_stdin(&mut out)?;
     }
     let mut out = hosts::dedup(out);
+    if !c.exclude.is_empty() {
+        let mut excluded = Vec::new();
+        for x in &c.exclude {
+            excluded.extend(hosts::expand(x).map_err(|e| format!("-x: {e}"))?);
+        }
+        out = hosts::exclude(out, &excluded);
+    }
     if let Some(s) = &c.shard {
         out = Shard::parse(s)?.select(out);
     }

@@ -445,7 +445,23 @@ pub fn print_pq_line(outcomes: &[Outcome]) {
 
 /// The final summary on stderr: a table (per host when there are few,
 /// per status otherwise), each failing host's error, and the totals.
-pub fn print_summary(op: &str, outcomes: &[Outcome], transfer: bool, elapsed: Duration) {
+/// `quiet` leaves successful hosts out of the table, and prints nothing
+/// when every host succeeded.
+pub fn print_summary(op: &str, all: &[Outcome], transfer: bool, elapsed: Duration, quiet: bool) {
+    if quiet && all.iter().all(|o| o.status == Status::Ok) {
+        return;
+    }
+    let outcomes: Vec<Outcome>;
+    let outcomes = if quiet {
+        outcomes = all
+            .iter()
+            .filter(|o| o.status != Status::Ok)
+            .cloned()
+            .collect();
+        &outcomes[..]
+    } else {
+        all
+    };
     let mut w = std::io::stderr().lock();
     let per_host = outcomes.len() <= 32;
     let _ = writeln!(w);
@@ -532,6 +548,7 @@ pub fn print_summary(op: &str, outcomes: &[Outcome], transfer: bool, elapsed: Du
             let _ = writeln!(w, "  ... and {} more", bad.len() - 50);
         }
     }
+    let outcomes = all;
     let n = outcomes.len();
     let ok = outcomes.iter().filter(|o| o.status == Status::Ok).count();
     let stopped = outcomes

@@ -527,6 +527,116 @@ fn first_contact_accept_new_adds_the_key_and_a_changed_key_stays_refused() {
 }
 
 #[test]
+fn operators_options_exclude_maxrc_gather_all_and_quiet() {
+    let f = Fleet::start(2, "x", 4);
+    // Odd aliases are on the first server.
+    let hosts_of = |out: &Output| json_records(out).into_keys().collect::<Vec<_>>();
+    let out = f.run(&[
+        "exec",
+        "--json",
+        "-H",
+        "x[001-004]",
+        "-x",
+        "x002",
+        "--",
+        "true",
+    ]);
+    assert_eq!(hosts_of(&out), ["x001", "x003", "x004"]);
+    let out = f.run(&[
+        "exec",
+        "--json",
+        "-H",
+        "x[001-004]",
+        "-x",
+        "x[003-004]",
+        "-x",
+        "x001",
+        "--",
+        "true",
+    ]);
+    assert_eq!(hosts_of(&out), ["x002"]);
+    let out = f.run(&["exec", "-H", "x001", "-x", "x001", "--", "true"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no hosts to work on"));
+
+    // -S: the largest exit code, not 1.
+    let codes = on_first_server(&f, "exit 3", "exit 5");
+    let out = f.run(&["exec", "-S", "-H", "x[001-004]", "--", &codes]);
+    assert_eq!(out.status.code(), Some(5));
+    let out = f.run(&["exec", "-S", "-H", "x001,x003", "--", &codes]);
+    assert_eq!(out.status.code(), Some(3));
+    let out = f.run(&["exec", "-H", "x[001-004]", "--", &codes]);
+    assert_eq!(out.status.code(), Some(1));
+    let out = f.run(&["exec", "-S", "-H", "x[001-004]", "--", "true"]);
+    assert_eq!(out.status.code(), Some(0));
+    // A host not reached counts as 255, as ssh's own exit code.
+    let mut g = Fleet::start(1, "y", 1);
+    g.append_config(&format!(
+        "Host down\n    HostName 127.0.0.1\n    Port {}\n",
+        closed_port()
+    ));
+    let out = g.run(&["exec", "-S", "-H", "y001,down", "--", "exit 4"]);
+    assert_eq!(out.status.code(), Some(255));
+
+    // -B: stderr in the gathered block, not streamed.
+    let out = f.run(&[
+        "exec",
+        "-B",
+        "-H",
+        "x[001-002]",
+        "--",
+        "echo out; sleep 0.2; echo err >&2",
+    ]);
+    assert_eq!(out.status.code(), Some(0));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.ends_with("x[001-002] (2)\n---------------\nout\nerr\n"),
+        "{stdout}"
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !stderr.contains("x001: err") && !stderr.contains("x002: err"),
+        "{stderr}"
+    );
+
+    // -q: nothing on stderr when every host succeeds; only the failures
+    // otherwise. The command's output is still printed.
+    let out = f.run(&["exec", "-q", "-H", "x[001-004]", "--", "true"]);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(out.stdout.is_empty() && out.stderr.is_empty(), "{out:?}");
+    let fail_first = on_first_server(&f, "exit 4", "echo fine");
+    let out = f.run(&["exec", "-q", "-H", "x[001-002]", "--", &fail_first]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "x002: fine\n");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("x001  failed"), "{stderr}");
+    assert!(!stderr.contains("x002"), "{stderr}");
+    assert!(
+        stderr.contains("ussh exec: 2 hosts, 1 ok, 1 failed"),
+        "{stderr}"
+    );
+
+    // Each subcommand's help has examples and its exit codes.
+    for sub in ["exec", "get", "put"] {
+        let out = Command::new(USSH)
+            .args([sub, "--help"])
+            .output()
+            .expect("help");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains("Examples:\n  ussh "), "{sub}: {text}");
+        assert!(
+            text.contains("Exit status: 0 if every host succeeded"),
+            "{sub}: {text}"
+        );
+    }
+    let out = Command::new(USSH)
+        .args(["exec", "--help"])
+        .output()
+        .expect("help");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("with -S instead"));
+}
+
+#[test]
 fn get_and_put_trees_on_10_hosts_with_update() {
     let f = Fleet::start(3, "t", 10);
     let work = f.dir.path();
