@@ -52,6 +52,10 @@ Examples:
   ussh get -H 'web[01-64]' /etc/hosts './etc/{host}'   ./etc/web01/hosts
   ussh get -u -x 'web[60-64]' -H 'web[01-64]' /srv/data ./data
 
+Two remote paths with the same last component (/a/conf and /b/conf) would
+land on one file: such a get is refused (exit status 2); fetch them into
+different destinations.
+
 Exit status: 0 if every host succeeded; 1 if any failed (not reached or
 authenticated, any file failed); 2 for bad input; 130 if interrupted.";
 

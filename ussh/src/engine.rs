@@ -920,7 +920,8 @@ pub fn local_root(dest: &str, label: &str) -> PathBuf {
     }
 }
 
-fn base_name(p: &Path) -> PathBuf {
+/// The name a fetched or pushed path takes in its destination directory.
+pub fn base_name(p: &Path) -> PathBuf {
     match p.file_name() {
         Some(n) => PathBuf::from(n),
         None => PathBuf::from("root"),

@@ -104,7 +104,10 @@ async fn run(cli: Cli) -> i32 {
         }
         Cmd::Get(mut a) => {
             let dest = a.paths.pop().expect("clap: at least two paths");
-            let remotes = a.paths.iter().map(PathBuf::from).collect();
+            let remotes: Vec<PathBuf> = a.paths.iter().map(PathBuf::from).collect();
+            if let Err(e) = check_get_names(&remotes) {
+                return usage_error(&e);
+            }
             links = match (a.safe_links, a.links) {
                 (true, _) | (_, LinksArg::Safe) => LinkPolicy::Safe,
                 (_, LinksArg::Skip) => LinkPolicy::Skip,
@@ -249,6 +252,25 @@ fn largest_exit_code(outcomes: &[Outcome]) -> i32 {
         .map(|o| o.exit_code.unwrap_or(255))
         .max()
         .unwrap_or(0)
+}
+
+/// Refuses remote paths that would land on one local name (`/a/conf` and
+/// `/b/conf` both in `DEST/<host>/conf`): one would overwrite the other.
+fn check_get_names(remotes: &[PathBuf]) -> Result<(), String> {
+    let mut seen: BTreeMap<PathBuf, &PathBuf> = BTreeMap::new();
+    for r in remotes {
+        let name = engine::base_name(r);
+        if let Some(first) = seen.insert(name.clone(), r) {
+            return Err(format!(
+                "get: {} and {} would both be written to <host>/{}; fetch them in \
+                 separate runs, into different destinations",
+                first.display(),
+                r.display(),
+                name.display()
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Checks that every host can name a file in the output directories, and

@@ -637,6 +637,27 @@ fn operators_options_exclude_maxrc_gather_all_and_quiet() {
 }
 
 #[test]
+fn get_of_two_paths_with_one_name_is_refused() {
+    let dest = tempfile::tempdir().expect("temp dir");
+    let out = Command::new(USSH)
+        .args([
+            "get", "-F", "none", "-H", "h1,h2", "/a/conf", "/b/x", "/b/conf/",
+        ])
+        .arg(dest.path())
+        .stdin(Stdio::null())
+        .output()
+        .expect("run ussh");
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        stderr,
+        "ussh: get: /a/conf and /b/conf/ would both be written to <host>/conf; \
+         fetch them in separate runs, into different destinations\n"
+    );
+    assert_eq!(fs::read_dir(dest.path()).expect("dest").count(), 0);
+}
+
+#[test]
 fn get_and_put_trees_on_10_hosts_with_update() {
     let f = Fleet::start(3, "t", 10);
     let work = f.dir.path();
