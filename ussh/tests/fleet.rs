@@ -1707,6 +1707,7 @@ fn get_from_a_hostile_server_writes_only_beneath_its_host_directory() {
         let out = f.run(&[
             "get",
             "--json",
+            "--progress",
             "--timeout",
             "60",
             "-H",
