@@ -263,8 +263,12 @@ pub(crate) fn preferred_host_key_algorithms(
 }
 
 /// Appends one `name type base64` line, creating the file (and its
-/// directory) if needed. The rest of the file is left as it is.
+/// directory) if needed, readable by its owner only, as OpenSSH does. The
+/// rest of the file is left as it is; the line goes out in one write on an
+/// `O_APPEND` descriptor, so that sessions adding keys at once (threads or
+/// processes) do not interleave their lines.
 fn append(path: &Path, name: &str, key: &HostKey) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
     if knownhost_key_bits(key.key_type) == ffi::LIBSSH2_KNOWNHOST_KEY_UNKNOWN {
         return Err(std::io::Error::other("unknown key type"));
     }
@@ -275,6 +279,7 @@ fn append(path: &Path, name: &str, key: &HostKey) -> std::io::Result<()> {
         .create(true)
         .append(true)
         .read(true)
+        .mode(0o600)
         .open(path)?;
     // Never glue the entry onto a last line that lacks its newline.
     let len = f.metadata()?.len();
@@ -288,12 +293,12 @@ fn append(path: &Path, name: &str, key: &HostKey) -> std::io::Result<()> {
             prefix = "\n";
         }
     }
-    writeln!(
-        f,
-        "{prefix}{name} {} {}",
+    let line = format!(
+        "{prefix}{name} {} {}\n",
         key.key_type,
         base64_padded(&key.blob)
-    )
+    );
+    f.write_all(line.as_bytes())
 }
 
 const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";

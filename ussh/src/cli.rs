@@ -23,12 +23,51 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Cmd {
     /// Run a command on every host.
+    #[command(after_help = EXEC_HELP)]
     Exec(ExecArgs),
     /// Fetch remote files or trees from every host into DEST/<host>/...
+    #[command(after_help = GET_HELP)]
     Get(GetArgs),
     /// Push local files or trees into REMOTE_DIR on every host.
+    #[command(after_help = PUT_HELP)]
     Put(PutArgs),
 }
+
+const EXEC_HELP: &str = "\
+Examples:
+  ussh exec -H 'web[01-64]' -- uptime                 streamed, `host: line`
+  ussh exec -b -H 'web[01-64]' -x web13 -- uname -r   identical output folded
+  ussh exec -B -f hosts.txt -- 'systemctl status app'  stderr in the blocks too
+  ussh exec -S -q -H 'db[1-3]' -- /usr/local/bin/check  quiet; exit with the worst code
+  ussh exec --json -o StrictHostKeyChecking=accept-new -H 'new[1-9]' -- id
+  ussh exec --outdir out -e err -H 'web[01-64]' -- journalctl -b
+
+Exit status: 0 if every host succeeded; 1 if any failed (not reached or
+authenticated, a non-zero exit code, killed by a signal); with -S instead
+the largest exit code of the hosts (255 for a host not reached or killed
+by a signal); 2 for bad input; 130 if interrupted.";
+
+const GET_HELP: &str = "\
+Examples:
+  ussh get -H 'web[01-64]' /var/log/app ./logs        ./logs/web01/app/...
+  ussh get -H 'web[01-64]' /etc/hosts './etc/{host}'   ./etc/web01/hosts
+  ussh get -u -x 'web[60-64]' -H 'web[01-64]' /srv/data ./data
+
+Two remote paths with the same last component (/a/conf and /b/conf) would
+land on one file: such a get is refused (exit status 2); fetch them into
+different destinations.
+
+Exit status: 0 if every host succeeded; 1 if any failed (not reached or
+authenticated, any file failed); 2 for bad input; 130 if interrupted.";
+
+const PUT_HELP: &str = "\
+Examples:
+  ussh put -H 'web[01-64]' ./site /srv                 /srv/site on each host
+  ussh put -u --preserve -f hosts.txt ./conf /etc/app  only what changed moves
+  ussh put -H 'web[01-64]' ./build '/srv/{host}'
+
+Exit status: 0 if every host succeeded; 1 if any failed (not reached or
+authenticated, any file failed); 2 for bad input; 130 if interrupted.";
 
 /// Options every subcommand takes.
 #[derive(Debug, Args, Clone)]
@@ -38,6 +77,11 @@ pub struct Common {
     /// Repeatable.
     #[arg(short = 'H', long = "hosts", value_name = "NODESET")]
     pub hosts: Vec<String>,
+    /// Hosts to leave out, as a nodeset (`web[03-05]`); a host given
+    /// without user or port is left out whatever user or port it has.
+    /// Repeatable.
+    #[arg(short = 'x', long = "exclude", value_name = "NODESET")]
+    pub exclude: Vec<String>,
     /// A hosts file: one `[user@]host[:port]` per line, `#` comments;
     /// `-` is standard input. Repeatable. Without -H or -f, hosts are read
     /// from standard input when it is not a terminal.
@@ -62,6 +106,14 @@ pub struct Common {
     /// IdentityFile. Repeatable.
     #[arg(short = 'i', value_name = "KEY")]
     pub identity: Vec<PathBuf>,
+    /// An ssh_config option for every host, `Key=Value` or `'Key Value'`,
+    /// winning over the config files: HostName, Port, User, IdentityFile,
+    /// IdentitiesOnly, IdentityAgent, ConnectTimeout, ServerAliveInterval,
+    /// ServerAliveCountMax, UserKnownHostsFile, StrictHostKeyChecking
+    /// (yes, accept-new, no), Ciphers, KexAlgorithms, MACs,
+    /// HostKeyAlgorithms, BatchMode. Repeatable.
+    #[arg(short = 'o', value_name = "OPTION")]
+    pub options: Vec<String>,
     /// Do not use the ssh-agent.
     #[arg(long)]
     pub no_agent: bool,
@@ -111,8 +163,13 @@ pub struct Common {
     /// output.
     #[arg(long)]
     pub json: bool,
-    /// No progress and no per-host lines on standard error (failures and
-    /// the summary are still printed).
+    /// Show progress (a bar on a terminal, one line per host otherwise)
+    /// even with --json, which shows none by default.
+    #[arg(long, conflicts_with = "quiet")]
+    pub progress: bool,
+    /// Quiet on success: no progress, no per-host lines, and a summary
+    /// only of the hosts that did not succeed (nothing at all when every
+    /// host did). A command's own output is still printed.
     #[arg(short = 'q', long)]
     pub quiet: bool,
 }
@@ -127,6 +184,15 @@ pub struct ExecArgs {
     /// once, as one block (instead of streaming `host: line`).
     #[arg(short = 'b', long)]
     pub gather: bool,
+    /// As -b, with each host's stderr gathered into its block along with
+    /// its stdout (clush -B).
+    #[arg(short = 'B', long, conflicts_with_all = ["gather", "outdir", "errdir", "json"])]
+    pub gather_all: bool,
+    /// Exit with the largest exit code of the hosts (255 for a host whose
+    /// command did not end with one: not reached, or killed by a signal;
+    /// 130 still if interrupted), as clush -S and pdsh -S.
+    #[arg(short = 'S', long)]
+    pub maxrc: bool,
     /// Bytes of each host's stdout, and of its stderr, kept for -b and
     /// --json (default 8M; suffixes K, M, G are KiB, MiB, GiB; at least
     /// 1). Output past it is read and discarded, and reported as
@@ -136,8 +202,9 @@ pub struct ExecArgs {
     pub max_output: Option<String>,
     /// Write each host's stdout, whole, to DIR/<host> instead of the
     /// terminal (DIR is created; an existing file is overwritten, but a
-    /// symbolic link there is not followed: that host fails).
-    #[arg(short = 'o', long, value_name = "DIR", conflicts_with = "gather")]
+    /// symbolic link there is not followed: that host fails). pssh's `-o`;
+    /// here `-o` is ssh's option.
+    #[arg(long, value_name = "DIR", conflicts_with = "gather")]
     pub outdir: Option<PathBuf>,
     /// Write each host's stderr, whole, to DIR/<host> instead of the
     /// terminal.

@@ -3,6 +3,7 @@
 //! host's [`Outcome`]; nothing here stops another host.
 
 use std::cell::Cell;
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::Write;
@@ -19,7 +20,7 @@ use uring_ssh::sftp::{
     self, LinkPolicy, Progress, Sftp, TransferItem, TransferOptions, TransferReport,
     download_tree_over, upload_tree_over,
 };
-use uring_ssh::{Config, Error, MethodType, Session};
+use uring_ssh::{Config, Error, HostKeyError, MethodType, Session};
 
 use crate::ui::HostUi;
 
@@ -46,6 +47,9 @@ pub struct Plan {
     /// Why this host must not be connected to directly (it needs a proxy
     /// we do not support).
     pub blocked: Option<String>,
+    /// The known_hosts file its key is checked against (and, with
+    /// accept-new, added to).
+    pub known_hosts: PathBuf,
 }
 
 /// What to do on every host.
@@ -91,6 +95,8 @@ pub struct ExecOutput {
     pub outdir: Option<PathBuf>,
     /// Each host's stderr goes, whole, to the file `errdir/<host>`.
     pub errdir: Option<PathBuf>,
+    /// Stderr is collected with stdout, in one buffer, as it arrives (`-B`).
+    pub merge_stderr: bool,
 }
 
 /// Default of [`ExecOutput::max_output`]: 8 MiB.
@@ -223,7 +229,8 @@ pub struct Outcome {
     pub label: String,
     /// How it ended.
     pub status: Status,
-    /// The command's exit code.
+    /// The command's exit code: `None` when a signal ended it (the code a
+    /// server reports then means nothing) or it did not end.
     pub exit_code: Option<i32>,
     /// The signal that killed the command.
     pub signal: Option<String>,
@@ -313,6 +320,11 @@ impl Outcome {
             stderr_file: None,
             thread: None,
         }
+    }
+
+    /// Whether the command ran to its end (an exit code or a signal).
+    pub fn ended(&self) -> bool {
+        self.exit_code.is_some() || self.signal.is_some()
     }
 }
 
@@ -495,7 +507,7 @@ async fn connect(plan: &Plan) -> Result<Session, Fail> {
                     plan.port,
                     secs(t)
                 ),
-                Error::HostKey(_) => format!("{} (port {})", describe(&e), plan.port),
+                Error::HostKey(h) => host_key_problem(h, plan),
                 _ if before_banner(&e) => format!(
                     "connect to {host} port {}: {} (the server closed the connection \
                      before its banner: it may limit unauthenticated connections per \
@@ -510,6 +522,44 @@ async fn connect(plan: &Plan) -> Result<Session, Fail> {
             };
             Err(Fail { msg, retry })
         }
+    }
+}
+
+/// A host-key failure, with the file checked and what to do about it.
+fn host_key_problem(e: &HostKeyError, plan: &Plan) -> String {
+    let file = shell_word(&plan.known_hosts.to_string_lossy());
+    match e {
+        HostKeyError::Unknown { .. } => format!(
+            "{e}; checked {file}; to trust the key on first contact: \
+             -o StrictHostKeyChecking=accept-new, or add it once its fingerprint \
+             is checked: ssh-keyscan -p {} {} >> {file}",
+            plan.port,
+            shell_word(&plan.hostname)
+        ),
+        HostKeyError::Changed { .. } => {
+            let name = if plan.port == 22 {
+                plan.hostname.clone()
+            } else {
+                format!("[{}]:{}", plan.hostname, plan.port)
+            };
+            format!(
+                "{e} {file}; refused under StrictHostKeyChecking yes and accept-new \
+                 alike (accept-new only adds unknown hosts); if the server's key was replaced on purpose: \
+                 ssh-keygen -R {} -f {file}",
+                shell_word(&name)
+            )
+        }
+        _ => format!("{e} (port {})", plan.port),
+    }
+}
+
+/// `s` as one shell word: as it is when it needs no quoting.
+fn shell_word(s: &str) -> String {
+    let plain = |c: char| c.is_ascii_alphanumeric() || "@%+=:,./_-".contains(c);
+    if !s.is_empty() && s.chars().all(plain) {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', "'\\''"))
     }
 }
 
@@ -726,6 +776,11 @@ enum Sink<'a> {
     },
     /// Kept up to `cap` bytes; the rest counted and discarded.
     Keep { cap: usize, got: Captured },
+    /// As `Keep`, into a buffer both streams share.
+    Shared {
+        cap: usize,
+        got: Rc<RefCell<Captured>>,
+    },
     /// Written to a file as it arrives.
     File { file: File, path: PathBuf },
 }
@@ -746,6 +801,7 @@ impl Sink<'_> {
                 }
             }
             Sink::Keep { cap, got } => got.keep(data, *cap),
+            Sink::Shared { cap, got } => got.borrow_mut().keep(data, *cap),
             Sink::File { file, path } => file
                 .write_all(data)
                 .map_err(|e| format!("writing {}: {e}", path.display()))?,
@@ -753,7 +809,8 @@ impl Sink<'_> {
         Ok(())
     }
 
-    /// Flushes the last line; what was kept.
+    /// Flushes the last line; what was kept (a shared buffer is taken by
+    /// its owner instead).
     async fn finish(self) -> Captured {
         match self {
             Sink::Lines {
@@ -769,7 +826,7 @@ impl Sink<'_> {
                 Captured::default()
             }
             Sink::Keep { got, .. } => got,
-            Sink::File { .. } => Captured::default(),
+            Sink::Shared { .. } | Sink::File { .. } => Captured::default(),
         }
     }
 }
@@ -823,6 +880,14 @@ fn exec_sinks<'a>(
             },
         })
     };
+    if output.merge_stderr {
+        let got = Rc::new(RefCell::new(Captured::default()));
+        let shared = || Sink::Shared {
+            cap: output.max_output,
+            got: got.clone(),
+        };
+        return Ok((shared(), shared()));
+    }
     let so = sink(&output.outdir, collect, false)?;
     let se = sink(&output.errdir, ui.json(), true)?;
     for (s, file) in [(&so, &mut out.stdout_file), (&se, &mut out.stderr_file)] {
@@ -841,6 +906,11 @@ async fn exec(
     out: &mut Outcome,
 ) -> Result<(), String> {
     let fail = |what: &str, e: Error| format!("{what}: {}", describe(&e));
+    // The buffer both streams share (-B), taken once both have ended.
+    let merged = match &so {
+        Sink::Shared { got, .. } => Some(got.clone()),
+        _ => None,
+    };
     let mut ch = session
         .exec(command)
         .await
@@ -853,11 +923,14 @@ async fn exec(
         pump(stderr, se, "reading error output"),
     )
     .await;
-    let (o, e) = (ro?, re?);
+    let (mut o, e) = (ro?, re?);
+    if let Some(got) = merged {
+        o = got.take();
+    }
     let st = ch.wait().await.map_err(|e| fail("waiting for exit", e))?;
     out.stdout = Arc::new(o);
     out.stderr = e;
-    out.exit_code = Some(st.code);
+    out.exit_code = st.signal.is_none().then_some(st.code);
     out.signal = st.signal.clone();
     if st.success() {
         out.status = Status::Ok;
@@ -881,7 +954,8 @@ pub fn local_root(dest: &str, label: &str) -> PathBuf {
     }
 }
 
-fn base_name(p: &Path) -> PathBuf {
+/// The name a fetched or pushed path takes in its destination directory.
+pub fn base_name(p: &Path) -> PathBuf {
     match p.file_name() {
         Some(n) => PathBuf::from(n),
         None => PathBuf::from("root"),

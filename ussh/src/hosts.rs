@@ -352,6 +352,22 @@ pub fn dedup(targets: Vec<Target>) -> Vec<Target> {
         .collect()
 }
 
+/// Drops the targets an exclusion names (`-x`): the same host, and the
+/// same user and port where the exclusion gives them (`-x web01` drops
+/// `ops@web01:2222` too; `-x ops@web01` drops only that user's).
+pub fn exclude(targets: Vec<Target>, excluded: &[Target]) -> Vec<Target> {
+    targets
+        .into_iter()
+        .filter(|t| {
+            !excluded.iter().any(|x| {
+                x.host == t.host
+                    && x.user.as_ref().is_none_or(|u| t.user.as_ref() == Some(u))
+                    && x.port.is_none_or(|p| t.port == Some(p))
+            })
+        })
+        .collect()
+}
+
 /// A `--shard I/N` selection: hosts whose position (from 0) modulo `count`
 /// is `index - 1`. `index` counts from 1.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -482,6 +498,14 @@ pub fn fold<S: AsRef<str>>(names: &[S]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn exclusions_drop_matching_hosts() {
+        let all = expand("web[01-04],ops@web05,web06:2222").unwrap();
+        let x = expand("web[02-03],web05,root@web06,web04:22").unwrap();
+        let kept: Vec<String> = exclude(all, &x).iter().map(|t| t.to_string()).collect();
+        assert_eq!(kept, ["web01", "web04", "web06:2222"]);
+    }
 
     fn names(expr: &str) -> Vec<String> {
         expand(expr)

@@ -82,9 +82,11 @@ fn usage_error(msg: &str) -> i32 {
 async fn run(cli: Cli) -> i32 {
     let mut links = LinkPolicy::Keep;
     let mut follow_external_links = false;
+    let mut maxrc = false;
     let (common, op, transfer_opts, name) = match cli.cmd {
         Cmd::Exec(a) => {
-            let collect = a.gather || a.common.json;
+            maxrc = a.maxrc;
+            let collect = a.gather || a.gather_all || a.common.json;
             let max_output = match a.max_output.as_deref().map(cli::parse_size) {
                 None => engine::DEFAULT_MAX_OUTPUT,
                 Some(Ok(n)) => usize::try_from(n).unwrap_or(usize::MAX),
@@ -95,6 +97,7 @@ async fn run(cli: Cli) -> i32 {
                 line_cap: engine::STREAM_LINE_CAP.min(max_output),
                 outdir: a.outdir,
                 errdir: a.errdir,
+                merge_stderr: a.gather_all,
             };
             (
                 a.common,
@@ -109,7 +112,10 @@ async fn run(cli: Cli) -> i32 {
         }
         Cmd::Get(mut a) => {
             let dest = a.paths.pop().expect("clap: at least two paths");
-            let remotes = a.paths.iter().map(PathBuf::from).collect();
+            let remotes: Vec<PathBuf> = a.paths.iter().map(PathBuf::from).collect();
+            if let Err(e) = check_get_names(&remotes) {
+                return usage_error(&e);
+            }
             links = match (a.safe_links, a.links) {
                 (true, _) | (_, LinksArg::Safe) => LinkPolicy::Safe,
                 (_, LinksArg::Skip) => LinkPolicy::Skip,
@@ -224,6 +230,7 @@ async fn run(cli: Cli) -> i32 {
         transfer_opts.is_some(),
         common.quiet,
         common.json,
+        common.progress,
     );
     ui.set_threads(threads);
     if let Op::Put { locals, .. } = &job.op {
@@ -235,22 +242,59 @@ async fn run(cli: Cli) -> i32 {
     if gather {
         ui::print_gathered(&outcomes);
     }
-    ui::print_summary(name, &outcomes, transfer_opts.is_some(), ui.elapsed());
+    ui::print_summary(
+        name,
+        &outcomes,
+        transfer_opts.is_some(),
+        ui.elapsed(),
+        common.quiet,
+    );
     if threads > 1 && !common.quiet {
         ui::print_threads(&outcomes, threads, transfer_opts.is_some());
     }
-    if !common.no_pq_warning {
+    if !common.no_pq_warning && !common.quiet {
         ui::print_pq_line(&outcomes);
     }
     if interrupted {
         eprintln!("ussh: interrupted: every session was dropped; finished hosts are listed above");
         return EXIT_INTERRUPTED;
     }
-    if outcomes.iter().all(|o| o.status == Status::Ok) {
+    if maxrc {
+        largest_exit_code(&outcomes)
+    } else if outcomes.iter().all(|o| o.status == Status::Ok) {
         0
     } else {
         1
     }
+}
+
+/// `-S`: the largest exit code of the hosts; 255, as ssh exits, for a host
+/// whose command did not end with one (not reached, killed by a signal).
+fn largest_exit_code(outcomes: &[Outcome]) -> i32 {
+    outcomes
+        .iter()
+        .map(|o| o.exit_code.unwrap_or(255))
+        .max()
+        .unwrap_or(0)
+}
+
+/// Refuses remote paths that would land on one local name (`/a/conf` and
+/// `/b/conf` both in `DEST/<host>/conf`): one would overwrite the other.
+fn check_get_names(remotes: &[PathBuf]) -> Result<(), String> {
+    let mut seen: BTreeMap<PathBuf, &PathBuf> = BTreeMap::new();
+    for r in remotes {
+        let name = engine::base_name(r);
+        if let Some(first) = seen.insert(name.clone(), r) {
+            return Err(format!(
+                "get: {} and {} would both be written to <host>/{}; fetch them in \
+                 separate runs, into different destinations",
+                first.display(),
+                r.display(),
+                name.display()
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Checks that every host can name a file in the output directories, and
@@ -443,6 +487,13 @@ fn collect_targets(c: &Common) -> Result<Vec<Target>, String> {
         from_stdin(&mut out)?;
     }
     let mut out = hosts::dedup(out);
+    if !c.exclude.is_empty() {
+        let mut excluded = Vec::new();
+        for x in &c.exclude {
+            excluded.extend(hosts::expand(x).map_err(|e| format!("-x: {e}"))?);
+        }
+        out = hosts::exclude(out, &excluded);
+    }
     if let Some(s) = &c.shard {
         out = Shard::parse(s)?.select(out);
     }
@@ -453,6 +504,12 @@ fn collect_targets(c: &Common) -> Result<Vec<Target>, String> {
 }
 
 fn load_config(c: &Common) -> Result<SshConfig, String> {
+    let mut config = load_config_files(c)?;
+    config.add_options(&c.options)?;
+    Ok(config)
+}
+
+fn load_config_files(c: &Common) -> Result<SshConfig, String> {
     match &c.config {
         Some(p) if p.as_os_str() == "none" => Ok(SshConfig::default()),
         Some(p) => {
@@ -509,7 +566,7 @@ fn make_plans(targets: &[Target], cfg: &SshConfig, c: &Common) -> Result<Vec<Pla
             .connect_timeout(connect_timeout)
             .timeout(Some(op_timeout))
             .keepalive(keepalive, s.server_alive_count_max.unwrap_or(3))
-            .known_hosts(Some(known_hosts))
+            .known_hosts(Some(known_hosts.clone()))
             .host_key_policy(policy);
         // Lists from an ssh config were written for OpenSSH, whose
         // algorithms we may lack (sntrup761…): those names are left out,
@@ -587,6 +644,7 @@ fn make_plans(targets: &[Target], cfg: &SshConfig, c: &Common) -> Result<Vec<Pla
             identities,
             agent,
             blocked,
+            known_hosts,
         });
     }
     if !unsupported.is_empty() {

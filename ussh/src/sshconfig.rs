@@ -378,6 +378,78 @@ impl SshConfig {
     }
 }
 
+/// The directives [`SshConfig::add_options`] takes, as ssh spells them:
+/// those this module honours.
+pub const OPTIONS: [&str; 16] = [
+    "HostName",
+    "Port",
+    "User",
+    "IdentityFile",
+    "IdentitiesOnly",
+    "IdentityAgent",
+    "ConnectTimeout",
+    "ServerAliveInterval",
+    "ServerAliveCountMax",
+    "UserKnownHostsFile",
+    "StrictHostKeyChecking",
+    "Ciphers",
+    "KexAlgorithms",
+    "MACs",
+    "HostKeyAlgorithms",
+    "BatchMode",
+];
+
+impl SshConfig {
+    /// Adds command-line options (`-o Key=Value`, or `-o 'Key Value'`) for
+    /// every host, ahead of the files' lines: as with ssh, they win. An
+    /// option not in [`OPTIONS`], or a bad value, is an error naming it.
+    pub fn add_options(&mut self, options: &[String]) -> Result<(), String> {
+        let mut directives = Vec::new();
+        for opt in options {
+            let line = opt.trim();
+            let split = line
+                .find(|c: char| c.is_whitespace() || c == '=')
+                .unwrap_or(line.len());
+            let name = &line[..split];
+            let mut rest = line[split..].trim_start();
+            if let Some(r) = rest.strip_prefix('=') {
+                rest = r.trim_start();
+            }
+            let Some(known) = OPTIONS.iter().find(|o| o.eq_ignore_ascii_case(name)) else {
+                return Err(format!(
+                    "-o {opt:?}: {name:?} is not an ssh option ussh understands \
+                     (it understands: {}); exec's output directory is --outdir DIR",
+                    OPTIONS.join(", ")
+                ));
+            };
+            let args = split_args(rest);
+            if args.is_empty() {
+                return Err(format!("-o {opt:?}: {known} needs a value (Key=Value)"));
+            }
+            let d = Directive {
+                key: known.to_ascii_lowercase(),
+                name: known.to_string(),
+                args,
+                at: format!("-o {opt:?}"),
+            };
+            // Bad values are refused now, before any host is resolved.
+            apply(&mut HostSettings::default(), &d, "")?;
+            directives.push(d);
+        }
+        if !directives.is_empty() {
+            self.blocks.insert(
+                0,
+                Block {
+                    cond: Condition::Host(vec!["*".into()]),
+                    at: "-o".into(),
+                    directives,
+                },
+            );
+        }
+        Ok(())
+    }
+}
+
 /// Files named by an `Include` argument: `*` and `?` in the last component.
 fn glob_files(p: &Path) -> Vec<PathBuf> {
     let name = p
@@ -658,6 +730,34 @@ Host *
         fs::write(dir.path().join("l8"), "Host x\n Port 2\n").unwrap();
         let e = SshConfig::load(&dir.path().join("l0")).unwrap_err();
         assert!(e.contains("included"), "{e}");
+    }
+
+    #[test]
+    fn command_line_options_win_and_bad_ones_are_named() {
+        let mut c = SshConfig::parse("Host a\n Port 1\n User u\n IdentityFile /k1\n", "f").unwrap();
+        c.add_options(&[
+            "Port=2".into(),
+            "stricthostkeychecking accept-new".into(),
+            "IdentityFile = /k0".into(),
+            "UserKnownHostsFile=\"/a b/kh\"".into(),
+        ])
+        .unwrap();
+        let s = c.resolve("a").unwrap();
+        assert_eq!(s.port, Some(2));
+        assert_eq!(s.user.as_deref(), Some("u"));
+        assert_eq!(s.strict_host_key_checking, Some(StrictMode::AcceptNew));
+        assert_eq!(
+            s.identity_files,
+            [PathBuf::from("/k0"), PathBuf::from("/k1")]
+        );
+        assert_eq!(s.user_known_hosts_file, Some(PathBuf::from("/a b/kh")));
+        assert_eq!(c.resolve("other").unwrap().port, Some(2));
+        let err = |o: &str| SshConfig::default().add_options(&[o.into()]).unwrap_err();
+        assert!(err("ProxyJump=b").contains("\"ProxyJump\" is not an ssh option"));
+        assert!(err("out").contains("--outdir"));
+        assert!(err("Port=").contains("Port needs a value"));
+        assert!(err("Port=x").contains("bad port"));
+        assert!(err("StrictHostKeyChecking=maybe").contains("maybe"));
     }
 
     #[test]

@@ -100,10 +100,12 @@ pub fn human_bytes(n: u64) -> String {
 }
 
 impl Ui {
-    /// A bar on a terminal unless `quiet` or `json`; plain lines otherwise
-    /// unless `quiet`.
-    pub fn new(total: usize, transfer: bool, quiet: bool, json: bool) -> Ui {
+    /// A bar on a terminal unless `quiet`; plain lines otherwise unless
+    /// `quiet`. With `json`, neither unless `progress`: standard error is
+    /// then left to failures and the summary.
+    pub fn new(total: usize, transfer: bool, quiet: bool, json: bool, progress: bool) -> Ui {
         let tty = std::io::stderr().is_terminal();
+        let quiet = quiet || (json && !progress);
         let bar = (tty && !quiet).then(|| {
             let b = ProgressBar::with_draw_target(
                 Some(total as u64),
@@ -317,11 +319,48 @@ impl Ui {
     }
 }
 
-/// Bytes as a JSON string, without a copy when they are UTF-8.
-fn json_text(data: Vec<u8>) -> serde_json::Value {
+/// Standard base64 (RFC 4648, padded).
+pub fn base64(data: &[u8]) -> String {
+    const ABC: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
+    for chunk in data.chunks(3) {
+        let b = [
+            chunk[0],
+            chunk.get(1).copied().unwrap_or(0),
+            chunk.get(2).copied().unwrap_or(0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            out.push(if i <= chunk.len() {
+                ABC[(n >> (18 - 6 * i)) as usize & 63] as char
+            } else {
+                '='
+            });
+        }
+    }
+    out
+}
+
+/// Sets `name` to the bytes as a JSON string when they are UTF-8 (without a
+/// copy), else to null with `name_b64` holding them in base64: a tool must
+/// never get replacement characters in place of the bytes sent. A cap that
+/// cut a character in two drops its first bytes too (counted as dropped)
+/// rather than turning the whole stream into base64.
+fn put_text(v: &mut serde_json::Value, name: &str, got: &mut Captured) {
+    let data = std::mem::take(&mut got.data);
     match String::from_utf8(data) {
-        Ok(s) => s.into(),
-        Err(e) => String::from_utf8_lossy(e.as_bytes()).into_owned().into(),
+        Ok(s) => v[name] = s.into(),
+        Err(e) if got.truncated() && e.utf8_error().error_len().is_none() => {
+            let valid = e.utf8_error().valid_up_to();
+            let mut data = e.into_bytes();
+            got.dropped += (data.len() - valid) as u64;
+            data.truncate(valid);
+            v[name] = String::from_utf8(data).expect("valid prefix").into();
+        }
+        Err(e) => {
+            v[name] = serde_json::Value::Null;
+            v[format!("{name}_b64")] = base64(e.as_bytes()).into();
+        }
     }
 }
 
@@ -343,21 +382,21 @@ pub fn json_record(o: &mut Outcome) -> serde_json::Value {
         "kex": o.kex,
         "error": o.error,
     });
-    if o.exit_code.is_some() {
+    if o.ended() {
         let stdout = Arc::make_mut(&mut o.stdout);
         for (name, got, file) in [
             ("stdout", stdout, &o.stdout_file),
             ("stderr", &mut o.stderr, &o.stderr_file),
         ] {
-            v[format!("{name}_truncated")] = got.truncated().into();
-            v[format!("{name}_dropped")] = got.dropped.into();
             match file {
                 Some(path) => {
                     v[name] = serde_json::Value::Null;
                     v[format!("{name}_file")] = path.to_string_lossy().into_owned().into();
                 }
-                None => v[name] = json_text(std::mem::take(&mut got.data)),
+                None => put_text(&mut v, name, got),
             }
+            v[format!("{name}_truncated")] = got.truncated().into();
+            v[format!("{name}_dropped")] = got.dropped.into();
         }
     }
     v
@@ -386,7 +425,7 @@ pub fn truncation_marker(c: &Captured) -> String {
 /// headed by their folded names; then the hosts that did not exit 0.
 pub fn print_gathered(outcomes: &[Outcome]) {
     let mut groups: BTreeMap<&Captured, Vec<&str>> = BTreeMap::new();
-    for o in outcomes.iter().filter(|o| o.exit_code.is_some()) {
+    for o in outcomes.iter().filter(|o| o.ended()) {
         groups.entry(&*o.stdout).or_default().push(&o.label);
     }
     let mut blocks: Vec<(String, usize, &Captured)> = groups
@@ -469,7 +508,23 @@ pub fn print_pq_line(outcomes: &[Outcome]) {
 
 /// The final summary on stderr: a table (per host when there are few,
 /// per status otherwise), each failing host's error, and the totals.
-pub fn print_summary(op: &str, outcomes: &[Outcome], transfer: bool, elapsed: Duration) {
+/// `quiet` leaves successful hosts out of the table, and prints nothing
+/// when every host succeeded.
+pub fn print_summary(op: &str, all: &[Outcome], transfer: bool, elapsed: Duration, quiet: bool) {
+    if quiet && all.iter().all(|o| o.status == Status::Ok) {
+        return;
+    }
+    let outcomes: Vec<Outcome>;
+    let outcomes = if quiet {
+        outcomes = all
+            .iter()
+            .filter(|o| o.status != Status::Ok)
+            .cloned()
+            .collect();
+        &outcomes[..]
+    } else {
+        all
+    };
     let mut w = std::io::stderr().lock();
     let per_host = outcomes.len() <= 32;
     let _ = writeln!(w);
@@ -556,6 +611,7 @@ pub fn print_summary(op: &str, outcomes: &[Outcome], transfer: bool, elapsed: Du
             let _ = writeln!(w, "  ... and {} more", bad.len() - 50);
         }
     }
+    let outcomes = all;
     let n = outcomes.len();
     let ok = outcomes.iter().filter(|o| o.status == Status::Ok).count();
     let stopped = outcomes

@@ -334,6 +334,329 @@ fn gathered_output_folds_identical_hosts() {
     );
 }
 
+/// Standard base64 decoded (the records' `_b64` fields).
+fn unbase64(s: &str) -> Vec<u8> {
+    let val = |c: u8| match c {
+        b'A'..=b'Z' => c - b'A',
+        b'a'..=b'z' => c - b'a' + 26,
+        b'0'..=b'9' => c - b'0' + 52,
+        b'+' => 62,
+        b'/' => 63,
+        _ => panic!("not base64: {s:?}"),
+    };
+    let mut out = Vec::new();
+    for q in s.as_bytes().chunks(4) {
+        assert_eq!(q.len(), 4, "unpadded base64: {s:?}");
+        let n = q
+            .iter()
+            .take_while(|&&c| c != b'=')
+            .fold(0u32, |n, &c| (n << 6) | u32::from(val(c)));
+        let pad = q.iter().filter(|&&c| c == b'=').count();
+        let n = n << (6 * pad);
+        out.extend_from_slice(&n.to_be_bytes()[1..4 - pad]);
+    }
+    out
+}
+
+#[test]
+fn json_records_signals_and_bytes_as_they_are() {
+    let f = Fleet::start(1, "j", 3);
+    // Bytes that are not UTF-8 on stdout, UTF-8 on stderr, then the shell
+    // kills itself.
+    let out = f.run(&[
+        "exec",
+        "--json",
+        "-H",
+        "j001",
+        "--",
+        "printf '\\377\\376'; printf 'caf\\303\\251\\n' >&2; kill -TERM $$",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let recs = json_records(&out);
+    assert_eq!(out.stdout.iter().filter(|&&b| b == b'\n').count(), 1);
+    let r = &recs["j001"];
+    assert_eq!(r["status"], "failed", "{r}");
+    assert_eq!(r["exit_code"], serde_json::Value::Null, "{r}");
+    assert_eq!(r["signal"], "TERM", "{r}");
+    assert_eq!(r["stdout"], serde_json::Value::Null, "{r}");
+    assert_eq!(
+        unbase64(r["stdout_b64"].as_str().expect("stdout_b64")),
+        [0xff, 0xfe],
+        "{r}"
+    );
+    assert_eq!(r["stderr"], "café\n", "{r}");
+    assert!(r.get("stderr_b64").is_none(), "{r}");
+    // No progress on stderr with --json: the summary only.
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("] j001:"), "{stderr}");
+    assert!(
+        stderr.contains("ussh exec: 1 hosts, 0 ok, 1 failed"),
+        "{stderr}"
+    );
+
+    // KILL, then an exit code; progress asked for.
+    let out = f.run(&[
+        "exec",
+        "--json",
+        "--progress",
+        "-H",
+        "j[001-003]",
+        "--",
+        "kill -KILL $$",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let recs = json_records(&out);
+    assert_eq!(recs.len(), 3);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 3);
+    for r in recs.values() {
+        assert_eq!(r["exit_code"], serde_json::Value::Null, "{r}");
+        assert_eq!(r["signal"], "KILL", "{r}");
+        assert_eq!(r["stdout"], "", "{r}");
+    }
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    for h in ["j001", "j002", "j003"] {
+        assert!(stderr.contains(&format!("] {h}: failed")), "{stderr}");
+    }
+    let out = f.run(&["exec", "--json", "-H", "j002", "--", "echo ok; exit 7"]);
+    let r = &json_records(&out)["j002"];
+    assert_eq!(
+        (r["exit_code"].as_i64(), &r["signal"]),
+        (Some(7), &serde_json::Value::Null),
+        "{r}"
+    );
+    assert_eq!(r["stdout"], "ok\n", "{r}");
+}
+
+#[test]
+fn first_contact_accept_new_adds_the_key_and_a_changed_key_stays_refused() {
+    let mut f = Fleet::start(1, "k", 1);
+    let s = &f.sshds[0];
+    let (port, user, key, host_key) = (s.port(), s.user(), s.user_key(), s.host_key_pub());
+    let kh = f.dir.path().join("fresh/known_hosts");
+    // No port, user nor known_hosts in the config: -o gives them.
+    let block = format!(
+        "Host new1\n    HostName 127.0.0.1\n    IdentityFile {}\n",
+        key.display()
+    );
+    f.append_config(&block);
+    let port_opt = format!("Port={port}");
+    let user_opt = format!("User {user}");
+    let kh_opt = format!("UserKnownHostsFile={}", kh.display());
+    let run = |strict: &str| {
+        let strict = format!("StrictHostKeyChecking={strict}");
+        f.run(&[
+            "exec",
+            "-o",
+            &port_opt,
+            "-o",
+            &user_opt,
+            "-o",
+            &kh_opt,
+            "-o",
+            &strict,
+            "-H",
+            "new1",
+            "--",
+            "echo reached",
+        ])
+    };
+    let entry = format!("[127.0.0.1]:{port} ");
+
+    // Strict: refused, naming the file and both ways to fix it.
+    let out = run("yes");
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let file = kh.display().to_string();
+    for want in [
+        format!("host key for [127.0.0.1]:{port} is not in known_hosts"),
+        format!("checked {file}"),
+        "-o StrictHostKeyChecking=accept-new".to_string(),
+        format!("ssh-keyscan -p {port} 127.0.0.1 >> {file}"),
+    ] {
+        assert!(stderr.contains(&want), "{want:?} in {stderr}");
+    }
+    assert!(!kh.exists(), "strict checking wrote {file}");
+
+    // accept-new: the key is added, owner-only, and the command runs.
+    let out = run("accept-new");
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "new1: reached\n");
+    let text = fs::read_to_string(&kh).expect("known_hosts written");
+    assert_eq!(text, format!("{entry}{host_key}\n"));
+    use std::os::unix::fs::PermissionsExt;
+    let mode = fs::metadata(&kh).expect("stat").permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "{mode:o}");
+    // Now strict checking passes, and nothing more is added.
+    let out = run("yes");
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(fs::read_to_string(&kh).expect("read"), text);
+
+    // Another server's key under this host's name: a changed key, refused
+    // even with accept-new, and the file left as it was.
+    let other = Sshd::start();
+    let forged = format!("{entry}{}\n", other.host_key_pub());
+    fs::write(&kh, &forged).expect("write");
+    let out = run("accept-new");
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("has CHANGED"), "{stderr}");
+    assert!(stderr.contains(&format!("known_hosts {file}")), "{stderr}");
+    assert!(
+        stderr.contains(&format!("ssh-keygen -R '[127.0.0.1]:{port}' -f {file}")),
+        "{stderr}"
+    );
+    assert!(out.stdout.is_empty());
+    assert_eq!(fs::read_to_string(&kh).expect("read"), forged);
+
+    // Options ussh does not know, or bad values, stop the run at once.
+    for (opt, want) in [
+        (
+            "ProxyJump=bastion",
+            "\"ProxyJump\" is not an ssh option ussh understands",
+        ),
+        ("Port=0", "Port: bad port"),
+        ("StrictHostKeyChecking=maybe", "\"maybe\""),
+        ("out", "--outdir DIR"),
+    ] {
+        let out = f.run(&["exec", "-o", opt, "-H", "new1", "--", "true"]);
+        assert_eq!(out.status.code(), Some(2), "{opt}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        assert!(stderr.contains(want), "{opt}: {stderr}");
+    }
+}
+
+#[test]
+fn operators_options_exclude_maxrc_gather_all_and_quiet() {
+    let f = Fleet::start(2, "x", 4);
+    // Odd aliases are on the first server.
+    let hosts_of = |out: &Output| json_records(out).into_keys().collect::<Vec<_>>();
+    let out = f.run(&[
+        "exec",
+        "--json",
+        "-H",
+        "x[001-004]",
+        "-x",
+        "x002",
+        "--",
+        "true",
+    ]);
+    assert_eq!(hosts_of(&out), ["x001", "x003", "x004"]);
+    let out = f.run(&[
+        "exec",
+        "--json",
+        "-H",
+        "x[001-004]",
+        "-x",
+        "x[003-004]",
+        "-x",
+        "x001",
+        "--",
+        "true",
+    ]);
+    assert_eq!(hosts_of(&out), ["x002"]);
+    let out = f.run(&["exec", "-H", "x001", "-x", "x001", "--", "true"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no hosts to work on"));
+
+    // -S: the largest exit code, not 1.
+    let codes = on_first_server(&f, "exit 3", "exit 5");
+    let out = f.run(&["exec", "-S", "-H", "x[001-004]", "--", &codes]);
+    assert_eq!(out.status.code(), Some(5));
+    let out = f.run(&["exec", "-S", "-H", "x001,x003", "--", &codes]);
+    assert_eq!(out.status.code(), Some(3));
+    let out = f.run(&["exec", "-H", "x[001-004]", "--", &codes]);
+    assert_eq!(out.status.code(), Some(1));
+    let out = f.run(&["exec", "-S", "-H", "x[001-004]", "--", "true"]);
+    assert_eq!(out.status.code(), Some(0));
+    // A host not reached counts as 255, as ssh's own exit code.
+    let mut g = Fleet::start(1, "y", 1);
+    g.append_config(&format!(
+        "Host down\n    HostName 127.0.0.1\n    Port {}\n",
+        closed_port()
+    ));
+    let out = g.run(&["exec", "-S", "-H", "y001,down", "--", "exit 4"]);
+    assert_eq!(out.status.code(), Some(255));
+
+    // -B: stderr in the gathered block, not streamed.
+    let out = f.run(&[
+        "exec",
+        "-B",
+        "-H",
+        "x[001-002]",
+        "--",
+        "echo out; sleep 0.2; echo err >&2",
+    ]);
+    assert_eq!(out.status.code(), Some(0));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.ends_with("x[001-002] (2)\n---------------\nout\nerr\n"),
+        "{stdout}"
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !stderr.contains("x001: err") && !stderr.contains("x002: err"),
+        "{stderr}"
+    );
+
+    // -q: nothing on stderr when every host succeeds; only the failures
+    // otherwise. The command's output is still printed.
+    let out = f.run(&["exec", "-q", "-H", "x[001-004]", "--", "true"]);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(out.stdout.is_empty() && out.stderr.is_empty(), "{out:?}");
+    let fail_first = on_first_server(&f, "exit 4", "echo fine");
+    let out = f.run(&["exec", "-q", "-H", "x[001-002]", "--", &fail_first]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "x002: fine\n");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("x001  failed"), "{stderr}");
+    assert!(!stderr.contains("x002"), "{stderr}");
+    assert!(
+        stderr.contains("ussh exec: 2 hosts, 1 ok, 1 failed"),
+        "{stderr}"
+    );
+
+    // Each subcommand's help has examples and its exit codes.
+    for sub in ["exec", "get", "put"] {
+        let out = Command::new(USSH)
+            .args([sub, "--help"])
+            .output()
+            .expect("help");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains("Examples:\n  ussh "), "{sub}: {text}");
+        assert!(
+            text.contains("Exit status: 0 if every host succeeded"),
+            "{sub}: {text}"
+        );
+    }
+    let out = Command::new(USSH)
+        .args(["exec", "--help"])
+        .output()
+        .expect("help");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("with -S instead"));
+}
+
+#[test]
+fn get_of_two_paths_with_one_name_is_refused() {
+    let dest = tempfile::tempdir().expect("temp dir");
+    let out = Command::new(USSH)
+        .args([
+            "get", "-F", "none", "-H", "h1,h2", "/a/conf", "/b/x", "/b/conf/",
+        ])
+        .arg(dest.path())
+        .stdin(Stdio::null())
+        .output()
+        .expect("run ussh");
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        stderr,
+        "ussh: get: /a/conf and /b/conf/ would both be written to <host>/conf; \
+         fetch them in separate runs, into different destinations\n"
+    );
+    assert_eq!(fs::read_dir(dest.path()).expect("dest").count(), 0);
+}
+
 #[test]
 fn get_and_put_trees_on_10_hosts_with_update() {
     let f = Fleet::start(3, "t", 10);
@@ -613,7 +936,15 @@ fn bad_input_is_one_clear_line() {
         // Host names that are not one path component cannot name output
         // files: refused before anything starts.
         (
-            &["exec", "-H", "b001,x/../../y", "-o", outdir, "--", "true"],
+            &[
+                "exec",
+                "-H",
+                "b001,x/../../y",
+                "--outdir",
+                outdir,
+                "--",
+                "true",
+            ],
             "--outdir: a host's name must be a plain file name; not usable: \"x/../../y\" (it contains '/')",
         ),
         (
@@ -980,8 +1311,17 @@ fn outdir_and_errdir_get_each_hosts_whole_output() {
         "echo normal; echo quiet >&2",
     );
     let (o, e) = (outdir.to_str().unwrap(), errdir.to_str().unwrap());
-    let (out, rss) =
-        f.run_measured(&["exec", "-o", o, "-e", e, "-H", "o[001-003]", "--", &command]);
+    let (out, rss) = f.run_measured(&[
+        "exec",
+        "--outdir",
+        o,
+        "-e",
+        e,
+        "-H",
+        "o[001-003]",
+        "--",
+        &command,
+    ]);
     eprintln!("peak RSS writing 20 MB to --outdir: {:.1} MiB", mib(rss));
     assert_rss_within("--outdir", rss, 0);
     assert_eq!(out.status.code(), Some(1), "o003 fails");
@@ -1022,7 +1362,7 @@ fn outdir_and_errdir_get_each_hosts_whole_output() {
     let out = f.run(&[
         "exec",
         "--json",
-        "-o",
+        "--outdir",
         o,
         "-H",
         "o[001-003]",
@@ -1367,6 +1707,7 @@ fn get_from_a_hostile_server_writes_only_beneath_its_host_directory() {
         let out = f.run(&[
             "get",
             "--json",
+            "--progress",
             "--timeout",
             "60",
             "-H",
