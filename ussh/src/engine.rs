@@ -50,6 +50,9 @@ pub struct Plan {
     /// The known_hosts file its key is checked against (and, with
     /// accept-new, added to).
     pub known_hosts: PathBuf,
+    /// `ProxyCommand`, tokens expanded: run by `sh -c` with one end of a
+    /// socketpair as its stdin and stdout, the session over the other.
+    pub proxy_command: Option<String>,
 }
 
 /// What to do on every host.
@@ -394,7 +397,8 @@ async fn run_inner(
         _ => None,
     };
     let turn = job.pacing.enter(&plan.hostname, plan.port).await;
-    let session = connect_with_retries(plan, job.retries, phase, out).await?;
+    // The proxy (if any) is reaped once the session is done with it.
+    let (session, _proxy) = connect_with_retries(plan, job.retries, phase, out).await?;
     out.kex = session.negotiated(MethodType::Kex);
     phase.set("authenticating");
     authenticate(&session, plan).await?;
@@ -437,13 +441,19 @@ async fn connect_with_retries(
     retries: u32,
     phase: &Cell<&'static str>,
     out: &mut Outcome,
-) -> Result<Session, String> {
+) -> Result<(Session, Option<Proxy>), String> {
     let mut attempt = 0u32;
     loop {
         attempt += 1;
         out.attempts = attempt;
         phase.set("connecting");
-        match connect(plan).await {
+        let connected = match plan.proxy_command.as_deref() {
+            Some(command) if !command.is_empty() => connect_proxied(plan, command)
+                .await
+                .map(|(s, p)| (s, Some(p))),
+            _ => connect(plan).await.map(|s| (s, None)),
+        };
+        match connected {
             Ok(s) => return Ok(s),
             Err(f) if f.retry && attempt <= retries => {
                 phase.set("waiting to retry");
@@ -519,6 +529,112 @@ async fn connect(plan: &Plan) -> Result<Session, Fail> {
                     describe(&e)
                 ),
                 _ => format!("connect to {host} port {}: {}", plan.port, describe(&e)),
+            };
+            Err(Fail { msg, retry })
+        }
+    }
+}
+
+/// A running `ProxyCommand`. Dropped, it is left a moment to end by itself
+/// (the session's end closes its stdin), then killed; a reaper thread
+/// waits for it, so no host waits and no zombie stays.
+pub struct Proxy(Option<std::process::Child>);
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            if !matches!(child.try_wait(), Ok(Some(_))) {
+                reap(child);
+            }
+        }
+    }
+}
+
+/// Hands `child` to the one reaper thread: children get a second to exit
+/// after their session, then are killed; all are waited for.
+fn reap(child: std::process::Child) {
+    use std::sync::mpsc;
+    static REAPER: Mutex<Option<mpsc::Sender<std::process::Child>>> = Mutex::new(None);
+    let mut tx = REAPER.lock().unwrap_or_else(|p| p.into_inner());
+    let sender = tx.get_or_insert_with(|| {
+        let (tx, rx) = mpsc::channel::<std::process::Child>();
+        std::thread::spawn(move || {
+            let mut waiting: Vec<(std::process::Child, Instant)> = Vec::new();
+            loop {
+                let timeout = if waiting.is_empty() {
+                    Duration::from_secs(3600)
+                } else {
+                    Duration::from_millis(50)
+                };
+                match rx.recv_timeout(timeout) {
+                    Ok(c) => waiting.push((c, Instant::now())),
+                    Err(mpsc::RecvTimeoutError::Timeout) => {}
+                    Err(mpsc::RecvTimeoutError::Disconnected) => return,
+                }
+                waiting.retain_mut(|(c, since)| {
+                    if since.elapsed() > Duration::from_secs(1) {
+                        let _ = c.kill();
+                        let _ = c.wait();
+                        return false;
+                    }
+                    !matches!(c.try_wait(), Ok(Some(_)) | Err(_))
+                });
+            }
+        });
+        tx
+    });
+    if let Err(mpsc::SendError(mut child)) = sender.send(child) {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+/// Connects through `command` (`ProxyCommand`, tokens expanded): `sh -c`
+/// with one end of a socketpair as its stdin and stdout, its stderr ours,
+/// as `ssh` runs it.
+async fn connect_proxied(plan: &Plan, command: &str) -> Result<(Session, Proxy), Fail> {
+    use std::os::fd::OwnedFd;
+    use std::process::{Command, Stdio};
+    let fail = |what: &str, e: std::io::Error| Fail {
+        msg: format!("ProxyCommand {command:?}: {what}: {e}"),
+        retry: false,
+    };
+    let (ours, theirs) =
+        std::os::unix::net::UnixStream::pair().map_err(|e| fail("socketpair", e))?;
+    let theirs = OwnedFd::from(theirs);
+    let stdin = theirs.try_clone().map_err(|e| fail("dup", e))?;
+    let child = Command::new("/bin/sh")
+        .arg("-c")
+        .arg(command)
+        .stdin(Stdio::from(stdin))
+        .stdout(Stdio::from(theirs))
+        .spawn()
+        .map_err(|e| fail("cannot start", e))?;
+    let proxy = Proxy(Some(child));
+    let t = plan.connect_timeout;
+    let connect = Session::connect_stream(
+        OwnedFd::from(ours),
+        &plan.hostname,
+        plan.port,
+        plan.config.clone(),
+    );
+    match tokio::time::timeout(t, connect).await {
+        Ok(Ok(s)) => Ok((s, proxy)),
+        Err(_) => Err(Fail {
+            msg: format!(
+                "through ProxyCommand {command:?}: no SSH handshake within {}",
+                secs(t)
+            ),
+            retry: true,
+        }),
+        Ok(Err(e)) => {
+            let retry = matches!(e, Error::Io(_) | Error::Timeout { .. }) || before_banner(&e);
+            let msg = match &e {
+                Error::HostKey(h) => host_key_problem(h, plan),
+                _ => format!(
+                    "through ProxyCommand {command:?}: {} (the command's own messages, if any, are above)",
+                    describe(&e)
+                ),
             };
             Err(Fail { msg, retry })
         }

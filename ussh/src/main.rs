@@ -628,12 +628,13 @@ fn make_plans(targets: &[Target], cfg: &SshConfig, c: &Common) -> Result<Vec<Pla
         let blocked = s
             .unsupported
             .iter()
-            .find(|u| {
-                u.name.eq_ignore_ascii_case("proxyjump")
-                    || u.name.eq_ignore_ascii_case("proxycommand")
-            })
+            .find(|u| u.name.eq_ignore_ascii_case("proxyjump"))
             .map(|u| format!("{} ({}) is not supported: not connecting", u.name, u.at))
             .or(no_algorithm);
+        let proxy_command = s
+            .proxy_command
+            .as_deref()
+            .map(|c| sshconfig::proxy_command(c, &t.to_string(), &hostname, port, &user));
         plans.push(Plan {
             label: t.to_string(),
             hostname,
@@ -645,6 +646,7 @@ fn make_plans(targets: &[Target], cfg: &SshConfig, c: &Common) -> Result<Vec<Pla
             agent,
             blocked,
             known_hosts,
+            proxy_command,
         });
     }
     if !unsupported.is_empty() {
@@ -655,7 +657,7 @@ fn make_plans(targets: &[Target], cfg: &SshConfig, c: &Common) -> Result<Vec<Pla
             })
             .collect();
         eprintln!(
-            "ussh: ssh config directives not supported (ignored; hosts needing ProxyJump or ProxyCommand are not connected to): {}",
+            "ussh: ssh config directives not supported (ignored; hosts needing ProxyJump are not connected to): {}",
             list.join(", ")
         );
     }

@@ -58,6 +58,10 @@ pub struct HostSettings {
     pub macs: Option<String>,
     /// `HostKeyAlgorithms`.
     pub host_key_algorithms: Option<String>,
+    /// `ProxyCommand`, its `%` tokens but `%p` expanded (the port is
+    /// known only once the whole configuration is read); `Some("")` for
+    /// `none`.
+    pub proxy_command: Option<String>,
     /// Directives that applied to this host but that ussh does not
     /// support, as `Name (file:line)`.
     pub unsupported: Vec<Unsupported>,
@@ -77,6 +81,8 @@ struct Directive {
     key: String,
     name: String,
     args: Vec<String>,
+    /// The value as written (`ProxyCommand` hands it to the shell as is).
+    raw: String,
     at: String,
 }
 
@@ -333,6 +339,7 @@ impl SshConfig {
                         key,
                         name: name.to_string(),
                         args,
+                        raw: rest.to_string(),
                         at,
                     };
                     self.current(origin).directives.push(d);
@@ -380,7 +387,7 @@ impl SshConfig {
 
 /// The directives [`SshConfig::add_options`] takes, as ssh spells them:
 /// those this module honours.
-pub const OPTIONS: [&str; 16] = [
+pub const OPTIONS: [&str; 17] = [
     "HostName",
     "Port",
     "User",
@@ -397,6 +404,7 @@ pub const OPTIONS: [&str; 16] = [
     "MACs",
     "HostKeyAlgorithms",
     "BatchMode",
+    "ProxyCommand",
 ];
 
 impl SshConfig {
@@ -430,6 +438,7 @@ impl SshConfig {
                 key: known.to_ascii_lowercase(),
                 name: known.to_string(),
                 args,
+                raw: rest.to_string(),
                 at: format!("-o {opt:?}"),
             };
             // Bad values are refused now, before any host is resolved.
@@ -496,6 +505,29 @@ fn percent(s: &str, alias: &str, host: &str, user: &str) -> String {
         }
     }
     out
+}
+
+/// A `ProxyCommand` with its tokens expanded: `%h` the host name, `%p`
+/// the port, `%r` the remote user, `%n` the alias, `%%` a percent sign (and
+/// the others [`percent`] knows).
+pub fn proxy_command(template: &str, alias: &str, host: &str, port: u16, user: &str) -> String {
+    // `%p` here; `%%` kept as a pair for `percent` to turn into one `%`.
+    let mut out = String::new();
+    let mut chars = template.chars().peekable();
+    while let Some(c) = chars.next() {
+        match (c, chars.peek()) {
+            ('%', Some('p')) => {
+                chars.next();
+                out.push_str(&port.to_string());
+            }
+            ('%', Some('%')) => {
+                chars.next();
+                out.push_str("%%");
+            }
+            _ => out.push(c),
+        }
+    }
+    percent(&out, alias, host, user)
 }
 
 fn yes_no(d: &Directive) -> Result<bool, String> {
@@ -567,6 +599,13 @@ fn apply(s: &mut HostSettings, d: &Directive, alias: &str) -> Result<(), String>
             })
         })?,
         "connecttimeout" => first(&mut s.connect_timeout, || number(d))?,
+        "proxycommand" => first(&mut s.proxy_command, || {
+            Ok(if d.raw.eq_ignore_ascii_case("none") {
+                String::new()
+            } else {
+                d.raw.clone()
+            })
+        })?,
         "serveraliveinterval" => first(&mut s.server_alive_interval, || number(d))?,
         "serveralivecountmax" => first(&mut s.server_alive_count_max, || number(d))?,
         "userknownhostsfile" => first(&mut s.user_known_hosts_file, || {
@@ -774,5 +813,26 @@ Host *
         assert!(!wildmatch("w?b*", "wb01"));
         assert!(wildmatch("*", ""));
         assert!(wildmatch("*.example.*", "a.example.org"));
+    }
+
+    #[test]
+    fn proxy_commands_are_kept_as_written_with_their_tokens_expanded() {
+        let mut c = SshConfig::parse(
+            "Host web*\n  ProxyCommand ssh -W %h:%p -l \"ops team\" bastion%%1\n",
+            "cfg",
+        )
+        .unwrap();
+        let s = c.resolve("web1").unwrap();
+        let t = s.proxy_command.as_deref().unwrap();
+        assert_eq!(t, "ssh -W %h:%p -l \"ops team\" bastion%%1");
+        assert_eq!(
+            proxy_command(t, "web1", "10.0.0.7", 2222, "deploy"),
+            "ssh -W 10.0.0.7:2222 -l \"ops team\" bastion%1"
+        );
+        c.add_options(&["ProxyCommand=none".into()]).unwrap();
+        assert_eq!(
+            c.resolve("web1").unwrap().proxy_command.as_deref(),
+            Some("")
+        );
     }
 }
