@@ -90,10 +90,16 @@ impl Ctx {
     }
 }
 
-// A configuration is moved to the pool thread.
+// A configuration is moved to the pool thread; the handles are what any
+// task of any runtime may hold.
 const _: () = {
     const fn send<T: Send>() {}
+    const fn send_sync<T: Send + Sync>() {}
     send::<Config>();
+    send_sync::<SessionHandle>();
+    send_sync::<SftpHandle>();
+    send::<RemoteProcess>();
+    send::<RemoteStderr>();
 };
 
 fn pool_closed() -> Error {
