@@ -138,6 +138,10 @@ pub enum RuntimeError {
         /// The engine asked for.
         asked: crate::reactor::Backend,
     },
+    /// The pool thread that owned a [`SessionHandle`](crate::SessionHandle)'s
+    /// session is gone: the pool shut down (or was dropped), and the session
+    /// was dropped with it.
+    PoolClosed,
 }
 
 /// What is wrong with a caller's input.
@@ -340,6 +344,9 @@ impl fmt::Display for RuntimeError {
                 f,
                 "this thread's reactor already runs on {running}, not {asked}"
             ),
+            RuntimeError::PoolClosed => f.write_str(
+                "the pool thread that owned this session has stopped (the pool shut down)",
+            ),
         }
     }
 }
@@ -457,6 +464,7 @@ impl Error {
             Error::Timeout { .. } => K::TimedOut,
             Error::HostKey(_) => K::PermissionDenied,
             Error::Kernel(_) => K::Unsupported,
+            Error::Runtime(RuntimeError::PoolClosed) => K::NotConnected,
             Error::Runtime(_) => K::Unsupported,
             Error::InvalidInput(_) => K::InvalidInput,
             Error::Closed(_) => K::NotConnected,

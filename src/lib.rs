@@ -79,6 +79,7 @@ mod forward;
 #[cfg(fuzzing)]
 #[doc(hidden)]
 pub mod fuzzing;
+mod handle;
 pub mod knownhosts;
 mod localdir;
 mod methods;
@@ -134,6 +135,10 @@ pub use error::{
     Error, HostKeyError, InvalidInput, KernelSupportError, RemoteProtocol, Result, RuntimeError,
 };
 pub use forward::{DEFAULT_ACCEPT_QUEUE, Listener, LocalForward, LocalForwardStats};
+pub use handle::{
+    EXEC_CHUNK, EXEC_MAX_BUFFERED, EXEC_QUEUE_CHUNKS, RemoteProcess, RemoteStderr, SFTP_READ_LIMIT,
+    SessionHandle, SftpHandle,
+};
 pub use knownhosts::{HostKey, HostKeyPolicy};
 pub use methods::{MethodType, Negotiated, is_post_quantum, supported_methods};
 pub use pool::{JoinError, JoinHandle, Pool, PoolConfig};

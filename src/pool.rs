@@ -6,7 +6,10 @@
 //! keeps it there: [`Pool::spawn`] sends a `Send` closure to the thread
 //! with the fewest live tasks, the closure builds the `!Send` future there,
 //! and a `Send` [`JoinHandle`] brings back its output (or its panic).
-//! Nothing crosses threads on the hot path.
+//! Nothing crosses threads on the hot path. For code that cannot live on a
+//! pool thread (tasks of a multi-thread runtime), [`Pool::connect`] gives a
+//! `Send` [`SessionHandle`](crate::SessionHandle) instead, at one hop
+//! between threads per call.
 //!
 //! [`Pool::shutdown`] (and dropping the pool) drops every task on its own
 //! thread, so each session torn down there keeps the usual Drop
