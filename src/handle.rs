@@ -144,7 +144,7 @@ impl Pool {
         host: &str,
         port: u16,
         config: Config,
-    ) -> impl Future<Output = Result<SessionHandle>> + Send + 'static {
+    ) -> impl Future<Output = Result<SessionHandle>> + Send + 'static + use<> {
         SessionHandle::connect(self, host, port, config)
     }
 
@@ -153,7 +153,7 @@ impl Pool {
         &self,
         addr: SocketAddr,
         config: Config,
-    ) -> impl Future<Output = Result<SessionHandle>> + Send + 'static {
+    ) -> impl Future<Output = Result<SessionHandle>> + Send + 'static + use<> {
         SessionHandle::connect_addr(self, addr, config)
     }
 }
@@ -170,7 +170,7 @@ impl SessionHandle {
         host: &str,
         port: u16,
         config: Config,
-    ) -> impl Future<Output = Result<SessionHandle>> + Send + 'static {
+    ) -> impl Future<Output = Result<SessionHandle>> + Send + 'static + use<> {
         let host = host.to_owned();
         Self::start(pool, move || {
             Box::pin(async move { Session::connect(&host, port, config).await })
@@ -183,16 +183,19 @@ impl SessionHandle {
         pool: &Pool,
         addr: SocketAddr,
         config: Config,
-    ) -> impl Future<Output = Result<SessionHandle>> + Send + 'static {
+    ) -> impl Future<Output = Result<SessionHandle>> + Send + 'static + use<> {
         Self::start(pool, move || {
             Box::pin(async move { Session::connect_addr(addr, config).await })
         })
     }
 
-    fn start(
+    fn start<F>(
         pool: &Pool,
-        connect: impl FnOnce() -> LocalBoxFuture<'static, Result<Session>> + Send + 'static,
-    ) -> impl Future<Output = Result<SessionHandle>> + Send + 'static {
+        connect: F,
+    ) -> impl Future<Output = Result<SessionHandle>> + Send + 'static + use<F>
+    where
+        F: FnOnce() -> LocalBoxFuture<'static, Result<Session>> + Send + 'static,
+    {
         let (tx, rx) = mpsc::unbounded_channel::<Job>();
         let (ready_tx, ready_rx) = oneshot::channel::<Result<()>>();
         // Detached: the task reports through `ready_tx`, and lives as long

@@ -75,6 +75,7 @@ fn client_main(a: Args) {
     client::raise_nofile();
     let f = match a.scenario.as_str() {
         "tcp-read" | "tcp-write" => tcp::tcp_client(&a),
+        _ if a.threads > 0 && a.via == "handle" => threads::via_handle(&a),
         _ if a.threads > 0 => threads::on_pool(&a),
         _ => {
             let rt = tokio::runtime::Builder::new_current_thread()

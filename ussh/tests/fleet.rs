@@ -878,7 +878,7 @@ fn failing_hosts_fail_alone() {
     assert_eq!(recs["proxied"]["attempts"], 0);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        stderr.contains("ProxyCommand are not connected to): ForwardAgent (")
+        stderr.contains("ProxyJump are not connected to): ForwardAgent (")
             && stderr.contains(", ProxyJump ("),
         "{stderr}"
     );
@@ -2304,4 +2304,92 @@ fn one_thread_or_two_move_the_same_files() {
             assert_eq!(got, want, "{host}");
         }
     }
+}
+
+/// Hosts reachable only through a `ProxyCommand` (`ssh -W` via the first
+/// server as a bastion) all succeed; `-o ProxyCommand=none` takes the
+/// proxy away and they fail by name; a proxy that exits fails its host
+/// alone, promptly.
+#[test]
+fn proxy_commands_reach_hosts_behind_a_bastion() {
+    let mut f = Fleet::start(2, "direct", 1);
+    let (bastion, target) = (&f.sshds[0], &f.sshds[1]);
+    // A name only the proxy's route knows: resolving it here fails.
+    let hidden = "behind-bastion.invalid";
+    let mut kh = fs::read_to_string(&f.known_hosts).expect("known_hosts");
+    kh.push_str(&format!(
+        "[{hidden}]:{} {}\n",
+        target.port(),
+        target.host_key_pub()
+    ));
+    fs::write(&f.known_hosts, kh).expect("known_hosts");
+    let proxy = format!(
+        "ssh -o BatchMode=yes -o IdentitiesOnly=yes -o StrictHostKeyChecking=yes \
+         -o UserKnownHostsFile={} -i {} -p {} -W 127.0.0.1:%p {}@127.0.0.1",
+        f.known_hosts.display(),
+        bastion.user_key().display(),
+        bastion.port(),
+        bastion.user(),
+    );
+    let mut text = String::new();
+    for i in 1..=8 {
+        text.push_str(&format!(
+            "Host pc{i:03}\n    HostName {hidden}\n    Port {}\n    User {}\n    IdentityFile {}\n    \
+             UserKnownHostsFile {}\n    ProxyCommand {proxy}\n",
+            target.port(),
+            target.user(),
+            target.user_key().display(),
+            f.known_hosts.display(),
+        ));
+    }
+    text.push_str(&format!(
+        "Host broken\n    HostName 127.0.0.1\n    Port {}\n    ProxyCommand exit 3\n",
+        target.port()
+    ));
+    f.append_config(&text);
+    let start = Instant::now();
+    let out = f.run(&[
+        "exec",
+        "--json",
+        "--retries",
+        "0",
+        "-H",
+        "pc[001-008],broken,direct001",
+        "--",
+        "echo through",
+    ]);
+    assert!(
+        start.elapsed() < Duration::from_secs(30),
+        "{:?}",
+        start.elapsed()
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let recs = json_records(&out);
+    for i in 1..=8 {
+        let r = &recs[&format!("pc{i:03}")];
+        assert_eq!(r["status"], "ok", "{r}");
+        assert_eq!(r["stdout"], "through\n");
+    }
+    assert_eq!(recs["direct001"]["status"], "ok");
+    let e = recs["broken"]["error"].as_str().expect("error").to_string();
+    assert!(e.contains("through ProxyCommand \"exit 3\""), "{e}");
+
+    let out = f.run(&[
+        "exec",
+        "--json",
+        "-o",
+        "ProxyCommand=none",
+        "--retries",
+        "0",
+        "-H",
+        "pc001",
+        "--",
+        "true",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let e = json_records(&out)["pc001"]["error"]
+        .as_str()
+        .expect("error")
+        .to_string();
+    assert!(e.contains(&format!("unknown host {hidden}")), "{e}");
 }
