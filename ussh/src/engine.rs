@@ -542,10 +542,10 @@ pub struct Proxy(Option<std::process::Child>);
 
 impl Drop for Proxy {
     fn drop(&mut self) {
-        if let Some(mut child) = self.0.take() {
-            if !matches!(child.try_wait(), Ok(Some(_))) {
-                reap(child);
-            }
+        if let Some(mut child) = self.0.take()
+            && !matches!(child.try_wait(), Ok(Some(_)))
+        {
+            reap(child);
         }
     }
 }
