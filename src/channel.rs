@@ -313,7 +313,8 @@ impl ChannelInner {
         Poll::Pending
     }
 
-    fn poll_write(&self, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+    /// Writes to stdin: bytes taken, or `Pending` under backpressure.
+    pub(crate) fn poll_write(&self, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
         ready!(self.poll_drive_pending(cx))?;
         let session = &self.session;
         // Backpressure before libssh2: its send callback must always take
@@ -347,7 +348,8 @@ impl ChannelInner {
         self.wait_transport(cx)
     }
 
-    fn poll_send_eof(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+    /// Flushes what was written, then sends EOF (once).
+    pub(crate) fn poll_send_eof(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         ready!(self.poll_flush(cx))?;
         if self.eof_sent.get() {
             return Poll::Ready(Ok(()));

@@ -122,6 +122,11 @@ pub mod notes {
     pub mod security {
         #![doc = include_str!("../kernel-notes/security.md")]
     }
+    /// The reactor's background tasks (the relays of sessions through a
+    /// jump session): why they exist and how they are woken and dropped.
+    pub mod background_tasks {
+        #![doc = include_str!("../kernel-notes/background-tasks.md")]
+    }
     /// What the tests, fault matrix, drop proofs and fuzz targets cover,
     /// and the commands to repeat them.
     pub mod testing {

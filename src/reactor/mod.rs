@@ -20,6 +20,7 @@
 
 #[cfg(test)]
 mod engine_tests;
+mod local;
 mod op;
 mod poll;
 mod probe;
@@ -132,6 +133,9 @@ pub struct Stats {
     /// socket calls, `epoll_wait`, `epoll_ctl` and timer calls on the poll
     /// engine. (The runtime's own wait for the reactor's fd is not counted.)
     pub syscalls: u64,
+    /// Background tasks the reactor runs (the relays of sessions through
+    /// a jump session).
+    pub background_tasks: u64,
 }
 
 impl std::ops::Add for Stats {
@@ -146,6 +150,7 @@ impl std::ops::Add for Stats {
             ops_in_flight: self.ops_in_flight + o.ops_in_flight,
             orphaned_outstanding: self.orphaned_outstanding + o.orphaned_outstanding,
             syscalls: self.syscalls + o.syscalls,
+            background_tasks: self.background_tasks + o.background_tasks,
         }
     }
 }
@@ -316,6 +321,8 @@ pub struct Reactor {
     features: Features,
     stats: Cell<Stats>,
     thread: ThreadId,
+    /// Background tasks the driver polls.
+    tasks: local::LocalTasks,
 }
 
 impl std::fmt::Debug for Reactor {
@@ -327,8 +334,28 @@ impl std::fmt::Debug for Reactor {
     }
 }
 
+/// The slot of a thread's reactor. On thread exit it drops the reactor's
+/// background tasks first: a task may hold a session, which holds the
+/// reactor, and the reactor would otherwise never be dropped.
+struct CurrentSlot(RefCell<Option<Rc<Reactor>>>);
+
+impl std::ops::Deref for CurrentSlot {
+    type Target = RefCell<Option<Rc<Reactor>>>;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl Drop for CurrentSlot {
+    fn drop(&mut self) {
+        if let Some(r) = self.0.get_mut().take() {
+            r.tasks.clear();
+        }
+    }
+}
+
 thread_local! {
-    static CURRENT: RefCell<Option<Rc<Reactor>>> = const { RefCell::new(None) };
+    static CURRENT: CurrentSlot = const { CurrentSlot(RefCell::new(None)) };
 }
 
 /// Creates this thread's reactor now (it is otherwise created on first use)
@@ -440,6 +467,7 @@ impl Reactor {
             features,
             stats: Cell::new(Stats::default()),
             thread: std::thread::current().id(),
+            tasks: local::LocalTasks::default(),
         }
     }
 
@@ -480,7 +508,10 @@ impl Reactor {
 
     /// A snapshot of the counters.
     pub fn stats(&self) -> Stats {
-        self.stats.get()
+        Stats {
+            background_tasks: self.tasks.len() as u64,
+            ..self.stats.get()
+        }
     }
 
     fn bump(&self, f: impl FnOnce(&mut Stats)) {
@@ -520,6 +551,7 @@ impl Reactor {
         self.driver_runtime.set(Some(handle.id()));
         self.driver_scheduled.set(false);
         *self.driver_waker.borrow_mut() = None;
+        self.tasks.set_driver(None);
         let _task = handle.spawn(Driver {
             fd,
             thread: self.thread,
@@ -557,6 +589,15 @@ impl Reactor {
     /// batched with everything else): work moved off a caller's path.
     pub(crate) fn run_soon(&self, callback: Callback) {
         self.start_with_callback(OpKind::Nop, Resources::default(), callback);
+    }
+
+    /// Runs `task` in the background on this thread: the driver task
+    /// polls it whenever its waker is called, in whichever current-thread
+    /// runtime drives the reactor, until it finishes. Tasks still running
+    /// when the thread exits are dropped then.
+    pub(crate) fn spawn_local(&self, task: impl std::future::Future<Output = ()> + 'static) {
+        self.tasks.spawn(Box::pin(task));
+        self.wake_driver();
     }
 
     /// Starts `kind`, cancelled if it has not completed within `timeout`
@@ -835,10 +876,16 @@ impl std::future::Future for Driver {
                 *w = Some(cx.waker().clone());
             }
         }
+        reactor.tasks.set_driver(Some(cx.waker()));
         for _ in 0..DRIVER_BUDGET {
             reactor.driver_scheduled.set(false);
             let delivered = reactor.tick();
-            if delivered > 0 || reactor.driver_scheduled.get() {
+            let polled = reactor.tasks.run_ready();
+            if delivered > 0
+                || polled > 0
+                || reactor.driver_scheduled.get()
+                || reactor.tasks.has_ready()
+            {
                 continue;
             }
             match self.fd.poll_read_ready(cx) {
@@ -865,6 +912,7 @@ impl Drop for Driver {
                 if r.driver_epoch.get() == self.epoch {
                     r.driver_runtime.set(None);
                     *r.driver_waker.borrow_mut() = None;
+                    r.tasks.set_driver(None);
                     // What was queued in this runtime's last tick (a drop's
                     // cancel, shutdown and close) still reaches the kernel.
                     r.engine.submit_now(r);

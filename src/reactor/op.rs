@@ -184,6 +184,33 @@ impl Reactor {
         self.start_with_callback(super::OpKind::Recv(len), resources, callback)
     }
 
+    /// `recv(2)` into `buf[..len]`, awaited.
+    pub(crate) fn recv_awaited(self: &Rc<Self>, fd: &Rc<SharedFd>, buf: Vec<u8>, len: usize) -> Op {
+        assert!(len <= buf.len(), "recv of {len} bytes into {}", buf.len());
+        let resources = Resources {
+            buf,
+            fd: Some(fd.clone()),
+            ..Resources::default()
+        };
+        self.start_op(super::OpKind::Recv(len), resources)
+    }
+
+    /// `send(2)` of all of `buf[offset..]`, awaited.
+    pub(crate) fn send_awaited(
+        self: &Rc<Self>,
+        fd: &Rc<SharedFd>,
+        buf: Vec<u8>,
+        offset: usize,
+    ) -> Op {
+        let resources = Resources {
+            buf,
+            offset,
+            fd: Some(fd.clone()),
+            ..Resources::default()
+        };
+        self.start_op(super::OpKind::Send, resources)
+    }
+
     /// `shutdown(2)` with SHUT_RDWR, detached: nobody waits for it.
     pub(crate) fn shutdown_detached(&self, fd: &Rc<SharedFd>) {
         let resources = Resources {

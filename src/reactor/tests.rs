@@ -829,3 +829,55 @@ fn task_work_values_parse() {
     let e = TaskWork::parse("deferred").unwrap_err().to_string();
     assert!(e.contains("URING_SSH_TASK_WORK"), "{e}");
 }
+
+/// A background task runs with nobody polling it, woken from another
+/// thread, and leaves the reactor when it ends.
+#[tokio::test]
+async fn a_background_task_runs_unpolled_and_is_woken_from_any_thread() {
+    let reactor = warm_reactor().await;
+    let (tx, rx) = tokio::sync::oneshot::channel::<u32>();
+    let got = Rc::new(std::cell::Cell::new(0));
+    let seen = got.clone();
+    reactor.spawn_local(async move {
+        seen.set(rx.await.unwrap_or(0));
+    });
+    assert_eq!(reactor.stats().background_tasks, 1);
+    std::thread::spawn(move || tx.send(7).unwrap())
+        .join()
+        .unwrap();
+    let ok = settle(&reactor, |s| s.background_tasks == 0, |_| {}).await;
+    assert!(ok, "the task did not finish within {PATIENCE:?}");
+    assert_eq!(got.get(), 7);
+}
+
+/// Tasks still pending when their thread exits are dropped, even one
+/// holding the reactor (which would otherwise keep itself alive).
+#[test]
+fn pending_background_tasks_are_dropped_at_thread_exit() {
+    struct Flag(std::sync::Arc<std::sync::atomic::AtomicBool>);
+    impl Drop for Flag {
+        fn drop(&mut self) {
+            self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+    let dropped = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = Flag(dropped.clone());
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let reactor = warm_reactor().await;
+            let held = reactor.clone();
+            reactor.spawn_local(async move {
+                let _keep = (held, flag);
+                std::future::pending::<()>().await;
+            });
+            super::nop().await.unwrap();
+        });
+    })
+    .join()
+    .unwrap();
+    assert!(dropped.load(std::sync::atomic::Ordering::SeqCst));
+}

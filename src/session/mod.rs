@@ -7,6 +7,7 @@ mod auth;
 pub(crate) mod call;
 pub(crate) mod children;
 pub(crate) mod config;
+mod jump;
 mod keepalive;
 
 use std::cell::{Cell, RefCell};

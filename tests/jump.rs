@@ -1,0 +1,256 @@
+//! Sessions through jump sessions (`Session::connect_via`) against real
+//! sshds: many sessions through one jump, a chain of two jumps, a session
+//! dropped mid-transfer, a jump host that dies. Its own test binary: the
+//! leak counters it reads are process-wide.
+
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+use tokio::io::AsyncReadExt;
+use uring_ssh::Session;
+use uring_ssh_testkit::sshd::Sshd;
+use uring_ssh_testkit::util::{config, connect, hex, open_fds, settle, wait_until};
+
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+const MIB: usize = 1 << 20;
+
+/// How long a failure may take to reach the sessions behind a jump.
+const PROMPT: Duration = Duration::from_secs(10);
+
+/// A session to `target` through `jump`, authenticated.
+async fn through(jump: &Session, target: &Sshd) -> Session {
+    let s = Session::connect_via(jump, "127.0.0.1", target.port(), config(target))
+        .await
+        .expect("handshake through the jump session");
+    s.auth_pubkey_file(&target.user(), &target.user_key(), None)
+        .await
+        .expect("auth through the jump session");
+    s
+}
+
+/// Runs a command printing `len` bytes of a fixed pattern and checks
+/// their SHA-256 against the same bytes made here.
+async fn exec_checked(s: &Session, len: usize) {
+    let mut ch = s
+        .exec(&format!("yes 0123456789abcdef | head -c {len}"))
+        .await
+        .expect("exec");
+    let mut out = Vec::new();
+    ch.read_to_end(&mut out).await.expect("read");
+    assert!(ch.wait().await.expect("exit").success());
+    let want: Vec<u8> = b"0123456789abcdef\n"
+        .iter()
+        .copied()
+        .cycle()
+        .take(len)
+        .collect();
+    assert_eq!(out.len(), want.len());
+    assert_eq!(hex(&Sha256::digest(&out)), hex(&Sha256::digest(&want)));
+}
+
+/// Runs `echo` on `s`, within [`PROMPT`].
+async fn echo_ok(s: &Session) {
+    tokio::time::timeout(PROMPT, async {
+        let mut ch = s.exec("echo ok").await.expect("exec");
+        let mut out = String::new();
+        ch.read_to_string(&mut out).await.expect("read");
+        assert_eq!(out, "ok\n");
+        assert!(ch.wait().await.expect("exit").success());
+    })
+    .await
+    .expect("a command on the session must not hang");
+}
+
+/// Waits until the relays of dropped sessions have ended, ops have
+/// settled and libssh2 holds no memory (every session is gone).
+async fn settled_empty() {
+    wait_until(PROMPT, "relays to end", || {
+        uring_ssh::reactor::stats().is_some_and(|s| s.background_tasks == 0)
+    })
+    .await;
+    let stats = settle(PROMPT).await;
+    assert_eq!(stats.ops_in_flight, 0, "{stats:?}");
+    assert_eq!(stats.orphaned_outstanding, 0, "{stats:?}");
+    wait_until(PROMPT, "libssh2 memory to be freed", || {
+        uring_ssh::libssh2_bytes_outstanding() == 0
+    })
+    .await;
+    assert_eq!(uring_ssh::leaked_objects(), 0);
+}
+
+/// Waits (bounded) until this process has at most `baseline` fds open:
+/// another test's thread may still be closing its reactor's.
+fn fds_back_to(rt: &tokio::runtime::Runtime, baseline: usize) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let now = loop {
+        let now = rt.block_on(async { open_fds() });
+        if now <= baseline || Instant::now() > deadline {
+            break now;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(
+        now <= baseline,
+        "fds: {now} open, {baseline} at the baseline"
+    );
+}
+
+#[test]
+fn eight_sessions_through_one_jump_move_their_bytes_intact() {
+    let _g = serial();
+    let sshd = Sshd::start();
+    runtime().block_on(async {
+        let jump = connect(&sshd).await;
+        let runs = (0..8).map(|_| async {
+            let s = through(&jump, &sshd).await;
+            exec_checked(&s, 8 * MIB).await;
+            s
+        });
+        let sessions = futures::future::join_all(runs).await;
+        assert_eq!(
+            uring_ssh::reactor::stats().unwrap().background_tasks,
+            8,
+            "one relay per session through the jump"
+        );
+        for s in &sessions {
+            s.close("done").await.expect("close");
+        }
+        drop(sessions);
+        echo_ok(&jump).await;
+        jump.close("done").await.expect("close the jump");
+        drop(jump);
+        settled_empty().await;
+    });
+}
+
+#[test]
+fn a_chain_of_two_jumps_carries_a_session() {
+    let _g = serial();
+    let sshd = Sshd::start();
+    runtime().block_on(async {
+        let jump1 = connect(&sshd).await;
+        let jump2 = through(&jump1, &sshd).await;
+        let inner = through(&jump2, &sshd).await;
+        assert!(inner.host_key().is_some());
+        exec_checked(&inner, 8 * MIB).await;
+        // Dropped innermost first or not: the relays keep what they need.
+        drop(jump1);
+        drop(jump2);
+        echo_ok(&inner).await;
+        drop(inner);
+        settled_empty().await;
+    });
+}
+
+#[test]
+fn a_session_dropped_mid_transfer_is_freed_and_spares_its_jump() {
+    let _g = serial();
+    let sshd = Sshd::start();
+    let rt = runtime();
+    // The baseline counts this thread's reactor (its ring or epoll fd, and
+    // the fd its driver task watches).
+    let fds = rt.block_on(async {
+        uring_ssh::reactor::nop().await.expect("reactor");
+        open_fds()
+    });
+    rt.block_on(async {
+        let jump = connect(&sshd).await;
+        let keep = through(&jump, &sshd).await;
+        let gone = through(&jump, &sshd).await;
+        let mut ch = gone
+            .exec("yes 0123456789abcdef | head -c 1000000000")
+            .await
+            .expect("exec");
+        let mut buf = vec![0u8; 4 * MIB];
+        ch.read_exact(&mut buf).await.expect("read 4 MiB");
+        let started = Instant::now();
+        drop(ch);
+        drop(gone);
+        let took = started.elapsed();
+        assert!(took < Duration::from_millis(100), "drop took {took:?}");
+        // Its relay ends; the jump and the other session go on.
+        wait_until(PROMPT, "the dropped session's relay to end", || {
+            uring_ssh::reactor::stats().is_some_and(|s| s.background_tasks == 1)
+        })
+        .await;
+        echo_ok(&jump).await;
+        exec_checked(&keep, MIB).await;
+        drop(keep);
+        drop(jump);
+        settled_empty().await;
+    });
+    fds_back_to(&rt, fds);
+}
+
+#[test]
+fn a_jump_that_dies_fails_only_the_sessions_behind_it() {
+    let _g = serial();
+    let target = Sshd::start();
+    let doomed_host = Sshd::start();
+    let rt = runtime();
+    rt.block_on(async {
+        let jump = connect(&target).await;
+        let doomed_jump = connect(&doomed_host).await;
+        let spared = through(&jump, &target).await;
+        let doomed = through(&doomed_jump, &target).await;
+        // A command that would run for a minute, mid-output.
+        let mut ch = doomed.exec("echo started; sleep 60").await.expect("exec");
+        let mut line = [0u8; 8];
+        ch.read_exact(&mut line).await.expect("first line");
+        drop(doomed_host);
+        let started = Instant::now();
+        let mut rest = Vec::new();
+        let r = tokio::time::timeout(PROMPT, ch.read_to_end(&mut rest))
+            .await
+            .expect("the session behind a dead jump must fail, not hang");
+        assert!(r.is_err(), "read after the jump died: {r:?}");
+        assert!(started.elapsed() < PROMPT);
+        assert!(doomed.is_closed());
+        assert!(doomed_jump.is_closed());
+        let e = tokio::time::timeout(PROMPT, doomed.exec("true"))
+            .await
+            .expect("no hang")
+            .expect_err("a new command behind a dead jump fails");
+        eprintln!("behind the dead jump: {e}");
+        // The session through the other jump does not notice.
+        exec_checked(&spared, MIB).await;
+        echo_ok(&jump).await;
+        drop((ch, doomed, doomed_jump, spared, jump));
+        settled_empty().await;
+    });
+}
+
+#[test]
+fn closing_a_jump_fails_the_sessions_behind_it() {
+    let _g = serial();
+    let sshd = Sshd::start();
+    runtime().block_on(async {
+        let jump = connect(&sshd).await;
+        let inner = through(&jump, &sshd).await;
+        echo_ok(&inner).await;
+        tokio::time::timeout(PROMPT, jump.close("done"))
+            .await
+            .expect("close of a jump must not hang")
+            .expect("close");
+        wait_until(PROMPT, "the session behind to fail", || inner.is_closed()).await;
+        let e = tokio::time::timeout(PROMPT, inner.exec("true"))
+            .await
+            .expect("no hang")
+            .expect_err("a command behind a closed jump fails");
+        eprintln!("behind the closed jump: {e}");
+        drop((inner, jump));
+        settled_empty().await;
+    });
+}
