@@ -95,6 +95,12 @@ pub struct Common {
     /// none).
     #[arg(short = 'F', value_name = "FILE")]
     pub config: Option<PathBuf>,
+    /// Jump hosts to reach every host through, as `ssh -J`:
+    /// `[user@]host[:port]`, comma-separated, the first reached directly
+    /// (each a host or alias of the ssh config). Wins over the config's
+    /// `ProxyJump` and `ProxyCommand`.
+    #[arg(short = 'J', long = "jump", value_name = "HOPS")]
+    pub jump: Option<String>,
     /// Remote user when neither the host (`user@host`) nor the config names
     /// one.
     #[arg(short = 'l', long = "user", value_name = "USER")]

@@ -53,6 +53,9 @@ pub struct Plan {
     /// `ProxyCommand`, tokens expanded: run by `sh -c` with one end of a
     /// socketpair as its stdin and stdout, the session over the other.
     pub proxy_command: Option<String>,
+    /// Jump hosts, the first reached directly, this host through the last
+    /// (`-J`, `ProxyJump`); empty: none.
+    pub jumps: Vec<Plan>,
 }
 
 /// What to do on every host.
@@ -332,9 +335,9 @@ impl Outcome {
 }
 
 /// A failure to reach a host, and whether trying again may help.
-struct Fail {
-    msg: String,
-    retry: bool,
+pub(crate) struct Fail {
+    pub(crate) msg: String,
+    pub(crate) retry: bool,
 }
 
 /// One line for a library error, without the OS error number.
@@ -346,7 +349,7 @@ pub fn describe(e: &Error) -> String {
     }
 }
 
-fn secs(d: Duration) -> String {
+pub(crate) fn secs(d: Duration) -> String {
     let s = d.as_secs_f64();
     if s.fract() == 0.0 {
         format!("{s:.0} s")
@@ -441,16 +444,19 @@ async fn connect_with_retries(
     retries: u32,
     phase: &Cell<&'static str>,
     out: &mut Outcome,
-) -> Result<(Session, Option<Proxy>), String> {
+) -> Result<(Session, Option<Via>), String> {
     let mut attempt = 0u32;
     loop {
         attempt += 1;
         out.attempts = attempt;
         phase.set("connecting");
         let connected = match plan.proxy_command.as_deref() {
+            _ if !plan.jumps.is_empty() => crate::jump::connect_through(plan)
+                .await
+                .map(|(s, lease)| (s, Some(Via::Jump(lease)))),
             Some(command) if !command.is_empty() => connect_proxied(plan, command)
                 .await
-                .map(|(s, p)| (s, Some(p))),
+                .map(|(s, p)| (s, Some(Via::Command(p)))),
             _ => connect(plan).await.map(|s| (s, None)),
         };
         match connected {
@@ -483,7 +489,7 @@ fn backoff(label: &str, attempt: u32) -> Duration {
     Duration::from_millis(base + (h % (base / 4 + 1)))
 }
 
-async fn connect(plan: &Plan) -> Result<Session, Fail> {
+pub(crate) async fn connect(plan: &Plan) -> Result<Session, Fail> {
     let host = plan.hostname.as_str();
     if host.parse::<std::net::IpAddr>().is_err() {
         // Resolve first, so that an unknown name gets a line of its own
@@ -533,6 +539,15 @@ async fn connect(plan: &Plan) -> Result<Session, Fail> {
             Err(Fail { msg, retry })
         }
     }
+}
+
+/// What a session reached its host through, kept as long as the session.
+#[expect(dead_code, reason = "held for what its drop does")]
+pub enum Via {
+    /// A `ProxyCommand`.
+    Command(Proxy),
+    /// A jump session's lease.
+    Jump(crate::jump::Lease),
 }
 
 /// A running `ProxyCommand`. Dropped, it is left a moment to end by itself
@@ -642,7 +657,7 @@ async fn connect_proxied(plan: &Plan, command: &str) -> Result<(Session, Proxy),
 }
 
 /// A host-key failure, with the file checked and what to do about it.
-fn host_key_problem(e: &HostKeyError, plan: &Plan) -> String {
+pub(crate) fn host_key_problem(e: &HostKeyError, plan: &Plan) -> String {
     let file = shell_word(&plan.known_hosts.to_string_lossy());
     match e {
         HostKeyError::Unknown { .. } => format!(
@@ -680,7 +695,7 @@ fn shell_word(s: &str) -> String {
 }
 
 /// A connection reset or closed before the server's identification line.
-fn before_banner(e: &Error) -> bool {
+pub(crate) fn before_banner(e: &Error) -> bool {
     let text = e.to_string();
     text.contains("banner")
         || matches!(e, Error::Io(io) if io.kind() == std::io::ErrorKind::ConnectionReset)
@@ -695,7 +710,7 @@ fn session_gone(e: &Error) -> bool {
     )
 }
 
-async fn authenticate(session: &Session, plan: &Plan) -> Result<(), String> {
+pub(crate) async fn authenticate(session: &Session, plan: &Plan) -> Result<(), String> {
     let user = plan.user.as_str();
     let mut tried = Vec::new();
     if let Some(sock) = &plan.agent {

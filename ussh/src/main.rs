@@ -5,6 +5,7 @@
 
 mod cli;
 mod engine;
+mod jump;
 mod ui;
 
 use std::collections::BTreeMap;
@@ -522,132 +523,163 @@ fn load_config_files(c: &Common) -> Result<SshConfig, String> {
     }
 }
 
+/// The plan of one host (or, with `hop`, of a jump host on the way to
+/// one: `-l` and `-p` are the destination's only), counting the config
+/// directives it met that ussh does not support.
+fn plan_for(
+    t: &Target,
+    cfg: &SshConfig,
+    c: &Common,
+    hop: bool,
+    unsupported: &mut BTreeMap<String, (String, usize)>,
+) -> Result<Plan, String> {
+    let home = sshconfig::home();
+    let s = cfg.resolve(&t.host)?;
+    for u in &s.unsupported {
+        unsupported
+            .entry(u.name.clone())
+            .or_insert_with(|| (u.at.clone(), 0))
+            .1 += 1;
+    }
+    let user = t
+        .user
+        .clone()
+        .or_else(|| c.user.clone().filter(|_| !hop))
+        .or_else(|| s.user.clone())
+        .unwrap_or_else(sshconfig::local_user);
+    let port = t.port.or(c.port.filter(|_| !hop)).or(s.port).unwrap_or(22);
+    let hostname = s.hostname.clone().unwrap_or_else(|| t.host.clone());
+    let connect_timeout = c
+        .connect_timeout
+        .map(Duration::from_secs_f64)
+        .or(s.connect_timeout.map(Duration::from_secs))
+        .unwrap_or(Duration::from_secs(30));
+    let op_timeout = Duration::from_secs(60).max(connect_timeout);
+    let keepalive = match s.server_alive_interval {
+        Some(0) => None,
+        Some(n) => Some(Duration::from_secs(n)),
+        None => Some(Duration::from_secs(30)),
+    };
+    let policy = match s.strict_host_key_checking {
+        None | Some(StrictMode::Yes) => HostKeyPolicy::Strict,
+        Some(StrictMode::AcceptNew) => HostKeyPolicy::AcceptNew,
+        Some(StrictMode::No) => HostKeyPolicy::InsecureAcceptAny,
+    };
+    let known_hosts = s
+        .user_known_hosts_file
+        .clone()
+        .unwrap_or_else(|| home.join(".ssh/known_hosts"));
+    let mut config = Config::new()
+        .connect_timeout(connect_timeout)
+        .timeout(Some(op_timeout))
+        .keepalive(keepalive, s.server_alive_count_max.unwrap_or(3))
+        .known_hosts(Some(known_hosts.clone()))
+        .host_key_policy(policy);
+    // Lists from an ssh config were written for OpenSSH, whose
+    // algorithms we may lack (sntrup761…): those names are left out,
+    // and a list left empty blocks the host with a line naming it.
+    let mut no_algorithm = None;
+    let mut known = |what: &str, kind: MethodType, list: &str| {
+        let kept = supported_subset(kind, list);
+        if kept.is_empty() {
+            no_algorithm.get_or_insert(format!(
+                "{what} {list}: none of these is supported by this build"
+            ));
+        }
+        kept
+    };
+    if let Some(v) = &c.ciphers {
+        config = config.ciphers(v);
+    } else if let Some(v) = &s.ciphers {
+        config = config.ciphers(&known("Ciphers", MethodType::CipherClientToServer, v));
+    }
+    if let Some(v) = &c.kex {
+        config = config.method(MethodType::Kex, v.clone());
+    } else if let Some(v) = &s.kex_algorithms {
+        config = config.method(MethodType::Kex, known("KexAlgorithms", MethodType::Kex, v));
+    }
+    if let Some(v) = &s.macs {
+        let v = known("MACs", MethodType::MacClientToServer, v);
+        config = config
+            .method(MethodType::MacClientToServer, v.clone())
+            .method(MethodType::MacServerToClient, v);
+    }
+    if let Some(v) = &s.host_key_algorithms {
+        config = config.method(
+            MethodType::HostKey,
+            known("HostKeyAlgorithms", MethodType::HostKey, v),
+        );
+    }
+    let mut identities: Vec<PathBuf> = c.identity.clone();
+    identities.extend(s.identity_files.iter().cloned());
+    let explicit = !identities.is_empty();
+    if !explicit {
+        for k in ["id_ed25519", "id_ecdsa", "id_rsa"] {
+            let p = home.join(".ssh").join(k);
+            if p.exists() {
+                identities.push(p);
+            }
+        }
+    }
+    let agent = if c.no_agent || (s.identities_only == Some(true) && explicit) {
+        None
+    } else {
+        match &s.identity_agent {
+            Some(p) if p.as_os_str().is_empty() => None,
+            Some(p) => Some(Some(p.clone())),
+            None if std::env::var_os("SSH_AUTH_SOCK").is_some() => Some(None),
+            None => None,
+        }
+    };
+    let blocked = no_algorithm;
+    // Jump hosts: -J, else the config's ProxyJump; either wins over a
+    // ProxyCommand. A hop's own ProxyJump is not followed: the list is
+    // the whole path.
+    let jump_spec = if hop {
+        None
+    } else {
+        c.jump.clone().or_else(|| s.proxy_jump.clone())
+    };
+    let mut jumps = Vec::new();
+    for h in jump_spec.iter().flat_map(|j| j.split(',')) {
+        let h = h.trim();
+        if h.is_empty() {
+            continue;
+        }
+        let hop_target = Target::parse(h).map_err(|e| format!("jump host {h:?}: {e}"))?;
+        jumps.push(plan_for(&hop_target, cfg, c, true, unsupported)?);
+    }
+    let proxy_command = match (&jump_spec, s.proxy_command.as_deref()) {
+        (Some(_), _) | (None, None) => None,
+        (None, Some(cmd)) => Some(sshconfig::proxy_command(
+            cmd,
+            &t.to_string(),
+            &hostname,
+            port,
+            &user,
+        )),
+    };
+    Ok(Plan {
+        label: t.to_string(),
+        hostname,
+        port,
+        user,
+        config,
+        connect_timeout,
+        identities,
+        agent,
+        blocked,
+        known_hosts,
+        proxy_command,
+        jumps,
+    })
+}
+
 fn make_plans(targets: &[Target], cfg: &SshConfig, c: &Common) -> Result<Vec<Plan>, String> {
     let mut unsupported: BTreeMap<String, (String, usize)> = BTreeMap::new();
     let mut plans = Vec::with_capacity(targets.len());
-    let home = sshconfig::home();
     for t in targets {
-        let s = cfg.resolve(&t.host)?;
-        for u in &s.unsupported {
-            unsupported
-                .entry(u.name.clone())
-                .or_insert_with(|| (u.at.clone(), 0))
-                .1 += 1;
-        }
-        let user = t
-            .user
-            .clone()
-            .or_else(|| c.user.clone())
-            .or_else(|| s.user.clone())
-            .unwrap_or_else(sshconfig::local_user);
-        let port = t.port.or(c.port).or(s.port).unwrap_or(22);
-        let hostname = s.hostname.clone().unwrap_or_else(|| t.host.clone());
-        let connect_timeout = c
-            .connect_timeout
-            .map(Duration::from_secs_f64)
-            .or(s.connect_timeout.map(Duration::from_secs))
-            .unwrap_or(Duration::from_secs(30));
-        let op_timeout = Duration::from_secs(60).max(connect_timeout);
-        let keepalive = match s.server_alive_interval {
-            Some(0) => None,
-            Some(n) => Some(Duration::from_secs(n)),
-            None => Some(Duration::from_secs(30)),
-        };
-        let policy = match s.strict_host_key_checking {
-            None | Some(StrictMode::Yes) => HostKeyPolicy::Strict,
-            Some(StrictMode::AcceptNew) => HostKeyPolicy::AcceptNew,
-            Some(StrictMode::No) => HostKeyPolicy::InsecureAcceptAny,
-        };
-        let known_hosts = s
-            .user_known_hosts_file
-            .clone()
-            .unwrap_or_else(|| home.join(".ssh/known_hosts"));
-        let mut config = Config::new()
-            .connect_timeout(connect_timeout)
-            .timeout(Some(op_timeout))
-            .keepalive(keepalive, s.server_alive_count_max.unwrap_or(3))
-            .known_hosts(Some(known_hosts.clone()))
-            .host_key_policy(policy);
-        // Lists from an ssh config were written for OpenSSH, whose
-        // algorithms we may lack (sntrup761…): those names are left out,
-        // and a list left empty blocks the host with a line naming it.
-        let mut no_algorithm = None;
-        let mut known = |what: &str, kind: MethodType, list: &str| {
-            let kept = supported_subset(kind, list);
-            if kept.is_empty() {
-                no_algorithm.get_or_insert(format!(
-                    "{what} {list}: none of these is supported by this build"
-                ));
-            }
-            kept
-        };
-        if let Some(v) = &c.ciphers {
-            config = config.ciphers(v);
-        } else if let Some(v) = &s.ciphers {
-            config = config.ciphers(&known("Ciphers", MethodType::CipherClientToServer, v));
-        }
-        if let Some(v) = &c.kex {
-            config = config.method(MethodType::Kex, v.clone());
-        } else if let Some(v) = &s.kex_algorithms {
-            config = config.method(MethodType::Kex, known("KexAlgorithms", MethodType::Kex, v));
-        }
-        if let Some(v) = &s.macs {
-            let v = known("MACs", MethodType::MacClientToServer, v);
-            config = config
-                .method(MethodType::MacClientToServer, v.clone())
-                .method(MethodType::MacServerToClient, v);
-        }
-        if let Some(v) = &s.host_key_algorithms {
-            config = config.method(
-                MethodType::HostKey,
-                known("HostKeyAlgorithms", MethodType::HostKey, v),
-            );
-        }
-        let mut identities: Vec<PathBuf> = c.identity.clone();
-        identities.extend(s.identity_files.iter().cloned());
-        let explicit = !identities.is_empty();
-        if !explicit {
-            for k in ["id_ed25519", "id_ecdsa", "id_rsa"] {
-                let p = home.join(".ssh").join(k);
-                if p.exists() {
-                    identities.push(p);
-                }
-            }
-        }
-        let agent = if c.no_agent || (s.identities_only == Some(true) && explicit) {
-            None
-        } else {
-            match &s.identity_agent {
-                Some(p) if p.as_os_str().is_empty() => None,
-                Some(p) => Some(Some(p.clone())),
-                None if std::env::var_os("SSH_AUTH_SOCK").is_some() => Some(None),
-                None => None,
-            }
-        };
-        // A host behind a proxy must not be reached directly instead.
-        let blocked = s
-            .unsupported
-            .iter()
-            .find(|u| u.name.eq_ignore_ascii_case("proxyjump"))
-            .map(|u| format!("{} ({}) is not supported: not connecting", u.name, u.at))
-            .or(no_algorithm);
-        let proxy_command = s
-            .proxy_command
-            .as_deref()
-            .map(|c| sshconfig::proxy_command(c, &t.to_string(), &hostname, port, &user));
-        plans.push(Plan {
-            label: t.to_string(),
-            hostname,
-            port,
-            user,
-            config,
-            connect_timeout,
-            identities,
-            agent,
-            blocked,
-            known_hosts,
-            proxy_command,
-        });
+        plans.push(plan_for(t, cfg, c, false, &mut unsupported)?);
     }
     if !unsupported.is_empty() {
         let list: Vec<String> = unsupported
@@ -657,7 +689,7 @@ fn make_plans(targets: &[Target], cfg: &SshConfig, c: &Common) -> Result<Vec<Pla
             })
             .collect();
         eprintln!(
-            "ussh: ssh config directives not supported (ignored; hosts needing ProxyJump are not connected to): {}",
+            "ussh: ssh config directives not supported (ignored): {}",
             list.join(", ")
         );
     }

@@ -62,6 +62,9 @@ pub struct HostSettings {
     /// known only once the whole configuration is read); `Some("")` for
     /// `none`.
     pub proxy_command: Option<String>,
+    /// `ProxyJump`: `[user@]host[:port]` hops, comma-separated, the first
+    /// reached directly; `Some("")` for `none`.
+    pub proxy_jump: Option<String>,
     /// Directives that applied to this host but that ussh does not
     /// support, as `Name (file:line)`.
     pub unsupported: Vec<Unsupported>,
@@ -387,7 +390,7 @@ impl SshConfig {
 
 /// The directives [`SshConfig::add_options`] takes, as ssh spells them:
 /// those this module honours.
-pub const OPTIONS: [&str; 17] = [
+pub const OPTIONS: [&str; 18] = [
     "HostName",
     "Port",
     "User",
@@ -405,6 +408,7 @@ pub const OPTIONS: [&str; 17] = [
     "HostKeyAlgorithms",
     "BatchMode",
     "ProxyCommand",
+    "ProxyJump",
 ];
 
 impl SshConfig {
@@ -599,6 +603,13 @@ fn apply(s: &mut HostSettings, d: &Directive, alias: &str) -> Result<(), String>
             })
         })?,
         "connecttimeout" => first(&mut s.connect_timeout, || number(d))?,
+        "proxyjump" => first(&mut s.proxy_jump, || {
+            Ok(if d.args[0].eq_ignore_ascii_case("none") {
+                String::new()
+            } else {
+                d.args.join(",")
+            })
+        })?,
         "proxycommand" => first(&mut s.proxy_command, || {
             Ok(if d.raw.eq_ignore_ascii_case("none") {
                 String::new()
@@ -701,8 +712,8 @@ Host *
         assert!(w.identity_files[0].ends_with(".ssh/web_key"));
         assert_eq!(w.user_known_hosts_file, Some(PathBuf::from("/tmp/kh")));
         let names: Vec<&str> = w.unsupported.iter().map(|u| u.name.as_str()).collect();
-        assert_eq!(names, ["ProxyJump", "Match", "ForwardAgent"]);
-        assert_eq!(w.unsupported[0].at, "cfg:9");
+        assert_eq!(names, ["Match", "ForwardAgent"]);
+        assert_eq!(w.proxy_jump.as_deref(), Some("bastion"));
 
         let n = c.resolve("web13").unwrap();
         assert_eq!(n.hostname.as_deref(), Some("10.9.9.9"));
@@ -792,7 +803,7 @@ Host *
         assert_eq!(s.user_known_hosts_file, Some(PathBuf::from("/a b/kh")));
         assert_eq!(c.resolve("other").unwrap().port, Some(2));
         let err = |o: &str| SshConfig::default().add_options(&[o.into()]).unwrap_err();
-        assert!(err("ProxyJump=b").contains("\"ProxyJump\" is not an ssh option"));
+        assert!(err("ProxyJumps=b").contains("\"ProxyJumps\" is not an ssh option"));
         assert!(err("out").contains("--outdir"));
         assert!(err("Port=").contains("Port needs a value"));
         assert!(err("Port=x").contains("bad port"));

@@ -872,14 +872,12 @@ fn failing_hosts_fail_alone() {
     assert!(e.contains("unknown host nosuchhost.invalid"), "{e}");
     let e = err("proxied");
     assert!(
-        e.starts_with("ProxyJump (") && e.ends_with("is not supported: not connecting"),
+        e.starts_with("jump host bastion: unknown host bastion"),
         "{e}"
     );
-    assert_eq!(recs["proxied"]["attempts"], 0);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        stderr.contains("ProxyJump are not connected to): ForwardAgent (")
-            && stderr.contains(", ProxyJump ("),
+        stderr.contains("not supported (ignored): ForwardAgent ("),
         "{stderr}"
     );
     assert_eq!(
@@ -2392,4 +2390,77 @@ fn proxy_commands_reach_hosts_behind_a_bastion() {
         .expect("error")
         .to_string();
     assert!(e.contains(&format!("unknown host {hidden}")), "{e}");
+}
+
+/// Hosts behind jump hosts, no process spawned: 16 hosts through one jump
+/// share its sessions (two: eight hosts each), a chain of two jumps from
+/// the config's `ProxyJump` works, and hosts behind a jump host that is
+/// down fail alone, naming it.
+#[test]
+fn jump_hosts_carry_the_hosts_behind_them() {
+    let mut f = Fleet::start(3, "unused", 0);
+    let closed = closed_port();
+    let mut text = String::new();
+    for (alias, n) in [("j1", 0), ("j2", 1)] {
+        text.push_str(&f.alias_block(alias, n));
+    }
+    text.push_str(&format!(
+        "Host down\n    HostName 127.0.0.1\n    Port {closed}\n"
+    ));
+    for i in 1..=16 {
+        text.push_str(&f.alias_block(&format!("t{i:03}"), 2));
+    }
+    for i in 1..=4 {
+        text.push_str(&f.alias_block(&format!("c{i:03}"), 2));
+        text.push_str("    ProxyJump j1,j2\n");
+    }
+    for i in 1..=2 {
+        text.push_str(&f.alias_block(&format!("d{i:03}"), 2));
+        text.push_str("    ProxyJump down\n");
+    }
+    f.append_config(&text);
+    let accepted = |n: usize| f.sshds[n].log().matches("Accepted publickey").count();
+
+    // Every host's command overlaps the others', so that all 16 hold a
+    // place on a jump session at once.
+    let out = f.run(&[
+        "exec",
+        "--json",
+        "--threads",
+        "1",
+        "-J",
+        "j1",
+        "-H",
+        "t[001-016]",
+        "--",
+        "sleep 1; echo behind",
+    ]);
+    assert_eq!(out.status.code(), Some(0));
+    let recs = json_records(&out);
+    assert_eq!(recs.len(), 16);
+    assert!(recs.values().all(|r| r["stdout"] == "behind\n"), "{recs:?}");
+    assert_eq!(accepted(0), 2, "16 hosts, 8 per jump session");
+    assert_eq!(accepted(2), 16);
+
+    let out = f.run(&[
+        "exec",
+        "--json",
+        "--retries",
+        "0",
+        "-H",
+        "c[001-004],d[001-002]",
+        "--",
+        "echo chained",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let recs = json_records(&out);
+    for i in 1..=4 {
+        assert_eq!(recs[&format!("c{i:03}")]["stdout"], "chained\n");
+    }
+    for i in 1..=2 {
+        let e = recs[&format!("d{i:03}")]["error"].as_str().expect("error");
+        assert!(e.starts_with("jump host down: connection refused"), "{e}");
+    }
+    assert!(accepted(1) >= 1, "the chain's second hop was used");
+    assert!(accepted(0) >= 3, "the chain's first hop was used");
 }
