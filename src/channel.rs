@@ -285,7 +285,7 @@ impl ChannelInner {
     }
 
     /// Hands `pending_write` to libssh2 until it is all taken.
-    fn poll_drive_pending(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+    pub(crate) fn poll_drive_pending(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         loop {
             let pending = std::mem::take(&mut *self.pending_write.borrow_mut());
             if pending.is_empty() {

@@ -525,6 +525,11 @@ async fn feed_stdin(channel: &mut Channel, mut rx: mpsc::Receiver<Input>) {
                 if channel.write_all(&data).await.is_err() {
                     return;
                 }
+                // Nothing more queued: what the window held back must
+                // still leave (a command typed and waited on).
+                if rx.is_empty() && channel.flush().await.is_err() {
+                    return;
+                }
             }
             Input::Eof(reply) => {
                 let r = channel.shutdown().await.map_err(Error::Io);
@@ -749,9 +754,10 @@ impl RemoteProcess {
                 None => Ok(()),
             }
         };
-        let (a, b) = tokio::join!(read_out, read_err);
-        a?;
-        b?;
+        // The first error stops both readers (and drops the process):
+        // waiting for the other stream would wait for a process blocked on
+        // the stream given up.
+        tokio::try_join!(read_out, read_err)?;
         let status = self.wait().await?;
         Ok((out, err, status))
     }

@@ -441,3 +441,39 @@ fn a_closed_session_and_a_shut_down_pool_give_clear_errors() {
         }
     });
 }
+
+/// Past its limit, `output_limited` fails at once (with the other stream
+/// still open and full), instead of waiting for a process blocked on the
+/// stream it gave up.
+#[test]
+fn output_past_its_limit_fails_promptly() {
+    let _serial = serial();
+    let sshd = Sshd::start();
+    let pool = Pool::new(PoolConfig::new().threads(1)).expect("pool");
+    multi_thread().block_on(async {
+        let ssh = login(&pool, &sshd).await;
+        for (out, err) in [
+            ("/dev/stdout", "/dev/stderr"),
+            ("/dev/stderr", "/dev/stdout"),
+        ] {
+            let p = ssh
+                .exec(&format!(
+                    "head -c 4194304 /dev/zero > {out}; head -c 4194304 /dev/zero > {err}"
+                ))
+                .await
+                .expect("exec");
+            let r = tokio::time::timeout(Duration::from_secs(20), p.output_limited(1 << 20))
+                .await
+                .expect("output_limited must not hang past its limit");
+            assert!(
+                matches!(r, Err(uring_ssh::Error::LimitExceeded { .. })),
+                "{out}: {r:?}"
+            );
+        }
+        // The session is unharmed.
+        let (o, status) = ssh.exec("echo ok").await.unwrap().output().await.unwrap();
+        assert_eq!((o.as_slice(), status.code), (&b"ok\n"[..], 0));
+        ssh.close("done").await.unwrap();
+    });
+    pool.shutdown();
+}

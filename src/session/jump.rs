@@ -124,6 +124,12 @@ async fn to_channel(reactor: &Rc<Reactor>, channel: &ChannelInner, fd: &Rc<Share
                 Err(_) => return,
             }
         }
+        // A write the window or a key exchange held back is only a copy
+        // until driven: drive it before waiting on the socket again, or a
+        // request the inner session waits on would sit here.
+        if poll_fn(|cx| channel.poll_drive_pending(cx)).await.is_err() {
+            return;
+        }
     }
     // What the inner session sent last (its DISCONNECT) leaves before the EOF.
     let _ = poll_fn(|cx| channel.poll_send_eof(cx)).await;
