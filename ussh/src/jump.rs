@@ -43,6 +43,10 @@ impl Drop for Lease {
 struct Chain {
     hops: RefCell<Vec<Rc<Hop>>>,
     opening: tokio::sync::Mutex<()>,
+    /// Attempts to open a session of this chain that have ended.
+    attempts: Cell<u64>,
+    /// How the last attempt failed, if it did.
+    failure: RefCell<Option<(String, bool)>>,
 }
 
 thread_local! {
@@ -73,14 +77,35 @@ async fn acquire(jumps: &[Plan]) -> Result<Lease, Fail> {
     if let Some(l) = lease(&chain) {
         return Ok(l);
     }
+    let seen = chain.attempts.get();
     let _opening = chain.opening.lock().await;
     // Another host may have opened one while this one waited.
     if let Some(l) = lease(&chain) {
         return Ok(l);
     }
+    // Or failed to: its failure is this host's too. Hosts queued behind a
+    // dead or stalling jump host fail together, not one timeout after
+    // another, and the jump host sees one attempt, not one per host.
+    if chain.attempts.get() != seen
+        && let Some((msg, retry)) = chain.failure.borrow().clone()
+    {
+        return Err(Fail { msg, retry });
+    }
     chain.hops.borrow_mut().retain(|h| !h.session.is_closed());
+    let opened = open_chain(jumps).await;
+    chain.attempts.set(chain.attempts.get() + 1);
+    let session = match opened {
+        Ok(s) => {
+            chain.failure.replace(None);
+            s
+        }
+        Err(f) => {
+            chain.failure.replace(Some((f.msg.clone(), f.retry)));
+            return Err(f);
+        }
+    };
     let hop = Rc::new(Hop {
-        session: open_chain(jumps).await?,
+        session,
         leases: Cell::new(1),
     });
     chain.hops.borrow_mut().push(hop.clone());

@@ -2463,4 +2463,36 @@ fn jump_hosts_carry_the_hosts_behind_them() {
     }
     assert!(accepted(1) >= 1, "the chain's second hop was used");
     assert!(accepted(0) >= 3, "the chain's first hop was used");
+
+    // A jump host that accepts and never speaks: eight hosts that start
+    // together on one thread (no per-address waves) fail together after
+    // one connect timeout, not one timeout after another.
+    let stall = stalling_listener();
+    f.append_config(&format!(
+        "Host stalljump\n    HostName 127.0.0.1\n    Port {stall}\n    ConnectTimeout 2\n"
+    ));
+    let start = Instant::now();
+    let out = f.run(&[
+        "exec",
+        "--json",
+        "--threads",
+        "1",
+        "--retries",
+        "0",
+        "-J",
+        "stalljump",
+        "-H",
+        "t[001-008]",
+        "--",
+        "true",
+    ]);
+    let took = start.elapsed();
+    assert_eq!(out.status.code(), Some(1));
+    let recs = json_records(&out);
+    assert_eq!(recs.len(), 8);
+    for r in recs.values() {
+        let e = r["error"].as_str().expect("error");
+        assert!(e.starts_with("jump host stalljump:"), "{e}");
+    }
+    assert!(took < Duration::from_secs(6), "8 hosts took {took:?}");
 }
