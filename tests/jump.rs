@@ -271,7 +271,7 @@ fn an_upload_through_a_jump_arrives_intact() {
     .expect("chmod");
     let local = dir.path().join("up");
     let data: Vec<u8> = (0..48 * MIB as u32)
-        .map(|i| (i * 2_654_435_761u32 >> 24) as u8)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
         .collect();
     std::fs::write(&local, &data).expect("write");
     let remote = sshd.remote_path(&dir.path().join("up.remote"));
