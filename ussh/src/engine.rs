@@ -400,8 +400,9 @@ async fn run_inner(
         _ => None,
     };
     let turn = job.pacing.enter(&plan.hostname, plan.port).await;
-    // The proxy (if any) is reaped once the session is done with it.
-    let (session, _proxy) = connect_with_retries(plan, job.retries, phase, out).await?;
+    // What the session went through (a proxy command, a jump lease) is
+    // let go after the session, at the end.
+    let (session, via) = connect_with_retries(plan, job.retries, phase, out).await?;
     out.kex = session.negotiated(MethodType::Kex);
     phase.set("authenticating");
     authenticate(&session, plan).await?;
@@ -432,6 +433,8 @@ async fn run_inner(
     phase.set("closing");
     // The work is done: a slow goodbye is not a failure.
     let _ = tokio::time::timeout(Duration::from_secs(2), session.close("done")).await;
+    drop(session);
+    drop(via);
     Ok(())
 }
 
@@ -565,27 +568,22 @@ impl Drop for Proxy {
     }
 }
 
+/// Proxy commands still running after their session, with when they were
+/// handed over.
+static REAPING: Mutex<Vec<(std::process::Child, Instant)>> = Mutex::new(Vec::new());
+
 /// Hands `child` to the one reaper thread: children get a second to exit
 /// after their session, then are killed; all are waited for.
 fn reap(child: std::process::Child) {
-    use std::sync::mpsc;
-    static REAPER: Mutex<Option<mpsc::Sender<std::process::Child>>> = Mutex::new(None);
-    let mut tx = REAPER.lock().unwrap_or_else(|p| p.into_inner());
-    let sender = tx.get_or_insert_with(|| {
-        let (tx, rx) = mpsc::channel::<std::process::Child>();
-        std::thread::spawn(move || {
-            let mut waiting: Vec<(std::process::Child, Instant)> = Vec::new();
+    static REAPER: std::sync::Once = std::sync::Once::new();
+    let mut waiting = REAPING.lock().unwrap_or_else(|p| p.into_inner());
+    waiting.push((child, Instant::now()));
+    drop(waiting);
+    REAPER.call_once(|| {
+        std::thread::spawn(|| {
             loop {
-                let timeout = if waiting.is_empty() {
-                    Duration::from_secs(3600)
-                } else {
-                    Duration::from_millis(50)
-                };
-                match rx.recv_timeout(timeout) {
-                    Ok(c) => waiting.push((c, Instant::now())),
-                    Err(mpsc::RecvTimeoutError::Timeout) => {}
-                    Err(mpsc::RecvTimeoutError::Disconnected) => return,
-                }
+                std::thread::sleep(Duration::from_millis(50));
+                let mut waiting = REAPING.lock().unwrap_or_else(|p| p.into_inner());
                 waiting.retain_mut(|(c, since)| {
                     if since.elapsed() > Duration::from_secs(1) {
                         let _ = c.kill();
@@ -596,12 +594,18 @@ fn reap(child: std::process::Child) {
                 });
             }
         });
-        tx
     });
-    if let Err(mpsc::SendError(mut child)) = sender.send(child) {
-        let _ = child.kill();
-        let _ = child.wait();
+}
+
+/// Kills and waits for every proxy command still running: called before
+/// ussh exits, so that none outlives it.
+pub fn reap_all() {
+    let mut waiting = REAPING.lock().unwrap_or_else(|p| p.into_inner());
+    for (c, _) in waiting.iter_mut() {
+        let _ = c.kill();
+        let _ = c.wait();
     }
+    waiting.clear();
 }
 
 /// Connects through `command` (`ProxyCommand`, tokens expanded): `sh -c`

@@ -45,7 +45,9 @@ fn main() {
         .expect("tokio runtime");
     let code = rt.block_on(run(cli));
     // Whatever is still in flight after an interrupt was dropped already;
-    // leave without waiting for anything else.
+    // leave without waiting for anything else but the proxy commands
+    // killed here, so that none outlives ussh.
+    engine::reap_all();
     std::process::exit(code);
 }
 
