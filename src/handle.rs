@@ -244,13 +244,28 @@ impl SessionHandle {
         self.send(Box::new(move |ctx| {
             Box::pin(async move {
                 let mut tx = tx;
+                // A panic (a caller's progress callback, say) ends this
+                // call only and reaches its caller; the session and the
+                // other calls go on.
+                let mut call = std::pin::pin!(f(ctx));
+                let run = std::future::poll_fn(move |cx| {
+                    let poll = std::panic::AssertUnwindSafe(|| call.as_mut().poll(cx));
+                    match std::panic::catch_unwind(poll) {
+                        Ok(Poll::Pending) => Poll::Pending,
+                        Ok(Poll::Ready(r)) => Poll::Ready(Ok(r)),
+                        Err(panic) => Poll::Ready(Err(panic)),
+                    }
+                });
                 tokio::select! {
-                    r = f(ctx) => { let _ = tx.send(r); }
+                    r = run => { let _ = tx.send(r); }
                     _ = tx.closed() => {}
                 }
             })
         }))?;
-        rx.await.map_err(|_| pool_closed())?
+        match rx.await.map_err(|_| pool_closed())? {
+            Ok(r) => r,
+            Err(panic) => std::panic::resume_unwind(panic),
+        }
     }
 
     /// Authenticates `user` with a private key file, as

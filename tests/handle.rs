@@ -477,3 +477,35 @@ fn output_past_its_limit_fails_promptly() {
     });
     pool.shutdown();
 }
+
+/// A panic inside one call (here the caller's options builder, run on the
+/// pool thread) reaches that caller only; the session and its other calls
+/// go on.
+#[test]
+fn a_panic_in_one_call_reaches_its_caller_and_spares_the_session() {
+    let _serial = serial();
+    let sshd = Sshd::start();
+    let pool = Pool::new(PoolConfig::new().threads(1)).expect("pool");
+    multi_thread().block_on(async {
+        let ssh = login(&pool, &sshd).await;
+        let sftp = ssh.sftp();
+        let failing = tokio::spawn(async move {
+            sftp.download_tree("/nonexistent", "/nonexistent", || {
+                panic!("options builder failed")
+            })
+            .await
+        });
+        let e = failing
+            .await
+            .expect_err("the call's panic reaches its task");
+        let msg = e.into_panic();
+        assert_eq!(
+            msg.downcast_ref::<&str>().copied(),
+            Some("options builder failed")
+        );
+        let (o, status) = ssh.exec("echo ok").await.unwrap().output().await.unwrap();
+        assert_eq!((o.as_slice(), status.code), (&b"ok\n"[..], 0));
+        ssh.close("done").await.unwrap();
+    });
+    pool.shutdown();
+}
