@@ -2393,3 +2393,119 @@ fn proxy_commands_reach_hosts_behind_a_bastion() {
         .to_string();
     assert!(e.contains(&format!("unknown host {hidden}")), "{e}");
 }
+
+/// The variables `--shard auto` reads, cleared so that the test's own
+/// environment (a CI job under Slurm) does not leak in.
+const SHARD_VARS: [&str; 5] = [
+    "SLURM_ARRAY_TASK_ID",
+    "SLURM_ARRAY_TASK_COUNT",
+    "SLURM_ARRAY_TASK_MIN",
+    "SLURM_ARRAY_TASK_STEP",
+    "JOB_COMPLETION_INDEX",
+];
+
+/// `ussh ARGS` with exactly the shard variables `vars` set.
+fn run_sharded(f: &Fleet, args: &[&str], vars: &[(&str, String)]) -> Output {
+    let mut c = f.cmd(args);
+    for v in SHARD_VARS {
+        c.env_remove(v);
+    }
+    c.envs(vars.iter().map(|(n, v)| (n, v)));
+    let out = c.output().expect("run ussh");
+    eprintln!(
+        "ussh {args:?} {vars:?} -> {}\n--- stderr ---\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+#[test]
+fn shard_auto_splits_hosts_over_slurm_and_kubernetes_tasks() {
+    let f = Fleet::start(1, "s", 11);
+    let all: Vec<String> = (1..=11).map(|i| format!("s{i:03}")).collect();
+    let args = [
+        "exec",
+        "--json",
+        "-H",
+        "s[001-011]",
+        "--shard",
+        "auto",
+        "--",
+        "true",
+    ];
+    // A Slurm array submitted as --array=1-4: IDs from SLURM_ARRAY_TASK_MIN.
+    // A Kubernetes Indexed Job of 3 completions: indexes from 0.
+    let runs: Vec<(String, Vec<Vec<(&str, String)>>)> = vec![
+        (
+            "auto".into(),
+            (1..=4)
+                .map(|id| {
+                    vec![
+                        ("SLURM_ARRAY_TASK_ID", id.to_string()),
+                        ("SLURM_ARRAY_TASK_COUNT", "4".to_string()),
+                        ("SLURM_ARRAY_TASK_MIN", "1".to_string()),
+                        ("SLURM_ARRAY_TASK_MAX", "4".to_string()),
+                    ]
+                })
+                .collect(),
+        ),
+        (
+            "auto/3".into(),
+            (0..3)
+                .map(|i| vec![("JOB_COMPLETION_INDEX", i.to_string())])
+                .collect(),
+        ),
+    ];
+    for (spec, tasks) in runs {
+        let mut args = args;
+        args[5] = &spec;
+        let mut seen: Vec<String> = Vec::new();
+        for vars in &tasks {
+            let out = run_sharded(&f, &args, vars);
+            assert_eq!(out.status.code(), Some(0), "{spec} {vars:?}");
+            let recs = json_records(&out);
+            assert!(!recs.is_empty(), "{spec} {vars:?}: an empty shard");
+            assert!(recs.values().all(|r| r["status"] == "ok"));
+            seen.extend(recs.into_keys());
+        }
+        seen.sort();
+        assert_eq!(seen, all, "{spec}: every host in exactly one shard");
+    }
+    // Missing or bad variables: a usage error naming them, nothing run.
+    let cases: [(&str, Vec<(&str, String)>, &str); 4] = [
+        (
+            "auto",
+            vec![],
+            "--shard auto: SLURM_ARRAY_TASK_ID and SLURM_ARRAY_TASK_COUNT not set",
+        ),
+        (
+            "auto",
+            vec![("SLURM_ARRAY_TASK_ID", "2".into())],
+            "--shard auto: SLURM_ARRAY_TASK_COUNT not set",
+        ),
+        (
+            "auto/3",
+            vec![("SLURM_ARRAY_TASK_ID", "2".into())],
+            "--shard auto/3: JOB_COMPLETION_INDEX not set",
+        ),
+        (
+            "auto/3",
+            vec![("JOB_COMPLETION_INDEX", "3".into())],
+            "JOB_COMPLETION_INDEX=3 is not below 3",
+        ),
+    ];
+    for (spec, vars, want) in cases {
+        let mut args = args;
+        args[5] = spec;
+        let out = run_sharded(&f, &args, &vars);
+        assert_eq!(out.status.code(), Some(2), "{spec} {vars:?}");
+        assert!(out.stdout.is_empty());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        assert!(
+            stderr.starts_with("ussh: ") && stderr.contains(want),
+            "{stderr}"
+        );
+    }
+}
