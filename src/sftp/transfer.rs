@@ -316,6 +316,31 @@ fn temp_name(path: &Path) -> PathBuf {
     path.with_file_name(format!(".{name}.{}-{n}.part", std::process::id()))
 }
 
+/// Whether `name` is one of the temporary names an atomic upload writes
+/// to before its rename, `.NAME.PID-N.part` (PID and N in decimal, NAME not
+/// empty, without `/`), as an interrupted upload leaves them. Nothing else matches:
+/// not `.NAME.part`, not `NAME.PID-N.part`, not `.NAME.12a-0.part`.
+pub fn is_upload_temp_name(name: &[u8]) -> bool {
+    let digits = |b: &[u8]| !b.is_empty() && b.iter().all(u8::is_ascii_digit);
+    let Some(inner) = name
+        .strip_prefix(b".")
+        .and_then(|n| n.strip_suffix(b".part"))
+    else {
+        return false;
+    };
+    let Some(dot) = inner.iter().rposition(|&b| b == b'.') else {
+        return false;
+    };
+    let (base, ids) = (&inner[..dot], &inner[dot + 1..]);
+    let Some(dash) = ids.iter().position(|&b| b == b'-') else {
+        return false;
+    };
+    // A name from a listing is the server's: one with `/` would reach
+    // into another directory, and is never one of ours.
+    let plain = !base.is_empty() && !base.iter().any(|&b| b == b'/' || b == 0);
+    plain && digits(&ids[..dash]) && digits(&ids[dash + 1..])
+}
+
 fn mtime_secs(m: &fs::Metadata) -> Option<u32> {
     m.modified()
         .ok()?
@@ -1789,7 +1814,39 @@ pub(crate) fn fuzz_tree(data: &[u8]) {
 
 #[cfg(test)]
 mod tests {
-    use super::fuzz_tree;
+    use super::{fuzz_tree, is_upload_temp_name, temp_name};
+
+    #[test]
+    fn upload_temp_names_are_recognised_exactly() {
+        for dest in ["f", "a.tar.gz", ".hidden", "x-1.part", "1234-0"] {
+            let t = temp_name(std::path::Path::new("/srv").join(dest).as_path());
+            let n = t.file_name().expect("a name").as_encoded_bytes();
+            assert!(is_upload_temp_name(n), "{}", t.display());
+        }
+        for ok in [".f.1234-0.part", ".a.b.1-22.part", ".-.1-2.part"] {
+            assert!(is_upload_temp_name(ok.as_bytes()), "{ok}");
+        }
+        for not in [
+            ".f.part",
+            "f.1234-0.part",
+            ".f.12a-0.part",
+            ".f.1234-.part",
+            ".f.-0.part",
+            ".f.1234-0.part~",
+            ".f.1234-0-1.part",
+            ".f.1234.part",
+            "..part",
+            ".1234-0.part",
+            ".f.1234-0.PART",
+            ".f.+1-0.part",
+            "..1-2.part",
+            ".a/../../x.1-2.part",
+            ".a\0.1-2.part",
+            "",
+        ] {
+            assert!(!is_upload_temp_name(not.as_bytes()), "{not:?}");
+        }
+    }
 
     #[test]
     fn hostile_listings_write_nothing_outside_the_root() {

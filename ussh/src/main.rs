@@ -80,6 +80,7 @@ fn usage_error(msg: &str) -> i32 {
 }
 
 async fn run(cli: Cli) -> i32 {
+    let started = std::time::SystemTime::now();
     let mut links = LinkPolicy::Keep;
     let mut follow_external_links = false;
     let mut maxrc = false;
@@ -214,6 +215,7 @@ async fn run(cli: Cli) -> i32 {
         retries: common.retries,
         timeout: common.timeout.map(Duration::from_secs_f64),
         pacing: Arc::new(engine::Pacing::new(common.per_address)),
+        started,
     };
     // More threads than hosts would only start idle rings.
     let threads = common.threads.unwrap_or_else(allowed_cpus).min(plans.len());

@@ -2509,3 +2509,98 @@ fn shard_auto_splits_hosts_over_slurm_and_kubernetes_tasks() {
         );
     }
 }
+
+#[test]
+fn put_removes_only_stale_upload_temp_files() {
+    let f = Fleet::start(1, "p", 1);
+    let work = f.dir.path();
+    let src = work.join("src");
+    fs::create_dir_all(src.join("tree/sub")).unwrap();
+    fs::write(src.join("f"), b"the file").unwrap();
+    fs::write(src.join("tree/sub/x"), b"in the tree").unwrap();
+    let dest = work.join("dest");
+    fs::create_dir_all(dest.join("tree/sub")).unwrap();
+    fs::create_dir_all(dest.join("elsewhere")).unwrap();
+    let hour_ago = SystemTime::now() - Duration::from_secs(3600);
+    let plant = |rel: &str, when: SystemTime| {
+        let p = dest.join(rel);
+        fs::write(&p, b"partial").unwrap();
+        fs::File::options()
+            .write(true)
+            .open(&p)
+            .unwrap()
+            .set_modified(when)
+            .unwrap();
+    };
+    // Left by interrupted uploads into directories this put writes into.
+    let stale = [".f.1234-0.part", "tree/sub/.x.77-3.part"];
+    // Look-alikes, a fresh one (an upload still in flight, written after
+    // this run started), one in a directory the put does not write into,
+    // and a directory and a link of the pattern: all stay.
+    let kept = [
+        ".f.part",
+        "f.1234-0.part",
+        ".f.12a-0.part",
+        ".f.1234-0.part.bak",
+        ".f.1234.part",
+        "tree/.sub.1-1.part~",
+        "elsewhere/.f.1234-0.part",
+    ];
+    for rel in stale.iter().chain(&kept) {
+        plant(rel, hour_ago);
+    }
+    plant(
+        ".g.99-1.part",
+        SystemTime::now() + Duration::from_secs(3600),
+    );
+    fs::create_dir(dest.join(".d.1-2.part")).unwrap();
+    std::os::unix::fs::symlink("f", dest.join(".l.1-2.part")).unwrap();
+
+    let out = f.run(&[
+        "put",
+        "--json",
+        "-H",
+        "p001",
+        src.join("f").to_str().unwrap(),
+        src.join("tree").to_str().unwrap(),
+        dest.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(0));
+    let r = &json_records(&out)["p001"];
+    assert_eq!(r["files"], 2, "{r}");
+    assert_eq!(r["stale_parts_removed"], 2, "{r}");
+    for rel in stale {
+        assert!(!dest.join(rel).exists(), "{rel} is still there");
+    }
+    for rel in kept.iter().chain(&[".g.99-1.part", ".d.1-2.part"]) {
+        assert!(dest.join(rel).exists(), "{rel} was removed");
+    }
+    assert!(fs::symlink_metadata(dest.join(".l.1-2.part")).is_ok());
+    assert_eq!(fs::read(dest.join("f")).unwrap(), b"the file");
+    assert_eq!(fs::read(dest.join("tree/sub/x")).unwrap(), b"in the tree");
+    // Nothing else went, and nothing of the put itself is left.
+    let names = |d: &Path| -> Vec<String> {
+        let mut v: Vec<String> = fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    };
+    let mut want: Vec<&str> = kept
+        .iter()
+        .filter(|k| !k.contains('/'))
+        .copied()
+        .chain([
+            "f",
+            "tree",
+            "elsewhere",
+            ".g.99-1.part",
+            ".d.1-2.part",
+            ".l.1-2.part",
+        ])
+        .collect();
+    want.sort();
+    assert_eq!(names(&dest), want);
+    assert_eq!(names(&dest.join("tree/sub")), ["x"]);
+}
