@@ -2404,6 +2404,9 @@ const SHARD_VARS: [&str; 5] = [
     "JOB_COMPLETION_INDEX",
 ];
 
+/// Environment variables, as `(name, value)`.
+type Vars<'a> = Vec<(&'a str, String)>;
+
 /// `ussh ARGS` with exactly the shard variables `vars` set.
 fn run_sharded(f: &Fleet, args: &[&str], vars: &[(&str, String)]) -> Output {
     let mut c = f.cmd(args);
@@ -2436,7 +2439,7 @@ fn shard_auto_splits_hosts_over_slurm_and_kubernetes_tasks() {
     ];
     // A Slurm array submitted as --array=1-4: IDs from SLURM_ARRAY_TASK_MIN.
     // A Kubernetes Indexed Job of 3 completions: indexes from 0.
-    let runs: Vec<(String, Vec<Vec<(&str, String)>>)> = vec![
+    let runs: Vec<(String, Vec<Vars>)> = vec![
         (
             "auto".into(),
             (1..=4)
@@ -2473,7 +2476,7 @@ fn shard_auto_splits_hosts_over_slurm_and_kubernetes_tasks() {
         assert_eq!(seen, all, "{spec}: every host in exactly one shard");
     }
     // Missing or bad variables: a usage error naming them, nothing run.
-    let cases: [(&str, Vec<(&str, String)>, &str); 4] = [
+    let cases: [(&str, Vars, &str); 4] = [
         (
             "auto",
             vec![],
