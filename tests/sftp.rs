@@ -522,6 +522,47 @@ async fn one_gib_download_and_upload_match() {
     assert_eq!(left.len(), 2, "{left:?}");
 }
 
+#[tokio::test]
+async fn progress_is_reported_while_one_large_file_moves() {
+    let sshd = Sshd::start();
+    let (_s, sftp) = sftp(&sshd).await;
+    let d = scratch();
+    let src = d.path().join("big");
+    let size = 64 * MIB as u64;
+    write_random_file(&src, 64 * MIB, 7);
+    for upload in [false, true] {
+        let calls = Rc::new(std::cell::RefCell::new(Vec::new()));
+        let seen = calls.clone();
+        let opts = TransferOptions {
+            progress: Some(Rc::new(move |p| seen.borrow_mut().push(*p))),
+            ..TransferOptions::default()
+        };
+        let dest = d.path().join(if upload { "up" } else { "down" });
+        let n = if upload {
+            sftp.upload_with(&src, &dest, &opts).await.unwrap()
+        } else {
+            sftp.download_with(&src, &dest, &opts).await.unwrap()
+        };
+        assert_eq!(n, size);
+        let calls = calls.borrow();
+        let last = calls.last().expect("progress was reported");
+        assert_eq!((last.files_done, last.bytes_done), (1, size));
+        // Before the file was done: reports with bytes moving forward.
+        let during: Vec<u64> = calls
+            .iter()
+            .filter(|p| p.files_done == 0)
+            .map(|p| p.bytes_done)
+            .collect();
+        assert!(during.len() >= 2, "upload {upload}: {calls:?}");
+        assert!(
+            during.windows(2).all(|w| w[0] < w[1]) && during[0] > 0,
+            "upload {upload}: {during:?}"
+        );
+        assert!(*during.last().unwrap() <= size, "{during:?}");
+        assert!(calls.iter().all(|p| p.files_total == 1));
+    }
+}
+
 /// Builds a tree: `small` files of 1–8 KiB over nested directories, plus
 /// a few large ones, a symlink and an empty directory.
 fn build_tree(root: &Path, small: usize) -> Vec<(PathBuf, String)> {

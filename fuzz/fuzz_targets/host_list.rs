@@ -16,6 +16,9 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     let text = String::from_utf8_lossy(data);
     let _ = hosts::Target::parse(&text);
     let _ = hosts::Shard::parse(&text);
+    // Scheduler variables are as untrusted as the value itself.
+    let _ = hosts::Shard::from_spec(&text, |_| Some(text.to_string()));
+    let _ = hosts::Shard::from_spec("auto", |_| Some(text.to_string()));
     if let Ok(targets) = hosts::expand_with(&text, LIMITS) {
         assert!(targets.len() <= LIMITS.hosts);
         check_fold(&targets);

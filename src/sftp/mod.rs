@@ -35,7 +35,7 @@ pub use dir::{DirEntry, ReadDir};
 pub use file::{File, OpenOptions};
 pub use transfer::{
     FileOutcome, LinkPolicy, Progress, ProgressFn, TransferItem, TransferOptions, TransferReport,
-    download_many, download_tree_over, upload_many, upload_tree_over,
+    download_many, download_tree_over, is_upload_temp_name, upload_many, upload_tree_over,
 };
 
 use crate::error::{Error, InvalidInput, Result};

@@ -98,7 +98,10 @@ pub struct TransferOptions {
     /// modification time (implies `preserve`, so that a second run finds
     /// the times it set).
     pub skip_unchanged: bool,
-    /// Called after each file finishes or fails.
+    /// Called after each file finishes or fails, and while files are in
+    /// flight every 100 ms in which bytes moved and every 16 MiB (so that
+    /// one large file shows progress before its end). `bytes_done` never
+    /// decreases.
     pub progress: Option<ProgressFn>,
     /// Symbolic links in a tree: kept as links (default), skipped, or kept
     /// only when they stay inside the tree.
@@ -316,6 +319,31 @@ fn temp_name(path: &Path) -> PathBuf {
     path.with_file_name(format!(".{name}.{}-{n}.part", std::process::id()))
 }
 
+/// Whether `name` is one of the temporary names an atomic upload writes
+/// to before its rename, `.NAME.PID-N.part` (PID and N in decimal, NAME not
+/// empty, without `/`), as an interrupted upload leaves them. Nothing else matches:
+/// not `.NAME.part`, not `NAME.PID-N.part`, not `.NAME.12a-0.part`.
+pub fn is_upload_temp_name(name: &[u8]) -> bool {
+    let digits = |b: &[u8]| !b.is_empty() && b.iter().all(u8::is_ascii_digit);
+    let Some(inner) = name
+        .strip_prefix(b".")
+        .and_then(|n| n.strip_suffix(b".part"))
+    else {
+        return false;
+    };
+    let Some(dot) = inner.iter().rposition(|&b| b == b'.') else {
+        return false;
+    };
+    let (base, ids) = (&inner[..dot], &inner[dot + 1..]);
+    let Some(dash) = ids.iter().position(|&b| b == b'-') else {
+        return false;
+    };
+    // A name from a listing is the server's: one with `/` would reach
+    // into another directory, and is never one of ours.
+    let plain = !base.is_empty() && !base.iter().any(|&b| b == b'/' || b == 0);
+    plain && digits(&ids[..dash]) && digits(&ids[dash + 1..])
+}
+
 fn mtime_secs(m: &fs::Metadata) -> Option<u32> {
     m.modified()
         .ok()?
@@ -479,6 +507,8 @@ impl Job {
 /// Bytes moved: of the whole transfer (for progress) and of one file.
 struct Moved<'a> {
     total: &'a Cell<u64>,
+    /// Told once `total` reaches [`ProgressMark::at`].
+    mark: &'a ProgressMark,
     file: Cell<u64>,
     /// The final RENAME of an upload was sent.
     rename_sent: Cell<bool>,
@@ -486,9 +516,21 @@ struct Moved<'a> {
 
 impl Moved<'_> {
     fn add(&self, n: u64) {
-        self.total.set(self.total.get() + n);
+        let total = self.total.get() + n;
+        self.total.set(total);
         self.file.set(self.file.get() + n);
+        if total >= self.mark.at.get() {
+            self.mark.at.set(u64::MAX);
+            self.mark.reached.notify_one();
+        }
     }
+}
+
+/// The byte count at which progress is next reported whatever the time
+/// ([`PROGRESS_BYTES`] past the last report; never without a callback).
+struct ProgressMark {
+    at: Cell<u64>,
+    reached: Notify,
 }
 
 /// Downloads one file over `lane`. `progress` is credited with each chunk.
@@ -912,6 +954,31 @@ async fn run_fed(
         .collect();
     let progress = RefCell::new(Progress::default());
     let bytes_done = Cell::new(0u64);
+    // Bytes are also reported while files are in flight (a large file
+    // would otherwise show nothing until its end): every PROGRESS_EVERY in
+    // which bytes moved, or sooner once PROGRESS_BYTES more moved. A chunk
+    // costs one comparison, not a callback.
+    let mut tick = tokio::time::interval(PROGRESS_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut reported = 0u64;
+    let mark = ProgressMark {
+        at: Cell::new(if opts.progress.is_some() {
+            PROGRESS_BYTES
+        } else {
+            u64::MAX
+        }),
+        reached: Notify::new(),
+    };
+    // Reports `p` (bytes as of now), and sets the next mark.
+    let report_now = |p: &mut Progress, reported: &mut u64| {
+        p.files_total = feed.added.get();
+        p.bytes_done = bytes_done.get();
+        *reported = p.bytes_done;
+        if let Some(cb) = &opts.progress {
+            mark.at.set(p.bytes_done.saturating_add(PROGRESS_BYTES));
+            cb(p);
+        }
+    };
     let mut running = FuturesUnordered::new();
     tokio::pin!(walk);
     let mut walking = true;
@@ -928,9 +995,11 @@ async fn run_fed(
             let lane = &lanes[li];
             lane.open.set(lane.open.get() + 1);
             let bytes_done = &bytes_done;
+            let mark = &mark;
             running.push(async move {
                 let moved = Moved {
                     total: bytes_done,
+                    mark,
                     file: Cell::new(0),
                     rename_sent: Cell::new(false),
                 };
@@ -991,13 +1060,21 @@ async fn run_fed(
                 } else {
                     p.files_failed += 1;
                 }
-                p.files_total = feed.added.get();
-                p.bytes_done = bytes_done.get();
-                if let Some(cb) = &opts.progress {
-                    cb(&p);
-                }
+                report_now(&mut p, &mut reported);
                 drop(p);
                 report.files.push(outcome);
+            }
+            _ = tick.tick(), if opts.progress.is_some() && !running.is_empty() => {
+                if bytes_done.get() != reported {
+                    report_now(&mut progress.borrow_mut(), &mut reported);
+                }
+            }
+            // The wake-up may be left over from before a later report:
+            // only new bytes are reported.
+            _ = mark.reached.notified(), if opts.progress.is_some() => {
+                if bytes_done.get() != reported {
+                    report_now(&mut progress.borrow_mut(), &mut reported);
+                }
             }
             _ = &mut walk, if walking => walking = false,
             _ = feed.pushed.notified(), if walking => {}
@@ -1005,6 +1082,12 @@ async fn run_fed(
     }
     report
 }
+
+/// How often a transfer reports bytes moved while files are in flight.
+const PROGRESS_EVERY: Duration = Duration::from_millis(100);
+/// Bytes after which a transfer reports progress sooner than
+/// [`PROGRESS_EVERY`] (a fast link moves many of them in 100 ms).
+const PROGRESS_BYTES: u64 = 16 << 20;
 
 /// Runs `work`, failing with a timeout if `bytes` does not move for
 /// `timeout` (no timeout: runs to the end).
@@ -1789,7 +1872,39 @@ pub(crate) fn fuzz_tree(data: &[u8]) {
 
 #[cfg(test)]
 mod tests {
-    use super::fuzz_tree;
+    use super::{fuzz_tree, is_upload_temp_name, temp_name};
+
+    #[test]
+    fn upload_temp_names_are_recognised_exactly() {
+        for dest in ["f", "a.tar.gz", ".hidden", "x-1.part", "1234-0"] {
+            let t = temp_name(std::path::Path::new("/srv").join(dest).as_path());
+            let n = t.file_name().expect("a name").as_encoded_bytes();
+            assert!(is_upload_temp_name(n), "{}", t.display());
+        }
+        for ok in [".f.1234-0.part", ".a.b.1-22.part", ".-.1-2.part"] {
+            assert!(is_upload_temp_name(ok.as_bytes()), "{ok}");
+        }
+        for not in [
+            ".f.part",
+            "f.1234-0.part",
+            ".f.12a-0.part",
+            ".f.1234-.part",
+            ".f.-0.part",
+            ".f.1234-0.part~",
+            ".f.1234-0-1.part",
+            ".f.1234.part",
+            "..part",
+            ".1234-0.part",
+            ".f.1234-0.PART",
+            ".f.+1-0.part",
+            "..1-2.part",
+            ".a/../../x.1-2.part",
+            ".a\0.1-2.part",
+            "",
+        ] {
+            assert!(!is_upload_temp_name(not.as_bytes()), "{not:?}");
+        }
+    }
 
     #[test]
     fn hostile_listings_write_nothing_outside_the_root() {

@@ -88,8 +88,11 @@ pub struct Common {
     #[arg(short = 'f', long = "hosts-file", value_name = "FILE")]
     pub hosts_file: Vec<PathBuf>,
     /// Take only every N-th host, starting with the I-th (from 1), to split
-    /// a fleet across client machines.
-    #[arg(long, value_name = "I/N")]
+    /// a fleet across client machines. `auto` takes I and N from a Slurm
+    /// job array task (SLURM_ARRAY_TASK_ID less SLURM_ARRAY_TASK_MIN,
+    /// SLURM_ARRAY_TASK_COUNT); `auto/N` takes I from a Kubernetes Indexed
+    /// Job (JOB_COMPLETION_INDEX, from 0), N being its completions.
+    #[arg(long, value_name = "I/N|auto|auto/N")]
     pub shard: Option<String>,
     /// The ssh client config to honour (default ~/.ssh/config; `none` for
     /// none).

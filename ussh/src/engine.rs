@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::Semaphore;
@@ -126,6 +126,9 @@ pub struct Job {
     /// Bounds the unauthenticated connections per server address, over
     /// all threads.
     pub pacing: Arc<Pacing>,
+    /// When the run started: `put` removes upload temporary files last
+    /// written before it.
+    pub started: SystemTime,
 }
 
 /// The transfer settings of `get` and `put`: each host builds its
@@ -251,6 +254,8 @@ pub struct Outcome {
     pub links_skipped: u64,
     /// Files that failed.
     pub failed_files: u64,
+    /// `put`: temporary files of interrupted uploads removed.
+    pub stale_parts_removed: u64,
     /// From start to end, retries included.
     pub duration: Duration,
     /// One line saying what went wrong.
@@ -316,6 +321,7 @@ impl Outcome {
             skipped: 0,
             links_skipped: 0,
             failed_files: 0,
+            stale_parts_removed: 0,
             duration: Duration::ZERO,
             error: None,
             attempts: 0,
@@ -426,6 +432,8 @@ async fn run_inner(
             let sftp = session.sftp().await.map_err(|e| sftp_err(&e))?;
             let root = PathBuf::from(dest.replace("{host}", &plan.label));
             mkdir_p(&sftp, &root).await?;
+            let dirs = put_dirs(locals, &root);
+            out.stale_parts_removed = remove_stale_parts(&sftp, &dirs, job.started).await;
             let report = put(&sftp, locals, &root, job, ui).await;
             tally(out, &report);
         }
@@ -1193,6 +1201,92 @@ async fn put(
         merge(&mut total, r);
     }
     total
+}
+
+/// The remote directories `put` writes files into: `root`, and for each
+/// local directory pushed, its counterpart and those of its
+/// subdirectories (reached without following links).
+fn put_dirs(locals: &[PathBuf], root: &Path) -> Vec<PathBuf> {
+    let mut dirs = vec![root.to_path_buf()];
+    for local in locals {
+        let mut todo = vec![(local.clone(), root.join(base_name(local)))];
+        while let Some((l, r)) = todo.pop() {
+            if !l.is_dir() {
+                continue;
+            }
+            if let Ok(rd) = std::fs::read_dir(&l) {
+                for e in rd.flatten() {
+                    if e.file_type().is_ok_and(|t| t.is_dir()) {
+                        todo.push((e.path(), r.join(e.file_name())));
+                    }
+                }
+            }
+            dirs.push(r);
+        }
+    }
+    dirs
+}
+
+/// Entries of one directory looked at for stale temporary files: a server
+/// listing without end stops there.
+const MAX_SCANNED: usize = 1_000_000;
+
+/// Removes from `dirs` the temporary files of interrupted uploads
+/// (`.NAME.PID-N.part`, regular files) last written before `before`, the
+/// run's start: an upload in flight from another run keeps writing its
+/// file, so it is newer. Nothing else is touched; a directory that is
+/// missing or unreadable, or a file that will not go, is left as it is
+/// (the upload itself reports real problems). Returns how many went.
+async fn remove_stale_parts(sftp: &Sftp, dirs: &[PathBuf], before: SystemTime) -> u64 {
+    use futures_util::stream::{self, StreamExt};
+    let Some(before) = before
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .ok()
+        .map(|d| d.as_secs())
+    else {
+        return 0;
+    };
+    let stale: Vec<PathBuf> = stream::iter(dirs)
+        .map(|d| stale_in(sftp, d, before))
+        .buffer_unordered(8)
+        .flat_map(stream::iter)
+        .collect()
+        .await;
+    let mut removed = 0;
+    for r in stream::iter(&stale)
+        .map(|p| sftp.unlink(p))
+        .buffer_unordered(16)
+        .collect::<Vec<_>>()
+        .await
+    {
+        removed += u64::from(r.is_ok());
+    }
+    removed
+}
+
+/// The stale temporary files of `dir` (see [`remove_stale_parts`]);
+/// `before` in seconds since the epoch.
+async fn stale_in(sftp: &Sftp, dir: &Path, before: u64) -> Vec<PathBuf> {
+    use std::os::unix::ffi::OsStrExt;
+    let mut stale = Vec::new();
+    let Ok(mut rd) = sftp.read_dir(dir).await else {
+        return stale;
+    };
+    let mut seen = 0;
+    while let Ok(Some(e)) = rd.next_entry().await {
+        let a = e.attrs();
+        if sftp::is_upload_temp_name(e.name_bytes())
+            && a.is_file()
+            && a.mtime.is_some_and(|m| u64::from(m) < before)
+        {
+            stale.push(dir.join(std::ffi::OsStr::from_bytes(e.name_bytes())));
+        }
+        seen += 1;
+        if seen >= MAX_SCANNED {
+            break;
+        }
+    }
+    stale
 }
 
 fn merge(into: &mut TransferReport, r: TransferReport) {

@@ -1,5 +1,6 @@
 //! Host lists: nodeset ranges (`web[01-64]`, `10.0.0.[1-9]`,
-//! `a[1,3,5-7]`), pssh-style hosts files, `--shard I/N`, and folding a list
+//! `a[1,3,5-7]`), pssh-style hosts files, `--shard I/N` (or taken from a
+//! Slurm job array or a Kubernetes Indexed Job), and folding a list
 //! of names back into nodeset notation for display.
 
 use std::collections::{BTreeMap, HashSet};
@@ -399,6 +400,94 @@ impl Shard {
         }
     }
 
+    /// Parses a `--shard` value: `I/N`, or `auto` for a Slurm job array
+    /// task, or `auto/N` for a task of a Kubernetes Indexed Job of N
+    /// completions. `env` looks a variable up (unset and empty are alike).
+    ///
+    /// Slurm: the index is `SLURM_ARRAY_TASK_ID` less
+    /// `SLURM_ARRAY_TASK_MIN` (0 when unset), divided by
+    /// `SLURM_ARRAY_TASK_STEP` (1 when unset), and the count
+    /// `SLURM_ARRAY_TASK_COUNT`; an array with gaps (`--array=1,4,9`) is
+    /// refused, since its tasks would not cover every shard. Kubernetes:
+    /// the index is `JOB_COMPLETION_INDEX` (from 0), the count N, as the
+    /// pod is not told the Job's `completions`.
+    pub fn from_spec(s: &str, env: impl Fn(&str) -> Option<String>) -> Result<Shard, String> {
+        let var = |name: &str| env(name).filter(|v| !v.is_empty());
+        let num = |name: &str, v: &str| {
+            v.parse::<usize>()
+                .map_err(|_| format!("--shard {s}: {name}={v:?} is not a number"))
+        };
+        match s.split_once('/') {
+            None if s == "auto" => {
+                let (Some(id), Some(count)) =
+                    (var("SLURM_ARRAY_TASK_ID"), var("SLURM_ARRAY_TASK_COUNT"))
+                else {
+                    let missing: Vec<&str> = ["SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT"]
+                        .into_iter()
+                        .filter(|n| var(n).is_none())
+                        .collect();
+                    let hint = if var("JOB_COMPLETION_INDEX").is_some() {
+                        "; in a Kubernetes Indexed Job give the count: --shard auto/N"
+                    } else {
+                        " (auto needs a Slurm job array task, or --shard auto/N in a \
+                         Kubernetes Indexed Job)"
+                    };
+                    return Err(format!(
+                        "--shard auto: {} not set{hint}",
+                        missing.join(" and ")
+                    ));
+                };
+                let id = num("SLURM_ARRAY_TASK_ID", &id)?;
+                let count = num("SLURM_ARRAY_TASK_COUNT", &count)?;
+                let min = match var("SLURM_ARRAY_TASK_MIN") {
+                    Some(v) => num("SLURM_ARRAY_TASK_MIN", &v)?,
+                    None => 0,
+                };
+                let step = match var("SLURM_ARRAY_TASK_STEP") {
+                    Some(v) => num("SLURM_ARRAY_TASK_STEP", &v)?.max(1),
+                    None => 1,
+                };
+                let offset = id.checked_sub(min).filter(|o| o % step == 0);
+                match offset.map(|o| o / step) {
+                    Some(index) if index < count => Ok(Shard {
+                        index: index + 1,
+                        count,
+                    }),
+                    _ => Err(format!(
+                        "--shard auto: task {id} of a Slurm array of {count} from {min} \
+                         step {step} is not one of {count} consecutive shards; submit \
+                         the array as a range, e.g. --array=0-{}",
+                        count.saturating_sub(1)
+                    )),
+                }
+            }
+            Some(("auto", n)) => {
+                let count = match n.parse::<usize>() {
+                    Ok(c) if c >= 1 => c,
+                    _ => return Err(format!("--shard {s}: N must be a number, at least 1")),
+                };
+                let Some(v) = var("JOB_COMPLETION_INDEX") else {
+                    return Err(format!(
+                        "--shard {s}: JOB_COMPLETION_INDEX not set (auto/N needs a \
+                         Kubernetes Indexed Job; under a Slurm job array use --shard auto)"
+                    ));
+                };
+                let index = num("JOB_COMPLETION_INDEX", &v)?;
+                if index >= count {
+                    return Err(format!(
+                        "--shard {s}: JOB_COMPLETION_INDEX={index} is not below {count}: \
+                         N must be the Job's completions"
+                    ));
+                }
+                Ok(Shard {
+                    index: index + 1,
+                    count,
+                })
+            }
+            _ => Shard::parse(s),
+        }
+    }
+
     /// Keeps this shard's share of `items`, in order.
     pub fn select<T>(&self, items: Vec<T>) -> Vec<T> {
         items
@@ -643,6 +732,111 @@ mod tests {
         for bad in ["0/3", "4/3", "1/0", "x/2", "3", "1/", "-1/2"] {
             assert!(Shard::parse(bad).is_err(), "{bad:?} should be rejected");
         }
+    }
+
+    fn env_of<'a>(vars: &'a [(&'a str, String)]) -> impl Fn(&str) -> Option<String> + 'a {
+        |name| {
+            vars.iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, v)| v.clone())
+        }
+    }
+
+    /// Every index a scheduler hands out, each shard's hosts together.
+    fn partition(spec: &str, envs: &[Vec<(&str, String)>], hosts: &[usize]) -> Vec<usize> {
+        let mut seen = Vec::new();
+        for vars in envs {
+            let s = Shard::from_spec(spec, env_of(vars)).unwrap();
+            assert_eq!(s.count, envs.len());
+            seen.extend(s.select(hosts.to_vec()));
+        }
+        seen.sort();
+        seen
+    }
+
+    #[test]
+    fn auto_shards_partition_the_hosts() {
+        let hosts: Vec<usize> = (0..23).collect();
+        for (count, min, step) in [(1, 0, 1), (4, 0, 1), (4, 1, 1), (5, 10, 3), (7, 0, 2)] {
+            let slurm: Vec<Vec<(&str, String)>> = (0..count)
+                .map(|k| {
+                    vec![
+                        ("SLURM_ARRAY_TASK_ID", (min + k * step).to_string()),
+                        ("SLURM_ARRAY_TASK_COUNT", count.to_string()),
+                        ("SLURM_ARRAY_TASK_MIN", min.to_string()),
+                        ("SLURM_ARRAY_TASK_STEP", step.to_string()),
+                    ]
+                })
+                .collect();
+            assert_eq!(partition("auto", &slurm, &hosts), hosts, "{count} tasks");
+            let k8s: Vec<Vec<(&str, String)>> = (0..count)
+                .map(|k| vec![("JOB_COMPLETION_INDEX", k.to_string())])
+                .collect();
+            assert_eq!(partition(&format!("auto/{count}"), &k8s, &hosts), hosts);
+        }
+        // Without MIN, IDs count from 0.
+        let v = [
+            ("SLURM_ARRAY_TASK_ID", "2".to_string()),
+            ("SLURM_ARRAY_TASK_COUNT", "3".to_string()),
+        ];
+        assert_eq!(
+            Shard::from_spec("auto", env_of(&v)).unwrap(),
+            Shard { index: 3, count: 3 }
+        );
+        // Plain I/N still works, whatever the environment.
+        assert_eq!(
+            Shard::from_spec("2/5", env_of(&v)).unwrap(),
+            Shard { index: 2, count: 5 }
+        );
+    }
+
+    #[test]
+    fn auto_shards_name_what_is_missing() {
+        let err = |spec: &str, vars: &[(&str, &str)]| {
+            let vars: Vec<(&str, String)> = vars.iter().map(|(n, v)| (*n, v.to_string())).collect();
+            Shard::from_spec(spec, env_of(&vars)).unwrap_err()
+        };
+        let e = err("auto", &[]);
+        assert!(
+            e.contains("SLURM_ARRAY_TASK_ID and SLURM_ARRAY_TASK_COUNT not set"),
+            "{e}"
+        );
+        let e = err("auto", &[("SLURM_ARRAY_TASK_ID", "3")]);
+        assert!(e.contains("SLURM_ARRAY_TASK_COUNT not set"), "{e}");
+        assert!(!e.contains("SLURM_ARRAY_TASK_ID"), "{e}");
+        let e = err(
+            "auto",
+            &[("SLURM_ARRAY_TASK_ID", ""), ("SLURM_ARRAY_TASK_COUNT", "4")],
+        );
+        assert!(e.contains("SLURM_ARRAY_TASK_ID not set"), "{e}");
+        let e = err("auto", &[("JOB_COMPLETION_INDEX", "0")]);
+        assert!(e.contains("--shard auto/N"), "{e}");
+        let e = err("auto/4", &[("SLURM_ARRAY_TASK_ID", "0")]);
+        assert!(e.contains("JOB_COMPLETION_INDEX not set"), "{e}");
+        let e = err("auto/4", &[("JOB_COMPLETION_INDEX", "4")]);
+        assert!(e.contains("not below 4"), "{e}");
+        let e = err("auto/4", &[("JOB_COMPLETION_INDEX", "-1")]);
+        assert!(e.contains("not a number"), "{e}");
+        for bad in ["auto/0", "auto/x", "auto/"] {
+            let e = err(bad, &[("JOB_COMPLETION_INDEX", "0")]);
+            assert!(e.contains("N must be"), "{bad}: {e}");
+        }
+        let slurm = |id: &str, count: &str, min: &str| {
+            err(
+                "auto",
+                &[
+                    ("SLURM_ARRAY_TASK_ID", id),
+                    ("SLURM_ARRAY_TASK_COUNT", count),
+                    ("SLURM_ARRAY_TASK_MIN", min),
+                ],
+            )
+        };
+        // An array with gaps (--array=1,4,9): task 9 is past 3 shards.
+        assert!(slurm("9", "3", "1").contains("--array=0-2"));
+        assert!(slurm("0", "3", "1").contains("not one of 3"));
+        assert!(slurm("1", "0", "1").contains("not one of 0"));
+        assert!(slurm("x", "3", "1").contains("SLURM_ARRAY_TASK_ID=\"x\" is not a number"));
+        assert!(err("autox", &[]).contains("expected I/N"));
     }
 
     #[test]

@@ -83,6 +83,7 @@ fn usage_error(msg: &str) -> i32 {
 }
 
 async fn run(cli: Cli) -> i32 {
+    let started = std::time::SystemTime::now();
     let mut links = LinkPolicy::Keep;
     let mut follow_external_links = false;
     let mut maxrc = false;
@@ -217,6 +218,7 @@ async fn run(cli: Cli) -> i32 {
         retries: common.retries,
         timeout: common.timeout.map(Duration::from_secs_f64),
         pacing: Arc::new(engine::Pacing::new(common.per_address)),
+        started,
     };
     // More threads than hosts would only start idle rings.
     let threads = common.threads.unwrap_or_else(allowed_cpus).min(plans.len());
@@ -498,7 +500,7 @@ fn collect_targets(c: &Common) -> Result<Vec<Target>, String> {
         out = hosts::exclude(out, &excluded);
     }
     if let Some(s) = &c.shard {
-        out = Shard::parse(s)?.select(out);
+        out = Shard::from_spec(s, |name| std::env::var(name).ok())?.select(out);
     }
     if out.is_empty() {
         return Err("no hosts to work on".into());

@@ -377,6 +377,7 @@ pub fn json_record(o: &mut Outcome) -> serde_json::Value {
         "skipped": o.skipped,
         "links_skipped": o.links_skipped,
         "failed_files": o.failed_files,
+        "stale_parts_removed": o.stale_parts_removed,
         "duration": (o.duration.as_secs_f64() * 1000.0).round() / 1000.0,
         "attempts": o.attempts,
         "kex": o.kex,

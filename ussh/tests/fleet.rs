@@ -2495,4 +2495,217 @@ fn jump_hosts_carry_the_hosts_behind_them() {
         assert!(e.starts_with("jump host stalljump:"), "{e}");
     }
     assert!(took < Duration::from_secs(6), "8 hosts took {took:?}");
+
+/// The variables `--shard auto` reads, cleared so that the test's own
+/// environment (a CI job under Slurm) does not leak in.
+const SHARD_VARS: [&str; 5] = [
+    "SLURM_ARRAY_TASK_ID",
+    "SLURM_ARRAY_TASK_COUNT",
+    "SLURM_ARRAY_TASK_MIN",
+    "SLURM_ARRAY_TASK_STEP",
+    "JOB_COMPLETION_INDEX",
+];
+
+/// Environment variables, as `(name, value)`.
+type Vars<'a> = Vec<(&'a str, String)>;
+
+/// `ussh ARGS` with exactly the shard variables `vars` set.
+fn run_sharded(f: &Fleet, args: &[&str], vars: &[(&str, String)]) -> Output {
+    let mut c = f.cmd(args);
+    for v in SHARD_VARS {
+        c.env_remove(v);
+    }
+    c.envs(vars.iter().map(|(n, v)| (n, v)));
+    let out = c.output().expect("run ussh");
+    eprintln!(
+        "ussh {args:?} {vars:?} -> {}\n--- stderr ---\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+#[test]
+fn shard_auto_splits_hosts_over_slurm_and_kubernetes_tasks() {
+    let f = Fleet::start(1, "s", 11);
+    let all: Vec<String> = (1..=11).map(|i| format!("s{i:03}")).collect();
+    let args = [
+        "exec",
+        "--json",
+        "-H",
+        "s[001-011]",
+        "--shard",
+        "auto",
+        "--",
+        "true",
+    ];
+    // A Slurm array submitted as --array=1-4: IDs from SLURM_ARRAY_TASK_MIN.
+    // A Kubernetes Indexed Job of 3 completions: indexes from 0.
+    let runs: Vec<(String, Vec<Vars>)> = vec![
+        (
+            "auto".into(),
+            (1..=4)
+                .map(|id| {
+                    vec![
+                        ("SLURM_ARRAY_TASK_ID", id.to_string()),
+                        ("SLURM_ARRAY_TASK_COUNT", "4".to_string()),
+                        ("SLURM_ARRAY_TASK_MIN", "1".to_string()),
+                        ("SLURM_ARRAY_TASK_MAX", "4".to_string()),
+                    ]
+                })
+                .collect(),
+        ),
+        (
+            "auto/3".into(),
+            (0..3)
+                .map(|i| vec![("JOB_COMPLETION_INDEX", i.to_string())])
+                .collect(),
+        ),
+    ];
+    for (spec, tasks) in runs {
+        let mut args = args;
+        args[5] = &spec;
+        let mut seen: Vec<String> = Vec::new();
+        for vars in &tasks {
+            let out = run_sharded(&f, &args, vars);
+            assert_eq!(out.status.code(), Some(0), "{spec} {vars:?}");
+            let recs = json_records(&out);
+            assert!(!recs.is_empty(), "{spec} {vars:?}: an empty shard");
+            assert!(recs.values().all(|r| r["status"] == "ok"));
+            seen.extend(recs.into_keys());
+        }
+        seen.sort();
+        assert_eq!(seen, all, "{spec}: every host in exactly one shard");
+    }
+    // Missing or bad variables: a usage error naming them, nothing run.
+    let cases: [(&str, Vars, &str); 4] = [
+        (
+            "auto",
+            vec![],
+            "--shard auto: SLURM_ARRAY_TASK_ID and SLURM_ARRAY_TASK_COUNT not set",
+        ),
+        (
+            "auto",
+            vec![("SLURM_ARRAY_TASK_ID", "2".into())],
+            "--shard auto: SLURM_ARRAY_TASK_COUNT not set",
+        ),
+        (
+            "auto/3",
+            vec![("SLURM_ARRAY_TASK_ID", "2".into())],
+            "--shard auto/3: JOB_COMPLETION_INDEX not set",
+        ),
+        (
+            "auto/3",
+            vec![("JOB_COMPLETION_INDEX", "3".into())],
+            "JOB_COMPLETION_INDEX=3 is not below 3",
+        ),
+    ];
+    for (spec, vars, want) in cases {
+        let mut args = args;
+        args[5] = spec;
+        let out = run_sharded(&f, &args, &vars);
+        assert_eq!(out.status.code(), Some(2), "{spec} {vars:?}");
+        assert!(out.stdout.is_empty());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        assert!(
+            stderr.starts_with("ussh: ") && stderr.contains(want),
+            "{stderr}"
+        );
+    }
+}
+
+#[test]
+fn put_removes_only_stale_upload_temp_files() {
+    let f = Fleet::start(1, "p", 1);
+    let work = f.dir.path();
+    let src = work.join("src");
+    fs::create_dir_all(src.join("tree/sub")).unwrap();
+    fs::write(src.join("f"), b"the file").unwrap();
+    fs::write(src.join("tree/sub/x"), b"in the tree").unwrap();
+    let dest = work.join("dest");
+    fs::create_dir_all(dest.join("tree/sub")).unwrap();
+    fs::create_dir_all(dest.join("elsewhere")).unwrap();
+    let hour_ago = SystemTime::now() - Duration::from_secs(3600);
+    let plant = |rel: &str, when: SystemTime| {
+        let p = dest.join(rel);
+        fs::write(&p, b"partial").unwrap();
+        fs::File::options()
+            .write(true)
+            .open(&p)
+            .unwrap()
+            .set_modified(when)
+            .unwrap();
+    };
+    // Left by interrupted uploads into directories this put writes into.
+    let stale = [".f.1234-0.part", "tree/sub/.x.77-3.part"];
+    // Look-alikes, a fresh one (an upload still in flight, written after
+    // this run started), one in a directory the put does not write into,
+    // and a directory and a link of the pattern: all stay.
+    let kept = [
+        ".f.part",
+        "f.1234-0.part",
+        ".f.12a-0.part",
+        ".f.1234-0.part.bak",
+        ".f.1234.part",
+        "tree/.sub.1-1.part~",
+        "elsewhere/.f.1234-0.part",
+    ];
+    for rel in stale.iter().chain(&kept) {
+        plant(rel, hour_ago);
+    }
+    plant(
+        ".g.99-1.part",
+        SystemTime::now() + Duration::from_secs(3600),
+    );
+    fs::create_dir(dest.join(".d.1-2.part")).unwrap();
+    std::os::unix::fs::symlink("f", dest.join(".l.1-2.part")).unwrap();
+
+    let out = f.run(&[
+        "put",
+        "--json",
+        "-H",
+        "p001",
+        src.join("f").to_str().unwrap(),
+        src.join("tree").to_str().unwrap(),
+        dest.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(0));
+    let r = &json_records(&out)["p001"];
+    assert_eq!(r["files"], 2, "{r}");
+    assert_eq!(r["stale_parts_removed"], 2, "{r}");
+    for rel in stale {
+        assert!(!dest.join(rel).exists(), "{rel} is still there");
+    }
+    for rel in kept.iter().chain(&[".g.99-1.part", ".d.1-2.part"]) {
+        assert!(dest.join(rel).exists(), "{rel} was removed");
+    }
+    assert!(fs::symlink_metadata(dest.join(".l.1-2.part")).is_ok());
+    assert_eq!(fs::read(dest.join("f")).unwrap(), b"the file");
+    assert_eq!(fs::read(dest.join("tree/sub/x")).unwrap(), b"in the tree");
+    // Nothing else went, and nothing of the put itself is left.
+    let names = |d: &Path| -> Vec<String> {
+        let mut v: Vec<String> = fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    };
+    let mut want: Vec<&str> = kept
+        .iter()
+        .filter(|k| !k.contains('/'))
+        .copied()
+        .chain([
+            "f",
+            "tree",
+            "elsewhere",
+            ".g.99-1.part",
+            ".d.1-2.part",
+            ".l.1-2.part",
+        ])
+        .collect();
+    want.sort();
+    assert_eq!(names(&dest), want);
+    assert_eq!(names(&dest.join("tree/sub")), ["x"]);
 }
