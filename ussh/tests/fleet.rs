@@ -2495,6 +2495,7 @@ fn jump_hosts_carry_the_hosts_behind_them() {
         assert!(e.starts_with("jump host stalljump:"), "{e}");
     }
     assert!(took < Duration::from_secs(6), "8 hosts took {took:?}");
+}
 
 /// The variables `--shard auto` reads, cleared so that the test's own
 /// environment (a CI job under Slurm) does not leak in.
