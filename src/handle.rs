@@ -54,12 +54,13 @@ use crate::pool::Pool;
 use crate::session::{Config, Session};
 use crate::sftp::{DirEntry, FileAttributes, Sftp, TransferOptions, TransferReport};
 
-/// Bytes of one chunk of exec output at most (one native read).
-pub const EXEC_CHUNK: usize = 64 * 1024;
+/// Bytes of one chunk of exec output at most: what the pump finds ready
+/// in one turn, up to this, crosses as one chunk (one wake of the reader).
+pub const EXEC_CHUNK: usize = 256 * 1024;
 
 /// Chunks of one exec stream queued between the pool thread and the
 /// reader at most.
-pub const EXEC_QUEUE_CHUNKS: usize = 4;
+pub const EXEC_QUEUE_CHUNKS: usize = 2;
 
 /// The most exec output a [`RemoteProcess`] holds outside libssh2, stdout
 /// and stderr together: per stream, the queued chunks and the one the
@@ -509,7 +510,25 @@ async fn read_stream(
         if buf.len() < EXEC_CHUNK / 4 {
             buf = BytesMut::zeroed(EXEC_CHUNK);
         }
-        let r = std::future::poll_fn(|cx| inner.poll_read_into(cx, stream, &mut buf[..])).await;
+        // Everything already there, in one chunk: each chunk costs the
+        // reader a wake-up on another thread.
+        let r = std::future::poll_fn(|cx| {
+            let mut filled = 0;
+            loop {
+                match inner.poll_read_into(cx, stream, &mut buf[filled..]) {
+                    Poll::Ready(Ok(n)) if n > 0 => {
+                        filled += n;
+                        if filled == buf.len() {
+                            return Poll::Ready(Ok(filled));
+                        }
+                    }
+                    // The end or an error comes again on the next read.
+                    _ if filled > 0 => return Poll::Ready(Ok(filled)),
+                    other => return other,
+                }
+            }
+        })
+        .await;
         let item = match r {
             Ok(0) => Ok(Bytes::new()),
             Ok(n) => Ok(buf.split_to(n).freeze()),
