@@ -18,11 +18,7 @@ use uring_ssh_testkit::util::{Prng, open_fds, settle};
 
 const DROPS: usize = 1000;
 
-static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
-}
+use uring_ssh_testkit::util::serial;
 
 /// What a session needs to log in, all of it `Send` (for pool threads).
 #[derive(Clone)]

@@ -15,11 +15,7 @@ use uring_ssh::{Config, EXEC_MAX_BUFFERED, Error, Pool, PoolConfig, RuntimeError
 use uring_ssh_testkit::sshd::{Sshd, TEST_PASSWORD, TEST_USER, require_test_user};
 use uring_ssh_testkit::util::{Prng, hex, open_fds, sha256_file, write_random_file};
 
-static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
-}
+use uring_ssh_testkit::util::serial;
 
 /// A multi-thread tokio runtime: what handles are for.
 fn multi_thread() -> tokio::runtime::Runtime {

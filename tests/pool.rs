@@ -15,12 +15,7 @@ use uring_ssh::{Config, JoinError, Pool, PoolConfig, Session};
 use uring_ssh_testkit::sshd::Sshd;
 use uring_ssh_testkit::util::open_fds;
 
-/// The tests of this binary one at a time: the counters are process-wide.
-static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
-}
+use uring_ssh_testkit::util::serial;
 
 /// What a pool task needs to log in: all of it `Send`.
 #[derive(Clone)]

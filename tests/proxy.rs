@@ -16,18 +16,9 @@ use uring_ssh_testkit::sshd::Sshd;
 use uring_ssh_testkit::tools::ssh_opts;
 use uring_ssh_testkit::util::{config, hex, open_fds, settle};
 
-static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+use uring_ssh_testkit::util::serial;
 
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime")
-}
+use uring_ssh_testkit::util::current_thread_runtime as runtime;
 
 const MIB: usize = 1 << 20;
 

@@ -10,7 +10,7 @@ use std::future::poll_fn;
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::rc::Rc;
 
-use super::{Config, Session, check_methods, stream_socket};
+use super::{Config, Session, check_config, stream_socket};
 use crate::channel::ChannelInner;
 use crate::error::{Error, Result};
 use crate::reactor::{Reactor, SharedFd};
@@ -43,9 +43,7 @@ impl Session {
         port: u16,
         config: Config,
     ) -> Result<Session> {
-        for (kind, prefs) in &config.methods {
-            check_methods(*kind, prefs)?;
-        }
+        check_config(&config)?;
         let reactor = Reactor::current()?;
         let (ours, theirs) = socketpair()?;
         let channel = jump

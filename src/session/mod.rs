@@ -145,9 +145,7 @@ impl Session {
 
     async fn connect_addr_as(addr: SocketAddr, host: &str, config: Config) -> Result<Session> {
         // A bad algorithm list fails here, before any connection is made.
-        for (kind, prefs) in &config.methods {
-            check_methods(*kind, prefs)?;
-        }
+        check_config(&config)?;
         let reactor = Reactor::current()?;
         let fd = tcp_connect(&reactor, addr, config.connect_timeout).await?;
         Self::connect_over(reactor, fd, host, addr.port(), config).await
@@ -171,9 +169,7 @@ impl Session {
         port: u16,
         config: Config,
     ) -> Result<Session> {
-        for (kind, prefs) in &config.methods {
-            check_methods(*kind, prefs)?;
-        }
+        check_config(&config)?;
         let reactor = Reactor::current()?;
         let fd = stream_socket(stream)?;
         Self::connect_over(reactor, fd, host, port, config).await
@@ -453,6 +449,15 @@ async fn tcp_connect(
         }
     }
     Ok(fd)
+}
+
+/// Refuses a config naming an algorithm this build lacks, before any
+/// connection is made.
+pub(crate) fn check_config(config: &Config) -> Result<()> {
+    for (kind, prefs) in &config.methods {
+        check_methods(*kind, prefs)?;
+    }
+    Ok(())
 }
 
 /// `stream`, checked to be a stream socket and made blocking, owned for

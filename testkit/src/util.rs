@@ -9,6 +9,21 @@ use uring_ssh::{Config, Session, SessionStats};
 
 use crate::sshd::Sshd;
 
+/// One test at a time, within the test binary that takes this guard: for
+/// tests that read process-wide counters (libssh2 bytes, fds).
+pub fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A current-thread tokio runtime with IO and timers, as the reactor needs.
+pub fn current_thread_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
 /// Strict host-key checking against the fixture's known_hosts.
 pub fn config(sshd: &Sshd) -> Config {
     Config::new().known_hosts(Some(sshd.known_hosts()))
