@@ -511,8 +511,8 @@ fn first_contact_accept_new_adds_the_key_and_a_changed_key_stays_refused() {
     // Options ussh does not know, or bad values, stop the run at once.
     for (opt, want) in [
         (
-            "ProxyJump=bastion",
-            "\"ProxyJump\" is not an ssh option ussh understands",
+            "ForwardAgent=yes",
+            "\"ForwardAgent\" is not an ssh option ussh understands",
         ),
         ("Port=0", "Port: bad port"),
         ("StrictHostKeyChecking=maybe", "\"maybe\""),
