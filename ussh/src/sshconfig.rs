@@ -513,7 +513,7 @@ fn percent(s: &str, alias: &str, host: &str, user: &str) -> String {
 
 /// A `ProxyCommand` with its tokens expanded: `%h` the host name, `%p`
 /// the port, `%r` the remote user, `%n` the alias, `%%` a percent sign (and
-/// the others [`percent`] knows).
+/// `%d` the home directory, `%u` the local user).
 pub fn proxy_command(template: &str, alias: &str, host: &str, port: u16, user: &str) -> String {
     // `%p` here; `%%` kept as a pair for `percent` to turn into one `%`.
     let mut out = String::new();
