@@ -9,7 +9,9 @@ use sha2::{Digest, Sha256};
 use tokio::io::AsyncReadExt;
 use uring_ssh::Session;
 use uring_ssh_testkit::sshd::Sshd;
-use uring_ssh_testkit::util::{config, connect, hex, open_fds, settle, wait_until};
+use uring_ssh_testkit::util::{
+    assert_fds_back_to, config, connect, hex, open_fds, settle, wait_until,
+};
 
 use uring_ssh_testkit::util::serial;
 
@@ -79,23 +81,6 @@ async fn settled_empty() {
     })
     .await;
     assert_eq!(uring_ssh::leaked_objects(), 0);
-}
-
-/// Waits (bounded) until this process has at most `baseline` fds open:
-/// another test's thread may still be closing its reactor's.
-fn fds_back_to(rt: &tokio::runtime::Runtime, baseline: usize) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let now = loop {
-        let now = rt.block_on(async { open_fds() });
-        if now <= baseline || Instant::now() > deadline {
-            break now;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    assert!(
-        now <= baseline,
-        "fds: {now} open, {baseline} at the baseline"
-    );
 }
 
 #[test]
@@ -182,7 +167,7 @@ fn a_session_dropped_mid_transfer_is_freed_and_spares_its_jump() {
         drop(jump);
         settled_empty().await;
     });
-    fds_back_to(&rt, fds);
+    assert_fds_back_to(fds);
 }
 
 #[test]

@@ -14,7 +14,7 @@ use tokio::io::AsyncReadExt;
 use uring_ssh::{Error, Session};
 use uring_ssh_testkit::sshd::Sshd;
 use uring_ssh_testkit::tools::ssh_opts;
-use uring_ssh_testkit::util::{config, hex, open_fds, settle};
+use uring_ssh_testkit::util::{assert_fds_back_to, config, hex, open_fds, settle};
 
 use uring_ssh_testkit::util::serial;
 
@@ -111,27 +111,7 @@ fn a_proxy_command_carries_the_session_and_leaves_nothing_behind() {
         "ssh -W ended by a signal: {status:?}"
     );
     assert_eq!(uring_ssh::libssh2_bytes_outstanding(), 0);
-    // Another test's thread of this binary may still be closing its own
-    // reactor's fds: wait, bounded, for ours to be back.
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    let now = loop {
-        let now = rt.block_on(async { open_fds() });
-        if now <= fds || std::time::Instant::now() > deadline {
-            break now;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let list: Vec<String> = std::fs::read_dir("/proc/self/fd")
-        .map(|d| {
-            d.flatten()
-                .map(|e| format!("{:?}", std::fs::read_link(e.path()).ok()))
-                .collect()
-        })
-        .unwrap_or_default();
-    assert!(
-        now <= fds,
-        "fds: {now} open, {fds} at the baseline: {list:?}"
-    );
+    assert_fds_back_to(fds);
 }
 
 #[test]

@@ -24,6 +24,31 @@ pub fn current_thread_runtime() -> tokio::runtime::Runtime {
         .expect("runtime")
 }
 
+/// Waits, bounded, until this process has at most `baseline` fds open
+/// (another test's thread may still be closing its reactor's), then
+/// asserts it, naming what is open if not.
+pub fn assert_fds_back_to(baseline: usize) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let now = loop {
+        let now = open_fds();
+        if now <= baseline || std::time::Instant::now() > deadline {
+            break now;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let open: Vec<String> = std::fs::read_dir("/proc/self/fd")
+        .map(|d| {
+            d.flatten()
+                .map(|e| format!("{:?}", std::fs::read_link(e.path()).ok()))
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(
+        now <= baseline,
+        "fds: {now} open, {baseline} at the baseline: {open:?}"
+    );
+}
+
 /// Strict host-key checking against the fixture's known_hosts.
 pub fn config(sshd: &Sshd) -> Config {
     Config::new().known_hosts(Some(sshd.known_hosts()))

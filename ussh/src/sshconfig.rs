@@ -284,14 +284,7 @@ impl SshConfig {
             if line.is_empty() || line.starts_with('#') {
                 continue;
             }
-            let split = line
-                .find(|c: char| c.is_whitespace() || c == '=')
-                .unwrap_or(line.len());
-            let name = &line[..split];
-            let mut rest = line[split..].trim_start();
-            if let Some(r) = rest.strip_prefix('=') {
-                rest = r.trim_start();
-            }
+            let (name, rest) = split_directive(line);
             let args = split_args(rest);
             let key = name.to_ascii_lowercase();
             match key.as_str() {
@@ -419,14 +412,7 @@ impl SshConfig {
         let mut directives = Vec::new();
         for opt in options {
             let line = opt.trim();
-            let split = line
-                .find(|c: char| c.is_whitespace() || c == '=')
-                .unwrap_or(line.len());
-            let name = &line[..split];
-            let mut rest = line[split..].trim_start();
-            if let Some(r) = rest.strip_prefix('=') {
-                rest = r.trim_start();
-            }
+            let (name, rest) = split_directive(line);
             let Some(known) = OPTIONS.iter().find(|o| o.eq_ignore_ascii_case(name)) else {
                 return Err(format!(
                     "-o {opt:?}: {name:?} is not an ssh option ussh understands \
@@ -509,6 +495,17 @@ fn percent(s: &str, alias: &str, host: &str, user: &str) -> String {
         }
     }
     out
+}
+
+/// A directive's name and its value: `Name value`, `Name=value` or
+/// `Name = value`.
+fn split_directive(line: &str) -> (&str, &str) {
+    let split = line
+        .find(|c: char| c.is_whitespace() || c == '=')
+        .unwrap_or(line.len());
+    let rest = line[split..].trim_start();
+    let rest = rest.strip_prefix('=').map_or(rest, str::trim_start);
+    (&line[..split], rest)
 }
 
 /// A `ProxyCommand` with its tokens expanded: `%h` the host name, `%p`
