@@ -10,7 +10,7 @@ use tokio::io::AsyncReadExt;
 use uring_ssh::Session;
 use uring_ssh_testkit::sshd::Sshd;
 use uring_ssh_testkit::util::{
-    assert_fds_back_to, config, connect, hex, open_fds, settle, wait_until,
+    assert_fds_back_to, config, connect, fd_baseline, hex, settle, wait_until,
 };
 
 use uring_ssh_testkit::util::serial;
@@ -135,12 +135,7 @@ fn a_session_dropped_mid_transfer_is_freed_and_spares_its_jump() {
     let _g = serial();
     let sshd = Sshd::start();
     let rt = runtime();
-    // The baseline counts this thread's reactor (its ring or epoll fd, and
-    // the fd its driver task watches).
-    let fds = rt.block_on(async {
-        uring_ssh::reactor::nop().await.expect("reactor");
-        open_fds()
-    });
+    let fds = rt.block_on(fd_baseline(&sshd));
     rt.block_on(async {
         let jump = connect(&sshd).await;
         let keep = through(&jump, &sshd).await;

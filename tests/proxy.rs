@@ -14,7 +14,7 @@ use tokio::io::AsyncReadExt;
 use uring_ssh::{Error, Session};
 use uring_ssh_testkit::sshd::Sshd;
 use uring_ssh_testkit::tools::ssh_opts;
-use uring_ssh_testkit::util::{assert_fds_back_to, config, hex, open_fds, settle};
+use uring_ssh_testkit::util::{assert_fds_back_to, config, fd_baseline, hex, settle};
 
 use uring_ssh_testkit::util::serial;
 
@@ -87,12 +87,7 @@ fn a_proxy_command_carries_the_session_and_leaves_nothing_behind() {
     let _g = serial();
     let sshd = Sshd::start();
     let rt = runtime();
-    // The baseline counts this thread's reactor (its ring, and the fd its
-    // driver task watches).
-    let fds = rt.block_on(async {
-        uring_ssh::reactor::nop().await.expect("reactor");
-        open_fds()
-    });
+    let fds = rt.block_on(fd_baseline(&sshd));
     let (stream, mut child) = proxy_command(&sshd);
     rt.block_on(async {
         let s = Session::connect_stream(stream, "127.0.0.1", sshd.port(), config(&sshd))

@@ -49,6 +49,25 @@ pub fn assert_fds_back_to(baseline: usize) {
     );
 }
 
+/// The fds this process holds once what lives for the whole process (the
+/// dummy fd libssh2 is handed at the first handshake) and this thread's
+/// reactor exist: one session to `sshd` is opened, closed and settled
+/// first, so a leak check against the count does not depend on which test
+/// of a binary happens to handshake first.
+pub async fn fd_baseline(sshd: &Sshd) -> usize {
+    connect(sshd)
+        .await
+        .close("warm-up")
+        .await
+        .expect("warm-up close");
+    let stats = settle(Duration::from_secs(10)).await;
+    assert_eq!(
+        stats.ops_in_flight, 0,
+        "warm-up left IO in flight: {stats:?}"
+    );
+    open_fds()
+}
+
 /// Strict host-key checking against the fixture's known_hosts.
 pub fn config(sshd: &Sshd) -> Config {
     Config::new().known_hosts(Some(sshd.known_hosts()))
