@@ -2497,6 +2497,112 @@ fn jump_hosts_carry_the_hosts_behind_them() {
     assert!(took < Duration::from_secs(6), "8 hosts took {took:?}");
 }
 
+/// 64 hosts on one server: 32 behind a chain of two jump hosts, 32 behind
+/// a third. The chain's second hop dies while every command runs (each
+/// waits for the kill): exactly the 32 hosts behind it fail, each with an
+/// error, and the other 32 finish.
+#[test]
+fn a_jump_host_killed_mid_run_fails_only_the_hosts_behind_it() {
+    // j1, j2 (the chain), k (the other jump), t (every target).
+    let mut f = Fleet::start(4, "unused", 0);
+    let mut text = String::new();
+    for (alias, n) in [("j1", 0), ("j2", 1), ("k", 2)] {
+        text.push_str(&f.alias_block(alias, n));
+    }
+    for i in 1..=32 {
+        text.push_str(&f.alias_block(&format!("c{i:03}"), 3));
+        text.push_str("    ProxyJump j1,j2\n");
+        text.push_str(&f.alias_block(&format!("k{i:03}"), 3));
+        text.push_str("    ProxyJump k\n");
+    }
+    f.append_config(&text);
+    let started = |f: &Fleet| {
+        f.sshds[3]
+            .log()
+            .matches("Starting session: command")
+            .count()
+    };
+
+    // Every command waits until the hop is dead, so that no host behind
+    // it can finish before. A command whose session is gone ends at its
+    // next write to stderr (SIGPIPE), not when the marker appears: the
+    // marker goes with the test's directory.
+    let killed = f.dir.path().join("j2-killed");
+    let mut child = f
+        .cmd(&[
+            "exec",
+            "--json",
+            "--retries",
+            "0",
+            "-H",
+            "c[001-032],k[001-032]",
+            "--",
+            &format!(
+                "while [ ! -e {} ]; do sleep 0.5; printf . >&2 || exit 1; done; echo finished",
+                killed.display()
+            ),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run ussh");
+    // Each JSON record as it comes, with when it came.
+    let stdout = child.stdout.take().expect("stdout");
+    let reader = std::thread::spawn(move || {
+        use std::io::BufRead;
+        std::io::BufReader::new(stdout)
+            .lines()
+            .map(|l| (l.expect("a line of ussh's output"), Instant::now()))
+            .collect::<Vec<_>>()
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while started(&f) < 64 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(started(&f), 64, "every host's command runs before the kill");
+    let behind_j2 = f.sshds[1].connection_pids().len();
+    assert!(behind_j2 > 0, "the chain's second hop carries connections");
+    let killed_at = Instant::now();
+    f.sshds[1].stop();
+    fs::write(&killed, b"").expect("mark the kill");
+
+    let out = child.wait_with_output().expect("ussh output");
+    eprintln!(
+        "ussh -> {} ({:?} after the kill)\n--- stderr ---\n{}",
+        out.status,
+        killed_at.elapsed(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.status.code(), Some(1), "some hosts failed");
+    let lines = reader.join().expect("reader");
+    let mut recs = BTreeMap::new();
+    for (line, at) in &lines {
+        let r: serde_json::Value = serde_json::from_str(line).expect("a JSON record");
+        let host = r["host"].as_str().expect("host").to_string();
+        let after = at.duration_since(killed_at);
+        eprintln!("{host}: {after:?} after the kill");
+        // The hosts behind the dead hop learn of it from their relays at
+        // once, not from a keepalive or a timeout.
+        if host.starts_with('c') {
+            assert!(after < Duration::from_secs(5), "{host}: {after:?}");
+        }
+        assert!(recs.insert(host, r).is_none(), "one record per host");
+    }
+    assert_eq!(recs.len(), 64, "one record per host");
+    for i in 1..=32 {
+        let c = &recs[&format!("c{i:03}")];
+        let e = c["error"]
+            .as_str()
+            .unwrap_or_else(|| panic!("c{i:03}: {c}"));
+        assert!(!e.is_empty(), "c{i:03}: {c}");
+        assert_ne!(c["stdout"], "finished\n", "c{i:03} behind the dead hop");
+        let k = &recs[&format!("k{i:03}")];
+        assert_eq!(k["stdout"], "finished\n", "k{i:03}: {k}");
+        assert_eq!(k["exit_code"], 0, "k{i:03}: {k}");
+        assert!(k["error"].is_null(), "k{i:03}: {k}");
+    }
+}
+
 /// The variables `--shard auto` reads, cleared so that the test's own
 /// environment (a CI job under Slurm) does not leak in.
 const SHARD_VARS: [&str; 5] = [
