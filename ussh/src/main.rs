@@ -637,22 +637,17 @@ fn plan_for(
     };
     let blocked = no_algorithm;
     // Jump hosts: -J, else the config's ProxyJump; either wins over a
-    // ProxyCommand. A hop's own ProxyJump is not followed: the list is
-    // the whole path.
+    // ProxyCommand. The hops are planned without jumps of their own; the
+    // first hop's own ProxyJump is followed by `jump_plans`.
     let jump_spec = if hop {
         None
     } else {
         c.jump.clone().or_else(|| s.proxy_jump.clone())
     };
-    let mut jumps = Vec::new();
-    for h in jump_spec.iter().flat_map(|j| j.split(',')) {
-        let h = h.trim();
-        if h.is_empty() {
-            continue;
-        }
-        let hop_target = Target::parse(h).map_err(|e| format!("jump host {h:?}: {e}"))?;
-        jumps.push(plan_for(&hop_target, cfg, c, true, unsupported)?);
-    }
+    let jumps = match &jump_spec {
+        Some(spec) => jump_plans(spec, cfg, c, unsupported, &mut vec![t.host.clone()])?,
+        None => Vec::new(),
+    };
     let proxy_command = match (&jump_spec, s.proxy_command.as_deref()) {
         (Some(_), _) | (None, None) => None,
         (None, Some(cmd)) => Some(sshconfig::proxy_command(
@@ -677,6 +672,49 @@ fn plan_for(
         proxy_command,
         jumps,
     })
+}
+
+/// Jump hosts a path may hold, its hops' own `ProxyJump`s included.
+const MAX_JUMPS: usize = 16;
+
+/// The hops of a `-J`/`ProxyJump` list, in the order they are connected.
+/// As with OpenSSH, the first hop is reached through its own `ProxyJump`,
+/// if its config has one (recursively); a later hop is reached through the
+/// hops before it in the list, whatever its config says. `path` holds the
+/// hosts this path already reaches through, to refuse a loop.
+fn jump_plans(
+    spec: &str,
+    cfg: &SshConfig,
+    c: &Common,
+    unsupported: &mut BTreeMap<String, (String, usize)>,
+    path: &mut Vec<String>,
+) -> Result<Vec<Plan>, String> {
+    let mut jumps = Vec::new();
+    let hops = spec.split(',').map(str::trim).filter(|h| !h.is_empty());
+    for (i, h) in hops.enumerate() {
+        let hop_target = Target::parse(h).map_err(|e| format!("jump host {h:?}: {e}"))?;
+        if i == 0
+            && let Some(own) = cfg.resolve(&hop_target.host)?.proxy_jump
+            && !own.is_empty()
+        {
+            if path.contains(&hop_target.host) {
+                return Err(format!(
+                    "jump host {h:?}: its ProxyJump leads back to itself ({} -> {})",
+                    path.join(" -> "),
+                    hop_target.host
+                ));
+            }
+            path.push(hop_target.host.clone());
+            jumps.extend(jump_plans(&own, cfg, c, unsupported, path)?);
+        }
+        jumps.push(plan_for(&hop_target, cfg, c, true, unsupported)?);
+        if jumps.len() > MAX_JUMPS {
+            return Err(format!(
+                "jump host {h:?}: the path has more than {MAX_JUMPS} jump hosts"
+            ));
+        }
+    }
+    Ok(jumps)
 }
 
 fn make_plans(targets: &[Target], cfg: &SshConfig, c: &Common) -> Result<Vec<Plan>, String> {

@@ -2464,6 +2464,39 @@ fn jump_hosts_carry_the_hosts_behind_them() {
     assert!(accepted(1) >= 1, "the chain's second hop was used");
     assert!(accepted(0) >= 3, "the chain's first hop was used");
 
+    // A first hop's own ProxyJump is followed (as by OpenSSH): e001 names
+    // only j2b, and j2b (j2 under another name) is reached through j1.
+    let mut text = f.alias_block("j2b", 1);
+    text.push_str("    ProxyJump j1\n");
+    text.push_str(&f.alias_block("e001", 2));
+    text.push_str("    ProxyJump j2b\n");
+    // A loop of ProxyJumps is refused before anything connects.
+    for (a, b) in [("l1", "l2"), ("l2", "l1")] {
+        text.push_str(&f.alias_block(a, 0));
+        text.push_str(&format!("    ProxyJump {b}\n"));
+    }
+    text.push_str(&f.alias_block("e002", 2));
+    text.push_str("    ProxyJump l1\n");
+    f.append_config(&text);
+    let accepted = |n: usize| f.sshds[n].log().matches("Accepted publickey").count();
+    let before = (accepted(0), accepted(1), accepted(2));
+    let out = f.run(&["exec", "--json", "-H", "e001", "--", "echo nested"]);
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(json_records(&out)["e001"]["stdout"], "nested\n");
+    assert_eq!(
+        (accepted(0), accepted(1), accepted(2)),
+        (before.0 + 1, before.1 + 1, before.2 + 1),
+        "one login on each of j1, j2b and the host"
+    );
+    let out = f.run(&["exec", "-H", "e002", "--", "true"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("ProxyJump leads back to itself (e002 -> l1 -> l2 -> l1)"),
+        "{err}"
+    );
+    assert_eq!(accepted(0), before.0 + 1, "nothing connected for the loop");
+
     // A jump host that accepts and never speaks: eight hosts that start
     // together on one thread (no per-address waves) fail together after
     // one connect timeout, not one timeout after another.
