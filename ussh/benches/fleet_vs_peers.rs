@@ -5,14 +5,25 @@
 //!
 //! * `true` on `HOSTS` hosts (default 64), all at once;
 //! * fetch a `MIB` MiB file (default 16) from `XFER_HOSTS` hosts (default 32);
-//! * push it to `XFER_HOSTS` hosts.
+//! * push it to `XFER_HOSTS` hosts;
+//! * `true` on `BASTION_HOSTS` hosts (default 64) reached through one jump
+//!   host (`ProxyJump bastion` in the config every tool reads: ussh
+//!   carries each host over a channel of a shared bastion session, the
+//!   peers' `ssh` spawns an `ssh -W` to the bastion per host).
+//!
+//! `WORKLOADS` picks rows by name (`exec,fetch,push,bastion`, the default:
+//! all). For a thousand hosts: `HOSTS=1000 SERVERS=8 WORKLOADS=exec`; the
+//! peers' fan-out is `FANOUT` (default: every host at once), ussh's `-j`
+//! always every host.
 //!
 //! Key exchange pinned to curve25519-sha256 and chacha20-poly1305 for every
 //! tool (in the ssh config every tool reads). The client runs on core 0 and
 //! the sshd processes on core 1 when the machine has two cores or more
 //! (`taskset`). For each row: wall seconds and the client's CPU (user +
 //! sys of the tool and every process it waited for), medians over `ROUNDS`
-//! rounds (default 3) run in rotating order.
+//! rounds (default 3) run in rotating order, and the peak memory of the
+//! tool's process tree (the sum of its processes' PSS, sampled every
+//! 100 ms: shared pages counted once).
 //!
 //! Run (as root, with the Debian packages pssh, clustershell and pdsh):
 //! `cargo bench -p ussh --bench fleet_vs_peers`. A missing peer is skipped
@@ -56,8 +67,50 @@ struct Row {
     workload: &'static str,
     tool: &'static str,
     hosts: usize,
-    /// (wall, cpu) per round.
-    runs: Vec<(f64, f64)>,
+    /// (wall s, cpu s, peak PSS MiB) per round.
+    runs: Vec<(f64, f64, f64)>,
+}
+
+/// The descendants of `root` (itself included), from `/proc`.
+fn tree(root: u32) -> Vec<u32> {
+    let mut parent = Vec::new();
+    for e in fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(stat) = fs::read_to_string(e.path().join("stat")) else {
+            continue;
+        };
+        // "pid (comm) state ppid ...": comm may hold spaces and parens.
+        let ppid = stat
+            .rfind(')')
+            .and_then(|i| stat[i + 1..].split_whitespace().nth(1))
+            .and_then(|p| p.parse::<u32>().ok());
+        if let Some(ppid) = ppid {
+            parent.push((pid, ppid));
+        }
+    }
+    let mut out = vec![root];
+    let mut i = 0;
+    while i < out.len() {
+        let p = out[i];
+        out.extend(parent.iter().filter(|(_, pp)| *pp == p).map(|(c, _)| *c));
+        i += 1;
+    }
+    out
+}
+
+/// The summed PSS of `pids` in KiB (processes gone meanwhile count 0).
+fn pss_kib(pids: &[u32]) -> u64 {
+    pids.iter()
+        .filter_map(|p| fs::read_to_string(format!("/proc/{p}/smaps_rollup")).ok())
+        .filter_map(|t| {
+            t.lines()
+                .find(|l| l.starts_with("Pss:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<u64>().ok())
+        })
+        .sum()
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -66,7 +119,9 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 /// Runs `argv` on core 0 (if pinning), with `envs`; panics if it fails.
-fn timed(argv: &[String], envs: &[(&str, String)], pin: bool) -> (f64, f64) {
+/// Returns wall seconds, client CPU seconds and the peak PSS of its
+/// process tree in MiB.
+fn timed(argv: &[String], envs: &[(&str, String)], pin: bool) -> (f64, f64, f64) {
     let mut c = if pin {
         let mut c = Command::new("taskset");
         c.arg("-c").arg("0").args(argv);
@@ -83,17 +138,31 @@ fn timed(argv: &[String], envs: &[(&str, String)], pin: bool) -> (f64, f64) {
         .stderr(Stdio::piped());
     let cpu0 = children_cpu();
     let start = Instant::now();
-    let out = c.output().expect("spawn");
+    let mut child = c.spawn().expect("spawn");
+    let mut stderr = child.stderr.take().expect("stderr");
+    let drain = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut stderr, &mut v);
+        v
+    });
+    let mut peak = 0;
+    let status = loop {
+        if let Some(st) = child.try_wait().expect("wait") {
+            break st;
+        }
+        peak = peak.max(pss_kib(&tree(child.id())));
+        std::thread::sleep(Duration::from_millis(100));
+    };
     let wall = start.elapsed().as_secs_f64();
     let cpu = (children_cpu() - cpu0).as_secs_f64();
-    if !out.status.success() {
+    let err = drain.join().expect("stderr");
+    if !status.success() {
         panic!(
-            "{argv:?} failed ({}):\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
+            "{argv:?} failed ({status}):\n{}",
+            String::from_utf8_lossy(&err)
         );
     }
-    (wall, cpu)
+    (wall, cpu, peak as f64 / 1024.0)
 }
 
 fn s(v: impl AsRef<std::ffi::OsStr>) -> String {
@@ -106,14 +175,26 @@ fn main() {
     let mib = env("MIB", 16);
     let rounds = env("ROUNDS", 3).max(1);
     let servers = env("SERVERS", 4).max(1);
+    let bastion_hosts = env("BASTION_HOSTS", 64);
+    let workloads = std::env::var("WORKLOADS").unwrap_or_else(|_| "exec,fetch,push,bastion".into());
+    let want = |w: &str| workloads.split(',').any(|x| x.trim() == w);
+    for w in workloads.split(',') {
+        assert!(
+            ["exec", "fetch", "push", "bastion"].contains(&w.trim()),
+            "WORKLOADS: unknown workload {w:?} (exec, fetch, push, bastion)"
+        );
+    }
+    let fanout = env("FANOUT", 0);
+    let per_address = std::env::var("USSH_PER_ADDRESS").ok();
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let pin = cores >= 2 && have("taskset");
 
     let sshds: Vec<sshd::Sshd> = (0..servers)
         .map(|_| sshd::Sshd::builder().log_level("ERROR").start())
         .collect();
+    let bastion = sshd::Sshd::builder().log_level("ERROR").start();
     if pin {
-        for s in &sshds {
+        for s in sshds.iter().chain([&bastion]) {
             let _ = Command::new("taskset")
                 .args(["-a", "-p", "-c", "1", &s.pid().to_string()])
                 .stdout(Stdio::null())
@@ -128,16 +209,32 @@ fn main() {
     let w = work.path();
     let kh = w.join("known_hosts");
     let mut known = String::new();
-    for s in &sshds {
+    for s in sshds.iter().chain([&bastion]) {
         known.push_str(&fs::read_to_string(s.known_hosts()).expect("known_hosts"));
     }
     fs::write(&kh, known).expect("known_hosts");
     let n = hosts.max(xfer_hosts);
+    // Zero-padded to one width, so that `h[001-100]` or `h[0001-1000]`
+    // names every alias for every tool.
+    let width = n.to_string().len().max(3);
     let mut cfg = String::new();
     for i in 1..=n {
         let s = &sshds[(i - 1) % sshds.len()];
         cfg.push_str(&format!(
-            "Host h{i:03}\n    HostName 127.0.0.1\n    Port {}\n    IdentityFile {}\n",
+            "Host h{i:0width$}\n    HostName 127.0.0.1\n    Port {}\n    IdentityFile {}\n",
+            s.port(),
+            s.user_key().display()
+        ));
+    }
+    cfg.push_str(&format!(
+        "Host bastion\n    HostName 127.0.0.1\n    Port {}\n    IdentityFile {}\n",
+        bastion.port(),
+        bastion.user_key().display()
+    ));
+    for i in 1..=bastion_hosts {
+        let s = &sshds[(i - 1) % sshds.len()];
+        cfg.push_str(&format!(
+            "Host b{i:03}\n    HostName 127.0.0.1\n    Port {}\n    IdentityFile {}\n    ProxyJump bastion\n",
             s.port(),
             s.user_key().display()
         ));
@@ -151,14 +248,21 @@ fn main() {
     ));
     let config = w.join("ssh_config");
     fs::write(&config, cfg).expect("ssh config");
-    let hosts_file = |k: usize| -> PathBuf {
-        let p = w.join(format!("hosts{k}"));
-        let list: String = (1..=k).map(|i| format!("h{i:03}\n")).collect();
+    let hosts_file = |prefix: &str, k: usize, width: usize| -> PathBuf {
+        let p = w.join(format!("hosts-{prefix}{k}"));
+        let list: String = (1..=k).map(|i| format!("{prefix}{i:0width$}\n")).collect();
         fs::write(&p, list).expect("hosts file");
         p
     };
-    let (hf_exec, hf_xfer) = (hosts_file(hosts), hosts_file(xfer_hosts));
-    let set = |k: usize| format!("h[001-{k:03}]");
+    let (hf_exec, hf_xfer) = (
+        hosts_file("h", hosts, width),
+        hosts_file("h", xfer_hosts, width),
+    );
+    let hf_bastion = hosts_file("b", bastion_hosts, 3);
+    let set = |k: usize| format!("h[{:0width$}-{k:0width$}]", 1);
+    let bset = format!("b[001-{bastion_hosts:03}]");
+    // The peers' fan-out: every host at once unless FANOUT says otherwise.
+    let fan = |k: usize| if fanout == 0 { k } else { fanout }.to_string();
     let src = w.join("src/payload.bin");
     fs::create_dir_all(src.parent().expect("parent")).expect("mkdir");
     let data: Vec<u8> = (0..mib << 20)
@@ -224,6 +328,26 @@ fn main() {
         s(&src),
         s(pushed.join("ussh")),
     ];
+    let mut ussh_bastion: Vec<String> = vec![
+        USSH.into(),
+        "exec".into(),
+        "-q".into(),
+        "-F".into(),
+        cfg_s.clone(),
+        "--no-agent".into(),
+        "-j".into(),
+        bastion_hosts.to_string(),
+        "-H".into(),
+        bset.clone(),
+        "--".into(),
+        exec.into(),
+    ];
+    if let Some(n) = &per_address {
+        for argv in [&mut cmds[0].3, &mut ussh_bastion] {
+            argv.splice(2..2, ["--per-address".to_string(), n.clone()]);
+        }
+    }
+    cmds.push(("via bastion", "ussh", bastion_hosts, ussh_bastion, vec![]));
     cmds.push(("fetch", "ussh", xfer_hosts, ussh_get, vec![]));
     cmds.push(("push", "ussh", xfer_hosts, ussh_put, vec![]));
     let ssh_x = format!("-F {cfg_s}");
@@ -235,7 +359,7 @@ fn main() {
             vec![
                 "parallel-ssh".into(),
                 "-p".into(),
-                hosts.to_string(),
+                fan(hosts),
                 "-x".into(),
                 ssh_x.clone(),
                 "-h".into(),
@@ -251,7 +375,7 @@ fn main() {
             vec![
                 "parallel-slurp".into(),
                 "-p".into(),
-                xfer_hosts.to_string(),
+                fan(xfer_hosts),
                 "-x".into(),
                 ssh_x.clone(),
                 "-h".into(),
@@ -270,7 +394,7 @@ fn main() {
             vec![
                 "parallel-scp".into(),
                 "-p".into(),
-                xfer_hosts.to_string(),
+                fan(xfer_hosts),
                 "-x".into(),
                 ssh_x.clone(),
                 "-h".into(),
@@ -280,16 +404,32 @@ fn main() {
             ],
             vec![],
         ));
+        cmds.push((
+            "via bastion",
+            "pssh",
+            bastion_hosts,
+            vec![
+                "parallel-ssh".into(),
+                "-p".into(),
+                fan(bastion_hosts),
+                "-x".into(),
+                ssh_x.clone(),
+                "-h".into(),
+                s(&hf_bastion),
+                exec.into(),
+            ],
+            vec![],
+        ));
     } else {
         eprintln!("parallel-ssh not found (Debian package pssh): its rows are skipped");
     }
     if have("clush") {
         let o = vec!["-o".to_string(), ssh_x.clone()];
-        let mut c = vec!["clush".to_string(), "-f".into(), hosts.to_string()];
+        let mut c = vec!["clush".to_string(), "-f".into(), fan(hosts)];
         c.extend(o.clone());
         c.extend(["-w".into(), set(hosts), exec.into()]);
         cmds.push(("exec true", "clush", hosts, c, vec![]));
-        let mut c = vec!["clush".to_string(), "-f".into(), xfer_hosts.to_string()];
+        let mut c = vec!["clush".to_string(), "-f".into(), fan(xfer_hosts)];
         c.extend(o.clone());
         c.extend([
             "-w".into(),
@@ -300,7 +440,7 @@ fn main() {
             fetch_dir("clush"),
         ]);
         cmds.push(("fetch", "clush", xfer_hosts, c, vec![]));
-        let mut c = vec!["clush".to_string(), "-f".into(), xfer_hosts.to_string()];
+        let mut c = vec!["clush".to_string(), "-f".into(), fan(xfer_hosts)];
         c.extend(o);
         c.extend([
             "-w".into(),
@@ -311,6 +451,10 @@ fn main() {
             s(pushed.join("clush.bin")),
         ]);
         cmds.push(("push", "clush", xfer_hosts, c, vec![]));
+        let mut c = vec!["clush".to_string(), "-f".into(), fan(bastion_hosts)];
+        c.extend(["-o".to_string(), ssh_x.clone()]);
+        c.extend(["-w".into(), bset.clone(), exec.into()]);
+        cmds.push(("via bastion", "clush", bastion_hosts, c, vec![]));
     } else {
         eprintln!("clush not found (Debian package clustershell): its rows are skipped");
     }
@@ -325,7 +469,7 @@ fn main() {
                 "-R".into(),
                 "ssh".into(),
                 "-f".into(),
-                hosts.to_string(),
+                fan(hosts),
                 "-w".into(),
                 set(hosts),
                 exec.into(),
@@ -341,7 +485,7 @@ fn main() {
                 "-R".into(),
                 "ssh".into(),
                 "-f".into(),
-                xfer_hosts.to_string(),
+                fan(xfer_hosts),
                 "-w".into(),
                 set(xfer_hosts),
                 s(&src),
@@ -358,11 +502,27 @@ fn main() {
                 "-R".into(),
                 "ssh".into(),
                 "-f".into(),
-                xfer_hosts.to_string(),
+                fan(xfer_hosts),
                 "-w".into(),
                 set(xfer_hosts),
                 s(&src),
                 s(pushed.join("pdsh.bin")),
+            ],
+            e.clone(),
+        ));
+        cmds.push((
+            "via bastion",
+            "pdsh",
+            bastion_hosts,
+            vec![
+                "pdsh".into(),
+                "-R".into(),
+                "ssh".into(),
+                "-f".into(),
+                fan(bastion_hosts),
+                "-w".into(),
+                bset.clone(),
+                exec.into(),
             ],
             e,
         ));
@@ -370,6 +530,13 @@ fn main() {
         eprintln!("pdsh not found (Debian package pdsh): its rows are skipped");
     }
 
+    cmds.retain(|(workload, ..)| {
+        want(match *workload {
+            "exec true" => "exec",
+            "via bastion" => "bastion",
+            w => w,
+        })
+    });
     let mut rows: Vec<Row> = cmds
         .iter()
         .map(|(workload, tool, hosts, _, _)| Row {
@@ -393,34 +560,43 @@ fn main() {
             }
             let r = timed(argv, envs, pin);
             eprintln!(
-                "round {round}: {workload:<10} {tool:<6} {:>6.2} s wall {:>6.3} s CPU",
-                r.0, r.1
+                "round {round}: {workload:<11} {tool:<6} {:>6.2} s wall {:>6.3} s CPU {:>8.1} MiB peak",
+                r.0, r.1, r.2
             );
             rows[i].runs.push(r);
         }
     }
     println!(
-        "\n{:<10} {:<6} {:>6} {:>8} {:>12} {:>14} {:>12}",
-        "workload", "tool", "hosts", "wall s", "client CPU s", "CPU ms / host", "CPU s / GiB"
+        "\n{:<11} {:<6} {:>6} {:>8} {:>12} {:>14} {:>12} {:>14}",
+        "workload",
+        "tool",
+        "hosts",
+        "wall s",
+        "client CPU s",
+        "CPU ms / host",
+        "CPU s / GiB",
+        "peak PSS MiB"
     );
     for r in &rows {
         let wall = median(r.runs.iter().map(|x| x.0).collect());
         let cpu = median(r.runs.iter().map(|x| x.1).collect());
-        let per_gib = if r.workload == "exec true" {
+        let peak = median(r.runs.iter().map(|x| x.2).collect());
+        let per_gib = if r.workload == "exec true" || r.workload == "via bastion" {
             "-".to_string()
         } else {
             let gib = (r.hosts * mib) as f64 / 1024.0;
             format!("{:.2}", cpu / gib)
         };
         println!(
-            "{:<10} {:<6} {:>6} {:>8.2} {:>12.3} {:>14.1} {:>12}",
+            "{:<11} {:<6} {:>6} {:>8.2} {:>12.3} {:>14.1} {:>12} {:>14.1}",
             r.workload,
             r.tool,
             r.hosts,
             wall,
             cpu,
             cpu * 1000.0 / r.hosts as f64,
-            per_gib
+            per_gib,
+            peak
         );
     }
 }
