@@ -15,11 +15,12 @@ fi
 # System packages: only touch apt when something is missing, so re-runs are fast.
 # openssh-client brings ssh-keygen, ssh-agent and ssh-add (fixture and agent
 # tests) and scp, which the SCP tests run on the server side. time is GNU
-# time: ussh's tests read its peak memory from it.
+# time: ussh's tests read its peak memory from it. sudo: ussh's --sudo
+# tests run commands under it as the test user.
 # dropbear-bin and debootstrap (with Debian's archive keys) bring the other
 # servers of tests/interop.rs: Dropbear, and OpenSSH 10 in a Debian 13 tree.
 packages=(openssh-server openssh-client libssl-dev pkg-config zlib1g-dev cmake build-essential time
-    dropbear-bin debootstrap debian-archive-keyring)
+    sudo dropbear-bin debootstrap debian-archive-keyring)
 bench=false
 if [ "${1:-}" = "--bench" ]; then
     bench=true

@@ -26,6 +26,19 @@ if ! id "$test_user" >/dev/null 2>&1; then
     echo "$test_user:$test_password" | chpasswd
 fi
 
+# The test user may run anything under sudo, with its password (ussh's --sudo
+# tests feed it on sudo's stdin): never NOPASSWD.
+sudoers=/etc/sudoers.d/uring-ssh-test
+if [ ! -f "$sudoers" ]; then
+    mkdir -p /etc/sudoers.d
+    chmod 755 /etc/sudoers.d
+    tmp=$(mktemp /etc/sudoers.d/.uring-ssh-test.XXXXXX)
+    printf 'Defaults:%s !lecture\n%s ALL=(ALL) ALL\n' "$test_user" "$test_user" >"$tmp"
+    visudo -cqf "$tmp"
+    chmod 440 "$tmp"
+    mv "$tmp" "$sudoers"
+fi
+
 # cargo: rustup puts it in ~/.cargo/bin.
 if ! command -v cargo >/dev/null 2>&1 && [ -f "${HOME:-/root}/.cargo/env" ]; then
     # shellcheck disable=SC1091

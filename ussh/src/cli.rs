@@ -19,6 +19,17 @@ pub struct Cli {
     pub cmd: Cmd,
 }
 
+impl Cli {
+    /// The options every subcommand has.
+    pub fn common(&self) -> &Common {
+        match &self.cmd {
+            Cmd::Exec(a) => &a.common,
+            Cmd::Get(a) => &a.common,
+            Cmd::Put(a) => &a.common,
+        }
+    }
+}
+
 /// The subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Cmd {
@@ -41,11 +52,21 @@ Examples:
   ussh exec -S -q -H 'db[1-3]' -- /usr/local/bin/check  quiet; exit with the worst code
   ussh exec --json -o StrictHostKeyChecking=accept-new -H 'new[1-9]' -- id
   ussh exec --outdir out -e err -H 'web[01-64]' -- journalctl -b
+  ussh exec --askpass -H 'lab[1-8]' -- uptime          password login, asked once
+  ussh exec --sudo -b -H 'web[01-64]' -- systemctl restart app  as root, via sudo
+  USSH_PW=... ussh exec --sudo --askpass-env USSH_PW -f hosts.txt -- id -u
+
+--sudo runs `sudo -k -S -p PROMPT -- sh -c 'COMMAND'` on each host and
+writes the password, then a newline, to its standard input: the password
+is never in a command line, a log line or the output. A host where sudo
+refuses it fails with `sudo refused the password`.
 
 Exit status: 0 if every host succeeded; 1 if any failed (not reached or
-authenticated, a non-zero exit code, killed by a signal); with -S instead
-the largest exit code of the hosts (255 for a host not reached or killed
-by a signal); 2 for bad input; 130 if interrupted.";
+authenticated, a non-zero exit code, killed by a signal, sudo refused the
+password); with -S instead the largest exit code of the hosts (255 for a
+host not reached or killed by a signal; sudo exits 1 when it refuses the
+password); 2 for bad input (--askpass without a terminal to ask on, too);
+130 if interrupted.";
 
 const GET_HELP: &str = "\
 Examples:
@@ -58,7 +79,8 @@ land on one file: such a get is refused (exit status 2); fetch them into
 different destinations.
 
 Exit status: 0 if every host succeeded; 1 if any failed (not reached or
-authenticated, any file failed); 2 for bad input; 130 if interrupted.";
+authenticated, any file failed); 2 for bad input (--askpass without a
+terminal to ask on, too); 130 if interrupted.";
 
 const PUT_HELP: &str = "\
 Examples:
@@ -67,7 +89,8 @@ Examples:
   ussh put -H 'web[01-64]' ./build '/srv/{host}'
 
 Exit status: 0 if every host succeeded; 1 if any failed (not reached or
-authenticated, any file failed); 2 for bad input; 130 if interrupted.";
+authenticated, any file failed); 2 for bad input (--askpass without a
+terminal to ask on, too); 130 if interrupted.";
 
 /// Options every subcommand takes.
 #[derive(Debug, Args, Clone)]
@@ -126,6 +149,19 @@ pub struct Common {
     /// Do not use the ssh-agent.
     #[arg(long)]
     pub no_agent: bool,
+    /// Ask for a password once, on the terminal (/dev/tty, not echoed),
+    /// before connecting, and use it on every host (jump hosts too) for
+    /// password, then keyboard-interactive authentication (every prompt
+    /// not echoed is answered with it), after the agent and the keys
+    /// (pssh -A). It is held in memory only, wiped at exit, and never
+    /// printed, logged or put in --json.
+    #[arg(long)]
+    pub askpass: bool,
+    /// As --askpass, taking the password from the environment variable
+    /// VAR instead of the terminal, for scripts and tests (ussh wipes and
+    /// unsets VAR at start, so that no ProxyCommand inherits it).
+    #[arg(long, value_name = "VAR")]
+    pub askpass_env: Option<String>,
     /// Hosts worked on at once, over all threads.
     #[arg(
         short = 'j',
@@ -197,6 +233,15 @@ pub struct ExecArgs {
     /// its stdout (clush -B).
     #[arg(short = 'B', long, conflicts_with_all = ["gather", "outdir", "errdir", "json"])]
     pub gather_all: bool,
+    /// Run the command as root under `sudo -S` on every host (clush
+    /// --sudo), feeding sudo the password of --askpass (asked for if
+    /// neither --askpass nor --askpass-env is given) on its standard
+    /// input, then the end of it: the command's own standard input is
+    /// /dev/null. sudo's prompt is taken out of the output; a password
+    /// sudo refuses fails the host (`sudo refused the password`), after
+    /// sudo's own delay, without waiting for more input.
+    #[arg(long)]
+    pub sudo: bool,
     /// Exit with the largest exit code of the hosts (255 for a host whose
     /// command did not end with one: not reached, or killed by a signal;
     /// 130 still if interrupted), as clush -S and pdsh -S.

@@ -22,6 +22,7 @@ use uring_ssh::sftp::{
 };
 use uring_ssh::{Config, Error, HostKeyError, MethodType, Session};
 
+use crate::secret::Password;
 use crate::ui::HostUi;
 
 /// Everything needed to reach one host.
@@ -56,6 +57,9 @@ pub struct Plan {
     /// Jump hosts, the first reached directly, this host through the last
     /// (`-J`, `ProxyJump`); empty: none.
     pub jumps: Vec<Plan>,
+    /// The password of `--askpass`: tried after the agent and the keys,
+    /// for password then keyboard-interactive authentication.
+    pub password: Option<Arc<Password>>,
 }
 
 /// What to do on every host.
@@ -69,6 +73,9 @@ pub enum Op {
         collect: bool,
         /// Caps and per-host output files.
         output: ExecOutput,
+        /// `--sudo`: the command is wrapped in `sudo -S`, which is fed the
+        /// password.
+        sudo: Option<Sudo>,
     },
     /// Fetch `remotes` into `dest` (a directory; `{host}` replaced, or
     /// `<host>/` appended).
@@ -85,6 +92,109 @@ pub enum Op {
         /// Remote directory pattern.
         dest: String,
     },
+}
+
+/// How `--sudo` runs a command: under `sudo -S`, whose prompt is a marker
+/// no output holds by chance, taken out of the command's stderr.
+#[derive(Debug, Clone)]
+pub struct Sudo {
+    /// The prompt sudo is given (`-p`): no `%`, unique to this run.
+    pub marker: String,
+    /// What sudo reads on its standard input, followed by a newline.
+    pub password: Arc<Password>,
+}
+
+impl Sudo {
+    /// A marker unique to this run, from the kernel's random numbers (the
+    /// time and process id if they cannot be read).
+    pub fn new(password: Arc<Password>) -> Sudo {
+        let mut nonce = [0u8; 8];
+        let random = File::open("/dev/urandom")
+            .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut nonce))
+            .is_ok();
+        if !random {
+            let t = SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(0);
+            nonce = (t ^ (u64::from(std::process::id()) << 40)).to_le_bytes();
+        }
+        let hex: String = nonce.iter().map(|b| format!("{b:02x}")).collect();
+        Sudo {
+            marker: format!("[ussh-sudo-{hex}]"),
+            password,
+        }
+    }
+
+    /// `command` as the remote shell is given it under `--sudo`: sudo
+    /// reads the password on its standard input (`-S`), asks for it even
+    /// with credentials cached (`-k`), and runs `command` with `sh -c`,
+    /// whose standard input is then `/dev/null`: what is left of the
+    /// password's line, if sudo did not ask for it, never reaches the
+    /// command.
+    pub fn wrap(&self, command: &str) -> String {
+        format!(
+            "sudo -k -S -p {} -- sh -c {}",
+            shell_word(&self.marker),
+            shell_word(&format!("exec </dev/null; {command}"))
+        )
+    }
+}
+
+/// Takes the prompt marker of `--sudo` out of a byte stream, however its
+/// bytes are split between reads, and counts how often it came: sudo
+/// prompts again after a wrong password.
+#[derive(Debug)]
+pub struct PromptFilter {
+    marker: Vec<u8>,
+    /// The end of what came so far that may be the start of a marker.
+    held: Vec<u8>,
+    /// A marker after the first came last: the newline sudo writes when it
+    /// finds no second password is taken out too.
+    after_retry: bool,
+    /// Markers taken out.
+    pub seen: usize,
+}
+
+impl PromptFilter {
+    /// A filter taking out `marker` (not empty).
+    pub fn new(marker: &str) -> PromptFilter {
+        PromptFilter {
+            marker: marker.as_bytes().to_vec(),
+            held: Vec::new(),
+            after_retry: false,
+            seen: 0,
+        }
+    }
+
+    /// Appends to `out` what of `data` is sure not to be part of a marker.
+    pub fn feed(&mut self, data: &[u8], out: &mut Vec<u8>) {
+        let mut all = std::mem::take(&mut self.held);
+        all.extend_from_slice(data);
+        let m = self.marker.len();
+        let mut i = 0;
+        while i < all.len() {
+            if all[i..].starts_with(&self.marker) {
+                self.seen += 1;
+                self.after_retry = self.seen > 1;
+                i += m;
+            } else if self.marker.starts_with(&all[i..]) {
+                // A marker's start at the end: held for the next read.
+                self.held = all[i..].to_vec();
+                return;
+            } else {
+                if !std::mem::take(&mut self.after_retry) || all[i] != b'\n' {
+                    out.push(all[i]);
+                }
+                i += 1;
+            }
+        }
+    }
+
+    /// Appends what was held back: the stream ended.
+    pub fn finish(&mut self, out: &mut Vec<u8>) {
+        out.append(&mut self.held);
+    }
 }
 
 /// Where a command's output goes, and how much of it is held in memory.
@@ -414,10 +524,10 @@ async fn run_inner(
     authenticate(&session, plan).await?;
     drop(turn);
     match &job.op {
-        Op::Exec { command, .. } => {
+        Op::Exec { command, sudo, .. } => {
             phase.set("running the command");
             if let Some((so, se)) = sinks.take() {
-                exec(&session, command, so, se, out).await?;
+                exec(&session, command, sudo.as_ref(), so, se, out).await?;
             }
         }
         Op::Get { remotes, dest } => {
@@ -749,6 +859,13 @@ pub(crate) async fn authenticate(session: &Session, plan: &Plan) -> Result<(), S
             Err(e) => tried.push(format!("key {}: {}", key.display(), describe(&e))),
         }
     }
+    if let Some(password) = &plan.password {
+        match with_password(session, user, password, &mut tried).await {
+            Ok(true) => return Ok(()),
+            Ok(false) => {}
+            Err(e) => return Err(auth_failed(user, &tried, &e)),
+        }
+    }
     if tried.is_empty() {
         tried.push("no agent and no key files".into());
     }
@@ -756,6 +873,73 @@ pub(crate) async fn authenticate(session: &Session, plan: &Plan) -> Result<(), S
         "authentication as {user} failed: {}",
         tried.join("; ")
     ))
+}
+
+/// Prompts of keyboard-interactive rounds answered with the password: a
+/// server asking again after that has refused it.
+const KBD_ROUNDS: usize = 3;
+
+/// Password authentication, then keyboard-interactive answering every
+/// prompt whose answer is not echoed with the password (and the others
+/// with nothing), each if the server offers it. `Ok(true)`: in; `Ok(false)`:
+/// refused, why in `tried`; `Err`: the session is gone. No message holds
+/// the password.
+async fn with_password(
+    session: &Session,
+    user: &str,
+    password: &Password,
+    tried: &mut Vec<String>,
+) -> Result<bool, Error> {
+    let methods = match session.auth_methods(user).await {
+        // `none` authentication succeeded.
+        Ok(m) if m.is_empty() => return Ok(session.authenticated()),
+        Ok(m) => m,
+        Err(e) if session_gone(&e) => return Err(e),
+        Err(e) => {
+            tried.push(format!("cannot list the methods: {}", describe(&e)));
+            return Ok(false);
+        }
+    };
+    let offered = |m: &str| methods.iter().any(|o| o == m);
+    if offered("password") {
+        match session.auth_password(user, password.as_str()).await {
+            Ok(()) => return Ok(true),
+            Err(e) if e.is_auth_failure() => tried.push("password refused".into()),
+            Err(e) if session_gone(&e) => return Err(e),
+            Err(e) => tried.push(format!("password: {}", describe(&e))),
+        }
+    }
+    if offered("keyboard-interactive") {
+        let mut rounds = 0;
+        let answer = |_: &str, _: &str, prompts: &[(String, bool)]| {
+            rounds += 1;
+            prompts
+                .iter()
+                .map(|(_, echo)| {
+                    if *echo || rounds > KBD_ROUNDS {
+                        String::new()
+                    } else {
+                        password.as_str().to_string()
+                    }
+                })
+                .collect()
+        };
+        match session.auth_keyboard_interactive(user, answer).await {
+            Ok(()) => return Ok(true),
+            Err(e) if e.is_auth_failure() => {
+                tried.push("password refused (keyboard-interactive)".into())
+            }
+            Err(e) if session_gone(&e) => return Err(e),
+            Err(e) => tried.push(format!("keyboard-interactive: {}", describe(&e))),
+        }
+    }
+    if !offered("password") && !offered("keyboard-interactive") {
+        tried.push(format!(
+            "the server offers no password authentication (only {})",
+            methods.join(",")
+        ));
+    }
+    Ok(false)
 }
 
 /// The line for an authentication that ended because the session did.
@@ -974,13 +1158,16 @@ impl Sink<'_> {
     }
 }
 
-/// Reads `r` to its end into `sink`; `what` names the stream in errors.
+/// Reads `r` to its end into `sink`, through `filter` if given; `what`
+/// names the stream in errors.
 async fn pump<R: AsyncRead + Unpin>(
     mut r: R,
     mut sink: Sink<'_>,
+    mut filter: Option<&mut PromptFilter>,
     what: &str,
 ) -> Result<Captured, String> {
     let mut buf = vec![0u8; 32 * 1024];
+    let mut clean = Vec::new();
     loop {
         let n = r
             .read(&mut buf)
@@ -989,7 +1176,23 @@ async fn pump<R: AsyncRead + Unpin>(
         if n == 0 {
             break;
         }
-        sink.feed(&buf[..n]).await?;
+        match filter.as_deref_mut() {
+            Some(f) => {
+                clean.clear();
+                f.feed(&buf[..n], &mut clean);
+                if !clean.is_empty() {
+                    sink.feed(&clean).await?;
+                }
+            }
+            None => sink.feed(&buf[..n]).await?,
+        }
+    }
+    if let Some(f) = filter {
+        clean.clear();
+        f.finish(&mut clean);
+        if !clean.is_empty() {
+            sink.feed(&clean).await?;
+        }
     }
     Ok(sink.finish().await)
 }
@@ -1041,9 +1244,12 @@ fn exec_sinks<'a>(
     Ok((so, se))
 }
 
+/// Runs `command` (under `sudo -S` with `sudo`), its output into `so` and
+/// `se`; how it ended into `out`.
 async fn exec(
     session: &Session,
     command: &str,
+    sudo: Option<&Sudo>,
     so: Sink<'_>,
     se: Sink<'_>,
     out: &mut Outcome,
@@ -1054,19 +1260,39 @@ async fn exec(
         Sink::Shared { got, .. } => Some(got.clone()),
         _ => None,
     };
+    let wrapped;
+    let command = match sudo {
+        Some(s) => {
+            wrapped = s.wrap(command);
+            wrapped.as_str()
+        }
+        None => command,
+    };
     let mut ch = session
         .exec(command)
         .await
         .map_err(|e| fail("cannot run the command", e))?;
-    // Nothing on stdin, as `ssh host cmd < /dev/null`.
+    if let Some(s) = sudo {
+        // The password's line on sudo's stdin. A command that ended
+        // already (sudo missing) closed it: what matters is then its exit.
+        use tokio::io::AsyncWriteExt;
+        if ch.write_all(s.password.as_bytes()).await.is_ok() {
+            let _ = ch.write_all(b"\n").await;
+        }
+    }
+    // Nothing (more) on stdin, as `ssh host cmd < /dev/null`: a sudo that
+    // was refused the password finds the end of its input, and gives up.
     let _ = ch.send_eof().await;
     let stderr = ch.stderr();
+    let mut filter = sudo.map(|s| PromptFilter::new(&s.marker));
     let (ro, re) = futures_util::future::join(
-        pump(&mut ch, so, "reading output"),
-        pump(stderr, se, "reading error output"),
+        pump(&mut ch, so, None, "reading output"),
+        pump(stderr, se, filter.as_mut(), "reading error output"),
     )
     .await;
     let (mut o, e) = (ro?, re?);
+    // sudo prompts again after a wrong password.
+    let refused = filter.is_some_and(|f| f.seen > 1);
     if let Some(got) = merged {
         o = got.take();
     }
@@ -1075,7 +1301,10 @@ async fn exec(
     out.stderr = e;
     out.exit_code = st.signal.is_none().then_some(st.code);
     out.signal = st.signal.clone();
-    if st.success() {
+    if refused {
+        out.status = Status::Failed;
+        out.error = Some("sudo refused the password".into());
+    } else if st.success() {
         out.status = Status::Ok;
     } else {
         out.status = Status::Failed;
@@ -1441,6 +1670,69 @@ mod tests {
         c.keep(b"hello", 5);
         assert_eq!((c.data.as_slice(), c.dropped), (&b"hello"[..], 0));
         assert!(!c.truncated());
+    }
+
+    fn filtered(marker: &str, chunks: &[&[u8]]) -> (Vec<u8>, usize) {
+        let mut f = PromptFilter::new(marker);
+        let mut out = Vec::new();
+        for c in chunks {
+            f.feed(c, &mut out);
+        }
+        f.finish(&mut out);
+        (out, f.seen)
+    }
+
+    #[test]
+    fn sudo_prompts_are_taken_out_however_they_are_split() {
+        let m = "[ussh-sudo-0123]";
+        let text = b"[ussh-sudo-0123]err\n[ussh-sud\n[ussh-sudo-0123]";
+        let want = (b"err\n[ussh-sud\n".to_vec(), 2);
+        assert_eq!(filtered(m, &[text]), want);
+        // Every split of the stream gives the same.
+        for cut in 0..=text.len() {
+            assert_eq!(filtered(m, &[&text[..cut], &text[cut..]]), want, "{cut}");
+        }
+        let bytes: Vec<&[u8]> = text.chunks(1).collect();
+        assert_eq!(filtered(m, &bytes), want);
+        // A marker's start left at the end is output after all.
+        assert_eq!(filtered(m, &[b"x[ussh-su"]), (b"x[ussh-su".to_vec(), 0));
+        // sudo's retry: the newline it writes at the end of its input goes.
+        assert_eq!(
+            filtered(
+                m,
+                &[
+                    b"[ussh-sudo-0123]Sorry, try again.\n[ussh-sudo-0123]",
+                    b"\nsudo: 1 incorrect password attempt\n"
+                ]
+            ),
+            (
+                b"Sorry, try again.\nsudo: 1 incorrect password attempt\n".to_vec(),
+                2
+            )
+        );
+        // After the first prompt a newline is the command's: kept.
+        assert_eq!(
+            filtered(m, &[b"[ussh-sudo-0123]\nx\n"]),
+            (b"\nx\n".to_vec(), 1)
+        );
+    }
+
+    #[test]
+    fn sudo_commands_quote_the_command() {
+        let p = Arc::new(crate::secret::test_password("pw"));
+        let s = Sudo::new(p);
+        assert!(s.marker.starts_with("[ussh-sudo-") && !s.marker.contains('%'));
+        assert_eq!(s.marker.len(), "[ussh-sudo-]".len() + 16);
+        let w = s.wrap("echo 'a b' $HOME");
+        assert_eq!(
+            w,
+            format!(
+                "sudo -k -S -p '{}' -- sh -c 'exec </dev/null; echo '\\''a b'\\'' $HOME'",
+                s.marker
+            )
+        );
+        assert!(!w.contains("pw"));
+        assert_ne!(Sudo::new(s.password.clone()).marker, s.marker);
     }
 
     #[test]

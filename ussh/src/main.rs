@@ -6,6 +6,7 @@
 mod cli;
 mod engine;
 mod jump;
+mod secret;
 mod ui;
 
 use std::collections::BTreeMap;
@@ -25,7 +26,8 @@ use ussh::hosts::{self, Shard, Target};
 use ussh::sshconfig::{self, SshConfig, StrictMode};
 
 use cli::{Cli, Cmd, Common, LinksArg};
-use engine::{Captured, ExecOutput, Job, Op, Outcome, Plan, Status, Transfer};
+use engine::{Captured, ExecOutput, Job, Op, Outcome, Plan, Status, Sudo, Transfer};
+use secret::Password;
 use ui::{HostLines, Ui};
 
 /// Exit code for bad input.
@@ -39,11 +41,20 @@ const LINES_QUEUE: usize = 16;
 
 fn main() {
     let cli = Cli::parse();
+    // The environment changes only here, before any other thread starts.
+    let password = match &cli.common().askpass_env {
+        // SAFETY: no other thread runs yet.
+        Some(var) => match unsafe { secret::take_from_env(var) } {
+            Ok(p) => Some(p),
+            Err(e) => std::process::exit(usage_error(&e)),
+        },
+        None => None,
+    };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("tokio runtime");
-    let code = rt.block_on(run(cli));
+    let code = rt.block_on(run(cli, password));
     // Whatever is still in flight after an interrupt was dropped already;
     // leave without waiting for anything else but the proxy commands
     // killed here, so that none outlives ussh.
@@ -82,14 +93,24 @@ fn usage_error(msg: &str) -> i32 {
     EXIT_USAGE
 }
 
-async fn run(cli: Cli) -> i32 {
+/// Gives `password` to `plan` and to its jump hosts.
+fn give_password(plan: &mut Plan, password: &Arc<Password>) {
+    plan.password = Some(password.clone());
+    for hop in &mut plan.jumps {
+        give_password(hop, password);
+    }
+}
+
+async fn run(cli: Cli, password: Option<Password>) -> i32 {
     let started = std::time::SystemTime::now();
     let mut links = LinkPolicy::Keep;
     let mut follow_external_links = false;
     let mut maxrc = false;
-    let (common, op, transfer_opts, name) = match cli.cmd {
+    let mut sudo = false;
+    let (common, mut op, transfer_opts, name) = match cli.cmd {
         Cmd::Exec(a) => {
             maxrc = a.maxrc;
+            sudo = a.sudo;
             let collect = a.gather || a.gather_all || a.common.json;
             let max_output = match a.max_output.as_deref().map(cli::parse_size) {
                 None => engine::DEFAULT_MAX_OUTPUT,
@@ -109,6 +130,7 @@ async fn run(cli: Cli) -> i32 {
                     command: a.command.join(" "),
                     collect,
                     output,
+                    sudo: None,
                 },
                 None,
                 "exec",
@@ -181,7 +203,7 @@ async fn run(cli: Cli) -> i32 {
             return usage_error(&format!("key {}: {e}", key.display()));
         }
     }
-    let plans = match make_plans(&targets, &config, &common) {
+    let mut plans = match make_plans(&targets, &config, &common) {
         Ok(p) => p,
         Err(e) => return usage_error(&e),
     };
@@ -198,6 +220,30 @@ async fn run(cli: Cli) -> i32 {
 
     if common.threads == Some(0) {
         return usage_error("--threads: at least 1");
+    }
+    // Asked for last, once the rest of the command line is known good.
+    let password = match password {
+        Some(p) => Some(p),
+        None if common.askpass || sudo => {
+            let prompt = if sudo {
+                "ussh: password (login and sudo): "
+            } else {
+                "ussh: password: "
+            };
+            match secret::ask(prompt) {
+                Ok(p) => Some(p),
+                Err(e) => return usage_error(&e),
+            }
+        }
+        None => None,
+    };
+    if let Some(p) = password.map(Arc::new) {
+        for plan in &mut plans {
+            give_password(plan, &p);
+        }
+        if sudo && let Op::Exec { sudo, .. } = &mut op {
+            *sudo = Some(Sudo::new(p));
+        }
     }
     let parallel = common.parallel.max(1);
     let nofile = raise_nofile_limit();
@@ -671,6 +717,7 @@ fn plan_for(
         known_hosts,
         proxy_command,
         jumps,
+        password: None,
     })
 }
 

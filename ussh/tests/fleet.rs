@@ -892,7 +892,7 @@ fn bad_input_is_one_clear_line() {
     let f = Fleet::start(1, "b", 2);
     let outdir = f.dir.path().join("never-created");
     let outdir = outdir.to_str().unwrap();
-    let cases: [(&[&str], &str); 11] = [
+    let cases: [(&[&str], &str); 12] = [
         (&["exec", "-H", "b[001-", "--", "true"], "unclosed '['"),
         (
             &[
@@ -948,6 +948,19 @@ fn bad_input_is_one_clear_line() {
         (
             &["exec", "-H", "..,b001", "-e", outdir, "--", "true"],
             "not usable: \"..\" (it names a directory)",
+        ),
+        (
+            &[
+                "exec",
+                "--sudo",
+                "--askpass-env",
+                "USSH_NO_SUCH_VARIABLE",
+                "-H",
+                "b001",
+                "--",
+                "true",
+            ],
+            "--askpass-env USSH_NO_SUCH_VARIABLE: no such variable in the environment",
         ),
     ];
     for (args, want) in cases {
@@ -2848,4 +2861,361 @@ fn put_removes_only_stale_upload_temp_files() {
     want.sort();
     assert_eq!(names(&dest), want);
     assert_eq!(names(&dest.join("tree/sub")), ["x"]);
+}
+
+/// The environment variable the password tests hand ussh the password in.
+const PASSWORD_VAR: &str = "USSH_FLEET_TEST_PASSWORD";
+
+/// Panics with instructions unless sudo is installed and the test user may
+/// use it with its password (`scripts/test.sh` sets both up).
+fn require_sudo() {
+    uring_ssh_testkit::sshd::require_test_user();
+    assert!(
+        Path::new("/usr/bin/sudo").exists(),
+        "/usr/bin/sudo not found: the --sudo tests need sudo; run `bash scripts/test.sh` as root"
+    );
+    let dropin = Path::new("/etc/sudoers.d/uring-ssh-test");
+    let rules = fs::read_to_string(dropin).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e}: the --sudo tests need the test user in sudoers; run `bash scripts/test.sh` as root",
+            dropin.display()
+        )
+    });
+    assert!(
+        !rules.contains("NOPASSWD"),
+        "{}: the test user must need its password for sudo",
+        dropin.display()
+    );
+}
+
+/// A fleet of `sshds` whose aliases `{prefix}1`… (round-robin) log in as
+/// the test user, with `key` of their server as their only identity.
+fn test_user_fleet(
+    sshds: Vec<Sshd>,
+    prefix: &str,
+    count: usize,
+    key: fn(&Sshd) -> PathBuf,
+) -> Fleet {
+    let n = sshds.len();
+    let mut f = Fleet::of(sshds, &[]);
+    let mut text = String::new();
+    for i in 1..=count {
+        let s = &f.sshds[(i - 1) % n];
+        text.push_str(&format!(
+            "Host {prefix}{i}\n    HostName 127.0.0.1\n    Port {}\n    User {}\n    IdentityFile {}\n    IdentitiesOnly yes\n    UserKnownHostsFile {}\n",
+            s.port(),
+            uring_ssh_testkit::sshd::TEST_USER,
+            key(s).display(),
+            f.known_hosts.display()
+        ));
+    }
+    f.write_config(&text);
+    f
+}
+
+/// `ussh ARGS` with `password` in [`PASSWORD_VAR`] (`--askpass-env` is
+/// among ARGS), with a bound on how long it may take.
+fn run_with_password(f: &Fleet, args: &[&str], password: &str, bound: Duration) -> Output {
+    let mut c = f.cmd(args);
+    c.env(PASSWORD_VAR, password)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let start = Instant::now();
+    let child = c.spawn().expect("run ussh");
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    let out = match rx.recv_timeout(bound) {
+        Ok(out) => out.expect("ussh output"),
+        Err(_) => {
+            let _ = Command::new("kill").arg("-9").arg(pid.to_string()).status();
+            panic!("ussh {args:?} still running after {bound:?}");
+        }
+    };
+    eprintln!(
+        "ussh {args:?} -> {} in {:?}\n--- stderr ---\n{}",
+        out.status,
+        start.elapsed(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// Asserts that `password` is nowhere in `out`'s stdout or stderr.
+fn assert_password_absent(what: &str, out: &Output, password: &str) {
+    for (name, bytes) in [("stdout", &out.stdout), ("stderr", &out.stderr)] {
+        let text = String::from_utf8_lossy(bytes);
+        assert!(
+            !text.contains(password),
+            "{what}: the password is in {name}:\n{text}"
+        );
+        assert!(
+            !text.contains("[ussh-sudo-"),
+            "{what}: sudo's prompt is in {name}:\n{text}"
+        );
+    }
+}
+
+#[test]
+fn askpass_logs_in_with_password_and_keyboard_interactive() {
+    use uring_ssh_testkit::sshd::{TEST_PASSWORD, TEST_USER, require_test_user};
+    require_test_user();
+    // One server takes passwords, the other only keyboard-interactive
+    // (PAM); the aliases' key is not authorized, and is tried first.
+    let sshds = vec![
+        Sshd::builder().password_auth(true).start(),
+        Sshd::builder().kbd_interactive(true).start(),
+    ];
+    let f = test_user_fleet(sshds, "pw", 4, Sshd::wrong_key);
+    let bound = Duration::from_secs(60);
+    let askpass = ["--askpass-env", PASSWORD_VAR];
+
+    let out = run_with_password(
+        &f,
+        &[&["exec"][..], &askpass, &["-H", "pw[1-4]", "--", "id -un"]].concat(),
+        TEST_PASSWORD,
+        bound,
+    );
+    assert_eq!(out.status.code(), Some(0));
+    let lines = sorted_lines(&out.stdout);
+    let want: Vec<String> = (1..=4).map(|i| format!("pw{i}: {TEST_USER}")).collect();
+    assert_eq!(lines, want);
+    assert_password_absent("--askpass", &out, TEST_PASSWORD);
+    let log0 = f.sshds[0].log();
+    let log1 = f.sshds[1].log();
+    assert!(
+        log0.contains(&format!("Accepted password for {TEST_USER}")),
+        "{log0}"
+    );
+    assert!(
+        log1.contains(&format!(
+            "Accepted keyboard-interactive/pam for {TEST_USER}"
+        )),
+        "{log1}"
+    );
+    for log in [&log0, &log1] {
+        assert!(
+            !log.contains(TEST_PASSWORD),
+            "the password is in sshd's log"
+        );
+    }
+
+    // Without a password: the key is refused, and that is all there is.
+    let out = f.run(&["exec", "-H", "pw[1-4]", "--", "id -un"]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    for i in 1..=4 {
+        let want = format!(
+            "authentication as {TEST_USER} failed: key {} refused",
+            f.sshds[(i - 1) % 2].wrong_key().display()
+        );
+        assert!(
+            stderr
+                .lines()
+                .any(|l| l.starts_with(&format!("pw{i} ")) && l.ends_with(&want)),
+            "{want:?} for pw{i} in\n{stderr}"
+        );
+    }
+
+    // A wrong password: refused by both methods, said so on each host.
+    let bad = "not-the-password-9b1f";
+    let out = run_with_password(
+        &f,
+        &[
+            &["exec"][..],
+            &askpass,
+            &["--json", "-H", "pw[1-4]", "--", "id -un"],
+        ]
+        .concat(),
+        bad,
+        bound,
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert_password_absent("wrong --askpass", &out, bad);
+    let records = json_records(&out);
+    assert_eq!(records.len(), 4);
+    for (host, r) in &records {
+        let error = r["error"].as_str().unwrap_or_default();
+        assert_eq!(r["status"], "error", "{host}: {r}");
+        assert!(
+            error.starts_with(&format!("authentication as {TEST_USER} failed: key "))
+                && error.contains("password refused"),
+            "{host}: {error}"
+        );
+    }
+
+    // --askpass with no terminal to ask on (setsid: no controlling one).
+    let mut c = Command::new("setsid");
+    c.arg("-w").arg(USSH);
+    let out = f
+        .with_args(c, &["exec", "--askpass", "-H", "pw1", "--", "true"])
+        .output()
+        .expect("run ussh under setsid");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.starts_with("ussh: --askpass: cannot ask for the password: /dev/tty: ")
+            && stderr.contains("--askpass-env VAR"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn sudo_runs_the_command_as_root_with_the_password_on_its_stdin() {
+    use uring_ssh_testkit::sshd::TEST_PASSWORD;
+    require_sudo();
+    // Logged in with the key; sudo needs the password.
+    let f = test_user_fleet(vec![Sshd::start(), Sshd::start()], "su", 6, Sshd::user_key);
+    let bound = Duration::from_secs(90);
+    let sudo = ["--sudo", "--askpass-env", PASSWORD_VAR];
+
+    // Streamed, over two threads: `host: 0` and nothing else.
+    let out = run_with_password(
+        &f,
+        &[
+            &["exec"][..],
+            &sudo,
+            &["--threads", "2", "-H", "su[1-6]", "--", "id", "-u"],
+        ]
+        .concat(),
+        TEST_PASSWORD,
+        bound,
+    );
+    assert_eq!(out.status.code(), Some(0));
+    let lines = sorted_lines(&out.stdout);
+    let want: Vec<String> = (1..=6).map(|i| format!("su{i}: 0")).collect();
+    assert_eq!(lines, want);
+    assert_password_absent("--sudo streamed", &out, TEST_PASSWORD);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // No host's stderr line (`suN: ...`): sudo's prompt was all there was.
+    assert!(
+        !(1..=6).any(|i| stderr.contains(&format!("\nsu{i}: ")) || stderr.starts_with("su")),
+        "a host wrote to stderr:\n{stderr}"
+    );
+
+    // JSON: stdout and stderr exactly the command's, no password anywhere.
+    let out = run_with_password(
+        &f,
+        &[
+            &["exec"][..],
+            &sudo,
+            &[
+                "--json",
+                "-H",
+                "su[1-6]",
+                "--",
+                "id -u; id -un; echo err >&2",
+            ],
+        ]
+        .concat(),
+        TEST_PASSWORD,
+        bound,
+    );
+    assert_eq!(out.status.code(), Some(0));
+    assert_password_absent("--sudo --json", &out, TEST_PASSWORD);
+    let records = json_records(&out);
+    assert_eq!(records.len(), 6);
+    for (host, r) in &records {
+        assert_eq!(r["status"], "ok", "{host}: {r}");
+        assert_eq!(r["stdout"], "0\nroot\n", "{host}: {r}");
+        // The command's own stderr; sudo's prompt, before it, taken out.
+        assert_eq!(r["stderr"], "err\n", "{host}: {r}");
+    }
+
+    // -B: stderr in the blocks, sudo's prompt not; the command's stdin is
+    // /dev/null (nothing of the password's line reaches `cat`).
+    let out = run_with_password(
+        &f,
+        &[
+            &["exec"][..],
+            &sudo,
+            &["-B", "--threads", "2", "-H", "su[1-6]", "--", "cat; id -u"],
+        ]
+        .concat(),
+        TEST_PASSWORD,
+        bound,
+    );
+    assert_eq!(out.status.code(), Some(0));
+    assert_password_absent("--sudo -B", &out, TEST_PASSWORD);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("su[1-6] (6)\n") && stdout.ends_with("-\n0\n"),
+        "{stdout}"
+    );
+    for s in &f.sshds {
+        assert!(
+            !s.log().contains(TEST_PASSWORD),
+            "the password is in sshd's log"
+        );
+    }
+}
+
+#[test]
+fn sudo_with_a_wrong_password_fails_each_host_promptly() {
+    require_sudo();
+    let f = test_user_fleet(vec![Sshd::start(), Sshd::start()], "sw", 4, Sshd::user_key);
+    let bad = "wrong-sudo-password-4c2e";
+    let start = Instant::now();
+    let out = run_with_password(
+        &f,
+        &[
+            "exec",
+            "--sudo",
+            "--askpass-env",
+            PASSWORD_VAR,
+            "--json",
+            "-H",
+            "sw[1-4]",
+            "--",
+            "id -u",
+        ],
+        bad,
+        Duration::from_secs(60),
+    );
+    let took = start.elapsed();
+    assert!(took < Duration::from_secs(30), "took {took:?}");
+    assert_eq!(out.status.code(), Some(1));
+    assert_password_absent("wrong --sudo", &out, bad);
+    let records = json_records(&out);
+    assert_eq!(records.len(), 4);
+    for (host, r) in &records {
+        assert_eq!(r["status"], "failed", "{host}: {r}");
+        assert_eq!(r["error"], "sudo refused the password", "{host}: {r}");
+        assert_eq!(r["exit_code"], 1, "{host}: {r}");
+        assert_eq!(r["stdout"], "", "{host}: {r}");
+        let stderr = r["stderr"].as_str().unwrap_or_default();
+        assert!(stderr.contains("incorrect password"), "{host}: {stderr}");
+    }
+
+    // Streamed, with -S: sudo's exit code, and the reason on each host's line.
+    let out = run_with_password(
+        &f,
+        &[
+            "exec",
+            "--sudo",
+            "--askpass-env",
+            PASSWORD_VAR,
+            "-S",
+            "-H",
+            "sw[1-4]",
+            "--",
+            "id -u",
+        ],
+        bad,
+        Duration::from_secs(60),
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert_password_absent("wrong --sudo -S", &out, bad);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    for i in 1..=4 {
+        assert!(
+            stderr.contains(&format!("] sw{i}: failed (exit 1) in "))
+                && stderr.lines().any(|l| l.starts_with(&format!("sw{i} "))
+                    && l.ends_with(" sudo refused the password")),
+            "sw{i} in\n{stderr}"
+        );
+    }
 }
