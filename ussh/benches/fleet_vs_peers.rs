@@ -11,8 +11,11 @@
 //!   carries each host over a channel of a shared bastion session, the
 //!   peers' `ssh` spawns an `ssh -W` to the bastion per host).
 //!
+//! `BENCH_USER` is the remote user (default: ours); its shell's rc files
+//! run before every remote command, on the servers' core.
+//!
 //! `WORKLOADS` picks rows by name (`exec,fetch,push,bastion`, the default:
-//! all). For a thousand hosts: `HOSTS=1000 SERVERS=8 WORKLOADS=exec`; the
+//! all), `TOOLS` by tool (`ussh,pssh,clush,pdsh`). For a thousand hosts: `HOSTS=1000 SERVERS=8 WORKLOADS=exec`; the
 //! peers' fan-out is `FANOUT` (default: every host at once), ussh's `-j`
 //! always every host.
 //!
@@ -207,6 +210,16 @@ fn main() {
         .tempdir_in(&base)
         .expect("temp dir");
     let w = work.path();
+    // The remote user. Its login shell runs every remote command, after
+    // its rc files: root's may be slow (a `pyenv init` there costs 0.27 s
+    // of the server's core per command) and then bounds the wall time of
+    // every tool. BENCH_USER names another (e.g. the test user that
+    // scripts/test.sh creates); the fixture's authorized keys serve any.
+    let user = std::env::var("BENCH_USER").unwrap_or_else(|_| sshds[0].user());
+    if user != sshds[0].user() {
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(w, fs::Permissions::from_mode(0o755)).expect("chmod");
+    }
     let kh = w.join("known_hosts");
     let mut known = String::new();
     for s in sshds.iter().chain([&bastion]) {
@@ -243,7 +256,7 @@ fn main() {
         "Host *\n    User {}\n    UserKnownHostsFile {}\n    StrictHostKeyChecking yes\n    \
          BatchMode yes\n    KexAlgorithms curve25519-sha256\n    \
          Ciphers chacha20-poly1305@openssh.com\n",
-        sshds[0].user(),
+        user,
         kh.display()
     ));
     let config = w.join("ssh_config");
@@ -273,6 +286,10 @@ fn main() {
     let fetched = w.join("fetched");
     let pushed = w.join("pushed");
     fs::create_dir_all(&pushed).expect("mkdir");
+    if user != sshds[0].user() {
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(&pushed, fs::Permissions::from_mode(0o1777)).expect("chmod");
+    }
 
     type Cmd = (
         &'static str,
@@ -530,12 +547,14 @@ fn main() {
         eprintln!("pdsh not found (Debian package pdsh): its rows are skipped");
     }
 
-    cmds.retain(|(workload, ..)| {
-        want(match *workload {
-            "exec true" => "exec",
-            "via bastion" => "bastion",
-            w => w,
-        })
+    let tools = std::env::var("TOOLS").unwrap_or_else(|_| "ussh,pssh,clush,pdsh".into());
+    cmds.retain(|(workload, tool, ..)| {
+        tools.split(',').any(|t| t.trim() == *tool)
+            && want(match *workload {
+                "exec true" => "exec",
+                "via bastion" => "bastion",
+                w => w,
+            })
     });
     let mut rows: Vec<Row> = cmds
         .iter()
