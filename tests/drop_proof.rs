@@ -6,43 +6,17 @@
 //! reads belong to the test reading them.
 
 use std::cell::Cell;
-use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use tokio::io::AsyncReadExt;
-use uring_ssh::{Config, Pool, PoolConfig, Session};
+use uring_ssh::{Pool, PoolConfig, Session};
 use uring_ssh_testkit::sshd::Sshd;
 use uring_ssh_testkit::util::{Prng, open_fds, settle};
 
 const DROPS: usize = 1000;
 
-use uring_ssh_testkit::util::serial;
-
-/// What a session needs to log in, all of it `Send` (for pool threads).
-#[derive(Clone)]
-struct Login {
-    addr: SocketAddr,
-    known_hosts: PathBuf,
-    user: String,
-    key: PathBuf,
-}
-
-impl Login {
-    fn of(sshd: &Sshd) -> Login {
-        Login {
-            addr: sshd.addr(),
-            known_hosts: sshd.known_hosts(),
-            user: sshd.user(),
-            key: sshd.user_key(),
-        }
-    }
-
-    fn config(&self) -> Config {
-        Config::new().known_hosts(Some(&self.known_hosts))
-    }
-}
+use uring_ssh_testkit::util::{Login, serial};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Phase {

@@ -4,51 +4,16 @@
 //! memory, no orphaned ring buffer and no fd behind. Its own test binary,
 //! so the process-wide counters it reads belong to it alone.
 
-use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::io::AsyncReadExt;
-use uring_ssh::{Config, JoinError, Pool, PoolConfig, Session};
+use uring_ssh::{JoinError, Pool, PoolConfig};
 use uring_ssh_testkit::sshd::Sshd;
 use uring_ssh_testkit::util::open_fds;
 
-use uring_ssh_testkit::util::serial;
-
-/// What a pool task needs to log in: all of it `Send`.
-#[derive(Clone)]
-struct Login {
-    addr: SocketAddr,
-    known_hosts: PathBuf,
-    user: String,
-    key: PathBuf,
-}
-
-impl Login {
-    fn of(sshd: &Sshd) -> Login {
-        Login {
-            addr: sshd.addr(),
-            known_hosts: sshd.known_hosts(),
-            user: sshd.user(),
-            key: sshd.user_key(),
-        }
-    }
-
-    async fn session(&self) -> Session {
-        let s = Session::connect_addr(
-            self.addr,
-            Config::new().known_hosts(Some(&self.known_hosts)),
-        )
-        .await
-        .expect("connect");
-        s.auth_pubkey_file(&self.user, &self.key, None)
-            .await
-            .expect("auth");
-        s
-    }
-}
+use uring_ssh_testkit::util::{Login, serial};
 
 /// Awaits `fut` from a plain thread.
 fn block_on<F: std::future::Future>(fut: F) -> F::Output {

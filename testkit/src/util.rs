@@ -68,6 +68,48 @@ pub async fn fd_baseline(sshd: &Sshd) -> usize {
     open_fds()
 }
 
+/// What a session needs to log in to a fixture's sshd, all of it `Send`:
+/// for tasks on pool threads, which cannot take the `Sshd` itself.
+#[derive(Clone, Debug)]
+pub struct Login {
+    /// The server's address.
+    pub addr: std::net::SocketAddr,
+    /// The fixture's known_hosts.
+    pub known_hosts: std::path::PathBuf,
+    /// The user to log in as.
+    pub user: String,
+    /// The user's private key.
+    pub key: std::path::PathBuf,
+}
+
+impl Login {
+    /// The login of `sshd`'s user with its key.
+    pub fn of(sshd: &Sshd) -> Login {
+        Login {
+            addr: sshd.addr(),
+            known_hosts: sshd.known_hosts(),
+            user: sshd.user(),
+            key: sshd.user_key(),
+        }
+    }
+
+    /// Strict host-key checking against the fixture's known_hosts.
+    pub fn config(&self) -> Config {
+        Config::new().known_hosts(Some(&self.known_hosts))
+    }
+
+    /// A session on this thread, connected and authenticated.
+    pub async fn session(&self) -> Session {
+        let s = Session::connect_addr(self.addr, self.config())
+            .await
+            .expect("connect");
+        s.auth_pubkey_file(&self.user, &self.key, None)
+            .await
+            .expect("auth");
+        s
+    }
+}
+
 /// Strict host-key checking against the fixture's known_hosts.
 pub fn config(sshd: &Sshd) -> Config {
     Config::new().known_hosts(Some(sshd.known_hosts()))
