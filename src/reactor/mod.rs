@@ -126,6 +126,9 @@ pub struct Stats {
     pub cqes_reaped: u64,
     /// Operations submitted (or queued) whose completion has not been reaped.
     pub ops_in_flight: u64,
+    /// Batched receives started: `MSG_WAITALL` receives bounded by a linked
+    /// timeout (io_uring engine; see `Config::receive_batch_wait`).
+    pub batched_recvs: u64,
     /// Operations whose owner is gone and whose buffers the reactor still
     /// holds until their completion arrives.
     pub orphaned_outstanding: u64,
@@ -148,6 +151,7 @@ impl std::ops::Add for Stats {
             enter_calls: self.enter_calls + o.enter_calls,
             cqes_reaped: self.cqes_reaped + o.cqes_reaped,
             ops_in_flight: self.ops_in_flight + o.ops_in_flight,
+            batched_recvs: self.batched_recvs + o.batched_recvs,
             orphaned_outstanding: self.orphaned_outstanding + o.orphaned_outstanding,
             syscalls: self.syscalls + o.syscalls,
             background_tasks: self.background_tasks + o.background_tasks,
@@ -167,6 +171,11 @@ pub(crate) enum OpKind {
     Send,
     /// `recv(2)` into `buf[..len]`.
     Recv(usize),
+    /// `recv(2)` into `buf[..len]` with `MSG_WAITALL`, bounded by a linked
+    /// timeout: completes when the buffer is full, or when the timeout ends
+    /// it with what arrived (`-ECANCELED` if nothing did). Ring engine; the
+    /// poll engine performs a plain [`OpKind::Recv`].
+    RecvAll(usize),
     /// `connect(2)` to `addr`.
     Connect,
     /// `shutdown(2)` with SHUT_RDWR.
@@ -577,6 +586,24 @@ impl Reactor {
     ) -> OpId {
         self.engine
             .start(self, kind, resources, Lifecycle::Callback(callback), None)
+    }
+
+    /// Starts `kind`, cancelled by a linked timeout after `timeout`; its
+    /// completion runs `callback` on the driver task.
+    pub(crate) fn start_callback_with_timeout(
+        &self,
+        kind: OpKind,
+        resources: Resources,
+        callback: Callback,
+        timeout: Duration,
+    ) -> OpId {
+        self.engine.start(
+            self,
+            kind,
+            resources,
+            Lifecycle::Callback(callback),
+            Some(timeout),
+        )
     }
 
     /// Starts `kind`; nobody waits, its resources are dropped on completion.

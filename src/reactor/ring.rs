@@ -133,6 +133,13 @@ impl RingEngine {
                 let buf = &mut resources.buf[..len];
                 opcode::Recv::new(fd, buf.as_mut_ptr(), len as u32).build()
             }
+            OpKind::RecvAll(len) => {
+                let fd = fd();
+                let buf = &mut resources.buf[..len];
+                opcode::Recv::new(fd, buf.as_mut_ptr(), len as u32)
+                    .flags(libc::MSG_WAITALL)
+                    .build()
+            }
             OpKind::Connect => {
                 let fd = fd();
                 let addr = resources.addr.as_mut().expect("connect without an address");

@@ -881,3 +881,54 @@ fn pending_background_tasks_are_dropped_at_thread_exit() {
     .unwrap();
     assert!(dropped.load(std::sync::atomic::Ordering::SeqCst));
 }
+
+/// A batched receive (`MSG_WAITALL` under a linked timeout) ends three
+/// ways, and the transport relies on each: a full buffer completes at once
+/// with its length; a partial one completes when the wait runs out, with
+/// the bytes that arrived (none lost); an empty one completes with
+/// `-ECANCELED`. Both CQEs of each pair are reaped.
+#[tokio::test]
+async fn batched_recv_is_full_partial_or_cancelled_and_loses_nothing() {
+    let reactor = warm_reactor().await;
+    let (fd, peer) = socketpair();
+    let wait = Duration::from_millis(50);
+    let run = |len: usize| {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        reactor.recv_batched(
+            fd.clone(),
+            vec![0u8; 64],
+            len,
+            wait,
+            Box::new(move |c| {
+                let _ = tx.send((c.raw(), c.resources.buf));
+            }),
+        );
+        rx
+    };
+
+    // Full: 64 bytes already there.
+    write_all(peer.as_raw_fd(), &[1u8; 64]);
+    let t = Instant::now();
+    let (res, buf) = run(64).await.unwrap();
+    assert_eq!(res, 64);
+    assert!(buf.iter().all(|&b| b == 1));
+    assert!(t.elapsed() < wait, "a full buffer waited for the timeout");
+
+    // Partial: 10 bytes, then nothing; they come back when the wait ends.
+    write_all(peer.as_raw_fd(), b"0123456789");
+    let t = Instant::now();
+    let (res, buf) = run(64).await.unwrap();
+    assert_eq!(res, 10);
+    assert_eq!(&buf[..10], b"0123456789");
+    assert!(
+        t.elapsed() >= wait,
+        "a partial buffer ended before the wait"
+    );
+
+    // Empty: nothing arrives within the wait.
+    let (res, _) = run(64).await.unwrap();
+    assert_eq!(res, -libc::ECANCELED);
+
+    let ok = settle(&reactor, |s| s.ops_in_flight == 0, |_| {}).await;
+    assert!(ok, "the linked timeouts were not reaped");
+}
