@@ -437,8 +437,8 @@ async fn streaming_reads_are_received_in_batches_on_the_ring() {
     uring_ssh::reactor::init_with(uring_ssh::reactor::Backend::IoUring).expect("io_uring");
     let sshd = Sshd::start();
     for wait in [Some(uring_ssh::BULK_RECEIVE_BATCH_WAIT), None] {
-        let cfg = common::util::config(&sshd).receive_batch_wait(wait);
-        let s = common::util::connect_with(&sshd, cfg).await;
+        let cfg = uring_ssh_testkit::util::config(&sshd).receive_batch_wait(wait);
+        let s = uring_ssh_testkit::util::connect_with(&sshd, cfg).await;
         let mut ch = s
             .exec("head -c 33554432 /dev/zero; sleep 0.1; echo end")
             .await
@@ -456,7 +456,12 @@ async fn streaming_reads_are_received_in_batches_on_the_ring() {
             got += zeros;
             tail.extend_from_slice(&buf[zeros..n]);
         }
-        let batched = uring_ssh::reactor::stats().unwrap().batched_recvs - before.batched_recvs;
+        let after = uring_ssh::reactor::stats().unwrap();
+        let batched = after.batched_recvs - before.batched_recvs;
+        eprintln!(
+            "wait {wait:?}: {batched} batched receives, {} missed by their timeout",
+            after.cancels_missed - before.cancels_missed
+        );
         assert_eq!(got, 32 * MIB);
         assert_eq!(tail, b"end\n");
         if wait.is_some() {
