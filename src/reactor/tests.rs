@@ -963,7 +963,7 @@ async fn batched_recvs_end_when_their_linked_timeout_misses_them() {
             s.set_nodelay(true).unwrap();
             let mut sent = 0u64;
             while !stop.load(Ordering::Relaxed) {
-                if sent + CHUNK as u64 - consumed.load(Ordering::Acquire) > WINDOW {
+                if (sent + CHUNK as u64).saturating_sub(consumed.load(Ordering::Acquire)) > WINDOW {
                     std::thread::yield_now();
                     continue;
                 }
