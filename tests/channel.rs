@@ -428,3 +428,47 @@ async fn discarded_stderr_flood_lets_the_command_finish_in_bounded_memory() {
         "RSS grew by {growth} bytes (bound {RSS_GROWTH_BOUND})"
     );
 }
+
+/// On the ring, a streaming read is received in batches (the default
+/// `receive_batch_wait`), every byte intact, including the last ones that
+/// end a batch by its wait; with batching off, no receive is batched.
+#[tokio::test]
+async fn streaming_reads_are_received_in_batches_on_the_ring() {
+    uring_ssh::reactor::init_with(uring_ssh::reactor::Backend::IoUring).expect("io_uring");
+    let sshd = Sshd::start();
+    for wait in [Some(uring_ssh::BULK_RECEIVE_BATCH_WAIT), None] {
+        let cfg = uring_ssh_testkit::util::config(&sshd).receive_batch_wait(wait);
+        let s = uring_ssh_testkit::util::connect_with(&sshd, cfg).await;
+        let mut ch = s
+            .exec("head -c 33554432 /dev/zero; sleep 0.1; echo end")
+            .await
+            .unwrap();
+        let before = uring_ssh::reactor::stats().unwrap();
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut got = 0usize;
+        let mut tail = Vec::new();
+        loop {
+            let n = ch.read(&mut buf).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            let zeros = buf[..n].iter().take_while(|&&b| b == 0).count();
+            got += zeros;
+            tail.extend_from_slice(&buf[zeros..n]);
+        }
+        let after = uring_ssh::reactor::stats().unwrap();
+        let batched = after.batched_recvs - before.batched_recvs;
+        eprintln!(
+            "wait {wait:?}: {batched} batched receives, {} missed by their timeout",
+            after.cancels_missed - before.cancels_missed
+        );
+        assert_eq!(got, 32 * MIB);
+        assert_eq!(tail, b"end\n");
+        if wait.is_some() {
+            assert!(batched > 0, "no receive was batched");
+        } else {
+            assert_eq!(batched, 0, "receives batched with batching off");
+        }
+        s.close("done").await.unwrap();
+    }
+}

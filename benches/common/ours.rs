@@ -14,6 +14,10 @@ use crate::client::{self, Args, AsyncPeer};
 /// uring-ssh as a benchmark client.
 pub struct Ours;
 
+/// Microseconds of `Config::receive_batch_wait` for the benchmark client
+/// (unset: the default, no batching).
+pub const RECEIVE_BATCH_ENV: &str = "URING_SSH_RECEIVE_BATCH_US";
+
 /// A session and, once needed, its SFTP client.
 pub struct Conn {
     /// The authenticated session.
@@ -52,10 +56,18 @@ impl AsyncPeer for Ours {
     type Session = Conn;
 
     async fn connect(a: &Args) -> Conn {
-        let cfg = Config::new()
+        let mut cfg = Config::new()
             .known_hosts(Some(&a.known_hosts))
             .ciphers(&a.cipher)
             .method(MethodType::Kex, &a.kex);
+        // Batched receives are opt-in: URING_SSH_RECEIVE_BATCH_US=1000
+        // measures them (`Config::receive_batch_wait`).
+        if let Some(us) = std::env::var(RECEIVE_BATCH_ENV)
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+        {
+            cfg = cfg.receive_batch_wait(Some(std::time::Duration::from_micros(us)));
+        }
         let addr = SocketAddr::from(([127, 0, 0, 1], a.port));
         let s = Session::connect_addr(addr, cfg).await.expect("connect");
         s.auth_pubkey_file(&a.user, Path::new(&a.key), None)

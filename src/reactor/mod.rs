@@ -126,9 +126,17 @@ pub struct Stats {
     pub cqes_reaped: u64,
     /// Operations submitted (or queued) whose completion has not been reaped.
     pub ops_in_flight: u64,
+    /// Batched receives started: `MSG_WAITALL` receives bounded by a linked
+    /// timeout (io_uring engine; see `Config::receive_batch_wait`).
+    pub batched_recvs: u64,
     /// Operations whose owner is gone and whose buffers the reactor still
     /// holds until their completion arrives.
     pub orphaned_outstanding: u64,
+    /// Linked timeouts and cancels that missed the op they were to end
+    /// (the kernel found it nowhere: it was between two tries) while the
+    /// op stayed in flight; the reactor cancelled it again (io_uring
+    /// engine; `kernel-notes/io_uring.md`).
+    pub cancels_missed: u64,
     /// System calls the reactor made: `io_uring_enter` on the ring engine;
     /// socket calls, `epoll_wait`, `epoll_ctl` and timer calls on the poll
     /// engine. (The runtime's own wait for the reactor's fd is not counted.)
@@ -148,7 +156,9 @@ impl std::ops::Add for Stats {
             enter_calls: self.enter_calls + o.enter_calls,
             cqes_reaped: self.cqes_reaped + o.cqes_reaped,
             ops_in_flight: self.ops_in_flight + o.ops_in_flight,
+            batched_recvs: self.batched_recvs + o.batched_recvs,
             orphaned_outstanding: self.orphaned_outstanding + o.orphaned_outstanding,
+            cancels_missed: self.cancels_missed + o.cancels_missed,
             syscalls: self.syscalls + o.syscalls,
             background_tasks: self.background_tasks + o.background_tasks,
         }
@@ -167,6 +177,11 @@ pub(crate) enum OpKind {
     Send,
     /// `recv(2)` into `buf[..len]`.
     Recv(usize),
+    /// `recv(2)` into `buf[..len]` with `MSG_WAITALL`, bounded by a linked
+    /// timeout: completes when the buffer is full, or when the timeout ends
+    /// it with what arrived (`-ECANCELED` if nothing did). Ring engine; the
+    /// poll engine performs a plain [`OpKind::Recv`].
+    RecvAll(usize),
     /// `connect(2)` to `addr`.
     Connect,
     /// `shutdown(2)` with SHUT_RDWR.
@@ -190,7 +205,42 @@ enum Lifecycle {
     Detached,
     /// The owner gave up; resources are dropped on completion.
     Orphaned,
+    /// The reactor's own op that is to end another one (ring engine):
+    /// resources are dropped on completion, and if it did not end that op
+    /// and the op is still in flight, the reactor cancels it again.
+    Ends(OpId, Ender),
 }
+
+/// How an op of the reactor's own ends another one (see
+/// [`Lifecycle::Ends`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ender {
+    /// Its linked timeout. `-ETIME`: it fired and found the op (or the op
+    /// had completed); `-ECANCELED`: the op completed first. Anything else
+    /// (`-ENOENT`) means the kernel did not find the op when the timeout
+    /// fired; the op then runs unbounded.
+    LinkTimeout,
+    /// A cancel: `0` if it found the op.
+    Cancel,
+    /// A pause of [`RECANCEL_PAUSE`] before another cancel, so that an op
+    /// that keeps escaping cancels costs one cancel per pause, not a loop.
+    Pause,
+}
+
+impl Ender {
+    /// Whether this ender, completing with `result`, missed its op.
+    fn missed(self, result: i32) -> bool {
+        match self {
+            Ender::LinkTimeout | Ender::Cancel => {
+                !(result == 0 || result == -libc::ETIME || result == -libc::ECANCELED)
+            }
+            Ender::Pause => true,
+        }
+    }
+}
+
+/// Between two cancels of an op that the first one missed.
+const RECANCEL_PAUSE: Duration = Duration::from_millis(1);
 
 /// One in-flight op in the reactor's slab.
 struct Slot {
@@ -235,7 +285,8 @@ trait Engine {
         lifecycle: Lifecycle,
         timeout: Option<Duration>,
     ) -> OpId;
-    /// Cancels `id`, whose owner is gone; its completion still arrives.
+    /// Cancels `id` (its owner is gone, or its time is up); its
+    /// completion still arrives.
     fn cancel(&self, reactor: &Reactor, id: OpId);
     /// Cancels every op on `fd`.
     fn cancel_fd(&self, reactor: &Reactor, fd: &Rc<SharedFd>);
@@ -579,6 +630,24 @@ impl Reactor {
             .start(self, kind, resources, Lifecycle::Callback(callback), None)
     }
 
+    /// Starts `kind`, cancelled by a linked timeout after `timeout`; its
+    /// completion runs `callback` on the driver task.
+    pub(crate) fn start_callback_with_timeout(
+        &self,
+        kind: OpKind,
+        resources: Resources,
+        callback: Callback,
+        timeout: Duration,
+    ) -> OpId {
+        self.engine.start(
+            self,
+            kind,
+            resources,
+            Lifecycle::Callback(callback),
+            Some(timeout),
+        )
+    }
+
     /// Starts `kind`; nobody waits, its resources are dropped on completion.
     pub(crate) fn start_detached(&self, kind: OpKind, resources: Resources) -> OpId {
         self.engine
@@ -697,6 +766,9 @@ impl Reactor {
         let mut wakers: Vec<Waker> = Vec::new();
         let mut finished = 0u64;
         let mut orphans_done = 0u64;
+        // Ops whose linked timeout, cancel or pause came back without
+        // having ended them: (op, that ender).
+        let mut again: Vec<(OpId, Ender)> = Vec::new();
         {
             let mut slots = self.slots.borrow_mut();
             for (id, result) in done {
@@ -723,15 +795,46 @@ impl Reactor {
                         orphans_done += 1;
                         dead.push(slots.remove(id.key()).resources);
                     }
+                    Lifecycle::Ends(op, ender) => {
+                        finished += 1;
+                        dead.push(slots.remove(id.key()).resources);
+                        if ender.missed(result) {
+                            again.push((op, ender));
+                        }
+                    }
                 }
             }
+            // Judged after the whole batch: the op's own completion may
+            // come after its ender's.
+            again.retain(|&(op, _)| {
+                slots.get(op.key()).is_some_and(|s| {
+                    s.generation == op.generation()
+                        && !matches!(s.lifecycle, Lifecycle::Completed(_))
+                })
+            });
         }
+        let missed = again.iter().filter(|(_, e)| *e != Ender::Pause).count() as u64;
         self.bump(|s| {
+            s.cancels_missed += missed;
             s.orphaned_outstanding -= orphans_done;
             // Ops awaited by a future leave the slab when the future takes
             // the result; everything else is finished now.
             s.ops_in_flight -= finished;
         });
+        // A missed linked timeout is followed by a cancel at once (by the
+        // time its completion is reaped, the op's next try has been queued
+        // where a cancel finds it), a missed cancel by a pause first.
+        for (op, ender) in again {
+            match ender {
+                Ender::LinkTimeout | Ender::Pause => self.engine.cancel(self, op),
+                Ender::Cancel => {
+                    let pause = OpKind::Timeout(RECANCEL_PAUSE);
+                    let ends = Lifecycle::Ends(op, Ender::Pause);
+                    self.engine
+                        .start(self, pause, Resources::default(), ends, None);
+                }
+            }
+        }
         for w in wakers {
             w.wake();
         }
@@ -815,7 +918,7 @@ impl Reactor {
                 self.bump(|s| s.orphaned_outstanding += 1);
                 true
             }
-            Lifecycle::Detached | Lifecycle::Orphaned => false,
+            Lifecycle::Detached | Lifecycle::Orphaned | Lifecycle::Ends(..) => false,
         }
     }
 }

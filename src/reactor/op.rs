@@ -211,6 +211,30 @@ impl Reactor {
         self.start_op(super::OpKind::Send, resources)
     }
 
+    /// Like [`Self::recv`], waiting (at most `wait`) for all `len` bytes:
+    /// the callback gets what arrived by then, or `-ECANCELED` if nothing
+    /// did. On the poll engine, a plain [`Self::recv`].
+    pub(crate) fn recv_batched(
+        &self,
+        fd: Rc<SharedFd>,
+        buf: Vec<u8>,
+        len: usize,
+        wait: std::time::Duration,
+        callback: super::Callback,
+    ) -> OpId {
+        if self.features().backend != super::Backend::IoUring {
+            return self.recv(fd, buf, len, callback);
+        }
+        assert!(len <= buf.len(), "recv of {len} bytes into {}", buf.len());
+        let resources = Resources {
+            buf,
+            fd: Some(fd),
+            ..Resources::default()
+        };
+        self.bump(|s| s.batched_recvs += 1);
+        self.start_callback_with_timeout(super::OpKind::RecvAll(len), resources, callback, wait)
+    }
+
     /// `shutdown(2)` with SHUT_RDWR, detached: nobody waits for it.
     pub(crate) fn shutdown_detached(&self, fd: &Rc<SharedFd>) {
         let resources = Resources {

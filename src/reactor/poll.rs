@@ -194,7 +194,7 @@ impl PollEngine {
                 self.close_now(raw);
                 ready(0);
             }
-            OpKind::Send | OpKind::Recv(_) | OpKind::Connect => {
+            OpKind::Send | OpKind::Recv(_) | OpKind::RecvAll(_) | OpKind::Connect => {
                 if let Err(e) = self.register(fd) {
                     ready(-e);
                     return;
@@ -220,7 +220,7 @@ impl PollEngine {
                     let s = sockets.get_mut(&fd).expect("registered");
                     match kind {
                         OpKind::Send => s.send = Some((id, 0)),
-                        OpKind::Recv(len) => s.recv = Some((id, len)),
+                        OpKind::Recv(len) | OpKind::RecvAll(len) => s.recv = Some((id, len)),
                         _ => unreachable!(),
                     }
                 }

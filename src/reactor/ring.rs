@@ -12,7 +12,7 @@ use io_uring::{IoUring, opcode, squeue, types};
 use slab::Slab;
 
 use super::probe::TaskWork;
-use super::{Engine, Lifecycle, OpId, OpKind, Reactor, Resources, SharedFd, Slot, Stats};
+use super::{Ender, Engine, Lifecycle, OpId, OpKind, Reactor, Resources, SharedFd, Slot, Stats};
 use crate::error::Error;
 
 /// Submission queue slots per ring. Completions get four times as many.
@@ -132,6 +132,13 @@ impl RingEngine {
                 let fd = fd();
                 let buf = &mut resources.buf[..len];
                 opcode::Recv::new(fd, buf.as_mut_ptr(), len as u32).build()
+            }
+            OpKind::RecvAll(len) => {
+                let fd = fd();
+                let buf = &mut resources.buf[..len];
+                opcode::Recv::new(fd, buf.as_mut_ptr(), len as u32)
+                    .flags(libc::MSG_WAITALL)
+                    .build()
             }
             OpKind::Connect => {
                 let fd = fd();
@@ -331,15 +338,21 @@ impl Engine for RingEngine {
             (sqe.flags(squeue::Flags::IO_LINK), resources, lifecycle),
             (link, link_resources, Lifecycle::Detached),
         ];
-        self.push_ops(reactor, group)[0]
+        let ids = self.push_ops(reactor, group);
+        // The timeout's completion names the op it was to end (known only
+        // now); nothing is reaped before the driver's next tick.
+        reactor.slots.borrow_mut()[ids[1].key()].lifecycle =
+            Lifecycle::Ends(ids[0], Ender::LinkTimeout);
+        ids[0]
     }
 
     fn cancel(&self, reactor: &Reactor, id: OpId) {
+        // A cancel can miss an op that is between two tries (the kernel
+        // found it nowhere); its completion then makes the reactor try
+        // again while the op is in flight.
         let cancel = Self::cancel_sqe(id);
-        self.push_ops(
-            reactor,
-            vec![(cancel, Resources::default(), Lifecycle::Detached)],
-        );
+        let ends = Lifecycle::Ends(id, Ender::Cancel);
+        self.push_ops(reactor, vec![(cancel, Resources::default(), ends)]);
     }
 
     fn cancel_fd(&self, reactor: &Reactor, fd: &Rc<SharedFd>) {

@@ -881,3 +881,167 @@ fn pending_background_tasks_are_dropped_at_thread_exit() {
     .unwrap();
     assert!(dropped.load(std::sync::atomic::Ordering::SeqCst));
 }
+
+/// A batched receive (`MSG_WAITALL` under a linked timeout) ends three
+/// ways, and the transport relies on each: a full buffer completes at once
+/// with its length; a partial one completes when the wait runs out, with
+/// the bytes that arrived (none lost); an empty one completes with
+/// `-ECANCELED`. Both CQEs of each pair are reaped.
+#[tokio::test]
+async fn batched_recv_is_full_partial_or_cancelled_and_loses_nothing() {
+    let reactor = warm_reactor().await;
+    let (fd, peer) = socketpair();
+    let wait = Duration::from_millis(50);
+    let run = |len: usize| {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        reactor.recv_batched(
+            fd.clone(),
+            vec![0u8; 64],
+            len,
+            wait,
+            Box::new(move |c| {
+                let _ = tx.send((c.raw(), c.resources.buf));
+            }),
+        );
+        rx
+    };
+
+    // Full: 64 bytes already there.
+    write_all(peer.as_raw_fd(), &[1u8; 64]);
+    let t = Instant::now();
+    let (res, buf) = run(64).await.unwrap();
+    assert_eq!(res, 64);
+    assert!(buf.iter().all(|&b| b == 1));
+    assert!(t.elapsed() < wait, "a full buffer waited for the timeout");
+
+    // Partial: 10 bytes, then nothing; they come back when the wait ends.
+    write_all(peer.as_raw_fd(), b"0123456789");
+    let t = Instant::now();
+    let (res, buf) = run(64).await.unwrap();
+    assert_eq!(res, 10);
+    assert_eq!(&buf[..10], b"0123456789");
+    assert!(
+        t.elapsed() >= wait,
+        "a partial buffer ended before the wait"
+    );
+
+    // Empty: nothing arrives within the wait.
+    let (res, _) = run(64).await.unwrap();
+    assert_eq!(res, -libc::ECANCELED);
+
+    let ok = settle(&reactor, |s| s.ops_in_flight == 0, |_| {}).await;
+    assert!(ok, "the linked timeouts were not reaped");
+}
+
+/// Kernel behaviour this reactor works around (seen on 6.18): a linked
+/// timeout can miss the `MSG_WAITALL` receive it bounds. A receive that
+/// took part of its bytes is tried again from task work; when the timeout
+/// fires in between, the kernel's cancel finds the receive nowhere, the
+/// timeout completes with `-ENOENT`, and the receive waits for a full
+/// buffer. Here the sender never gets that far ahead (as an SSH server
+/// whose window is spent): without the reactor's second cancel, the first
+/// miss hangs a receive for good. Every batched receive must end, and
+/// every byte sent must arrive in order.
+#[tokio::test]
+async fn batched_recvs_end_when_their_linked_timeout_misses_them() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+    const WINDOW: u64 = 384 * 1024;
+    const LEN: usize = 512 * 1024;
+    const CHUNK: usize = 4096;
+    let reactor = warm_reactor().await;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let consumed = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (consumed, stop) = (consumed.clone(), stop.clone());
+        std::thread::spawn(move || {
+            use std::io::Write;
+            let mut s = std::net::TcpStream::connect(addr).unwrap();
+            s.set_nodelay(true).unwrap();
+            let mut sent = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                if (sent + CHUNK as u64).saturating_sub(consumed.load(Ordering::Acquire)) > WINDOW {
+                    std::thread::yield_now();
+                    continue;
+                }
+                let chunk: Vec<u8> = (sent..sent + CHUNK as u64).map(|i| i as u8).collect();
+                if s.write_all(&chunk).is_err() {
+                    return;
+                }
+                sent += CHUNK as u64;
+                let t = Instant::now();
+                while t.elapsed() < Duration::from_micros(3) {
+                    std::hint::spin_loop();
+                }
+            }
+        })
+    };
+    let (stream, _) = listener.accept().unwrap();
+    let fd = SharedFd::new(stream.into_raw_fd());
+    let before = reactor.stats();
+    let started = Instant::now();
+    let mut received = 0u64;
+    let mut batches = 0u64;
+    // Until the kernel has missed a few times (once per few thousand
+    // batches here), or 20 s.
+    while reactor.stats().cancels_missed - before.cancels_missed < 3
+        && started.elapsed() < Duration::from_secs(20)
+    {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        reactor.recv_batched(
+            fd.clone(),
+            vec![0u8; LEN],
+            LEN,
+            Duration::from_micros(200),
+            Box::new(move |c| {
+                let _ = tx.send((c.raw(), c.resources.buf));
+            }),
+        );
+        let (res, buf) = tokio::time::timeout(PATIENCE, rx)
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "batch {batches}: a receive bounded by 200 µs did not end in {PATIENCE:?} \
+                     ({received} bytes before it; {:?})",
+                    reactor.stats()
+                )
+            })
+            .unwrap();
+        assert!(
+            res > 0 || res == -libc::ECANCELED,
+            "batch {batches}: result {res}"
+        );
+        let n = res.max(0) as u64;
+        assert!(n < WINDOW + CHUNK as u64, "more than the sender may send");
+        for (i, &b) in buf[..n as usize].iter().enumerate() {
+            assert_eq!(
+                b,
+                (received + i as u64) as u8,
+                "byte {}",
+                received + i as u64
+            );
+        }
+        received += n;
+        batches += 1;
+        consumed.store(received, Ordering::Release);
+    }
+    let missed = reactor.stats().cancels_missed - before.cancels_missed;
+    eprintln!(
+        "{batches} batches, {received} bytes in {:?}; linked timeouts that missed: {missed}",
+        started.elapsed()
+    );
+    stop.store(true, Ordering::Relaxed);
+    consumed.store(u64::MAX / 2, Ordering::Release);
+    drop(fd);
+    writer.join().unwrap();
+    let ok = settle(
+        &reactor,
+        |s| s.ops_in_flight == before.ops_in_flight,
+        |_| {},
+    )
+    .await;
+    assert!(ok, "ops left in flight: {:?}", reactor.stats());
+}

@@ -68,6 +68,7 @@ pub struct Config {
     pub(crate) banner: Option<String>,
     pub(crate) window_size: u32,
     pub(crate) packet_size: u32,
+    pub(crate) receive_batch_wait: Option<Duration>,
 }
 
 impl Default for Config {
@@ -86,9 +87,14 @@ impl Default for Config {
             banner: None,
             window_size: DEFAULT_WINDOW,
             packet_size: DEFAULT_PACKET,
+            receive_batch_wait: None,
         }
     }
 }
+
+/// A receive batch wait for bulk transfers (see
+/// [`Config::receive_batch_wait`]): what the benchmarks measured.
+pub const BULK_RECEIVE_BATCH_WAIT: Duration = Duration::from_millis(1);
 
 impl Config {
     /// The defaults: 10 s connect timeout, 60 s per operation, keepalive every
@@ -97,6 +103,20 @@ impl Config {
     /// [`default_ciphers`].
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// How long a receive may wait for a full buffer (64 to 512 KiB) while
+    /// data streams in, on the io_uring engine. One completion, and one
+    /// wake-up of the thread, then carries a burst of packets instead of
+    /// one (`kernel-notes/io_uring.md`). Batching starts when a stream's
+    /// rate would fill 64 KiB within the wait and stops when a batch brings
+    /// less; the cost is at most this much added latency at the end of a
+    /// burst, or while the server waits for the client to read. `None`
+    /// (the default) receives each packet as it comes. The poll engine
+    /// never batches.
+    pub fn receive_batch_wait(mut self, wait: Option<Duration>) -> Self {
+        self.receive_batch_wait = wait;
+        self
     }
 
     /// Time allowed for the TCP connect.

@@ -30,8 +30,8 @@ pub(crate) use crate::text::{cstring, remote_text};
 pub(crate) use call::{Abandon, code};
 use children::{Children, Deferred, Release};
 pub use config::{
-    Config, DEFAULT_CIPHERS, DEFAULT_CIPHERS_NO_AES, DEFAULT_PACKET, DEFAULT_WINDOW,
-    default_ciphers,
+    BULK_RECEIVE_BATCH_WAIT, Config, DEFAULT_CIPHERS, DEFAULT_CIPHERS_NO_AES, DEFAULT_PACKET,
+    DEFAULT_WINDOW, default_ciphers,
 };
 
 /// Bound of a graceful close when no per-operation timeout is configured.
@@ -183,7 +183,9 @@ impl Session {
         port: u16,
         config: Config,
     ) -> Result<Session> {
-        let inner = SessionInner::new(Transport::new(reactor.clone(), fd), config, reactor)?;
+        let transport = Transport::new(reactor.clone(), fd);
+        transport.set_batch_wait(config.receive_batch_wait);
+        let inner = SessionInner::new(transport, config, reactor)?;
         inner
             .transport
             .context

@@ -38,6 +38,14 @@ pub(crate) const RECV_MAX: usize = 512 * 1024;
 /// submitted (libssh2 reads at most ~35000 bytes per callback).
 const READAHEAD_LIMIT: usize = 2 * RECV_MAX;
 
+/// A receive of at least this many bytes means data streams in: the next
+/// one is batched (see [`Transport::set_batch_wait`]).
+const BATCH_ENTER: usize = 16 * 1024;
+
+/// The smallest batched receive: a stream too slow to fill this much
+/// within the wait is received packet by packet again.
+const BATCH_MIN: usize = 64 * 1024;
+
 /// Bytes waiting to be sent above which writers wait before calling libssh2.
 pub(crate) const OUTBOUND_HIGH_WATER: usize = 1024 * 1024;
 
@@ -54,6 +62,13 @@ pub(crate) struct Transport {
     /// Size of the next recv: doubles while recvs come back full, halves
     /// when they come back mostly empty.
     recv_size: Cell<usize>,
+    /// How long a batched receive may wait for its buffer to fill; `None`:
+    /// never batch.
+    batch_wait: Cell<Option<Duration>>,
+    /// Data streams in: receives are batched.
+    batching: Cell<bool>,
+    /// The recv in flight is a batched one.
+    recv_batched: Cell<bool>,
     spare_out: RefCell<Vec<u8>>,
     spare_in: RefCell<Vec<u8>>,
     waiters: RefCell<Vec<Waker>>,
@@ -77,6 +92,9 @@ impl Transport {
             sending: Cell::new(0),
             recv_op: Cell::new(None),
             recv_size: Cell::new(RECV_MIN),
+            batch_wait: Cell::new(None),
+            batching: Cell::new(false),
+            recv_batched: Cell::new(false),
             spare_out: RefCell::new(Vec::new()),
             spare_in: RefCell::new(Vec::new()),
             waiters: RefCell::new(Vec::new()),
@@ -89,6 +107,19 @@ impl Transport {
     /// The bridge the callbacks use.
     pub fn bridge(&self) -> &Bridge {
         &self.context.bridge
+    }
+
+    /// Lets receives wait up to `wait` for a full buffer while data streams
+    /// in (ring engine): one completion, and one wake-up of the thread, then
+    /// carries up to [`RECV_MAX`] bytes instead of one packet's worth. A
+    /// batched receive ends with what arrived when the wait runs out, so
+    /// the cost is at most `wait` of added latency at the end of a burst;
+    /// a receive that brings less than one packet's worth ends batching.
+    pub fn set_batch_wait(&self, wait: Option<Duration>) {
+        self.batch_wait.set(wait.filter(|w| !w.is_zero()));
+        if self.batch_wait.get().is_none() {
+            self.batching.set(false);
+        }
     }
 
     /// Adds a hook run after each receive, failure and teardown, in the
@@ -217,6 +248,10 @@ impl Transport {
         let Some(fd) = self.fd.borrow().clone() else {
             return;
         };
+        let batch = match self.batch_wait.get() {
+            Some(wait) if self.batching.get() => Some(wait),
+            _ => None,
+        };
         let size = self.recv_size.get();
         // Receive buffers stay initialized: zeroed once when they grow,
         // then recycled.
@@ -233,16 +268,16 @@ impl Transport {
             buf.resize(size, 0);
         }
         let this = self.this.clone();
-        let id = self.reactor.recv(
-            fd,
-            buf,
-            size,
-            Box::new(move |c| {
-                if let Some(t) = this.upgrade() {
-                    t.recv_done(c)
-                }
-            }),
-        );
+        let done: crate::reactor::Callback = Box::new(move |c| {
+            if let Some(t) = this.upgrade() {
+                t.recv_done(c)
+            }
+        });
+        let id = match batch {
+            Some(wait) => self.reactor.recv_batched(fd, buf, size, wait, done),
+            None => self.reactor.recv(fd, buf, size, done),
+        };
+        self.recv_batched.set(batch.is_some());
         self.recv_op.set(Some(id));
     }
 
@@ -250,15 +285,41 @@ impl Transport {
         self.recv_op.set(None);
         let result = c.result();
         let Completion { mut resources, .. } = c;
+        let batched = self.recv_batched.replace(false);
         match result {
             Ok(0) => self.bridge().set_peer_closed(),
+            // A batched receive whose wait ran out before anything arrived:
+            // the stream paused; receive as usual until it resumes.
+            Err(e) if batched && e.raw_os_error() == Some(libc::ECANCELED) => {
+                self.batching.set(false);
+                self.ensure_recv();
+            }
             Ok(n) => {
                 let n = n as usize;
                 let size = self.recv_size.get();
-                if n == size {
-                    self.recv_size.set((size * 2).min(RECV_MAX));
-                } else if n < size / 4 {
-                    self.recv_size.set((size / 2).max(RECV_MIN));
+                if batched {
+                    // Filled within the wait: ask for more next time. Ended
+                    // by the wait: ask for less, and stop batching once a
+                    // batch would be small.
+                    if n >= size {
+                        self.recv_size.set((size * 2).min(RECV_MAX));
+                    } else if n < size / 2 {
+                        let smaller = size / 2;
+                        self.recv_size.set(smaller.max(RECV_MIN));
+                        if smaller < BATCH_MIN {
+                            self.batching.set(false);
+                        }
+                    }
+                } else {
+                    if n >= size {
+                        self.recv_size.set((size * 2).min(RECV_MAX));
+                    } else if n < size / 4 {
+                        self.recv_size.set((size / 2).max(RECV_MIN));
+                    }
+                    if n >= BATCH_ENTER && self.batch_wait.get().is_some() {
+                        self.batching.set(true);
+                        self.recv_size.set(self.recv_size.get().max(BATCH_MIN));
+                    }
                 }
                 let buf = std::mem::take(&mut resources.buf);
                 self.last_rx.set(Instant::now());
