@@ -46,6 +46,10 @@ use crate::transport::OUTBOUND_HIGH_WATER;
 /// Bytes read from the channel per call.
 const RX_CHUNK: usize = 256 * 1024;
 
+/// Capacity the outgoing request buffer keeps once it is empty, and the
+/// least it reclaims of what the channel has taken while it is not.
+const OUT_KEEP: usize = 256 * 1024;
+
 /// Channel reads per poll before the reader lets other tasks run.
 const READS_PER_POLL: usize = 32;
 
@@ -310,7 +314,20 @@ impl Client {
                 if st.out_pos == st.out.len() {
                     st.out.clear();
                     st.out_pos = 0;
+                    // A burst's buffer is not kept by an idle client.
+                    if st.out.capacity() > OUT_KEEP {
+                        st.out.shrink_to(OUT_KEEP);
+                    }
                     return Poll::Ready(Ok(()));
+                }
+                // What the channel took goes once it is at least half the
+                // buffer: a stream of WRITEs that never lets the buffer
+                // empty holds at most twice what is queued (itself within
+                // the transfer's in-flight budget), not all it ever sent.
+                if st.out_pos >= OUT_KEEP && st.out_pos * 2 >= st.out.len() {
+                    let pos = st.out_pos;
+                    st.out.drain(..pos);
+                    st.out_pos = 0;
                 }
                 (std::mem::take(&mut st.out), st.out_pos)
             };
