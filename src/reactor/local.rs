@@ -48,11 +48,17 @@ impl Wake for TaskWaker {
     }
 }
 
+/// A task and its waker, made once when it is spawned.
+struct Entry {
+    /// `None` while the task is being polled (it may spawn others then).
+    task: Option<Task>,
+    waker: Waker,
+}
+
 /// The tasks of one reactor.
 #[derive(Default)]
 pub(super) struct LocalTasks {
-    /// `None` while the task is being polled (it may spawn others then).
-    tasks: std::cell::RefCell<Slab<Option<Task>>>,
+    tasks: std::cell::RefCell<Slab<Entry>>,
     ready: Arc<Mutex<Ready>>,
 }
 
@@ -63,7 +69,20 @@ impl LocalTasks {
 
     /// Adds `task`, ready to be polled on the driver's next round.
     pub(super) fn spawn(&self, task: Task) {
-        let key = self.tasks.borrow_mut().insert(Some(task));
+        let key = {
+            let mut tasks = self.tasks.borrow_mut();
+            let slot = tasks.vacant_entry();
+            let key = slot.key();
+            let waker = Waker::from(Arc::new(TaskWaker {
+                key,
+                ready: self.ready.clone(),
+            }));
+            slot.insert(Entry {
+                task: Some(task),
+                waker,
+            });
+            key
+        };
         self.lock().keys.push(key);
     }
 
@@ -95,17 +114,15 @@ impl LocalTasks {
         let mut polled = 0;
         let mut panic = None;
         for key in keys {
-            let task = match self.tasks.borrow_mut().get_mut(key) {
-                Some(slot) => slot.take(),
+            let taken = match self.tasks.borrow_mut().get_mut(key) {
+                Some(e) => e.task.take().map(|t| (t, e.waker.clone())),
                 None => None,
             };
             // Gone, or a stale wake of a key reused since: nothing to do
             // (a spurious poll of the new task would be harmless too).
-            let Some(mut task) = task else { continue };
-            let waker = Waker::from(Arc::new(TaskWaker {
-                key,
-                ready: self.ready.clone(),
-            }));
+            let Some((mut task, waker)) = taken else {
+                continue;
+            };
             polled += 1;
             // A panicking task is dropped and, once the others have run,
             // its panic goes on to the driver, as a panicking completion
@@ -115,8 +132,8 @@ impl LocalTasks {
             }));
             match done {
                 Ok(Poll::Pending) => {
-                    if let Some(slot) = self.tasks.borrow_mut().get_mut(key) {
-                        *slot = Some(task);
+                    if let Some(e) = self.tasks.borrow_mut().get_mut(key) {
+                        e.task = Some(task);
                     }
                 }
                 Ok(Poll::Ready(())) => {
