@@ -351,6 +351,7 @@ impl SessionHandle {
             stdout: Incoming::new(stdout_rx, counters.clone()),
             stderr: Some(Incoming::new(stderr_rx, counters.clone())),
             wait_tx,
+            _gone: MarkGone(counters.clone()),
             counters,
         })
     }
@@ -407,6 +408,9 @@ async fn serve(session: Session, mut rx: mpsc::UnboundedReceiver<Job>) {
 struct Counters {
     now: AtomicUsize,
     peak: AtomicUsize,
+    /// The [`RemoteProcess`] is gone (its pump may then end without
+    /// marking the streams' end): what a taken [`RemoteStderr`] says.
+    process_dropped: std::sync::atomic::AtomicBool,
 }
 
 impl Counters {
@@ -614,10 +618,17 @@ impl Incoming {
                 self.ended = true;
                 Poll::Ready(Err(e))
             }
-            // The pump went without marking the end: its thread is gone.
+            // The pump went without marking the end: the process handle
+            // was dropped (a taken stderr outlives it), or the pool
+            // thread is gone.
             None => {
                 self.ended = true;
-                Poll::Ready(Err(pool_closed().into()))
+                let e = if self.counters.process_dropped.load(Ordering::Acquire) {
+                    Error::Closed("the remote process (its RemoteProcess is gone)")
+                } else {
+                    pool_closed()
+                };
+                Poll::Ready(Err(e.into()))
             }
         }
     }
@@ -662,6 +673,18 @@ pub struct RemoteProcess {
     stderr: Option<Incoming>,
     wait_tx: oneshot::Sender<oneshot::Sender<Result<ExitStatus>>>,
     counters: Arc<Counters>,
+    _gone: MarkGone,
+}
+
+/// Marks the process handle gone when dropped (however it goes: dropped,
+/// or consumed by `wait`), so that a taken [`RemoteStderr`] whose pump
+/// then ends says so rather than that the pool is closed.
+struct MarkGone(Arc<Counters>);
+
+impl Drop for MarkGone {
+    fn drop(&mut self) {
+        self.0.process_dropped.store(true, Ordering::Release);
+    }
 }
 
 type Reserve = Pin<

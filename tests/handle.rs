@@ -399,6 +399,27 @@ fn a_closed_session_and_a_shut_down_pool_give_clear_errors() {
         closed.close("again").await.expect("second close");
 
         let open = login(&pool, &sshd).await;
+        // A taken stderr outlives its process: once the process is
+        // dropped, it ends in an error that says so, not that the pool
+        // is closed.
+        let mut p = open.exec("yes to-stderr >&2").await.unwrap();
+        let mut stderr = p.stderr().expect("stderr not taken yet");
+        let mut line = [0u8; 10];
+        stderr.read_exact(&mut line).await.unwrap();
+        assert_eq!(&line, b"to-stderr\n");
+        drop(p);
+        let mut buf = vec![0u8; 1 << 20];
+        let err = loop {
+            match stderr.read(&mut buf).await {
+                Ok(0) => panic!("the stderr of a dropped process looked complete"),
+                Ok(_) => continue,
+                Err(e) => break e,
+            }
+        };
+        let inner = err.get_ref().and_then(|e| e.downcast_ref::<Error>());
+        assert!(matches!(inner, Some(Error::Closed(_))), "{err:?}");
+        assert!(err.to_string().contains("RemoteProcess is gone"), "{err}");
+
         let mut p = open.exec("cat /dev/zero").await.unwrap();
         let mut buf = [0u8; 1024];
         p.read_exact(&mut buf).await.unwrap();
