@@ -99,6 +99,15 @@ const MIN_READ_CAP: usize = 32 * 1024;
 /// Bytes of stderr dropped per libssh2 call in discard mode.
 const DISCARD_CHUNK: usize = 16 * 1024;
 
+/// Whether a channel read takes part in tokio's cooperative budget.
+#[derive(Clone, Copy)]
+enum Budget {
+    /// Yields (`Pending`, the task woken) once the task's budget is spent.
+    Cooperative,
+    /// Never yields for the budget: the caller bounds its own reads.
+    Exempt,
+}
+
 impl ChannelInner {
     pub(crate) fn new(session: Rc<SessionInner>, raw: *mut ffi::LIBSSH2_CHANNEL) -> Rc<Self> {
         Rc::new(ChannelInner {
@@ -170,7 +179,13 @@ impl ChannelInner {
         if dst.is_empty() {
             return Poll::Ready(Ok(()));
         }
-        let n = ready!(self.poll_read_raw(cx, stream, dst.as_mut_ptr() as *mut c_char, dst.len()))?;
+        let n = ready!(self.poll_read_raw(
+            cx,
+            stream,
+            dst.as_mut_ptr() as *mut c_char,
+            dst.len(),
+            Budget::Cooperative
+        ))?;
         // SAFETY: libssh2 wrote `n` bytes at the start of the unfilled part.
         unsafe { buf.assume_init(n) };
         buf.advance(n);
@@ -185,7 +200,34 @@ impl ChannelInner {
         stream: c_int,
         dst: &mut [u8],
     ) -> Poll<io::Result<usize>> {
-        self.poll_read_raw(cx, stream, dst.as_mut_ptr() as *mut c_char, dst.len())
+        self.poll_read_raw(
+            cx,
+            stream,
+            dst.as_mut_ptr() as *mut c_char,
+            dst.len(),
+            Budget::Cooperative,
+        )
+    }
+
+    /// [`Self::poll_read_into`] outside tokio's cooperative budget, for a
+    /// caller that bounds its own reads and may poll with a waker nobody
+    /// listens to (`Waker::noop()`: a reader run from a receive hook). The
+    /// budget's `Pending` would wake that waker only, and the bytes would
+    /// wait in the session for the next receive, which may never come.
+    /// `Pending` from here always means no input.
+    pub(crate) fn poll_read_unbudgeted(
+        &self,
+        cx: &mut Context<'_>,
+        stream: c_int,
+        dst: &mut [u8],
+    ) -> Poll<io::Result<usize>> {
+        self.poll_read_raw(
+            cx,
+            stream,
+            dst.as_mut_ptr() as *mut c_char,
+            dst.len(),
+            Budget::Exempt,
+        )
     }
 
     /// [`Self::poll_read_into`] for memory that may be uninitialized: the
@@ -196,6 +238,7 @@ impl ChannelInner {
         stream: c_int,
         dst: *mut c_char,
         len: usize,
+        budget: Budget,
     ) -> Poll<io::Result<usize>> {
         let raw = self.raw()?;
         // libssh2 opens the window to the initial size plus the length of
@@ -215,7 +258,10 @@ impl ChannelInner {
         // reads a channel whose data never runs out yields now and then, so
         // futures sharing its task (a `select!`, a `join!`) and other tasks
         // still run.
-        let coop = ready!(tokio::task::coop::poll_proceed(cx));
+        let coop = match budget {
+            Budget::Cooperative => Some(ready!(tokio::task::coop::poll_proceed(cx))),
+            Budget::Exempt => None,
+        };
         let n = ready!(self.session.poll_call(cx, &mut |_| {
             if discard {
                 self.drop_queued_stderr(raw)?;
@@ -229,7 +275,9 @@ impl ChannelInner {
                 Ok(n as usize)
             }
         }))?;
-        coop.made_progress();
+        if let Some(coop) = coop {
+            coop.made_progress();
+        }
         Poll::Ready(Ok(n))
     }
 

@@ -1038,3 +1038,51 @@ async fn uploads_follow_links_inside_the_tree_only() {
     assert!(r.is_complete(), "{:?}", r.other_errors);
     assert_eq!(std::fs::read(up2.join("file")).unwrap(), b"inside");
 }
+
+/// Replies that arrive while the reactor's driver task has spent its
+/// cooperative budget (on other work of the driver) are still read: the
+/// receive hook that reads them polls with a waker nobody listens to, so a
+/// read that yielded for the budget left them unread, and the request
+/// waited for a receive that the server, with everything answered, never
+/// sent (a fleet `get` stalled until the next keepalive's reply).
+#[tokio::test]
+async fn replies_are_read_while_the_driver_budget_is_spent() {
+    // The poll engine gathers socket events only once the driver finds
+    // nothing else to do, which a task that is always ready never lets
+    // happen: this load is for the ring, whose completions come whatever
+    // the driver does.
+    if uring_ssh::reactor::init().expect("reactor").backend != uring_ssh::reactor::Backend::IoUring
+    {
+        return;
+    }
+    let sshd = Sshd::start();
+    let (_s, sftp) = sftp(&sshd).await;
+    // A task on the driver, polled between its rounds of completions: it
+    // spends the whole budget at each turn, so that most completions (the
+    // receives of the replies among them) are handled with none left.
+    let stop = Rc::new(std::cell::Cell::new(false));
+    let stopped = stop.clone();
+    uring_ssh::reactor::spawn_on_driver(std::future::poll_fn(move |cx| {
+        if stopped.get() {
+            return std::task::Poll::Ready(());
+        }
+        while let std::task::Poll::Ready(progress) = tokio::task::coop::poll_proceed(cx) {
+            progress.made_progress();
+        }
+        // The budget's `Pending` woke this task: it runs again soon.
+        std::task::Poll::Pending
+    }))
+    .expect("reactor");
+    for i in 0..100 {
+        // Any wake-up of this task reads the reply (a keepalive's reply did
+        // in the fleet): the time taken shows a reply left unread.
+        let started = std::time::Instant::now();
+        let reply = tokio::time::timeout(Duration::from_secs(3), sftp.stat("/")).await;
+        let took = started.elapsed();
+        assert!(
+            matches!(reply, Ok(Ok(_))) && took < Duration::from_secs(2),
+            "request {i}: its reply was left unread for {took:?}: {reply:?}"
+        );
+    }
+    stop.set(true);
+}

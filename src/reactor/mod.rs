@@ -443,6 +443,15 @@ pub fn stats() -> Option<Stats> {
         .flatten()
 }
 
+/// Runs `task` on the driver task of this thread's reactor, beside the
+/// completions it handles (sharing that task's cooperative budget); public
+/// only so that tests can load the driver. Not part of the API.
+#[doc(hidden)]
+pub fn spawn_on_driver(task: impl std::future::Future<Output = ()> + 'static) -> Result<(), Error> {
+    Reactor::current()?.spawn_local(task);
+    Ok(())
+}
+
 /// Performs a no-op and waits for its completion: one full trip through
 /// the reactor.
 pub async fn nop() -> Result<(), Error> {

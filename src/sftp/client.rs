@@ -385,7 +385,12 @@ impl Client {
                     "the SFTP receive buffer is full",
                 )))
             } else {
-                self.chan.poll_read_into(cx, 0, room)
+                // Outside the cooperative budget: `cx` is often a no-op
+                // waker (the receive hook, `poll_io`), so a budget's
+                // `Pending` would be lost and the replies read here would
+                // wait for a receive that the server, with every request
+                // answered, never sends. `READS_PER_POLL` bounds the loop.
+                self.chan.poll_read_unbudgeted(cx, 0, room)
             };
             let mut st = self.st.borrow_mut();
             st.rx = rx;
