@@ -713,8 +713,9 @@ fn cached_rsa(cell: &'static OnceLock<KeyPair>, comment: &str) -> &'static KeyPa
     })
 }
 
-/// Live (non-zombie) descendants of `root`, from /proc/*/stat ppid chains.
-fn descendants(root: u32) -> Vec<u32> {
+/// Live (non-zombie) descendants of `root` (itself not included), from
+/// /proc/*/stat ppid chains.
+pub fn descendants(root: u32) -> Vec<u32> {
     let mut procs = Vec::new();
     let Ok(entries) = fs::read_dir("/proc") else {
         return Vec::new();

@@ -74,33 +74,11 @@ struct Row {
     runs: Vec<(f64, f64, f64)>,
 }
 
-/// The descendants of `root` (itself included), from `/proc`.
+/// `root` and its live descendants.
 fn tree(root: u32) -> Vec<u32> {
-    let mut parent = Vec::new();
-    for e in fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|p| p.parse::<u32>().ok()) else {
-            continue;
-        };
-        let Ok(stat) = fs::read_to_string(e.path().join("stat")) else {
-            continue;
-        };
-        // "pid (comm) state ppid ...": comm may hold spaces and parens.
-        let ppid = stat
-            .rfind(')')
-            .and_then(|i| stat[i + 1..].split_whitespace().nth(1))
-            .and_then(|p| p.parse::<u32>().ok());
-        if let Some(ppid) = ppid {
-            parent.push((pid, ppid));
-        }
-    }
-    let mut out = vec![root];
-    let mut i = 0;
-    while i < out.len() {
-        let p = out[i];
-        out.extend(parent.iter().filter(|(_, pp)| *pp == p).map(|(c, _)| *c));
-        i += 1;
-    }
-    out
+    let mut pids = sshd::descendants(root);
+    pids.push(root);
+    pids
 }
 
 /// The summed PSS of `pids` in KiB (processes gone meanwhile count 0).
