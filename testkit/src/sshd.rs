@@ -313,6 +313,11 @@ impl SshdBuilder {
         }
         c.push_str("MaxSessions 64\n");
         c.push_str(&format!("UsePAM {}\n", yn(self.kbd_interactive)));
+        // SHLVL=1 makes the login shell a nested one, so bash skips the
+        // ~/.bashrc it otherwise sources for sshd's commands: the tests must
+        // not depend on the login user's dotfiles, which may be slow (a
+        // version manager's init) or hold a lock file that a killed session
+        // leaves behind, stalling every later login.
         c.push_str(
             "StrictModes no\n\
              UseDNS no\n\
@@ -320,6 +325,7 @@ impl SshdBuilder {
              PrintLastLog no\n\
              X11Forwarding no\n\
              AcceptEnv LANG LC_* URING_*\n\
+             SetEnv SHLVL=1\n\
              AllowTcpForwarding yes\n\
              AllowStreamLocalForwarding yes\n\
              StreamLocalBindUnlink yes\n",
