@@ -149,7 +149,7 @@ pub use methods::{MethodType, Negotiated, is_post_quantum, supported_methods};
 pub use pool::{JoinError, JoinHandle, Pool, PoolConfig};
 pub use scp::{ScpReader, ScpStat, ScpWriter};
 pub use session::{
-    BULK_RECEIVE_BATCH_WAIT, Config, DEFAULT_CIPHERS, DEFAULT_CIPHERS_NO_AES, DEFAULT_PACKET,
+    Config, DEFAULT_CIPHERS, DEFAULT_CIPHERS_NO_AES, DEFAULT_PACKET, DEFAULT_RECEIVE_BATCH_WAIT,
     DEFAULT_WINDOW, Session, SessionStats, default_ciphers, leaked_objects,
 };
 /// The bridge's byte queues alone, public only so that `benches/bridge.rs`

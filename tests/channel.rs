@@ -429,15 +429,18 @@ async fn discarded_stderr_flood_lets_the_command_finish_in_bounded_memory() {
     );
 }
 
-/// On the ring, a streaming read is received in batches (the default
-/// `receive_batch_wait`), every byte intact, including the last ones that
-/// end a batch by its wait; with batching off, no receive is batched.
+/// On the ring, a streaming read is received in batches (by default),
+/// every byte intact, including the last ones that end a batch by its
+/// wait; with batching off, no receive is batched.
 #[tokio::test]
 async fn streaming_reads_are_received_in_batches_on_the_ring() {
     uring_ssh::reactor::init_with(uring_ssh::reactor::Backend::IoUring).expect("io_uring");
     let sshd = Sshd::start();
-    for wait in [Some(uring_ssh::BULK_RECEIVE_BATCH_WAIT), None] {
-        let cfg = uring_ssh_testkit::util::config(&sshd).receive_batch_wait(wait);
+    for wait in [Some(uring_ssh::DEFAULT_RECEIVE_BATCH_WAIT), None] {
+        let mut cfg = uring_ssh_testkit::util::config(&sshd);
+        if wait.is_none() {
+            cfg = cfg.receive_batch_wait(None);
+        }
         let s = uring_ssh_testkit::util::connect_with(&sshd, cfg).await;
         let mut ch = s
             .exec("head -c 33554432 /dev/zero; sleep 0.1; echo end")
@@ -471,4 +474,39 @@ async fn streaming_reads_are_received_in_batches_on_the_ring() {
         }
         s.close("done").await.unwrap();
     }
+}
+
+/// Requests and replies (64 KiB echoed by `cat`, one at a time) on the
+/// default config: every reply ends a batch early, but the session pays
+/// the batch wait a few times, not once per reply, and every byte comes
+/// back intact.
+#[tokio::test]
+async fn replies_to_requests_pay_the_batch_wait_only_a_few_times() {
+    uring_ssh::reactor::init_with(uring_ssh::reactor::Backend::IoUring).expect("io_uring");
+    const REPLIES: usize = 300;
+    const SIZE: usize = 64 * 1024;
+    let sshd = Sshd::start();
+    let s = connect(&sshd).await;
+    let before = uring_ssh::reactor::stats().unwrap();
+    let mut ch = s.exec("cat").await.unwrap();
+    let mut back = vec![0u8; SIZE];
+    for i in 0..REPLIES {
+        let request: Vec<u8> = (0..SIZE).map(|j| (i * 31 + j * 7) as u8).collect();
+        ch.write_all(&request).await.unwrap();
+        ch.flush().await.unwrap();
+        ch.read_exact(&mut back).await.unwrap();
+        assert!(back == request, "reply {i} differs from its request");
+    }
+    ch.send_eof().await.unwrap();
+    assert_eq!(ch.read(&mut back).await.unwrap(), 0);
+    assert_eq!(ch.wait().await.unwrap().code, 0);
+    let batched = uring_ssh::reactor::stats().unwrap().batched_recvs - before.batched_recvs;
+    let pauses = s.stats().batch_pauses;
+    eprintln!("{REPLIES} replies: {batched} batched receives, {pauses} pauses");
+    assert!(batched > 0, "no receive was batched");
+    assert!(
+        pauses <= 20,
+        "{pauses} of {REPLIES} replies waited out a batch"
+    );
+    s.close("done").await.unwrap();
 }

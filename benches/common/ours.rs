@@ -15,7 +15,7 @@ use crate::client::{self, Args, AsyncPeer};
 pub struct Ours;
 
 /// Microseconds of `Config::receive_batch_wait` for the benchmark client
-/// (unset: the default, no batching).
+/// (unset: the default; 0: no batching).
 pub const RECEIVE_BATCH_ENV: &str = "URING_SSH_RECEIVE_BATCH_US";
 
 /// A session and, once needed, its SFTP client.
@@ -60,8 +60,8 @@ impl AsyncPeer for Ours {
             .known_hosts(Some(&a.known_hosts))
             .ciphers(&a.cipher)
             .method(MethodType::Kex, &a.kex);
-        // Batched receives are opt-in: URING_SSH_RECEIVE_BATCH_US=1000
-        // measures them (`Config::receive_batch_wait`).
+        // Batched receives are on by default: URING_SSH_RECEIVE_BATCH_US=0
+        // measures without them (`Config::receive_batch_wait`).
         if let Some(us) = std::env::var(RECEIVE_BATCH_ENV)
             .ok()
             .and_then(|v| v.parse::<u64>().ok())

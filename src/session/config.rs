@@ -87,14 +87,14 @@ impl Default for Config {
             banner: None,
             window_size: DEFAULT_WINDOW,
             packet_size: DEFAULT_PACKET,
-            receive_batch_wait: None,
+            receive_batch_wait: Some(DEFAULT_RECEIVE_BATCH_WAIT),
         }
     }
 }
 
-/// A receive batch wait for bulk transfers (see
-/// [`Config::receive_batch_wait`]): what the benchmarks measured.
-pub const BULK_RECEIVE_BATCH_WAIT: Duration = Duration::from_millis(1);
+/// The default of [`Config::receive_batch_wait`]: what the benchmarks
+/// measured.
+pub const DEFAULT_RECEIVE_BATCH_WAIT: Duration = Duration::from_millis(1);
 
 impl Config {
     /// The defaults: 10 s connect timeout, 60 s per operation, keepalive every
@@ -105,15 +105,18 @@ impl Config {
         Self::default()
     }
 
-    /// How long a receive may wait for a full buffer (64 to 512 KiB) while
-    /// data streams in, on the io_uring engine. One completion, and one
-    /// wake-up of the thread, then carries a burst of packets instead of
-    /// one (`kernel-notes/io_uring.md`). Batching starts when a stream's
-    /// rate would fill 64 KiB within the wait and stops when a batch brings
-    /// less; the cost is at most this much added latency at the end of a
-    /// burst, or while the server waits for the client to read. `None`
-    /// (the default) receives each packet as it comes. The poll engine
-    /// never batches.
+    /// How long a receive may wait for a full buffer (64 KiB up to 512 KiB
+    /// or a quarter of the channel window) while data streams in, on the
+    /// io_uring engine. One completion, and one wake-up of the thread, then
+    /// carries a burst of packets instead of one (`kernel-notes/io_uring.md`).
+    /// Batching starts when a receive brings 16 KiB or more; a batch that
+    /// ends by its wait with less than half its buffer is a pause of the
+    /// stream, which costs up to this much latency and makes the session
+    /// receive packet by packet for twice as long as after the last pause
+    /// before batching again, so traffic of requests and replies pays it a
+    /// few times, not on every reply. Default:
+    /// [`DEFAULT_RECEIVE_BATCH_WAIT`]; `None` receives each packet as it
+    /// comes. The poll engine never batches.
     pub fn receive_batch_wait(mut self, wait: Option<Duration>) -> Self {
         self.receive_batch_wait = wait;
         self

@@ -30,7 +30,7 @@ pub(crate) use crate::text::{cstring, remote_text};
 pub(crate) use call::{Abandon, code};
 use children::{Children, Deferred, Release};
 pub use config::{
-    BULK_RECEIVE_BATCH_WAIT, Config, DEFAULT_CIPHERS, DEFAULT_CIPHERS_NO_AES, DEFAULT_PACKET,
+    Config, DEFAULT_CIPHERS, DEFAULT_CIPHERS_NO_AES, DEFAULT_PACKET, DEFAULT_RECEIVE_BATCH_WAIT,
     DEFAULT_WINDOW, default_ciphers,
 };
 
@@ -46,6 +46,10 @@ pub struct SessionStats {
     pub libssh2_blocks: i64,
     /// The send and recv callbacks' counters.
     pub bridge: BridgeStats,
+    /// Batched receives that ended in a pause of the stream, each having
+    /// cost up to the batch wait of latency
+    /// ([`Config::receive_batch_wait`]).
+    pub batch_pauses: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -184,7 +188,9 @@ impl Session {
         config: Config,
     ) -> Result<Session> {
         let transport = Transport::new(reactor.clone(), fd);
-        transport.set_batch_wait(config.receive_batch_wait);
+        // A batch holds back the window adjusts of what it holds: a quarter of
+        // the window leaves the server room to go on sending meanwhile.
+        transport.set_batch_wait(config.receive_batch_wait, config.window_size as usize / 4);
         let inner = SessionInner::new(transport, config, reactor)?;
         inner
             .transport
@@ -307,6 +313,7 @@ impl Session {
             libssh2_bytes: shared.bytes_outstanding(),
             libssh2_blocks: shared.blocks_outstanding(),
             bridge: shared.bridge.stats(),
+            batch_pauses: self.inner.transport.batch_pauses(),
         }
     }
 

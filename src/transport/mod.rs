@@ -8,6 +8,7 @@
 //! keeps flowing even when no future of the session is being polled.
 
 pub(crate) mod alloc;
+pub(crate) mod batch;
 pub mod bridge;
 pub mod callbacks;
 #[cfg(any(test, fuzzing))]
@@ -21,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use crate::reactor::{Completion, OpId, Reactor, SharedFd};
 use crate::session::children::Registry;
+use batch::BatchPolicy;
 pub use bridge::{Bridge, BridgeStats, Link};
 pub use callbacks::CallbackContext;
 
@@ -38,14 +40,6 @@ pub(crate) const RECV_MAX: usize = 512 * 1024;
 /// submitted (libssh2 reads at most ~35000 bytes per callback).
 const READAHEAD_LIMIT: usize = 2 * RECV_MAX;
 
-/// A receive of at least this many bytes means data streams in: the next
-/// one is batched (see [`Transport::set_batch_wait`]).
-const BATCH_ENTER: usize = 16 * 1024;
-
-/// The smallest batched receive: a stream too slow to fill this much
-/// within the wait is received packet by packet again.
-const BATCH_MIN: usize = 64 * 1024;
-
 /// Bytes waiting to be sent above which writers wait before calling libssh2.
 pub(crate) const OUTBOUND_HIGH_WATER: usize = 1024 * 1024;
 
@@ -62,11 +56,8 @@ pub(crate) struct Transport {
     /// Size of the next recv: doubles while recvs come back full, halves
     /// when they come back mostly empty.
     recv_size: Cell<usize>,
-    /// How long a batched receive may wait for its buffer to fill; `None`:
-    /// never batch.
-    batch_wait: Cell<Option<Duration>>,
-    /// Data streams in: receives are batched.
-    batching: Cell<bool>,
+    /// Whether, and how much, the next receive is batched.
+    batch: Cell<BatchPolicy>,
     /// The recv in flight is a batched one.
     recv_batched: Cell<bool>,
     spare_out: RefCell<Vec<u8>>,
@@ -92,8 +83,7 @@ impl Transport {
             sending: Cell::new(0),
             recv_op: Cell::new(None),
             recv_size: Cell::new(RECV_MIN),
-            batch_wait: Cell::new(None),
-            batching: Cell::new(false),
+            batch: Cell::new(BatchPolicy::default()),
             recv_batched: Cell::new(false),
             spare_out: RefCell::new(Vec::new()),
             spare_in: RefCell::new(Vec::new()),
@@ -109,17 +99,21 @@ impl Transport {
         &self.context.bridge
     }
 
-    /// Lets receives wait up to `wait` for a full buffer while data streams
-    /// in (ring engine): one completion, and one wake-up of the thread, then
-    /// carries up to [`RECV_MAX`] bytes instead of one packet's worth. A
-    /// batched receive ends with what arrived when the wait runs out, so
-    /// the cost is at most `wait` of added latency at the end of a burst;
-    /// a receive that brings less than one packet's worth ends batching.
-    pub fn set_batch_wait(&self, wait: Option<Duration>) {
-        self.batch_wait.set(wait.filter(|w| !w.is_zero()));
-        if self.batch_wait.get().is_none() {
-            self.batching.set(false);
-        }
+    /// Lets receives wait up to `wait` for a buffer of up to `max` bytes
+    /// to fill while data streams in (ring engine only): one completion,
+    /// and one wake-up of the thread, then carries a burst of packets
+    /// instead of one. When batching starts and stops: [`batch`].
+    pub fn set_batch_wait(&self, wait: Option<Duration>, max: usize) {
+        let ring = self.reactor.features().backend == crate::reactor::Backend::IoUring;
+        let mut policy = self.batch.get();
+        policy.set(wait.filter(|_| ring), max);
+        self.batch.set(policy);
+    }
+
+    /// Batched receives that ended in a pause of the stream (each cost up
+    /// to the batch wait of latency).
+    pub fn batch_pauses(&self) -> u64 {
+        self.batch.get().pauses()
     }
 
     /// Adds a hook run after each receive, failure and teardown, in the
@@ -248,10 +242,7 @@ impl Transport {
         let Some(fd) = self.fd.borrow().clone() else {
             return;
         };
-        let batch = match self.batch_wait.get() {
-            Some(wait) if self.batching.get() => Some(wait),
-            _ => None,
-        };
+        let batch = self.batch.get().next_wait();
         let size = self.recv_size.get();
         // Receive buffers stay initialized: zeroed once when they grow,
         // then recycled.
@@ -291,36 +282,12 @@ impl Transport {
             // A batched receive whose wait ran out before anything arrived:
             // the stream paused; receive as usual until it resumes.
             Err(e) if batched && e.raw_os_error() == Some(libc::ECANCELED) => {
-                self.batching.set(false);
+                self.adapt(0, true);
                 self.ensure_recv();
             }
             Ok(n) => {
                 let n = n as usize;
-                let size = self.recv_size.get();
-                if batched {
-                    // Filled within the wait: ask for more next time. Ended
-                    // by the wait: ask for less, and stop batching once a
-                    // batch would be small.
-                    if n >= size {
-                        self.recv_size.set((size * 2).min(RECV_MAX));
-                    } else if n < size / 2 {
-                        let smaller = size / 2;
-                        self.recv_size.set(smaller.max(RECV_MIN));
-                        if smaller < BATCH_MIN {
-                            self.batching.set(false);
-                        }
-                    }
-                } else {
-                    if n >= size {
-                        self.recv_size.set((size * 2).min(RECV_MAX));
-                    } else if n < size / 4 {
-                        self.recv_size.set((size / 2).max(RECV_MIN));
-                    }
-                    if n >= BATCH_ENTER && self.batch_wait.get().is_some() {
-                        self.batching.set(true);
-                        self.recv_size.set(self.recv_size.get().max(BATCH_MIN));
-                    }
-                }
+                self.adapt(n, batched);
                 let buf = std::mem::take(&mut resources.buf);
                 self.last_rx.set(Instant::now());
                 let spare = self.bridge().deliver(buf, n);
@@ -333,6 +300,20 @@ impl Transport {
         }
         self.run_recv_hooks();
         self.wake_all();
+    }
+
+    /// The next receive's size, and whether it is batched, after one that
+    /// brought `n` bytes.
+    fn adapt(&self, n: usize, batched: bool) {
+        let size = self.recv_size.get();
+        let mut policy = self.batch.get();
+        let next = if batched {
+            policy.after_batch(n, size)
+        } else {
+            policy.after_plain(n, size)
+        };
+        self.batch.set(policy);
+        self.recv_size.set(next);
     }
 
     /// Fails the link with `errno` (keepalive timeout), waking every waiter.
