@@ -140,6 +140,22 @@ impl Ctx {
         }
     }
 
+    /// Ours on the ring with batched receives off: what batching gains.
+    pub fn ours_unbatched(&self) -> Job {
+        Job {
+            client: format!("{OURS} (ring, no receive batching)"),
+            how: How::Client {
+                program: self.me.clone(),
+                env: vec![
+                    ("URING_SSH_BACKEND", "io_uring"),
+                    (crate::ours::RECEIVE_BATCH_ENV, "0"),
+                ],
+            },
+            extra: Vec::new(),
+            cores: None,
+        }
+    }
+
     pub fn peer(&self, client: &str, program: &str) -> Job {
         Job {
             client: client.into(),

@@ -12,6 +12,7 @@ pub fn cases(o: &Opts, ctx: &Ctx, cipher: &str) -> Vec<Case> {
     let mut cases = Vec::new();
     for n in o.sessions(&[1, 16, 64, 256], &[1, 16]) {
         let mut jobs = ctx.rust_clients(true);
+        jobs.insert(1, ctx.ours_unbatched());
         let one = ctx.ssh(cipher, &format!("head -c {} /dev/zero", mib * MIB));
         jobs.push(ctx.shell(
             "OpenSSH ssh (one process each)",

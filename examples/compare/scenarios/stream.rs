@@ -23,6 +23,7 @@ pub fn cases(o: &Opts, ctx: &Ctx, cipher: &str) -> Vec<Case> {
         for write in [false, true] {
             let dir = if write { "write" } else { "read" };
             let mut jobs = ctx.rust_clients(true);
+            jobs.insert(1, ctx.ours_unbatched());
             let bytes = mib * MIB;
             let script = if write {
                 format!(
