@@ -150,7 +150,7 @@ pub use pool::{JoinError, JoinHandle, Pool, PoolConfig};
 pub use scp::{ScpReader, ScpStat, ScpWriter};
 pub use session::{
     Config, DEFAULT_CIPHERS, DEFAULT_CIPHERS_NO_AES, DEFAULT_PACKET, DEFAULT_RECEIVE_BATCH_WAIT,
-    DEFAULT_WINDOW, Session, SessionStats, default_ciphers, leaked_objects,
+    DEFAULT_WINDOW, RECEIVE_BATCH_MODE_ENV, Session, SessionStats, default_ciphers, leaked_objects,
 };
 /// The bridge's byte queues alone, public only so that `benches/bridge.rs`
 /// can measure them without a session; not part of the API.

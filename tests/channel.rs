@@ -446,7 +446,6 @@ async fn streaming_reads_are_received_in_batches_on_the_ring() {
             .exec("head -c 33554432 /dev/zero; sleep 0.1; echo end")
             .await
             .unwrap();
-        let before = uring_ssh::reactor::stats().unwrap();
         let mut buf = vec![0u8; 256 * 1024];
         let mut got = 0usize;
         let mut tail = Vec::new();
@@ -459,12 +458,8 @@ async fn streaming_reads_are_received_in_batches_on_the_ring() {
             got += zeros;
             tail.extend_from_slice(&buf[zeros..n]);
         }
-        let after = uring_ssh::reactor::stats().unwrap();
-        let batched = after.batched_recvs - before.batched_recvs;
-        eprintln!(
-            "wait {wait:?}: {batched} batched receives, {} missed by their timeout",
-            after.cancels_missed - before.cancels_missed
-        );
+        let batched = s.stats().batches;
+        eprintln!("wait {wait:?}: {batched} batched receives");
         assert_eq!(got, 32 * MIB);
         assert_eq!(tail, b"end\n");
         if wait.is_some() {
@@ -479,34 +474,48 @@ async fn streaming_reads_are_received_in_batches_on_the_ring() {
 /// Requests and replies (64 KiB echoed by `cat`, one at a time) on the
 /// default config: every reply ends a batch early, but the session pays
 /// the batch wait a few times, not once per reply, and every byte comes
-/// back intact.
+/// back intact. With batching off nothing is batched (the time of both
+/// is printed, not asserted).
 #[tokio::test]
 async fn replies_to_requests_pay_the_batch_wait_only_a_few_times() {
     uring_ssh::reactor::init_with(uring_ssh::reactor::Backend::IoUring).expect("io_uring");
     const REPLIES: usize = 300;
     const SIZE: usize = 64 * 1024;
     let sshd = Sshd::start();
-    let s = connect(&sshd).await;
-    let before = uring_ssh::reactor::stats().unwrap();
-    let mut ch = s.exec("cat").await.unwrap();
-    let mut back = vec![0u8; SIZE];
-    for i in 0..REPLIES {
-        let request: Vec<u8> = (0..SIZE).map(|j| (i * 31 + j * 7) as u8).collect();
-        ch.write_all(&request).await.unwrap();
-        ch.flush().await.unwrap();
-        ch.read_exact(&mut back).await.unwrap();
-        assert!(back == request, "reply {i} differs from its request");
+    for batching in [true, false] {
+        let mut cfg = uring_ssh_testkit::util::config(&sshd);
+        if !batching {
+            cfg = cfg.receive_batch_wait(None);
+        }
+        let s = uring_ssh_testkit::util::connect_with(&sshd, cfg).await;
+        let mut ch = s.exec("cat").await.unwrap();
+        let mut back = vec![0u8; SIZE];
+        let start = std::time::Instant::now();
+        for i in 0..REPLIES {
+            let request: Vec<u8> = (0..SIZE).map(|j| (i * 31 + j * 7) as u8).collect();
+            ch.write_all(&request).await.unwrap();
+            ch.flush().await.unwrap();
+            ch.read_exact(&mut back).await.unwrap();
+            assert!(back == request, "reply {i} differs from its request");
+        }
+        let took = start.elapsed();
+        ch.send_eof().await.unwrap();
+        assert_eq!(ch.read(&mut back).await.unwrap(), 0);
+        assert_eq!(ch.wait().await.unwrap().code, 0);
+        let stats = s.stats();
+        let (batched, pauses) = (stats.batches, stats.batch_pauses);
+        eprintln!(
+            "batching {batching}: {REPLIES} replies in {took:?}, {batched} batched receives, {pauses} pauses"
+        );
+        if batching {
+            assert!(batched > 0, "no receive was batched");
+            assert!(
+                pauses <= 20,
+                "{pauses} of {REPLIES} replies waited out a batch"
+            );
+        } else {
+            assert_eq!(batched, 0, "receives batched with batching off");
+        }
+        s.close("done").await.unwrap();
     }
-    ch.send_eof().await.unwrap();
-    assert_eq!(ch.read(&mut back).await.unwrap(), 0);
-    assert_eq!(ch.wait().await.unwrap().code, 0);
-    let batched = uring_ssh::reactor::stats().unwrap().batched_recvs - before.batched_recvs;
-    let pauses = s.stats().batch_pauses;
-    eprintln!("{REPLIES} replies: {batched} batched receives, {pauses} pauses");
-    assert!(batched > 0, "no receive was batched");
-    assert!(
-        pauses <= 20,
-        "{pauses} of {REPLIES} replies waited out a batch"
-    );
-    s.close("done").await.unwrap();
 }

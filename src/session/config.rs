@@ -96,6 +96,14 @@ impl Default for Config {
 /// measured.
 pub const DEFAULT_RECEIVE_BATCH_WAIT: Duration = Duration::from_millis(1);
 
+/// The environment variable that, set to `waitall`, gathers batches with
+/// one `MSG_WAITALL` receive and a linked timeout (the kernel copies each
+/// packet as it comes, waking the thread) instead of a timer and then one
+/// receive of what the socket holds (the default, which sleeps through
+/// the wait): for measuring one against the other
+/// (`kernel-notes/io_uring.md`). Read when a session connects.
+pub const RECEIVE_BATCH_MODE_ENV: &str = "URING_SSH_RECEIVE_BATCH_MODE";
+
 impl Config {
     /// The defaults: 10 s connect timeout, 60 s per operation, keepalive every
     /// 30 s (3 missed replies end the session), strict host-key checking
@@ -105,9 +113,11 @@ impl Config {
         Self::default()
     }
 
-    /// How long a receive may wait for a full buffer (64 KiB up to 512 KiB
-    /// or a quarter of the channel window) while data streams in, on the
-    /// io_uring engine. One completion, and one wake-up of the thread, then
+    /// How long the session lets data gather before it receives a batch
+    /// (64 KiB up to 512 KiB or a quarter of the channel window) while data
+    /// streams in, on the io_uring engine: a timer, then one receive of
+    /// what the socket holds, and at once the next while receives come
+    /// back full. One completion, and one wake-up of the thread, then
     /// carries a burst of packets instead of one (`kernel-notes/io_uring.md`).
     /// Batching starts when a receive brings 16 KiB or more; a batch that
     /// ends by its wait with less than half its buffer is a pause of the

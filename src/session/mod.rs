@@ -31,7 +31,7 @@ pub(crate) use call::{Abandon, code};
 use children::{Children, Deferred, Release};
 pub use config::{
     Config, DEFAULT_CIPHERS, DEFAULT_CIPHERS_NO_AES, DEFAULT_PACKET, DEFAULT_RECEIVE_BATCH_WAIT,
-    DEFAULT_WINDOW, default_ciphers,
+    DEFAULT_WINDOW, RECEIVE_BATCH_MODE_ENV, default_ciphers,
 };
 
 /// Bound of a graceful close when no per-operation timeout is configured.
@@ -46,9 +46,11 @@ pub struct SessionStats {
     pub libssh2_blocks: i64,
     /// The send and recv callbacks' counters.
     pub bridge: BridgeStats,
-    /// Batched receives that ended in a pause of the stream, each having
-    /// cost up to the batch wait of latency
+    /// Batched receives: each took a burst of packets at once
     /// ([`Config::receive_batch_wait`]).
+    pub batches: u64,
+    /// Batched receives that ended in a pause of the stream, each having
+    /// cost up to the batch wait of latency.
     pub batch_pauses: u64,
 }
 
@@ -313,7 +315,8 @@ impl Session {
             libssh2_bytes: shared.bytes_outstanding(),
             libssh2_blocks: shared.blocks_outstanding(),
             bridge: shared.bridge.stats(),
-            batch_pauses: self.inner.transport.batch_pauses(),
+            batches: self.inner.transport.batch_counts().0,
+            batch_pauses: self.inner.transport.batch_counts().1,
         }
     }
 

@@ -1,17 +1,24 @@
 //! When a session's receives are batched, and how large they are: the
 //! policy alone, apart from the IO, so that it is testable without a ring.
 //!
-//! A batched receive (`MSG_WAITALL` with a linked timeout) waits up to
-//! `wait` for its buffer to fill, so one completion and one wake-up of the
-//! thread carry a burst of packets. Its cost is the wait, paid when the
-//! stream pauses while a batch is open: at a burst's end, or on every
-//! reply when the server answers requests. A stream that flows fills its
-//! batches; a batch that ends by its wait with less than half its buffer
-//! (or with less than a full smallest batch) is a pause. Each pause makes
-//! the next batching wait for more plain receives first, twice as many as
-//! the last time, so request/response traffic pays the wait a number of
-//! times that grows with the logarithm of its receives, not with them; a
-//! run of full batches halves that count again.
+//! A batch is many packets taken in one receive, so that one completion
+//! and one wake-up of the thread carry a burst. By default
+//! ([`BatchMode::Delay`]) the transport waits `wait` on a timer and then
+//! receives what the socket holds, sleeping through the wait; as long as
+//! receives come back full it goes on at once. The other mode
+//! ([`BatchMode::WaitAll`], for measurement) keeps a `MSG_WAITALL`
+//! receive with a linked timeout open instead, which the kernel fills
+//! packet by packet, waking the thread for each.
+//!
+//! The cost is the wait, paid when the stream pauses while a batch
+//! waits: at a burst's end, or on every reply when the server answers
+//! requests. A stream that flows fills its batches; a batch that brings
+//! less than half its buffer after its wait (or less than a full smallest
+//! batch) is a pause. Each pause makes the next batching wait for more
+//! plain receives first, twice as many as the last time, so
+//! request/response traffic pays the wait a number of times that grows
+//! with the logarithm of its receives, not with them; a run of full
+//! batches halves that count again.
 
 use std::time::Duration;
 
@@ -34,9 +41,34 @@ const MAX_PENALTY: u32 = 4096;
 /// Full batches in a row that halve the penalty.
 const DECAY_RUN: u32 = 16;
 
+/// How a batch is gathered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum BatchMode {
+    /// A `MSG_WAITALL` receive with a linked timeout: the kernel copies
+    /// each packet as it arrives (waking the thread for its task work).
+    WaitAll,
+    /// A timer first, then a plain receive of what the socket holds: the
+    /// thread sleeps through the wait.
+    Delay,
+}
+
+/// What the transport does next to receive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum NextRecv {
+    /// A receive of what comes, as soon as it comes.
+    Plain,
+    /// A `MSG_WAITALL` receive ended by a timeout after this long.
+    WaitAll(Duration),
+    /// Nothing until a timer of this long fires (then [`NextRecv::Drain`]).
+    Delay(Duration),
+    /// A receive of what the socket holds, counted as a batch.
+    Drain,
+}
+
 /// One session's batching state.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct BatchPolicy {
+    mode: BatchMode,
     /// How long a batch may wait; `None`: never batch.
     wait: Option<Duration>,
     /// The largest batch (a quarter of the channel window at most, so the
@@ -52,6 +84,13 @@ pub(crate) struct BatchPolicy {
     full_run: u32,
     /// Batches that ended in a pause, for the session's life.
     pauses: u64,
+    /// Batched receives, for the session's life.
+    batches: u64,
+    /// Delay mode: the last batch filled (the socket may hold more), or
+    /// the delay has passed: receive at once.
+    drain: bool,
+    /// Delay mode: the batch in flight follows a delay (not a full batch).
+    delayed: bool,
 }
 
 impl Default for BatchPolicy {
@@ -64,6 +103,10 @@ impl Default for BatchPolicy {
             penalty: FIRST_PENALTY,
             full_run: 0,
             pauses: 0,
+            batches: 0,
+            drain: false,
+            delayed: false,
+            mode: BatchMode::Delay,
         }
     }
 }
@@ -80,14 +123,40 @@ impl BatchPolicy {
         }
     }
 
+    /// Gathers batches by `mode`.
+    pub fn set_mode(&mut self, mode: BatchMode) {
+        self.mode = mode;
+    }
+
     /// The wait of the next receive, if it is batched.
     pub fn next_wait(&self) -> Option<Duration> {
         self.wait.filter(|_| self.batching)
     }
 
+    /// What to do next to receive.
+    pub fn next(&self) -> NextRecv {
+        match (self.next_wait(), self.mode) {
+            (None, _) => NextRecv::Plain,
+            (Some(wait), BatchMode::WaitAll) => NextRecv::WaitAll(wait),
+            (Some(_), BatchMode::Delay) if self.drain => NextRecv::Drain,
+            (Some(wait), BatchMode::Delay) => NextRecv::Delay(wait),
+        }
+    }
+
+    /// The delay of [`NextRecv::Delay`] has passed.
+    pub fn delay_passed(&mut self) {
+        self.drain = true;
+        self.delayed = true;
+    }
+
     /// Batches that ended in a pause so far.
     pub fn pauses(&self) -> u64 {
         self.pauses
+    }
+
+    /// Batched receives so far.
+    pub fn batches(&self) -> u64 {
+        self.batches
     }
 
     /// After a plain receive that asked for `size` and got `n` bytes: the
@@ -115,6 +184,14 @@ impl BatchPolicy {
     /// (0: its wait ran out before anything arrived): the size of the next
     /// receive.
     pub fn after_batch(&mut self, n: usize, size: usize) -> usize {
+        self.batches += 1;
+        self.drain = n >= size;
+        let delayed = std::mem::take(&mut self.delayed);
+        if self.mode == BatchMode::Delay && !delayed && n < size {
+            // The rest of what a full batch left in the socket: wait for
+            // the next batch.
+            return size;
+        }
         if n >= size {
             self.full_run += 1;
             if self.full_run >= DECAY_RUN {
@@ -142,105 +219,161 @@ impl BatchPolicy {
 mod tests {
     use super::*;
 
-    const WAIT: Option<Duration> = Some(Duration::from_millis(1));
+    const WAIT: Duration = Duration::from_millis(1);
 
-    fn on() -> BatchPolicy {
+    fn on(mode: BatchMode) -> BatchPolicy {
         let mut p = BatchPolicy::default();
-        p.set(WAIT, RECV_MAX);
+        p.set_mode(mode);
+        p.set(Some(WAIT), RECV_MAX);
         p
+    }
+
+    /// A receiver in front of a socket: each step is one receive of what
+    /// `ready(size, after_wait)` says the socket holds, as the transport
+    /// does it. Returns the next size and whether the receive was batched.
+    fn receive(
+        p: &mut BatchPolicy,
+        size: usize,
+        ready: &mut impl FnMut(usize, bool) -> usize,
+    ) -> (usize, bool) {
+        match p.next() {
+            NextRecv::Plain => (p.after_plain(ready(size, false).min(size), size), false),
+            NextRecv::WaitAll(w) => {
+                assert_eq!(w, WAIT);
+                (p.after_batch(ready(size, true).min(size), size), true)
+            }
+            NextRecv::Delay(w) => {
+                assert_eq!(w, WAIT);
+                p.delay_passed();
+                assert_eq!(p.next(), NextRecv::Drain);
+                (p.after_batch(ready(size, true).min(size), size), true)
+            }
+            NextRecv::Drain => (p.after_batch(ready(size, false).min(size), size), true),
+        }
     }
 
     #[test]
     fn off_unless_a_wait_is_set() {
         let mut p = BatchPolicy::default();
         assert_eq!(p.after_plain(32 * 1024, 32 * 1024), 64 * 1024);
-        assert_eq!(p.next_wait(), None);
+        assert_eq!(p.next(), NextRecv::Plain);
         p.set(Some(Duration::ZERO), RECV_MAX);
         p.after_plain(32 * 1024, 32 * 1024);
-        assert_eq!(p.next_wait(), None);
+        assert_eq!(p.next(), NextRecv::Plain);
     }
 
     #[test]
     fn a_window_too_small_for_a_batch_turns_batching_off() {
         let mut p = BatchPolicy::default();
-        p.set(WAIT, BATCH_MIN - 1);
+        p.set(Some(WAIT), BATCH_MIN - 1);
         p.after_plain(32 * 1024, 32 * 1024);
-        assert_eq!(p.next_wait(), None);
+        assert_eq!(p.next(), NextRecv::Plain);
     }
 
     #[test]
-    fn a_stream_is_batched_and_its_batches_grow_to_the_largest() {
-        let mut p = on();
-        let mut size = p.after_plain(20 * 1024, 32 * 1024);
-        assert_eq!(p.next_wait(), WAIT);
-        assert_eq!(size, BATCH_MIN);
-        for _ in 0..10 {
-            size = p.after_batch(size, size);
-            assert_eq!(p.next_wait(), WAIT);
+    fn a_fast_stream_is_batched_up_to_the_largest_batch_without_waiting() {
+        for mode in [BatchMode::Delay, BatchMode::WaitAll] {
+            let mut p = on(mode);
+            let mut size = p.after_plain(20 * 1024, 32 * 1024);
+            assert_eq!(size, BATCH_MIN);
+            // The socket always holds more than asked for.
+            for _ in 0..10 {
+                size = receive(&mut p, size, &mut |_, _| usize::MAX).0;
+            }
+            assert_eq!(size, RECV_MAX, "{mode:?}");
+            assert_eq!(p.pauses(), 0);
+            assert_eq!(p.batches(), 10);
+            if mode == BatchMode::Delay {
+                assert_eq!(p.next(), NextRecv::Drain, "full batches: no wait");
+            }
         }
-        assert_eq!(size, RECV_MAX);
+    }
+
+    #[test]
+    fn a_delayed_batch_waits_again_once_the_socket_is_drained() {
+        let mut p = on(BatchMode::Delay);
+        let size = p.after_plain(20 * 1024, 32 * 1024);
+        assert_eq!(p.next(), NextRecv::Delay(WAIT));
+        p.delay_passed();
+        let size = p.after_batch(size, size);
+        assert_eq!(p.next(), NextRecv::Drain);
+        // What a full batch left behind is little: no pause, wait again.
+        let size = p.after_batch(1000, size);
+        assert_eq!(p.next(), NextRecv::Delay(WAIT));
+        assert_eq!(size, 2 * BATCH_MIN);
         assert_eq!(p.pauses(), 0);
     }
 
     #[test]
     fn batches_are_capped_by_the_window() {
         let mut p = BatchPolicy::default();
-        p.set(WAIT, 128 * 1024);
+        p.set(Some(WAIT), 128 * 1024);
         let mut size = p.after_plain(20 * 1024, 32 * 1024);
         for _ in 0..5 {
-            size = p.after_batch(size, size);
+            size = receive(&mut p, size, &mut |_, _| usize::MAX).0;
         }
         assert_eq!(size, 128 * 1024);
     }
 
     #[test]
     fn a_stream_slower_than_its_batch_gets_smaller_batches_not_a_pause() {
-        let mut p = on();
-        p.after_plain(BATCH_ENTER, 32 * 1024);
-        let size = p.after_batch(300 * 1024, RECV_MAX);
-        assert_eq!(size, RECV_MAX / 2);
-        assert_eq!(p.next_wait(), WAIT);
-        assert_eq!(p.pauses(), 0);
+        for mode in [BatchMode::Delay, BatchMode::WaitAll] {
+            let mut p = on(mode);
+            let mut size = p.after_plain(BATCH_ENTER, 32 * 1024);
+            // 300 KiB arrive per wait.
+            for _ in 0..10 {
+                size = receive(&mut p, size, &mut |_, waited| {
+                    if waited { 300 * 1024 } else { 0 }
+                })
+                .0;
+            }
+            assert_eq!(size, 256 * 1024, "{mode:?}");
+            assert_ne!(p.next(), NextRecv::Plain);
+            assert_eq!(p.pauses(), 0);
+        }
     }
 
     #[test]
     fn replies_to_requests_pay_the_wait_a_logarithmic_number_of_times() {
-        // Each reply is two packets (~64 KiB): a plain receive of the
-        // first, then a batch that gets the second and waits out the rest.
-        let mut p = on();
-        let mut size = RECV_MIN;
-        let mut batches = 0;
-        for _ in 0..10_000 {
-            for _ in 0..2 {
-                let n = 32 * 1024 + 60;
-                size = if p.next_wait().is_some() {
-                    batches += 1;
-                    p.after_batch(n.min(size), size)
-                } else {
-                    p.after_plain(n.min(size), size)
-                };
+        // Each reply is two packets (~64 KiB): a receive finds the first;
+        // the second is there for the next receive, and then nothing
+        // until the next request.
+        for mode in [BatchMode::Delay, BatchMode::WaitAll] {
+            let mut p = on(mode);
+            let mut size = RECV_MIN;
+            for _ in 0..10_000 {
+                let mut left = 2 * (32 * 1024 + 60);
+                while left > 0 {
+                    let (next, _) = receive(&mut p, size, &mut |size, _| {
+                        let n = left.min(32 * 1024 + 60).min(size);
+                        left -= n;
+                        n
+                    });
+                    size = next;
+                }
             }
+            assert!(p.pauses() > 0, "{mode:?}");
+            assert!(
+                p.pauses() <= 30,
+                "{mode:?}: {} batches waited out over 10,000 replies",
+                p.pauses()
+            );
         }
-        assert!(p.pauses() > 0);
-        assert!(
-            batches <= 30,
-            "{batches} batches waited out over 10,000 replies"
-        );
     }
 
     #[test]
     fn full_batches_forgive_earlier_pauses() {
-        let mut p = on();
+        let mut p = on(BatchMode::WaitAll);
         for _ in 0..6 {
             p.after_plain(BATCH_ENTER, 32 * 1024);
-            while p.next_wait().is_none() {
+            while p.next() == NextRecv::Plain {
                 p.after_plain(BATCH_ENTER, 32 * 1024);
             }
             p.after_batch(0, BATCH_MIN);
         }
         let raised = p.penalty;
         assert!(raised > FIRST_PENALTY);
-        while p.next_wait().is_none() {
+        while p.next() == NextRecv::Plain {
             p.after_plain(BATCH_ENTER, 32 * 1024);
         }
         let mut size = BATCH_MIN;

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use crate::reactor::{Completion, OpId, Reactor, SharedFd};
 use crate::session::children::Registry;
-use batch::BatchPolicy;
+use batch::{BatchPolicy, NextRecv};
 pub use bridge::{Bridge, BridgeStats, Link};
 pub use callbacks::CallbackContext;
 
@@ -53,6 +53,8 @@ pub(crate) struct Transport {
     /// Bytes of the send op in flight that the kernel has not taken yet.
     sending: Cell<usize>,
     recv_op: Cell<Option<OpId>>,
+    /// The timer of a batch's delay ([`batch::NextRecv::Delay`]).
+    delay_op: Cell<Option<OpId>>,
     /// Size of the next recv: doubles while recvs come back full, halves
     /// when they come back mostly empty.
     recv_size: Cell<usize>,
@@ -82,6 +84,7 @@ impl Transport {
             send_op: Cell::new(None),
             sending: Cell::new(0),
             recv_op: Cell::new(None),
+            delay_op: Cell::new(None),
             recv_size: Cell::new(RECV_MIN),
             batch: Cell::new(BatchPolicy::default()),
             recv_batched: Cell::new(false),
@@ -106,14 +109,18 @@ impl Transport {
     pub fn set_batch_wait(&self, wait: Option<Duration>, max: usize) {
         let ring = self.reactor.features().backend == crate::reactor::Backend::IoUring;
         let mut policy = self.batch.get();
+        if std::env::var(crate::session::RECEIVE_BATCH_MODE_ENV).as_deref() == Ok("waitall") {
+            policy.set_mode(batch::BatchMode::WaitAll);
+        }
         policy.set(wait.filter(|_| ring), max);
         self.batch.set(policy);
     }
 
-    /// Batched receives that ended in a pause of the stream (each cost up
-    /// to the batch wait of latency).
-    pub fn batch_pauses(&self) -> u64 {
-        self.batch.get().pauses()
+    /// Batched receives so far, and those of them that ended in a pause
+    /// of the stream (each cost up to the batch wait of latency).
+    pub fn batch_counts(&self) -> (u64, u64) {
+        let policy = self.batch.get();
+        (policy.batches(), policy.pauses())
     }
 
     /// Adds a hook run after each receive, failure and teardown, in the
@@ -234,6 +241,7 @@ impl Transport {
 
     fn ensure_recv(&self) {
         if self.recv_op.get().is_some()
+            || self.delay_op.get().is_some()
             || !self.link_usable()
             || self.bridge().inbound_len() >= READAHEAD_LIMIT
         {
@@ -242,7 +250,24 @@ impl Transport {
         let Some(fd) = self.fd.borrow().clone() else {
             return;
         };
-        let batch = self.batch.get().next_wait();
+        let next = self.batch.get().next();
+        if let NextRecv::Delay(wait) = next {
+            let this = self.this.clone();
+            let id = self.reactor.submit_timer(
+                wait,
+                Box::new(move |_| {
+                    if let Some(t) = this.upgrade() {
+                        t.delay_op.set(None);
+                        let mut policy = t.batch.get();
+                        policy.delay_passed();
+                        t.batch.set(policy);
+                        t.ensure_recv();
+                    }
+                }),
+            );
+            self.delay_op.set(Some(id));
+            return;
+        }
         let size = self.recv_size.get();
         // Receive buffers stay initialized: zeroed once when they grow,
         // then recycled.
@@ -264,11 +289,12 @@ impl Transport {
                 t.recv_done(c)
             }
         });
-        let id = match batch {
-            Some(wait) => self.reactor.recv_batched(fd, buf, size, wait, done),
-            None => self.reactor.recv(fd, buf, size, done),
+        let id = match next {
+            NextRecv::WaitAll(wait) => self.reactor.recv_batched(fd, buf, size, wait, done),
+            _ => self.reactor.recv(fd, buf, size, done),
         };
-        self.recv_batched.set(batch.is_some());
+        self.recv_batched
+            .set(matches!(next, NextRecv::WaitAll(_) | NextRecv::Drain));
         self.recv_op.set(Some(id));
     }
 
@@ -357,6 +383,9 @@ impl Transport {
     /// holding it completes.
     pub fn kill(&self) {
         self.bridge().kill();
+        if let Some(timer) = self.delay_op.take() {
+            self.reactor.abandon(timer);
+        }
         let ops = [self.send_op.take(), self.recv_op.take()];
         let fd = self.fd.borrow_mut().take();
         match &fd {
