@@ -96,12 +96,13 @@ impl Default for Config {
 /// measured.
 pub const DEFAULT_RECEIVE_BATCH_WAIT: Duration = Duration::from_millis(1);
 
-/// The environment variable that, set to `waitall`, gathers batches with
-/// one `MSG_WAITALL` receive and a linked timeout (the kernel copies each
-/// packet as it comes, waking the thread) instead of a timer and then one
-/// receive of what the socket holds (the default, which sleeps through
-/// the wait): for measuring one against the other
-/// (`kernel-notes/io_uring.md`). Read when a session connects.
+/// The environment variable that, for measurement, changes how every
+/// session of the process batches its receives, whatever its config says:
+/// `off` never batches; `waitall` gathers batches with one `MSG_WAITALL`
+/// receive and a linked timeout (the kernel copies each packet as it
+/// comes, waking the thread) instead of a timer and then one receive of
+/// what the socket holds (the default, which sleeps through the wait).
+/// See `kernel-notes/io_uring.md`. Read when a session connects.
 pub const RECEIVE_BATCH_MODE_ENV: &str = "URING_SSH_RECEIVE_BATCH_MODE";
 
 impl Config {
@@ -119,7 +120,8 @@ impl Config {
     /// what the socket holds, and at once the next while receives come
     /// back full. One completion, and one wake-up of the thread, then
     /// carries a burst of packets instead of one (`kernel-notes/io_uring.md`).
-    /// Batching starts when a receive brings 16 KiB or more; a batch that
+    /// Batching starts when a receive finds more than one full packet
+    /// waiting (48 KiB or more); a batch that
     /// ends by its wait with less than half its buffer is a pause of the
     /// stream, which costs up to this much latency and makes the session
     /// receive packet by packet for twice as long as after the last pause

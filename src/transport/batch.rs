@@ -24,9 +24,11 @@ use std::time::Duration;
 
 use super::{RECV_MAX, RECV_MIN};
 
-/// A plain receive of at least this many bytes means data streams in:
-/// batching may start.
-pub(crate) const BATCH_ENTER: usize = 16 * 1024;
+/// A plain receive of at least this many bytes found more than one full
+/// packet (32 KiB) waiting: the stream arrives faster than the thread
+/// wakes for it, and batching may start. Streams slower than that (many
+/// sessions sharing a server) gain nothing from batches and stay out.
+pub(crate) const BATCH_ENTER: usize = 48 * 1024;
 
 /// The smallest batched receive: a batch that cannot fill this much
 /// within the wait is a pause.
@@ -274,7 +276,7 @@ mod tests {
     fn a_fast_stream_is_batched_up_to_the_largest_batch_without_waiting() {
         for mode in [BatchMode::Delay, BatchMode::WaitAll] {
             let mut p = on(mode);
-            let mut size = p.after_plain(20 * 1024, 32 * 1024);
+            let mut size = p.after_plain(BATCH_ENTER, 64 * 1024);
             assert_eq!(size, BATCH_MIN);
             // The socket always holds more than asked for.
             for _ in 0..10 {
@@ -292,7 +294,7 @@ mod tests {
     #[test]
     fn a_delayed_batch_waits_again_once_the_socket_is_drained() {
         let mut p = on(BatchMode::Delay);
-        let size = p.after_plain(20 * 1024, 32 * 1024);
+        let size = p.after_plain(BATCH_ENTER, 64 * 1024);
         assert_eq!(p.next(), NextRecv::Delay(WAIT));
         p.delay_passed();
         let size = p.after_batch(size, size);
@@ -308,7 +310,7 @@ mod tests {
     fn batches_are_capped_by_the_window() {
         let mut p = BatchPolicy::default();
         p.set(Some(WAIT), 128 * 1024);
-        let mut size = p.after_plain(20 * 1024, 32 * 1024);
+        let mut size = p.after_plain(BATCH_ENTER, 64 * 1024);
         for _ in 0..5 {
             size = receive(&mut p, size, &mut |_, _| usize::MAX).0;
         }
@@ -335,17 +337,23 @@ mod tests {
 
     #[test]
     fn replies_to_requests_pay_the_wait_a_logarithmic_number_of_times() {
-        // Each reply is two packets (~64 KiB): a receive finds the first;
-        // the second is there for the next receive, and then nothing
-        // until the next request.
+        // Each reply is three packets (~96 KiB): a receive finds the
+        // first two together, the third is there for the next receive, and
+        // then nothing comes until the next request.
+        const PACKET: usize = 32 * 1024 + 60;
         for mode in [BatchMode::Delay, BatchMode::WaitAll] {
             let mut p = on(mode);
-            let mut size = RECV_MIN;
+            let mut size = RECV_MAX;
             for _ in 0..10_000 {
-                let mut left = 2 * (32 * 1024 + 60);
+                let mut left = 3 * PACKET;
                 while left > 0 {
                     let (next, _) = receive(&mut p, size, &mut |size, _| {
-                        let n = left.min(32 * 1024 + 60).min(size);
+                        let chunk = if left == 3 * PACKET {
+                            2 * PACKET
+                        } else {
+                            PACKET
+                        };
+                        let n = left.min(chunk).min(size);
                         left -= n;
                         n
                     });

@@ -109,10 +109,12 @@ impl Transport {
     pub fn set_batch_wait(&self, wait: Option<Duration>, max: usize) {
         let ring = self.reactor.features().backend == crate::reactor::Backend::IoUring;
         let mut policy = self.batch.get();
-        if std::env::var(crate::session::RECEIVE_BATCH_MODE_ENV).as_deref() == Ok("waitall") {
+        let mode = std::env::var(crate::session::RECEIVE_BATCH_MODE_ENV);
+        if mode.as_deref() == Ok("waitall") {
             policy.set_mode(batch::BatchMode::WaitAll);
         }
-        policy.set(wait.filter(|_| ring), max);
+        let off = mode.as_deref() == Ok("off");
+        policy.set(wait.filter(|_| ring && !off), max);
         self.batch.set(policy);
     }
 
