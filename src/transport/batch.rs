@@ -17,8 +17,8 @@
 //! batch) is a pause. Each pause makes the next batching wait for more
 //! plain receives first, twice as many as the last time, so
 //! request/response traffic pays the wait a number of times that grows
-//! with the logarithm of its receives, not with them; a run of full
-//! batches halves that count again.
+//! with the logarithm of its receives, not with them; a run of 16
+//! batches without a pause halves that count again.
 
 use std::time::Duration;
 
@@ -40,7 +40,7 @@ const FIRST_PENALTY: u32 = 4;
 /// The most plain receives a pause can impose.
 const MAX_PENALTY: u32 = 4096;
 
-/// Full batches in a row that halve the penalty.
+/// Batches in a row without a pause that halve the penalty.
 const DECAY_RUN: u32 = 16;
 
 /// How a batch is gathered.
@@ -82,8 +82,8 @@ pub(crate) struct BatchPolicy {
     skip: u32,
     /// What the next pause sets `skip` to.
     penalty: u32,
-    /// Full batches in a row.
-    full_run: u32,
+    /// Batches in a row that were not a pause.
+    flowing_run: u32,
     /// Batches that ended in a pause, for the session's life.
     pauses: u64,
     /// Batched receives, for the session's life.
@@ -103,7 +103,7 @@ impl Default for BatchPolicy {
             batching: false,
             skip: 0,
             penalty: FIRST_PENALTY,
-            full_run: 0,
+            flowing_run: 0,
             pauses: 0,
             batches: 0,
             drain: false,
@@ -194,21 +194,25 @@ impl BatchPolicy {
             // the next batch.
             return size;
         }
-        if n >= size {
-            self.full_run += 1;
-            if self.full_run >= DECAY_RUN {
-                self.full_run = 0;
+        let full = n >= size;
+        // Not full but more than half: still flowing, a little slower
+        // than this batch, so smaller ones.
+        let flowing = !full && n >= size / 2 && size > BATCH_MIN;
+        if full || flowing {
+            self.flowing_run += 1;
+            if self.flowing_run >= DECAY_RUN {
+                self.flowing_run = 0;
                 self.penalty = (self.penalty / 2).max(FIRST_PENALTY);
             }
-            return (size * 2).min(self.max);
-        }
-        self.full_run = 0;
-        if n >= size / 2 && size > BATCH_MIN {
-            // Still flowing, a little slower than this batch: smaller ones.
-            return size / 2;
+            return if full {
+                (size * 2).min(self.max)
+            } else {
+                size / 2
+            };
         }
         // A pause: receive packet by packet, and wait longer each time
         // before batching again.
+        self.flowing_run = 0;
         self.pauses += 1;
         self.batching = false;
         self.skip = self.penalty;
@@ -370,7 +374,7 @@ mod tests {
     }
 
     #[test]
-    fn full_batches_forgive_earlier_pauses() {
+    fn batches_without_a_pause_forgive_earlier_pauses() {
         let mut p = on(BatchMode::WaitAll);
         for _ in 0..6 {
             p.after_plain(BATCH_ENTER, 32 * 1024);
@@ -384,9 +388,12 @@ mod tests {
         while p.next() == NextRecv::Plain {
             p.after_plain(BATCH_ENTER, 32 * 1024);
         }
-        let mut size = BATCH_MIN;
-        for _ in 0..DECAY_RUN {
-            size = p.after_batch(size, size);
+        // A stream whose batches alternate between full and a little
+        // short (its rate between two batch sizes) flows all along.
+        let mut size = 2 * BATCH_MIN;
+        for i in 0..DECAY_RUN {
+            let n = if i % 2 == 0 { size } else { size * 3 / 4 };
+            size = p.after_batch(n, size);
         }
         assert_eq!(p.penalty, raised / 2);
     }
