@@ -126,8 +126,10 @@ pub struct Stats {
     pub cqes_reaped: u64,
     /// Operations submitted (or queued) whose completion has not been reaped.
     pub ops_in_flight: u64,
-    /// Batched receives started: `MSG_WAITALL` receives bounded by a linked
-    /// timeout (io_uring engine; see `Config::receive_batch_wait`).
+    /// `MSG_WAITALL` receives bounded by a linked timeout started (io_uring
+    /// engine): batches gathered the `waitall` way (see
+    /// `RECEIVE_BATCH_MODE_ENV`); the default way counts in
+    /// `SessionStats::batches`.
     pub batched_recvs: u64,
     /// Operations whose owner is gone and whose buffers the reactor still
     /// holds until their completion arrives.

@@ -97,11 +97,12 @@ impl Default for Config {
 pub const DEFAULT_RECEIVE_BATCH_WAIT: Duration = Duration::from_millis(1);
 
 /// The environment variable that, for measurement, changes how every
-/// session of the process batches its receives, whatever its config says:
-/// `off` never batches; `waitall` gathers batches with one `MSG_WAITALL`
-/// receive and a linked timeout (the kernel copies each packet as it
-/// comes, waking the thread) instead of a timer and then one receive of
-/// what the socket holds (the default, which sleeps through the wait).
+/// session of the process batches its receives: `off` never batches,
+/// whatever the config says; `waitall` makes sessions that batch gather
+/// each batch with one `MSG_WAITALL` receive and a linked timeout (the
+/// kernel copies each packet as it comes, waking the thread) instead of a
+/// timer and then one receive of what the socket holds (the default,
+/// which sleeps through the wait).
 /// See `kernel-notes/io_uring.md`. Read when a session connects.
 pub const RECEIVE_BATCH_MODE_ENV: &str = "URING_SSH_RECEIVE_BATCH_MODE";
 
@@ -122,13 +123,14 @@ impl Config {
     /// carries a burst of packets instead of one (`kernel-notes/io_uring.md`).
     /// Batching starts when a receive finds more than one full packet
     /// waiting (48 KiB or more); a batch that
-    /// ends by its wait with less than half its buffer is a pause of the
+    /// brings less than half its buffer after its wait is a pause of the
     /// stream, which costs up to this much latency and makes the session
     /// receive packet by packet for twice as long as after the last pause
     /// before batching again, so traffic of requests and replies pays it a
     /// few times, not on every reply. Default:
     /// [`DEFAULT_RECEIVE_BATCH_WAIT`]; `None` receives each packet as it
-    /// comes. The poll engine never batches.
+    /// comes. The poll engine never batches, nor does a session whose
+    /// channel window ([`Config::channel_window`]) is under 256 KiB.
     pub fn receive_batch_wait(mut self, wait: Option<Duration>) -> Self {
         self.receive_batch_wait = wait;
         self

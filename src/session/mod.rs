@@ -46,8 +46,8 @@ pub struct SessionStats {
     pub libssh2_blocks: i64,
     /// The send and recv callbacks' counters.
     pub bridge: BridgeStats,
-    /// Batched receives: each took a burst of packets at once
-    /// ([`Config::receive_batch_wait`]).
+    /// Batched receives ([`Config::receive_batch_wait`]): the receive
+    /// after each batch's wait, and those that follow a full batch at once.
     pub batches: u64,
     /// Batched receives that ended in a pause of the stream, each having
     /// cost up to the batch wait of latency.

@@ -207,7 +207,7 @@ impl BatchPolicy {
             return if full {
                 (size * 2).min(self.max)
             } else {
-                size / 2
+                (size / 2).max(BATCH_MIN)
             };
         }
         // A pause: receive packet by packet, and wait longer each time
@@ -319,6 +319,21 @@ mod tests {
             size = receive(&mut p, size, &mut |_, _| usize::MAX).0;
         }
         assert_eq!(size, 128 * 1024);
+    }
+
+    #[test]
+    fn shrinking_batches_never_go_below_the_smallest() {
+        // A quarter of a window that is no power of two.
+        let mut p = BatchPolicy::default();
+        p.set(Some(WAIT), 250_000);
+        p.after_plain(BATCH_ENTER, 64 * 1024);
+        let mut size = 250_000;
+        for _ in 0..4 {
+            p.delay_passed();
+            size = p.after_batch(size * 3 / 4, size);
+        }
+        assert_eq!(size, BATCH_MIN);
+        assert_eq!(p.pauses(), 0);
     }
 
     #[test]

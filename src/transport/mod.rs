@@ -102,10 +102,10 @@ impl Transport {
         &self.context.bridge
     }
 
-    /// Lets receives wait up to `wait` for a buffer of up to `max` bytes
-    /// to fill while data streams in (ring engine only): one completion,
-    /// and one wake-up of the thread, then carries a burst of packets
-    /// instead of one. When batching starts and stops: [`batch`].
+    /// Lets data gather for `wait` before a receive of up to `max` bytes
+    /// while data streams in (ring engine only): one completion, and one
+    /// wake-up of the thread, then carries a burst of packets instead of
+    /// one. How, and when batching starts and stops: [`batch`].
     pub fn set_batch_wait(&self, wait: Option<Duration>, max: usize) {
         let ring = self.reactor.features().backend == crate::reactor::Backend::IoUring;
         let mut policy = self.batch.get();

@@ -313,11 +313,13 @@ impl SshdBuilder {
         }
         c.push_str("MaxSessions 64\n");
         c.push_str(&format!("UsePAM {}\n", yn(self.kbd_interactive)));
-        // SHLVL=1 makes the login shell a nested one, so bash skips the
-        // ~/.bashrc it otherwise sources for sshd's commands: the tests must
-        // not depend on the login user's dotfiles, which may be slow (a
-        // version manager's init) or hold a lock file that a killed session
-        // leaves behind, stalling every later login.
+        // SHLVL=1 makes the shell that runs a command (`sh -c` by the
+        // user's shell) count as nested, so bash skips the ~/.bashrc it
+        // otherwise sources for sshd's commands: the tests must not depend
+        // on the login user's dotfiles, which may be slow or start a tool
+        // (a version manager's init) whose lock file a killed session
+        // leaves behind, stalling every later command. Login shells
+        // (`Channel::shell`) still read them.
         c.push_str(
             "StrictModes no\n\
              UseDNS no\n\
