@@ -328,7 +328,7 @@ mod tests {
         p.set(Some(WAIT), 250_000);
         p.after_plain(BATCH_ENTER, 64 * 1024);
         let mut size = 250_000;
-        for _ in 0..4 {
+        for _ in 0..2 {
             p.delay_passed();
             size = p.after_batch(size * 3 / 4, size);
         }
