@@ -311,12 +311,13 @@ impl Session {
     /// Counters of this session.
     pub fn stats(&self) -> SessionStats {
         let shared = &self.inner.transport.context;
+        let (batches, batch_pauses) = self.inner.transport.batch_counts();
         SessionStats {
             libssh2_bytes: shared.bytes_outstanding(),
             libssh2_blocks: shared.blocks_outstanding(),
             bridge: shared.bridge.stats(),
-            batches: self.inner.transport.batch_counts().0,
-            batch_pauses: self.inner.transport.batch_counts().1,
+            batches,
+            batch_pauses,
         }
     }
 
