@@ -209,6 +209,32 @@ impl ChannelInner {
         )
     }
 
+    /// [`Self::poll_read_into`] appending to `dst`'s spare capacity, which
+    /// is left uninitialized: no zeroing of buffers that libssh2 is about
+    /// to overwrite. Bytes read (0 at EOF or when `dst` is full).
+    pub(crate) fn poll_read_spare(
+        &self,
+        cx: &mut Context<'_>,
+        stream: c_int,
+        dst: &mut bytes::BytesMut,
+    ) -> Poll<io::Result<usize>> {
+        let spare = dst.spare_capacity_mut();
+        if spare.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        let n = ready!(self.poll_read_raw(
+            cx,
+            stream,
+            spare.as_mut_ptr() as *mut c_char,
+            spare.len(),
+            Budget::Cooperative
+        ))?;
+        // SAFETY: libssh2 wrote `n` (at most the spare length) bytes at
+        // the start of the spare capacity before returning `n`.
+        unsafe { dst.set_len(dst.len() + n) };
+        Poll::Ready(Ok(n))
+    }
+
     /// [`Self::poll_read_into`] outside tokio's cooperative budget, for a
     /// caller that bounds its own reads and may poll with a waker nobody
     /// listens to (`Waker::noop()`: a reader run from a receive hook). The

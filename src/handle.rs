@@ -56,11 +56,19 @@ use crate::sftp::{DirEntry, FileAttributes, Sftp, TransferOptions, TransferRepor
 
 /// Bytes of one chunk of exec output at most: what the pump finds ready
 /// in one turn, up to this, crosses as one chunk (one wake of the reader).
-pub const EXEC_CHUNK: usize = 256 * 1024;
+/// Each wake is a thread switch, dearer than the bytes it moves: 1 MiB
+/// chunks wake the reader a quarter as often as 256 KiB ones.
+pub const EXEC_CHUNK: usize = 1024 * 1024;
 
 /// Chunks of one exec stream queued between the pool thread and the
-/// reader at most.
-pub const EXEC_QUEUE_CHUNKS: usize = 2;
+/// reader at most. One: a deeper queue buys nothing once chunks are large,
+/// and would raise [`EXEC_MAX_BUFFERED`].
+pub const EXEC_QUEUE_CHUNKS: usize = 1;
+
+/// Writes to a [`RemoteProcess`]'s stdin queued for the pool thread at
+/// most: taken all at once, so that a writer is woken once per queue, not
+/// once per write.
+pub const EXEC_STDIN_QUEUE_CHUNKS: usize = 4;
 
 /// The most exec output a [`RemoteProcess`] holds outside libssh2, stdout
 /// and stderr together: per stream, the queued chunks and the one the
@@ -310,7 +318,7 @@ impl SessionHandle {
     /// caller and a task on the pool thread that owns the native channel.
     pub async fn exec(&self, command: &str) -> Result<RemoteProcess> {
         let command = command.to_owned();
-        let (stdin_tx, stdin_rx) = mpsc::channel(EXEC_QUEUE_CHUNKS);
+        let (stdin_tx, stdin_rx) = mpsc::channel(EXEC_STDIN_QUEUE_CHUNKS);
         let (stdout_tx, stdout_rx) = mpsc::channel(EXEC_QUEUE_CHUNKS);
         let (stderr_tx, stderr_rx) = mpsc::channel(EXEC_QUEUE_CHUNKS);
         let (wait_tx, wait_rx) = oneshot::channel();
@@ -510,19 +518,20 @@ async fn read_stream(
     let mut tx = Some(tx);
     let mut buf = BytesMut::new();
     loop {
-        // Chunks are split off one buffer; a new one when it runs short.
-        if buf.len() < EXEC_CHUNK / 4 {
-            buf = BytesMut::zeroed(EXEC_CHUNK);
+        // Chunks are split off one buffer, read into uninitialized; a new
+        // one when it runs short (the old one is freed with its chunks).
+        if buf.capacity() < EXEC_CHUNK / 4 {
+            buf = BytesMut::with_capacity(EXEC_CHUNK);
         }
         // Everything already there, in one chunk: each chunk costs the
         // reader a wake-up on another thread.
         let r = std::future::poll_fn(|cx| {
             let mut filled = 0;
             loop {
-                match inner.poll_read_into(cx, stream, &mut buf[filled..]) {
+                match inner.poll_read_spare(cx, stream, &mut buf) {
                     Poll::Ready(Ok(n)) if n > 0 => {
                         filled += n;
-                        if filled == buf.len() {
+                        if buf.len() == buf.capacity() {
                             return Poll::Ready(Ok(filled));
                         }
                     }
@@ -535,7 +544,7 @@ async fn read_stream(
         .await;
         let item = match r {
             Ok(0) => Ok(Bytes::new()),
-            Ok(n) => Ok(buf.split_to(n).freeze()),
+            Ok(_) => Ok(buf.split().freeze()),
             Err(e) => Err(e),
         };
         let last = !matches!(&item, Ok(b) if !b.is_empty());
@@ -557,23 +566,28 @@ async fn read_stream(
 /// when the writer is gone. Ends (closing the queue, so that writers see a
 /// broken pipe) at EOF or on a write error.
 async fn feed_stdin(channel: &mut Channel, mut rx: mpsc::Receiver<Input>) {
-    while let Some(input) = rx.recv().await {
-        match input {
-            Input::Data(data) => {
-                if channel.write_all(&data).await.is_err() {
-                    return;
+    let mut batch = Vec::with_capacity(EXEC_STDIN_QUEUE_CHUNKS);
+    // Everything queued at once: the writer, woken once, refills the
+    // whole queue, rather than once per chunk.
+    while rx.recv_many(&mut batch, EXEC_STDIN_QUEUE_CHUNKS).await > 0 {
+        for input in batch.drain(..) {
+            match input {
+                Input::Data(data) => {
+                    if channel.write_all(&data).await.is_err() {
+                        return;
+                    }
                 }
-                // Nothing more queued: what the window held back must
-                // still leave (a command typed and waited on).
-                if rx.is_empty() && channel.flush().await.is_err() {
+                Input::Eof(reply) => {
+                    let r = channel.shutdown().await.map_err(Error::Io);
+                    let _ = reply.send(r);
                     return;
                 }
             }
-            Input::Eof(reply) => {
-                let r = channel.shutdown().await.map_err(Error::Io);
-                let _ = reply.send(r);
-                return;
-            }
+        }
+        // Nothing more queued: what the window held back must still leave
+        // (a command typed and waited on).
+        if rx.is_empty() && channel.flush().await.is_err() {
+            return;
         }
     }
     let _ = channel.shutdown().await;
@@ -746,7 +760,7 @@ impl RemoteProcess {
     }
 
     /// Queues `data` for stdin whole, with no copy (at most
-    /// [`EXEC_QUEUE_CHUNKS`] writes are queued; this waits for room).
+    /// [`EXEC_STDIN_QUEUE_CHUNKS`] writes are queued; this waits for room).
     pub async fn write_chunk(&mut self, data: Bytes) -> io::Result<()> {
         if data.is_empty() {
             return Ok(());
