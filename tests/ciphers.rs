@@ -41,6 +41,80 @@ fn linked_libssh2_is_the_patched_build() {
     );
 }
 
+/// The random padding of the client's first packet (KEXINIT, sent before
+/// any key exists, so in clear), read by a listener that answers nothing
+/// but a banner.
+fn first_packet_padding(listener: &TcpListener) -> Vec<u8> {
+    let (mut s, _) = listener.accept().expect("accept");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"SSH-2.0-padding-probe\r\n").unwrap();
+    // The client's identification line.
+    let mut byte = [0u8; 1];
+    let mut line = Vec::new();
+    while byte[0] != b'\n' {
+        s.read_exact(&mut byte).expect("client banner");
+        line.push(byte[0]);
+        assert!(line.len() < 256, "no client banner");
+    }
+    let mut len = [0u8; 4];
+    s.read_exact(&mut len).expect("packet length");
+    let len = u32::from_be_bytes(len) as usize;
+    assert!((16..35_000).contains(&len), "packet length {len}");
+    let mut packet = vec![0u8; len];
+    s.read_exact(&mut packet).expect("packet");
+    let padding = packet[0] as usize;
+    assert!(
+        (4..len).contains(&padding),
+        "padding length {padding} of {len}"
+    );
+    assert_eq!(packet[1], 20, "the first packet is not a KEXINIT");
+    packet[len - padding..].to_vec()
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn packet_padding_is_random_and_never_repeats() {
+    // Patch 0013 takes padding from a per-session pool of random bytes:
+    // each must still be random (not the cleared pool) and used once.
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().unwrap();
+    let probe = thread::spawn(move || {
+        (0..6)
+            .map(|_| first_packet_padding(&listener))
+            .collect::<Vec<_>>()
+    });
+    for _ in 0..6 {
+        let cfg = Config::new()
+            .known_hosts(None::<std::path::PathBuf>)
+            .timeout(Some(Duration::from_secs(2)));
+        // The probe never answers the KEXINIT: every connect fails.
+        assert!(Session::connect_addr(addr, cfg).await.is_err());
+    }
+    let paddings = probe.join().expect("probe");
+    let mut all = Vec::new();
+    for p in &paddings {
+        assert!(p.iter().any(|&b| b != 0), "padding of zeros: {p:02x?}");
+        all.extend_from_slice(p);
+    }
+    for (i, a) in paddings.iter().enumerate() {
+        for b in &paddings[i + 1..] {
+            assert_ne!(a, b, "two sessions sent the same padding");
+        }
+    }
+    // Random bytes: about 1 in 256 of them zero, and many distinct values.
+    let zeros = all.iter().filter(|&&b| b == 0).count();
+    let distinct = all.iter().collect::<std::collections::BTreeSet<_>>().len();
+    assert!(
+        zeros * 8 <= all.len(),
+        "{zeros} zeros in {} bytes",
+        all.len()
+    );
+    assert!(
+        distinct * 2 >= all.len().min(256),
+        "{distinct} values in {} bytes",
+        all.len()
+    );
+}
+
 #[tokio::test]
 async fn default_order_puts_the_cheapest_cipher_for_this_cpu_first() {
     let sshd = Sshd::start();
