@@ -11,6 +11,14 @@ pub const LIBSSH2_CALLBACK_SEND: c_int = 5;
 /// `cbtype` for the recv callback.
 pub const LIBSSH2_CALLBACK_RECV: c_int = 6;
 
+/// `cbtype` for the callback that says where libssh2 builds the next
+/// packet (our patch `0014-transport-send-buffer-callback`).
+pub const LIBSSH2_CALLBACK_SEND_BUFFER: c_int = 10;
+
+/// `unsigned char *cb(LIBSSH2_SESSION *, size_t, void **)`.
+pub type SendBufferCallback =
+    unsafe extern "C" fn(*mut LIBSSH2_SESSION, usize, *mut *mut c_void) -> *mut u8;
+
 /// `ssize_t cb(libssh2_socket_t, const void *, size_t, int, void **)`.
 pub type SendCallback =
     unsafe extern "C" fn(libssh2_socket_t, *const c_void, usize, c_int, *mut *mut c_void) -> isize;

@@ -167,6 +167,12 @@ async fn write_256_mib_sha256_matches() {
     assert!(status.success());
     assert_eq!(std::fs::metadata(&path).unwrap().len(), 256 * MIB as u64);
     assert_eq!(sha256_file(&path), hex(&h.finalize()));
+    // Every packet, the handshake's too, was built where the ring sends
+    // it from (patch 0014): none was copied out of libssh2's buffer. The
+    // one send that is no packet is the identification line.
+    let b = s.stats().bridge;
+    assert!(b.packets_sent > 8000, "{b:?}");
+    assert_eq!(b.packets_sent - b.packets_built_in_place, 1, "{b:?}");
 }
 
 #[tokio::test]

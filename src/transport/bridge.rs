@@ -28,6 +28,9 @@ pub struct BridgeStats {
     pub packets_sent: u64,
     /// Bytes libssh2 handed to the send callback.
     pub bytes_sent: u64,
+    /// Of the packets sent, those libssh2 built in the outbound queue
+    /// itself (our patch 0014) and that were queued without a copy.
+    pub packets_built_in_place: u64,
     /// Bytes the recv callback gave to libssh2.
     pub bytes_received: u64,
     /// Sends attempted after SSH_MSG_DISCONNECT (refused; 0 on a correct teardown).
@@ -120,18 +123,25 @@ impl Bridge {
     /// The send callback's logic: take the whole packet, never a part, and
     /// never ask libssh2 to retry (a retry pins libssh2 to this packet).
     pub fn on_send(&self, data: &[u8]) -> isize {
+        self.on_send_with(data.len(), |out| out.extend_from_slice(data))
+    }
+
+    /// [`Bridge::on_send`] for a packet of `len` bytes that `append` puts
+    /// at the end of the outbound queue (called only while the link is
+    /// open).
+    pub fn on_send_with(&self, len: usize, append: impl FnOnce(&mut Vec<u8>)) -> isize {
         if self.disconnect_sent.get() {
             // Whatever the link state: nothing may follow the DISCONNECT.
             self.bump(|s| s.sends_after_disconnect += 1);
         }
         match self.link.get() {
             Link::Open => {
-                self.outbound.borrow_mut().extend_from_slice(data);
+                append(&mut self.outbound.borrow_mut());
                 self.bump(|s| {
                     s.packets_sent += 1;
-                    s.bytes_sent += data.len() as u64;
+                    s.bytes_sent += len as u64;
                 });
-                data.len() as isize
+                len as isize
             }
             Link::Disconnected => -(libc::ESHUTDOWN as isize),
             Link::PeerClosed => -(libc::EPIPE as isize),
@@ -179,6 +189,34 @@ impl Bridge {
             Link::Failed(errno) => -(errno as isize),
             Link::Dead => -(libc::ECONNABORTED as isize),
         }
+    }
+
+    /// Where libssh2 is to build its next packet (our patch 0014): room
+    /// for `size` bytes at the end of the outbound queue, so that the send
+    /// callback can take the packet where it is ([`Bridge::is_in_place`]).
+    /// `None` unless the link is open: libssh2 then builds in its own
+    /// buffer, and the send fails as it would have.
+    pub fn send_buffer(&self, size: usize) -> Option<*mut u8> {
+        if self.link.get() != Link::Open {
+            return None;
+        }
+        let mut out = self.outbound.borrow_mut();
+        out.reserve(size);
+        Some(out.spare_capacity_mut().as_mut_ptr().cast())
+    }
+
+    /// Whether `len` bytes at `data` lie where [`Bridge::send_buffer`]
+    /// last pointed: at the end of the outbound queue, within its room.
+    /// Counted as built in place if so.
+    pub fn is_in_place(&self, data: *const u8, len: usize) -> bool {
+        let out = self.outbound.borrow();
+        let in_place = std::ptr::eq(data, out.as_ptr().wrapping_add(out.len()))
+            && len <= out.capacity() - out.len();
+        drop(out);
+        if in_place && self.link.get() == Link::Open {
+            self.bump(|s| s.packets_built_in_place += 1);
+        }
+        in_place
     }
 
     /// Takes everything queued for sending, leaving `spare` (cleared) in its place.

@@ -148,9 +148,37 @@ unsafe extern "C" fn send_cb(
         if offer.wants() {
             offer.feed(data);
         }
+        if s.bridge.is_in_place(buf as *const u8, len) {
+            // SAFETY: libssh2 built these `len` bytes in the outbound
+            // queue's spare room that `send_buffer_cb` handed out for this
+            // packet (patch 0014); nothing touched the queue in between,
+            // and `is_in_place` checked that the room holds them.
+            return s
+                .bridge
+                .on_send_with(len, |out| unsafe { out.set_len(out.len() + len) });
+        }
         s.bridge.on_send(data)
     }))
     .unwrap_or_else(|p| panicked(abstract_, p))
+}
+
+/// Where libssh2 builds its next packet (patch 0014): the spare room of
+/// the session's outbound queue, so that `send_cb` queues the packet
+/// without copying it. Null (libssh2's own buffer) when the link is not
+/// open or the session is unknown.
+unsafe extern "C" fn send_buffer_cb(
+    _session: *mut ffi::LIBSSH2_SESSION,
+    size: usize,
+    abstract_: *mut *mut c_void,
+) -> *mut u8 {
+    catch_unwind(AssertUnwindSafe(|| {
+        // SAFETY: libssh2 passes the session's abstract pointer, ours.
+        let Some(s) = (unsafe { context(abstract_) }) else {
+            return std::ptr::null_mut();
+        };
+        s.bridge.send_buffer(size).unwrap_or(std::ptr::null_mut())
+    }))
+    .unwrap_or(std::ptr::null_mut())
 }
 
 unsafe extern "C" fn recv_cb(
@@ -345,6 +373,11 @@ pub(crate) unsafe fn new_session(shared: *const CallbackContext) -> *mut ffi::LI
             raw,
             ffi::LIBSSH2_CALLBACK_RECV,
             recv_cb as ffi::RecvCallback as *mut c_void,
+        );
+        ffi::libssh2_session_callback_set2(
+            raw,
+            ffi::LIBSSH2_CALLBACK_SEND_BUFFER,
+            send_buffer_cb as ffi::SendBufferCallback as *mut c_void,
         );
         ffi::libssh2_session_callback_set2(
             raw,
