@@ -13,7 +13,7 @@ pub const LIBSSH2_CALLBACK_RECV: c_int = 6;
 
 /// `cbtype` for the callback that says where libssh2 builds the next
 /// packet (our patch `0014-transport-send-buffer-callback`).
-pub const LIBSSH2_CALLBACK_SEND_BUFFER: c_int = 10;
+pub const LIBSSH2_CALLBACK_SEND_BUFFER: c_int = 1000;
 
 /// `unsigned char *cb(LIBSSH2_SESSION *, size_t, void **)`.
 pub type SendBufferCallback =

@@ -66,14 +66,23 @@ pub const EXEC_CHUNK: usize = 1024 * 1024;
 pub const EXEC_QUEUE_CHUNKS: usize = 1;
 
 /// Writes to a [`RemoteProcess`]'s stdin queued for the pool thread at
-/// most: taken all at once, so that a writer is woken once per queue, not
-/// once per write.
+/// most. The pool thread takes the whole queue at once, so that a writer
+/// is woken once per queue, not once per write; while it writes them, as
+/// many more may be queued. Through `AsyncWrite` a write holds at most
+/// [`EXEC_STDIN_CHUNK`] bytes, so at most 2 × 4 × 256 KiB = 2 MiB are held;
+/// [`RemoteProcess::write_chunk`] holds its `Bytes` as given.
 pub const EXEC_STDIN_QUEUE_CHUNKS: usize = 4;
+
+/// Bytes one `AsyncWrite::poll_write` of a [`RemoteProcess`] copies into a
+/// stdin chunk at most.
+pub const EXEC_STDIN_CHUNK: usize = 256 * 1024;
 
 /// The most exec output a [`RemoteProcess`] holds outside libssh2, stdout
 /// and stderr together: per stream, the queued chunks and the one the
 /// pump waits to queue. Past it the pump stops reading, the channel window
-/// closes, and the server stops sending.
+/// closes, and the server stops sending. Not counted: the chunk a reader
+/// holds, and the rest of the 1 MiB buffer a small chunk keeps allocated
+/// (chunks are cut from one buffer), up to about 1.5 times this in memory.
 pub const EXEC_MAX_BUFFERED: usize = 2 * (EXEC_QUEUE_CHUNKS + 1) * EXEC_CHUNK;
 
 /// The default bound of [`SftpHandle::read`].
@@ -760,7 +769,8 @@ impl RemoteProcess {
     }
 
     /// Queues `data` for stdin whole, with no copy (at most
-    /// [`EXEC_STDIN_QUEUE_CHUNKS`] writes are queued; this waits for room).
+    /// [`EXEC_STDIN_QUEUE_CHUNKS`] writes are queued, and as many more
+    /// taken and being written; this waits for room).
     pub async fn write_chunk(&mut self, data: Bytes) -> io::Result<()> {
         if data.is_empty() {
             return Ok(());
@@ -895,7 +905,7 @@ impl AsyncRead for RemoteStderr {
 }
 
 impl AsyncWrite for RemoteProcess {
-    /// Copies up to [`EXEC_CHUNK`] bytes into one chunk for the pool
+    /// Copies up to [`EXEC_STDIN_CHUNK`] bytes into one chunk for the pool
     /// thread, once the stdin queue has room.
     fn poll_write(
         self: Pin<&mut Self>,
@@ -924,7 +934,7 @@ impl AsyncWrite for RemoteProcess {
         let Ok(permit) = permit else {
             return Poll::Ready(Err(broken_pipe()));
         };
-        let n = data.len().min(EXEC_CHUNK);
+        let n = data.len().min(EXEC_STDIN_CHUNK);
         permit.send(Input::Data(Bytes::copy_from_slice(&data[..n])));
         Poll::Ready(Ok(n))
     }

@@ -141,8 +141,8 @@ pub use error::{
 };
 pub use forward::{DEFAULT_ACCEPT_QUEUE, Listener, LocalForward, LocalForwardStats};
 pub use handle::{
-    EXEC_CHUNK, EXEC_MAX_BUFFERED, EXEC_QUEUE_CHUNKS, EXEC_STDIN_QUEUE_CHUNKS, RemoteProcess,
-    RemoteStderr, SFTP_READ_LIMIT, SessionHandle, SftpHandle,
+    EXEC_CHUNK, EXEC_MAX_BUFFERED, EXEC_QUEUE_CHUNKS, EXEC_STDIN_CHUNK, EXEC_STDIN_QUEUE_CHUNKS,
+    RemoteProcess, RemoteStderr, SFTP_READ_LIMIT, SessionHandle, SftpHandle,
 };
 pub use knownhosts::{HostKey, HostKeyPolicy};
 pub use methods::{MethodType, Negotiated, is_post_quantum, supported_methods};

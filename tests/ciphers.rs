@@ -41,10 +41,32 @@ fn linked_libssh2_is_the_patched_build() {
     );
 }
 
-/// The random padding of the client's first packet (KEXINIT, sent before
-/// any key exists, so in clear), read by a listener that answers nothing
-/// but a banner.
-fn first_packet_padding(listener: &TcpListener) -> Vec<u8> {
+/// Reads one clear-text binary packet: its type and its random padding.
+fn clear_packet(s: &mut TcpStream) -> (u8, Vec<u8>) {
+    let mut len = [0u8; 4];
+    s.read_exact(&mut len).expect("packet length");
+    let len = u32::from_be_bytes(len) as usize;
+    assert!((16..35_000).contains(&len), "packet length {len}");
+    let mut packet = vec![0u8; len];
+    s.read_exact(&mut packet).expect("packet");
+    let padding = packet[0] as usize;
+    assert!(
+        (4..len - 1).contains(&padding),
+        "padding length {padding} of {len}"
+    );
+    (packet[1], packet[len - padding..].to_vec())
+}
+
+/// A clear-text SSH name-list.
+fn name_list(out: &mut Vec<u8>, names: &str) {
+    out.extend_from_slice(&(names.len() as u32).to_be_bytes());
+    out.extend_from_slice(names.as_bytes());
+}
+
+/// The random padding of the client's first two packets (KEXINIT and
+/// the key-exchange init, both sent before any key exists, so in clear),
+/// read by a listener that plays a server up to its own KEXINIT.
+fn first_paddings(listener: &TcpListener) -> [Vec<u8>; 2] {
     let (mut s, _) = listener.accept().expect("accept");
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     s.write_all(b"SSH-2.0-padding-probe\r\n").unwrap();
@@ -56,40 +78,61 @@ fn first_packet_padding(listener: &TcpListener) -> Vec<u8> {
         line.push(byte[0]);
         assert!(line.len() < 256, "no client banner");
     }
-    let mut len = [0u8; 4];
-    s.read_exact(&mut len).expect("packet length");
-    let len = u32::from_be_bytes(len) as usize;
-    assert!((16..35_000).contains(&len), "packet length {len}");
-    let mut packet = vec![0u8; len];
-    s.read_exact(&mut packet).expect("packet");
-    let padding = packet[0] as usize;
-    assert!(
-        (4..len).contains(&padding),
-        "padding length {padding} of {len}"
-    );
-    assert_eq!(packet[1], 20, "the first packet is not a KEXINIT");
-    packet[len - padding..].to_vec()
+    let (kind, first) = clear_packet(&mut s);
+    assert_eq!(kind, 20, "the first packet is not a KEXINIT");
+    // Our KEXINIT: the client answers with its curve25519 public key.
+    let mut payload = vec![20u8];
+    payload.extend_from_slice(&[0x5a; 16]);
+    for names in [
+        "curve25519-sha256",
+        "ssh-ed25519",
+        "aes128-ctr",
+        "aes128-ctr",
+        "hmac-sha2-256",
+        "hmac-sha2-256",
+        "none",
+        "none",
+        "",
+        "",
+    ] {
+        name_list(&mut payload, names);
+    }
+    payload.extend_from_slice(&[0, 0, 0, 0, 0]);
+    let padding = 8 - (payload.len() + 5) % 8 + 8;
+    let mut packet = ((payload.len() + padding + 1) as u32)
+        .to_be_bytes()
+        .to_vec();
+    packet.push(padding as u8);
+    packet.extend_from_slice(&payload);
+    packet.extend(std::iter::repeat_n(0u8, padding));
+    s.write_all(&packet).unwrap();
+    let (kind, second) = clear_packet(&mut s);
+    assert_eq!(kind, 30, "the second packet is not SSH_MSG_KEX_ECDH_INIT");
+    [first, second]
 }
 
 #[tokio::test(flavor = "current_thread")]
 async fn packet_padding_is_random_and_never_repeats() {
     // Patch 0013 takes padding from a per-session pool of random bytes:
-    // each must still be random (not the cleared pool) and used once.
+    // each must still be random (not the cleared pool) and used once,
+    // within a session (two packets from one pool) and across sessions.
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = listener.local_addr().unwrap();
     let probe = thread::spawn(move || {
         (0..6)
-            .map(|_| first_packet_padding(&listener))
+            .flat_map(|_| first_paddings(&listener))
             .collect::<Vec<_>>()
     });
     for _ in 0..6 {
         let cfg = Config::new()
             .known_hosts(None::<std::path::PathBuf>)
+            .method(MethodType::Kex, "curve25519-sha256")
             .timeout(Some(Duration::from_secs(2)));
-        // The probe never answers the KEXINIT: every connect fails.
+        // The probe never completes the key exchange: every connect fails.
         assert!(Session::connect_addr(addr, cfg).await.is_err());
     }
     let paddings = probe.join().expect("probe");
+    assert_eq!(paddings.len(), 12);
     let mut all = Vec::new();
     for p in &paddings {
         assert!(p.iter().any(|&b| b != 0), "padding of zeros: {p:02x?}");
@@ -97,7 +140,8 @@ async fn packet_padding_is_random_and_never_repeats() {
     }
     for (i, a) in paddings.iter().enumerate() {
         for b in &paddings[i + 1..] {
-            assert_ne!(a, b, "two sessions sent the same padding");
+            // At least 4 bytes each: equal first 4 bytes are a repeat.
+            assert_ne!(a[..4], b[..4], "two packets carried the same padding");
         }
     }
     // Random bytes: about 1 in 256 of them zero, and many distinct values.

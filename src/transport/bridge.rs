@@ -71,6 +71,9 @@ pub struct Bridge {
     want_recv: Cell<bool>,
     /// SSH_MSG_DISCONNECT has been queued.
     disconnect_sent: Cell<bool>,
+    /// The room [`Bridge::send_buffer`] handed out last (address, size),
+    /// until the next send.
+    handed_out: Cell<Option<(usize, usize)>>,
     stats: Cell<BridgeStats>,
 }
 
@@ -100,6 +103,7 @@ impl Bridge {
             link: Cell::new(Link::Open),
             want_recv: Cell::new(false),
             disconnect_sent: Cell::new(false),
+            handed_out: Cell::new(None),
             stats: Cell::new(BridgeStats::default()),
         }
     }
@@ -193,24 +197,33 @@ impl Bridge {
 
     /// Where libssh2 is to build its next packet (our patch 0014): room
     /// for `size` bytes at the end of the outbound queue, so that the send
-    /// callback can take the packet where it is ([`Bridge::is_in_place`]).
+    /// callback can take the packet where it is ([`Bridge::take_in_place`]).
     /// `None` unless the link is open: libssh2 then builds in its own
     /// buffer, and the send fails as it would have.
     pub fn send_buffer(&self, size: usize) -> Option<*mut u8> {
         if self.link.get() != Link::Open {
+            self.handed_out.set(None);
             return None;
         }
         let mut out = self.outbound.borrow_mut();
         out.reserve(size);
-        Some(out.spare_capacity_mut().as_mut_ptr().cast())
+        let at: *mut u8 = out.spare_capacity_mut().as_mut_ptr().cast();
+        self.handed_out.set(Some((at as usize, size)));
+        Some(at)
     }
 
-    /// Whether `len` bytes at `data` lie where [`Bridge::send_buffer`]
-    /// last pointed: at the end of the outbound queue, within its room.
-    /// Counted as built in place if so.
-    pub fn is_in_place(&self, data: *const u8, len: usize) -> bool {
+    /// Whether the `len` bytes at `data` are the packet built in the room
+    /// [`Bridge::send_buffer`] handed out last: the same address, no longer
+    /// than that room, and still at the end of the queue. A room is taken
+    /// once; any send forgets it. Counted as built in place if so.
+    pub fn take_in_place(&self, data: *const u8, len: usize) -> bool {
+        let Some((at, size)) = self.handed_out.take() else {
+            return false;
+        };
         let out = self.outbound.borrow();
-        let in_place = std::ptr::eq(data, out.as_ptr().wrapping_add(out.len()))
+        let in_place = data as usize == at
+            && len <= size
+            && std::ptr::eq(data, out.as_ptr().wrapping_add(out.len()))
             && len <= out.capacity() - out.len();
         drop(out);
         if in_place && self.link.get() == Link::Open {
@@ -315,6 +328,29 @@ impl Bridge {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_handed_out_room_is_taken_in_place_once_and_only_as_handed_out() {
+        let b = Bridge::new();
+        assert_eq!(b.on_send(&[7; 100]), 100);
+        let at = b.send_buffer(600).expect("room on an open link");
+        // Another address, a longer packet, or a second take: not in place.
+        assert!(!b.take_in_place(at.wrapping_add(1), 10));
+        let at = b.send_buffer(600).unwrap();
+        assert!(!b.take_in_place(at, 601));
+        let at = b.send_buffer(600).unwrap();
+        assert!(b.take_in_place(at, 600));
+        assert!(!b.take_in_place(at, 600), "a room is taken once");
+        // A room handed out before something else was queued is stale.
+        let at = b.send_buffer(600).unwrap();
+        assert_eq!(b.on_send(&[8; 5]), 5);
+        assert!(!b.take_in_place(at, 5));
+        assert_eq!(b.stats().packets_built_in_place, 1);
+        // No room at all once the link is gone.
+        b.set_failed(libc::EPIPE);
+        assert!(b.send_buffer(600).is_none());
+        assert!(!b.take_in_place(at, 5));
+    }
 
     #[test]
     fn send_takes_whole_packets_and_counts_them() {

@@ -148,11 +148,12 @@ unsafe extern "C" fn send_cb(
         if offer.wants() {
             offer.feed(data);
         }
-        if s.bridge.is_in_place(buf as *const u8, len) {
+        if s.bridge.take_in_place(buf as *const u8, len) {
             // SAFETY: libssh2 built these `len` bytes in the outbound
             // queue's spare room that `send_buffer_cb` handed out for this
-            // packet (patch 0014); nothing touched the queue in between,
-            // and `is_in_place` checked that the room holds them.
+            // packet (patch 0014); `take_in_place` checked that they start
+            // where that room did, fit in it, and that the room is still
+            // the queue's spare capacity (nothing was queued since).
             return s
                 .bridge
                 .on_send_with(len, |out| unsafe { out.set_len(out.len() + len) });
@@ -178,7 +179,12 @@ unsafe extern "C" fn send_buffer_cb(
         };
         s.bridge.send_buffer(size).unwrap_or(std::ptr::null_mut())
     }))
-    .unwrap_or(std::ptr::null_mut())
+    .unwrap_or_else(|p| {
+        // Recorded like any callback's panic (the session fails); libssh2
+        // falls back to its own buffer for this packet.
+        panicked(abstract_, p);
+        std::ptr::null_mut()
+    })
 }
 
 unsafe extern "C" fn recv_cb(
