@@ -202,20 +202,26 @@ impl BlockAllocator {
         let Some(total) = size.checked_add(HEADER) else {
             return std::ptr::null_mut();
         };
-        // SAFETY: an anonymous private mapping; the result is checked.
-        let base = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                total,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
+        let base = match take_unmapped_block(total) {
+            Some(base) => base,
+            None => {
+                // SAFETY: an anonymous private mapping; the result is checked.
+                let base = unsafe {
+                    libc::mmap(
+                        std::ptr::null_mut(),
+                        total,
+                        libc::PROT_READ | libc::PROT_WRITE,
+                        libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                        -1,
+                        0,
+                    )
+                };
+                if base == libc::MAP_FAILED {
+                    return std::ptr::null_mut();
+                }
+                base
+            }
         };
-        if base == libc::MAP_FAILED {
-            return std::ptr::null_mut();
-        }
         let base = base as *mut usize;
         // SAFETY: the mapping holds HEADER + `size` bytes.
         unsafe {
@@ -275,7 +281,7 @@ unsafe fn free_block(base: *mut usize) {
     unsafe {
         let capacity = *base.add(1);
         if capacity & MAPPED != 0 {
-            libc::munmap(base as *mut c_void, capacity & !MAPPED);
+            keep_or_unmap(base as *mut c_void, capacity & !MAPPED);
         } else {
             libc::free(base as *mut c_void);
         }
@@ -292,6 +298,73 @@ impl Drop for BlockAllocator {
             }
         }
     }
+}
+
+/// Session blocks (mappings of their own) this thread keeps once their
+/// session is freed, for its next sessions: unmapping one (a TLB flush and
+/// its pages freed) was most of the time a drop took. A kept block is
+/// cleared when it is taken again, at the next session's creation.
+const KEPT_SESSION_BLOCKS: usize = 8;
+
+/// The mappings (address, length) this thread keeps for its next sessions.
+struct KeptBlocks(Vec<(usize, usize)>);
+
+impl Drop for KeptBlocks {
+    fn drop(&mut self) {
+        for (base, len) in self.0.drain(..) {
+            // SAFETY: a mapping of ours that nothing uses any more.
+            unsafe { libc::munmap(base as *mut c_void, len) };
+        }
+    }
+}
+
+thread_local! {
+    static KEPT: RefCell<KeptBlocks> = const { RefCell::new(KeptBlocks(Vec::new())) };
+}
+
+/// Keeps a freed session block's mapping for the thread's next session, or
+/// unmaps it when enough are kept (or the thread is exiting).
+///
+/// # Safety
+/// `base` is the start of a mapping of `len` bytes of ours, not used
+/// afterwards.
+unsafe fn keep_or_unmap(base: *mut c_void, len: usize) {
+    let kept = KEPT
+        .try_with(|k| {
+            let mut k = k.borrow_mut();
+            if k.0.len() < KEPT_SESSION_BLOCKS {
+                k.0.push((base as usize, len));
+                true
+            } else {
+                false
+            }
+        })
+        .unwrap_or(false);
+    if !kept {
+        // SAFETY: per the contract.
+        unsafe { libc::munmap(base, len) };
+    }
+}
+
+/// A kept mapping of exactly `len` bytes, cleared to zero pages again (as
+/// a fresh mapping: resident only once written), if this thread has one.
+fn take_unmapped_block(len: usize) -> Option<*mut c_void> {
+    let base = KEPT
+        .try_with(|k| {
+            let mut k = k.borrow_mut();
+            let at = k.0.iter().position(|&(_, l)| l == len)?;
+            Some(k.0.swap_remove(at).0)
+        })
+        .ok()
+        .flatten()? as *mut c_void;
+    // SAFETY: a private anonymous mapping of ours of `len` bytes that
+    // nothing uses: MADV_DONTNEED drops its pages, and it reads as zeros.
+    if unsafe { libc::madvise(base, len, libc::MADV_DONTNEED) } != 0 {
+        // SAFETY: as above; a block we cannot clear is not reused.
+        unsafe { libc::munmap(base, len) };
+        return None;
+    }
+    Some(base)
 }
 
 /// Blocks of this many bytes (after rounding) are cached: libssh2 allocates
@@ -447,6 +520,53 @@ mod tests {
         fn free(&mut self, p: *mut c_void) {
             free_cb(p, &mut self.abstract_);
         }
+    }
+
+    #[test]
+    fn a_freed_session_block_is_kept_and_comes_back_as_zero_pages() {
+        // Run on a thread of its own: the kept blocks are per thread.
+        std::thread::spawn(|| {
+            let shared = CallbackContext::new();
+            let mut l = Libssh2::new(&shared);
+            let session = |l: &mut Libssh2<'_>| {
+                shared.alloc.map_next(true);
+                let p = l.alloc(82_944); // written all over
+                shared.alloc.map_next(false);
+                p
+            };
+            let a = session(&mut l);
+            l.free(a);
+            assert_eq!(KEPT.with(|k| k.borrow().0.len()), 1, "kept, not unmapped");
+            let b = session(&mut l);
+            assert_eq!(a, b, "the next session gets the kept block");
+            assert_eq!(KEPT.with(|k| k.borrow().0.len()), 0);
+            // (`alloc` wrote it: check a fresh take before any write.)
+            l.free(b);
+            shared.alloc.map_next(true);
+            let c = alloc_cb(82_944, &mut l.abstract_);
+            shared.alloc.map_next(false);
+            // SAFETY: a live block of 82,944 bytes.
+            let bytes = unsafe { std::slice::from_raw_parts(c as *const u8, 82_944) };
+            assert!(
+                bytes.iter().all(|&x| x == 0),
+                "a kept block comes back cleared"
+            );
+            l.free(c);
+            // At most KEPT_SESSION_BLOCKS are kept; the rest are unmapped.
+            let many: Vec<_> = (0..KEPT_SESSION_BLOCKS + 3)
+                .map(|_| session(&mut l))
+                .collect();
+            for p in many {
+                l.free(p);
+            }
+            assert_eq!(KEPT.with(|k| k.borrow().0.len()), KEPT_SESSION_BLOCKS);
+            assert_eq!(
+                (shared.blocks_outstanding(), shared.bytes_outstanding()),
+                (0, 0)
+            );
+        })
+        .join()
+        .unwrap();
     }
 
     #[test]
