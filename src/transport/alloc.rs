@@ -202,7 +202,7 @@ impl BlockAllocator {
         let Some(total) = size.checked_add(HEADER) else {
             return std::ptr::null_mut();
         };
-        let base = match take_unmapped_block(total) {
+        let base = match take_kept_block(total) {
             Some(base) => base,
             None => {
                 // SAFETY: an anonymous private mapping; the result is checked.
@@ -268,8 +268,9 @@ impl BlockAllocator {
     }
 }
 
-/// Hands a block back to the system: unmaps a mapping of its own
-/// ([`MAPPED`]), frees a malloc'd one.
+/// Hands a block back: a mapping of its own ([`MAPPED`]) is kept for the
+/// thread's next session or unmapped (see `keep_or_unmap`), a malloc'd
+/// one is freed.
 ///
 /// # Safety
 /// `base` is the start of a live block made by `alloc`/`alloc_mapped`/
@@ -303,7 +304,9 @@ impl Drop for BlockAllocator {
 /// Session blocks (mappings of their own) this thread keeps once their
 /// session is freed, for its next sessions: unmapping one (a TLB flush and
 /// its pages freed) was most of the time a drop took. A kept block is
-/// cleared when it is taken again, at the next session's creation.
+/// cleared when it is taken again, at the next session's creation; until
+/// then its written pages (up to ~84 KiB each, packet buffers included)
+/// stay resident in this process, as freed heap memory does.
 const KEPT_SESSION_BLOCKS: usize = 8;
 
 /// The mappings (address, length) this thread keeps for its next sessions.
@@ -348,7 +351,7 @@ unsafe fn keep_or_unmap(base: *mut c_void, len: usize) {
 
 /// A kept mapping of exactly `len` bytes, cleared to zero pages again (as
 /// a fresh mapping: resident only once written), if this thread has one.
-fn take_unmapped_block(len: usize) -> Option<*mut c_void> {
+fn take_kept_block(len: usize) -> Option<*mut c_void> {
     let base = KEPT
         .try_with(|k| {
             let mut k = k.borrow_mut();
@@ -358,7 +361,8 @@ fn take_unmapped_block(len: usize) -> Option<*mut c_void> {
         .ok()
         .flatten()? as *mut c_void;
     // SAFETY: a private anonymous mapping of ours of `len` bytes that
-    // nothing uses: MADV_DONTNEED drops its pages, and it reads as zeros.
+    // nothing uses: on Linux, MADV_DONTNEED drops its pages, and it then
+    // reads as zeros.
     if unsafe { libc::madvise(base, len, libc::MADV_DONTNEED) } != 0 {
         // SAFETY: as above; a block we cannot clear is not reused.
         unsafe { libc::munmap(base, len) };

@@ -458,7 +458,8 @@ mod session_block_tests {
     /// The session's own block is a mapping of fresh pages that libssh2 does
     /// not clear (patch 0010): a new session has only the pages its
     /// initialisation wrote resident, not its ~81 KB, and freeing the
-    /// session unmaps it with nothing left outstanding.
+    /// session leaves nothing outstanding (the block is kept for the
+    /// thread's next session, or unmapped).
     #[test]
     fn a_new_session_block_is_mapped_and_mostly_untouched() {
         let shared = Box::new(CallbackContext::new());
