@@ -218,19 +218,11 @@ impl ChannelInner {
         stream: c_int,
         dst: &mut bytes::BytesMut,
     ) -> Poll<io::Result<usize>> {
-        let spare = dst.spare_capacity_mut();
-        if spare.is_empty() {
-            return Poll::Ready(Ok(0));
-        }
-        let n = ready!(self.poll_read_raw(
-            cx,
-            stream,
-            spare.as_mut_ptr() as *mut c_char,
-            spare.len(),
-            Budget::Cooperative
-        ))?;
-        // SAFETY: libssh2 wrote `n` (at most the spare length) bytes at
-        // the start of the spare capacity before returning `n`.
+        let mut spare = ReadBuf::uninit(dst.spare_capacity_mut());
+        ready!(self.poll_read_stream(cx, stream, &mut spare))?;
+        let n = spare.filled().len();
+        // SAFETY: `poll_read_stream` filled (initialized) the first `n`
+        // bytes of the spare capacity.
         unsafe { dst.set_len(dst.len() + n) };
         Poll::Ready(Ok(n))
     }

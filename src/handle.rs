@@ -534,18 +534,17 @@ async fn read_stream(
         }
         // Everything already there, in one chunk: each chunk costs the
         // reader a wake-up on another thread.
+        // (`buf` is empty here: each chunk takes all it holds.)
         let r = std::future::poll_fn(|cx| {
-            let mut filled = 0;
             loop {
                 match inner.poll_read_spare(cx, stream, &mut buf) {
                     Poll::Ready(Ok(n)) if n > 0 => {
-                        filled += n;
                         if buf.len() == buf.capacity() {
-                            return Poll::Ready(Ok(filled));
+                            return Poll::Ready(Ok(buf.len()));
                         }
                     }
                     // The end or an error comes again on the next read.
-                    _ if filled > 0 => return Poll::Ready(Ok(filled)),
+                    _ if !buf.is_empty() => return Poll::Ready(Ok(buf.len())),
                     other => return other,
                 }
             }
