@@ -56,14 +56,16 @@ use crate::sftp::{DirEntry, FileAttributes, Sftp, TransferOptions, TransferRepor
 
 /// Bytes of one chunk of exec output at most: what the pump finds ready
 /// in one turn, up to this, crosses as one chunk (one wake of the reader).
-/// Each wake is a thread switch, dearer than the bytes it moves: 1 MiB
-/// chunks wake the reader a quarter as often as 256 KiB ones.
-pub const EXEC_CHUNK: usize = 1024 * 1024;
+/// Each wake is a thread switch, so chunks are large; but libssh2 copies
+/// every byte into them, and a buffer the reader has returned is reused,
+/// so it should still be in the core's cache: 512 KiB, two of them and the
+/// one being filled fitting in a 2 MiB L2, costs less than 1 MiB chunks.
+pub const EXEC_CHUNK: usize = 512 * 1024;
 
 /// Chunks of one exec stream queued between the pool thread and the
-/// reader at most. One: a deeper queue buys nothing once chunks are large,
-/// and would raise [`EXEC_MAX_BUFFERED`].
-pub const EXEC_QUEUE_CHUNKS: usize = 1;
+/// reader at most: two, so that the pump rarely waits on a reader that
+/// still holds the previous chunk.
+pub const EXEC_QUEUE_CHUNKS: usize = 2;
 
 /// Writes to a [`RemoteProcess`]'s stdin queued for the pool thread at
 /// most. The pool thread takes the whole queue at once, so that a writer
@@ -81,8 +83,9 @@ pub const EXEC_STDIN_CHUNK: usize = 256 * 1024;
 /// and stderr together: per stream, the queued chunks and the one the
 /// pump waits to queue. Past it the pump stops reading, the channel window
 /// closes, and the server stops sending. Not counted: the chunk a reader
-/// holds, and the rest of the 1 MiB buffer a small chunk keeps allocated
-/// (chunks are cut from one buffer), up to about 1.5 times this in memory.
+/// holds, and the rest of the [`EXEC_CHUNK`] buffer a small chunk keeps
+/// allocated (chunks are cut from one buffer), up to about 1.5 times this
+/// in memory.
 pub const EXEC_MAX_BUFFERED: usize = 2 * (EXEC_QUEUE_CHUNKS + 1) * EXEC_CHUNK;
 
 /// The default bound of [`SftpHandle::read`].
@@ -527,9 +530,11 @@ async fn read_stream(
     let mut tx = Some(tx);
     let mut buf = BytesMut::new();
     loop {
-        // Chunks are split off one buffer, read into uninitialized; a new
-        // one when it runs short (the old one is freed with its chunks).
-        if buf.capacity() < EXEC_CHUNK / 4 {
+        // Chunks are split off one buffer, read into uninitialized. When it
+        // runs short it is taken back whole if the reader has dropped every
+        // chunk of it (its memory is still in cache), else replaced (the old
+        // one is freed with its chunks).
+        if buf.capacity() < EXEC_CHUNK / 4 && !buf.try_reclaim(EXEC_CHUNK) {
             buf = BytesMut::with_capacity(EXEC_CHUNK);
         }
         // Everything already there, in one chunk: each chunk costs the

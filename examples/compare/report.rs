@@ -28,20 +28,17 @@ pub fn medians(r: &Row) -> Medians {
             f64::NAN
         }
     });
-    let user_gib = m(&|f| {
-        if gib(f) > 0.0 {
-            f.get("user") / gib(f)
-        } else {
-            f64::NAN
-        }
-    });
-    let sys_gib = m(&|f| {
-        if gib(f) > 0.0 {
-            f.get("sys") / gib(f)
-        } else {
-            f64::NAN
-        }
-    });
+    // CPU is the median of each run's user + sys, split as that run split
+    // it: the kernel's user/sys accounting is sampled, so the split varies
+    // from run to run far more than the sum, and the median user plus the
+    // median sys is no run's figure.
+    let (user_gib, sys_gib) = median_split(
+        r.runs
+            .iter()
+            .filter(|f| gib(f) > 0.0)
+            .map(|f| (f.get("user") / gib(f), f.get("sys") / gib(f)))
+            .collect(),
+    );
     let rate = m(&|f| f.get("count") / f.get("secs"));
     let mut other = Vec::new();
     let per_mib = |k: &str| m(&|f| f.get(k) / (f.get("bytes") / MIB as f64));
@@ -87,6 +84,21 @@ pub fn medians(r: &Row) -> Medians {
         sys_gib,
         rate,
         other: other.join("; "),
+    }
+}
+
+/// The (user, sys) pair of the run with the median user + sys; with an
+/// even count, the mean of the two middle runs' pairs. NaN for no runs.
+fn median_split(mut runs: Vec<(f64, f64)>) -> (f64, f64) {
+    runs.sort_by(|a, b| (a.0 + a.1).total_cmp(&(b.0 + b.1)));
+    let n = runs.len();
+    match n {
+        0 => (f64::NAN, f64::NAN),
+        _ if n % 2 == 1 => runs[n / 2],
+        _ => {
+            let (a, b) = (runs[n / 2 - 1], runs[n / 2]);
+            ((a.0 + b.0) / 2.0, (a.1 + b.1) / 2.0)
+        }
     }
 }
 
