@@ -19,6 +19,14 @@ pub const LIBSSH2_CALLBACK_SEND_BUFFER: c_int = 1000;
 pub type SendBufferCallback =
     unsafe extern "C" fn(*mut LIBSSH2_SESSION, usize, *mut *mut c_void) -> *mut u8;
 
+/// `cbtype` for the callback that lends libssh2 received bytes where they
+/// lie (our patch `0016-transport-recv-buffer-callback`).
+pub const LIBSSH2_CALLBACK_RECV_BUFFER: c_int = 1001;
+
+/// `ssize_t cb(LIBSSH2_SESSION *, unsigned char **, void **)`.
+pub type RecvBufferCallback =
+    unsafe extern "C" fn(*mut LIBSSH2_SESSION, *mut *mut u8, *mut *mut c_void) -> isize;
+
 /// `ssize_t cb(libssh2_socket_t, const void *, size_t, int, void **)`.
 pub type SendCallback =
     unsafe extern "C" fn(libssh2_socket_t, *const c_void, usize, c_int, *mut *mut c_void) -> isize;

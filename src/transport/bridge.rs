@@ -31,8 +31,11 @@ pub struct BridgeStats {
     /// Of the packets sent, those libssh2 built in the outbound queue
     /// itself (our patch 0014) and that were queued without a copy.
     pub packets_built_in_place: u64,
-    /// Bytes the recv callback gave to libssh2.
+    /// Bytes the recv callbacks gave to libssh2 (copied or lent).
     pub bytes_received: u64,
+    /// Of the bytes received, those lent to libssh2 where they lay, read
+    /// without a copy into its own buffer (our patch 0016).
+    pub bytes_lent: u64,
     /// Sends attempted after SSH_MSG_DISCONNECT (refused; 0 on a correct teardown).
     pub sends_after_disconnect: u64,
 }
@@ -51,6 +54,22 @@ struct Inbound {
     len: usize,
     /// Read-out buffers, handed back as the next receive buffers.
     free: Vec<Vec<u8>>,
+    /// The receive whose bytes libssh2 was lent last: it may still read
+    /// (and decrypt in place) what it has not yet processed of them, so
+    /// the buffer stays here, untouched, until libssh2 asks for bytes
+    /// again or the bridge is dropped (after the session is freed).
+    lent: Option<Vec<u8>>,
+}
+
+impl Inbound {
+    /// libssh2 is done with the lent bytes: their buffer may be reused.
+    fn release_lent(&mut self) {
+        if let Some(buf) = self.lent.take()
+            && self.free.len() < FREE_BUFFERS
+        {
+            self.free.push(buf);
+        }
+    }
 }
 
 struct Chunk {
@@ -162,6 +181,8 @@ impl Bridge {
             return -(libc::ECONNABORTED as isize);
         }
         let mut inbound = self.inbound.borrow_mut();
+        // libssh2 copied what it had left of the lent bytes before asking.
+        inbound.release_lent();
         if inbound.len > 0 && !out.is_empty() {
             let mut n = 0;
             while n < out.len() {
@@ -184,6 +205,45 @@ impl Bridge {
             self.bump(|s| s.bytes_received += n as u64);
             return n as isize;
         }
+        drop(inbound);
+        self.nothing_to_read()
+    }
+
+    /// The recv buffer callback's logic (our patch 0016): the unread bytes
+    /// of the oldest receive, lent where they lie (address and count); they
+    /// count as received, and their buffer is kept unmoved until libssh2
+    /// asks for bytes again. With nothing buffered, the recv callback's
+    /// -EAGAIN or error.
+    pub fn lend(&self) -> Result<(*mut u8, usize), isize> {
+        let mut inbound = self.inbound.borrow_mut();
+        // Asking again means libssh2 is done with the last lent bytes.
+        inbound.release_lent();
+        if self.link.get() != Link::Dead
+            && let Some(mut front) = inbound.chunks.pop_front()
+        {
+            let n = front.end - front.pos;
+            // Queued receives are never empty (see `deliver`, `on_recv`).
+            debug_assert!(n > 0, "an empty receive queued");
+            inbound.len -= n;
+            let at = front.buf[front.pos..].as_mut_ptr();
+            // Moving the vector moves no bytes: `at` stays valid.
+            inbound.lent = Some(front.buf);
+            drop(inbound);
+            self.bump(|s| {
+                s.bytes_received += n as u64;
+                s.bytes_lent += n as u64;
+            });
+            return Ok((at, n));
+        }
+        drop(inbound);
+        Err(self.nothing_to_read())
+    }
+
+    /// What a recv callback answers when it has no bytes: -EAGAIN while
+    /// the link is open (noting that libssh2 waits for input), an error
+    /// once it is not (never 0, never -EAGAIN after EOF, failure or
+    /// teardown).
+    fn nothing_to_read(&self) -> isize {
         match self.link.get() {
             Link::Open | Link::Disconnected => {
                 self.want_recv.set(true);
@@ -381,6 +441,51 @@ mod tests {
         assert_eq!(b.on_recv(&mut out), 4);
         assert_eq!(&out, b"efgh");
         assert_eq!(b.on_recv(&mut out), -(libc::EAGAIN as isize));
+    }
+
+    #[test]
+    fn lent_bytes_stay_where_they_lie_until_libssh2_asks_again() {
+        let b = Bridge::new();
+        assert_eq!(b.lend(), Err(-(libc::EAGAIN as isize)));
+        assert!(b.wants_recv());
+        let first: Vec<u8> = (0..100u8).collect();
+        let first_ptr = first.as_ptr();
+        let _ = b.deliver(first, 100);
+        // A copying read took part of it: the rest is lent where it lies.
+        let mut out = [0u8; 10];
+        assert_eq!(b.on_recv(&mut out), 10);
+        let (at, n) = b.lend().expect("bytes");
+        assert_eq!((at as *const u8, n), (first_ptr.wrapping_add(10), 90));
+        assert_eq!(b.inbound_len(), 0);
+        // Receives that come meanwhile (small ones too, which are appended
+        // to the last queued buffer) neither move nor touch the lent bytes,
+        // and libssh2 may decrypt them in place.
+        let _ = b.deliver(vec![7; 40], 40);
+        let _ = b.deliver(vec![8; 40], 4);
+        // SAFETY: the bridge keeps the lent buffer until the next ask.
+        let lent = unsafe { std::slice::from_raw_parts_mut(at, n) };
+        assert!(lent.iter().enumerate().all(|(i, &x)| x == i as u8 + 10));
+        lent.fill(0xee);
+        assert_eq!(b.inbound_len(), 44);
+        // Asking again releases them; the next receive's bytes come lent.
+        let (at2, n2) = b.lend().expect("bytes");
+        assert_eq!(n2, 44);
+        // SAFETY: as above.
+        let next = unsafe { std::slice::from_raw_parts(at2, n2) };
+        assert!(next[..40].iter().all(|&x| x == 7) && next[40..].iter().all(|&x| x == 8));
+        let st = b.stats();
+        assert_eq!((st.bytes_received, st.bytes_lent), (144, 134));
+        // The first buffer, released, is the next receive buffer.
+        let next_buffer = b.deliver(vec![1; 64], 64);
+        assert_eq!(next_buffer.as_ptr(), first_ptr);
+        // Once the link is down, nothing more is lent.
+        b.set_failed(libc::ETIMEDOUT);
+        let (_, n3) = b.lend().expect("buffered bytes first");
+        assert_eq!(n3, 64);
+        assert_eq!(b.lend(), Err(-(libc::ETIMEDOUT as isize)));
+        b.kill();
+        let _ = b.deliver(vec![2; 64], 64);
+        assert_eq!(b.lend(), Err(-(libc::ECONNABORTED as isize)));
     }
 
     #[test]

@@ -187,6 +187,36 @@ unsafe extern "C" fn send_buffer_cb(
     })
 }
 
+/// Lends libssh2 the next received bytes where they lie (our patch 0016):
+/// libssh2 decrypts from the ring's receive buffer instead of from a copy.
+unsafe extern "C" fn recv_buffer_cb(
+    _session: *mut ffi::LIBSSH2_SESSION,
+    data: *mut *mut u8,
+    abstract_: *mut *mut c_void,
+) -> isize {
+    catch_unwind(AssertUnwindSafe(|| {
+        // SAFETY: libssh2 passes the session's abstract pointer, ours.
+        let Some(s) = (unsafe { context(abstract_) }) else {
+            return -(libc::EBADF as isize);
+        };
+        match s.bridge.lend() {
+            Ok((at, n)) => {
+                let mut offer = s.received_offer.borrow_mut();
+                if offer.wants() {
+                    // SAFETY: `lend` returned `n` initialized bytes at `at`,
+                    // kept by the bridge until libssh2 asks again.
+                    offer.feed(unsafe { std::slice::from_raw_parts(at, n) });
+                }
+                // SAFETY: libssh2 passes a pointer to write the address to.
+                unsafe { *data = at };
+                n as isize
+            }
+            Err(e) => e,
+        }
+    }))
+    .unwrap_or_else(|p| panicked(abstract_, p))
+}
+
 unsafe extern "C" fn recv_cb(
     fd: ffi::libssh2_socket_t,
     buf: *mut c_void,
@@ -384,6 +414,11 @@ pub(crate) unsafe fn new_session(shared: *const CallbackContext) -> *mut ffi::LI
             raw,
             ffi::LIBSSH2_CALLBACK_SEND_BUFFER,
             send_buffer_cb as ffi::SendBufferCallback as *mut c_void,
+        );
+        ffi::libssh2_session_callback_set2(
+            raw,
+            ffi::LIBSSH2_CALLBACK_RECV_BUFFER,
+            recv_buffer_cb as ffi::RecvBufferCallback as *mut c_void,
         );
         ffi::libssh2_session_callback_set2(
             raw,
