@@ -238,11 +238,12 @@ impl BlockAllocator {
         }
         let mut cache = self.cache.borrow_mut();
         // SAFETY: cached blocks are live allocations with a valid header.
-        let at = cache
-            .iter()
-            .position(|&b| unsafe { *b.add(1) } == capacity)?;
+        let base = match cache.iter().position(|&b| unsafe { *b.add(1) } == capacity) {
+            Some(at) => cache.swap_remove(at),
+            None => take_spare(capacity)?,
+        };
         THREAD_CACHED.with(|c| c.set(c.get() - capacity));
-        Some(cache.swap_remove(at))
+        Some(base)
     }
 
     /// Frees a block libssh2 let go of, or keeps it for the next packet.
@@ -260,6 +261,13 @@ impl BlockAllocator {
             if fits {
                 THREAD_CACHED.with(|c| c.set(c.get() + capacity));
                 cache.push(base);
+                return;
+            }
+            // A session freeing more than its cache holds (the packets a
+            // dropped session had queued): the thread's spares take them.
+            let thread_fits = THREAD_CACHED.with(|c| c.get()) + capacity <= CACHE_THREAD_BYTES;
+            if thread_fits && keep_spare(base).is_ok() {
+                THREAD_CACHED.with(|c| c.set(c.get() + capacity));
                 return;
             }
         }
@@ -292,9 +300,14 @@ unsafe fn free_block(base: *mut usize) {
 impl Drop for BlockAllocator {
     fn drop(&mut self) {
         for base in self.cache.get_mut().drain(..) {
+            // The thread's next session takes it, or it is freed.
+            let Err(base) = keep_spare(base) else {
+                continue;
+            };
             // SAFETY: cached blocks are live allocations owned by the cache.
             unsafe {
-                THREAD_CACHED.with(|c| c.set(c.get() - *base.add(1)));
+                let capacity = *base.add(1);
+                let _ = THREAD_CACHED.try_with(|c| c.set(c.get() - capacity));
                 libc::free(base as *mut c_void);
             }
         }
@@ -382,9 +395,65 @@ const CACHE_MAX: usize = 64 * 1024;
 const CACHE_SESSION_BYTES: usize = 16 * CACHE_MAX;
 const CACHE_THREAD_BYTES: usize = 64 * 1024 * 1024;
 
+/// Packet-sized blocks a dropped session leaves to the thread's next
+/// sessions, at most (about 2.3 MiB: a 2 MiB window's queued packets):
+/// freed, they left the heap's top free and glibc trimmed it inside the
+/// drop (a `brk` unmapping ~1 MiB, ~100 µs), only for the next session to
+/// grow it again.
+const THREAD_SPARE_BLOCKS: usize = 64;
+
 thread_local! {
-    /// Bytes in the caches of this thread's sessions.
+    /// Bytes in the caches of this thread's sessions, and in its spares.
     static THREAD_CACHED: Cell<usize> = const { Cell::new(0) };
+    /// Cached blocks of this thread's dropped sessions.
+    static SPARE_BLOCKS: RefCell<SpareBlocks> = const { RefCell::new(SpareBlocks(Vec::new())) };
+}
+
+/// Malloc'd blocks with a valid header, owned here until a session takes
+/// one; freed at thread exit.
+struct SpareBlocks(Vec<*mut usize>);
+
+impl Drop for SpareBlocks {
+    fn drop(&mut self) {
+        for base in self.0.drain(..) {
+            // SAFETY: spare blocks are live malloc'd blocks owned here.
+            unsafe {
+                let capacity = *base.add(1);
+                let _ = THREAD_CACHED.try_with(|c| c.set(c.get().saturating_sub(capacity)));
+                libc::free(base as *mut c_void);
+            }
+        }
+    }
+}
+
+/// A spare block of exactly `capacity` (cached size class), if the thread
+/// has one.
+fn take_spare(capacity: usize) -> Option<*mut usize> {
+    SPARE_BLOCKS
+        .try_with(|s| {
+            let mut s = s.borrow_mut();
+            // SAFETY: spare blocks are live allocations with a valid header.
+            let at = s.0.iter().position(|&b| unsafe { *b.add(1) } == capacity)?;
+            Some(s.0.swap_remove(at))
+        })
+        .ok()
+        .flatten()
+}
+
+/// Keeps a dropped session's cached block for the thread's next sessions;
+/// gives it back (`Err`) when the thread keeps enough.
+fn keep_spare(base: *mut usize) -> Result<(), *mut usize> {
+    SPARE_BLOCKS
+        .try_with(|s| {
+            let mut s = s.borrow_mut();
+            if s.0.len() < THREAD_SPARE_BLOCKS {
+                s.0.push(base);
+                Ok(())
+            } else {
+                Err(base)
+            }
+        })
+        .unwrap_or(Err(base))
 }
 
 /// The capacity of a block for `size` bytes: packet-sized blocks are
@@ -598,6 +667,46 @@ mod tests {
         for p in second {
             l.free(p);
         }
+    }
+
+    #[test]
+    fn a_dropped_sessions_packet_blocks_serve_the_next_session() {
+        // Run on a thread of its own: the spares are per thread.
+        std::thread::spawn(|| {
+            let spares = || SPARE_BLOCKS.with(|s| s.borrow().0.len());
+            let first = {
+                let a = CallbackContext::new();
+                let mut l = Libssh2::new(&a);
+                // More than the session's cache: the rest become spares
+                // rather than going back to malloc (and the heap's top).
+                let blocks: Vec<_> = (0..24).map(|_| l.alloc(33_000)).collect();
+                for &p in &blocks {
+                    l.free(p);
+                }
+                assert_eq!((a.alloc.cached().0, spares()), (16, 8));
+                blocks
+            };
+            // Dropped: its cache joins the spares.
+            assert_eq!(spares(), 24);
+            assert_eq!(THREAD_CACHED.with(Cell::get), 24 * 36_864);
+            let b = CallbackContext::new();
+            let mut l = Libssh2::new(&b);
+            let second: Vec<_> = (0..24).map(|_| l.alloc(33_000)).collect();
+            assert!(second.iter().all(|p| first.contains(p)), "the same blocks");
+            assert_eq!((spares(), THREAD_CACHED.with(Cell::get)), (0, 0));
+            for p in second {
+                l.free(p);
+            }
+            // Bounded: a session freeing many keeps 16, the thread 64.
+            let many: Vec<_> = (0..100).map(|_| l.alloc(33_000)).collect();
+            for p in many {
+                l.free(p);
+            }
+            assert_eq!((b.alloc.cached().0, spares()), (16, THREAD_SPARE_BLOCKS));
+            assert_eq!((b.blocks_outstanding(), b.bytes_outstanding()), (0, 0));
+        })
+        .join()
+        .unwrap();
     }
 
     #[test]

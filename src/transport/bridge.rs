@@ -64,10 +64,30 @@ struct Inbound {
 impl Inbound {
     /// libssh2 is done with the lent bytes: their buffer may be reused.
     fn release_lent(&mut self) {
-        if let Some(buf) = self.lent.take()
-            && self.free.len() < FREE_BUFFERS
-        {
+        if let Some(buf) = self.lent.take() {
+            self.recycle(buf);
+        }
+    }
+
+    /// A read-out buffer: the next receive buffer, or one the thread
+    /// keeps for its other sessions.
+    fn recycle(&mut self, buf: Vec<u8>) {
+        if self.free.len() < FREE_BUFFERS {
             self.free.push(buf);
+        } else {
+            super::recv_buffers::keep(buf);
+        }
+    }
+}
+
+impl Drop for Inbound {
+    fn drop(&mut self) {
+        // The session is gone (libssh2 freed before its bridge): its
+        // buffers, lent ones too, serve the thread's next sessions.
+        let lent = self.lent.take();
+        let queued = self.chunks.drain(..).map(|c| c.buf);
+        for buf in lent.into_iter().chain(queued).chain(self.free.drain(..)) {
+            super::recv_buffers::keep(buf);
         }
     }
 }
@@ -195,9 +215,7 @@ impl Bridge {
                 n += k;
                 if front.pos == front.end {
                     let done = inbound.chunks.pop_front().expect("front chunk");
-                    if inbound.free.len() < FREE_BUFFERS {
-                        inbound.free.push(done.buf);
-                    }
+                    inbound.recycle(done.buf);
                 }
             }
             inbound.len -= n;

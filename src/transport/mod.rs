@@ -14,6 +14,7 @@ pub mod callbacks;
 #[cfg(any(test, fuzzing))]
 pub(crate) mod fake_peer;
 pub(crate) mod kexinit;
+pub(crate) mod recv_buffers;
 
 use std::cell::{Cell, RefCell};
 use std::rc::{Rc, Weak};
@@ -275,9 +276,15 @@ impl Transport {
         // then recycled.
         let mut buf = std::mem::take(&mut *self.spare_in.borrow_mut());
         if buf.len() > 4 * size {
-            // A transfer's large buffer on a session gone quiet: give the
-            // memory back rather than hold it per idle session.
-            buf = Vec::new();
+            // A transfer's large buffer on a session gone quiet: not held
+            // per idle session, but kept for the thread's busy ones.
+            recv_buffers::keep(std::mem::take(&mut buf));
+        }
+        if buf.len() < size
+            && let Some(kept) = recv_buffers::take(size)
+        {
+            // A large buffer another session left: no heap growth.
+            recv_buffers::keep(std::mem::replace(&mut buf, kept));
         }
         if buf.is_empty() {
             // calloc: fresh pages are zero without being touched.
@@ -418,5 +425,6 @@ impl Transport {
 impl Drop for Transport {
     fn drop(&mut self) {
         self.kill();
+        recv_buffers::keep(std::mem::take(self.spare_in.get_mut()));
     }
 }

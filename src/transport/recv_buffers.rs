@@ -1,0 +1,103 @@
+//! Large receive buffers kept per thread from one session to the next.
+//!
+//! A busy session's receive buffers grow to [`super::RECV_MAX`]; freed when
+//! it is dropped, they left glibc's heap with megabytes free at its top, and
+//! glibc gave them back to the kernel at once (`brk` shrinking the heap,
+//! ~100 µs of unmapping inside the drop), only for the next session to grow
+//! the heap again, page fault by page fault. Kept here instead, they are the
+//! next busy session's buffers. Small buffers (quiet sessions) are left to
+//! malloc, which keeps them in its bins anyway.
+
+use std::cell::RefCell;
+
+/// Buffers smaller than this are not kept.
+const KEEP_MIN: usize = 64 * 1024;
+
+/// Bytes of buffers one thread keeps at most: a few busy sessions' worth.
+const KEEP_MAX_BYTES: usize = 8 * super::RECV_MAX;
+
+thread_local! {
+    static KEPT: RefCell<Kept> = const { RefCell::new(Kept { bufs: Vec::new(), bytes: 0 }) };
+}
+
+struct Kept {
+    bufs: Vec<Vec<u8>>,
+    /// Capacity of `bufs` in all.
+    bytes: usize,
+}
+
+/// Keeps `buf` for a later receive on this thread if it is large and the
+/// thread keeps less than its bound; frees it otherwise. Its bytes stay
+/// as they are (initialized): the next receive overwrites them.
+pub(crate) fn keep(buf: Vec<u8>) {
+    let cap = buf.capacity();
+    if cap < KEEP_MIN {
+        return;
+    }
+    // During thread exit the store may be gone: then the buffer is freed.
+    let _ = KEPT.try_with(|k| {
+        let mut k = k.borrow_mut();
+        if k.bytes + cap <= KEEP_MAX_BYTES {
+            k.bytes += cap;
+            k.bufs.push(buf);
+        }
+    });
+}
+
+/// A kept buffer of at least `size` initialized bytes (its length), if the
+/// thread keeps one: the smallest that fits.
+pub(crate) fn take(size: usize) -> Option<Vec<u8>> {
+    if size < KEEP_MIN {
+        return None;
+    }
+    KEPT.try_with(|k| {
+        let mut k = k.borrow_mut();
+        let (i, _) = k
+            .bufs
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| b.len() >= size)
+            .min_by_key(|(_, b)| b.len())?;
+        let buf = k.bufs.swap_remove(i);
+        k.bytes -= buf.capacity();
+        Some(buf)
+    })
+    .ok()
+    .flatten()
+}
+
+/// Bytes of buffers this thread keeps.
+#[cfg(test)]
+pub(crate) fn kept_bytes() -> usize {
+    KEPT.with(|k| k.borrow().bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn large_buffers_are_kept_up_to_the_bound_and_small_ones_are_not() {
+        assert_eq!(kept_bytes(), 0);
+        keep(vec![1; 4096]);
+        assert_eq!(kept_bytes(), 0, "small buffers go back to malloc");
+        assert!(take(4096).is_none());
+        let big = vec![7u8; KEEP_MIN * 2];
+        let at = big.as_ptr();
+        keep(big);
+        keep(vec![8u8; KEEP_MIN]);
+        assert_eq!(kept_bytes(), KEEP_MIN * 3);
+        // The smallest that fits, bytes as they were.
+        let b = take(KEEP_MIN + 1).expect("the large one");
+        assert_eq!((b.as_ptr(), b.len()), (at, KEEP_MIN * 2));
+        assert!(b.iter().all(|&x| x == 7));
+        assert!(take(KEEP_MIN * 2).is_none());
+        assert_eq!(take(KEEP_MIN).map(|b| b.len()), Some(KEEP_MIN));
+        assert_eq!(kept_bytes(), 0);
+        // Never more than the bound.
+        for _ in 0..KEEP_MAX_BYTES / KEEP_MIN + 4 {
+            keep(vec![0u8; KEEP_MIN]);
+        }
+        assert_eq!(kept_bytes(), KEEP_MAX_BYTES);
+    }
+}
