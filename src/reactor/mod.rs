@@ -18,6 +18,7 @@
 //! in any current-thread runtime: `#[tokio::main(flavor = "current_thread")]`,
 //! a `LocalSet`, or `tokio_uring::start`.
 
+pub(crate) mod buffers;
 #[cfg(test)]
 mod engine_tests;
 mod local;
@@ -804,7 +805,11 @@ impl Reactor {
                     Lifecycle::Orphaned => {
                         finished += 1;
                         orphans_done += 1;
-                        dead.push(slots.remove(id.key()).resources);
+                        let mut resources = slots.remove(id.key()).resources;
+                        // Its owner is gone: the buffer serves the thread's
+                        // next ops rather than going back to malloc.
+                        buffers::keep(std::mem::take(&mut resources.buf));
+                        dead.push(resources);
                     }
                     Lifecycle::Ends(op, ender) => {
                         finished += 1;

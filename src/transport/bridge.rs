@@ -75,7 +75,7 @@ impl Inbound {
         if self.free.len() < FREE_BUFFERS {
             self.free.push(buf);
         } else {
-            super::recv_buffers::keep(buf);
+            crate::reactor::buffers::keep(buf);
         }
     }
 }
@@ -87,7 +87,7 @@ impl Drop for Inbound {
         let lent = self.lent.take();
         let queued = self.chunks.drain(..).map(|c| c.buf);
         for buf in lent.into_iter().chain(queued).chain(self.free.drain(..)) {
-            super::recv_buffers::keep(buf);
+            crate::reactor::buffers::keep(buf);
         }
     }
 }

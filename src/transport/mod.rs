@@ -14,14 +14,13 @@ pub mod callbacks;
 #[cfg(any(test, fuzzing))]
 pub(crate) mod fake_peer;
 pub(crate) mod kexinit;
-pub(crate) mod recv_buffers;
 
 use std::cell::{Cell, RefCell};
 use std::rc::{Rc, Weak};
 use std::task::Waker;
 use std::time::{Duration, Instant};
 
-use crate::reactor::{Completion, OpId, Reactor, SharedFd};
+use crate::reactor::{Completion, OpId, Reactor, SharedFd, buffers};
 use crate::session::children::Registry;
 use batch::{BatchPolicy, NextRecv};
 pub use bridge::{Bridge, BridgeStats, Link};
@@ -278,13 +277,13 @@ impl Transport {
         if buf.len() > 4 * size {
             // A transfer's large buffer on a session gone quiet: not held
             // per idle session, but kept for the thread's busy ones.
-            recv_buffers::keep(std::mem::take(&mut buf));
+            buffers::keep(std::mem::take(&mut buf));
         }
         if buf.len() < size
-            && let Some(kept) = recv_buffers::take(size)
+            && let Some(kept) = buffers::take(size)
         {
             // A large buffer another session left: no heap growth.
-            recv_buffers::keep(std::mem::replace(&mut buf, kept));
+            buffers::keep(std::mem::replace(&mut buf, kept));
         }
         if buf.is_empty() {
             // calloc: fresh pages are zero without being touched.
@@ -425,6 +424,6 @@ impl Transport {
 impl Drop for Transport {
     fn drop(&mut self) {
         self.kill();
-        recv_buffers::keep(std::mem::take(self.spare_in.get_mut()));
+        buffers::keep(std::mem::take(self.spare_in.get_mut()));
     }
 }

@@ -1,20 +1,22 @@
-//! Large receive buffers kept per thread from one session to the next.
+//! Large IO buffers kept per thread from one owner to the next.
 //!
-//! A busy session's receive buffers grow to [`super::RECV_MAX`]; freed when
-//! it is dropped, they left glibc's heap with megabytes free at its top, and
-//! glibc gave them back to the kernel at once (`brk` shrinking the heap,
-//! ~100 µs of unmapping inside the drop), only for the next session to grow
-//! the heap again, page fault by page fault. Kept here instead, they are the
-//! next busy session's buffers. Small buffers (quiet sessions) are left to
-//! malloc, which keeps them in its bins anyway.
+//! A busy session's receive buffers grow to 512 KiB. Freed when it was
+//! dropped (by its owner, or by the reactor when an orphaned op's own
+//! completion came), they left glibc's heap with megabytes free at its top
+//! or were unmapped, and glibc gave them back to the kernel at once (`brk`
+//! shrinking the heap or `munmap`: ~100 µs of unmapping), only for the
+//! next session to map them again, page fault by page fault. Kept here
+//! instead, they are the next busy owner's buffers. Small buffers (quiet
+//! sessions) are left to malloc, which keeps them in its bins anyway.
 
 use std::cell::RefCell;
 
 /// Buffers smaller than this are not kept.
 const KEEP_MIN: usize = 64 * 1024;
 
-/// Bytes of buffers one thread keeps at most: a few busy sessions' worth.
-const KEEP_MAX_BYTES: usize = 8 * super::RECV_MAX;
+/// Bytes of buffers one thread keeps at most: a few busy sessions' worth
+/// (eight 512 KiB receive buffers).
+const KEEP_MAX_BYTES: usize = 4 * 1024 * 1024;
 
 thread_local! {
     static KEPT: RefCell<Kept> = const { RefCell::new(Kept { bufs: Vec::new(), bytes: 0 }) };
@@ -26,7 +28,7 @@ struct Kept {
     bytes: usize,
 }
 
-/// Keeps `buf` for a later receive on this thread if it is large and the
+/// Keeps `buf` for a later op on this thread if it is large and the
 /// thread keeps less than its bound; frees it otherwise. Its bytes stay
 /// as they are (initialized): the next receive overwrites them.
 pub(crate) fn keep(buf: Vec<u8>) {
