@@ -28,12 +28,15 @@ struct Kept {
     bytes: usize,
 }
 
-/// Keeps `buf` for a later op on this thread if it is large and the
-/// thread keeps less than its bound; frees it otherwise. Its bytes stay
-/// as they are (initialized): the next receive overwrites them.
+/// Keeps `buf` for a later op on this thread if it holds many initialized
+/// bytes (what [`take`] hands out) and the thread keeps less than its
+/// bound; frees it otherwise. Its bytes stay as they are: the next receive
+/// overwrites them.
 pub(crate) fn keep(buf: Vec<u8>) {
     let cap = buf.capacity();
-    if cap < KEEP_MIN {
+    // A large allocation with few initialized bytes (a send's) could never
+    // be taken, and would only hold the thread's budget.
+    if buf.len() < KEEP_MIN {
         return;
     }
     // During thread exit the store may be gone: then the buffer is freed.
@@ -83,6 +86,10 @@ mod tests {
         assert_eq!(kept_bytes(), 0);
         keep(vec![1; 4096]);
         assert_eq!(kept_bytes(), 0, "small buffers go back to malloc");
+        let mut sent = Vec::with_capacity(KEEP_MIN * 4);
+        sent.extend_from_slice(&[2; 100]);
+        keep(sent);
+        assert_eq!(kept_bytes(), 0, "nor large ones with few bytes");
         assert!(take(4096).is_none());
         let big = vec![7u8; KEEP_MIN * 2];
         let at = big.as_ptr();

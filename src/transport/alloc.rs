@@ -307,7 +307,7 @@ impl Drop for BlockAllocator {
             // SAFETY: cached blocks are live allocations owned by the cache.
             unsafe {
                 let capacity = *base.add(1);
-                let _ = THREAD_CACHED.try_with(|c| c.set(c.get() - capacity));
+                let _ = THREAD_CACHED.try_with(|c| c.set(c.get().saturating_sub(capacity)));
                 libc::free(base as *mut c_void);
             }
         }
