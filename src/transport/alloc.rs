@@ -301,14 +301,9 @@ impl Drop for BlockAllocator {
     fn drop(&mut self) {
         for base in self.cache.get_mut().drain(..) {
             // The thread's next session takes it, or it is freed.
-            let Err(base) = keep_spare(base) else {
-                continue;
-            };
-            // SAFETY: cached blocks are live allocations owned by the cache.
-            unsafe {
-                let capacity = *base.add(1);
-                let _ = THREAD_CACHED.try_with(|c| c.set(c.get().saturating_sub(capacity)));
-                libc::free(base as *mut c_void);
+            if let Err(base) = keep_spare(base) {
+                // SAFETY: cached blocks are live allocations owned by the cache.
+                unsafe { free_cached(base) };
             }
         }
     }
@@ -417,12 +412,22 @@ impl Drop for SpareBlocks {
     fn drop(&mut self) {
         for base in self.0.drain(..) {
             // SAFETY: spare blocks are live malloc'd blocks owned here.
-            unsafe {
-                let capacity = *base.add(1);
-                let _ = THREAD_CACHED.try_with(|c| c.set(c.get().saturating_sub(capacity)));
-                libc::free(base as *mut c_void);
-            }
+            unsafe { free_cached(base) };
         }
+    }
+}
+
+/// Frees a cached (or spare) block and takes it off the thread's count.
+///
+/// # Safety
+/// `base` is a live malloc'd block with a valid header, owned by the
+/// caller and not used afterwards.
+unsafe fn free_cached(base: *mut usize) {
+    // SAFETY: per the contract, the header is valid and the block is ours.
+    unsafe {
+        let capacity = *base.add(1);
+        let _ = THREAD_CACHED.try_with(|c| c.set(c.get().saturating_sub(capacity)));
+        libc::free(base as *mut c_void);
     }
 }
 

@@ -72,6 +72,15 @@ impl Default for CallbackContext {
 }
 
 impl CallbackContext {
+    /// Bytes handed to libssh2 (copied or lent): the server's KEXINIT is
+    /// read off them while it is wanted.
+    fn note_received(&self, bytes: &[u8]) {
+        let mut offer = self.received_offer.borrow_mut();
+        if offer.wants() {
+            offer.feed(bytes);
+        }
+    }
+
     /// A fresh bridge and zeroed counters.
     pub fn new() -> Self {
         CallbackContext {
@@ -201,12 +210,9 @@ unsafe extern "C" fn recv_buffer_cb(
         };
         match s.bridge.lend() {
             Ok((at, n)) => {
-                let mut offer = s.received_offer.borrow_mut();
-                if offer.wants() {
-                    // SAFETY: `lend` returned `n` initialized bytes at `at`,
-                    // kept by the bridge until libssh2 asks again.
-                    offer.feed(unsafe { std::slice::from_raw_parts(at, n) });
-                }
+                // SAFETY: `lend` returned `n` initialized bytes at `at`,
+                // kept by the bridge until libssh2 asks again.
+                s.note_received(unsafe { std::slice::from_raw_parts(at, n) });
                 // SAFETY: libssh2 passes a pointer to write the address to.
                 unsafe { *data = at };
                 n as isize
@@ -241,9 +247,8 @@ unsafe extern "C" fn recv_cb(
             (s, std::slice::from_raw_parts_mut(buf as *mut u8, len))
         };
         let n = s.bridge.on_recv(out);
-        let mut offer = s.received_offer.borrow_mut();
-        if n > 0 && offer.wants() {
-            offer.feed(&out[..n as usize]);
+        if n > 0 {
+            s.note_received(&out[..n as usize]);
         }
         n
     }))
