@@ -105,6 +105,18 @@ fn rss_kib() -> u64 {
         .unwrap_or(0)
 }
 
+/// glibc's heap, in KiB: bytes in use (all arenas, mmapped chunks
+/// included) and bytes free but kept by malloc. RSS that grows with the
+/// first is memory held; with the second, fragmentation.
+fn heap_kib() -> (u64, u64) {
+    // SAFETY: mallinfo2 only reads malloc's own counters.
+    let m = unsafe { libc::mallinfo2() };
+    (
+        ((m.uordblks + m.hblkhd) / 1024) as u64,
+        (m.fordblks / 1024) as u64,
+    )
+}
+
 fn open_fds() -> usize {
     std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count())
 }
@@ -348,17 +360,20 @@ async fn run(o: Options) -> bool {
         tokio::task::spawn_local(async move {
             let mut curve = Vec::new();
             println!(
-                "   time   RSS MiB  sessions       ops  errors  drops  libssh2 KiB  ring ops  fds"
+                "   time   RSS MiB  heap used  heap free  sessions       ops  errors  drops  libssh2 KiB  ring ops  fds"
             );
             loop {
                 tokio::time::sleep(every).await;
                 let c = &env.counters;
                 let st = uring_ssh::reactor::stats().expect("ring");
                 let rss = rss_kib();
+                let (used, free) = heap_kib();
                 println!(
-                    "{:>6.0} s {:>9.1} {:>9} {:>9} {:>7} {:>6} {:>12} {:>9} {:>4}",
+                    "{:>6.0} s {:>9.1} {:>10.1} {:>10.1} {:>9} {:>9} {:>7} {:>6} {:>12} {:>9} {:>4}",
                     t0.elapsed().as_secs_f64(),
                     rss as f64 / 1024.0,
+                    used as f64 / 1024.0,
+                    free as f64 / 1024.0,
                     c.live.get(),
                     c.ops.get(),
                     c.errors.get(),
@@ -417,11 +432,15 @@ async fn run(o: Options) -> bool {
             lines.join("\n  ")
         );
     }
+    let (used, free) = heap_kib();
     println!(
-        "RSS: {:.1} MiB after warm-up, {:.1} MiB at the end, {:.1} MiB once all closed",
+        "RSS: {:.1} MiB after warm-up, {:.1} MiB at the end, {:.1} MiB once all closed \
+         (heap: {:.1} MiB in use, {:.1} MiB free in malloc)",
         warm as f64 / 1024.0,
         end as f64 / 1024.0,
-        rss_after as f64 / 1024.0
+        rss_after as f64 / 1024.0,
+        used as f64 / 1024.0,
+        free as f64 / 1024.0
     );
     println!(
         "after close: libssh2 bytes {bytes} (baseline {bytes0}), leaked objects {leaked}, fds {fds} (baseline {fds0}), ring {st:?}"

@@ -323,14 +323,15 @@ async fn aead_ciphers() {
     }
 }
 
-/// Patch 0018 encrypts the whole cipher blocks of a written payload from
-/// the caller's buffer and copies in only the bytes around them; which
-/// bytes those are depends on the payload's length modulo the block size.
-/// Writes of every length around the edges (the 1 KiB threshold, a block
-/// more or less, a full 32 KiB packet and a byte more) must reach the
-/// server intact with each cipher that takes that path (AES-GCM, and
-/// AES-CTR / AES-CBC with an encrypt-then-MAC MAC) and with one that
-/// does not (MAC over the plaintext).
+/// Patches 0018 and 0019 encrypt a written payload from the caller's
+/// buffer: AES the whole cipher blocks it covers (copying in only the
+/// bytes around them, which depend on the payload's length modulo the
+/// block size), chacha20-poly1305 all of it, between the header and the
+/// padding. Writes of every length around the edges (the 1 KiB threshold,
+/// a block more or less, a full 32 KiB packet and a byte more) must reach
+/// the server intact with each cipher that takes that path (AES-GCM,
+/// chacha20-poly1305, and AES-CTR / AES-CBC with an encrypt-then-MAC MAC)
+/// and with one that does not (MAC over the plaintext).
 #[tokio::test]
 async fn written_payloads_of_every_edge_length_arrive_intact() {
     let sshd = Sshd::builder().extra(SERVER_CBC).start();
@@ -343,6 +344,7 @@ async fn written_payloads_of_every_edge_length_arrive_intact() {
     for (cipher, mac) in [
         ("aes128-gcm@openssh.com", "hmac-sha2-256"),
         ("aes256-gcm@openssh.com", "hmac-sha2-256"),
+        ("chacha20-poly1305@openssh.com", "hmac-sha2-256"),
         ("aes128-ctr", "hmac-sha2-256-etm@openssh.com"),
         ("aes256-cbc", "hmac-sha2-512-etm@openssh.com"),
         ("aes128-ctr", "hmac-sha2-256"),
