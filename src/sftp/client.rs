@@ -43,8 +43,15 @@ use crate::channel::ChannelInner;
 use crate::error::{Error, Result};
 use crate::transport::OUTBOUND_HIGH_WATER;
 
-/// Bytes read from the channel per call.
+/// Bytes read from the channel per call, at most, while replies stream
+/// in: a read that fills the room doubles the buffer up to this.
 const RX_CHUNK: usize = 256 * 1024;
+
+/// The receive buffer of a new client: enough for the replies of small
+/// operations. A client holds it for its life (with a thousand sessions,
+/// 256 KiB each came to 250 MiB, resident as soon as malloc reused
+/// memory, which it clears), so it grows only when replies need it.
+const RX_START: usize = 16 * 1024;
 
 /// Capacity the outgoing request buffer keeps once it is empty, and the
 /// least it reclaims of what the channel has taken while it is not.
@@ -97,17 +104,20 @@ struct RxBuf {
     buf: Vec<u8>,
     pos: usize,
     end: usize,
+    /// The last read filled all the room: more is likely waiting.
+    filled_room: bool,
 }
 
 impl RxBuf {
     /// A buffer holding `leftover`, bytes read before the engine started.
     fn new(leftover: &[u8]) -> RxBuf {
-        let mut buf = vec![0; RX_CHUNK.max(leftover.len())];
+        let mut buf = vec![0; RX_START.max(leftover.len())];
         buf[..leftover.len()].copy_from_slice(leftover);
         RxBuf {
             buf,
             pos: 0,
             end: leftover.len(),
+            filled_room: false,
         }
     }
 
@@ -119,17 +129,27 @@ impl RxBuf {
         self.pos += n;
     }
 
-    /// Moves the unparsed bytes to the front and, if little room is left,
-    /// grows the buffer (doubling, never past [`RX_MAX`]).
+    /// Moves the unparsed bytes to the front and grows the buffer
+    /// (doubling, never past [`RX_MAX`]): below [`RX_CHUNK`], when a
+    /// quarter of it or less is left for the packet in it or the last read
+    /// filled the room (replies stream in); from there, when less than a
+    /// quarter of [`RX_CHUNK`] is left, so that reads stay that large.
     fn make_room(&mut self) {
         if self.pos > 0 {
             self.buf.copy_within(self.pos..self.end, 0);
             self.end -= self.pos;
             self.pos = 0;
         }
-        if self.buf.len() - self.end < RX_CHUNK / 4 && self.buf.len() < RX_MAX {
-            let want = (self.buf.len() * 2).clamp(RX_CHUNK, RX_MAX);
-            self.buf.resize(want, 0);
+        let len = self.buf.len();
+        let room = len - self.end;
+        let streaming = std::mem::take(&mut self.filled_room);
+        let grow = if len < RX_CHUNK {
+            room <= len / 4 || streaming
+        } else {
+            room < RX_CHUNK / 4
+        };
+        if grow && len < RX_MAX {
+            self.buf.resize((len * 2).min(RX_MAX), 0);
         }
     }
 
@@ -139,6 +159,7 @@ impl RxBuf {
     }
 
     fn filled(&mut self, n: usize) {
+        self.filled_room = n == self.buf.len() - self.end;
         self.end += n;
     }
 }
@@ -645,7 +666,8 @@ impl Client {
 impl State {
     fn new(leftover: &[u8]) -> State {
         State {
-            out: Vec::with_capacity(64 * 1024),
+            // Grown by the requests that need it, like `rx`.
+            out: Vec::new(),
             out_pos: 0,
             rx: RxBuf::new(leftover),
             slots: Slab::new(),
@@ -909,6 +931,41 @@ mod tests {
         match st.slots.remove(id as usize) {
             Slot::Done(r) => r,
             _ => panic!("request {id} has no reply"),
+        }
+    }
+
+    #[test]
+    fn a_new_client_holds_small_buffers_and_grows_them_only_for_streams() {
+        let mut st = State::new(&[]);
+        assert_eq!(st.rx.buf.len(), RX_START);
+        assert_eq!(st.out.capacity(), 0);
+        // Small replies one at a time (a stat, a 4 KiB read): no growth.
+        let mut done = Dispatched::default();
+        for _ in 0..100 {
+            let id = waiting(&mut st);
+            let mut data = Vec::new();
+            put_str(&mut data, &[7; 4096]);
+            let largest = pump(&mut st, &packet(fxp::DATA, id, &data), &mut done).unwrap();
+            assert_eq!(largest, RX_START);
+            assert!(matches!(take(&mut st, id), Ok(Reply::Data(d)) if d.len() == 4096));
+        }
+        // Many replies at once, more than the buffer holds: reads fill the
+        // room and the buffer doubles, to about the read size.
+        let mut wire = Vec::new();
+        let ids: Vec<u32> = (0..20_000).map(|_| waiting(&mut st)).collect();
+        for &id in &ids {
+            wire.extend(ok_status(id));
+        }
+        let largest = pump(&mut st, &wire, &mut done).unwrap();
+        assert!(
+            largest > RX_START && largest <= 2 * RX_CHUNK,
+            "grew to {largest}"
+        );
+        for id in ids {
+            assert!(matches!(
+                take(&mut st, id),
+                Ok(Reply::Status { code: 0, .. })
+            ));
         }
     }
 

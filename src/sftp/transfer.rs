@@ -640,6 +640,8 @@ async fn receive(
                     .map_err(|e| local_err(dest, e))?;
                 total += data.len() as u64;
                 progress.add(data.len() as u64);
+                // For the next reply (see `codec::data_buffer`).
+                crate::reactor::buffers::keep(data);
                 // A short read that ends exactly at the size the server
                 // announced: the server's read(2) stopped at the end of
                 // the file. This saves a READ per file (a quarter of the
