@@ -149,7 +149,8 @@ impl RxBuf {
             room < RX_CHUNK / 4
         };
         if grow && len < RX_MAX {
-            self.buf.resize((len * 2).min(RX_MAX), 0);
+            // (An empty buffer, as `mem::take` leaves, grows too.)
+            self.buf.resize((len * 2).clamp(RX_START, RX_MAX), 0);
         }
     }
 

@@ -475,12 +475,20 @@ pub(crate) fn reply_id(body: &[u8]) -> Option<u32> {
 /// receives one large reply after another, and a fresh allocation each
 /// time, served by `mmap` whenever malloc's threshold is below it, paid a
 /// page fault per 4 KiB.
+///
+/// Only a buffer at most twice the reply's size is used: a larger one
+/// (a session's receive buffer) stays for the IO it was kept for, and no
+/// reply handed to a caller carries a large spare capacity.
 fn data_buffer(bytes: &[u8]) -> Vec<u8> {
     match crate::reactor::buffers::take(bytes.len()) {
-        Some(mut buf) => {
+        Some(mut buf) if buf.capacity() <= 2 * bytes.len() => {
             buf.truncate(bytes.len());
             buf.copy_from_slice(bytes);
             buf
+        }
+        Some(other) => {
+            crate::reactor::buffers::keep(other);
+            bytes.to_vec()
         }
         None => bytes.to_vec(),
     }
@@ -606,11 +614,19 @@ mod tests {
             let d = data_buffer(&reply);
             assert_eq!(d.as_ptr(), at, "the kept buffer is reused");
             assert_eq!(d, reply);
-            // Small replies are plain allocations, not kept buffers.
+            // Small replies are plain allocations, not kept buffers; nor
+            // are replies of less than half a kept buffer.
             crate::reactor::buffers::keep(d);
             let small = data_buffer(&[1, 2, 3]);
             assert_ne!(small.as_ptr(), at);
             assert_eq!(small, [1, 2, 3]);
+            let half = data_buffer(&[9; 100_000]);
+            assert_ne!(half.as_ptr(), at, "a buffer over twice the reply is left");
+            assert_eq!(half, [9; 100_000]);
+            assert_eq!(
+                crate::reactor::buffers::take(256 * 1024).map(|b| b.as_ptr()),
+                Some(at)
+            );
         })
         .join()
         .unwrap();
