@@ -52,6 +52,11 @@ pub(crate) fn keep(buf: Vec<u8>) {
 /// A kept buffer of at least `size` initialized bytes (its length), if the
 /// thread keeps one: the smallest that fits.
 pub(crate) fn take(size: usize) -> Option<Vec<u8>> {
+    take_within(size, usize::MAX)
+}
+
+/// [`take`], among the kept buffers of at most `max_capacity` bytes only.
+pub(crate) fn take_within(size: usize, max_capacity: usize) -> Option<Vec<u8>> {
     if size < KEEP_MIN {
         return None;
     }
@@ -61,7 +66,7 @@ pub(crate) fn take(size: usize) -> Option<Vec<u8>> {
             .bufs
             .iter()
             .enumerate()
-            .filter(|(_, b)| b.len() >= size)
+            .filter(|(_, b)| b.len() >= size && b.capacity() <= max_capacity)
             .min_by_key(|(_, b)| b.len())?;
         let buf = k.bufs.swap_remove(i);
         k.bytes -= buf.capacity();

@@ -480,15 +480,11 @@ pub(crate) fn reply_id(body: &[u8]) -> Option<u32> {
 /// (a session's receive buffer) stays for the IO it was kept for, and no
 /// reply handed to a caller carries a large spare capacity.
 fn data_buffer(bytes: &[u8]) -> Vec<u8> {
-    match crate::reactor::buffers::take(bytes.len()) {
-        Some(mut buf) if buf.capacity() <= 2 * bytes.len() => {
+    match crate::reactor::buffers::take_within(bytes.len(), 2 * bytes.len()) {
+        Some(mut buf) => {
             buf.truncate(bytes.len());
             buf.copy_from_slice(bytes);
             buf
-        }
-        Some(other) => {
-            crate::reactor::buffers::keep(other);
-            bytes.to_vec()
         }
         None => bytes.to_vec(),
     }
