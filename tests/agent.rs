@@ -39,11 +39,13 @@ impl TestAgent {
             .stderr(Stdio::null())
             .spawn()
             .unwrap_or_else(|e| panic!("spawn {SSH_AGENT}: {e}"));
+        // Until the agent accepts: it creates the socket file at bind(),
+        // before listen(), and a connect in between is refused.
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !sock.exists() {
+        while std::os::unix::net::UnixStream::connect(&sock).is_err() {
             assert!(
                 Instant::now() < deadline,
-                "ssh-agent did not create {sock:?}"
+                "ssh-agent did not listen on {sock:?}"
             );
             std::thread::sleep(Duration::from_millis(10));
         }
