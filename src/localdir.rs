@@ -18,12 +18,15 @@
 //! Paths given by the caller (the destination root itself, or a file of
 //! `download_many`) are the caller's choice and are opened as given.
 
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::ffi::{CStr, CString, OsStr, OsString};
 use std::fs;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 use std::sync::OnceLock;
 
 use crate::error::{Error, Result};
@@ -223,7 +226,9 @@ impl RelPath {
 /// following symbolic links and without leaving it.
 #[derive(Debug)]
 pub(crate) struct ConfinedDir {
-    fd: OwnedFd,
+    /// Shared with the ring ops that work in this directory, so that the
+    /// number stays this directory's until the last of them completes.
+    fd: Rc<OwnedFd>,
     /// Where it is, for messages.
     path: PathBuf,
 }
@@ -257,7 +262,7 @@ impl ConfinedDir {
         let fd = openat(libc::AT_FDCWD, &c, libc::O_RDONLY | libc::O_DIRECTORY, 0)
             .map_err(|e| local_error(path, e))?;
         Ok(ConfinedDir {
-            fd,
+            fd: Rc::new(fd),
             path: path.to_owned(),
         })
     }
@@ -274,7 +279,7 @@ impl ConfinedDir {
         let fd = openat(libc::AT_FDCWD, &c, libc::O_RDONLY | libc::O_DIRECTORY, 0)
             .map_err(|e| local_error(p, e))?;
         Ok(ConfinedDir {
-            fd,
+            fd: Rc::new(fd),
             path: p.to_owned(),
         })
     }
@@ -297,14 +302,21 @@ impl ConfinedDir {
     fn dir_with(&self, rel: &RelPath, create: bool, use_openat2: bool) -> Result<ConfinedDir> {
         let display = self.path.join(rel.to_path());
         if rel.0.is_empty() {
-            let fd = self.fd.try_clone().map_err(|e| local_error(&display, e))?;
-            return Ok(ConfinedDir { fd, path: display });
+            return Ok(ConfinedDir {
+                fd: self.fd.clone(),
+                path: display,
+            });
         }
         // Fast path: the whole directory exists.
         if use_openat2 {
             let joined = cstr(rel.to_path().as_os_str()).map_err(|e| local_error(&display, e))?;
             match openat2_beneath(self.fd.as_raw_fd(), &joined) {
-                Ok(fd) => return Ok(ConfinedDir { fd, path: display }),
+                Ok(fd) => {
+                    return Ok(ConfinedDir {
+                        fd: Rc::new(fd),
+                        path: display,
+                    });
+                }
                 Err(e) if e.raw_os_error() == Some(libc::ENOENT) && create => {}
                 Err(e) => return Err(local_error(&display, e)),
             }
@@ -359,7 +371,10 @@ impl ConfinedDir {
             cur = Some(fd);
         }
         let fd = cur.expect("at least one component");
-        Ok(ConfinedDir { fd, path: display })
+        Ok(ConfinedDir {
+            fd: Rc::new(fd),
+            path: display,
+        })
     }
 
     /// Creates `name` in this directory for writing: exclusive (fails if
@@ -378,12 +393,16 @@ impl ConfinedDir {
         let fd =
             openat(self.fd.as_raw_fd(), &c, flags, mode).map_err(|e| local_error(&display, e))?;
         let file = fs::File::from(fd);
-        let meta = file.metadata().map_err(|e| local_error(&display, e))?;
-        if !meta.is_file() {
-            return Err(Error::OutsideDestination {
-                path: display,
-                reason: "not a regular file".into(),
-            });
+        // `O_CREAT | O_EXCL` succeeds only by creating a regular file: the
+        // check is for a name that already stood there.
+        if !exclusive {
+            let meta = file.metadata().map_err(|e| local_error(&display, e))?;
+            if !meta.is_file() {
+                return Err(Error::OutsideDestination {
+                    path: display,
+                    reason: "not a regular file".into(),
+                });
+            }
         }
         Ok(file)
     }
@@ -449,6 +468,52 @@ impl ConfinedDir {
             return Err(e);
         }
         Ok(())
+    }
+}
+
+/// The directories below one root that files are being written into,
+/// each opened once (beneath the root, without following links) and kept
+/// for the files that follow: a tree of many small files costs no
+/// `openat2` and `close` per file.
+pub(crate) struct DirCache {
+    root: Rc<ConfinedDir>,
+    open: RefCell<HashMap<RelPath, Rc<ConfinedDir>>>,
+}
+
+/// Directories a [`DirCache`] keeps open at most; past that it starts
+/// over (files still being written keep their own directory open).
+const DIRS_KEPT: usize = 64;
+
+impl DirCache {
+    /// A cache of the directories below `root`.
+    pub(crate) fn new(root: Rc<ConfinedDir>) -> DirCache {
+        DirCache {
+            root,
+            open: RefCell::default(),
+        }
+    }
+
+    /// The root itself.
+    pub(crate) fn root(&self) -> &Rc<ConfinedDir> {
+        &self.root
+    }
+
+    /// The directory at `rel` below the root, created where missing (see
+    /// [`ConfinedDir::dir`]).
+    pub(crate) fn dir(&self, rel: &RelPath) -> Result<Rc<ConfinedDir>> {
+        if rel.depth() == 0 {
+            return Ok(self.root.clone());
+        }
+        if let Some(d) = self.open.borrow().get(rel) {
+            return Ok(d.clone());
+        }
+        let d = Rc::new(self.root.dir(rel, true)?);
+        let mut open = self.open.borrow_mut();
+        if open.len() >= DIRS_KEPT {
+            open.clear();
+        }
+        open.insert(rel.clone(), d.clone());
+        Ok(d)
     }
 }
 
@@ -589,6 +654,34 @@ mod tests {
             .dir_with(&RelPath(vec!["..".into()]), true, use_openat2)
             .unwrap_err();
         assert!(matches!(e, Error::OutsideDestination { .. }), "{e}");
+    }
+
+    #[test]
+    fn a_cached_directory_is_opened_once_and_links_stay_refused() {
+        let t = tempfile::tempdir().unwrap();
+        let cache = DirCache::new(Rc::new(ConfinedDir::open_root(t.path()).unwrap()));
+        let ab = rel(&["a", "b"]);
+        let first = cache.dir(&ab).unwrap();
+        assert!(t.path().join("a/b").is_dir());
+        assert!(Rc::ptr_eq(&first, &cache.dir(&ab).unwrap()));
+        assert!(Rc::ptr_eq(cache.root(), &cache.dir(&rel(&[])).unwrap()));
+        // A link planted where a directory should be is refused through
+        // the cache as through `ConfinedDir::dir`.
+        let outside = tempfile::tempdir().unwrap();
+        symlink(outside.path(), t.path().join("a/c")).unwrap();
+        assert!(matches!(
+            cache.dir(&rel(&["a", "c", "d"])),
+            Err(Error::OutsideDestination { .. })
+        ));
+        assert_eq!(fs::read_dir(outside.path()).unwrap().count(), 0);
+        // The cache holds a bounded number of directories.
+        for i in 0..DIRS_KEPT + 5 {
+            cache.dir(&rel(&["many", &i.to_string()])).unwrap();
+            assert!(cache.open.borrow().len() <= DIRS_KEPT);
+        }
+        // A directory still in use stays usable after the cache let go.
+        first.create_file(OsStr::new("f"), 0o600, true).unwrap();
+        assert!(t.path().join("a/b/f").is_file());
     }
 
     #[test]

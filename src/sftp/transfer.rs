@@ -36,7 +36,7 @@ use super::file::open_handle;
 use super::pipeline::{Chunk, ReadPipeline, WritePipeline};
 use super::{Sftp, wire};
 use crate::error::{Error, InvalidInput, Result};
-use crate::localdir::{self, ConfinedDir, RelPath, check_name, escape_name};
+use crate::localdir::{self, ConfinedDir, DirCache, RelPath, check_name, escape_name};
 
 /// Progress of a many-file transfer, as reported to the callback.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -461,7 +461,7 @@ enum Place {
     Given,
     /// `rel` beneath `root`, from a server's listing: reached without
     /// following links and without leaving `root`.
-    Beneath { root: Rc<ConfinedDir>, rel: RelPath },
+    Beneath { dirs: Rc<DirCache>, rel: RelPath },
 }
 
 /// A file to move and where it goes.
@@ -479,7 +479,7 @@ impl Job {
     }
 
     /// The local directory a download writes into and the file's name.
-    fn local_target(&self) -> Result<(ConfinedDir, OsString)> {
+    fn local_target(&self) -> Result<(Rc<ConfinedDir>, OsString)> {
         match &self.place {
             Place::Given => {
                 let local = &self.item.local;
@@ -490,15 +490,15 @@ impl Job {
                     })
                 })?;
                 let parent = local.parent().unwrap_or(Path::new(""));
-                Ok((ConfinedDir::open_given(parent)?, name.to_owned()))
+                Ok((Rc::new(ConfinedDir::open_given(parent)?), name.to_owned()))
             }
-            Place::Beneath { root, rel } => {
+            Place::Beneath { dirs, rel } => {
                 let (parent, name) =
                     rel.split_last()
                         .ok_or(Error::InvalidInput(InvalidInput::Usage(
                             "a tree's root is not a file",
                         )))?;
-                Ok((root.dir(&parent, true)?, name.to_owned()))
+                Ok((dirs.dir(&parent)?, name.to_owned()))
             }
         }
     }
@@ -537,7 +537,7 @@ struct ProgressMark {
 async fn download_one(
     lane: &Lane,
     item: &TransferItem,
-    target: &(ConfinedDir, OsString),
+    target: &(Rc<ConfinedDir>, OsString),
     opts: &TransferOptions,
     progress: &Moved<'_>,
 ) -> Result<u64> {
@@ -841,7 +841,7 @@ enum Direction {
 async fn unchanged(
     lane: &Lane,
     item: &TransferItem,
-    target: Option<&(ConfinedDir, OsString)>,
+    target: Option<&(Rc<ConfinedDir>, OsString)>,
     dir: Direction,
 ) -> bool {
     match dir {
@@ -1179,7 +1179,8 @@ enum Found {
 /// are made. Every refusal is recorded as an error of its own.
 struct TreeRules<'a> {
     remote: &'a Path,
-    root: Rc<ConfinedDir>,
+    /// The destination and the directories opened below it.
+    dirs: Rc<DirCache>,
     opts: &'a TransferOptions,
     /// Entries accepted so far (files, directories, links).
     entries: Cell<u64>,
@@ -1203,7 +1204,7 @@ impl TreeRules<'_> {
     }
 
     fn local_path(&self, rel: &RelPath) -> PathBuf {
-        self.root.path().join(rel.to_path())
+        self.dirs.root().path().join(rel.to_path())
     }
 
     /// One entry of the listing of `rel`: checked, counted, and for a
@@ -1247,7 +1248,7 @@ impl TreeRules<'_> {
                 self.error(self.remote_path(&child), e);
                 return Found::Nothing;
             }
-            match self.root.dir(&child, true) {
+            match self.dirs.dir(&child) {
                 Ok(_) => Found::Dir(child),
                 Err(e) => {
                     self.error(self.local_path(&child), e);
@@ -1269,7 +1270,7 @@ impl TreeRules<'_> {
                 attrs: Some(a.clone()),
             };
             let place = Place::Beneath {
-                root: self.root.clone(),
+                dirs: self.dirs.clone(),
                 rel: child,
             };
             Found::File(Job { item, place })
@@ -1289,10 +1290,7 @@ impl TreeRules<'_> {
             self.skipped_links.borrow_mut().push(self.remote_path(rel));
             return;
         }
-        let made = self
-            .root
-            .dir(&parent, true)
-            .and_then(|d| d.symlink(target, name));
+        let made = self.dirs.dir(&parent).and_then(|d| d.symlink(target, name));
         if let Err(e) = made {
             self.error(self.local_path(rel), e);
         }
@@ -1534,7 +1532,7 @@ pub async fn download_tree_over(
         sftp: first,
         rules: TreeRules {
             remote,
-            root,
+            dirs: Rc::new(DirCache::new(root)),
             opts,
             entries: Cell::new(0),
             stopped: Cell::new(false),
@@ -1762,7 +1760,7 @@ pub(crate) fn fuzz_tree(data: &[u8]) {
     let root = Rc::new(ConfinedDir::open_root(&root_path).expect("sandbox root"));
     let rules = TreeRules {
         remote: Path::new("/srv"),
-        root,
+        dirs: Rc::new(DirCache::new(root)),
         opts: &opts,
         entries: Cell::new(0),
         stopped: Cell::new(false),
