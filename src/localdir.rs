@@ -30,6 +30,7 @@ use std::rc::Rc;
 use std::sync::OnceLock;
 
 use crate::error::{Error, Result};
+use crate::reactor::files::{self, HeldFd};
 
 /// Longest name accepted from a server (Linux's `NAME_MAX`).
 pub(crate) const NAME_MAX: usize = 255;
@@ -380,8 +381,15 @@ impl ConfinedDir {
     /// Creates `name` in this directory for writing: exclusive (fails if
     /// anything stands there) when `exclusive`, else truncating an existing
     /// regular file. Never opens through a link; refuses anything but a
-    /// regular file (a FIFO or device planted there).
-    pub(crate) fn create_file(&self, name: &OsStr, mode: u32, exclusive: bool) -> Result<fs::File> {
+    /// regular file (a FIFO or device planted there). On a ring that does
+    /// local files the open is an op of the reactor; a caller gone before
+    /// it completes leaves the file removed.
+    pub(crate) async fn create_file(
+        &self,
+        name: &OsStr,
+        mode: u32,
+        exclusive: bool,
+    ) -> Result<fs::File> {
         let display = self.path.join(name);
         let c = component(&self.path, name)?;
         let mut flags = libc::O_WRONLY | libc::O_CREAT | libc::O_NOFOLLOW | libc::O_NONBLOCK;
@@ -390,9 +398,15 @@ impl ConfinedDir {
         } else {
             libc::O_TRUNC
         };
-        let fd =
-            openat(self.fd.as_raw_fd(), &c, flags, mode).map_err(|e| local_error(&display, e))?;
-        let file = fs::File::from(fd);
+        let (dir, created) = (self.fd.clone(), c.clone());
+        let abandoned = move || {
+            // SAFETY: `created` is NUL-terminated and `dir` held open by
+            // this closure; unlinkat removes that name in that directory.
+            unsafe { libc::unlinkat(dir.as_raw_fd(), created.as_ptr(), 0) };
+        };
+        let file = files::open_at(&self.held(), &c, flags, mode, abandoned)
+            .await
+            .map_err(|e| local_error(&display, e))?;
         // `O_CREAT | O_EXCL` succeeds only by creating a regular file: the
         // check is for a name that already stood there.
         if !exclusive {
@@ -405,6 +419,11 @@ impl ConfinedDir {
             }
         }
         Ok(file)
+    }
+
+    /// This directory's fd, for the reactor's file ops to hold.
+    pub(crate) fn held(&self) -> HeldFd {
+        self.fd.clone()
     }
 
     /// `lstat` of `name` in this directory.
@@ -434,6 +453,16 @@ impl ConfinedDir {
         // SAFETY: both names NUL-terminated, the fd open for the call.
         let r = unsafe { libc::renameat(fd, f.as_ptr(), fd, t.as_ptr()) };
         check(r).map_err(|e| local_error(&display, e))
+    }
+
+    /// [`ConfinedDir::rename`] as an op of the reactor where the ring does
+    /// local files.
+    pub(crate) async fn rename_file(&self, from: &OsStr, to: &OsStr) -> Result<()> {
+        let display = self.path.join(to);
+        let (f, t) = (component(&self.path, from)?, component(&self.path, to)?);
+        files::rename_at(&self.held(), &f, &t)
+            .await
+            .map_err(|e| local_error(&display, e))
     }
 
     /// Removes the file (or link) `name` of this directory.
@@ -535,6 +564,7 @@ pub(crate) fn temp_name(name: &OsStr) -> OsString {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::reactor::files::now;
     use std::os::unix::fs::symlink;
 
     #[test]
@@ -607,7 +637,7 @@ mod tests {
             .dir_with(&rel(&["a", "b", "c"]), true, use_openat2)
             .unwrap();
         assert!(t.path().join("dest/a/b/c").is_dir());
-        d.create_file(OsStr::new("f"), 0o644, true).unwrap();
+        now(d.create_file(OsStr::new("f"), 0o644, true)).unwrap();
         assert!(t.path().join("dest/a/b/c/f").is_file());
 
         // A link planted in the destination, to a directory outside.
@@ -625,11 +655,11 @@ mod tests {
         // A link where a file goes: creating refuses it, renaming replaces it.
         let a = root.dir_with(&rel(&["a"]), false, use_openat2).unwrap();
         symlink(outside.join("target"), t.path().join("dest/a/file")).unwrap();
-        let e = a.create_file(OsStr::new("file"), 0o644, false).unwrap_err();
+        let e = now(a.create_file(OsStr::new("file"), 0o644, false)).unwrap_err();
         assert!(matches!(e, Error::OutsideDestination { .. }), "{e}");
-        let e = a.create_file(OsStr::new("file"), 0o644, true).unwrap_err();
+        let e = now(a.create_file(OsStr::new("file"), 0o644, true)).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::AlreadyExists, "{e}");
-        a.create_file(OsStr::new("tmp"), 0o644, true).unwrap();
+        now(a.create_file(OsStr::new("tmp"), 0o644, true)).unwrap();
         a.rename(OsStr::new("tmp"), OsStr::new("file")).unwrap();
         assert!(
             fs::symlink_metadata(t.path().join("dest/a/file"))
@@ -642,7 +672,7 @@ mod tests {
         for bad in ["..", "../x", "a/b", ""] {
             let bad = OsStr::new(bad);
             assert!(matches!(
-                a.create_file(bad, 0o644, true),
+                now(a.create_file(bad, 0o644, true)),
                 Err(Error::OutsideDestination { .. })
             ));
             assert!(a.rename(OsStr::new("file"), bad).is_err());
@@ -680,7 +710,7 @@ mod tests {
             assert!(cache.open.borrow().len() <= DIRS_KEPT);
         }
         // A directory still in use stays usable after the cache let go.
-        first.create_file(OsStr::new("f"), 0o600, true).unwrap();
+        now(first.create_file(OsStr::new("f"), 0o600, true)).unwrap();
         assert!(t.path().join("a/b/f").is_file());
     }
 

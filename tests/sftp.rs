@@ -586,6 +586,64 @@ fn build_tree(root: &Path, small: usize) -> Vec<(PathBuf, String)> {
     files
 }
 
+/// Each local-files mode downloads a synced tree intact, and makes its
+/// file calls where the mode says: on the ring engine, `Sync` one `fsync`
+/// per file on the ring, `All` also the create, writes and rename,
+/// `Blocking` none; on the poll engine every mode is blocking.
+#[tokio::test]
+async fn synced_tree_downloads_make_their_file_calls_where_the_mode_says() {
+    use uring_ssh::reactor::{self, Backend, LocalFiles};
+    let sshd = Sshd::start();
+    let (_s, sftp) = sftp(&sshd).await;
+    let d = scratch();
+    let src = d.path().join("src");
+    let files = build_tree(&src, 200);
+    let ring = reactor::init().unwrap().backend == Backend::IoUring;
+    let opts = TransferOptions {
+        fsync: true,
+        ..Default::default()
+    };
+    for (i, mode) in [LocalFiles::Sync, LocalFiles::All, LocalFiles::Blocking]
+        .into_iter()
+        .enumerate()
+    {
+        let in_effect = reactor::set_local_files(mode).unwrap();
+        assert_eq!(in_effect, if ring { mode } else { LocalFiles::Blocking });
+        let before = reactor::stats().unwrap().file_ops;
+        let down = d.path().join(format!("down{i}"));
+        let report = sftp.download_tree(&src, &down, &opts).await;
+        assert!(report.is_complete(), "{mode:?}: {:?}", report.failed().next());
+        for (p, h) in &files {
+            assert_eq!(&sha256_file(&down.join(p)), h, "{mode:?} {}", p.display());
+        }
+        // Nothing but the tree: no temporary left behind.
+        for e in walk(&down) {
+            let n = e.file_name().unwrap().to_string_lossy().into_owned();
+            assert!(!n.ends_with(".part"), "{mode:?}: {n} left behind");
+        }
+        let n = files.len() as u64;
+        let on_ring = reactor::stats().unwrap().file_ops - before;
+        match in_effect {
+            LocalFiles::Blocking => assert_eq!(on_ring, 0),
+            LocalFiles::Sync => assert_eq!(on_ring, n, "one fsync per file"),
+            LocalFiles::All => assert!(on_ring >= 4 * n, "{on_ring} calls for {n} files"),
+        }
+    }
+}
+
+/// Every entry below `dir`, recursively.
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let p = e.path();
+        if e.file_type().unwrap().is_dir() {
+            out.extend(walk(&p));
+        }
+        out.push(p);
+    }
+    out
+}
+
 #[tokio::test]
 async fn trees_of_two_thousand_files_both_ways() {
     let sshd = Sshd::start();

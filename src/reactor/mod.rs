@@ -21,6 +21,7 @@
 pub(crate) mod buffers;
 #[cfg(test)]
 mod engine_tests;
+pub(crate) mod files;
 mod local;
 mod op;
 mod poll;
@@ -45,7 +46,7 @@ use tokio::io::unix::AsyncFd;
 use crate::error::{Error, InvalidInput, RuntimeError};
 
 pub(crate) use op::{Completion, Op, Resources, SharedFd};
-pub use probe::{Features, TASK_WORK_ENV, TaskWork};
+pub use probe::{Features, LOCAL_FILES_ENV, LocalFiles, TASK_WORK_ENV, TaskWork};
 
 /// Iterations of submit + reap in one driver poll before yielding.
 const DRIVER_BUDGET: usize = 64;
@@ -147,6 +148,9 @@ pub struct Stats {
     /// Background tasks the reactor runs (the relays of sessions through
     /// a jump session).
     pub background_tasks: u64,
+    /// Local file calls (create, write, `fsync`, rename) made on the ring
+    /// rather than blocking (see [`LocalFiles`]).
+    pub file_ops: u64,
 }
 
 impl std::ops::Add for Stats {
@@ -164,6 +168,7 @@ impl std::ops::Add for Stats {
             cancels_missed: self.cancels_missed + o.cancels_missed,
             syscalls: self.syscalls + o.syscalls,
             background_tasks: self.background_tasks + o.background_tasks,
+            file_ops: self.file_ops + o.file_ops,
         }
     }
 }
@@ -193,7 +198,17 @@ pub(crate) enum OpKind {
     Close(std::os::fd::RawFd),
     /// A timer: completes with `-ETIME` after this long.
     Timeout(Duration),
+    /// `openat(file, path, flags | O_CLOEXEC, mode)`: a new fd, which the
+    /// op's `unclaimed` closes if its owner is gone.
+    OpenAt { flags: i32, mode: u32 },
+    /// `pwrite(file, buf[offset..], at + offset)`.
+    Write { at: u64 },
+    /// `renameat(file, path, file, path2)`: both names in one directory.
+    RenameAt,
+    /// `fsync(file)`.
+    Fsync,
 }
+
 
 /// Where an op stands between its start and the moment its slot is freed,
 /// and who gets its result.
@@ -372,7 +387,7 @@ pub struct Reactor {
     driver_runtime: Cell<Option<tokio::runtime::Id>>,
     /// Bumped for each new driver task; an older one stops.
     driver_epoch: Cell<u64>,
-    features: Features,
+    features: Cell<Features>,
     stats: Cell<Stats>,
     thread: ThreadId,
     /// Background tasks the driver polls.
@@ -383,7 +398,7 @@ impl std::fmt::Debug for Reactor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Reactor")
             .field("stats", &self.stats())
-            .field("features", &self.features)
+            .field("features", &self.features.get())
             .finish()
     }
 }
@@ -418,7 +433,7 @@ thread_local! {
 ///
 /// Must be called inside a tokio current-thread runtime.
 pub fn init() -> Result<Features, Error> {
-    Reactor::current().map(|r| r.features)
+    Reactor::current().map(|r| r.features())
 }
 
 /// Creates this thread's reactor on `backend`, or checks that the existing
@@ -429,13 +444,36 @@ pub fn init() -> Result<Features, Error> {
 /// Must be called inside a tokio current-thread runtime.
 pub fn init_with(backend: Backend) -> Result<Features, Error> {
     let r = Reactor::current_with(Choice::Only(backend))?;
-    if r.features.backend != backend {
+    if r.features().backend != backend {
         return Err(Error::Runtime(RuntimeError::BackendMismatch {
-            running: r.features.backend,
+            running: r.features().backend,
             asked: backend,
         }));
     }
-    Ok(r.features)
+    Ok(r.features())
+}
+
+/// Sets which local file calls of transfers this thread's reactor makes on
+/// its ring (see [`LocalFiles`]): e.g. [`LocalFiles::All`] for a
+/// destination on a network filesystem, where creating or renaming a file
+/// waits on the network. Returns the mode in effect, which is
+/// [`LocalFiles::Blocking`] where the engine cannot do better (the poll
+/// engine, a kernel without the file opcodes).
+///
+/// Must be called inside a tokio current-thread runtime.
+pub fn set_local_files(mode: LocalFiles) -> Result<LocalFiles, Error> {
+    let r = Reactor::current()?;
+    let f = r.features();
+    let mode = if f.file_opcodes {
+        mode
+    } else {
+        LocalFiles::Blocking
+    };
+    r.features.set(Features {
+        local_files: mode,
+        ..f
+    });
+    Ok(mode)
 }
 
 /// Counters of this thread's reactor, or `None` if the thread has none yet.
@@ -527,7 +565,7 @@ impl Reactor {
             driver_scheduled: Cell::new(false),
             driver_runtime: Cell::new(None),
             driver_epoch: Cell::new(0),
-            features,
+            features: Cell::new(features),
             stats: Cell::new(Stats::default()),
             thread: std::thread::current().id(),
             tasks: local::LocalTasks::default(),
@@ -560,14 +598,18 @@ impl Reactor {
             cancel_by_fd: true,
             task_work: TaskWork::Signal,
             registered_ring: false,
+            local_files: LocalFiles::Blocking,
+            file_opcodes: false,
         };
         Ok((AnyEngine::Poll(poll), features))
     }
 
     /// What runs this reactor, and what it supports.
     pub fn features(&self) -> Features {
-        self.features
+        self.features.get()
     }
+
+
 
     /// A snapshot of the counters.
     pub fn stats(&self) -> Stats {
@@ -577,7 +619,7 @@ impl Reactor {
         }
     }
 
-    fn bump(&self, f: impl FnOnce(&mut Stats)) {
+    pub(crate) fn bump(&self, f: impl FnOnce(&mut Stats)) {
         let mut s = self.stats.get();
         f(&mut s);
         self.stats.set(s);
@@ -708,7 +750,7 @@ impl Reactor {
     /// Asks the engine to cancel every request on `fd`. Only where
     /// [`Features::cancel_by_fd`] holds.
     pub(crate) fn cancel_fd(&self, fd: &Rc<SharedFd>) {
-        debug_assert!(self.features.cancel_by_fd);
+        debug_assert!(self.features.get().cancel_by_fd);
         self.engine.cancel_fd(self, fd);
     }
 
@@ -775,6 +817,8 @@ impl Reactor {
     fn deliver(&self, done: Vec<(OpId, i32)>) {
         let mut callbacks: Vec<(Callback, Completion)> = Vec::new();
         let mut dead: Vec<Resources> = Vec::new();
+        // Results nobody takes, with what to do about them.
+        let mut unclaimed: Vec<(Box<dyn FnOnce(i32)>, i32)> = Vec::new();
         let mut wakers: Vec<Waker> = Vec::new();
         let mut finished = 0u64;
         let mut orphans_done = 0u64;
@@ -800,12 +844,15 @@ impl Reactor {
                     }
                     Lifecycle::Detached => {
                         finished += 1;
-                        dead.push(slots.remove(id.key()).resources);
+                        let mut resources = slots.remove(id.key()).resources;
+                        unclaimed.extend(resources.unclaimed.take().map(|f| (f, result)));
+                        dead.push(resources);
                     }
                     Lifecycle::Orphaned => {
                         finished += 1;
                         orphans_done += 1;
                         let mut resources = slots.remove(id.key()).resources;
+                        unclaimed.extend(resources.unclaimed.take().map(|f| (f, result)));
                         // Its owner is gone: the buffer serves the thread's
                         // next ops rather than going back to malloc.
                         buffers::keep(std::mem::take(&mut resources.buf));
@@ -855,6 +902,9 @@ impl Reactor {
             w.wake();
         }
         drop(dead);
+        for (f, result) in unclaimed {
+            f(result);
+        }
         // A panicking callback must not cost the others their completion:
         // run them all, then re-raise the first panic.
         let mut panic = None;
@@ -920,10 +970,13 @@ impl Reactor {
             return false;
         }
         match slot.lifecycle {
-            Lifecycle::Completed(_) => {
-                let slot = slots.remove(id.key());
+            Lifecycle::Completed(result) => {
+                let mut slot = slots.remove(id.key());
                 drop(slots);
                 self.bump(|s| s.ops_in_flight -= 1);
+                if let Some(f) = slot.resources.unclaimed.take() {
+                    f(result);
+                }
                 drop(slot);
                 false
             }

@@ -2,6 +2,7 @@
 //! waits for one.
 
 use std::future::Future;
+use std::ffi::CString;
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::RawFd;
@@ -32,6 +33,18 @@ pub(crate) struct Resources {
     /// Socket address of a connect op (only held, for the kernel to read).
     #[allow(dead_code)]
     pub addr: Option<Box<(libc::sockaddr_storage, libc::socklen_t)>>,
+    /// The local file or directory a file op names by number, held open
+    /// until the op completes so that the number cannot be reused for
+    /// another file meanwhile.
+    pub file: Option<super::files::HeldFd>,
+    /// The name a file op opens or renames (its first name).
+    pub path: Option<CString>,
+    /// The second name of a rename.
+    pub path2: Option<CString>,
+    /// What to do with the result when nobody takes it (the owner gave up
+    /// before the completion): close the fd an open returned, remove what
+    /// it created.
+    pub unclaimed: Option<Box<dyn FnOnce(i32)>>,
 }
 
 /// The result of one op, and the resources it gives back.

@@ -94,7 +94,74 @@ pub struct Features {
     /// `io_uring_enter` names the ring by a registered index instead of
     /// its fd (`IORING_REGISTER_RING_FDS`, 5.18): no fd lookup per call.
     pub registered_ring: bool,
+    /// Which local file calls of downloads go through the ring (see
+    /// [`LocalFiles`]); [`LocalFiles::Blocking`] on the poll engine and on
+    /// kernels without the file opcodes.
+    pub local_files: LocalFiles,
+    /// The ring's kernel has the file opcodes (`IORING_OP_OPENAT`,
+    /// `WRITE`, `FSYNC`, `RENAMEAT`: 5.11), so any [`LocalFiles`] mode can
+    /// be set ([`super::set_local_files`]).
+    pub file_opcodes: bool,
 }
+
+/// Which local file calls go through the ring instead of blocking the
+/// thread that drives every session.
+///
+/// Measured on ext4 (`BENCHMARKS.md`, "Local files"): an `fsync` waits on
+/// the device and pays on the ring; creating, writing and renaming files
+/// in the page cache costs less as a blocking call than as a hand-off to
+/// the kernel's io-wq workers, which is where the ring runs them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum LocalFiles {
+    /// Every call blocks the thread (the poll engine, older kernels).
+    #[default]
+    Blocking,
+    /// `fsync` on the ring, the rest blocking: the default on a ring.
+    Sync,
+    /// Creates, writes, `fsync`s and renames on the ring: for
+    /// destinations where those wait on a network or a slow device.
+    All,
+}
+
+/// The environment variable that picks [`LocalFiles`] for ring threads:
+/// `sync` (or `auto`, the default), `all` or `blocking`.
+pub const LOCAL_FILES_ENV: &str = "URING_SSH_LOCAL_FILES";
+
+impl LocalFiles {
+    /// The mode a value of [`LOCAL_FILES_ENV`] asks for.
+    pub(crate) fn parse(value: &str) -> Result<LocalFiles, Error> {
+        Ok(match value.trim() {
+            "" | "auto" | "sync" => LocalFiles::Sync,
+            "all" | "ring" => LocalFiles::All,
+            "blocking" => LocalFiles::Blocking,
+            other => {
+                return Err(InvalidInput::Environment {
+                    variable: LOCAL_FILES_ENV,
+                    value: other.to_string(),
+                    expected: "sync, all, blocking or auto",
+                }
+                .into());
+            }
+        })
+    }
+
+    fn wanted() -> Result<LocalFiles, Error> {
+        match std::env::var(LOCAL_FILES_ENV) {
+            Err(std::env::VarError::NotPresent) => Ok(LocalFiles::Sync),
+            Ok(v) => Self::parse(&v),
+            Err(std::env::VarError::NotUnicode(v)) => Self::parse(&v.to_string_lossy()),
+        }
+    }
+}
+
+/// The file opcodes, all needed for [`LocalFiles::Sync`] or [`LocalFiles::All`].
+const FILE_OPCODES: &[u8] = &[
+    opcode::OpenAt::CODE,
+    opcode::Write::CODE,
+    opcode::Fsync::CODE,
+    opcode::RenameAt::CODE,
+];
+
 
 /// Creates a ring of `entries` submission slots, in the best task-work mode
 /// the kernel accepts (or the one [`TASK_WORK_ENV`] asks for), and checks
@@ -167,11 +234,18 @@ fn check(ring: IoUring, task_work: TaskWork) -> Result<(IoUring, Features), Erro
     }
     // The probe lists opcodes, not flags. The cancel flags (FD, ALL, ANY)
     // arrived in 5.19 together with IORING_OP_SOCKET, which serves as marker.
+    let file_opcodes = FILE_OPCODES.iter().all(|&c| probe.is_supported(c));
     let features = Features {
         backend: super::Backend::IoUring,
         cancel_by_fd: probe.is_supported(opcode::Socket::CODE),
         task_work,
         registered_ring: false,
+        local_files: if file_opcodes {
+            LocalFiles::wanted()?
+        } else {
+            LocalFiles::Blocking
+        },
+        file_opcodes,
     };
     Ok((ring, features))
 }

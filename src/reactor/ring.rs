@@ -119,6 +119,7 @@ impl RingEngine {
     /// The SQE that performs `kind` on `resources`; pointers in it point
     /// into `resources`, which the reactor keeps until the op's CQE.
     fn sqe(kind: OpKind, resources: &mut Resources) -> squeue::Entry {
+        let file = |r: &Resources| types::Fd(r.file.as_ref().map_or(-1, |f| f.as_raw_fd()));
         let fd = || types::Fd(resources.fd.as_ref().map_or(-1, |f| f.raw()));
         match kind {
             OpKind::Nop => opcode::Nop::new().build(),
@@ -158,6 +159,26 @@ impl RingEngine {
                     .insert(Box::new(types::Timespec::from(after)));
                 opcode::Timeout::new(&**ts as *const types::Timespec).build()
             }
+            OpKind::OpenAt { flags, mode } => {
+                let path = resources.path.as_ref().expect("open without a name");
+                opcode::OpenAt::new(file(resources), path.as_ptr())
+                    .flags(flags | libc::O_CLOEXEC)
+                    .mode(mode)
+                    .build()
+            }
+            OpKind::Write { at } => {
+                let rest = &resources.buf[resources.offset..];
+                opcode::Write::new(file(resources), rest.as_ptr(), rest.len() as u32)
+                    .offset(at + resources.offset as u64)
+                    .build()
+            }
+            OpKind::RenameAt => {
+                let dir = file(resources);
+                let from = resources.path.as_ref().expect("rename without a name");
+                let to = resources.path2.as_ref().expect("rename without a new name");
+                opcode::RenameAt::new(dir, from.as_ptr(), dir, to.as_ptr()).build()
+            }
+            OpKind::Fsync => opcode::Fsync::new(file(resources)).build(),
         }
     }
 

@@ -37,6 +37,7 @@ use super::pipeline::{Chunk, ReadPipeline, WritePipeline};
 use super::{Sftp, wire};
 use crate::error::{Error, InvalidInput, Result};
 use crate::localdir::{self, ConfinedDir, DirCache, RelPath, check_name, escape_name};
+use crate::reactor::files::{self, HeldFd};
 
 /// Progress of a many-file transfer, as reported to the callback.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -407,9 +408,10 @@ impl Drop for LocalTemp<'_> {
 }
 
 /// A downloaded file being written in its directory: under a temporary
-/// name or, not atomic, its own; removed if dropped unfinished.
+/// name or, not atomic, its own; removed if dropped unfinished. Its
+/// create, writes, sync, close and rename are the reactor's file ops.
 struct LocalFile<'a> {
-    file: fs::File,
+    file: Rc<fs::File>,
     /// The name written, for messages.
     path: PathBuf,
     name: &'a OsStr,
@@ -418,7 +420,7 @@ struct LocalFile<'a> {
 }
 
 impl<'a> LocalFile<'a> {
-    fn create(dir: &'a ConfinedDir, name: &'a OsStr, atomic: bool) -> Result<LocalFile<'a>> {
+    async fn create(dir: &'a ConfinedDir, name: &'a OsStr, atomic: bool) -> Result<LocalFile<'a>> {
         let written = if atomic {
             localdir::temp_name(name)
         } else {
@@ -426,9 +428,9 @@ impl<'a> LocalFile<'a> {
         };
         // Not exclusive only without a temporary: then an existing regular
         // file of that name is overwritten, but never a link's target.
-        let file = dir.create_file(&written, 0o666, atomic)?;
+        let file = dir.create_file(&written, 0o666, atomic).await?;
         Ok(LocalFile {
-            file,
+            file: Rc::new(file),
             path: dir.path().join(&written),
             name,
             atomic,
@@ -439,16 +441,39 @@ impl<'a> LocalFile<'a> {
         })
     }
 
+    /// Writes `data` at `at`; gives the buffer back.
+    async fn write_at(&self, data: Vec<u8>, at: u64) -> Result<Vec<u8>> {
+        let (r, data) = files::write_all_at(&(self.file.clone() as HeldFd), data, at).await;
+        r.map(|()| data).map_err(|e| local_err(&self.path, e))
+    }
+
+    /// `fsync` of the file.
+    async fn sync(&self) -> Result<()> {
+        files::fsync(&(self.file.clone() as HeldFd))
+            .await
+            .map_err(|e| local_err(&self.path, e))
+    }
+
     /// Closes the file and gives it its final name.
-    fn finish(mut self) -> Result<()> {
-        drop(self.file);
-        let written = self.temp.name.take().expect("named until finished");
-        if self.atomic
-            && let Err(e) = self.temp.dir.rename(&written, self.name)
-        {
-            let _ = self.temp.dir.unlink(&written);
-            return Err(e);
+    async fn finish(self) -> Result<()> {
+        let LocalFile {
+            file,
+            name,
+            atomic,
+            mut temp,
+            ..
+        } = self;
+        // No op holds the file any more: every write has completed.
+        if let Ok(file) = Rc::try_unwrap(file) {
+            files::close(file);
         }
+        let written = temp.name.clone().expect("named until finished");
+        if atomic {
+            // Named until renamed: if this is dropped meanwhile, the
+            // temporary is removed (and the rename, still queued, fails).
+            temp.dir.rename_file(&written, name).await?;
+        }
+        temp.name = None;
         Ok(())
     }
 }
@@ -558,17 +583,16 @@ async fn download_one(
     };
     let size = SizeCheck::new(attrs.size.unwrap_or(0), opts);
     size.check(size.announced)?;
-    let local = LocalFile::create(dir, name, opts.atomic)?;
+    let local = LocalFile::create(dir, name, opts.atomic).await?;
     let total = receive(lane, h, &item.remote, &size, &local, progress).await?;
     handle.close().await?;
-    let (out, dest) = (&local.file, &local.path);
     if opts.preserve || opts.skip_unchanged {
-        set_local_attrs(out, &attrs).map_err(|e| local_err(dest, e))?;
+        set_local_attrs(&local.file, &attrs).map_err(|e| local_err(&local.path, e))?;
     }
     if opts.fsync {
-        out.sync_all().map_err(|e| local_err(dest, e))?;
+        local.sync().await?;
     }
-    local.finish()?;
+    local.finish().await?;
     Ok(total)
 }
 
@@ -616,7 +640,6 @@ async fn receive(
     local: &LocalFile<'_>,
     progress: &Moved<'_>,
 ) -> Result<u64> {
-    let (out, dest) = (&local.file, &local.path);
     let client = &lane.sftp.inner.client;
     let chunk = lane.request_size;
     let mut reads = ReadPipeline::default();
@@ -636,8 +659,7 @@ async fn receive(
             Chunk::Data { at, data, short } => {
                 let end = at + data.len() as u64;
                 size.check(end)?;
-                out.write_all_at(&data, at)
-                    .map_err(|e| local_err(dest, e))?;
+                let data = local.write_at(data, at).await?;
                 total += data.len() as u64;
                 progress.add(data.len() as u64);
                 // For the next reply (see `codec::data_buffer`).
@@ -1798,11 +1820,11 @@ pub(crate) fn fuzz_tree(data: &[u8]) {
                 }
                 Found::File(job) => {
                     let written = job.local_target().and_then(|t| {
-                        let f = LocalFile::create(&t.0, &t.1, opts.atomic)?;
-                        f.file
-                            .write_all_at(b"from the server", 0)
-                            .map_err(|e| local_err(&f.path, e))?;
-                        f.finish()
+                        files::now(async {
+                            let f = LocalFile::create(&t.0, &t.1, opts.atomic).await?;
+                            f.write_at(b"from the server".to_vec(), 0).await?;
+                            f.finish().await
+                        })
                     });
                     // A file may fail (a link or directory planted at its
                     // name); it must not have been written elsewhere.

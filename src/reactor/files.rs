@@ -1,0 +1,323 @@
+//! Local file IO through the reactor: creating, writing, syncing and
+//! renaming the files a transfer writes, without blocking the thread that
+//! drives every session.
+//!
+//! A call that the thread's [`LocalFiles`] mode puts on the ring (by
+//! default only `fsync`, which waits on the device) is an op like a
+//! socket's: it owns its buffer, names and the
+//! file or directory it works in until its own completion, and a caller
+//! that gives up leaves the reactor to clean up after it (an fd opened
+//! meanwhile is closed, and the caller's `abandoned` runs). The others
+//! (all of them on the poll engine, on kernels without the opcodes, or
+//! with `URING_SSH_LOCAL_FILES=blocking`) are made at once, blocking.
+
+use std::ffi::{CStr, CString};
+use std::fs;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
+use std::rc::Rc;
+
+use super::{LocalFiles, OpKind, Reactor, Resources};
+
+/// A file or directory that ops name by number, held by each op until it
+/// completes.
+pub(crate) type HeldFd = Rc<dyn AsRawFd>;
+
+/// This thread's reactor, if it performs `kind` on its ring (see
+/// [`LocalFiles`]).
+fn ring_for(kind: OpKind) -> Option<Rc<Reactor>> {
+    let mode = |r: &Rc<Reactor>| r.features().local_files;
+    Reactor::with_existing(|r| r.clone()).filter(|r| match mode(r) {
+        LocalFiles::Blocking => false,
+        LocalFiles::Sync => matches!(kind, OpKind::Fsync),
+        LocalFiles::All => true,
+    })
+}
+
+/// Starts `kind` on the ring, or performs it at once: its raw result and
+/// the resources given back.
+async fn run(kind: OpKind, resources: Resources) -> (i32, Resources) {
+    match ring_for(kind) {
+        Some(r) => {
+            r.bump(|s| s.file_ops += 1);
+            let done = r.start_op(kind, resources).await;
+            (done.raw(), done.resources)
+        }
+        None => (perform(kind, &resources), resources),
+    }
+}
+
+fn result(raw: i32) -> io::Result<u32> {
+    if raw < 0 {
+        Err(io::Error::from_raw_os_error(-raw))
+    } else {
+        Ok(raw as u32)
+    }
+}
+
+/// `openat(dir, name, flags | O_CLOEXEC, mode)`. If the caller is gone
+/// when the open completes, the new fd is closed and `abandoned` runs
+/// (e.g. to remove the file the open created).
+pub(crate) async fn open_at(
+    dir: &HeldFd,
+    name: &CStr,
+    flags: i32,
+    mode: u32,
+    abandoned: impl FnOnce() + 'static,
+) -> io::Result<fs::File> {
+    let resources = Resources {
+        file: Some(dir.clone()),
+        path: Some(name.to_owned()),
+        unclaimed: Some(Box::new(move |raw| {
+            if raw >= 0 {
+                // SAFETY: the open just returned this fd and nobody took it.
+                drop(unsafe { OwnedFd::from_raw_fd(raw) });
+                abandoned();
+            }
+        })),
+        ..Resources::default()
+    };
+    let (raw, _) = run(OpKind::OpenAt { flags, mode }, resources).await;
+    let fd = result(raw)?;
+    // SAFETY: the open returned this fd to us; nothing else owns it.
+    Ok(unsafe { fs::File::from_raw_fd(fd as RawFd) })
+}
+
+/// Writes all of `buf` at offset `at` of `file`; gives `buf` back.
+pub(crate) async fn write_all_at(file: &HeldFd, buf: Vec<u8>, at: u64) -> (io::Result<()>, Vec<u8>) {
+    let mut resources = Resources {
+        buf,
+        file: Some(file.clone()),
+        ..Resources::default()
+    };
+    while resources.offset < resources.buf.len() {
+        let (raw, back) = run(OpKind::Write { at }, resources).await;
+        resources = back;
+        match result(raw) {
+            Ok(0) => return (Err(io::ErrorKind::WriteZero.into()), resources.buf),
+            Ok(n) => resources.offset += n as usize,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return (Err(e), resources.buf),
+        }
+    }
+    (Ok(()), resources.buf)
+}
+
+/// `renameat(dir, from, dir, to)`.
+pub(crate) async fn rename_at(dir: &HeldFd, from: &CStr, to: &CStr) -> io::Result<()> {
+    let resources = Resources {
+        file: Some(dir.clone()),
+        path: Some(from.to_owned()),
+        path2: Some(to.to_owned()),
+        ..Resources::default()
+    };
+    result(run(OpKind::RenameAt, resources).await.0).map(drop)
+}
+
+/// `fsync(file)`.
+pub(crate) async fn fsync(file: &HeldFd) -> io::Result<()> {
+    let resources = Resources {
+        file: Some(file.clone()),
+        ..Resources::default()
+    };
+    result(run(OpKind::Fsync, resources).await.0).map(drop)
+}
+
+/// Runs a file call to its end on a thread without a ring that does local
+/// files, where it never waits: polls it once.
+#[cfg(any(test, fuzzing))]
+pub(crate) fn now<F: std::future::Future>(f: F) -> F::Output {
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match std::pin::pin!(f).poll(&mut cx) {
+        std::task::Poll::Ready(v) => v,
+        std::task::Poll::Pending => panic!("a file call waited on a thread without a ring"),
+    }
+}
+
+/// Closes `file`: on the ring (batched with the thread's other ops) when
+/// it does local files, else at once.
+pub(crate) fn close(file: fs::File) {
+    match ring_for(OpKind::Close(-1)) {
+        Some(r) => r.close_fd(file.into_raw_fd()),
+        None => drop(file),
+    }
+}
+
+/// The result of file op `kind` on `res` by a blocking system call, as a
+/// CQE would give it (a count, an fd, or a negated errno).
+pub(super) fn perform(kind: OpKind, res: &Resources) -> i32 {
+    let file = res.file.as_ref().map_or(-1, |f| f.as_raw_fd());
+    let path = |p: &Option<CString>| p.as_ref().map_or(std::ptr::null(), |c| c.as_ptr());
+    loop {
+        // SAFETY: `file` is kept open by `res` for the call; the names are
+        // NUL-terminated strings owned by `res`; the buffer slice is in
+        // bounds of `res.buf`, which outlives the call.
+        let r = unsafe {
+            match kind {
+                OpKind::OpenAt { flags, mode } => {
+                    libc::openat(file, path(&res.path), flags | libc::O_CLOEXEC, mode) as isize
+                }
+                OpKind::Write { at } => {
+                    let rest = &res.buf[res.offset..];
+                    let off = (at + res.offset as u64) as libc::off_t;
+                    libc::pwrite(file, rest.as_ptr().cast(), rest.len(), off)
+                }
+                OpKind::RenameAt => {
+                    libc::renameat(file, path(&res.path), file, path(&res.path2)) as isize
+                }
+                OpKind::Fsync => libc::fsync(file) as isize,
+                _ => unreachable!("not a file op: {kind:?}"),
+            }
+        };
+        if r >= 0 {
+            return r as i32;
+        }
+        let e = io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO);
+        if e != libc::EINTR {
+            return -e;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::Cell;
+    use std::future::Future;
+    use std::path::Path;
+    use std::task::Poll;
+    use std::time::{Duration, Instant};
+
+    use super::*;
+    use crate::reactor::{Backend, Choice};
+
+    /// This thread's ring reactor in `mode`, after a warm-up round trip.
+    async fn ring_in(mode: LocalFiles) -> Rc<Reactor> {
+        let r = Reactor::current_with(Choice::Only(Backend::IoUring)).expect("io_uring reactor");
+        crate::reactor::nop().await.expect("warm-up nop");
+        assert_eq!(crate::reactor::set_local_files(mode).unwrap(), mode);
+        r
+    }
+
+    /// The open fds of this process that name something in `dir` (not
+    /// `dir` itself, which the test holds).
+    fn fds_under(dir: &Path) -> Vec<String> {
+        std::fs::read_dir("/proc/self/fd")
+            .unwrap()
+            .flatten()
+            .filter_map(|e| std::fs::read_link(e.path()).ok())
+            .filter(|t| t.starts_with(dir) && t != dir)
+            .map(|t| t.display().to_string())
+            .collect()
+    }
+
+    /// Yields to the driver until `pred` holds or two seconds pass.
+    async fn until(pred: impl Fn() -> bool) -> bool {
+        let end = Instant::now() + Duration::from_secs(2);
+        while !pred() {
+            if Instant::now() > end {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        true
+    }
+
+    fn dir_of(t: &tempfile::TempDir) -> HeldFd {
+        Rc::new(std::fs::File::open(t.path()).unwrap())
+    }
+
+    #[tokio::test]
+    async fn each_mode_creates_writes_syncs_and_renames_the_same_file() {
+        // (mode, file calls expected on the ring: open, write, fsync, rename)
+        for (mode, on_ring) in [
+            (LocalFiles::All, 4),
+            (LocalFiles::Sync, 1),
+            (LocalFiles::Blocking, 0),
+        ] {
+            let r = ring_in(mode).await;
+            let t = tempfile::tempdir().unwrap();
+            let dir = dir_of(&t);
+            let before = r.stats();
+            let flags = libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL;
+            let f = open_at(&dir, c"part", flags, 0o600, || {}).await.unwrap();
+            let f: HeldFd = Rc::new(f);
+            let data: Vec<u8> = (0..100_003u32).map(|i| (i % 251) as u8).collect();
+            let (w, back) = write_all_at(&f, data.clone(), 7).await;
+            w.unwrap();
+            assert_eq!(back, data, "the buffer comes back whole");
+            fsync(&f).await.unwrap();
+            drop(f);
+            rename_at(&dir, c"part", c"done").await.unwrap();
+            let mut want = vec![0u8; 7];
+            want.extend_from_slice(&data);
+            assert_eq!(std::fs::read(t.path().join("done")).unwrap(), want, "{mode:?}");
+            assert!(!t.path().join("part").exists());
+            assert_eq!(r.stats().file_ops - before.file_ops, on_ring, "{mode:?}");
+            // An error comes back as the call's own.
+            let e = open_at(&dir, c"done", flags, 0o600, || {}).await.unwrap_err();
+            assert_eq!(e.raw_os_error(), Some(libc::EEXIST), "{mode:?}");
+        }
+    }
+
+    /// An open whose completion arrived but was never taken: dropping it
+    /// closes the fd and runs `abandoned`.
+    #[tokio::test]
+    async fn a_completed_open_dropped_untaken_closes_its_fd_and_cleans_up() {
+        let r = ring_in(LocalFiles::All).await;
+        let t = tempfile::tempdir().unwrap();
+        let dir = dir_of(&t);
+        let ran = Rc::new(Cell::new(false));
+        let (ran2, path) = (ran.clone(), t.path().join("f"));
+        let before = r.stats();
+        let mut open = Box::pin(open_at(
+            &dir,
+            c"f",
+            libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL,
+            0o600,
+            move || {
+                std::fs::remove_file(&path).unwrap();
+                ran2.set(true);
+            },
+        ));
+        let first = std::future::poll_fn(|cx| Poll::Ready(open.as_mut().poll(cx).is_pending()));
+        assert!(first.await, "the open waits for its completion");
+        assert!(until(|| r.stats().cqes_reaped > before.cqes_reaped).await);
+        drop(open);
+        assert!(ran.get(), "abandoned ran");
+        assert!(!t.path().join("f").exists());
+        assert_eq!(fds_under(t.path()), Vec::<String>::new());
+        assert_eq!(r.stats().ops_in_flight, before.ops_in_flight);
+    }
+
+    /// An open dropped in flight is cancelled or completes; either way no
+    /// fd and no file are left, and the reactor lets go of the op.
+    #[tokio::test]
+    async fn an_open_dropped_in_flight_leaves_no_fd_and_no_file() {
+        let r = ring_in(LocalFiles::All).await;
+        let t = tempfile::tempdir().unwrap();
+        let dir = dir_of(&t);
+        let before = r.stats();
+        for i in 0..50 {
+            let name = std::ffi::CString::new(format!("f{i}")).unwrap();
+            let path = t.path().join(format!("f{i}"));
+            let mut open = Box::pin(open_at(
+                &dir,
+                &name,
+                libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL,
+                0o600,
+                move || std::fs::remove_file(&path).unwrap(),
+            ));
+            let pending =
+                std::future::poll_fn(|cx| Poll::Ready(open.as_mut().poll(cx).is_pending()));
+            assert!(pending.await);
+            if i % 2 == 1 {
+                // Let the open reach the kernel before it is dropped.
+                crate::reactor::nop().await.unwrap();
+            }
+        }
+        assert!(until(|| r.stats().orphaned_outstanding == before.orphaned_outstanding).await);
+        assert_eq!(std::fs::read_dir(t.path()).unwrap().count(), 0);
+        assert_eq!(fds_under(t.path()), Vec::<String>::new());
+        assert_eq!(r.stats().ops_in_flight, before.ops_in_flight);
+    }
+}
