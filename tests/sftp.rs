@@ -612,7 +612,11 @@ async fn synced_tree_downloads_make_their_file_calls_where_the_mode_says() {
         let before = reactor::stats().unwrap().file_ops;
         let down = d.path().join(format!("down{i}"));
         let report = sftp.download_tree(&src, &down, &opts).await;
-        assert!(report.is_complete(), "{mode:?}: {:?}", report.failed().next());
+        assert!(
+            report.is_complete(),
+            "{mode:?}: {:?}",
+            report.failed().next()
+        );
         for (p, h) in &files {
             assert_eq!(&sha256_file(&down.join(p)), h, "{mode:?} {}", p.display());
         }

@@ -84,7 +84,11 @@ pub(crate) async fn open_at(
 }
 
 /// Writes all of `buf` at offset `at` of `file`; gives `buf` back.
-pub(crate) async fn write_all_at(file: &HeldFd, buf: Vec<u8>, at: u64) -> (io::Result<()>, Vec<u8>) {
+pub(crate) async fn write_all_at(
+    file: &HeldFd,
+    buf: Vec<u8>,
+    at: u64,
+) -> (io::Result<()>, Vec<u8>) {
     let mut resources = Resources {
         buf,
         file: Some(file.clone()),
@@ -172,7 +176,9 @@ pub(super) fn perform(kind: OpKind, res: &Resources) -> i32 {
         if r >= 0 {
             return r as i32;
         }
-        let e = io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO);
+        let e = io::Error::last_os_error()
+            .raw_os_error()
+            .unwrap_or(libc::EIO);
         if e != libc::EINTR {
             return -e;
         }
@@ -250,11 +256,17 @@ mod tests {
             rename_at(&dir, c"part", c"done").await.unwrap();
             let mut want = vec![0u8; 7];
             want.extend_from_slice(&data);
-            assert_eq!(std::fs::read(t.path().join("done")).unwrap(), want, "{mode:?}");
+            assert_eq!(
+                std::fs::read(t.path().join("done")).unwrap(),
+                want,
+                "{mode:?}"
+            );
             assert!(!t.path().join("part").exists());
             assert_eq!(r.stats().file_ops - before.file_ops, on_ring, "{mode:?}");
             // An error comes back as the call's own.
-            let e = open_at(&dir, c"done", flags, 0o600, || {}).await.unwrap_err();
+            let e = open_at(&dir, c"done", flags, 0o600, || {})
+                .await
+                .unwrap_err();
             assert_eq!(e.raw_os_error(), Some(libc::EEXIST), "{mode:?}");
         }
     }

@@ -209,7 +209,6 @@ pub(crate) enum OpKind {
     Fsync,
 }
 
-
 /// Where an op stands between its start and the moment its slot is freed,
 /// and who gets its result.
 enum Lifecycle {
@@ -609,8 +608,6 @@ impl Reactor {
         self.features.get()
     }
 
-
-
     /// A snapshot of the counters.
     pub fn stats(&self) -> Stats {
         Stats {
@@ -818,7 +815,7 @@ impl Reactor {
         let mut callbacks: Vec<(Callback, Completion)> = Vec::new();
         let mut dead: Vec<Resources> = Vec::new();
         // Results nobody takes, with what to do about them.
-        let mut unclaimed: Vec<(Box<dyn FnOnce(i32)>, i32)> = Vec::new();
+        let mut unclaimed: Vec<(op::Unclaimed, i32)> = Vec::new();
         let mut wakers: Vec<Waker> = Vec::new();
         let mut finished = 0u64;
         let mut orphans_done = 0u64;

@@ -1,8 +1,8 @@
 //! Operations: what each SQE owns until its completion, and the future that
 //! waits for one.
 
-use std::future::Future;
 use std::ffi::CString;
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::RawFd;
@@ -44,8 +44,12 @@ pub(crate) struct Resources {
     /// What to do with the result when nobody takes it (the owner gave up
     /// before the completion): close the fd an open returned, remove what
     /// it created.
-    pub unclaimed: Option<Box<dyn FnOnce(i32)>>,
+    pub unclaimed: Option<Unclaimed>,
 }
+
+/// What to do with an op's result (a count, an fd, or a negated errno)
+/// that nobody took.
+pub(crate) type Unclaimed = Box<dyn FnOnce(i32)>;
 
 /// The result of one op, and the resources it gives back.
 pub(crate) struct Completion {

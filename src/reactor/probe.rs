@@ -162,7 +162,6 @@ const FILE_OPCODES: &[u8] = &[
     opcode::RenameAt::CODE,
 ];
 
-
 /// Creates a ring of `entries` submission slots, in the best task-work mode
 /// the kernel accepts (or the one [`TASK_WORK_ENV`] asks for), and checks
 /// every required opcode.
