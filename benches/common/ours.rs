@@ -117,7 +117,7 @@ impl AsyncPeer for Ours {
     }
 
     /// `download_tree_over` the SFTP clients of every session.
-    async fn tree(sessions: &[Conn], remote: &str, local: &Path) -> (u64, u64) {
+    async fn tree(sessions: &[Conn], remote: &str, local: &Path, fsync: bool) -> (u64, u64) {
         let mut clients = Vec::new();
         for c in sessions {
             clients.push(c.sftp().await.clone());
@@ -126,7 +126,10 @@ impl AsyncPeer for Ours {
             &clients,
             Path::new(remote),
             local,
-            &TransferOptions::default(),
+            &TransferOptions {
+                fsync,
+                ..TransferOptions::default()
+            },
         )
         .await;
         assert!(r.is_complete(), "{:?}", r.failed().next());

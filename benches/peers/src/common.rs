@@ -64,6 +64,9 @@ pub struct Args {
     pub threads: usize,
     /// How uring-ssh drives its sessions: `native` or `handle`.
     pub via: String,
+    /// `tree`: sync each local file before its rename (`--fsync 1`;
+    /// uring-ssh only, the peers' walks ignore it).
+    pub fsync: bool,
 }
 
 /// The key exchange every client pins unless `--kex` says otherwise.
@@ -92,6 +95,7 @@ pub fn parse_args(mut it: impl Iterator<Item = String>) -> Args {
         local: String::new(),
         threads: 0,
         via: "native".into(),
+        fsync: false,
     };
     while let Some(k) = it.next() {
         let v = it.next().unwrap_or_else(|| panic!("{k} needs a value"));
@@ -112,6 +116,7 @@ pub fn parse_args(mut it: impl Iterator<Item = String>) -> Args {
             "--local" => a.local = v,
             "--threads" => a.threads = num(&v),
             "--via" => a.via = v,
+            "--fsync" => a.fsync = num(&v) != 0,
             other => panic!("unknown option {other}"),
         }
     }
@@ -281,9 +286,16 @@ pub trait AsyncPeer {
     async fn sftp_put(s: &Self::Session, local: &Path, remote: &str) -> u64;
     /// Names and is-directory flags of a remote directory (for `tree`).
     async fn list(s: &Self::Session, dir: &str) -> Vec<(String, bool)>;
-    /// Fetches every file under `remote` into `local`; returns (files, bytes).
-    /// The default walks the tree one file at a time on the first session.
-    async fn tree(sessions: &[Self::Session], remote: &str, local: &Path) -> (u64, u64) {
+    /// Fetches every file under `remote` into `local`, syncing each if
+    /// `fsync` (where the client can); returns (files, bytes). The default
+    /// walks the tree one file at a time on the first session.
+    async fn tree(
+        sessions: &[Self::Session],
+        remote: &str,
+        local: &Path,
+        fsync: bool,
+    ) -> (u64, u64) {
+        let _ = fsync;
         let s = &sessions[0];
         walk_tree(
             remote,
@@ -381,7 +393,7 @@ pub async fn run_async<P: AsyncPeer>(a: &Args) -> Figures {
         "tree" => {
             let sessions = connect_many::<P>(a, a.sessions).await;
             let m = Meter::start(P::counters());
-            let (files, bytes) = P::tree(&sessions, &a.remote, Path::new(&a.local)).await;
+            let (files, bytes) = P::tree(&sessions, &a.remote, Path::new(&a.local), a.fsync).await;
             let mut f = m.finish(bytes, P::counters());
             f.set("count", files as f64);
             f
