@@ -36,7 +36,7 @@ use std::pin::Pin;
 use std::rc::Rc;
 use std::task::{Context, Poll, Waker};
 use std::thread::ThreadId;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 #[cfg(test)]
 use io_uring::squeue;
@@ -175,6 +175,10 @@ impl std::ops::Add for Stats {
 
 /// A completion callback: runs on the driver task, after the ring borrow is released.
 pub(crate) type Callback = Box<dyn FnOnce(Completion)>;
+
+/// A callback of [`Reactor::at_tick`]: gets the number of callbacks due
+/// at its tick (itself included).
+pub(crate) type TickCallback = Box<dyn FnOnce(usize)>;
 
 /// What an operation does; its buffer, fd and address are in its [`Resources`].
 #[derive(Debug, Clone, Copy)]
@@ -391,6 +395,9 @@ pub struct Reactor {
     thread: ThreadId,
     /// Background tasks the driver polls.
     tasks: local::LocalTasks,
+    /// Callbacks waiting for a tick ([`Reactor::at_tick`]): each tick's
+    /// time and what runs then, on one timer per tick.
+    ticks: RefCell<Vec<(Instant, Vec<TickCallback>)>>,
 }
 
 impl std::fmt::Debug for Reactor {
@@ -568,6 +575,7 @@ impl Reactor {
             stats: Cell::new(Stats::default()),
             thread: std::thread::current().id(),
             tasks: local::LocalTasks::default(),
+            ticks: RefCell::new(Vec::new()),
         }
     }
 
@@ -742,6 +750,56 @@ impl Reactor {
     /// `-ETIME`) or is cancelled (`-ECANCELED`).
     pub(crate) fn submit_timer(&self, after: Duration, callback: Callback) -> OpId {
         self.start_with_callback(OpKind::Timeout(after), Resources::default(), callback)
+    }
+
+    /// Runs `callback` on the driver task after between `wait / 2` and
+    /// `wait`, together with the other callbacks due then, on one timer:
+    /// many sessions waiting to batch their receives wake the thread once
+    /// per tick, not once each. There is no cancel: a callback whose
+    /// owner is gone does nothing (it holds a weak reference).
+    pub(crate) fn at_tick(self: &Rc<Self>, wait: Duration, callback: TickCallback) {
+        let now = Instant::now();
+        let mut ticks = self.ticks.borrow_mut();
+        let due = ticks
+            .iter_mut()
+            .find(|(at, _)| *at >= now + wait / 2 && *at <= now + wait);
+        if let Some((_, callbacks)) = due {
+            callbacks.push(callback);
+            return;
+        }
+        let at = now + wait;
+        ticks.push((at, vec![callback]));
+        drop(ticks);
+        let reactor = Rc::downgrade(self);
+        self.submit_timer(
+            wait,
+            Box::new(move |_| {
+                let Some(r) = reactor.upgrade() else {
+                    return;
+                };
+                let callbacks = {
+                    let mut ticks = r.ticks.borrow_mut();
+                    match ticks.iter().position(|(t, _)| *t == at) {
+                        Some(i) => ticks.swap_remove(i).1,
+                        None => return,
+                    }
+                };
+                let due = callbacks.len();
+                // As `deliver` does: a panicking callback must not cost
+                // the others their turn.
+                let mut panic = None;
+                for cb in callbacks {
+                    if let Err(p) =
+                        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| cb(due)))
+                    {
+                        panic.get_or_insert(p);
+                    }
+                }
+                if let Some(p) = panic {
+                    std::panic::resume_unwind(p);
+                }
+            }),
+        );
     }
 
     /// Asks the engine to cancel every request on `fd`. Only where

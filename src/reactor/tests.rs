@@ -1045,3 +1045,37 @@ async fn batched_recvs_end_when_their_linked_timeout_misses_them() {
     .await;
     assert!(ok, "ops left in flight: {:?}", reactor.stats());
 }
+
+/// Callbacks asked for within one tick's window share its one timer and
+/// run together, each told how many were due; none runs before half the
+/// wait.
+#[tokio::test]
+async fn callbacks_due_at_one_tick_share_one_timer() {
+    let reactor = warm_reactor().await;
+    let before = reactor.stats();
+    let ran = Rc::new(std::cell::RefCell::new(Vec::new()));
+    let wait = Duration::from_millis(20);
+    let start = Instant::now();
+    for _ in 0..100 {
+        let ran = ran.clone();
+        reactor.at_tick(
+            wait,
+            Box::new(move |due| ran.borrow_mut().push((due, start.elapsed()))),
+        );
+    }
+    assert!(settle(&reactor, |_| ran.borrow().len() == 100, |_| {}).await);
+    assert_eq!(reactor.stats().sqes_submitted - before.sqes_submitted, 1);
+    for &(due, after) in ran.borrow().iter() {
+        assert_eq!(due, 100);
+        assert!(after >= wait / 2, "ran after {after:?}");
+    }
+    // Past the window, a new tick (and timer) is started.
+    let late = Rc::new(std::cell::Cell::new(0));
+    for pause in [Duration::ZERO, wait] {
+        tokio::time::sleep(pause).await;
+        let late = late.clone();
+        reactor.at_tick(wait, Box::new(move |due| late.set(late.get() + due)));
+    }
+    assert!(settle(&reactor, |_| late.get() == 2, |_| {}).await);
+    assert_eq!(reactor.stats().sqes_submitted - before.sqes_submitted, 3);
+}

@@ -19,6 +19,13 @@
 //! request/response traffic pays the wait a number of times that grows
 //! with the logarithm of its receives, not with them; a run of 16
 //! batches without a pause halves that count again.
+//!
+//! Sessions of one thread wait for their batches on shared timer ticks
+//! (`Reactor::at_tick`), so many streaming sessions wake the thread once
+//! per tick, not once each. While [`SHARED_TICK_SESSIONS`] or more of the
+//! thread's sessions stream, a batch flows as long as it brings
+//! [`SHARED_FLOOR`]: each stream may be slow (many sessions share one
+//! server), but the thread's wake-ups are what the batches save.
 
 use std::time::Duration;
 
@@ -33,6 +40,13 @@ pub(crate) const BATCH_ENTER: usize = 48 * 1024;
 /// The smallest batched receive: a batch that cannot fill this much
 /// within the wait is a pause.
 pub(crate) const BATCH_MIN: usize = 64 * 1024;
+
+/// Streaming sessions of a thread from which a small batch still flows.
+pub(crate) const SHARED_TICK_SESSIONS: usize = 4;
+
+/// What a batch on a shared tick must bring to flow: half of a full
+/// packet.
+pub(crate) const SHARED_FLOOR: usize = 8 * 1024;
 
 /// Plain receives before batching may start again after the first pause.
 const FIRST_PENALTY: u32 = 4;
@@ -93,6 +107,8 @@ pub(crate) struct BatchPolicy {
     drain: bool,
     /// Delay mode: the batch in flight follows a delay (not a full batch).
     delayed: bool,
+    /// Sessions of the thread streaming as of the last receive.
+    streams: usize,
 }
 
 impl Default for BatchPolicy {
@@ -108,6 +124,7 @@ impl Default for BatchPolicy {
             batches: 0,
             drain: false,
             delayed: false,
+            streams: 0,
             mode: BatchMode::Delay,
         }
     }
@@ -151,6 +168,17 @@ impl BatchPolicy {
         self.delayed = true;
     }
 
+    /// `streams` of the thread's sessions are streaming (for the receive
+    /// that just completed).
+    pub fn set_streams(&mut self, streams: usize) {
+        self.streams = streams;
+    }
+
+    /// Many sessions of the thread stream: small batches are worth it.
+    fn shared(&self) -> bool {
+        self.streams >= SHARED_TICK_SESSIONS
+    }
+
     /// Batches that ended in a pause so far.
     pub fn pauses(&self) -> u64 {
         self.pauses
@@ -174,7 +202,7 @@ impl BatchPolicy {
         if self.wait.is_some() {
             if self.skip > 0 {
                 self.skip -= 1;
-            } else if n >= BATCH_ENTER {
+            } else if n >= BATCH_ENTER || (self.shared() && n >= SHARED_FLOOR) {
                 self.batching = true;
                 next = next.clamp(BATCH_MIN, self.max);
             }
@@ -196,8 +224,11 @@ impl BatchPolicy {
         }
         let full = n >= size;
         // Not full but more than half: still flowing, a little slower
-        // than this batch, so smaller ones.
-        let flowing = !full && n >= size / 2 && size > BATCH_MIN;
+        // than this batch, so smaller ones. On a shared tick, enough to
+        // be worth the thread's wake-up.
+        let flowing = !full
+            && ((n >= size / 2 && size > BATCH_MIN)
+                || (self.shared() && delayed && n >= SHARED_FLOOR));
         if full || flowing {
             self.flowing_run += 1;
             if self.flowing_run >= DECAY_RUN {
@@ -386,6 +417,47 @@ mod tests {
                 p.pauses()
             );
         }
+    }
+
+    /// 20 KiB per wait: a stream slower than the smallest batch. Alone on
+    /// its thread it is no batching stream; among many streams of the
+    /// thread, its small batches flow, and it enters at a smaller receive.
+    #[test]
+    fn a_slow_stream_batches_only_among_many() {
+        for (streams, batching) in [(1, false), (SHARED_TICK_SESSIONS, true), (64, true)] {
+            let mut p = on(BatchMode::Delay);
+            p.set_streams(streams);
+            let mut size = p.after_plain(SHARED_FLOOR, 32 * 1024);
+            let mut batched = 0;
+            for _ in 0..100 {
+                let (next, b) = receive(&mut p, size, &mut |_, waited| {
+                    if waited { 20 * 1024 } else { 0 }
+                });
+                size = next;
+                batched += b as u32;
+            }
+            if batching {
+                assert_eq!(p.pauses(), 0, "{streams} streams");
+                assert_eq!(batched, 100, "{streams} streams");
+                assert_eq!(size, BATCH_MIN);
+            } else {
+                assert_eq!(batched, 0, "{streams} stream: entered below 48 KiB");
+            }
+        }
+        // Batching alone, then the thread gets busy: the small batches
+        // that were pauses now flow.
+        let mut p = on(BatchMode::Delay);
+        let size = p.after_plain(BATCH_ENTER, 32 * 1024);
+        p.set_streams(1);
+        receive(&mut p, size, &mut |_, w| if w { 20 * 1024 } else { 0 });
+        assert_eq!(p.pauses(), 1);
+        while p.next() == NextRecv::Plain {
+            p.after_plain(BATCH_ENTER, 32 * 1024);
+        }
+        p.set_streams(8);
+        receive(&mut p, BATCH_MIN, &mut |_, w| if w { 20 * 1024 } else { 0 });
+        assert_eq!(p.pauses(), 1);
+        assert_ne!(p.next(), NextRecv::Plain);
     }
 
     #[test]

@@ -43,6 +43,64 @@ const READAHEAD_LIMIT: usize = 2 * RECV_MAX;
 /// Bytes waiting to be sent above which writers wait before calling libssh2.
 pub(crate) const OUTBOUND_HIGH_WATER: usize = 1024 * 1024;
 
+/// How many of this thread's sessions are streaming: those whose
+/// receives brought [`batch::SHARED_FLOOR`] or more in the current or the
+/// previous millisecond. Many streams together are worth batching for the
+/// thread's sake even when each one is slow.
+struct Streams {
+    /// The millisecond (since `start`) being counted.
+    window: Cell<u64>,
+    /// Sessions counted in that millisecond, and in the one before.
+    now: Cell<usize>,
+    before: Cell<usize>,
+    start: Instant,
+}
+
+thread_local! {
+    static STREAMS: Streams = Streams {
+        window: Cell::new(0),
+        now: Cell::new(0),
+        before: Cell::new(0),
+        start: Instant::now(),
+    };
+}
+
+impl Streams {
+    fn window_of(&self, at: Instant) -> u64 {
+        at.duration_since(self.start).as_millis() as u64
+    }
+
+    /// Moves the count on to the millisecond of `at`.
+    fn advance(&self, at: Instant) -> u64 {
+        let w = self.window_of(at);
+        let current = self.window.get();
+        if w != current {
+            let before = if w == current + 1 { self.now.get() } else { 0 };
+            self.before.set(before);
+            self.now.set(0);
+            self.window.set(w);
+        }
+        w
+    }
+
+    /// A session whose last counted millisecond is `last` received a
+    /// stream's worth at `at`.
+    fn note(&self, last: &Cell<u64>, at: Instant) {
+        let w = self.advance(at);
+        // Windows count from 1 so that 0 means never.
+        if last.get() != w + 1 {
+            last.set(w + 1);
+            self.now.set(self.now.get() + 1);
+        }
+    }
+
+    /// Sessions streaming as of `at`.
+    fn count(&self, at: Instant) -> usize {
+        self.advance(at);
+        self.now.get().max(self.before.get())
+    }
+}
+
 /// One session's socket, the ops in flight on it and the tasks waiting for it.
 pub(crate) struct Transport {
     /// What libssh2's abstract pointer points at (boxed: stable address).
@@ -53,8 +111,11 @@ pub(crate) struct Transport {
     /// Bytes of the send op in flight that the kernel has not taken yet.
     sending: Cell<usize>,
     recv_op: Cell<Option<OpId>>,
-    /// The timer of a batch's delay ([`batch::NextRecv::Delay`]).
-    delay_op: Cell<Option<OpId>>,
+    /// Waiting for the tick that ends a batch's delay
+    /// ([`batch::NextRecv::Delay`]).
+    delayed: Cell<bool>,
+    /// The last millisecond [`STREAMS`] counted this session in (+1).
+    streaming: Cell<u64>,
     /// Size of the next recv: doubles while recvs come back full, halves
     /// when they come back mostly empty.
     recv_size: Cell<usize>,
@@ -84,7 +145,8 @@ impl Transport {
             send_op: Cell::new(None),
             sending: Cell::new(0),
             recv_op: Cell::new(None),
-            delay_op: Cell::new(None),
+            delayed: Cell::new(false),
+            streaming: Cell::new(0),
             recv_size: Cell::new(RECV_MIN),
             batch: Cell::new(BatchPolicy::default()),
             recv_batched: Cell::new(false),
@@ -243,7 +305,7 @@ impl Transport {
 
     fn ensure_recv(&self) {
         if self.recv_op.get().is_some()
-            || self.delay_op.get().is_some()
+            || self.delayed.get()
             || !self.link_usable()
             || self.bridge().inbound_len() >= READAHEAD_LIMIT
         {
@@ -255,11 +317,13 @@ impl Transport {
         let next = self.batch.get().next();
         if let NextRecv::Delay(wait) = next {
             let this = self.this.clone();
-            let id = self.reactor.submit_timer(
+            self.delayed.set(true);
+            self.reactor.at_tick(
                 wait,
                 Box::new(move |_| {
-                    if let Some(t) = this.upgrade() {
-                        t.delay_op.set(None);
+                    if let Some(t) = this.upgrade()
+                        && t.delayed.replace(false)
+                    {
                         let mut policy = t.batch.get();
                         policy.delay_passed();
                         t.batch.set(policy);
@@ -267,7 +331,6 @@ impl Transport {
                     }
                 }),
             );
-            self.delay_op.set(Some(id));
             return;
         }
         let size = self.recv_size.get();
@@ -323,7 +386,11 @@ impl Transport {
                 let n = n as usize;
                 self.adapt(n, batched);
                 let buf = std::mem::take(&mut resources.buf);
-                self.last_rx.set(Instant::now());
+                let now = Instant::now();
+                self.last_rx.set(now);
+                if n >= batch::SHARED_FLOOR {
+                    STREAMS.with(|s| s.note(&self.streaming, now));
+                }
                 let spare = self.bridge().deliver(buf, n);
                 *self.spare_in.borrow_mut() = spare;
                 self.ensure_recv();
@@ -341,6 +408,7 @@ impl Transport {
     fn adapt(&self, n: usize, batched: bool) {
         let size = self.recv_size.get();
         let mut policy = self.batch.get();
+        policy.set_streams(STREAMS.with(|s| s.count(Instant::now())));
         let next = if batched {
             policy.after_batch(n, size)
         } else {
@@ -391,9 +459,8 @@ impl Transport {
     /// holding it completes.
     pub fn kill(&self) {
         self.bridge().kill();
-        if let Some(timer) = self.delay_op.take() {
-            self.reactor.abandon(timer);
-        }
+        // A tick still due finds nothing to do.
+        self.delayed.set(false);
         let ops = [self.send_op.take(), self.recv_op.take()];
         let fd = self.fd.borrow_mut().take();
         match &fd {
@@ -425,5 +492,33 @@ impl Drop for Transport {
     fn drop(&mut self) {
         self.kill();
         buffers::keep(std::mem::take(self.spare_in.get_mut()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn streams_count_the_sessions_of_this_and_the_last_millisecond() {
+        let s = Streams {
+            window: Cell::new(0),
+            now: Cell::new(0),
+            before: Cell::new(0),
+            start: Instant::now(),
+        };
+        let ms = |n: u64| s.start + Duration::from_millis(n) + Duration::from_micros(100);
+        let (a, b, c) = (Cell::new(0), Cell::new(0), Cell::new(0));
+        s.note(&a, ms(5));
+        s.note(&a, ms(5));
+        s.note(&b, ms(5));
+        assert_eq!(s.count(ms(5)), 2, "each session once per millisecond");
+        s.note(&c, ms(6));
+        assert_eq!(s.count(ms(6)), 2, "the last millisecond's two still count");
+        s.note(&a, ms(6));
+        s.note(&b, ms(6));
+        assert_eq!(s.count(ms(6)), 3);
+        assert_eq!(s.count(ms(7)), 3);
+        assert_eq!(s.count(ms(9)), 0, "a quiet millisecond forgets");
     }
 }
