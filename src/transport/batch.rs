@@ -44,9 +44,14 @@ pub(crate) const BATCH_MIN: usize = 64 * 1024;
 /// Streaming sessions of a thread from which a small batch still flows.
 pub(crate) const SHARED_TICK_SESSIONS: usize = 4;
 
-/// What a batch on a shared tick must bring to flow: half of a full
-/// packet.
-pub(crate) const SHARED_FLOOR: usize = 8 * 1024;
+/// What a batch must bring to flow while the thread has many streams,
+/// and what a plain receive must find to start batching then: one full
+/// packet. Smaller batches save the thread no wake-up worth their timer.
+pub(crate) const SHARED_FLOOR: usize = 32 * 1024;
+
+/// A receive this large counts its session as streaming (see
+/// [`SHARED_TICK_SESSIONS`]).
+pub(crate) const STREAM_MIN: usize = 8 * 1024;
 
 /// Plain receives before batching may start again after the first pause.
 const FIRST_PENALTY: u32 = 4;
@@ -419,7 +424,7 @@ mod tests {
         }
     }
 
-    /// 20 KiB per wait: a stream slower than the smallest batch. Alone on
+    /// 40 KiB per wait: a stream slower than the smallest batch. Alone on
     /// its thread it is no batching stream; among many streams of the
     /// thread, its small batches flow, and it enters at a smaller receive.
     #[test]
@@ -431,7 +436,7 @@ mod tests {
             let mut batched = 0;
             for _ in 0..100 {
                 let (next, b) = receive(&mut p, size, &mut |_, waited| {
-                    if waited { 20 * 1024 } else { 0 }
+                    if waited { 40 * 1024 } else { 0 }
                 });
                 size = next;
                 batched += b as u32;
@@ -444,18 +449,26 @@ mod tests {
                 assert_eq!(batched, 0, "{streams} stream: entered below 48 KiB");
             }
         }
+        // Among many streams too, a batch under a full packet is a pause.
+        let mut p = on(BatchMode::Delay);
+        p.set_streams(64);
+        let mut size = p.after_plain(SHARED_FLOOR, 32 * 1024);
+        for _ in 0..100 {
+            size = receive(&mut p, size, &mut |_, w| if w { 16 * 1024 } else { 0 }).0;
+        }
+        assert!(p.pauses() > 0);
         // Batching alone, then the thread gets busy: the small batches
         // that were pauses now flow.
         let mut p = on(BatchMode::Delay);
         let size = p.after_plain(BATCH_ENTER, 32 * 1024);
         p.set_streams(1);
-        receive(&mut p, size, &mut |_, w| if w { 20 * 1024 } else { 0 });
+        receive(&mut p, size, &mut |_, w| if w { 40 * 1024 } else { 0 });
         assert_eq!(p.pauses(), 1);
         while p.next() == NextRecv::Plain {
             p.after_plain(BATCH_ENTER, 32 * 1024);
         }
         p.set_streams(8);
-        receive(&mut p, BATCH_MIN, &mut |_, w| if w { 20 * 1024 } else { 0 });
+        receive(&mut p, BATCH_MIN, &mut |_, w| if w { 40 * 1024 } else { 0 });
         assert_eq!(p.pauses(), 1);
         assert_ne!(p.next(), NextRecv::Plain);
     }

@@ -44,7 +44,7 @@ const READAHEAD_LIMIT: usize = 2 * RECV_MAX;
 pub(crate) const OUTBOUND_HIGH_WATER: usize = 1024 * 1024;
 
 /// How many of this thread's sessions are streaming: those whose
-/// receives brought [`batch::SHARED_FLOOR`] or more in the current or the
+/// receives brought [`batch::STREAM_MIN`] or more in the current or the
 /// previous millisecond. Many streams together are worth batching for the
 /// thread's sake even when each one is slow.
 struct Streams {
@@ -388,7 +388,7 @@ impl Transport {
                 let buf = std::mem::take(&mut resources.buf);
                 let now = Instant::now();
                 self.last_rx.set(now);
-                if n >= batch::SHARED_FLOOR {
+                if n >= batch::STREAM_MIN {
                     STREAMS.with(|s| s.note(&self.streaming, now));
                 }
                 let spare = self.bridge().deliver(buf, n);
