@@ -392,12 +392,19 @@ impl ConfinedDir {
     ) -> Result<fs::File> {
         let display = self.path.join(name);
         let c = component(&self.path, name)?;
-        let mut flags = libc::O_WRONLY | libc::O_CREAT | libc::O_NOFOLLOW | libc::O_NONBLOCK;
-        flags |= if exclusive {
-            libc::O_EXCL
-        } else {
-            libc::O_TRUNC
-        };
+        // O_NONBLOCK only where something may already stand at the name (a
+        // FIFO would block the open), and cleared once the file is known
+        // to be regular: a ring write to a file with O_NONBLOCK on a
+        // filesystem that cannot write without waiting fails with EAGAIN
+        // instead of waiting. O_EXCL only ever creates a regular file.
+        let flags = libc::O_WRONLY
+            | libc::O_CREAT
+            | libc::O_NOFOLLOW
+            | if exclusive {
+                libc::O_EXCL
+            } else {
+                libc::O_TRUNC | libc::O_NONBLOCK
+            };
         let (dir, created) = (self.fd.clone(), c.clone());
         let abandoned = move || {
             // SAFETY: `created` is NUL-terminated and `dir` held open by
@@ -417,6 +424,9 @@ impl ConfinedDir {
                     reason: "not a regular file".into(),
                 });
             }
+            // SAFETY: F_SETFL on an fd `file` owns; no pointer is passed.
+            let r = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETFL, 0) };
+            check(r).map_err(|e| local_error(&display, e))?;
         }
         Ok(file)
     }
@@ -712,6 +722,22 @@ mod tests {
         // A directory still in use stays usable after the cache let go.
         now(first.create_file(OsStr::new("f"), 0o600, true)).unwrap();
         assert!(t.path().join("a/b/f").is_file());
+    }
+
+    /// Files are created blocking (a ring write to an `O_NONBLOCK` file
+    /// may fail with EAGAIN where a blocking write would wait).
+    #[test]
+    fn created_files_are_left_blocking() {
+        let t = tempfile::tempdir().unwrap();
+        let root = ConfinedDir::open_root(t.path()).unwrap();
+        fs::write(t.path().join("old"), b"x").unwrap();
+        for (name, exclusive) in [("new", true), ("old", false)] {
+            let f = now(root.create_file(OsStr::new(name), 0o600, exclusive)).unwrap();
+            // SAFETY: F_GETFL on an fd `f` owns.
+            let flags = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_GETFL) };
+            assert!(flags >= 0);
+            assert_eq!(flags & libc::O_NONBLOCK, 0, "{name}");
+        }
     }
 
     #[test]

@@ -332,4 +332,48 @@ mod tests {
         assert_eq!(fds_under(t.path()), Vec::<String>::new());
         assert_eq!(r.stats().ops_in_flight, before.ops_in_flight);
     }
+
+    /// Opens still queued when the thread exits: the ring's teardown
+    /// cancels them, or reaps them and cleans up as for any abandoned open;
+    /// either way no fd and no file are left. (On this kernel the cancels,
+    /// queued right behind the opens, usually win.)
+    #[test]
+    fn opens_in_flight_at_thread_exit_leave_no_fd_and_no_file() {
+        let t = tempfile::tempdir().unwrap();
+        let path = t.path().to_owned();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                ring_in(LocalFiles::All).await;
+                let dir: HeldFd = Rc::new(std::fs::File::open(&path).unwrap());
+                let names: Vec<_> = (0..20)
+                    .map(|i| std::ffi::CString::new(format!("f{i}")).unwrap())
+                    .collect();
+                for (i, name) in names.iter().enumerate() {
+                    let gone = path.join(format!("f{i}"));
+                    let mut open = Box::pin(open_at(
+                        &dir,
+                        name,
+                        libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL,
+                        0o600,
+                        move || std::fs::remove_file(&gone).unwrap(),
+                    ));
+                    // Queued, then dropped: block_on returns without
+                    // running the driver again, so the opens and their
+                    // cancels reach the kernel in the ring's teardown.
+                    let pending =
+                        std::future::poll_fn(|cx| Poll::Ready(open.as_mut().poll(cx).is_pending()));
+                    assert!(pending.await);
+                }
+            });
+            drop(rt);
+        })
+        .join()
+        .unwrap();
+        assert_eq!(std::fs::read_dir(t.path()).unwrap().count(), 0);
+        assert_eq!(fds_under(t.path()), Vec::<String>::new());
+    }
 }

@@ -437,13 +437,18 @@ impl Engine for RingEngine {
             self.enter_getevents(stats);
             done.clear();
             self.reap(&mut done);
-            for &(id, _) in &done {
+            for &(id, result) in &done {
                 if id.0 != 0
                     && slots
                         .get(id.key())
                         .is_some_and(|s| s.generation == id.generation())
                 {
-                    slots.remove(id.key());
+                    // Nobody takes results now: an open's fd is closed
+                    // and what it created removed.
+                    let mut slot = slots.remove(id.key());
+                    if let Some(f) = slot.resources.unclaimed.take() {
+                        f(result);
+                    }
                 }
             }
             if slots
@@ -456,8 +461,18 @@ impl Engine for RingEngine {
         }
         slots
             .drain()
-            .filter(|s| !matches!(s.lifecycle, Lifecycle::Completed(_)))
-            .map(|s| std::mem::forget(s.resources))
+            .filter_map(|mut s| match s.lifecycle {
+                Lifecycle::Completed(result) => {
+                    if let Some(f) = s.resources.unclaimed.take() {
+                        f(result);
+                    }
+                    None
+                }
+                _ => {
+                    std::mem::forget(s.resources);
+                    Some(())
+                }
+            })
             .count()
     }
 }

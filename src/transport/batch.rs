@@ -25,7 +25,11 @@
 //! per tick, not once each. While [`SHARED_TICK_SESSIONS`] or more of the
 //! thread's sessions stream, a batch flows as long as it brings
 //! [`SHARED_FLOOR`]: each stream may be slow (many sessions share one
-//! server), but the thread's wake-ups are what the batches save.
+//! server), but the thread's wake-ups are what the batches save. The
+//! price: while they stream, a session of requests whose replies are a
+//! packet or two each cannot be told from a slow stream, and pays up to
+//! the wait on each reply; once the thread is quiet again it pauses as a
+//! lone session does.
 
 use std::time::Duration;
 
@@ -471,6 +475,26 @@ mod tests {
         receive(&mut p, BATCH_MIN, &mut |_, w| if w { 40 * 1024 } else { 0 });
         assert_eq!(p.pauses(), 1);
         assert_ne!(p.next(), NextRecv::Plain);
+    }
+
+    /// One 33 KiB reply per request: among many streams each reply is a
+    /// flowing batch (the wait is paid); once the others stop, the next
+    /// one is a pause and the session receives packet by packet again.
+    #[test]
+    fn replies_pay_the_wait_among_many_streams_only_while_they_stream() {
+        let mut p = on(BatchMode::Delay);
+        p.set_streams(64);
+        let mut size = p.after_plain(SHARED_FLOOR, 32 * 1024);
+        for _ in 0..50 {
+            let (next, batched) = receive(&mut p, size, &mut |_, w| if w { 33 * 1024 } else { 0 });
+            assert!(batched);
+            size = next;
+        }
+        assert_eq!(p.pauses(), 0);
+        p.set_streams(1);
+        receive(&mut p, size, &mut |_, w| if w { 33 * 1024 } else { 0 });
+        assert_eq!(p.pauses(), 1);
+        assert_eq!(p.next(), NextRecv::Plain);
     }
 
     #[test]
