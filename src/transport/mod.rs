@@ -379,14 +379,14 @@ impl Transport {
             // A batched receive whose wait ran out before anything arrived:
             // the stream paused; receive as usual until it resumes.
             Err(e) if batched && e.raw_os_error() == Some(libc::ECANCELED) => {
-                self.adapt(0, true);
+                self.adapt(0, true, Instant::now());
                 self.ensure_recv();
             }
             Ok(n) => {
                 let n = n as usize;
-                self.adapt(n, batched);
-                let buf = std::mem::take(&mut resources.buf);
                 let now = Instant::now();
+                self.adapt(n, batched, now);
+                let buf = std::mem::take(&mut resources.buf);
                 self.last_rx.set(now);
                 if n >= batch::STREAM_MIN {
                     STREAMS.with(|s| s.note(&self.streaming, now));
@@ -404,11 +404,11 @@ impl Transport {
     }
 
     /// The next receive's size, and whether it is batched, after one that
-    /// brought `n` bytes.
-    fn adapt(&self, n: usize, batched: bool) {
+    /// brought `n` bytes and completed at `now`.
+    fn adapt(&self, n: usize, batched: bool, now: Instant) {
         let size = self.recv_size.get();
         let mut policy = self.batch.get();
-        policy.set_streams(STREAMS.with(|s| s.count(Instant::now())));
+        policy.set_streams(STREAMS.with(|s| s.count(now)));
         let next = if batched {
             policy.after_batch(n, size)
         } else {
