@@ -8,15 +8,22 @@
 //! next session to map them again, page fault by page fault. Kept here
 //! instead, they are the next busy owner's buffers. Small buffers (quiet
 //! sessions) are left to malloc, which keeps them in its bins anyway.
+//!
+//! Sessions also hand their read-out receive buffers here rather than
+//! keeping them for their own next receive, and a receive takes the buffer
+//! kept last that fits: the kernel then copies into lines the cache most
+//! likely still holds. Each of many sessions cycling through buffers of
+//! its own made both that copy and the decryption reading it stall on
+//! memory (`BENCHMARKS.md`, "Many sessions share hot memory").
 
 use std::cell::RefCell;
 
 /// Buffers smaller than this are not kept.
-const KEEP_MIN: usize = 64 * 1024;
+pub(crate) const KEEP_MIN: usize = 64 * 1024;
 
-/// Bytes of buffers one thread keeps at most: a few busy sessions' worth
-/// (eight 512 KiB receive buffers).
-const KEEP_MAX_BYTES: usize = 4 * 1024 * 1024;
+/// Bytes of buffers one thread keeps at most: the read-out receive
+/// buffers of many streaming sessions (32 of 512 KiB, or 128 of 128 KiB).
+const KEEP_MAX_BYTES: usize = 16 * 1024 * 1024;
 
 thread_local! {
     static KEPT: RefCell<Kept> = const { RefCell::new(Kept { bufs: Vec::new(), bytes: 0 }) };
@@ -50,7 +57,7 @@ pub(crate) fn keep(buf: Vec<u8>) {
 }
 
 /// A kept buffer of at least `size` initialized bytes (its length), if the
-/// thread keeps one: the smallest that fits.
+/// thread keeps one: of those that fit, the one kept last.
 pub(crate) fn take(size: usize) -> Option<Vec<u8>> {
     take_within(size, usize::MAX)
 }
@@ -62,13 +69,11 @@ pub(crate) fn take_within(size: usize, max_capacity: usize) -> Option<Vec<u8>> {
     }
     KEPT.try_with(|k| {
         let mut k = k.borrow_mut();
-        let (i, _) = k
+        let i = k
             .bufs
             .iter()
-            .enumerate()
-            .filter(|(_, b)| b.len() >= size && b.capacity() <= max_capacity)
-            .min_by_key(|(_, b)| b.len())?;
-        let buf = k.bufs.swap_remove(i);
+            .rposition(|b| b.len() >= size && b.capacity() <= max_capacity)?;
+        let buf = k.bufs.remove(i);
         k.bytes -= buf.capacity();
         Some(buf)
     })
@@ -101,11 +106,14 @@ mod tests {
         keep(big);
         keep(vec![8u8; KEEP_MIN]);
         assert_eq!(kept_bytes(), KEEP_MIN * 3);
-        // The smallest that fits, bytes as they were.
+        // The one kept last that fits, bytes as they were.
         let b = take(KEEP_MIN + 1).expect("the large one");
         assert_eq!((b.as_ptr(), b.len()), (at, KEEP_MIN * 2));
         assert!(b.iter().all(|&x| x == 7));
         assert!(take(KEEP_MIN * 2).is_none());
+        keep(b);
+        let small = take(KEEP_MIN).expect("kept last");
+        assert_eq!((small.as_ptr(), small.len()), (at, KEEP_MIN * 2));
         assert_eq!(take(KEEP_MIN).map(|b| b.len()), Some(KEEP_MIN));
         assert_eq!(kept_bytes(), 0);
         // Never more than the bound.

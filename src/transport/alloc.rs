@@ -112,8 +112,6 @@ pub fn libssh2_blocks_outstanding() -> i64 {
 pub(crate) struct BlockAllocator {
     bytes: Cell<i64>,
     blocks: Cell<i64>,
-    /// Packet-sized blocks libssh2 freed, kept for its next packets.
-    cache: RefCell<Vec<*mut usize>>,
     /// The next block is the session itself: map it as fresh zero pages.
     map_next: Cell<bool>,
 }
@@ -123,16 +121,6 @@ impl BlockAllocator {
     /// `libssh2_session_init_zeroed_ex`, whose first block is the session).
     pub(crate) fn map_next(&self, on: bool) {
         self.map_next.set(on);
-    }
-
-    /// Blocks kept in this session's cache and their bytes.
-    #[cfg(test)]
-    pub(crate) fn cached(&self) -> (usize, usize) {
-        let cache = self.cache.borrow();
-        // SAFETY: cached blocks are live allocations whose header holds
-        // their capacity (set by `alloc`).
-        let bytes = cache.iter().map(|&b| unsafe { *b.add(1) }).sum();
-        (cache.len(), bytes)
     }
 
     /// Bytes libssh2 holds for this session.
@@ -170,7 +158,7 @@ impl BlockAllocator {
             return self.alloc_mapped(size);
         }
         let capacity = block_capacity(size);
-        let base = match self.take_cached(capacity) {
+        let base = match take_cached(capacity) {
             Some(base) => base,
             None => {
                 let Some(total) = capacity.checked_add(HEADER) else {
@@ -232,20 +220,6 @@ impl BlockAllocator {
         }
     }
 
-    fn take_cached(&self, capacity: usize) -> Option<*mut usize> {
-        if !(CACHE_MIN..=CACHE_MAX).contains(&capacity) {
-            return None;
-        }
-        let mut cache = self.cache.borrow_mut();
-        // SAFETY: cached blocks are live allocations with a valid header.
-        let base = match cache.iter().position(|&b| unsafe { *b.add(1) } == capacity) {
-            Some(at) => cache.swap_remove(at),
-            None => take_spare(capacity)?,
-        };
-        THREAD_CACHED.with(|c| c.set(c.get() - capacity));
-        Some(base)
-    }
-
     /// Frees a block libssh2 let go of, or keeps it for the next packet.
     ///
     /// # Safety
@@ -253,25 +227,16 @@ impl BlockAllocator {
     unsafe fn release(&self, base: *mut usize) {
         // SAFETY: per the contract, the header is valid.
         let capacity = unsafe { *base.add(1) };
-        if (CACHE_MIN..=CACHE_MAX).contains(&capacity) {
-            let mut cache = self.cache.borrow_mut();
-            let kept: usize = cache.len() * CACHE_MAX;
-            let fits = kept + capacity <= CACHE_SESSION_BYTES
-                && THREAD_CACHED.with(|c| c.get()) + capacity <= CACHE_THREAD_BYTES;
-            if fits {
-                THREAD_CACHED.with(|c| c.set(c.get() + capacity));
-                cache.push(base);
-                return;
+        let base = if (CACHE_MIN..=CACHE_MAX).contains(&capacity) {
+            match keep_cached(base, capacity) {
+                Ok(()) => return,
+                Err(base) => base,
             }
-            // A session freeing more than its cache holds (the packets a
-            // dropped session had queued): the thread's spares take them.
-            let thread_fits = THREAD_CACHED.with(|c| c.get()) + capacity <= CACHE_THREAD_BYTES;
-            if thread_fits && keep_spare(base).is_ok() {
-                THREAD_CACHED.with(|c| c.set(c.get() + capacity));
-                return;
-            }
-        }
-        // SAFETY: per the contract, `base` is a live block of ours.
+        } else {
+            base
+        };
+        // SAFETY: per the contract, `base` is a live block of ours, and
+        // the cache did not take it.
         unsafe { free_block(base) };
     }
 }
@@ -293,18 +258,6 @@ unsafe fn free_block(base: *mut usize) {
             keep_or_unmap(base as *mut c_void, capacity & !MAPPED);
         } else {
             libc::free(base as *mut c_void);
-        }
-    }
-}
-
-impl Drop for BlockAllocator {
-    fn drop(&mut self) {
-        for base in self.cache.get_mut().drain(..) {
-            // The thread's next session takes it, or it is freed.
-            if let Err(base) = keep_spare(base) {
-                // SAFETY: cached blocks are live allocations owned by the cache.
-                unsafe { free_cached(base) };
-            }
         }
     }
 }
@@ -385,80 +338,87 @@ fn take_kept_block(len: usize) -> Option<*mut c_void> {
 /// packets: a page fault for every 4 KiB received.
 const CACHE_MIN: usize = 4 * 1024;
 const CACHE_MAX: usize = 64 * 1024;
-/// Bytes of cached blocks per session (each counted as CACHE_MAX: at most
-/// 16 blocks) and per thread.
-const CACHE_SESSION_BYTES: usize = 16 * CACHE_MAX;
-const CACHE_THREAD_BYTES: usize = 64 * 1024 * 1024;
+/// Size classes of cached blocks: capacities are multiples of 4 KiB.
+const CLASSES: usize = CACHE_MAX / CACHE_MIN;
+/// Bytes of cached blocks one thread keeps at most (~450 full packets: a
+/// dropped session's queued window and the packets in flight of hundreds
+/// of sessions).
+const CACHE_THREAD_BYTES: usize = 16 * 1024 * 1024;
 
-/// Packet-sized blocks a dropped session leaves to the thread's next
-/// sessions, at most (about 2.3 MiB: a 2 MiB window's queued packets):
-/// freed, they left the heap's top free and glibc trimmed it inside the
-/// drop (a `brk` unmapping ~1 MiB, ~100 µs), only for the next session to
-/// grow it again.
-const THREAD_SPARE_BLOCKS: usize = 64;
-
-thread_local! {
-    /// Bytes in the caches of this thread's sessions, and in its spares.
-    static THREAD_CACHED: Cell<usize> = const { Cell::new(0) };
-    /// Cached blocks of this thread's dropped sessions.
-    static SPARE_BLOCKS: RefCell<SpareBlocks> = const { RefCell::new(SpareBlocks(Vec::new())) };
+/// Packet-sized blocks the thread's sessions freed, one stack per size
+/// class, shared by all of them: the next packet of any session gets the
+/// block freed last, whose lines the cache most likely still holds. Kept
+/// per session instead, each of hundreds of sessions cycled through blocks
+/// of its own, and decrypting into them stalled on memory (64 sessions
+/// reading: client CPU per GiB 0.81 with per-session caches against 0.67
+/// with this one; `BENCHMARKS.md`, "Many sessions share hot memory").
+struct PacketBlocks {
+    classes: [Vec<*mut usize>; CLASSES],
+    bytes: usize,
 }
 
-/// Malloc'd blocks with a valid header, owned here until a session takes
-/// one; freed at thread exit.
-struct SpareBlocks(Vec<*mut usize>);
-
-impl Drop for SpareBlocks {
+impl Drop for PacketBlocks {
     fn drop(&mut self) {
-        for base in self.0.drain(..) {
-            // SAFETY: spare blocks are live malloc'd blocks owned here.
-            unsafe { free_cached(base) };
+        for base in self.classes.iter_mut().flat_map(|c| c.drain(..)) {
+            // SAFETY: cached blocks are live malloc'd blocks owned here.
+            unsafe { libc::free(base as *mut c_void) };
         }
     }
 }
 
-/// Frees a cached (or spare) block and takes it off the thread's count.
-///
-/// # Safety
-/// `base` is a live malloc'd block with a valid header, owned by the
-/// caller and not used afterwards.
-unsafe fn free_cached(base: *mut usize) {
-    // SAFETY: per the contract, the header is valid and the block is ours.
-    unsafe {
-        let capacity = *base.add(1);
-        let _ = THREAD_CACHED.try_with(|c| c.set(c.get().saturating_sub(capacity)));
-        libc::free(base as *mut c_void);
-    }
+thread_local! {
+    static PACKET_BLOCKS: RefCell<PacketBlocks> = const {
+        RefCell::new(PacketBlocks { classes: [const { Vec::new() }; CLASSES], bytes: 0 })
+    };
 }
 
-/// A spare block of exactly `capacity` (cached size class), if the thread
-/// has one.
-fn take_spare(capacity: usize) -> Option<*mut usize> {
-    SPARE_BLOCKS
-        .try_with(|s| {
-            let mut s = s.borrow_mut();
-            // SAFETY: spare blocks are live allocations with a valid header.
-            let at = s.0.iter().position(|&b| unsafe { *b.add(1) } == capacity)?;
-            Some(s.0.swap_remove(at))
+/// The stack of blocks of `capacity` (a multiple of 4 KiB in the cached
+/// range).
+fn class(capacity: usize) -> usize {
+    capacity / CACHE_MIN - 1
+}
+
+/// The block of exactly `capacity` this thread's sessions freed last, if
+/// the thread keeps one.
+fn take_cached(capacity: usize) -> Option<*mut usize> {
+    if !(CACHE_MIN..=CACHE_MAX).contains(&capacity) {
+        return None;
+    }
+    PACKET_BLOCKS
+        .try_with(|p| {
+            let mut p = p.borrow_mut();
+            let base = p.classes[class(capacity)].pop()?;
+            p.bytes -= capacity;
+            Some(base)
         })
         .ok()
         .flatten()
 }
 
-/// Keeps a dropped session's cached block for the thread's next sessions;
-/// gives it back (`Err`) when the thread keeps enough.
-fn keep_spare(base: *mut usize) -> Result<(), *mut usize> {
-    SPARE_BLOCKS
-        .try_with(|s| {
-            let mut s = s.borrow_mut();
-            if s.0.len() < THREAD_SPARE_BLOCKS {
-                s.0.push(base);
-                Ok(())
-            } else {
-                Err(base)
+/// Keeps a freed packet block (`capacity` in the cached range, a multiple
+/// of 4 KiB) for the thread's next packets; gives it back (`Err`) when the
+/// thread keeps enough, or is exiting.
+fn keep_cached(base: *mut usize, capacity: usize) -> Result<(), *mut usize> {
+    PACKET_BLOCKS
+        .try_with(|p| {
+            let mut p = p.borrow_mut();
+            if p.bytes + capacity > CACHE_THREAD_BYTES {
+                return Err(base);
             }
+            p.bytes += capacity;
+            p.classes[class(capacity)].push(base);
+            Ok(())
         })
         .unwrap_or(Err(base))
+}
+
+/// Blocks and bytes this thread keeps for its sessions' next packets.
+#[cfg(test)]
+fn cached_blocks() -> (usize, usize) {
+    PACKET_BLOCKS.with(|p| {
+        let p = p.borrow();
+        (p.classes.iter().map(Vec::len).sum(), p.bytes)
+    })
 }
 
 /// The capacity of a block for `size` bytes: packet-sized blocks are
@@ -648,67 +608,87 @@ mod tests {
     }
 
     #[test]
-    fn packet_blocks_are_reused_and_the_cache_is_bounded() {
-        let shared = CallbackContext::new();
-        let mut l = Libssh2::new(&shared);
-        // A burst of packet-sized blocks, as libssh2 reading a full recv.
-        let first: Vec<_> = (0..24).map(|i| l.alloc(32_768 + 29 + i)).collect();
-        assert_eq!(shared.blocks_outstanding(), 24);
-        for &p in &first {
-            l.free(p);
-        }
-        assert_eq!(
-            (shared.blocks_outstanding(), shared.bytes_outstanding()),
-            (0, 0)
-        );
-        let (kept, bytes) = shared.alloc.cached();
-        assert_eq!(kept, 16, "at most 16 blocks per session");
-        assert_eq!(bytes, 16 * 36_864, "rounded up to 4 KiB");
-        // The next burst gets the cached blocks back.
-        let second: Vec<_> = (0..16).map(|_| l.alloc(33_000)).collect();
-        assert!(second.iter().all(|p| first.contains(p)));
-        assert_eq!(shared.alloc.cached().0, 0);
-        assert_eq!(shared.bytes_outstanding(), 16 * 33_000);
-        for p in second {
-            l.free(p);
-        }
-    }
-
-    #[test]
-    fn a_dropped_sessions_packet_blocks_serve_the_next_session() {
-        // Run on a thread of its own: the spares are per thread.
+    fn packet_blocks_are_reused_last_freed_first_and_the_cache_is_bounded() {
+        // Run on a thread of its own: the cache is per thread.
         std::thread::spawn(|| {
-            let spares = || SPARE_BLOCKS.with(|s| s.borrow().0.len());
-            let first = {
-                let a = CallbackContext::new();
-                let mut l = Libssh2::new(&a);
-                // More than the session's cache: the rest become spares
-                // rather than going back to malloc (and the heap's top).
-                let blocks: Vec<_> = (0..24).map(|_| l.alloc(33_000)).collect();
-                for &p in &blocks {
-                    l.free(p);
-                }
-                assert_eq!((a.alloc.cached().0, spares()), (16, 8));
-                blocks
-            };
-            // Dropped: its cache joins the spares.
-            assert_eq!(spares(), 24);
-            assert_eq!(THREAD_CACHED.with(Cell::get), 24 * 36_864);
-            let b = CallbackContext::new();
-            let mut l = Libssh2::new(&b);
-            let second: Vec<_> = (0..24).map(|_| l.alloc(33_000)).collect();
-            assert!(second.iter().all(|p| first.contains(p)), "the same blocks");
-            assert_eq!((spares(), THREAD_CACHED.with(Cell::get)), (0, 0));
+            let shared = CallbackContext::new();
+            let mut l = Libssh2::new(&shared);
+            // A burst of packet-sized blocks, as libssh2 reading a full recv.
+            let first: Vec<_> = (0..24).map(|i| l.alloc(32_768 + 29 + i)).collect();
+            assert_eq!(shared.blocks_outstanding(), 24);
+            for &p in &first {
+                l.free(p);
+            }
+            assert_eq!(
+                (shared.blocks_outstanding(), shared.bytes_outstanding()),
+                (0, 0)
+            );
+            assert_eq!(cached_blocks(), (24, 24 * 36_864), "rounded up to 4 KiB");
+            // The next packets get the blocks freed last first.
+            let second: Vec<_> = (0..16).map(|_| l.alloc(33_000)).collect();
+            let expected: Vec<_> = first.iter().rev().take(16).copied().collect();
+            assert_eq!(second, expected);
+            assert_eq!(cached_blocks().0, 8);
+            assert_eq!(shared.bytes_outstanding(), 16 * 33_000);
+            // Another size class is served from its own stack.
+            let other = l.alloc(9_000);
+            assert!(!first.contains(&other));
+            l.free(other);
             for p in second {
                 l.free(p);
             }
-            // Bounded: a session freeing many keeps 16, the thread 64.
-            let many: Vec<_> = (0..100).map(|_| l.alloc(33_000)).collect();
+            // Bounded: a thread keeps CACHE_THREAD_BYTES, the rest is freed.
+            let many: Vec<_> = (0..CACHE_THREAD_BYTES / 36_864 + 40)
+                .map(|_| l.alloc(33_000))
+                .collect();
             for p in many {
                 l.free(p);
             }
-            assert_eq!((b.alloc.cached().0, spares()), (16, THREAD_SPARE_BLOCKS));
-            assert_eq!((b.blocks_outstanding(), b.bytes_outstanding()), (0, 0));
+            let (_, bytes) = cached_blocks();
+            assert!(
+                bytes <= CACHE_THREAD_BYTES && bytes > CACHE_THREAD_BYTES - 36_864,
+                "{bytes}"
+            );
+            assert_eq!(
+                (shared.blocks_outstanding(), shared.bytes_outstanding()),
+                (0, 0)
+            );
+        })
+        .join()
+        .unwrap();
+    }
+
+    #[test]
+    fn the_block_freed_last_by_any_session_serves_the_next_packet() {
+        // Run on a thread of its own: the cache is per thread.
+        std::thread::spawn(|| {
+            let a = CallbackContext::new();
+            let b = CallbackContext::new();
+            let mut la = Libssh2::new(&a);
+            let mut lb = Libssh2::new(&b);
+            let pa = la.alloc(33_000);
+            let pb = lb.alloc(33_000);
+            la.free(pa);
+            // Session b's next packet takes the block session a just freed.
+            let pb2 = lb.alloc(33_000);
+            assert_eq!(pb2, pa);
+            lb.free(pb);
+            let from_dropped = {
+                let c = CallbackContext::new();
+                let mut lc = Libssh2::new(&c);
+                let blocks: Vec<_> = (0..24).map(|_| lc.alloc(33_000)).collect();
+                for &p in &blocks {
+                    lc.free(p);
+                }
+                blocks
+            };
+            // A dropped session's blocks serve the others.
+            let pa2 = la.alloc(33_000);
+            assert_eq!(pa2, from_dropped[23]);
+            assert_eq!(cached_blocks().0, 23);
+            assert_eq!((a.blocks_outstanding(), b.blocks_outstanding()), (1, 1));
+            la.free(pa2);
+            lb.free(pb2);
         })
         .join()
         .unwrap();
@@ -721,9 +701,10 @@ mod tests {
         let small = l.alloc(20);
         let large = l.alloc(1 << 20);
         assert_eq!(shared.bytes_outstanding(), 20 + (1 << 20));
+        let before = cached_blocks();
         l.free(small);
         l.free(large);
-        assert_eq!(shared.alloc.cached(), (0, 0));
+        assert_eq!(cached_blocks(), before);
         assert_eq!(
             (shared.blocks_outstanding(), shared.bytes_outstanding()),
             (0, 0)

@@ -69,10 +69,11 @@ impl Inbound {
         }
     }
 
-    /// A read-out buffer: the next receive buffer, or one the thread
-    /// keeps for its other sessions.
+    /// A read-out buffer: a large one goes to the thread, whose next
+    /// receive (this session's or another's) takes the buffer read out
+    /// last, still in the cache; a small one is this session's next.
     fn recycle(&mut self, buf: Vec<u8>) {
-        if self.free.len() < FREE_BUFFERS {
+        if buf.len() < crate::reactor::buffers::KEEP_MIN && self.free.len() < FREE_BUFFERS {
             self.free.push(buf);
         } else {
             crate::reactor::buffers::keep(buf);
