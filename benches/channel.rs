@@ -53,7 +53,10 @@ fn bench_channel(c: &mut Criterion) {
         group.throughput(Throughput::Bytes(bytes));
         let cmd = format!("head -c {bytes} /dev/zero");
         group.bench_function(label, |b| {
-            b.iter(|| rt.block_on(Ours::read_command(&conn, &cmd, bytes)))
+            b.iter(|| rt.block_on(Ours::read_command(&conn, &cmd, bytes, true)))
+        });
+        group.bench_function(format!("{label}, chunks"), |b| {
+            b.iter(|| rt.block_on(Ours::read_command(&conn, &cmd, bytes, false)))
         });
     }
     group.finish();

@@ -8,6 +8,7 @@ use std::pin::Pin;
 use std::rc::Rc;
 use std::task::{Context, Poll, ready};
 
+use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::error::{Error, Result};
@@ -95,6 +96,15 @@ const MAX_WRITE: usize = 32700;
 
 /// The smallest cap on one read: below it a read is as large as asked.
 const MIN_READ_CAP: usize = 32 * 1024;
+
+/// The read size a chunk read stands for when libssh2 keeps the window: it
+/// is reopened to the initial window plus this much once a quarter of the
+/// initial window is consumed. A larger window lets the server go on
+/// while receives wait to batch: one session reading 1 GiB on loopback
+/// did 1,060 MB/s with 32 KiB here, 1,300 with 256 KiB and 1,570 with
+/// 1 MiB (client CPU per GiB 0.369, 0.345, 0.313). Within the bound of
+/// the [`Channel`] docs (initial window plus the read cap).
+const CHUNK_WANT: usize = 1024 * 1024;
 
 /// Bytes of stderr dropped per libssh2 call in discard mode.
 const DISCARD_CHUNK: usize = 16 * 1024;
@@ -263,14 +273,7 @@ impl ChannelInner {
         // the read (more if the read exceeds the window): capping reads at
         // the initial window caps the window, and with it what unread
         // stderr can make libssh2 hold, at twice the initial window.
-        if self.read_cap.get() == 0 {
-            let mut initial: std::os::raw::c_ulong = 0;
-            // SAFETY: live channel; libssh2 only stores the initial window
-            // size.
-            unsafe { ffi::libssh2_channel_window_read_ex(raw, std::ptr::null_mut(), &mut initial) };
-            self.read_cap.set((initial as usize).max(MIN_READ_CAP));
-        }
-        let len = len.min(self.read_cap.get());
+        let len = len.min(self.read_cap());
         let discard = stream == 0 && self.discard_stderr.get();
         // Tokio's cooperative budget, as its own sockets do: a loop that
         // reads a channel whose data never runs out yields now and then, so
@@ -297,6 +300,63 @@ impl ChannelInner {
             coop.made_progress();
         }
         Poll::Ready(Ok(n))
+    }
+
+    /// The stream's next packet of data, handed over by libssh2 with no
+    /// copy (patch 0020): `None` at EOF, `Pending` with the waker
+    /// registered for the session's next input.
+    pub(crate) fn poll_read_chunk(
+        &self,
+        cx: &mut Context<'_>,
+        stream: c_int,
+    ) -> Poll<io::Result<Option<Bytes>>> {
+        let raw = self.raw()?;
+        // What libssh2 keeps the window open for beyond its initial size,
+        // as for a read into a buffer of that size (see `CHUNK_WANT`).
+        let want = CHUNK_WANT.min(self.read_cap());
+        let discard = stream == 0 && self.discard_stderr.get();
+        let coop = ready!(tokio::task::coop::poll_proceed(cx));
+        let alloc = &self.session.transport.context.alloc;
+        let taken = ready!(self.session.poll_call(cx, &mut |_| {
+            if discard {
+                self.drop_queued_stderr(raw)?;
+            }
+            let mut block = std::ptr::null_mut();
+            let mut offset = 0;
+            // SAFETY: live channel; libssh2 writes the two out-parameters.
+            let n = unsafe {
+                ffi::libssh2_channel_read_take(raw, stream, want, &mut block, &mut offset)
+            };
+            if n < 0 {
+                return Err(n as c_int);
+            }
+            if n == 0 || block.is_null() {
+                return Ok(None);
+            }
+            // SAFETY: on a positive return libssh2 handed `block` over: a
+            // live block of this session's allocator that it no longer
+            // holds, its `n` bytes of data at `offset`.
+            match unsafe { alloc.take_over(block, offset, n as usize) } {
+                Some(b) => Ok(Some(b)),
+                None => Err(ffi::LIBSSH2_ERROR_OUT_OF_BOUNDARY),
+            }
+        }))?;
+        coop.made_progress();
+        Poll::Ready(Ok(taken.map(Bytes::from_owner)))
+    }
+
+    /// The largest read: the initial window (see `poll_read_raw`).
+    fn read_cap(&self) -> usize {
+        if self.read_cap.get() == 0
+            && let Ok(raw) = self.raw()
+        {
+            let mut initial: std::os::raw::c_ulong = 0;
+            // SAFETY: live channel; libssh2 only stores the initial window
+            // size.
+            unsafe { ffi::libssh2_channel_window_read_ex(raw, std::ptr::null_mut(), &mut initial) };
+            self.read_cap.set((initial as usize).max(MIN_READ_CAP));
+        }
+        self.read_cap.get().max(MIN_READ_CAP)
     }
 
     /// Reads and drops the stderr libssh2 holds for the channel (which
@@ -676,6 +736,30 @@ impl Channel {
     /// The exit status reported so far (code 0 until the server sends one).
     pub fn exit_status(&self) -> Result<ExitStatus> {
         self.inner.exit_status()
+    }
+
+    /// The next stdout data as it arrived, with no copy: at most one
+    /// packet's worth (up to 32 KiB from OpenSSH), in the memory it was
+    /// decrypted into, which the returned [`Bytes`] owns (it may be kept,
+    /// sent to another thread, and dropped anywhere). `None` at the end of
+    /// stdout. It mixes with [`AsyncRead`] reads: each returns the bytes
+    /// that follow the last one's.
+    ///
+    /// The cheapest way to consume output that is processed in place
+    /// (hashed, parsed, written to a file): reading into a buffer copies
+    /// every byte once more. Each chunk holds its packet's whole block
+    /// (about 36 KiB) until dropped; the window is reopened for it at
+    /// once, so chunks kept without bound are memory without bound.
+    pub async fn read_chunk(&mut self) -> io::Result<Option<Bytes>> {
+        std::future::poll_fn(|cx| self.inner.poll_read_chunk(cx, 0)).await
+    }
+}
+
+impl Stderr {
+    /// [`Channel::read_chunk`] for stderr: the next stderr data with no
+    /// copy, `None` at its end.
+    pub async fn read_chunk(&mut self) -> io::Result<Option<Bytes>> {
+        std::future::poll_fn(|cx| self.inner.poll_read_chunk(cx, 1)).await
     }
 }
 

@@ -60,6 +60,18 @@ unsafe extern "C" {
     /// `0011-session-set-disconnected`.
     pub fn libssh2_session_set_disconnected(session: *mut LIBSSH2_SESSION);
 
+    /// `libssh2_channel_read_ex` without the copy: the stream's next
+    /// packet's payload block (from the session's allocator) is handed
+    /// over, its returned number of bytes at `*offset`. From our patch
+    /// `0020-channel-read-take`.
+    pub fn libssh2_channel_read_take(
+        channel: *mut LIBSSH2_CHANNEL,
+        stream_id: c_int,
+        want: libc::size_t,
+        block: *mut *mut u8,
+        offset: *mut libc::size_t,
+    ) -> isize;
+
     /// Registers the ML-KEM primitive libssh2's hybrid key exchanges use.
     /// From our patch `0012-mlkem-external-provider`.
     pub fn libssh2_mlkem_provider_set(

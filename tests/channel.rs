@@ -156,6 +156,100 @@ async fn read_256_mib_sha256_matches() {
 }
 
 #[tokio::test]
+async fn chunk_reads_hand_over_every_byte_and_outlive_their_session() {
+    if !alone_in_own_process("chunk_reads_hand_over_every_byte_and_outlive_their_session") {
+        return;
+    }
+    let sshd = Sshd::start();
+    let path = sshd.dir().join("chunk-read");
+    let want = write_random_file(&path, 64 * MIB, 0xc4u64);
+    let before = (
+        uring_ssh::libssh2_bytes_outstanding(),
+        uring_ssh::libssh2_blocks_outstanding(),
+    );
+    let s = connect(&sshd).await;
+    let mut ch = s.exec(&format!("cat {}", path.display())).await.unwrap();
+    let mut h = Sha256::new();
+    // A partial read through `AsyncRead` first: the chunks go on from the
+    // byte after it, in the middle of a packet.
+    let mut head = [0u8; 1000];
+    ch.read_exact(&mut head).await.unwrap();
+    h.update(head);
+    let mut total = head.len();
+    let mut kept = Vec::new();
+    let mut chunks = 0usize;
+    while let Some(chunk) = ch.read_chunk().await.unwrap() {
+        assert!(
+            !chunk.is_empty() && chunk.len() <= 64 * 1024,
+            "{}",
+            chunk.len()
+        );
+        h.update(&chunk);
+        total += chunk.len();
+        chunks += 1;
+        if chunks.is_multiple_of(100) {
+            kept.push(chunk);
+        }
+    }
+    assert_eq!(total, 64 * MIB);
+    assert_eq!(hex(&h.finalize()), want);
+    assert!(ch.wait().await.unwrap().success());
+    assert!(!kept.is_empty());
+    // The kept chunks left the session's counts but not the process's.
+    let kept_bytes: usize = kept.iter().map(|c| c.len()).sum();
+    drop(ch);
+    s.close("done").await.unwrap();
+    drop(s);
+    let held = uring_ssh::libssh2_bytes_outstanding() - before.0;
+    let blocks = uring_ssh::libssh2_blocks_outstanding() - before.1;
+    assert_eq!(blocks, kept.len() as i64, "only the kept chunks are alive");
+    assert!(held >= kept_bytes as i64, "{held} < {kept_bytes}");
+    // Their bytes are intact after the session is gone, and they are freed
+    // on another thread.
+    let copies: Vec<Vec<u8>> = kept.iter().map(|c| c.to_vec()).collect();
+    let expected = std::fs::read(&path).unwrap();
+    let mut at = 0;
+    for c in &copies {
+        let found = expected.windows(c.len()).skip(at).position(|w| w == &c[..]);
+        let found = found.expect("a kept chunk's bytes are in the file");
+        at += found + c.len();
+    }
+    std::thread::spawn(move || drop(kept)).join().unwrap();
+    assert_eq!(
+        (
+            uring_ssh::libssh2_bytes_outstanding(),
+            uring_ssh::libssh2_blocks_outstanding()
+        ),
+        before,
+        "nothing left once the chunks are dropped"
+    );
+}
+
+#[tokio::test]
+async fn stderr_chunk_reads_and_stdout_chunks_stay_apart() {
+    let sshd = Sshd::start();
+    let s = connect(&sshd).await;
+    let mut ch = s
+        .exec("head -c 300000 /dev/zero >&2; head -c 200000 /dev/zero | tr '\\0' x")
+        .await
+        .unwrap();
+    let mut err = ch.stderr();
+    let mut err_total = 0;
+    while let Some(chunk) = err.read_chunk().await.unwrap() {
+        assert!(chunk.iter().all(|&b| b == 0));
+        err_total += chunk.len();
+    }
+    let mut out_total = 0;
+    while let Some(chunk) = ch.read_chunk().await.unwrap() {
+        assert!(chunk.iter().all(|&b| b == b'x'));
+        out_total += chunk.len();
+    }
+    assert_eq!((err_total, out_total), (300_000, 200_000));
+    assert!(ch.wait().await.unwrap().success());
+    assert!(ch.read_chunk().await.unwrap().is_none(), "still the end");
+}
+
+#[tokio::test]
 async fn write_256_mib_sha256_matches() {
     let sshd = Sshd::start();
     let path = sshd.dir().join("big-write");

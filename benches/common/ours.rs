@@ -35,17 +35,24 @@ impl Conn {
 
 impl Ours {
     /// Runs `command` on one channel and reads its output, which must be
-    /// `bytes` long.
-    pub async fn read_command(c: &Conn, command: &str, bytes: u64) {
+    /// `bytes` long: in chunks with no copy, or with `into_buffer` through
+    /// `AsyncRead` into one buffer.
+    pub async fn read_command(c: &Conn, command: &str, bytes: u64, into_buffer: bool) {
         let mut ch = c.s.exec(command).await.expect("exec");
-        let mut buf = vec![0u8; client::BUF];
         let mut got = 0u64;
-        loop {
-            let n = ch.read(&mut buf).await.expect("read");
-            if n == 0 {
-                break;
+        if into_buffer {
+            let mut buf = vec![0u8; client::BUF];
+            loop {
+                let n = ch.read(&mut buf).await.expect("read");
+                if n == 0 {
+                    break;
+                }
+                got += n as u64;
             }
-            got += n as u64;
+        } else {
+            while let Some(chunk) = ch.read_chunk().await.expect("read") {
+                got += chunk.len() as u64;
+            }
         }
         assert_eq!(got, bytes);
         assert!(ch.wait().await.expect("exit").success());
@@ -80,7 +87,7 @@ impl AsyncPeer for Ours {
     }
 
     async fn read(c: &Conn, a: &Args) {
-        Ours::read_command(c, &a.read_command(), a.bytes()).await
+        Ours::read_command(c, &a.read_command(), a.bytes(), a.read_api == "buffer").await
     }
 
     async fn write(c: &Conn, a: &Args) {

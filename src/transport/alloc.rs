@@ -220,25 +220,89 @@ impl BlockAllocator {
         }
     }
 
-    /// Frees a block libssh2 let go of, or keeps it for the next packet.
+    /// Takes over a block libssh2 handed out (patch 0020): `ptr` as our
+    /// `alloc` returned it, its data `len` bytes at `start`. The block
+    /// leaves this session's counts and stays in the process's until the
+    /// returned owner drops. `None` (and the block freed) if the range does
+    /// not lie within the block.
     ///
     /// # Safety
-    /// `base` is the start of a live block made by `alloc`/`realloc_cb`.
-    unsafe fn release(&self, base: *mut usize) {
-        // SAFETY: per the contract, the header is valid.
-        let capacity = unsafe { *base.add(1) };
-        let base = if (CACHE_MIN..=CACHE_MAX).contains(&capacity) {
-            match keep_cached(base, capacity) {
-                Ok(()) => return,
-                Err(base) => base,
-            }
-        } else {
-            base
+    /// `ptr` is a live block of this session's allocator that libssh2 no
+    /// longer uses, handed to nobody else.
+    pub(crate) unsafe fn take_over(
+        &self,
+        ptr: *mut u8,
+        start: usize,
+        len: usize,
+    ) -> Option<TakenBlock> {
+        // SAFETY: per the contract, a header with the block's size precedes `ptr`.
+        let (base, size) = unsafe {
+            let base = ptr.sub(HEADER) as *mut usize;
+            (base, *base)
         };
-        // SAFETY: per the contract, `base` is a live block of ours, and
-        // the cache did not take it.
-        unsafe { free_block(base) };
+        self.bytes.set(self.bytes.get() - size as i64);
+        self.blocks.set(self.blocks.get() - 1);
+        let block = TakenBlock { base, start, len };
+        match start.checked_add(len) {
+            Some(end) if end <= size => Some(block),
+            // Dropping it frees the block.
+            _ => None,
+        }
     }
+}
+
+/// A packet's data that libssh2 handed over, with no copy: the payload
+/// block is owned here, and dropping it (on any thread) frees it or keeps
+/// it for that thread's next packets.
+pub(crate) struct TakenBlock {
+    base: *mut usize,
+    start: usize,
+    len: usize,
+}
+
+// SAFETY: the block is owned by this value alone (libssh2 unlinked it and
+// the session's counts let it go); it is malloc'd memory, and dropping it
+// touches only the dropping thread's cache and counts.
+unsafe impl Send for TakenBlock {}
+
+impl AsRef<[u8]> for TakenBlock {
+    fn as_ref(&self) -> &[u8] {
+        // SAFETY: `start + len` lies within the block (checked by
+        // `take_over`), whose bytes libssh2 wrote (the decrypted packet).
+        unsafe {
+            std::slice::from_raw_parts((self.base as *const u8).add(HEADER + self.start), self.len)
+        }
+    }
+}
+
+impl Drop for TakenBlock {
+    fn drop(&mut self) {
+        // SAFETY: the block is ours alone, with a valid header.
+        unsafe {
+            count_globally(-(*self.base as i64), -1);
+            release(self.base);
+        }
+    }
+}
+
+/// Frees a block libssh2 let go of, or keeps it for the next packet.
+///
+/// # Safety
+/// `base` is the start of a live block made by `alloc`/`realloc_cb`.
+unsafe fn release(base: *mut usize) {
+    // SAFETY: per the contract, the header is valid.
+    let capacity = unsafe { *base.add(1) };
+    let base = if (CACHE_MIN..=CACHE_MAX).contains(&capacity) {
+        match keep_cached(base, capacity) {
+            Ok(()) => return,
+            Err(base) => base,
+        }
+    } else {
+        base
+    };
+    // SAFETY: per the contract, `base` is a live block of ours, and
+    // the cache did not take it.
+    unsafe { free_block(base) };
 }
 
 /// Hands a block back: a mapping of its own ([`MAPPED`]) is kept for the
@@ -463,7 +527,7 @@ pub(super) extern "C" fn free_cb(ptr: *mut c_void, abstract_: *mut *mut c_void) 
             match context(abstract_) {
                 Some(s) => {
                     s.alloc.account(-(size as i64), -1);
-                    s.alloc.release(base);
+                    release(base);
                 }
                 None => free_block(base),
             }
@@ -495,7 +559,7 @@ pub(super) extern "C" fn realloc_cb(
                 if !new.is_null() {
                     std::ptr::copy_nonoverlapping(ptr as *const u8, new as *mut u8, old.min(size));
                     s.alloc.account(-(old as i64), -1);
-                    s.alloc.release(base);
+                    release(base);
                 }
                 return new;
             }

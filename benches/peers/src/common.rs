@@ -67,6 +67,10 @@ pub struct Args {
     /// `tree`: sync each local file before its rename (`--fsync 1`;
     /// uring-ssh only, the peers' walks ignore it).
     pub fsync: bool,
+    /// `read`: how uring-ssh takes the output: `chunk` (the default:
+    /// `Channel::read_chunk`, no copy) or `buffer` (`AsyncRead` into a
+    /// [`BUF`] buffer per session, one copy more). The peers ignore it.
+    pub read_api: String,
 }
 
 /// The key exchange every client pins unless `--kex` says otherwise.
@@ -96,6 +100,7 @@ pub fn parse_args(mut it: impl Iterator<Item = String>) -> Args {
         threads: 0,
         via: "native".into(),
         fsync: false,
+        read_api: "chunk".into(),
     };
     while let Some(k) = it.next() {
         let v = it.next().unwrap_or_else(|| panic!("{k} needs a value"));
@@ -117,6 +122,13 @@ pub fn parse_args(mut it: impl Iterator<Item = String>) -> Args {
             "--threads" => a.threads = num(&v),
             "--via" => a.via = v,
             "--fsync" => a.fsync = num(&v) != 0,
+            "--read-api" => {
+                assert!(
+                    v == "chunk" || v == "buffer",
+                    "--read-api {v}: chunk or buffer"
+                );
+                a.read_api = v
+            }
             other => panic!("unknown option {other}"),
         }
     }
