@@ -97,6 +97,11 @@ const MAX_WRITE: usize = 32700;
 /// The smallest cap on one read: below it a read is as large as asked.
 const MIN_READ_CAP: usize = 32 * 1024;
 
+/// Chunks smaller than this are copied out of their packet, which is
+/// freed at once: a block held for a few bytes would cost far more than
+/// they do.
+const CHUNK_COPY_BELOW: usize = 1024;
+
 /// The read size a chunk read stands for when libssh2 keeps the window: it
 /// is reopened to the initial window plus this much once a quarter of the
 /// initial window is consumed. A larger window lets the server go on
@@ -342,7 +347,13 @@ impl ChannelInner {
             }
         }))?;
         coop.made_progress();
-        Poll::Ready(Ok(taken.map(Bytes::from_owner)))
+        Poll::Ready(Ok(taken.map(|block| {
+            if block.as_ref().len() < CHUNK_COPY_BELOW {
+                Bytes::copy_from_slice(block.as_ref())
+            } else {
+                Bytes::from_owner(block)
+            }
+        })))
     }
 
     /// The largest read: the initial window (see `poll_read_raw`).
@@ -747,9 +758,11 @@ impl Channel {
     ///
     /// The cheapest way to consume output that is processed in place
     /// (hashed, parsed, written to a file): reading into a buffer copies
-    /// every byte once more. Each chunk holds its packet's whole block
-    /// (about 36 KiB) until dropped; the window is reopened for it at
-    /// once, so chunks kept without bound are memory without bound.
+    /// every byte once more. A chunk of 1 KiB or more
+    /// holds its packet's whole block (36 KiB for a full packet) until
+    /// dropped; a smaller one is a copy, so a server sending tiny packets
+    /// costs what they carry. The window counts the bytes as read, so
+    /// chunks kept without bound are memory without bound.
     pub async fn read_chunk(&mut self) -> io::Result<Option<Bytes>> {
         std::future::poll_fn(|cx| self.inner.poll_read_chunk(cx, 0)).await
     }

@@ -203,7 +203,14 @@ async fn chunk_reads_hand_over_every_byte_and_outlive_their_session() {
     let held = uring_ssh::libssh2_bytes_outstanding() - before.0;
     let blocks = uring_ssh::libssh2_blocks_outstanding() - before.1;
     assert_eq!(blocks, kept.len() as i64, "only the kept chunks are alive");
+    // Each kept chunk holds its packet's block: its data plus at most the
+    // block's rounding (under 4 KiB) and the message header.
     assert!(held >= kept_bytes as i64, "{held} < {kept_bytes}");
+    assert!(
+        held < (kept_bytes + kept.len() * 4200) as i64,
+        "{held} bytes for {kept_bytes} in {} chunks",
+        kept.len()
+    );
     // Their bytes are intact after the session is gone, and they are freed
     // on another thread.
     let copies: Vec<Vec<u8>> = kept.iter().map(|c| c.to_vec()).collect();
@@ -247,6 +254,21 @@ async fn stderr_chunk_reads_and_stdout_chunks_stay_apart() {
     assert_eq!((err_total, out_total), (300_000, 200_000));
     assert!(ch.wait().await.unwrap().success());
     assert!(ch.read_chunk().await.unwrap().is_none(), "still the end");
+
+    // Discarded stderr: a flood past the window does not stall stdout's
+    // chunks, and tiny outputs come whole.
+    let mut ch = s
+        .exec("head -c 5000000 /dev/zero >&2; echo out")
+        .await
+        .unwrap();
+    ch.discard_stderr();
+    let mut out = Vec::new();
+    while let Some(chunk) = ch.read_chunk().await.unwrap() {
+        out.extend_from_slice(&chunk);
+    }
+    assert_eq!(out, b"out\n");
+    assert!(ch.wait().await.unwrap().success());
+    assert_eq!(ch.stderr_discarded(), 5_000_000);
 }
 
 #[tokio::test]

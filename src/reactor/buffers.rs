@@ -57,9 +57,32 @@ pub(crate) fn keep(buf: Vec<u8>) {
 }
 
 /// A kept buffer of at least `size` initialized bytes (its length), if the
-/// thread keeps one: of those that fit, the one kept last.
+/// thread keeps one: the one kept last of those up to 4 × `size` (a small
+/// receive leaves the large buffers to the streams), or else the smallest
+/// that fits.
 pub(crate) fn take(size: usize) -> Option<Vec<u8>> {
-    take_within(size, usize::MAX)
+    take_within(size, size.saturating_mul(4)).or_else(|| take_smallest(size))
+}
+
+/// The smallest kept buffer of at least `size` initialized bytes.
+fn take_smallest(size: usize) -> Option<Vec<u8>> {
+    if size < KEEP_MIN {
+        return None;
+    }
+    KEPT.try_with(|k| {
+        let mut k = k.borrow_mut();
+        let (i, _) = k
+            .bufs
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| b.len() >= size)
+            .min_by_key(|(_, b)| b.len())?;
+        let buf = k.bufs.remove(i);
+        k.bytes -= buf.capacity();
+        Some(buf)
+    })
+    .ok()
+    .flatten()
 }
 
 /// [`take`], among the kept buffers of at most `max_capacity` bytes only.
@@ -115,6 +138,13 @@ mod tests {
         let small = take(KEEP_MIN).expect("kept last");
         assert_eq!((small.as_ptr(), small.len()), (at, KEEP_MIN * 2));
         assert_eq!(take(KEEP_MIN).map(|b| b.len()), Some(KEEP_MIN));
+        assert_eq!(kept_bytes(), 0);
+        // A small receive leaves a much larger buffer kept later to the
+        // streams, and takes it only when nothing else fits.
+        keep(vec![1u8; KEEP_MIN]);
+        keep(vec![2u8; KEEP_MIN * 8]);
+        assert_eq!(take(KEEP_MIN).map(|b| b[0]), Some(1));
+        assert_eq!(take(KEEP_MIN).map(|b| b.len()), Some(KEEP_MIN * 8));
         assert_eq!(kept_bytes(), 0);
         // Never more than the bound.
         for _ in 0..KEEP_MAX_BYTES / KEEP_MIN + 4 {

@@ -1,8 +1,9 @@
 //! libssh2's memory: the allocator handed to `libssh2_session_init_ex`.
 //!
 //! Every block is counted (bytes and blocks, per session and over the
-//! process, the latter in per-thread parts summed on reading), so leaks are measured rather than guessed; packet-sized blocks
-//! are cached for the session's next packets; the session's own block is
+//! process, the latter in per-thread parts summed on reading), so leaks
+//! are measured rather than guessed; packet-sized blocks are cached for
+//! the next packets of the thread's sessions; the session's own block is
 //! mapped as fresh zero pages, resident only where libssh2 writes.
 
 use std::cell::{Cell, RefCell};
@@ -96,13 +97,14 @@ fn global_counts() -> (i64, i64) {
 }
 
 /// Bytes libssh2 has allocated through our allocator and not freed, over all
-/// sessions of the process.
+/// sessions of the process, including the packets the application still
+/// holds as chunks ([`Channel::read_chunk`](crate::Channel::read_chunk)).
 pub fn libssh2_bytes_outstanding() -> i64 {
     global_counts().0
 }
 
 /// Blocks libssh2 has allocated through our allocator and not freed, over all
-/// sessions of the process.
+/// sessions of the process, including chunks the application holds.
 pub fn libssh2_blocks_outstanding() -> i64 {
     global_counts().1
 }
@@ -154,6 +156,7 @@ impl BlockAllocator {
     }
 
     pub(crate) fn alloc(&self, size: usize) -> *mut c_void {
+        let _ = RUNS_SESSIONS.try_with(|r| r.set(true));
         if self.map_next.replace(false) {
             return self.alloc_mapped(size);
         }
@@ -404,10 +407,10 @@ const CACHE_MIN: usize = 4 * 1024;
 const CACHE_MAX: usize = 64 * 1024;
 /// Size classes of cached blocks: capacities are multiples of 4 KiB.
 const CLASSES: usize = CACHE_MAX / CACHE_MIN;
-/// Bytes of cached blocks one thread keeps at most (~450 full packets: a
-/// dropped session's queued window and the packets in flight of hundreds
+/// Bytes of cached blocks one thread keeps at most (~220 full packets: a
+/// dropped session's queued window, or the packets in flight of hundreds
 /// of sessions).
-const CACHE_THREAD_BYTES: usize = 16 * 1024 * 1024;
+const CACHE_THREAD_BYTES: usize = 8 * 1024 * 1024;
 
 /// Packet-sized blocks the thread's sessions freed, one stack per size
 /// class, shared by all of them: the next packet of any session gets the
@@ -431,6 +434,10 @@ impl Drop for PacketBlocks {
 }
 
 thread_local! {
+    /// libssh2 allocated on this thread: it runs sessions, whose next
+    /// packets cached blocks serve. A thread that only drops chunks handed
+    /// to it frees their blocks.
+    static RUNS_SESSIONS: Cell<bool> = const { Cell::new(false) };
     static PACKET_BLOCKS: RefCell<PacketBlocks> = const {
         RefCell::new(PacketBlocks { classes: [const { Vec::new() }; CLASSES], bytes: 0 })
     };
@@ -461,8 +468,11 @@ fn take_cached(capacity: usize) -> Option<*mut usize> {
 
 /// Keeps a freed packet block (`capacity` in the cached range, a multiple
 /// of 4 KiB) for the thread's next packets; gives it back (`Err`) when the
-/// thread keeps enough, or is exiting.
+/// thread keeps enough, runs no sessions, or is exiting.
 fn keep_cached(base: *mut usize, capacity: usize) -> Result<(), *mut usize> {
+    if !RUNS_SESSIONS.try_with(Cell::get).unwrap_or(false) {
+        return Err(base);
+    }
     PACKET_BLOCKS
         .try_with(|p| {
             let mut p = p.borrow_mut();
@@ -753,6 +763,48 @@ mod tests {
             assert_eq!((a.blocks_outstanding(), b.blocks_outstanding()), (1, 1));
             la.free(pa2);
             lb.free(pb2);
+        })
+        .join()
+        .unwrap();
+    }
+
+    #[test]
+    fn a_taken_block_leaves_the_session_and_is_freed_where_it_drops() {
+        std::thread::spawn(|| {
+            let shared = CallbackContext::new();
+            let mut l = Libssh2::new(&shared);
+            // (The process's counts are checked in tests/channel.rs, in a
+            // process of its own: other tests allocate concurrently here.)
+            let mine = || THIS_THREAD.with(|r| r.0.bytes.load(Ordering::Relaxed));
+            let before = mine();
+            let p = l.alloc(33_000) as *mut u8;
+            // SAFETY: a live block of 33,000 bytes.
+            unsafe { std::ptr::copy_nonoverlapping(b"hello".as_ptr(), p.add(100), 5) };
+            // SAFETY: a live block of this session, handed to nobody else.
+            let taken = unsafe { shared.alloc.take_over(p, 100, 5) }.expect("in range");
+            assert_eq!(taken.as_ref(), b"hello");
+            assert_eq!(
+                (shared.blocks_outstanding(), shared.bytes_outstanding()),
+                (0, 0)
+            );
+            assert_eq!(mine(), before + 33_000, "still the process's");
+            // Dropped on a thread that runs no session: freed, not cached.
+            std::thread::spawn(move || {
+                drop(taken);
+                assert_eq!(cached_blocks(), (0, 0));
+            })
+            .join()
+            .unwrap();
+            // A range past the block's end is refused, and the block freed.
+            let q = l.alloc(33_000) as *mut u8;
+            // SAFETY: as above.
+            assert!(unsafe { shared.alloc.take_over(q, 32_000, 1_001) }.is_none());
+            assert_eq!(mine(), before + 33_000, "freed: counted off here");
+            // On a thread of sessions, a dropped block serves the next packet.
+            let r = l.alloc(33_000) as *mut u8;
+            // SAFETY: as above.
+            drop(unsafe { shared.alloc.take_over(r, 0, 33_000) });
+            assert_eq!(l.alloc(33_000) as *mut u8, r);
         })
         .join()
         .unwrap();
