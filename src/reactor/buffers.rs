@@ -68,36 +68,29 @@ pub(crate) fn take(size: usize) -> Option<Vec<u8>> {
 
 /// The smallest kept buffer of at least `size` initialized bytes.
 fn take_smallest(size: usize) -> Option<Vec<u8>> {
-    if size < KEEP_MIN {
-        return None;
-    }
-    KEPT.try_with(|k| {
-        let mut k = k.borrow_mut();
-        let (i, _) = k
-            .bufs
-            .iter()
-            .enumerate()
-            .filter(|(_, b)| b.len() >= size)
-            .min_by_key(|(_, b)| b.len())?;
-        let buf = k.bufs.remove(i);
-        k.bytes -= buf.capacity();
-        Some(buf)
+    take_picked(size, |bufs| {
+        let fits = bufs.iter().enumerate().filter(|(_, b)| b.len() >= size);
+        fits.min_by_key(|(_, b)| b.len()).map(|(i, _)| i)
     })
-    .ok()
-    .flatten()
 }
 
-/// [`take`], among the kept buffers of at most `max_capacity` bytes only.
+/// The kept buffer of at least `size` initialized bytes kept last among
+/// those of at most `max_capacity` bytes.
 pub(crate) fn take_within(size: usize, max_capacity: usize) -> Option<Vec<u8>> {
+    take_picked(size, |bufs| {
+        bufs.iter()
+            .rposition(|b| b.len() >= size && b.capacity() <= max_capacity)
+    })
+}
+
+/// Removes the kept buffer `pick` chooses (none below [`KEEP_MIN`]).
+fn take_picked(size: usize, pick: impl FnOnce(&[Vec<u8>]) -> Option<usize>) -> Option<Vec<u8>> {
     if size < KEEP_MIN {
         return None;
     }
     KEPT.try_with(|k| {
         let mut k = k.borrow_mut();
-        let i = k
-            .bufs
-            .iter()
-            .rposition(|b| b.len() >= size && b.capacity() <= max_capacity)?;
+        let i = pick(&k.bufs)?;
         let buf = k.bufs.remove(i);
         k.bytes -= buf.capacity();
         Some(buf)
