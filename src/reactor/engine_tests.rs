@@ -80,6 +80,59 @@ async fn recv(reactor: &Reactor, fd: &Rc<SharedFd>, len: usize) -> (i32, Vec<u8>
     (raw, buf)
 }
 
+/// A `recv_now`'s result, through a callback.
+async fn recv_now(reactor: &Reactor, fd: &Rc<SharedFd>, len: usize) -> (i32, Vec<u8>) {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    reactor.recv_now(
+        fd.clone(),
+        vec![0; len],
+        len,
+        Box::new(move |c| {
+            let raw = c.raw();
+            let _ = tx.send((raw, c.resources.buf));
+        }),
+    );
+    let (raw, mut buf) = tokio::time::timeout(PATIENCE, rx).await.unwrap().unwrap();
+    buf.truncate(raw.max(0) as usize);
+    (raw, buf)
+}
+
+#[test]
+fn recv_now_takes_what_is_there_and_never_waits() {
+    both(|reactor| async move {
+        let (fd, mut peer) = tcp_pair();
+        // Nothing there: EAGAIN at once, the buffer handed back whole.
+        let started = Instant::now();
+        let (n, _) = recv_now(&reactor, &fd, 64).await;
+        assert_eq!(n, -libc::EAGAIN);
+        assert!(started.elapsed() < Duration::from_secs(1));
+        // Then what the peer wrote, without waiting for more.
+        peer.write_all(b"hello").unwrap();
+        let deadline = Instant::now() + PATIENCE;
+        let got = loop {
+            match recv_now(&reactor, &fd, 64).await {
+                (n, got) if n > 0 => break got,
+                (n, _) => assert_eq!(n, -libc::EAGAIN),
+            }
+            assert!(Instant::now() < deadline, "the bytes never came");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        };
+        assert_eq!(&got[..], b"hello");
+        // Drained again: EAGAIN, and a later plain recv still waits and
+        // gets the next bytes (the engine's readiness is not lost).
+        assert_eq!(recv_now(&reactor, &fd, 64).await.0, -libc::EAGAIN);
+        let writer = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            peer.write_all(b"later").unwrap();
+            drop(peer);
+        });
+        let (n, got) = recv(&reactor, &fd, 64).await;
+        assert_eq!((n, &got[..]), (5, &b"later"[..]));
+        writer.join().unwrap();
+        assert_eq!(recv_now(&reactor, &fd, 64).await.0, 0, "EOF");
+    });
+}
+
 #[test]
 fn nop_round_trips() {
     both(|_| async {

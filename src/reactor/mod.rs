@@ -194,6 +194,10 @@ pub(crate) enum OpKind {
     /// it with what arrived (`-ECANCELED` if nothing did). Ring engine; the
     /// poll engine performs a plain [`OpKind::Recv`].
     RecvAll(usize),
+    /// `recv(2)` into `buf[..len]` with `MSG_DONTWAIT`: completes at once,
+    /// with `-EAGAIN` if the socket holds nothing. Never armed, so it never
+    /// wakes the thread later.
+    RecvNow(usize),
     /// `connect(2)` to `addr`.
     Connect,
     /// `shutdown(2)` with SHUT_RDWR.

@@ -201,6 +201,24 @@ impl Reactor {
         self.start_with_callback(super::OpKind::Recv(len), resources, callback)
     }
 
+    /// `recv(2)` into `buf[..len]` of what the socket holds now: the
+    /// callback gets `-EAGAIN` at once if it holds nothing.
+    pub(crate) fn recv_now(
+        &self,
+        fd: Rc<SharedFd>,
+        buf: Vec<u8>,
+        len: usize,
+        callback: super::Callback,
+    ) -> OpId {
+        assert!(len <= buf.len(), "recv of {len} bytes into {}", buf.len());
+        let resources = Resources {
+            buf,
+            fd: Some(fd),
+            ..Resources::default()
+        };
+        self.start_with_callback(super::OpKind::RecvNow(len), resources, callback)
+    }
+
     /// `recv(2)` into `buf[..len]`, awaited.
     pub(crate) fn recv_awaited(self: &Rc<Self>, fd: &Rc<SharedFd>, buf: Vec<u8>, len: usize) -> Op {
         assert!(len <= buf.len(), "recv of {len} bytes into {}", buf.len());

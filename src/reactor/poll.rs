@@ -53,6 +53,9 @@ struct Socket {
     send: Option<(OpId, usize)>,
     /// The recv op and its length.
     recv: Option<(OpId, usize)>,
+    /// That recv is a [`OpKind::RecvNow`]: it ends with `-EAGAIN` rather
+    /// than wait for the socket.
+    recv_now: bool,
 }
 
 /// The epoll set, the sockets in it, the timers, and results waiting for
@@ -198,7 +201,11 @@ impl PollEngine {
                 self.count_syscalls(1);
                 ready(super::files::perform(kind, res));
             }
-            OpKind::Send | OpKind::Recv(_) | OpKind::RecvAll(_) | OpKind::Connect => {
+            OpKind::Send
+            | OpKind::Recv(_)
+            | OpKind::RecvAll(_)
+            | OpKind::RecvNow(_)
+            | OpKind::Connect => {
                 if let Err(e) = self.register(fd) {
                     ready(-e);
                     return;
@@ -224,7 +231,14 @@ impl PollEngine {
                     let s = sockets.get_mut(&fd).expect("registered");
                     match kind {
                         OpKind::Send => s.send = Some((id, 0)),
-                        OpKind::Recv(len) | OpKind::RecvAll(len) => s.recv = Some((id, len)),
+                        OpKind::Recv(len) | OpKind::RecvAll(len) => {
+                            s.recv = Some((id, len));
+                            s.recv_now = false;
+                        }
+                        OpKind::RecvNow(len) => {
+                            s.recv = Some((id, len));
+                            s.recv_now = true;
+                        }
                         _ => unreachable!(),
                     }
                 }
@@ -520,6 +534,11 @@ impl PollEngine {
                     finished.push((id, -e));
                 }
             }
+        }
+        if let (false, true, Some((id, _))) = (s.readable, s.recv_now, s.recv) {
+            // Nothing to take now, and this receive does not wait.
+            s.recv = None;
+            finished.push((id, -libc::EAGAIN));
         }
         let mut waiting = self.waiting.borrow_mut();
         for (id, _) in &finished {

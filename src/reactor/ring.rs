@@ -134,6 +134,13 @@ impl RingEngine {
                 let buf = &mut resources.buf[..len];
                 opcode::Recv::new(fd, buf.as_mut_ptr(), len as u32).build()
             }
+            OpKind::RecvNow(len) => {
+                let fd = fd();
+                let buf = &mut resources.buf[..len];
+                opcode::Recv::new(fd, buf.as_mut_ptr(), len as u32)
+                    .flags(libc::MSG_DONTWAIT)
+                    .build()
+            }
             OpKind::RecvAll(len) => {
                 let fd = fd();
                 let buf = &mut resources.buf[..len];

@@ -25,8 +25,13 @@
 //! per tick, not once each. While [`SHARED_TICK_SESSIONS`] or more of the
 //! thread's sessions stream, a batch flows as long as it brings
 //! [`SHARED_FLOOR`]: each stream may be slow (many sessions share one
-//! server), but the thread's wake-ups are what the batches save. The
-//! price: while they stream, a session of requests whose replies are a
+//! server), but the thread's wake-ups are what the batches save. Such a
+//! stream arrives in bursts (its server shares a core with the others'),
+//! so a tick often finds its socket empty: the drain then takes only what
+//! is there ([`BatchPolicy::drain_now`]) and the session waits for the
+//! next tick, rather than leave a receive armed whose completion would
+//! wake the thread between ticks; [`EMPTY_TICKS`] empty ticks in a row
+//! are a pause. The price: while they stream, a session of requests whose replies are a
 //! packet or two each cannot be told from a slow stream, and pays up to
 //! the wait on each reply; once the thread is quiet again it pauses as a
 //! lone session does.
@@ -56,6 +61,10 @@ pub(crate) const SHARED_FLOOR: usize = 32 * 1024;
 /// A receive this large counts its session as streaming (see
 /// [`SHARED_TICK_SESSIONS`]).
 pub(crate) const STREAM_MIN: usize = 8 * 1024;
+
+/// Ticks in a row on which a streaming session among many may find its
+/// socket empty before it stops batching (a pause) and waits for data.
+pub(crate) const EMPTY_TICKS: u32 = 16;
 
 /// Plain receives before batching may start again after the first pause.
 const FIRST_PENALTY: u32 = 4;
@@ -118,6 +127,8 @@ pub(crate) struct BatchPolicy {
     delayed: bool,
     /// Sessions of the thread streaming as of the last receive.
     streams: usize,
+    /// Delayed drains in a row that found the socket empty.
+    empty_ticks: u32,
 }
 
 impl Default for BatchPolicy {
@@ -134,6 +145,7 @@ impl Default for BatchPolicy {
             drain: false,
             delayed: false,
             streams: 0,
+            empty_ticks: 0,
             mode: BatchMode::Delay,
         }
     }
@@ -188,6 +200,25 @@ impl BatchPolicy {
         self.streams >= SHARED_TICK_SESSIONS
     }
 
+    /// A drain takes only what the socket holds, never waiting for more:
+    /// while many sessions stream, the thread wakes for the next tick
+    /// anyway, and a receive left waiting would wake it once more.
+    pub fn drain_now(&self) -> bool {
+        self.mode == BatchMode::Delay && self.shared()
+    }
+
+    /// A drain of [`Self::drain_now`] found the socket empty: the next
+    /// tick drains again, unless that happened [`EMPTY_TICKS`] times in a
+    /// row (a pause: the stream stopped).
+    pub fn after_empty(&mut self) {
+        self.drain = false;
+        self.delayed = false;
+        self.empty_ticks += 1;
+        if self.empty_ticks >= EMPTY_TICKS {
+            self.pause();
+        }
+    }
+
     /// Batches that ended in a pause so far.
     pub fn pauses(&self) -> u64 {
         self.pauses
@@ -224,6 +255,7 @@ impl BatchPolicy {
     /// receive.
     pub fn after_batch(&mut self, n: usize, size: usize) -> usize {
         self.batches += 1;
+        self.empty_ticks = 0;
         self.drain = n >= size;
         let delayed = std::mem::take(&mut self.delayed);
         if self.mode == BatchMode::Delay && !delayed && n < size {
@@ -250,14 +282,19 @@ impl BatchPolicy {
                 (size / 2).max(BATCH_MIN)
             };
         }
-        // A pause: receive packet by packet, and wait longer each time
-        // before batching again.
+        self.pause();
+        (size / 2).max(RECV_MIN)
+    }
+
+    /// A pause: receive packet by packet, and wait longer each time
+    /// before batching again.
+    fn pause(&mut self) {
         self.flowing_run = 0;
+        self.empty_ticks = 0;
         self.pauses += 1;
         self.batching = false;
         self.skip = self.penalty;
         self.penalty = (self.penalty * 2).min(MAX_PENALTY);
-        (size / 2).max(RECV_MIN)
     }
 }
 
@@ -292,9 +329,20 @@ mod tests {
                 assert_eq!(w, WAIT);
                 p.delay_passed();
                 assert_eq!(p.next(), NextRecv::Drain);
-                (p.after_batch(ready(size, true).min(size), size), true)
+                drain(p, size, ready(size, true))
             }
-            NextRecv::Drain => (p.after_batch(ready(size, false).min(size), size), true),
+            NextRecv::Drain => drain(p, size, ready(size, false)),
+        }
+    }
+
+    /// A drain of what the socket holds, `n` bytes: one that does not wait
+    /// ([`BatchPolicy::drain_now`]) finds an empty socket as `EAGAIN`.
+    fn drain(p: &mut BatchPolicy, size: usize, n: usize) -> (usize, bool) {
+        if n == 0 && p.drain_now() {
+            p.after_empty();
+            (size, true)
+        } else {
+            (p.after_batch(n.min(size), size), true)
         }
     }
 
@@ -475,6 +523,48 @@ mod tests {
         receive(&mut p, BATCH_MIN, &mut |_, w| if w { 40 * 1024 } else { 0 });
         assert_eq!(p.pauses(), 1);
         assert_ne!(p.next(), NextRecv::Plain);
+    }
+
+    /// Among many streams a session's server sends in bursts (it shares a
+    /// core with the others' servers): ticks that find the socket empty
+    /// keep the session batching, up to [`EMPTY_TICKS`] in a row. Alone,
+    /// or gathering the `MSG_WAITALL` way, drains wait as before.
+    #[test]
+    fn among_many_streams_empty_ticks_wait_for_the_next_tick() {
+        let mut p = on(BatchMode::Delay);
+        p.set_streams(64);
+        assert!(p.drain_now());
+        let mut size = p.after_plain(SHARED_FLOOR, 32 * 1024);
+        let mut tick = 0;
+        for _ in 0..200 {
+            let (next, batched) = receive(&mut p, size, &mut |_, waited| {
+                tick += waited as u32;
+                // A burst every sixth tick, nothing in between.
+                if waited && tick % (EMPTY_TICKS / 2 - 2) == 0 {
+                    40 * 1024
+                } else {
+                    0
+                }
+            });
+            assert!(batched, "a receive after {tick} ticks was not batched");
+            size = next;
+        }
+        assert_eq!(p.pauses(), 0);
+        assert!(p.batches() >= 200 / (EMPTY_TICKS / 2 - 2) as u64);
+        size = receive(&mut p, size, &mut |_, _| 40 * 1024).0;
+        // The stream stops: after EMPTY_TICKS empty ticks in a row, a pause.
+        for i in 1..=EMPTY_TICKS {
+            assert_ne!(p.next(), NextRecv::Plain, "paused after {i} empty ticks");
+            receive(&mut p, size, &mut |_, _| 0);
+        }
+        assert_eq!(p.pauses(), 1);
+        assert_eq!(p.next(), NextRecv::Plain);
+        // Alone, or with `MSG_WAITALL`, a drain waits for its bytes.
+        p.set_streams(1);
+        assert!(!p.drain_now());
+        let mut p = on(BatchMode::WaitAll);
+        p.set_streams(64);
+        assert!(!p.drain_now());
     }
 
     /// One 33 KiB reply per request: among many streams each reply is a

@@ -362,6 +362,9 @@ impl Transport {
         });
         let id = match next {
             NextRecv::WaitAll(wait) => self.reactor.recv_batched(fd, buf, size, wait, done),
+            NextRecv::Drain if self.batch.get().drain_now() => {
+                self.reactor.recv_now(fd, buf, size, done)
+            }
             _ => self.reactor.recv(fd, buf, size, done),
         };
         self.recv_batched
@@ -380,6 +383,15 @@ impl Transport {
             // the stream paused; receive as usual until it resumes.
             Err(e) if batched && e.raw_os_error() == Some(libc::ECANCELED) => {
                 self.adapt(0, true, Instant::now());
+                self.ensure_recv();
+            }
+            // A drain that does not wait found nothing: the buffer comes
+            // back, and the next tick (or a pause) decides.
+            Err(e) if batched && e.raw_os_error() == Some(libc::EAGAIN) => {
+                *self.spare_in.borrow_mut() = std::mem::take(&mut resources.buf);
+                let mut policy = self.batch.get();
+                policy.after_empty();
+                self.batch.set(policy);
                 self.ensure_recv();
             }
             Ok(n) => {
