@@ -87,7 +87,29 @@ unsafe extern "C" {
         ) -> c_int,
     );
 
+    /// Registers the application's AES-GCM for the `aes*-gcm@openssh.com`
+    /// ciphers (NULL: the backend's again). From our patch
+    /// `0021-aes-gcm-external-provider`.
+    pub fn libssh2_aes_gcm_provider_set(provider: *const AesGcmProvider);
+
     /// The libssh2 version string at run time (`"1.11.2_DEV"`, …) when
     /// `required` is 0.
     pub fn libssh2_version(required: c_int) -> *const std::os::raw::c_char;
 }
+
+/// `LIBSSH2_AES_GCM_PROVIDER` of patch 0021: the state a key makes, one
+/// part of a packet en- or decrypted, the state freed.
+#[repr(C)]
+pub struct AesGcmProvider {
+    /// Key (16 or 32 bytes), 12-byte IV, encrypt: a state, or NULL.
+    pub init: unsafe extern "C" fn(*const u8, libc::size_t, *const u8, c_int) -> *mut c_void,
+    /// State, source, destination, length, first/last flags: 0 on success.
+    pub crypt: unsafe extern "C" fn(*mut c_void, *const u8, *mut u8, libc::size_t, c_int) -> c_int,
+    /// Frees a state of `init`.
+    pub free: unsafe extern "C" fn(*mut c_void),
+}
+
+/// `LIBSSH2_AES_GCM_FIRST`: a packet's first part (its length is the AAD).
+pub const AES_GCM_FIRST: c_int = 1;
+/// `LIBSSH2_AES_GCM_LAST`: a packet's last part (ends with the tag).
+pub const AES_GCM_LAST: c_int = 2;

@@ -71,6 +71,8 @@
 //! ```
 #![warn(missing_docs, missing_debug_implementations)]
 
+#[cfg(feature = "aws-lc")]
+mod aes_gcm;
 mod agent;
 mod channel;
 mod error;
@@ -159,6 +161,18 @@ pub use transport::Bridge;
 pub use transport::BridgeStats;
 pub use transport::alloc::{libssh2_blocks_outstanding, libssh2_bytes_outstanding};
 pub use transport::callbacks::sends_on_dead_links;
+
+/// AES-GCM cipher states that AWS-LC holds for libssh2 (feature `aws-lc`,
+/// on by default): two per session whose keys use `aes128-gcm` or
+/// `aes256-gcm`, one each way, freed with the session or replaced at a
+/// rekey. 0 without the feature, or with `URING_SSH_AES_GCM=openssl` set
+/// before the first session (OpenSSL's AES-GCM, inside libssh2's counts).
+pub fn aes_gcm_states_outstanding() -> u64 {
+    #[cfg(feature = "aws-lc")]
+    return aes_gcm::states_outstanding();
+    #[cfg(not(feature = "aws-lc"))]
+    0
+}
 
 /// The libssh2 version linked, as it reports itself at run time.
 pub fn libssh2_version() -> String {

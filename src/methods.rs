@@ -101,6 +101,8 @@ pub fn supported_methods(kind: MethodType) -> &'static [String] {
     LISTS[index].get_or_init(|| {
         ffi::init();
         crate::mlkem::register();
+        #[cfg(feature = "aws-lc")]
+        crate::aes_gcm::register();
         let mut names = Vec::new();
         // SAFETY: a session with libssh2's default allocator that does no
         // IO, freed below; each name list is freed with libssh2_free as

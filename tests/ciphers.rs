@@ -323,6 +323,52 @@ async fn aead_ciphers() {
     }
 }
 
+/// With the `aws-lc` feature (the default), AES-GCM packets run on AWS-LC
+/// (patch 0021, `src/aes_gcm.rs`): a session with AES-GCM keys holds two
+/// of its cipher states (one each way) and still holds two after the
+/// server rekeys; chacha20-poly1305 holds none; every state is freed with
+/// its session. Alone in its process, so that no other test's sessions
+/// move the count.
+#[cfg(feature = "aws-lc")]
+#[tokio::test]
+async fn aes_gcm_runs_on_aws_lc_and_frees_its_states() {
+    if !uring_ssh_testkit::util::alone_in_own_process("aes_gcm_runs_on_aws_lc_and_frees_its_states")
+    {
+        return;
+    }
+    let held = uring_ssh::aes_gcm_states_outstanding;
+    let sshd = Sshd::builder().extra("RekeyLimit 8M").start();
+    assert_eq!(held(), 0);
+    let gcm = connect_with(
+        &sshd,
+        pinned(&sshd, "aes128-gcm@openssh.com", "hmac-sha2-256"),
+    )
+    .await;
+    assert_eq!(held(), 2, "AES-GCM states of one session");
+    // 32 MiB each way: the server rekeys about 8 times on the way.
+    let (sent, got) = round_trip(&gcm, 32 * MIB, 0x0021).await;
+    assert_eq!(sent, got);
+    assert_eq!(held(), 2, "after rekeys");
+    let chacha = connect_with(
+        &sshd,
+        pinned(&sshd, "chacha20-poly1305@openssh.com", "hmac-sha2-256"),
+    )
+    .await;
+    let (sent, got) = round_trip(&chacha, MIB, 0x0022).await;
+    assert_eq!(sent, got);
+    assert_eq!(held(), 2, "chacha20-poly1305 holds no AES-GCM state");
+    let gcm256 = connect_with(
+        &sshd,
+        pinned(&sshd, "aes256-gcm@openssh.com", "hmac-sha2-256"),
+    )
+    .await;
+    assert_eq!(held(), 4);
+    drop(gcm);
+    drop(gcm256);
+    drop(chacha);
+    assert_eq!(held(), 0, "states outlived their sessions");
+}
+
 /// Patches 0018 and 0019 encrypt a written payload from the caller's
 /// buffer: AES the whole cipher blocks it covers (copying in only the
 /// bytes around them, which depend on the payload's length modulo the

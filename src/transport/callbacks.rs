@@ -388,6 +388,8 @@ pub(crate) fn dummy_fd() -> c_int {
 pub(crate) unsafe fn new_session(shared: *const CallbackContext) -> *mut ffi::LIBSSH2_SESSION {
     ffi::init();
     crate::mlkem::register();
+    #[cfg(feature = "aws-lc")]
+    crate::aes_gcm::register();
     // SAFETY: the allocator functions honour libssh2's contract; `shared`
     // outlives the session per this function's contract.
     unsafe {
