@@ -49,6 +49,9 @@ pub(crate) fn register() {
         if std::env::var_os(AES_GCM_ENV).is_some_and(|v| v == "openssl") {
             return;
         }
+        // SAFETY: AWS-LC's one-time set-up (the CPU's features, which
+        // pick the AES-GCM code); idempotent and thread-safe.
+        unsafe { lc::CRYPTO_library_init() };
         // SAFETY: `PROVIDER` is 'static and its functions match patch
         // 0021's typedef; none of them unwinds (see `guard`).
         unsafe { ffi::libssh2_aes_gcm_provider_set(&PROVIDER) };
