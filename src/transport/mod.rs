@@ -386,13 +386,16 @@ impl Transport {
                 self.ensure_recv();
             }
             // A drain that does not wait found nothing: the buffer comes
-            // back, and the next tick (or a pause) decides.
+            // back, and the next tick (or a pause) decides. Nothing
+            // arrived, so nobody is woken (each waiter would only find
+            // libssh2 empty again).
             Err(e) if batched && e.raw_os_error() == Some(libc::EAGAIN) => {
                 *self.spare_in.borrow_mut() = std::mem::take(&mut resources.buf);
                 let mut policy = self.batch.get();
                 policy.after_empty();
                 self.batch.set(policy);
                 self.ensure_recv();
+                return;
             }
             Ok(n) => {
                 let n = n as usize;
