@@ -6,7 +6,7 @@
 //! the data in cache, and about 3.5 GB/s, a third of a client's CPU per
 //! received byte, inside a transfer. AWS-LC's AES-GCM uses VAES and
 //! VPCLMULQDQ on 512-bit registers where the CPU has them (12 GB/s here)
-//! and AES-NI elsewhere. Patch `0021-aes-gcm-external-provider` lets the
+//! and AES-NI elsewhere. Patch `0022-aes-gcm-external-provider` lets the
 //! application supply AES-GCM; [`register`] hands libssh2 these three
 //! functions before the first session exists. Everything else stays with
 //! libssh2 and OpenSSL, and so do private key files encrypted with
@@ -53,7 +53,7 @@ pub(crate) fn register() {
         // pick the AES-GCM code); idempotent and thread-safe.
         unsafe { lc::CRYPTO_library_init() };
         // SAFETY: `PROVIDER` is 'static and its functions match patch
-        // 0021's typedef; none of them unwinds (see `guard`).
+        // 0022's typedef; none of them unwinds (see `guard`).
         unsafe { ffi::libssh2_aes_gcm_provider_set(&PROVIDER) };
     });
 }

@@ -89,7 +89,7 @@ unsafe extern "C" {
 
     /// Registers the application's AES-GCM for the `aes*-gcm@openssh.com`
     /// ciphers (NULL: the backend's again). From our patch
-    /// `0021-aes-gcm-external-provider`.
+    /// `0022-aes-gcm-external-provider`.
     pub fn libssh2_aes_gcm_provider_set(provider: *const AesGcmProvider);
 
     /// The libssh2 version string at run time (`"1.11.2_DEV"`, …) when
@@ -97,7 +97,7 @@ unsafe extern "C" {
     pub fn libssh2_version(required: c_int) -> *const std::os::raw::c_char;
 }
 
-/// `LIBSSH2_AES_GCM_PROVIDER` of patch 0021: the state a key makes, one
+/// `LIBSSH2_AES_GCM_PROVIDER` of patch 0022: the state a key makes, one
 /// part of a packet en- or decrypted, the state freed.
 #[repr(C)]
 pub struct AesGcmProvider {

@@ -324,7 +324,7 @@ async fn aead_ciphers() {
 }
 
 /// With the `aws-lc` feature (the default), AES-GCM packets run on AWS-LC
-/// (patch 0021, `src/aes_gcm.rs`): a session with AES-GCM keys holds two
+/// (patch 0022, `src/aes_gcm.rs`): a session with AES-GCM keys holds two
 /// of its cipher states (one each way) and still holds two after the
 /// server rekeys; chacha20-poly1305 holds none; every state is freed with
 /// its session. Alone in its process, so that no other test's sessions
@@ -367,6 +367,75 @@ async fn aes_gcm_runs_on_aws_lc_and_frees_its_states() {
     drop(gcm256);
     drop(chacha);
     assert_eq!(held(), 0, "states outlived their sessions");
+}
+
+/// Connects with `first`, then prefers only `then` for later exchanges,
+/// and echoes 8 MiB through `cat` while the server rekeys every MiB: the
+/// bytes echoed, or the error.
+async fn echo_after_changing(sshd: &Sshd, first: &str, then: &str) -> std::io::Result<usize> {
+    let s = connect_with(sshd, config(sshd).ciphers(first)).await;
+    for kind in [
+        MethodType::CipherClientToServer,
+        MethodType::CipherServerToClient,
+    ] {
+        s.set_method_pref(kind, then).expect("method preference");
+    }
+    let ch = s.exec("cat").await.expect("exec cat");
+    let (mut r, mut w) = tokio::io::split(ch);
+    let writer = async {
+        let block = vec![0x5au8; MIB];
+        for _ in 0..8 {
+            w.write_all(&block).await?;
+        }
+        w.shutdown().await
+    };
+    let reader = async {
+        let mut got = 0;
+        let mut buf = vec![0u8; 256 * 1024];
+        loop {
+            match r.read(&mut buf).await? {
+                0 => return Ok(got),
+                n => got += n,
+            }
+        }
+    };
+    let (w, r) = tokio::join!(writer, reader);
+    w.and(r)
+}
+
+/// A key re-exchange that would change the cipher is refused (patch
+/// 0021): libssh2 would run the new cipher's code on the old cipher's
+/// context until the new keys took over, and free it with the new one's
+/// (AES-GCM and chacha20-poly1305 contexts differ). What a server that
+/// offers another cipher only at its re-exchange brings about is made here
+/// by our side's new preferences against a real sshd that rekeys every
+/// MiB.
+#[tokio::test]
+async fn a_rekey_that_would_change_the_cipher_fails_cleanly() {
+    let sshd = Sshd::builder().extra("RekeyLimit 1M").start();
+    let gcm = "aes128-gcm@openssh.com";
+    let chacha = "chacha20-poly1305@openssh.com";
+    // The same cipher again: every rekey passes.
+    assert_eq!(echo_after_changing(&sshd, gcm, gcm).await.unwrap(), 8 * MIB);
+    // Another cipher, each way round: the session fails at that rekey
+    // (libssh2 marks it disconnected: LIBSSH2_ERROR_SOCKET_DISCONNECT,
+    // -13), not with garbage, a crash, or a hang until keepalive gives up
+    // (which is what happened before the session was marked).
+    for (first, then) in [(gcm, chacha), (chacha, gcm), (gcm, "aes256-ctr")] {
+        let started = Instant::now();
+        let e = echo_after_changing(&sshd, first, then)
+            .await
+            .expect_err("the rekey changed the cipher");
+        assert!(
+            e.to_string().contains("error -13"),
+            "{first} then {then}: {e}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "{first} then {then}: failed only after {:?}",
+            started.elapsed()
+        );
+    }
 }
 
 /// Patches 0018 and 0019 encrypt a written payload from the caller's

@@ -124,15 +124,24 @@ fn run(s: *mut c_void, packet: &[u8], cuts: &[usize], in_place: bool) -> (Vec<u8
     (if in_place { src } else { dest }, 0)
 }
 
-/// The ways libssh2 cuts a packet of `len` bytes: whole; a first block
-/// (the length and 12 bytes), then the rest; first, middle blocks, last.
+/// Ways to cut a packet of `len` bytes: whole; libssh2's own on receive
+/// (a first block of 16 bytes, the length and 12 bytes of data, then the
+/// rest, or middle blocks and a last part of 4 bytes of data and the tag);
+/// parts that end mid-block; parts aligned to the data's blocks.
 fn cuttings(len: usize) -> Vec<Vec<usize>> {
     let mut all = vec![vec![len]];
+    if len >= 16 + TAG_LEN {
+        all.push(vec![16, len]);
+    }
+    if len >= 16 + 4 + TAG_LEN {
+        all.push(vec![16, len - TAG_LEN - 4, len]);
+    }
     if len >= AAD_LEN + 16 + TAG_LEN {
         all.push(vec![AAD_LEN + 16, len]);
     }
     if len >= AAD_LEN + 48 + TAG_LEN {
         all.push(vec![AAD_LEN + 16, AAD_LEN + 32, len - TAG_LEN - 16, len]);
+        all.push(vec![16, 16 + 7, 16 + 7 + 21, len - TAG_LEN - 4, len]);
     }
     all
 }

@@ -301,6 +301,26 @@ impl Session {
         .await
     }
 
+    /// Sets the methods of `kind` offered at the next key re-exchange
+    /// (comma-separated, most preferred first), as [`Config::method`] does
+    /// for the first exchange. A re-exchange may change the key exchange
+    /// and the MACs, not the cipher: one that would agree on another
+    /// cipher than the one in use fails the session with libssh2's
+    /// `LIBSSH2_ERROR_KEX_FAILURE`, "the server changed the cipher at a key
+    /// re-exchange" (libssh2 keeps using the old keys through the new
+    /// cipher's code until the new keys take over, so it cannot switch
+    /// safely).
+    pub fn set_method_pref(&self, kind: MethodType, prefs: &str) -> Result<()> {
+        let raw = self.inner.raw()?;
+        let c = cstring("method preference", prefs)?;
+        // SAFETY: live session on this thread; libssh2 copies the list.
+        let rc = unsafe { ffi::libssh2_session_method_pref(raw, kind.raw(), c.as_ptr()) };
+        if rc < 0 {
+            return Err(self.inner.error(rc));
+        }
+        Ok(())
+    }
+
     /// Opens a channel and runs `command` on it.
     pub async fn exec(&self, command: &str) -> Result<Channel> {
         let mut ch = self.channel_session().await?;

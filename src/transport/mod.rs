@@ -123,6 +123,9 @@ pub(crate) struct Transport {
     batch: Cell<BatchPolicy>,
     /// The recv in flight is a batched one.
     recv_batched: Cell<bool>,
+    /// The recv in flight takes only what is there (`Reactor::recv_now`):
+    /// its `EAGAIN` is an empty tick, not a failure.
+    recv_now: Cell<bool>,
     spare_out: RefCell<Vec<u8>>,
     spare_in: RefCell<Vec<u8>>,
     waiters: RefCell<Vec<Waker>>,
@@ -150,6 +153,7 @@ impl Transport {
             recv_size: Cell::new(RECV_MIN),
             batch: Cell::new(BatchPolicy::default()),
             recv_batched: Cell::new(false),
+            recv_now: Cell::new(false),
             spare_out: RefCell::new(Vec::new()),
             spare_in: RefCell::new(Vec::new()),
             waiters: RefCell::new(Vec::new()),
@@ -360,13 +364,13 @@ impl Transport {
                 t.recv_done(c)
             }
         });
+        let now = next == NextRecv::Drain && self.batch.get().drain_now();
         let id = match next {
             NextRecv::WaitAll(wait) => self.reactor.recv_batched(fd, buf, size, wait, done),
-            NextRecv::Drain if self.batch.get().drain_now() => {
-                self.reactor.recv_now(fd, buf, size, done)
-            }
+            _ if now => self.reactor.recv_now(fd, buf, size, done),
             _ => self.reactor.recv(fd, buf, size, done),
         };
+        self.recv_now.set(now);
         self.recv_batched
             .set(matches!(next, NextRecv::WaitAll(_) | NextRecv::Drain));
         self.recv_op.set(Some(id));
@@ -377,6 +381,7 @@ impl Transport {
         let result = c.result();
         let Completion { mut resources, .. } = c;
         let batched = self.recv_batched.replace(false);
+        let now = self.recv_now.replace(false);
         match result {
             Ok(0) => self.bridge().set_peer_closed(),
             // A batched receive whose wait ran out before anything arrived:
@@ -389,7 +394,7 @@ impl Transport {
             // back, and the next tick (or a pause) decides. Nothing
             // arrived, so nobody is woken (each waiter would only find
             // libssh2 empty again).
-            Err(e) if batched && e.raw_os_error() == Some(libc::EAGAIN) => {
+            Err(e) if now && e.raw_os_error() == Some(libc::EAGAIN) => {
                 *self.spare_in.borrow_mut() = std::mem::take(&mut resources.buf);
                 let mut policy = self.batch.get();
                 policy.after_empty();
