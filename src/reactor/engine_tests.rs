@@ -65,33 +65,25 @@ fn tcp_socket() -> Rc<SharedFd> {
 
 /// A recv's result, through a callback, as the transport gets it.
 async fn recv(reactor: &Reactor, fd: &Rc<SharedFd>, len: usize) -> (i32, Vec<u8>) {
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    reactor.recv(
-        fd.clone(),
-        vec![0; len],
-        len,
-        Box::new(move |c| {
-            let raw = c.raw();
-            let _ = tx.send((raw, c.resources.buf));
-        }),
-    );
-    let (raw, mut buf) = tokio::time::timeout(PATIENCE, rx).await.unwrap().unwrap();
-    buf.truncate(raw.max(0) as usize);
-    (raw, buf)
+    recv_with(reactor, fd, len, false).await
 }
 
 /// A `recv_now`'s result, through a callback.
 async fn recv_now(reactor: &Reactor, fd: &Rc<SharedFd>, len: usize) -> (i32, Vec<u8>) {
+    recv_with(reactor, fd, len, true).await
+}
+
+async fn recv_with(reactor: &Reactor, fd: &Rc<SharedFd>, len: usize, now: bool) -> (i32, Vec<u8>) {
     let (tx, rx) = tokio::sync::oneshot::channel();
-    reactor.recv_now(
-        fd.clone(),
-        vec![0; len],
-        len,
-        Box::new(move |c| {
-            let raw = c.raw();
-            let _ = tx.send((raw, c.resources.buf));
-        }),
-    );
+    let done: super::Callback = Box::new(move |c| {
+        let raw = c.raw();
+        let _ = tx.send((raw, c.resources.buf));
+    });
+    if now {
+        reactor.recv_now(fd.clone(), vec![0; len], len, done);
+    } else {
+        reactor.recv(fd.clone(), vec![0; len], len, done);
+    }
     let (raw, mut buf) = tokio::time::timeout(PATIENCE, rx).await.unwrap().unwrap();
     buf.truncate(raw.max(0) as usize);
     (raw, buf)

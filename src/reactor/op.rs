@@ -192,13 +192,7 @@ impl Reactor {
         len: usize,
         callback: super::Callback,
     ) -> OpId {
-        assert!(len <= buf.len(), "recv of {len} bytes into {}", buf.len());
-        let resources = Resources {
-            buf,
-            fd: Some(fd),
-            ..Resources::default()
-        };
-        self.start_with_callback(super::OpKind::Recv(len), resources, callback)
+        self.recv_as(super::OpKind::Recv(len), fd, buf, len, callback)
     }
 
     /// `recv(2)` into `buf[..len]` of what the socket holds now: the
@@ -210,13 +204,25 @@ impl Reactor {
         len: usize,
         callback: super::Callback,
     ) -> OpId {
+        self.recv_as(super::OpKind::RecvNow(len), fd, buf, len, callback)
+    }
+
+    /// A receive of `kind` into `buf[..len]`, reported to `callback`.
+    fn recv_as(
+        &self,
+        kind: super::OpKind,
+        fd: Rc<SharedFd>,
+        buf: Vec<u8>,
+        len: usize,
+        callback: super::Callback,
+    ) -> OpId {
         assert!(len <= buf.len(), "recv of {len} bytes into {}", buf.len());
         let resources = Resources {
             buf,
             fd: Some(fd),
             ..Resources::default()
         };
-        self.start_with_callback(super::OpKind::RecvNow(len), resources, callback)
+        self.start_with_callback(kind, resources, callback)
     }
 
     /// `recv(2)` into `buf[..len]`, awaited.

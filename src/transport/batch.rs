@@ -209,7 +209,9 @@ impl BatchPolicy {
 
     /// A drain of [`Self::drain_now`] found the socket empty: the next
     /// tick drains again, unless that happened [`EMPTY_TICKS`] times in a
-    /// row (a pause: the stream stopped).
+    /// row (a pause: the stream stopped). The count of streams is the one
+    /// of the last receive that brought bytes, so a session may go on
+    /// draining for those ticks after the others stopped.
     pub fn after_empty(&mut self) {
         self.drain = false;
         self.delayed = false;
