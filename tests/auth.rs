@@ -418,14 +418,16 @@ impl Agent {
             sock,
             _dir: dir,
         };
+        // Until the agent accepts: it creates the socket file at bind(),
+        // before listen(), and a connect in between is refused.
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !agent.sock.exists() {
+        while std::os::unix::net::UnixStream::connect(&agent.sock).is_err() {
             if let Ok(Some(status)) = agent.child.try_wait() {
                 panic!("ssh-agent exited early: {status}");
             }
             assert!(
                 Instant::now() < deadline,
-                "ssh-agent socket {} did not appear",
+                "ssh-agent did not listen on {}",
                 agent.sock.display()
             );
             std::thread::sleep(Duration::from_millis(10));
