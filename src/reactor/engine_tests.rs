@@ -63,6 +63,17 @@ fn tcp_socket() -> Rc<SharedFd> {
     SharedFd::new(fd)
 }
 
+/// Writes `bytes` to `peer` 50 ms from now, then closes it.
+fn write_later_and_close(
+    mut peer: std::net::TcpStream,
+    bytes: &'static [u8],
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(50));
+        peer.write_all(bytes).unwrap();
+    })
+}
+
 /// A recv's result, through a callback, as the transport gets it.
 async fn recv(reactor: &Reactor, fd: &Rc<SharedFd>, len: usize) -> (i32, Vec<u8>) {
     recv_with(reactor, fd, len, false).await
@@ -113,11 +124,7 @@ fn recv_now_takes_what_is_there_and_never_waits() {
         // Drained again: EAGAIN, and a later plain recv still waits and
         // gets the next bytes (the engine's readiness is not lost).
         assert_eq!(recv_now(&reactor, &fd, 64).await.0, -libc::EAGAIN);
-        let writer = std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_millis(50));
-            peer.write_all(b"later").unwrap();
-            drop(peer);
-        });
+        let writer = write_later_and_close(peer, b"later");
         let (n, got) = recv(&reactor, &fd, 64).await;
         assert_eq!((n, &got[..]), (5, &b"later"[..]));
         writer.join().unwrap();
@@ -142,11 +149,7 @@ fn recv_gets_what_the_peer_wrote_and_zero_at_eof() {
         let (n, got) = recv(&reactor, &fd, 64).await;
         assert_eq!((n, &got[..]), (5, &b"hello"[..]));
         // A recv waiting for data is completed when it comes.
-        let writer = std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_millis(50));
-            peer.write_all(b"later").unwrap();
-            drop(peer);
-        });
+        let writer = write_later_and_close(peer, b"later");
         let (n, got) = recv(&reactor, &fd, 64).await;
         assert_eq!((n, &got[..]), (5, &b"later"[..]));
         writer.join().unwrap();

@@ -51,11 +51,9 @@ struct Socket {
     connect: Option<(OpId, Option<(Instant, u64)>)>,
     /// The send op and the bytes of it sent so far.
     send: Option<(OpId, usize)>,
-    /// The recv op and its length.
-    recv: Option<(OpId, usize)>,
-    /// That recv is a [`OpKind::RecvNow`]: it ends with `-EAGAIN` rather
-    /// than wait for the socket.
-    recv_now: bool,
+    /// The recv op, its length, and whether it is a [`OpKind::RecvNow`]
+    /// (which ends with `-EAGAIN` rather than wait for the socket).
+    recv: Option<(OpId, usize, bool)>,
 }
 
 /// The epoll set, the sockets in it, the timers, and results waiting for
@@ -231,14 +229,8 @@ impl PollEngine {
                     let s = sockets.get_mut(&fd).expect("registered");
                     match kind {
                         OpKind::Send => s.send = Some((id, 0)),
-                        OpKind::Recv(len) | OpKind::RecvAll(len) => {
-                            s.recv = Some((id, len));
-                            s.recv_now = false;
-                        }
-                        OpKind::RecvNow(len) => {
-                            s.recv = Some((id, len));
-                            s.recv_now = true;
-                        }
+                        OpKind::Recv(len) | OpKind::RecvAll(len) => s.recv = Some((id, len, false)),
+                        OpKind::RecvNow(len) => s.recv = Some((id, len, true)),
                         _ => unreachable!(),
                     }
                 }
@@ -291,7 +283,7 @@ impl PollEngine {
                     if s.send.is_some_and(|(op, _)| op == id) {
                         s.send = None;
                     }
-                    if s.recv.is_some_and(|(op, _)| op == id) {
+                    if s.recv.is_some_and(|(op, _, _)| op == id) {
                         s.recv = None;
                     }
                     if let Some((op, deadline)) = s.connect
@@ -320,7 +312,7 @@ impl PollEngine {
                 .map(|(id, _)| id)
                 .into_iter()
                 .chain(s.send.map(|(id, _)| id))
-                .chain(s.recv.map(|(id, _)| id))
+                .chain(s.recv.map(|(id, _, _)| id))
                 .collect()
         };
         for id in ids {
@@ -511,7 +503,7 @@ impl PollEngine {
                 }
             }
         }
-        while let (true, Some((id, len))) = (s.readable, s.recv) {
+        while let (true, Some((id, len, _))) = (s.readable, s.recv) {
             let Some(slot) = slots.get_mut(id.key()) else {
                 s.recv = None;
                 break;
@@ -535,7 +527,7 @@ impl PollEngine {
                 }
             }
         }
-        if let (false, true, Some((id, _))) = (s.readable, s.recv_now, s.recv) {
+        if let (false, Some((id, _, true))) = (s.readable, s.recv) {
             // Nothing to take now, and this receive does not wait.
             s.recv = None;
             finished.push((id, -libc::EAGAIN));

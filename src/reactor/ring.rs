@@ -129,23 +129,16 @@ impl RingEngine {
                     .flags(libc::MSG_NOSIGNAL)
                     .build()
             }
-            OpKind::Recv(len) => {
-                let fd = fd();
-                let buf = &mut resources.buf[..len];
-                opcode::Recv::new(fd, buf.as_mut_ptr(), len as u32).build()
-            }
-            OpKind::RecvNow(len) => {
-                let fd = fd();
-                let buf = &mut resources.buf[..len];
-                opcode::Recv::new(fd, buf.as_mut_ptr(), len as u32)
-                    .flags(libc::MSG_DONTWAIT)
-                    .build()
-            }
-            OpKind::RecvAll(len) => {
+            OpKind::Recv(len) | OpKind::RecvNow(len) | OpKind::RecvAll(len) => {
+                let flags = match kind {
+                    OpKind::RecvNow(_) => libc::MSG_DONTWAIT,
+                    OpKind::RecvAll(_) => libc::MSG_WAITALL,
+                    _ => 0,
+                };
                 let fd = fd();
                 let buf = &mut resources.buf[..len];
                 opcode::Recv::new(fd, buf.as_mut_ptr(), len as u32)
-                    .flags(libc::MSG_WAITALL)
+                    .flags(flags)
                     .build()
             }
             OpKind::Connect => {
