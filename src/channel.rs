@@ -242,27 +242,6 @@ impl ChannelInner {
         Poll::Ready(Ok(n))
     }
 
-    /// [`Self::poll_read_into`] outside tokio's cooperative budget, for a
-    /// caller that bounds its own reads and may poll with a waker nobody
-    /// listens to (`Waker::noop()`: a reader run from a receive hook). The
-    /// budget's `Pending` would wake that waker only, and the bytes would
-    /// wait in the session for the next receive, which may never come.
-    /// `Pending` from here always means no input.
-    pub(crate) fn poll_read_unbudgeted(
-        &self,
-        cx: &mut Context<'_>,
-        stream: c_int,
-        dst: &mut [u8],
-    ) -> Poll<io::Result<usize>> {
-        self.poll_read_raw(
-            cx,
-            stream,
-            dst.as_mut_ptr() as *mut c_char,
-            dst.len(),
-            Budget::Exempt,
-        )
-    }
-
     /// [`Self::poll_read_into`] for memory that may be uninitialized: the
     /// caller keeps `dst` valid for writes of `len` bytes during the call.
     fn poll_read_raw(
@@ -315,12 +294,38 @@ impl ChannelInner {
         cx: &mut Context<'_>,
         stream: c_int,
     ) -> Poll<io::Result<Option<Bytes>>> {
+        self.poll_take_chunk(cx, stream, Budget::Cooperative)
+    }
+
+    /// [`Self::poll_read_chunk`] outside tokio's cooperative budget, for a
+    /// caller that bounds its own reads and may poll with a waker nobody
+    /// listens to (`Waker::noop()`: a reader run from a receive hook). The
+    /// budget's `Pending` would wake that waker only, and the bytes would
+    /// wait in the session for the next receive, which may never come.
+    /// `Pending` from here always means no input.
+    pub(crate) fn poll_read_chunk_unbudgeted(
+        &self,
+        cx: &mut Context<'_>,
+        stream: c_int,
+    ) -> Poll<io::Result<Option<Bytes>>> {
+        self.poll_take_chunk(cx, stream, Budget::Exempt)
+    }
+
+    fn poll_take_chunk(
+        &self,
+        cx: &mut Context<'_>,
+        stream: c_int,
+        budget: Budget,
+    ) -> Poll<io::Result<Option<Bytes>>> {
         let raw = self.raw()?;
         // What libssh2 keeps the window open for beyond its initial size,
         // as for a read into a buffer of that size (see `CHUNK_WANT`).
         let want = CHUNK_WANT.min(self.read_cap());
         let discard = stream == 0 && self.discard_stderr.get();
-        let coop = ready!(tokio::task::coop::poll_proceed(cx));
+        let coop = match budget {
+            Budget::Cooperative => Some(ready!(tokio::task::coop::poll_proceed(cx))),
+            Budget::Exempt => None,
+        };
         let alloc = &self.session.transport.context.alloc;
         let taken = ready!(self.session.poll_call(cx, &mut |_| {
             if discard {
@@ -346,7 +351,9 @@ impl ChannelInner {
                 None => Err(ffi::LIBSSH2_ERROR_OUT_OF_BOUNDARY),
             }
         }))?;
-        coop.made_progress();
+        if let Some(coop) = coop {
+            coop.made_progress();
+        }
         Poll::Ready(Ok(taken.map(|block| {
             if block.as_ref().len() < CHUNK_COPY_BELOW {
                 Bytes::copy_from_slice(block.as_ref())

@@ -15,9 +15,10 @@
 //!
 //! What a server can make the engine hold is bounded:
 //!
-//! * the receive buffer never grows past one packet of
-//!   [`codec::MAX_PACKET`] and its length field: a longer length fails the
-//!   channel with [`Error::Protocol`] naming it, before room is made;
+//! * received bytes are parsed as each piece arrives, so what waits is at
+//!   most one unfinished packet of [`codec::MAX_PACKET`] and its length
+//!   field, and the piece that brought its end: a longer length fails the
+//!   channel with [`Error::Protocol`] naming it, before more is read;
 //! * a reply whose id answers no request in flight, or answers one a
 //!   second time, fails the channel with [`Error::Protocol`] (every waiter
 //!   gets it): nothing is kept for an id nobody asked for;
@@ -38,20 +39,13 @@ use std::task::{Context, Poll, Waker};
 
 use slab::Slab;
 
-use super::codec::{self, FileAttributes, MAX_PACKET, Reply, Request, fxp};
+use bytes::Buf;
+
+use super::codec::{self, FileAttributes, Reply, Request, fxp};
+use super::rope::Rope;
 use crate::channel::ChannelInner;
 use crate::error::{Error, Result};
 use crate::transport::OUTBOUND_HIGH_WATER;
-
-/// Bytes read from the channel per call, at most, while replies stream
-/// in: a read that fills the room doubles the buffer up to this.
-const RX_CHUNK: usize = 256 * 1024;
-
-/// The receive buffer of a new client: enough for the replies of small
-/// operations. A client holds it for its life (with a thousand sessions,
-/// 256 KiB each came to 250 MiB, resident as soon as malloc reused
-/// memory, which it clears), so it grows only when replies need it.
-const RX_START: usize = 16 * 1024;
 
 /// Capacity the outgoing request buffer keeps once it is empty, and the
 /// least it reclaims of what the channel has taken while it is not.
@@ -59,10 +53,6 @@ const OUT_KEEP: usize = 256 * 1024;
 
 /// Channel reads per poll before the reader lets other tasks run.
 const READS_PER_POLL: usize = 32;
-
-/// The most the receive buffer ever holds: one packet of the largest
-/// length accepted, with its length field.
-const RX_MAX: usize = 4 + MAX_PACKET;
 
 enum Slot {
     /// Sent (or queued); the waiter's waker, if it has been polled.
@@ -93,78 +83,6 @@ impl Dead {
     }
 }
 
-/// Received bytes not parsed yet, from `pos` to `end`.
-///
-/// Room is made only after every complete packet was taken out, so what is
-/// left is part of one packet whose length field, once its 4 bytes are in,
-/// passed [`codec::frame`]'s check: the buffer never needs, and never
-/// grows, past [`RX_MAX`].
-#[derive(Default)]
-struct RxBuf {
-    buf: Vec<u8>,
-    pos: usize,
-    end: usize,
-    /// The last read filled all the room: more is likely waiting.
-    filled_room: bool,
-}
-
-impl RxBuf {
-    /// A buffer holding `leftover`, bytes read before the engine started.
-    fn new(leftover: &[u8]) -> RxBuf {
-        let mut buf = vec![0; RX_START.max(leftover.len())];
-        buf[..leftover.len()].copy_from_slice(leftover);
-        RxBuf {
-            buf,
-            pos: 0,
-            end: leftover.len(),
-            filled_room: false,
-        }
-    }
-
-    fn data(&self) -> &[u8] {
-        &self.buf[self.pos..self.end]
-    }
-
-    fn consume(&mut self, n: usize) {
-        self.pos += n;
-    }
-
-    /// Moves the unparsed bytes to the front and grows the buffer
-    /// (doubling, never past [`RX_MAX`]): below [`RX_CHUNK`], when a
-    /// quarter of it or less is left for the packet in it or the last read
-    /// filled the room (replies stream in); from there, when less than a
-    /// quarter of [`RX_CHUNK`] is left, so that reads stay that large.
-    fn make_room(&mut self) {
-        if self.pos > 0 {
-            self.buf.copy_within(self.pos..self.end, 0);
-            self.end -= self.pos;
-            self.pos = 0;
-        }
-        let len = self.buf.len();
-        let room = len - self.end;
-        let streaming = std::mem::take(&mut self.filled_room);
-        let grow = if len < RX_CHUNK {
-            room <= len / 4 || streaming
-        } else {
-            room < RX_CHUNK / 4
-        };
-        if grow && len < RX_MAX {
-            // (An empty buffer, as `mem::take` leaves, grows too.)
-            self.buf.resize((len * 2).clamp(RX_START, RX_MAX), 0);
-        }
-    }
-
-    /// Where the next read goes.
-    fn room(&mut self) -> &mut [u8] {
-        &mut self.buf[self.end..]
-    }
-
-    fn filled(&mut self, n: usize) {
-        self.filled_room = n == self.buf.len() - self.end;
-        self.end += n;
-    }
-}
-
 /// What dispatching left to do once the state is no longer borrowed.
 #[derive(Default)]
 struct Dispatched {
@@ -178,8 +96,9 @@ struct State {
     /// Encoded requests not yet taken by libssh2, from `out_pos`.
     out: Vec<u8>,
     out_pos: usize,
-    /// Received bytes not yet parsed.
-    rx: RxBuf,
+    /// Received bytes not yet parsed, in the pieces the channel handed
+    /// over (each packet's payload, where libssh2 decrypted it).
+    rx: Rope,
     slots: Slab<Slot>,
     /// Why the channel can carry no more requests.
     dead: Option<Dead>,
@@ -390,49 +309,29 @@ impl Client {
             if !self.dispatch() {
                 return Read::Dead;
             }
-            let mut rx = {
-                let mut st = self.st.borrow_mut();
-                if st.dead.is_some() {
-                    return Read::Dead;
-                }
-                st.rx.make_room();
-                std::mem::take(&mut st.rx)
-            };
-            let room = rx.room();
-            let r = if room.is_empty() {
-                // Cannot happen (see `RxBuf`); a read of 0 bytes would
-                // look like the end of the channel.
-                Poll::Ready(Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    "the SFTP receive buffer is full",
-                )))
-            } else {
-                // Outside the cooperative budget: `cx` is often a no-op
-                // waker (the receive hook, `poll_io`), so a budget's
-                // `Pending` would be lost and the replies read here would
-                // wait for a receive that the server, with every request
-                // answered, never sends. `READS_PER_POLL` bounds the loop.
-                self.chan.poll_read_unbudgeted(cx, 0, room)
-            };
-            let mut st = self.st.borrow_mut();
-            st.rx = rx;
-            match r {
-                Poll::Ready(Ok(0)) => {
-                    drop(st);
+            if self.st.borrow().dead.is_some() {
+                return Read::Dead;
+            }
+            // Outside the cooperative budget: `cx` is often a no-op waker
+            // (the receive hook, `poll_io`), so a budget's `Pending` would
+            // be lost and the replies read here would wait for a receive
+            // that the server, with every request answered, never sends.
+            // `READS_PER_POLL` bounds the loop. No borrow of the state is
+            // held across the call, which may run the session's hooks.
+            match self.chan.poll_read_chunk_unbudgeted(cx, 0) {
+                Poll::Ready(Ok(Some(piece))) => self.st.borrow_mut().rx.push(piece),
+                Poll::Ready(Ok(None)) => {
                     self.fail(Dead::Io(
                         io::ErrorKind::UnexpectedEof,
                         "the server closed the SFTP channel".into(),
                     ));
                     return Read::Dead;
                 }
-                Poll::Ready(Ok(n)) => st.rx.filled(n),
                 Poll::Ready(Err(e)) => {
-                    drop(st);
                     self.fail(Dead::Io(e.kind(), format!("SFTP channel read failed: {e}")));
                     return Read::Dead;
                 }
                 Poll::Pending => {
-                    drop(st);
                     if !self.dispatch() {
                         return Read::Dead;
                     }
@@ -664,13 +563,31 @@ impl Client {
     }
 }
 
+/// A DATA reply in `body` (a packet without its length): its id and its
+/// data, left in the pieces it arrived in; `None`, with `body` untouched,
+/// for any other packet, and for a DATA reply whose string does not end
+/// where the packet does (the codec then says what is wrong with it).
+fn take_data(body: &mut Rope) -> Option<(u32, Rope)> {
+    let mut head = [0u8; 9];
+    if !body.peek(&mut head) || head[0] != fxp::DATA {
+        return None;
+    }
+    let id = u32::from_be_bytes([head[1], head[2], head[3], head[4]]);
+    let n = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) as usize;
+    if body.len().checked_sub(head.len()) != Some(n) {
+        return None;
+    }
+    body.advance(head.len());
+    Some((id, std::mem::take(body)))
+}
+
 impl State {
     fn new(leftover: &[u8]) -> State {
         State {
             // Grown by the requests that need it, like `rx`.
             out: Vec::new(),
             out_pos: 0,
-            rx: RxBuf::new(leftover),
+            rx: Rope::from(leftover),
             slots: Slab::new(),
             dead: None,
             flush_scheduled: false,
@@ -685,20 +602,34 @@ impl State {
     /// nobody waits for, a second reply to a request.
     fn dispatch(&mut self, done: &mut Dispatched) -> std::result::Result<(), String> {
         loop {
-            let avail = self.rx.data();
-            let Some(len) = codec::frame(avail).map_err(|e| e.to_string())? else {
+            let mut head = [0u8; 4];
+            if !self.rx.peek(&mut head) {
                 return Ok(());
+            }
+            // Checks the length as soon as it is in, before waiting for more.
+            codec::frame(&head).map_err(|e| e.to_string())?;
+            let len = 4 + u32::from_be_bytes(head) as usize;
+            if self.rx.len() < len {
+                return Ok(());
+            }
+            let mut packet = self.rx.split_to(len);
+            packet.advance(4);
+            let (id, reply) = match take_data(&mut packet) {
+                Some((id, data)) => (id, Ok(Reply::Data(data))),
+                None => {
+                    let body = packet.into_contiguous();
+                    match codec::decode_reply(&body) {
+                        Ok((id, reply)) => (id, Ok(reply)),
+                        // Framed correctly: the error is the request's alone.
+                        Err(e) => match codec::reply_id(&body) {
+                            Some(id) if self.slots.contains(id as usize) => {
+                                (id, Err(Error::from(e)))
+                            }
+                            _ => return Err(e.to_string()),
+                        },
+                    }
+                }
             };
-            let body = &avail[4..len];
-            let (id, reply) = match codec::decode_reply(body) {
-                Ok((id, reply)) => (id, Ok(reply)),
-                // Framed correctly: the error is the request's alone.
-                Err(e) => match codec::reply_id(body) {
-                    Some(id) if self.slots.contains(id as usize) => (id, Err(Error::from(e))),
-                    _ => return Err(e.to_string()),
-                },
-            };
-            self.rx.consume(len);
             self.replies += 1;
             let Some(slot) = self.slots.get_mut(id as usize) else {
                 return Err(format!(
@@ -873,11 +804,17 @@ pub(crate) fn unexpected(reply: Reply, path: Option<&[u8]>) -> Error {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
-    use crate::sftp::codec::{MAX_NAME_LEN, put_str, put_u32};
+    use bytes::Bytes;
 
-    /// Bytes copied per simulated channel read.
-    const READ: usize = 100_000;
+    use super::*;
+    use crate::sftp::codec::{MAX_NAME_LEN, MAX_PACKET, put_str, put_u32};
+
+    /// Bytes per simulated channel read: one SSH packet's payload.
+    const READ: usize = 32 * 1024;
+
+    /// The most the client ever holds unparsed: one packet of the largest
+    /// length accepted with its length field, and the piece that ends it.
+    const RX_MOST: usize = 4 + MAX_PACKET + READ;
 
     /// A reply packet (with its length) of type `kind` for `id`.
     fn packet(kind: u8, id: u32, payload: &[u8]) -> Vec<u8> {
@@ -899,29 +836,31 @@ mod tests {
         packet(fxp::STATUS, id, &[0, 0, 0, 0])
     }
 
-    /// What `read_replies` does, with `bytes` as what the channel yields:
-    /// dispatch, make room, read, until everything was read and parsed.
-    /// Returns the largest the receive buffer became.
+    /// What `read_replies` does, with `bytes` as what the channel yields
+    /// in pieces of [`READ`]: dispatch, read, until everything was read and
+    /// parsed. Returns the most the client held unparsed.
     fn pump(
         st: &mut State,
-        mut bytes: &[u8],
+        bytes: &[u8],
         done: &mut Dispatched,
     ) -> std::result::Result<usize, String> {
-        let mut largest = st.rx.buf.len();
-        loop {
+        pump_pieces(st, bytes.chunks(READ).map(Bytes::copy_from_slice), done)
+    }
+
+    /// [`pump`] with the pieces given.
+    fn pump_pieces(
+        st: &mut State,
+        pieces: impl IntoIterator<Item = Bytes>,
+        done: &mut Dispatched,
+    ) -> std::result::Result<usize, String> {
+        let mut most = st.rx.len();
+        st.dispatch(done)?;
+        for piece in pieces {
+            st.rx.push(piece);
+            most = most.max(st.rx.len());
             st.dispatch(done)?;
-            if bytes.is_empty() {
-                return Ok(largest);
-            }
-            st.rx.make_room();
-            largest = largest.max(st.rx.buf.len());
-            let room = st.rx.room();
-            assert!(!room.is_empty(), "no room left for a read");
-            let n = room.len().min(bytes.len()).min(READ);
-            room[..n].copy_from_slice(&bytes[..n]);
-            st.rx.filled(n);
-            bytes = &bytes[n..];
         }
+        Ok(most)
     }
 
     fn waiting(st: &mut State) -> u32 {
@@ -936,32 +875,29 @@ mod tests {
     }
 
     #[test]
-    fn a_new_client_holds_small_buffers_and_grows_them_only_for_streams() {
+    fn replies_are_parsed_as_each_piece_arrives() {
         let mut st = State::new(&[]);
-        assert_eq!(st.rx.buf.len(), RX_START);
-        assert_eq!(st.out.capacity(), 0);
-        // Small replies one at a time (a stat, a 4 KiB read): no growth.
+        // Small replies one at a time (a stat, a 4 KiB read): nothing is
+        // left behind.
         let mut done = Dispatched::default();
         for _ in 0..100 {
             let id = waiting(&mut st);
             let mut data = Vec::new();
             put_str(&mut data, &[7; 4096]);
-            let largest = pump(&mut st, &packet(fxp::DATA, id, &data), &mut done).unwrap();
-            assert_eq!(largest, RX_START);
+            let most = pump(&mut st, &packet(fxp::DATA, id, &data), &mut done).unwrap();
+            assert_eq!(most, 4096 + 13);
             assert!(matches!(take(&mut st, id), Ok(Reply::Data(d)) if d.len() == 4096));
+            assert!(st.rx.is_empty());
         }
-        // Many replies at once, more than the buffer holds: reads fill the
-        // room and the buffer doubles, to about the read size.
+        // Many replies at once, far more than a piece: each piece is parsed
+        // before the next is read.
         let mut wire = Vec::new();
         let ids: Vec<u32> = (0..20_000).map(|_| waiting(&mut st)).collect();
         for &id in &ids {
             wire.extend(ok_status(id));
         }
-        let largest = pump(&mut st, &wire, &mut done).unwrap();
-        assert!(
-            largest > RX_START && largest <= 2 * RX_CHUNK,
-            "grew to {largest}"
-        );
+        let most = pump(&mut st, &wire, &mut done).unwrap();
+        assert!(most <= READ + 13, "held {most}");
         for id in ids {
             assert!(matches!(
                 take(&mut st, id),
@@ -971,37 +907,106 @@ mod tests {
     }
 
     #[test]
-    fn the_receive_buffer_never_grows_past_one_packet() {
+    fn the_client_holds_at_most_one_unfinished_packet() {
         let mut st = State::new(&[]);
         let id = waiting(&mut st);
         // The largest DATA reply accepted, then a small one behind it.
         let mut data = Vec::new();
         put_str(&mut data, &vec![0xab; MAX_PACKET - 9]);
         let mut wire = packet(fxp::DATA, id, &data);
-        assert_eq!(wire.len(), RX_MAX);
+        assert_eq!(wire.len(), 4 + MAX_PACKET);
         let id2 = waiting(&mut st);
         wire.extend(ok_status(id2));
         let mut done = Dispatched::default();
-        let largest = pump(&mut st, &wire, &mut done).unwrap();
-        assert!(largest <= RX_MAX, "grew to {largest}");
+        let most = pump(&mut st, &wire, &mut done).unwrap();
+        assert!(most <= RX_MOST, "held {most}");
         assert_eq!(done.wake.len(), 2);
-        assert!(matches!(take(&mut st, id), Ok(Reply::Data(d)) if d.len() == MAX_PACKET - 9));
+        assert!(
+            matches!(take(&mut st, id), Ok(Reply::Data(d)) if d.len() == MAX_PACKET - 9 && d.to_vec().iter().all(|&b| b == 0xab))
+        );
         assert!(matches!(
             take(&mut st, id2),
             Ok(Reply::Status { code: 0, .. })
         ));
-        assert!(st.rx.data().is_empty());
+        assert!(st.rx.is_empty());
+    }
+
+    #[test]
+    fn read_data_stays_in_the_pieces_the_channel_handed_over() {
+        // Replies cut at every offset of their headers and data, as SSH
+        // packets cut them: each DATA reply's bytes are those sent, and
+        // they lie in the pieces given (no copy), except a reply's header.
+        let data: Vec<u8> = (0..50_000u32).map(|i| (i % 253) as u8).collect();
+        for cut in [1, 2, 3, 4, 5, 9, 12, 13, 14, 1000, 32 * 1024] {
+            let mut st = State::new(&[]);
+            let ids: Vec<u32> = (0..3).map(|_| waiting(&mut st)).collect();
+            let mut wire = Vec::new();
+            for &id in &ids {
+                let mut body = Vec::new();
+                put_str(&mut body, &data);
+                wire.extend(packet(fxp::DATA, id, &body));
+            }
+            let pieces: Vec<Bytes> = wire.chunks(cut).map(Bytes::copy_from_slice).collect();
+            let inside = |p: &Bytes| {
+                let at = p.as_ptr() as usize;
+                pieces.iter().any(|q| {
+                    let q = q.as_ptr() as usize;
+                    at >= q && at + p.len() <= q + cut
+                })
+            };
+            let mut done = Dispatched::default();
+            pump_pieces(&mut st, pieces.clone(), &mut done).unwrap();
+            assert_eq!(done.wake.len(), 3, "cut {cut}");
+            for id in ids {
+                match take(&mut st, id) {
+                    Ok(Reply::Data(d)) => {
+                        assert_eq!(d.to_vec(), data, "cut {cut}");
+                        assert!(d.iter().all(inside), "cut {cut}: a piece was copied");
+                    }
+                    other => panic!("cut {cut}: {other:?}"),
+                }
+            }
+            assert!(st.rx.is_empty());
+        }
+    }
+
+    #[test]
+    fn a_data_reply_whose_string_overruns_or_underruns_its_packet_fails_its_request() {
+        let mut st = State::new(&[]);
+        let (a, b, c) = (waiting(&mut st), waiting(&mut st), waiting(&mut st));
+        let mut long = Vec::new();
+        put_u32(&mut long, 100);
+        long.extend_from_slice(&[1; 50]);
+        let mut short = Vec::new();
+        put_str(&mut short, &[2; 50]);
+        short.extend_from_slice(&[0; 3]);
+        let wire = [
+            packet(fxp::DATA, a, &long),
+            packet(fxp::DATA, b, &short),
+            ok_status(c),
+        ]
+        .concat();
+        let mut done = Dispatched::default();
+        pump(&mut st, &wire, &mut done).unwrap();
+        assert!(matches!(take(&mut st, a), Err(Error::Protocol { .. })));
+        assert!(
+            matches!(take(&mut st, b), Err(Error::Protocol { message: m, .. }) if m.contains("trailing bytes"))
+        );
+        assert!(matches!(
+            take(&mut st, c),
+            Ok(Reply::Status { code: 0, .. })
+        ));
+        assert!(st.dead.is_none());
     }
 
     #[test]
     fn a_packet_length_of_4_gib_fails_the_channel_with_a_protocol_error() {
         let mut st = State::new(&[]);
         let id = waiting(&mut st);
-        let before = st.rx.buf.len();
         let mut done = Dispatched::default();
         let why = pump(&mut st, &[0xff, 0xff, 0xff, 0xff, fxp::DATA], &mut done).unwrap_err();
         assert!(why.contains("4294967295"), "{why}");
-        assert_eq!(st.rx.buf.len(), before, "the buffer grew for it");
+        assert_eq!(st.rx.len(), 5, "nothing more was read for it");
         // What `Client::fail` does with it: the waiter, and every request
         // after, gets the protocol error naming the length.
         assert_eq!(st.fail(Dead::Protocol(why.clone())).len(), 1);
@@ -1098,7 +1103,7 @@ mod tests {
 
     #[test]
     fn wrong_reply_types_are_typed_errors() {
-        let e = unexpected(Reply::Data(vec![1]), Some(b"/x"));
+        let e = unexpected(Reply::Data(Rope::from(vec![1])), Some(b"/x"));
         assert!(
             matches!(e, Error::Protocol { message: ref m, .. } if m == "unexpected SFTP reply DATA"),
             "{e:?}"

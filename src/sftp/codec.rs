@@ -9,6 +9,7 @@
 //! the bytes that follow it, a handle by the draft's 256 bytes, a file name
 //! by [`MAX_NAME_LEN`], a status message by the text kept in errors.
 
+use super::rope::Rope;
 use std::fmt;
 
 /// Packet types.
@@ -235,9 +236,13 @@ pub struct Limits {
 /// A reply, by type.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Reply {
-    Status { code: u32, message: String },
+    Status {
+        code: u32,
+        message: String,
+    },
     Handle(Vec<u8>),
-    Data(Vec<u8>),
+    /// A READ reply's data, in the pieces it arrived in.
+    Data(Rope),
     Name(Vec<NameEntry>),
     Attrs(FileAttributes),
     Extended(Vec<u8>),
@@ -470,26 +475,6 @@ pub(crate) fn reply_id(body: &[u8]) -> Option<u32> {
     Some(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
 }
 
-/// A READ reply's bytes, in a buffer a finished download gave back to the
-/// thread when one is kept ([`crate::reactor::buffers`]): a download
-/// receives one large reply after another, and a fresh allocation each
-/// time, served by `mmap` whenever malloc's threshold is below it, paid a
-/// page fault per 4 KiB.
-///
-/// Only a buffer at most twice the reply's size is used: a larger one
-/// (a session's receive buffer) stays for the IO it was kept for, and no
-/// reply handed to a caller carries a large spare capacity.
-fn data_buffer(bytes: &[u8]) -> Vec<u8> {
-    match crate::reactor::buffers::take_within(bytes.len(), 2 * bytes.len()) {
-        Some(mut buf) => {
-            buf.truncate(bytes.len());
-            buf.copy_from_slice(bytes);
-            buf
-        }
-        None => bytes.to_vec(),
-    }
-}
-
 /// Decodes a reply packet (without its length): its request id and body.
 pub(crate) fn decode_reply(body: &[u8]) -> Result<(u32, Reply), DecodeError> {
     let mut r = Reader::new(body);
@@ -523,7 +508,7 @@ pub(crate) fn decode_reply(body: &[u8]) -> Result<(u32, Reply), DecodeError> {
             }
             Reply::Handle(h.to_vec())
         }
-        fxp::DATA => Reply::Data(data_buffer(r.string()?)),
+        fxp::DATA => Reply::Data(Rope::from(r.string()?)),
         fxp::NAME => {
             let n = r.u32()? as usize;
             // Each entry takes at least MIN_NAME_ENTRY bytes: a count the
@@ -598,35 +583,6 @@ pub(crate) fn decode_limits(data: &[u8]) -> Result<Limits, DecodeError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn large_read_replies_reuse_a_buffer_a_download_gave_back() {
-        // On a thread of its own: the kept buffers are per thread.
-        std::thread::spawn(|| {
-            let given = vec![0u8; 300_000];
-            let at = given.as_ptr();
-            crate::reactor::buffers::keep(given);
-            let reply = [0x5a; 256 * 1024];
-            let d = data_buffer(&reply);
-            assert_eq!(d.as_ptr(), at, "the kept buffer is reused");
-            assert_eq!(d, reply);
-            // Small replies are plain allocations, not kept buffers; nor
-            // are replies of less than half a kept buffer.
-            crate::reactor::buffers::keep(d);
-            let small = data_buffer(&[1, 2, 3]);
-            assert_ne!(small.as_ptr(), at);
-            assert_eq!(small, [1, 2, 3]);
-            let half = data_buffer(&[9; 100_000]);
-            assert_ne!(half.as_ptr(), at, "a buffer over twice the reply is left");
-            assert_eq!(half, [9; 100_000]);
-            assert_eq!(
-                crate::reactor::buffers::take(256 * 1024).map(|b| b.as_ptr()),
-                Some(at)
-            );
-        })
-        .join()
-        .unwrap();
-    }
 
     fn packet(body: &[u8]) -> Vec<u8> {
         let mut v = (body.len() as u32).to_be_bytes().to_vec();
@@ -717,7 +673,7 @@ mod tests {
         let body = [&[fxp::DATA][..], &[0, 0, 0, 3], &[0, 0, 0, 3], b"abc"].concat();
         assert_eq!(
             decode_reply(&body).unwrap(),
-            (3, Reply::Data(b"abc".to_vec()))
+            (3, Reply::Data(Rope::from(b"abc".to_vec())))
         );
     }
 

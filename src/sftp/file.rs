@@ -9,11 +9,13 @@ use std::pin::Pin;
 use std::rc::Rc;
 use std::task::{Context, Poll, ready};
 
+use bytes::Buf;
 use tokio::io::{AsyncRead, AsyncSeek, AsyncWrite, ReadBuf};
 
 use super::client::{Client, ReplyFuture, status_ok, unexpected};
 use super::codec::{self, FileAttributes, Reply, open_flags};
 use super::pipeline::{Chunk, ReadPipeline, WritePipeline};
+use super::rope::Rope;
 use super::{Sftp, StatVfs, check_attrs, protocol, wire};
 use crate::error::{Error, InvalidInput, Result};
 
@@ -197,9 +199,8 @@ pub struct File {
     reads: ReadPipeline,
     /// How many reads may be in flight: grows while reading is sequential.
     depth: usize,
-    /// Received data not yet handed out, from `buf_pos`.
-    buf: Vec<u8>,
-    buf_pos: usize,
+    /// Received data not yet handed out, in the pieces it arrived in.
+    buf: Rope,
     eof: bool,
     /// In-flight writes.
     writes: WritePipeline,
@@ -231,8 +232,7 @@ impl File {
             pos: 0,
             reads: ReadPipeline::default(),
             depth: 1,
-            buf: Vec::new(),
-            buf_pos: 0,
+            buf: Rope::new(),
             eof: false,
             writes: WritePipeline::default(),
             write_error: None,
@@ -265,7 +265,7 @@ impl File {
             )
             .await?;
         match r {
-            Reply::Data(d) if d.len() <= len as usize => Ok(d),
+            Reply::Data(d) if d.len() <= len as usize => Ok(d.to_vec()),
             Reply::Data(_) => Err(Error::sftp_protocol("READ reply longer than asked")),
             Reply::Status {
                 code: codec::status::EOF,
@@ -404,8 +404,7 @@ impl File {
     /// Drops the read-ahead: the cursor moved.
     fn reset_reads(&mut self) {
         self.reads.restart(self.pos);
-        self.buf.clear();
-        self.buf_pos = 0;
+        self.buf = Rope::new();
         self.depth = 1;
         self.eof = false;
     }
@@ -416,10 +415,11 @@ impl File {
             ready!(self.poll_writes(cx, 0))?;
         }
         loop {
-            if self.buf_pos < self.buf.len() {
-                let n = out.remaining().min(self.buf.len() - self.buf_pos);
-                out.put_slice(&self.buf[self.buf_pos..self.buf_pos + n]);
-                self.buf_pos += n;
+            if !self.buf.is_empty() {
+                let piece = self.buf.chunk();
+                let n = out.remaining().min(piece.len());
+                out.put_slice(&piece[..n]);
+                self.buf.advance(n);
                 self.pos += n as u64;
                 return Poll::Ready(Ok(()));
             }
@@ -438,7 +438,6 @@ impl File {
                         self.depth *= 2;
                     }
                     self.buf = data;
-                    self.buf_pos = 0;
                 }
                 Chunk::Eof { .. } => self.eof = true,
             }
@@ -447,7 +446,7 @@ impl File {
 
     fn poll_write_inner(&mut self, cx: &mut Context<'_>, data: &[u8]) -> Poll<Result<usize>> {
         self.check_open()?;
-        if !self.reads.is_empty() || self.buf_pos < self.buf.len() {
+        if !self.reads.is_empty() || !self.buf.is_empty() {
             self.reset_reads();
         }
         let behind = (WRITE_BEHIND_BYTES / self.sftp.inner.write_size as usize).max(2);
@@ -573,7 +572,7 @@ impl Drop for File {
             std::mem::take(&mut self.writes),
             std::mem::take(&mut self.buf),
         );
-        if !parked.0.is_empty() || parked.2.capacity() > 0 {
+        if !parked.0.is_empty() || !parked.2.is_empty() {
             self.sftp
                 .inner
                 .client

@@ -23,7 +23,10 @@ pub mod codec;
 mod dir;
 mod file;
 mod pipeline;
+mod rope;
 mod transfer;
+#[cfg(test)]
+pub(crate) use rope::Rope;
 #[cfg(fuzzing)]
 pub(crate) use transfer::fuzz_tree as transfer_fuzz_tree;
 

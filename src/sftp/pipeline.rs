@@ -16,6 +16,7 @@ use std::task::{Context, Poll, ready};
 
 use super::client::{Client, ReplyFuture, status_ok, unexpected};
 use super::codec::{Reply, status};
+use super::rope::Rope;
 use crate::error::{Error, Result};
 
 /// What the oldest READ of a [`ReadPipeline`] brought.
@@ -23,7 +24,7 @@ pub(crate) enum Chunk {
     /// `data` from offset `at`. `short`: less than asked; the reads queued
     /// behind it assumed a full one and were dropped, and the pipeline
     /// goes on from where the data ends.
-    Data { at: u64, data: Vec<u8>, short: bool },
+    Data { at: u64, data: Rope, short: bool },
     /// End of file, answering the read at offset `at`; the pipeline was
     /// emptied.
     Eof { at: u64 },

@@ -34,6 +34,7 @@ use super::client::{status_ok, unexpected};
 use super::codec::{self, FileAttributes, Reply};
 use super::file::open_handle;
 use super::pipeline::{Chunk, ReadPipeline, WritePipeline};
+use super::rope::Rope;
 use super::{Sftp, wire};
 use crate::error::{Error, InvalidInput, Result};
 use crate::localdir::{self, ConfinedDir, DirCache, RelPath, check_name, escape_name};
@@ -441,10 +442,11 @@ impl<'a> LocalFile<'a> {
         })
     }
 
-    /// Writes `data` at `at`; gives the buffer back.
-    async fn write_at(&self, data: Vec<u8>, at: u64) -> Result<Vec<u8>> {
-        let (r, data) = files::write_all_at(&(self.file.clone() as HeldFd), data, at).await;
-        r.map(|()| data).map_err(|e| local_err(&self.path, e))
+    /// Writes `data` at `at`, from the pieces it arrived in.
+    async fn write_at(&self, data: Rope, at: u64) -> Result<()> {
+        files::write_buf_at(&(self.file.clone() as HeldFd), data, at)
+            .await
+            .map_err(|e| local_err(&self.path, e))
     }
 
     /// `fsync` of the file.
@@ -659,11 +661,10 @@ async fn receive(
             Chunk::Data { at, data, short } => {
                 let end = at + data.len() as u64;
                 size.check(end)?;
-                let data = local.write_at(data, at).await?;
-                total += data.len() as u64;
-                progress.add(data.len() as u64);
-                // For the next reply (see `codec::data_buffer`).
-                crate::reactor::buffers::keep(data);
+                let n = data.len() as u64;
+                local.write_at(data, at).await?;
+                total += n;
+                progress.add(n);
                 // A short read that ends exactly at the size the server
                 // announced: the server's read(2) stopped at the end of
                 // the file. This saves a READ per file (a quarter of the
@@ -1822,7 +1823,7 @@ pub(crate) fn fuzz_tree(data: &[u8]) {
                     let written = job.local_target().and_then(|t| {
                         files::now(async {
                             let f = LocalFile::create(&t.0, &t.1, opts.atomic).await?;
-                            f.write_at(b"from the server".to_vec(), 0).await?;
+                            f.write_at(Rope::from(&b"from the server"[..]), 0).await?;
                             f.finish().await
                         })
                     });
