@@ -319,7 +319,7 @@ impl Client {
             // `READS_PER_POLL` bounds the loop. No borrow of the state is
             // held across the call, which may run the session's hooks.
             match self.chan.poll_read_chunk_unbudgeted(cx, 0) {
-                Poll::Ready(Ok(Some(piece))) => self.st.borrow_mut().rx.push(piece),
+                Poll::Ready(Ok(Some(piece))) => self.st.borrow_mut().rx.push_merging(piece),
                 Poll::Ready(Ok(None)) => {
                     self.fail(Dead::Io(
                         io::ErrorKind::UnexpectedEof,
@@ -808,6 +808,7 @@ mod tests {
 
     use super::*;
     use crate::sftp::codec::{MAX_NAME_LEN, MAX_PACKET, put_str, put_u32};
+    use crate::sftp::rope::MERGE_BELOW;
 
     /// Bytes per simulated channel read: one SSH packet's payload.
     const READ: usize = 32 * 1024;
@@ -856,7 +857,7 @@ mod tests {
         let mut most = st.rx.len();
         st.dispatch(done)?;
         for piece in pieces {
-            st.rx.push(piece);
+            st.rx.push_merging(piece);
             most = most.max(st.rx.len());
             st.dispatch(done)?;
         }
@@ -937,7 +938,7 @@ mod tests {
         // packets cut them: each DATA reply's bytes are those sent, and
         // they lie in the pieces given (no copy), except a reply's header.
         let data: Vec<u8> = (0..50_000u32).map(|i| (i % 253) as u8).collect();
-        for cut in [1, 2, 3, 4, 5, 9, 12, 13, 14, 1000, 32 * 1024] {
+        for cut in [1, 2, 3, 4, 5, 9, 12, 13, 14, 1000, MERGE_BELOW, 32 * 1024] {
             let mut st = State::new(&[]);
             let ids: Vec<u32> = (0..3).map(|_| waiting(&mut st)).collect();
             let mut wire = Vec::new();
@@ -946,12 +947,19 @@ mod tests {
                 put_str(&mut body, &data);
                 wire.extend(packet(fxp::DATA, id, &body));
             }
-            let pieces: Vec<Bytes> = wire.chunks(cut).map(Bytes::copy_from_slice).collect();
+            // The short end goes with the piece before it.
+            let mut cuts: Vec<&[u8]> = wire.chunks(cut).collect();
+            if cuts.len() > 1 && cuts[cuts.len() - 1].len() < cut {
+                let end = cuts.pop().unwrap().len();
+                let last = cuts.pop().unwrap();
+                cuts.push(&wire[wire.len() - last.len() - end..]);
+            }
+            let pieces: Vec<Bytes> = cuts.into_iter().map(Bytes::copy_from_slice).collect();
             let inside = |p: &Bytes| {
                 let at = p.as_ptr() as usize;
                 pieces.iter().any(|q| {
-                    let q = q.as_ptr() as usize;
-                    at >= q && at + p.len() <= q + cut
+                    let start = q.as_ptr() as usize;
+                    at >= start && at + p.len() <= start + q.len()
                 })
             };
             let mut done = Dispatched::default();
@@ -961,7 +969,13 @@ mod tests {
                 match take(&mut st, id) {
                     Ok(Reply::Data(d)) => {
                         assert_eq!(d.to_vec(), data, "cut {cut}");
-                        assert!(d.iter().all(inside), "cut {cut}: a piece was copied");
+                        if cut >= MERGE_BELOW {
+                            assert!(d.iter().all(inside), "cut {cut}: a piece was copied");
+                        } else {
+                            // Small pieces are copied together (see
+                            // `Rope::push_merging`), not kept one by one.
+                            assert!(d.pieces() <= 1 + data.len() / MERGE_BELOW, "cut {cut}");
+                        }
                     }
                     other => panic!("cut {cut}: {other:?}"),
                 }

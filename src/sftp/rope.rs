@@ -14,12 +14,21 @@ use std::io::IoSlice;
 
 use bytes::{Buf, Bytes};
 
+/// Pieces smaller than this are copied together by [`Rope::push_merging`].
+pub(crate) const MERGE_BELOW: usize = 8 * 1024;
+
+/// The largest piece [`Rope::push_merging`] builds by copying.
+const MERGED_MAX: usize = 32 * 1024;
+
 /// A sequence of bytes held as the [`Bytes`] pieces it arrived in.
 #[derive(Default, Clone)]
 pub(crate) struct Rope {
     /// Never holds an empty piece.
     parts: VecDeque<Bytes>,
     len: usize,
+    /// The last piece is a copy [`Rope::push_merging`] made, which it may
+    /// grow.
+    last_is_copy: bool,
 }
 
 impl Rope {
@@ -33,7 +42,40 @@ impl Rope {
         if !piece.is_empty() {
             self.len += piece.len();
             self.parts.push_back(piece);
+            self.last_is_copy = false;
         }
+    }
+
+    /// Appends `piece`, copying one under [`MERGE_BELOW`] bytes onto the
+    /// end of the last piece while that one is such a copy of our own and
+    /// stays under [`MERGED_MAX`]: a peer that cuts its data into tiny
+    /// messages cannot make each one cost a piece, and a block of
+    /// libssh2's, of its own.
+    pub(crate) fn push_merging(&mut self, piece: Bytes) {
+        if piece.len() >= MERGE_BELOW {
+            return self.push(piece);
+        }
+        if let Some(last) = self.parts.back_mut().filter(|_| self.last_is_copy) {
+            let fits = last.len() + piece.len() <= MERGED_MAX;
+            // Only a buffer nobody else holds (our copy, not a piece shared
+            // by a split) grows in place.
+            let taken = std::mem::take(last);
+            match if fits {
+                taken.try_into_mut()
+            } else {
+                Err(taken)
+            } {
+                Ok(mut grown) => {
+                    grown.extend_from_slice(&piece);
+                    self.len += piece.len();
+                    *last = grown.freeze();
+                    return;
+                }
+                Err(taken) => *last = taken,
+            }
+        }
+        self.push(Bytes::from(piece.to_vec()));
+        self.last_is_copy = true;
     }
 
     /// How many bytes it holds.
@@ -248,6 +290,37 @@ mod tests {
         let one = r.split_to(500).into_contiguous();
         assert_eq!(one.as_ptr() as usize, pb + 500);
         assert_eq!(head.into_contiguous().len(), 1490);
+    }
+
+    #[test]
+    fn tiny_pieces_are_merged_and_large_ones_kept_as_they_are() {
+        let mut r = Rope::new();
+        for i in 0..100_000u32 {
+            r.push_merging(Bytes::copy_from_slice(&[i as u8]));
+        }
+        assert_eq!(r.len(), 100_000);
+        assert!(
+            r.pieces() <= 100_000 / MERGED_MAX + 1,
+            "{} pieces",
+            r.pieces()
+        );
+        assert!(r.to_vec().iter().enumerate().all(|(i, &b)| b == i as u8));
+        // A large piece is kept (no copy); a small one after it starts a
+        // copy of its own rather than touch it.
+        let big = Bytes::from(vec![7u8; MERGE_BELOW]);
+        let at = big.as_ptr();
+        r.push_merging(big);
+        r.push_merging(Bytes::from_static(b"tail"));
+        let parts: Vec<&Bytes> = r.iter().collect();
+        assert_eq!(parts[parts.len() - 2].as_ptr(), at);
+        assert_eq!(&parts[parts.len() - 1][..], b"tail");
+        // A piece a split shares is never grown in place.
+        let mut r = Rope::new();
+        r.push_merging(Bytes::from_static(b"abcdef"));
+        let head = r.split_to(3);
+        r.push_merging(Bytes::from_static(b"gh"));
+        assert_eq!(head.to_vec(), b"abc");
+        assert_eq!(r.to_vec(), b"defgh");
     }
 
     #[test]
