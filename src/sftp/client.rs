@@ -31,6 +31,7 @@
 //! * replies are kept only in the slots of requests in flight, one each.
 
 use std::cell::RefCell;
+use std::collections::VecDeque;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
@@ -47,9 +48,15 @@ use crate::channel::ChannelInner;
 use crate::error::{Error, Result};
 use crate::transport::OUTBOUND_HIGH_WATER;
 
-/// Capacity the outgoing request buffer keeps once it is empty, and the
-/// least it reclaims of what the channel has taken while it is not.
-const OUT_KEEP: usize = 256 * 1024;
+/// Requests are encoded into segments of this size (or of one request,
+/// if larger), each request whole in one: the channel takes them from the
+/// front while new ones go to the back, and a segment is dropped (or kept
+/// for reuse) once taken whole, so nothing queued is ever moved or grown.
+const OUT_SEGMENT: usize = 256 * 1024;
+
+/// The room a request other than a WRITE is given in a segment (a longer
+/// one, with paths of several KiB, still fits: its segment grows).
+const SMALL_REQUEST: usize = 4096;
 
 /// Channel reads per poll before the reader lets other tasks run.
 const READS_PER_POLL: usize = 32;
@@ -83,6 +90,76 @@ impl Dead {
     }
 }
 
+/// Encoded requests not yet taken by the channel, in segments of about
+/// [`OUT_SEGMENT`]: oldest first, the first from `pos`.
+#[derive(Default)]
+struct Outbox {
+    segments: VecDeque<Vec<u8>>,
+    pos: usize,
+    /// A segment taken whole, emptied, for the next one: a stream of
+    /// WRITEs allocates nothing once it runs.
+    spare: Option<Vec<u8>>,
+}
+
+impl Outbox {
+    fn is_empty(&self) -> bool {
+        self.segments.is_empty()
+    }
+
+    /// The segment to encode the next request, of up to `len` bytes,
+    /// into: one with that much room left.
+    fn back(&mut self, len: usize) -> &mut Vec<u8> {
+        if self
+            .segments
+            .back()
+            .is_none_or(|b| b.capacity() - b.len() < len)
+        {
+            let fresh = match self.spare.take() {
+                Some(spare) if spare.capacity() >= len => spare,
+                _ => Vec::with_capacity(len.max(OUT_SEGMENT)),
+            };
+            self.segments.push_back(fresh);
+        }
+        self.segments.back_mut().expect("a segment was just added")
+    }
+
+    /// The oldest bytes not taken yet (empty if there are none).
+    fn front(&self) -> &[u8] {
+        self.segments.front().map_or(&[], |f| &f[self.pos..])
+    }
+
+    /// The channel took `n` bytes of [`Self::front`].
+    fn consume(&mut self, n: usize) {
+        self.pos += n;
+        let Some(front) = self.segments.front() else {
+            return;
+        };
+        debug_assert!(self.pos <= front.len());
+        if self.pos >= front.len() {
+            let mut done = self.segments.pop_front().expect("a front segment");
+            self.pos = 0;
+            // One segment of the usual size is kept; a larger one (a
+            // single large request's) is not kept by an idle client.
+            if done.capacity() <= OUT_SEGMENT {
+                done.clear();
+                self.spare = Some(done);
+            }
+        }
+    }
+
+    /// Queues `later`'s requests after these.
+    fn append(&mut self, mut later: Outbox) {
+        if self.segments.is_empty() {
+            self.pos = later.pos;
+        } else if later.pos > 0
+            && let Some(first) = later.segments.front_mut()
+        {
+            first.drain(..later.pos);
+        }
+        self.segments.append(&mut later.segments);
+    }
+}
+
 /// What dispatching left to do once the state is no longer borrowed.
 #[derive(Default)]
 struct Dispatched {
@@ -93,9 +170,8 @@ struct Dispatched {
 }
 
 struct State {
-    /// Encoded requests not yet taken by libssh2, from `out_pos`.
-    out: Vec<u8>,
-    out_pos: usize,
+    /// Encoded requests not yet taken by libssh2.
+    out: Outbox,
     /// Received bytes not yet parsed, in the pieces the channel handed
     /// over (each packet's payload, where libssh2 decrypted it).
     rx: Rope,
@@ -151,7 +227,7 @@ impl Client {
                 // Inside one of our own calls: it reads after itself.
                 return;
             };
-            if st.dead.is_some() || (st.slots.is_empty() && st.out_pos == st.out.len()) {
+            if st.dead.is_some() || (st.slots.is_empty() && st.out.is_empty()) {
                 return;
             }
         }
@@ -183,9 +259,19 @@ impl Client {
         is_open: bool,
         build: impl FnOnce(&mut Vec<u8>, u32),
     ) -> ReplyFuture {
+        self.request_of(is_open, SMALL_REQUEST, build)
+    }
+
+    /// [`Self::request`] for a request of up to `len` bytes.
+    fn request_of(
+        self: &Rc<Self>,
+        is_open: bool,
+        len: usize,
+        build: impl FnOnce(&mut Vec<u8>, u32),
+    ) -> ReplyFuture {
         let mut st = self.st.borrow_mut();
         let id = st.slots.insert(Slot::Waiting(None));
-        build(&mut st.out, id as u32);
+        build(st.out.back(len), id as u32);
         st.requests += 1;
         ReplyFuture {
             client: self.clone(),
@@ -205,7 +291,7 @@ impl Client {
         let id = st.slots.insert(Slot::Abandoned {
             close_handle: false,
         });
-        build(&mut st.out, id as u32);
+        build(st.out.back(SMALL_REQUEST), id as u32);
         st.requests += 1;
         if std::mem::replace(&mut st.flush_scheduled, true) {
             return;
@@ -250,27 +336,12 @@ impl Client {
     fn flush(&self, cx: &mut Context<'_>) -> Poll<Result<()>> {
         let session = &self.chan.session;
         loop {
-            let (out, pos) = {
+            let out = {
                 let mut st = self.st.borrow_mut();
-                if st.out_pos == st.out.len() {
-                    st.out.clear();
-                    st.out_pos = 0;
-                    // A burst's buffer is not kept by an idle client.
-                    if st.out.capacity() > OUT_KEEP {
-                        st.out.shrink_to(OUT_KEEP);
-                    }
+                if st.out.is_empty() {
                     return Poll::Ready(Ok(()));
                 }
-                // What the channel took goes once it is at least half the
-                // buffer: a stream of WRITEs that never lets the buffer
-                // empty holds at most twice what is queued (itself within
-                // the transfer's in-flight budget), not all it ever sent.
-                if st.out_pos >= OUT_KEEP && st.out_pos * 2 >= st.out.len() {
-                    let pos = st.out_pos;
-                    st.out.drain(..pos);
-                    st.out_pos = 0;
-                }
-                (std::mem::take(&mut st.out), st.out_pos)
+                std::mem::take(&mut st.out)
             };
             // Backpressure before libssh2: its send callback must always
             // take the whole packet.
@@ -281,14 +352,14 @@ impl Client {
                     _ => Poll::Pending,
                 }
             } else {
-                self.chan.poll_write_raw(cx, &out[pos..])
+                self.chan.poll_write_raw(cx, out.front())
             };
             let mut st = self.st.borrow_mut();
             // Requests queued during the call (none today) go after ours.
             let added = std::mem::replace(&mut st.out, out);
-            st.out.extend_from_slice(&added);
+            st.out.append(added);
             match r {
-                Poll::Ready(Ok(n)) => st.out_pos += n,
+                Poll::Ready(Ok(n)) => st.out.consume(n),
                 Poll::Ready(Err(e)) => {
                     drop(st);
                     let kind = e.kind();
@@ -467,8 +538,8 @@ impl Client {
 
     /// WRITE `data` to `handle` at `offset`.
     pub(crate) fn write(self: &Rc<Self>, handle: &[u8], offset: u64, data: &[u8]) -> ReplyFuture {
-        self.request(false, |out, id| {
-            out.reserve(codec::WRITE_HEADER + handle.len() + data.len());
+        let len = codec::WRITE_HEADER + handle.len() + data.len();
+        self.request_of(false, len, |out, id| {
             Request::new(out, fxp::WRITE, id)
                 .str(handle)
                 .u64(offset)
@@ -585,8 +656,7 @@ impl State {
     fn new(leftover: &[u8]) -> State {
         State {
             // Grown by the requests that need it, like `rx`.
-            out: Vec::new(),
-            out_pos: 0,
+            out: Outbox::default(),
             rx: Rope::from(leftover),
             slots: Slab::new(),
             dead: None,
@@ -680,8 +750,7 @@ impl State {
         for id in gone {
             self.slots.remove(id);
         }
-        self.out.clear();
-        self.out_pos = 0;
+        self.out = Outbox::default();
         wake
     }
 }
@@ -873,6 +942,56 @@ mod tests {
             Slot::Done(r) => r,
             _ => panic!("request {id} has no reply"),
         }
+    }
+
+    /// Takes up to `n` bytes from `out` the way the channel does, into
+    /// `sent`.
+    fn take_out(out: &mut Outbox, mut n: usize, sent: &mut Vec<u8>) {
+        while n > 0 && !out.is_empty() {
+            let f = out.front();
+            let k = f.len().min(n);
+            sent.extend_from_slice(&f[..k]);
+            out.consume(k);
+            n -= k;
+        }
+    }
+
+    #[test]
+    fn queued_requests_leave_in_order_and_are_never_moved() {
+        let mut out = Outbox::default();
+        let (mut sent, mut want) = (Vec::new(), Vec::new());
+        let data = vec![9u8; 255 * 1024];
+        for i in 0..60u32 {
+            let n = (i as usize * 77_777) % data.len();
+            let seg = out.back(codec::WRITE_HEADER + 4 + n);
+            let (cap, at, start) = (seg.capacity(), seg.as_ptr(), seg.len());
+            Request::new(seg, fxp::WRITE, i)
+                .str(b"hand")
+                .u64(0)
+                .str(&data[..n])
+                .finish();
+            assert_eq!((seg.capacity(), seg.as_ptr()), (cap, at), "a segment grew");
+            want.extend_from_slice(&seg[start..]);
+            // The channel takes a little less than comes, then catches up.
+            take_out(&mut out, 100_003 * (i as usize % 3), &mut sent);
+            let held: usize = out.segments.iter().map(Vec::capacity).sum();
+            // A request starts a new segment only when it does not fit in
+            // the last: two neighbours hold more than a segment's worth.
+            let queued = want.len() - sent.len();
+            assert!(held <= 2 * queued + OUT_SEGMENT, "held {held} for {queued}");
+        }
+        take_out(&mut out, usize::MAX, &mut sent);
+        assert!(sent == want, "the bytes left in another order");
+        assert!(out.is_empty() && out.front().is_empty());
+        // Requests queued while the others were out go after them.
+        let mut later = Outbox::default();
+        later.back(SMALL_REQUEST).extend_from_slice(b"later");
+        out.back(SMALL_REQUEST).extend_from_slice(b"first");
+        out.append(later);
+        let mut sent = Vec::new();
+        take_out(&mut out, 3, &mut sent);
+        take_out(&mut out, usize::MAX, &mut sent);
+        assert_eq!(sent, b"firstlater");
     }
 
     #[test]
