@@ -165,6 +165,50 @@ pub(crate) async fn write_buf_at(file: &HeldFd, mut data: impl Buf, at: u64) -> 
 /// arrives in 8 or 9).
 const WRITEV_PIECES: usize = 64;
 
+/// Appends up to `max` bytes of `file`, read from offset `at`, to `buf`:
+/// straight into its spare capacity, with no zeroing of memory about to be
+/// overwritten. Fewer only at the end of the file; returns the count. A
+/// blocking call (the thread's uploads read this way).
+pub(crate) fn read_append_at(
+    file: &fs::File,
+    buf: &mut Vec<u8>,
+    max: usize,
+    at: u64,
+) -> io::Result<usize> {
+    buf.reserve(max);
+    let mut n = 0;
+    while n < max {
+        let spare = &mut buf.spare_capacity_mut()[..max - n];
+        // SAFETY: `spare` is `buf`'s own writable memory for its length,
+        // and `pread` writes at most that many bytes; `file` keeps the fd
+        // open for the call.
+        let r = unsafe {
+            libc::pread(
+                file.as_raw_fd(),
+                spare.as_mut_ptr().cast(),
+                spare.len(),
+                (at + n as u64) as libc::off_t,
+            )
+        };
+        match r {
+            0 => break,
+            k if k > 0 => {
+                // SAFETY: `pread` initialized the `k` bytes after `len`,
+                // within the capacity reserved above.
+                unsafe { buf.set_len(buf.len() + k as usize) };
+                n += k as usize;
+            }
+            _ => {
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+        }
+    }
+    Ok(n)
+}
+
 /// `renameat(dir, from, dir, to)`.
 pub(crate) async fn rename_at(dir: &HeldFd, from: &CStr, to: &CStr) -> io::Result<()> {
     let resources = Resources {
@@ -360,6 +404,35 @@ mod tests {
             let e = write_buf_at(&ro, pieces.clone(), 0).await.unwrap_err();
             assert_eq!(e.raw_os_error(), Some(libc::EBADF), "{mode:?}");
         }
+    }
+
+    #[test]
+    fn reads_append_after_what_the_buffer_holds_and_stop_at_the_end() {
+        let t = tempfile::tempdir().unwrap();
+        let data: Vec<u8> = (0..100_003u32).map(|i| (i % 239) as u8).collect();
+        std::fs::write(t.path().join("f"), &data).unwrap();
+        let f = std::fs::File::open(t.path().join("f")).unwrap();
+        let mut buf = b"head".to_vec();
+        assert_eq!(read_append_at(&f, &mut buf, 65_536, 10).unwrap(), 65_536);
+        assert_eq!(&buf[..4], b"head");
+        assert_eq!(&buf[4..], &data[10..10 + 65_536]);
+        // Past the end: what is left, then nothing.
+        assert_eq!(
+            read_append_at(&f, &mut buf, 65_536, 65_546).unwrap(),
+            34_457
+        );
+        assert_eq!(&buf[4 + 65_536..], &data[65_546..]);
+        let len = buf.len();
+        assert_eq!(read_append_at(&f, &mut buf, 10, 100_003).unwrap(), 0);
+        assert_eq!(buf.len(), len);
+        // A file that cannot be read: the call's own error, nothing added.
+        let w = std::fs::OpenOptions::new()
+            .write(true)
+            .open(t.path().join("f"))
+            .unwrap();
+        let e = read_append_at(&w, &mut buf, 10, 0).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EBADF));
+        assert_eq!(buf.len(), len);
     }
 
     /// An open whose completion arrived but was never taken: dropping it

@@ -548,6 +548,41 @@ impl Client {
         })
     }
 
+    /// A WRITE at `offset` of up to `max` bytes of `src` from the same
+    /// offset, read straight into the request: the bytes read and the
+    /// reply's future, or `None` at the end of the file (nothing sent).
+    pub(crate) fn write_from_file(
+        self: &Rc<Self>,
+        handle: &[u8],
+        offset: u64,
+        max: usize,
+        src: &std::fs::File,
+    ) -> io::Result<Option<(usize, ReplyFuture)>> {
+        let mut st = self.st.borrow_mut();
+        let id = st.slots.vacant_key();
+        let seg = st.out.back(codec::WRITE_HEADER + handle.len() + max);
+        let Some(req) = Request::new(seg, fxp::WRITE, id as u32)
+            .str(handle)
+            .u64(offset)
+            .str_from(|out| crate::reactor::files::read_append_at(src, out, max, offset))?
+        else {
+            return Ok(None);
+        };
+        let n = req.finish() - codec::WRITE_HEADER - handle.len();
+        let taken = st.slots.insert(Slot::Waiting(None));
+        debug_assert_eq!(taken, id);
+        st.requests += 1;
+        Ok(Some((
+            n,
+            ReplyFuture {
+                client: self.clone(),
+                id,
+                is_open: false,
+                finished: false,
+            },
+        )))
+    }
+
     /// READDIR: the next batch of names of the directory `handle`.
     pub(crate) fn readdir(self: &Rc<Self>, handle: &[u8]) -> ReplyFuture {
         self.one_str(fxp::READDIR, handle)

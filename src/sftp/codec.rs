@@ -415,6 +415,31 @@ impl<'a> Request<'a> {
         self
     }
 
+    /// A string whose bytes `fill` appends to the buffer it is given,
+    /// returning how many: its length is patched in after. `Ok(None)`, with
+    /// the whole packet taken back out, if `fill` appended nothing.
+    pub(crate) fn str_from(
+        self,
+        fill: impl FnOnce(&mut Vec<u8>) -> std::io::Result<usize>,
+    ) -> std::io::Result<Option<Self>> {
+        let at = self.out.len();
+        put_u32(self.out, 0);
+        let n = match fill(self.out) {
+            Ok(n) => n,
+            Err(e) => {
+                self.out.truncate(self.start);
+                return Err(e);
+            }
+        };
+        debug_assert_eq!(self.out.len(), at + 4 + n);
+        if n == 0 {
+            self.out.truncate(self.start);
+            return Ok(None);
+        }
+        self.out[at..at + 4].copy_from_slice(&(n as u32).to_be_bytes());
+        Ok(Some(self))
+    }
+
     /// Patches the length; returns the packet's size on the wire.
     pub(crate) fn finish(self) -> usize {
         let len = self.out.len() - self.start - 4;
@@ -588,6 +613,40 @@ mod tests {
         let mut v = (body.len() as u32).to_be_bytes().to_vec();
         v.extend_from_slice(body);
         v
+    }
+
+    #[test]
+    fn a_string_filled_in_place_gets_its_length_and_an_empty_one_no_packet() {
+        let mut out = b"queued".to_vec();
+        let n = Request::new(&mut out, fxp::WRITE, 7)
+            .str(b"h")
+            .u64(3)
+            .str_from(|o| {
+                o.extend_from_slice(b"data!");
+                Ok(5)
+            })
+            .unwrap()
+            .unwrap()
+            .finish();
+        assert_eq!(n, WRITE_HEADER + 1 + 5);
+        let mut want = b"queued".to_vec();
+        Request::new(&mut want, fxp::WRITE, 7)
+            .str(b"h")
+            .u64(3)
+            .str(b"data!")
+            .finish();
+        assert_eq!(out, want);
+        // Nothing to send, or a failed fill: the packet is taken back out.
+        let r = Request::new(&mut out, fxp::WRITE, 8)
+            .str(b"h")
+            .str_from(|_| Ok(0));
+        assert!(r.unwrap().is_none());
+        assert_eq!(out, want);
+        let r = Request::new(&mut out, fxp::WRITE, 9)
+            .str(b"h")
+            .str_from(|_| Err(std::io::ErrorKind::Other.into()));
+        assert!(r.is_err());
+        assert_eq!(out, want);
     }
 
     #[test]

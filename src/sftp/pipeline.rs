@@ -145,6 +145,27 @@ impl<T> WritePipeline<T> {
         self.writes.push_back((data.len() as u32, extra, f));
     }
 
+    /// Queues a WRITE at `offset` of up to `max` bytes of `src` from the
+    /// same offset, read straight into the request: the bytes queued, 0 at
+    /// the end of the file (nothing queued, `extra` dropped).
+    pub(crate) fn push_from_file(
+        &mut self,
+        client: &Rc<Client>,
+        handle: &[u8],
+        offset: u64,
+        max: usize,
+        src: &std::fs::File,
+        extra: T,
+    ) -> std::io::Result<usize> {
+        Ok(match client.write_from_file(handle, offset, max, src)? {
+            Some((n, f)) => {
+                self.writes.push_back((n as u32, extra, f));
+                n
+            }
+            None => 0,
+        })
+    }
+
     /// Takes the answer to the oldest WRITE: `None` if none is in flight,
     /// else its length once the server acknowledged it, or the error.
     /// `path` names the file in an SFTP error.

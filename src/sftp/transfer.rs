@@ -22,7 +22,7 @@ use std::collections::VecDeque;
 use std::ffi::{OsStr, OsString};
 use std::fs;
 use std::io;
-use std::os::unix::fs::{FileExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::time::{Duration, SystemTime};
@@ -768,7 +768,6 @@ async fn send(
     let client = &lane.sftp.inner.client;
     let chunk = lane.request_size as usize;
     let mut writes = WritePipeline::default();
-    let mut buf = vec![0u8; chunk];
     let mut off = 0u64;
     let mut eof = false;
     while !eof || !writes.is_empty() {
@@ -776,12 +775,11 @@ async fn send(
             let Some(permit) = lane.reserve(chunk as u32, writes.is_empty()).await? else {
                 break;
             };
-            let n = read_full_at(src, &mut buf, off).map_err(|e| local_err(local, e))?;
-            if n == 0 {
-                eof = true;
-                break;
-            }
-            writes.push(client, h, off, &buf[..n], permit);
+            // Read straight into the request: no copy of the file's bytes
+            // on our side.
+            let n = writes
+                .push_from_file(client, h, off, chunk, src, permit)
+                .map_err(|e| local_err(local, e))?;
             off += n as u64;
             eof = n < chunk;
         }
@@ -834,19 +832,6 @@ fn secs(t: SystemTime) -> Option<u32> {
     t.duration_since(SystemTime::UNIX_EPOCH)
         .ok()
         .map(|d| d.as_secs() as u32)
-}
-
-fn read_full_at(f: &fs::File, buf: &mut [u8], off: u64) -> io::Result<usize> {
-    let mut n = 0;
-    while n < buf.len() {
-        match f.read_at(&mut buf[n..], off + n as u64) {
-            Ok(0) => break,
-            Ok(k) => n += k,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(n)
 }
 
 fn local_err(path: &Path, e: io::Error) -> Error {
