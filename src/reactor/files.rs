@@ -133,14 +133,17 @@ pub(crate) async fn write_buf_at(file: &HeldFd, mut data: impl Buf, at: u64) -> 
     let mut at = at;
     while data.has_remaining() {
         let mut iov = [io::IoSlice::new(&[]); WRITEV_PIECES];
-        let count = data.chunks_vectored(&mut iov);
-        // SAFETY: `iov[..count]` are `IoSlice`s (laid out as `iovec`)
-        // borrowing `data`, which outlives the call; `file` keeps `fd` open.
+        let count = data.chunks_vectored(&mut iov).min(WRITEV_PIECES);
+        let iov = &iov[..count];
+        // SAFETY: `iov` is a slice of `IoSlice`s, which std lays out as
+        // `iovec`, borrowing `data`, which outlives the call; its length
+        // (at most 64, under IOV_MAX) is the count passed; `file` keeps
+        // `fd` open.
         let r = unsafe {
             libc::pwritev(
                 fd,
                 iov.as_ptr().cast(),
-                count as libc::c_int,
+                iov.len() as libc::c_int,
                 at as libc::off_t,
             )
         };

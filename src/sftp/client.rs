@@ -43,7 +43,7 @@ use slab::Slab;
 use bytes::Buf;
 
 use super::codec::{self, FileAttributes, Reply, Request, fxp};
-use super::rope::Rope;
+use super::rope::{MERGE_BELOW, Rope};
 use crate::channel::ChannelInner;
 use crate::error::{Error, Result};
 use crate::transport::OUTBOUND_HIGH_WATER;
@@ -51,8 +51,11 @@ use crate::transport::OUTBOUND_HIGH_WATER;
 /// Requests are encoded into segments of this size (or of one request,
 /// if larger), each request whole in one: the channel takes them from the
 /// front while new ones go to the back, and a segment is dropped (or kept
-/// for reuse) once taken whole, so nothing queued is ever moved or grown.
+/// for reuse) once taken whole, so nothing queued is ever moved.
 const OUT_SEGMENT: usize = 256 * 1024;
+
+/// The size of a segment started while none is queued.
+const FIRST_SEGMENT: usize = 16 * 1024;
 
 /// The room a request other than a WRITE is given in a segment (a longer
 /// one, with paths of several KiB, still fits: its segment grows).
@@ -62,13 +65,25 @@ const SMALL_REQUEST: usize = 4096;
 const READS_PER_POLL: usize = 32;
 
 enum Slot {
-    /// Sent (or queued); the waiter's waker, if it has been polled.
-    Waiting(Option<Waker>),
+    /// Sent (or queued); the waiter's waker, if it has been polled, and
+    /// the most data its reply may carry (what a READ asked for): a DATA
+    /// reply over it is refused on arrival, not held.
+    Waiting { waker: Option<Waker>, max_data: u32 },
     /// The reply arrived; the waiter has not taken it yet.
     Done(Result<Reply>),
     /// The waiter went away. If the request was an open, the handle in
     /// its reply is closed as soon as the reply arrives.
     Abandoned { close_handle: bool },
+}
+
+impl Slot {
+    /// A request just queued, with no bound on its reply's data.
+    fn waiting() -> Slot {
+        Slot::Waiting {
+            waker: None,
+            max_data: u32::MAX,
+        }
+    }
 }
 
 /// Why the channel can carry no more requests.
@@ -114,9 +129,16 @@ impl Outbox {
             .back()
             .is_none_or(|b| b.capacity() - b.len() < len)
         {
+            // A client that sends a request now and then holds a small
+            // segment; requests that queue up get full ones.
+            let size = if self.segments.is_empty() {
+                FIRST_SEGMENT
+            } else {
+                OUT_SEGMENT
+            };
             let fresh = match self.spare.take() {
                 Some(spare) if spare.capacity() >= len => spare,
-                _ => Vec::with_capacity(len.max(OUT_SEGMENT)),
+                _ => Vec::with_capacity(len.max(size)),
             };
             self.segments.push_back(fresh);
         }
@@ -270,7 +292,7 @@ impl Client {
         build: impl FnOnce(&mut Vec<u8>, u32),
     ) -> ReplyFuture {
         let mut st = self.st.borrow_mut();
-        let id = st.slots.insert(Slot::Waiting(None));
+        let id = st.slots.insert(Slot::waiting());
         build(st.out.back(len), id as u32);
         st.requests += 1;
         ReplyFuture {
@@ -416,7 +438,7 @@ impl Client {
         Read::More
     }
 
-    /// Hands every complete reply in the receive buffer to its slot, wakes
+    /// Hands every complete reply received so far to its slot, wakes
     /// the waiters and queues the CLOSEs owed; `false` if the server broke
     /// the protocol and the channel is now dead.
     fn dispatch(self: &Rc<Self>) -> bool {
@@ -527,13 +549,17 @@ impl Client {
 
     /// READ `len` bytes of `handle` at `offset`.
     pub(crate) fn read(self: &Rc<Self>, handle: &[u8], offset: u64, len: u32) -> ReplyFuture {
-        self.request(false, |out, id| {
+        let f = self.request(false, |out, id| {
             Request::new(out, fxp::READ, id)
                 .str(handle)
                 .u64(offset)
                 .u32(len)
                 .finish();
-        })
+        });
+        if let Some(Slot::Waiting { max_data, .. }) = self.st.borrow_mut().slots.get_mut(f.id) {
+            *max_data = len;
+        }
+        f
     }
 
     /// WRITE `data` to `handle` at `offset`.
@@ -569,7 +595,7 @@ impl Client {
             return Ok(None);
         };
         let n = req.finish() - codec::WRITE_HEADER - handle.len();
-        let taken = st.slots.insert(Slot::Waiting(None));
+        let taken = st.slots.insert(Slot::waiting());
         debug_assert_eq!(taken, id);
         st.requests += 1;
         Ok(Some((
@@ -684,13 +710,17 @@ fn take_data(body: &mut Rope) -> Option<(u32, Rope)> {
         return None;
     }
     body.advance(head.len());
-    Some((id, std::mem::take(body)))
+    let mut data = std::mem::take(body);
+    // A slice much smaller than the block it lies in (a reply's first or
+    // last bytes in a packet mostly of others) is copied, so that what
+    // replies hold stays within a few times their data.
+    data.copy_pieces_below(MERGE_BELOW);
+    Some((id, data))
 }
 
 impl State {
     fn new(leftover: &[u8]) -> State {
         State {
-            // Grown by the requests that need it, like `rx`.
             out: Outbox::default(),
             rx: Rope::from(leftover),
             slots: Slab::new(),
@@ -701,7 +731,7 @@ impl State {
         }
     }
 
-    /// Hands every complete reply in the receive buffer to its slot.
+    /// Hands every complete reply received so far to its slot.
     /// `Err` (the message of an [`Error::Protocol`]) when the server broke
     /// the protocol in a way that belongs to no request: a bad frame, an id
     /// nobody waits for, a second reply to a request.
@@ -742,10 +772,19 @@ impl State {
                 ));
             };
             match slot {
-                Slot::Waiting(w) => {
-                    if let Some(w) = w.take() {
+                Slot::Waiting { waker, max_data } => {
+                    if let Some(w) = waker.take() {
                         done.wake.push(w);
                     }
+                    let reply = match reply {
+                        Ok(Reply::Data(d)) if d.len() > *max_data as usize => {
+                            Err(Error::sftp_protocol(format!(
+                                "READ reply longer than asked: {} bytes for a read of {max_data}",
+                                d.len()
+                            )))
+                        }
+                        r => r,
+                    };
                     *slot = Slot::Done(reply);
                 }
                 Slot::Abandoned { close_handle } => {
@@ -772,8 +811,8 @@ impl State {
         let mut gone = Vec::new();
         for (id, slot) in self.slots.iter_mut() {
             match slot {
-                Slot::Waiting(w) => {
-                    if let Some(w) = w.take() {
+                Slot::Waiting { waker, .. } => {
+                    if let Some(w) = waker.take() {
                         wake.push(w);
                     }
                     *slot = Slot::Done(Err(why.error()));
@@ -833,7 +872,9 @@ impl Future for ReplyFuture {
             return Poll::Ready(Err(e));
         }
         // The waker goes in first: reading below may dispatch our reply.
-        if let Some(Slot::Waiting(w)) = this.client.st.borrow_mut().slots.get_mut(this.id) {
+        if let Some(Slot::Waiting { waker: w, .. }) =
+            this.client.st.borrow_mut().slots.get_mut(this.id)
+        {
             match w {
                 Some(w) if w.will_wake(cx.waker()) => {}
                 _ => *w = Some(cx.waker().clone()),
@@ -912,7 +953,6 @@ mod tests {
 
     use super::*;
     use crate::sftp::codec::{MAX_NAME_LEN, MAX_PACKET, put_str, put_u32};
-    use crate::sftp::rope::MERGE_BELOW;
 
     /// Bytes per simulated channel read: one SSH packet's payload.
     const READ: usize = 32 * 1024;
@@ -969,7 +1009,10 @@ mod tests {
     }
 
     fn waiting(st: &mut State) -> u32 {
-        st.slots.insert(Slot::Waiting(Some(Waker::noop().clone()))) as u32
+        st.slots.insert(Slot::Waiting {
+            waker: Some(Waker::noop().clone()),
+            max_data: u32::MAX,
+        }) as u32
     }
 
     fn take(st: &mut State, id: u32) -> Result<Reply> {
@@ -1124,7 +1167,13 @@ mod tests {
                     Ok(Reply::Data(d)) => {
                         assert_eq!(d.to_vec(), data, "cut {cut}");
                         if cut >= MERGE_BELOW {
-                            assert!(d.iter().all(inside), "cut {cut}: a piece was copied");
+                            // All but a reply's small first and last slices
+                            // stay where they arrived.
+                            let kept: Vec<&Bytes> =
+                                d.iter().filter(|p| p.len() >= MERGE_BELOW).collect();
+                            assert!(kept.iter().all(|p| inside(p)), "cut {cut}: copied");
+                            let kept: usize = kept.iter().map(|p| p.len()).sum();
+                            assert!(kept + 2 * MERGE_BELOW >= data.len(), "cut {cut}: {kept}");
                         } else {
                             // Small pieces are copied together (see
                             // `Rope::push_merging`), not kept one by one.
@@ -1136,6 +1185,63 @@ mod tests {
             }
             assert!(st.rx.is_empty());
         }
+    }
+
+    #[test]
+    fn replies_split_at_any_offset_are_parsed_whole() {
+        // Two pieces, cut at every offset of a DATA reply and a STATUS
+        // behind it, kept as they come (no merging of small pieces).
+        let mut body = Vec::new();
+        put_str(&mut body, b"0123456789");
+        for k in 0..=13 + 10 + 13 {
+            let mut st = State::new(&[]);
+            let (a, b) = (waiting(&mut st), waiting(&mut st));
+            let wire = [packet(fxp::DATA, a, &body), ok_status(b)].concat();
+            let mut done = Dispatched::default();
+            for piece in [&wire[..k], &wire[k..]] {
+                st.rx.push(Bytes::copy_from_slice(piece));
+                st.dispatch(&mut done).unwrap();
+            }
+            assert_eq!(done.wake.len(), 2, "cut at {k}");
+            assert!(
+                matches!(take(&mut st, a), Ok(Reply::Data(d)) if d.to_vec() == b"0123456789"),
+                "cut at {k}"
+            );
+            assert!(matches!(
+                take(&mut st, b),
+                Ok(Reply::Status { code: 0, .. })
+            ));
+            assert!(st.rx.is_empty());
+        }
+    }
+
+    #[test]
+    fn a_read_reply_longer_than_asked_fails_its_request_and_is_not_kept() {
+        let mut st = State::new(&[]);
+        let asked = st.slots.insert(Slot::Waiting {
+            waker: None,
+            max_data: 100,
+        }) as u32;
+        let fits = st.slots.insert(Slot::Waiting {
+            waker: None,
+            max_data: 100,
+        }) as u32;
+        let mut long = Vec::new();
+        put_str(&mut long, &[1; 101]);
+        let mut exact = Vec::new();
+        put_str(&mut exact, &[2; 100]);
+        let wire = [
+            packet(fxp::DATA, asked, &long),
+            packet(fxp::DATA, fits, &exact),
+        ]
+        .concat();
+        let mut done = Dispatched::default();
+        pump(&mut st, &wire, &mut done).unwrap();
+        assert!(
+            matches!(take(&mut st, asked), Err(Error::Protocol { message: m, .. }) if m.contains("longer than asked: 101 bytes for a read of 100"))
+        );
+        assert!(matches!(take(&mut st, fits), Ok(Reply::Data(d)) if d.len() == 100));
+        assert!(st.dead.is_none(), "only the request fails");
     }
 
     #[test]
@@ -1198,7 +1304,10 @@ mod tests {
             format!("SFTP reply with id {} answers no request in flight", id + 7)
         );
         assert_eq!(st.slots.len(), 1, "nothing kept for the unknown id");
-        assert!(matches!(st.slots.get(id as usize), Some(Slot::Waiting(_))));
+        assert!(matches!(
+            st.slots.get(id as usize),
+            Some(Slot::Waiting { .. })
+        ));
 
         // A second reply to a request whose first reply is not taken yet.
         let mut st = State::new(&[]);

@@ -454,7 +454,7 @@ pub(crate) const WRITE_HEADER: usize = 4 + 1 + 4 + 4 + 8 + 4;
 /// The length of the first complete packet in `buf`, if there is one:
 /// `Ok(None)` while more bytes are needed. The length field is checked
 /// against [`MAX_PACKET`] as soon as its 4 bytes are in, before a caller
-/// makes room for the rest.
+/// waits for the rest.
 pub(crate) fn frame(buf: &[u8]) -> Result<Option<usize>, DecodeError> {
     if buf.len() < 4 {
         return Ok(None);

@@ -416,11 +416,14 @@ impl File {
         }
         loop {
             if !self.buf.is_empty() {
-                let piece = self.buf.chunk();
-                let n = out.remaining().min(piece.len());
-                out.put_slice(&piece[..n]);
-                self.buf.advance(n);
-                self.pos += n as u64;
+                // As much as fits, across the pieces the data arrived in.
+                while out.remaining() > 0 && !self.buf.is_empty() {
+                    let piece = self.buf.chunk();
+                    let n = out.remaining().min(piece.len());
+                    out.put_slice(&piece[..n]);
+                    self.buf.advance(n);
+                    self.pos += n as u64;
+                }
                 return Poll::Ready(Ok(()));
             }
             if self.eof || out.remaining() == 0 {

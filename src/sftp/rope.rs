@@ -52,6 +52,9 @@ impl Rope {
     /// messages cannot make each one cost a piece, and a block of
     /// libssh2's, of its own.
     pub(crate) fn push_merging(&mut self, piece: Bytes) {
+        if piece.is_empty() {
+            return;
+        }
         if piece.len() >= MERGE_BELOW {
             return self.push(piece);
         }
@@ -76,6 +79,15 @@ impl Rope {
         }
         self.push(Bytes::from(piece.to_vec()));
         self.last_is_copy = true;
+    }
+
+    /// Replaces each piece shorter than `below` with a copy of its bytes,
+    /// so that it no longer holds the memory of the buffer it is a slice
+    /// of.
+    pub(crate) fn copy_pieces_below(&mut self, below: usize) {
+        for p in self.parts.iter_mut().filter(|p| p.len() < below) {
+            *p = Bytes::copy_from_slice(p);
+        }
     }
 
     /// How many bytes it holds.
