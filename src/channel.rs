@@ -15,6 +15,7 @@ use crate::error::{Error, Result};
 use crate::ffi;
 use crate::session::children::Release;
 use crate::session::{Abandon, SessionInner, code, cstring};
+use crate::transport::alloc::TakenBlock;
 use crate::transport::{Link, OUTBOUND_HIGH_WATER};
 
 /// How a remote process ended.
@@ -294,7 +295,14 @@ impl ChannelInner {
         cx: &mut Context<'_>,
         stream: c_int,
     ) -> Poll<io::Result<Option<Bytes>>> {
-        self.poll_take_chunk(cx, stream, Budget::Cooperative)
+        let taken = ready!(self.poll_take_block(cx, stream, Budget::Cooperative))?;
+        Poll::Ready(Ok(taken.map(|block| {
+            if block.as_ref().len() < CHUNK_COPY_BELOW {
+                Bytes::copy_from_slice(block.as_ref())
+            } else {
+                Bytes::from_owner(block)
+            }
+        })))
     }
 
     /// [`Self::poll_read_chunk`] outside tokio's cooperative budget, for a
@@ -303,20 +311,22 @@ impl ChannelInner {
     /// budget's `Pending` would wake that waker only, and the bytes would
     /// wait in the session for the next receive, which may never come.
     /// `Pending` from here always means no input.
-    pub(crate) fn poll_read_chunk_unbudgeted(
+    /// The block itself: the caller decides whether to keep it or copy
+    /// its bytes (and free it at once, back to the thread's cache).
+    pub(crate) fn poll_read_block_unbudgeted(
         &self,
         cx: &mut Context<'_>,
         stream: c_int,
-    ) -> Poll<io::Result<Option<Bytes>>> {
-        self.poll_take_chunk(cx, stream, Budget::Exempt)
+    ) -> Poll<io::Result<Option<TakenBlock>>> {
+        self.poll_take_block(cx, stream, Budget::Exempt)
     }
 
-    fn poll_take_chunk(
+    fn poll_take_block(
         &self,
         cx: &mut Context<'_>,
         stream: c_int,
         budget: Budget,
-    ) -> Poll<io::Result<Option<Bytes>>> {
+    ) -> Poll<io::Result<Option<TakenBlock>>> {
         let raw = self.raw()?;
         // What libssh2 keeps the window open for beyond its initial size,
         // as for a read into a buffer of that size (see `CHUNK_WANT`).
@@ -354,13 +364,7 @@ impl ChannelInner {
         if let Some(coop) = coop {
             coop.made_progress();
         }
-        Poll::Ready(Ok(taken.map(|block| {
-            if block.as_ref().len() < CHUNK_COPY_BELOW {
-                Bytes::copy_from_slice(block.as_ref())
-            } else {
-                Bytes::from_owner(block)
-            }
-        })))
+        Poll::Ready(Ok(taken))
     }
 
     /// The largest read: the initial window (see `poll_read_raw`).

@@ -411,8 +411,10 @@ impl Client {
             // that the server, with every request answered, never sends.
             // `READS_PER_POLL` bounds the loop. No borrow of the state is
             // held across the call, which may run the session's hooks.
-            match self.chan.poll_read_chunk_unbudgeted(cx, 0) {
-                Poll::Ready(Ok(Some(piece))) => self.st.borrow_mut().rx.push_merging(piece),
+            match self.chan.poll_read_block_unbudgeted(cx, 0) {
+                // A small packet's bytes are copied and its block goes
+                // back to the thread's cache at once; a large one is kept.
+                Poll::Ready(Ok(Some(block))) => self.st.borrow_mut().rx.push_merging(block),
                 Poll::Ready(Ok(None)) => {
                     self.fail(Dead::Io(
                         io::ErrorKind::UnexpectedEof,

@@ -51,12 +51,24 @@ impl Rope {
     /// stays under [`MERGED_MAX`]: a peer that cuts its data into tiny
     /// messages cannot make each one cost a piece, and a block of
     /// libssh2's, of its own.
-    pub(crate) fn push_merging(&mut self, piece: Bytes) {
+    pub(crate) fn push_merging<B>(&mut self, piece: B)
+    where
+        B: AsRef<[u8]> + Send + 'static,
+    {
+        if piece.as_ref().len() >= MERGE_BELOW {
+            return self.push(Bytes::from_owner(piece));
+        }
+        // The owner (a block libssh2 handed over) is freed here, back to
+        // the thread's cache.
+        self.push_small(piece.as_ref());
+    }
+
+    /// Appends a copy of `piece` (under [`MERGE_BELOW`] bytes), onto the
+    /// end of the last piece as [`Self::push_merging`] does.
+    fn push_small(&mut self, piece: &[u8]) {
+        debug_assert!(piece.len() < MERGE_BELOW);
         if piece.is_empty() {
             return;
-        }
-        if piece.len() >= MERGE_BELOW {
-            return self.push(piece);
         }
         if let Some(last) = self.parts.back_mut().filter(|_| self.last_is_copy) {
             let fits = last.len() + piece.len() <= MERGED_MAX;
@@ -69,7 +81,7 @@ impl Rope {
                 Err(taken)
             } {
                 Ok(mut grown) => {
-                    grown.extend_from_slice(&piece);
+                    grown.extend_from_slice(piece);
                     self.len += piece.len();
                     *last = grown.freeze();
                     return;
@@ -77,7 +89,7 @@ impl Rope {
                 Err(taken) => *last = taken,
             }
         }
-        self.push(Bytes::from(piece.to_vec()));
+        self.push(Bytes::copy_from_slice(piece));
         self.last_is_copy = true;
     }
 
