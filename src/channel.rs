@@ -305,14 +305,14 @@ impl ChannelInner {
         })))
     }
 
-    /// [`Self::poll_read_chunk`] outside tokio's cooperative budget, for a
+    /// The stream's next packet of data as libssh2's block itself (the
+    /// caller keeps it, or copies its bytes and frees it at once, back to
+    /// the thread's cache), outside tokio's cooperative budget: for a
     /// caller that bounds its own reads and may poll with a waker nobody
     /// listens to (`Waker::noop()`: a reader run from a receive hook). The
     /// budget's `Pending` would wake that waker only, and the bytes would
     /// wait in the session for the next receive, which may never come.
     /// `Pending` from here always means no input.
-    /// The block itself: the caller decides whether to keep it or copy
-    /// its bytes (and free it at once, back to the thread's cache).
     pub(crate) fn poll_read_block_unbudgeted(
         &self,
         cx: &mut Context<'_>,

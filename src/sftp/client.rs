@@ -151,21 +151,37 @@ impl Outbox {
     }
 
     /// The channel took `n` bytes of [`Self::front`].
+    /// Segments taken whole (and any empty one) leave the front, so that
+    /// [`Self::front`] is empty only when nothing is queued.
     fn consume(&mut self, n: usize) {
         self.pos += n;
-        let Some(front) = self.segments.front() else {
-            return;
-        };
-        debug_assert!(self.pos <= front.len());
-        if self.pos >= front.len() {
-            let mut done = self.segments.pop_front().expect("a front segment");
-            self.pos = 0;
-            // One segment of the usual size is kept; a larger one (a
-            // single large request's) is not kept by an idle client.
-            if done.capacity() <= OUT_SEGMENT {
-                done.clear();
-                self.spare = Some(done);
+        while let Some(front) = self.segments.front() {
+            debug_assert!(self.pos <= front.len());
+            if self.pos < front.len() {
+                return;
             }
+            let done = self.segments.pop_front().expect("a front segment");
+            self.pos = 0;
+            self.keep_spare(done);
+        }
+    }
+
+    /// Takes back the segment [`Self::back`] added for a request that was
+    /// not queued after all, if it is empty: an empty segment left queued
+    /// would be "sent" as a write of nothing.
+    fn drop_empty_back(&mut self) {
+        if self.segments.back().is_some_and(Vec::is_empty) {
+            let seg = self.segments.pop_back().expect("an empty back segment");
+            self.keep_spare(seg);
+        }
+    }
+
+    /// One segment of the usual size is kept for the next; a larger one (a
+    /// single large request's) is not kept by an idle client.
+    fn keep_spare(&mut self, mut seg: Vec<u8>) {
+        if seg.capacity() <= OUT_SEGMENT {
+            seg.clear();
+            self.spare = Some(seg);
         }
     }
 
@@ -360,6 +376,9 @@ impl Client {
         loop {
             let out = {
                 let mut st = self.st.borrow_mut();
+                // (Never a write of nothing: libssh2 would send an empty
+                // data message and answer 0, which reads as a full window.)
+                st.out.consume(0);
                 if st.out.is_empty() {
                     return Poll::Ready(Ok(()));
                 }
@@ -589,12 +608,20 @@ impl Client {
         let mut st = self.st.borrow_mut();
         let id = st.slots.vacant_key();
         let seg = st.out.back(codec::WRITE_HEADER + handle.len() + max);
-        let Some(req) = Request::new(seg, fxp::WRITE, id as u32)
+        let built = Request::new(seg, fxp::WRITE, id as u32)
             .str(handle)
             .u64(offset)
-            .str_from(|out| crate::reactor::files::read_append_at(src, out, max, offset))?
-        else {
-            return Ok(None);
+            .str_from(|out| crate::reactor::files::read_append_at(src, out, max, offset));
+        let req = match built {
+            Ok(Some(req)) => req,
+            Ok(None) => {
+                st.out.drop_empty_back();
+                return Ok(None);
+            }
+            Err(e) => {
+                st.out.drop_empty_back();
+                return Err(e);
+            }
         };
         let n = req.finish() - codec::WRITE_HEADER - handle.len();
         let taken = st.slots.insert(Slot::waiting());
@@ -1072,6 +1099,34 @@ mod tests {
         take_out(&mut out, 3, &mut sent);
         take_out(&mut out, usize::MAX, &mut sent);
         assert_eq!(sent, b"firstlater");
+    }
+
+    #[test]
+    fn a_request_not_queued_after_all_leaves_no_empty_segment() {
+        // A WRITE whose file read found the end: `back` made room for it in
+        // a segment of its own, which goes again.
+        let mut out = Outbox::default();
+        let seg = out.back(codec::WRITE_HEADER + 4 + 1000);
+        let r = Request::new(seg, fxp::WRITE, 1)
+            .str(b"hand")
+            .u64(0)
+            .str_from(|_| Ok(0));
+        assert!(r.unwrap().is_none());
+        out.drop_empty_back();
+        assert!(out.is_empty(), "an empty segment stayed queued");
+        // Behind a queued request, the request's own segment goes too, and
+        // the queued one is untouched.
+        out.back(SMALL_REQUEST).extend_from_slice(b"queued");
+        out.back(OUT_SEGMENT + 1);
+        out.drop_empty_back();
+        assert_eq!(out.segments.len(), 1);
+        assert_eq!(out.front(), b"queued");
+        // An empty segment at the front is never what the channel is given.
+        out.consume(6);
+        out.segments.push_back(Vec::new());
+        out.segments.push_back(b"next".to_vec());
+        out.consume(0);
+        assert_eq!(out.front(), b"next");
     }
 
     #[test]
