@@ -17,7 +17,7 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::rc::Rc;
 
-use bytes::Buf;
+use bytes::{Buf, BufMut};
 
 use super::{LocalFiles, OpKind, Reactor, Resources};
 
@@ -118,13 +118,7 @@ pub(crate) async fn write_buf_at(file: &HeldFd, mut data: impl Buf, at: u64) -> 
         let len = data.remaining();
         let mut buf = super::buffers::take_within(len, 2 * len).unwrap_or_default();
         buf.clear();
-        buf.reserve(len);
-        while data.has_remaining() {
-            let piece = data.chunk();
-            buf.extend_from_slice(piece);
-            let n = piece.len();
-            data.advance(n);
-        }
+        buf.put(data);
         let (r, buf) = write_all_at(file, buf, at).await;
         super::buffers::keep(buf);
         return r;

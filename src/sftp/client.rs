@@ -77,11 +77,12 @@ enum Slot {
 }
 
 impl Slot {
-    /// A request just queued, with no bound on its reply's data.
-    fn waiting() -> Slot {
+    /// A request just queued, whose reply may carry at most `max_data`
+    /// bytes of data.
+    fn waiting(max_data: u32) -> Slot {
         Slot::Waiting {
             waker: None,
-            max_data: u32::MAX,
+            max_data,
         }
     }
 }
@@ -297,18 +298,20 @@ impl Client {
         is_open: bool,
         build: impl FnOnce(&mut Vec<u8>, u32),
     ) -> ReplyFuture {
-        self.request_of(is_open, SMALL_REQUEST, build)
+        self.request_of(is_open, SMALL_REQUEST, u32::MAX, build)
     }
 
-    /// [`Self::request`] for a request of up to `len` bytes.
+    /// [`Self::request`] for a request of up to `len` bytes whose reply
+    /// may carry at most `max_data` bytes of data.
     fn request_of(
         self: &Rc<Self>,
         is_open: bool,
         len: usize,
+        max_data: u32,
         build: impl FnOnce(&mut Vec<u8>, u32),
     ) -> ReplyFuture {
         let mut st = self.st.borrow_mut();
-        let id = st.slots.insert(Slot::waiting());
+        let id = st.slots.insert(Slot::waiting(max_data));
         build(st.out.back(len), id as u32);
         st.requests += 1;
         ReplyFuture {
@@ -570,23 +573,19 @@ impl Client {
 
     /// READ `len` bytes of `handle` at `offset`.
     pub(crate) fn read(self: &Rc<Self>, handle: &[u8], offset: u64, len: u32) -> ReplyFuture {
-        let f = self.request(false, |out, id| {
+        self.request_of(false, SMALL_REQUEST, len, |out, id| {
             Request::new(out, fxp::READ, id)
                 .str(handle)
                 .u64(offset)
                 .u32(len)
                 .finish();
-        });
-        if let Some(Slot::Waiting { max_data, .. }) = self.st.borrow_mut().slots.get_mut(f.id) {
-            *max_data = len;
-        }
-        f
+        })
     }
 
     /// WRITE `data` to `handle` at `offset`.
     pub(crate) fn write(self: &Rc<Self>, handle: &[u8], offset: u64, data: &[u8]) -> ReplyFuture {
         let len = codec::WRITE_HEADER + handle.len() + data.len();
-        self.request_of(false, len, |out, id| {
+        self.request_of(false, len, u32::MAX, |out, id| {
             Request::new(out, fxp::WRITE, id)
                 .str(handle)
                 .u64(offset)
@@ -624,7 +623,7 @@ impl Client {
             }
         };
         let n = req.finish() - codec::WRITE_HEADER - handle.len();
-        let taken = st.slots.insert(Slot::waiting());
+        let taken = st.slots.insert(Slot::waiting(u32::MAX));
         debug_assert_eq!(taken, id);
         st.requests += 1;
         Ok(Some((
@@ -1275,14 +1274,8 @@ mod tests {
     #[test]
     fn a_read_reply_longer_than_asked_fails_its_request_and_is_not_kept() {
         let mut st = State::new(&[]);
-        let asked = st.slots.insert(Slot::Waiting {
-            waker: None,
-            max_data: 100,
-        }) as u32;
-        let fits = st.slots.insert(Slot::Waiting {
-            waker: None,
-            max_data: 100,
-        }) as u32;
+        let asked = st.slots.insert(Slot::waiting(100)) as u32;
+        let fits = st.slots.insert(Slot::waiting(100)) as u32;
         let mut long = Vec::new();
         put_str(&mut long, &[1; 101]);
         let mut exact = Vec::new();
