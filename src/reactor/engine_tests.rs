@@ -12,7 +12,7 @@ use super::{Backend, Choice, Reactor, SharedFd};
 const PATIENCE: Duration = Duration::from_secs(5);
 
 /// Runs `test` on a fresh thread whose reactor runs on `backend`.
-fn on<F, Fut>(backend: Backend, test: F)
+pub(crate) fn on<F, Fut>(backend: Backend, test: F)
 where
     F: FnOnce(Rc<Reactor>) -> Fut + Send + 'static,
     Fut: std::future::Future<Output = ()>,
@@ -39,7 +39,8 @@ where
     .unwrap_or_else(|_| panic!("test on the {backend} engine failed"));
 }
 
-fn both<F, Fut>(test: F)
+/// Runs `test` on each engine in turn.
+pub(crate) fn both<F, Fut>(test: F)
 where
     F: Fn(Rc<Reactor>) -> Fut + Send + Clone + 'static,
     Fut: std::future::Future<Output = ()>,
@@ -49,7 +50,7 @@ where
 }
 
 /// A connected loopback TCP pair: (the reactor's end, the test's end).
-fn tcp_pair() -> (Rc<SharedFd>, std::net::TcpStream) {
+pub(crate) fn tcp_pair() -> (Rc<SharedFd>, std::net::TcpStream) {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
     let (server, _) = listener.accept().unwrap();
@@ -196,7 +197,7 @@ fn send_moves_all_of_a_large_buffer_from_its_offset() {
             );
             sent += tokio::time::timeout(PATIENCE, rx).await.unwrap().unwrap() as usize;
         }
-        reactor.shutdown(&fd).await;
+        reactor.shutdown(&fd, libc::SHUT_RDWR).await;
         drop(fd);
         let got = reader.join().unwrap();
         assert!(got == want, "{} bytes arrived of {}", got.len(), want.len());

@@ -20,7 +20,7 @@
 
 pub(crate) mod buffers;
 #[cfg(test)]
-mod engine_tests;
+pub(crate) mod engine_tests;
 pub(crate) mod files;
 mod local;
 mod op;
@@ -200,8 +200,9 @@ pub(crate) enum OpKind {
     RecvNow(usize),
     /// `connect(2)` to `addr`.
     Connect,
-    /// `shutdown(2)` with SHUT_RDWR.
-    Shutdown,
+    /// `shutdown(2)` with this `how` (`SHUT_RDWR`, or `SHUT_WR` to send a
+    /// FIN while still receiving).
+    Shutdown(i32),
     /// `close(2)` of this fd.
     Close(std::os::fd::RawFd),
     /// A timer: completes with `-ETIME` after this long.

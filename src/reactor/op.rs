@@ -282,16 +282,16 @@ impl Reactor {
             fd: Some(fd.clone()),
             ..Resources::default()
         };
-        self.start_detached(super::OpKind::Shutdown, resources);
+        self.start_detached(super::OpKind::Shutdown(libc::SHUT_RDWR), resources);
     }
 
-    /// `shutdown(2)` with SHUT_RDWR, awaited.
-    pub(crate) fn shutdown(self: &Rc<Self>, fd: &Rc<SharedFd>) -> Op {
+    /// `shutdown(2)` with `how`, awaited.
+    pub(crate) fn shutdown(self: &Rc<Self>, fd: &Rc<SharedFd>, how: i32) -> Op {
         let resources = Resources {
             fd: Some(fd.clone()),
             ..Resources::default()
         };
-        self.start_op(super::OpKind::Shutdown, resources)
+        self.start_op(super::OpKind::Shutdown(how), resources)
     }
 
     /// `connect(2)` to `addr`, cancelled after `timeout` (the result is

@@ -185,10 +185,10 @@ impl PollEngine {
                 let key = self.add_timer(Instant::now() + after, id, Expiry::Fire);
                 self.waiting.borrow_mut().insert(id.0, WaitsOn::Timer(key));
             }
-            OpKind::Shutdown => {
+            OpKind::Shutdown(how) => {
                 self.count_syscalls(1);
                 // SAFETY: `fd` is kept open by the op's resources.
-                let r = unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+                let r = unsafe { libc::shutdown(fd, how) };
                 ready(if r < 0 { -errno() } else { 0 });
             }
             OpKind::Close(raw) => {

@@ -151,7 +151,7 @@ impl RingEngine {
                 )
                 .build()
             }
-            OpKind::Shutdown => opcode::Shutdown::new(fd(), libc::SHUT_RDWR).build(),
+            OpKind::Shutdown(how) => opcode::Shutdown::new(fd(), how).build(),
             OpKind::Close(raw) => opcode::Close::new(types::Fd(raw)).build(),
             OpKind::Timeout(after) => {
                 let ts = resources

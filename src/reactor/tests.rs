@@ -423,7 +423,7 @@ async fn shutdown_completes_pending_recv_with_zero_on_socketpair() {
     let (fd, _peer) = socketpair();
     let (recv, _) = submit_recv(&reactor, &fd, 64);
     until_submitted(&reactor, before.sqes_submitted + 1).await;
-    let shut = reactor.shutdown(&fd).await;
+    let shut = reactor.shutdown(&fd, libc::SHUT_RDWR).await;
     assert_eq!(shut.raw(), 0, "shutdown: {:?}", shut.result());
     let done = tokio::time::timeout(PATIENCE, recv)
         .await
@@ -440,7 +440,7 @@ async fn shutdown_completes_pending_recv_with_zero_on_tcp() {
     let (fd, _server) = tcp_pair();
     let (recv, _) = submit_recv(&reactor, &fd, 64);
     until_submitted(&reactor, before.sqes_submitted + 1).await;
-    let shut = reactor.shutdown(&fd).await;
+    let shut = reactor.shutdown(&fd, libc::SHUT_RDWR).await;
     assert_eq!(shut.raw(), 0, "shutdown: {:?}", shut.result());
     let done = tokio::time::timeout(PATIENCE, recv)
         .await

@@ -37,6 +37,12 @@ pub use config::{
 /// Bound of a graceful close when no per-operation timeout is configured.
 const CLOSE_LIMIT: Duration = Duration::from_secs(30);
 
+/// How long a graceful close waits, once SSH_MSG_DISCONNECT has left, for
+/// the server to close its end (what arrives meanwhile is dropped), so
+/// that our close does not reset a connection the server is still writing
+/// to before it has read the DISCONNECT.
+const LINGER_LIMIT: Duration = Duration::from_secs(2);
+
 /// Counters of one session.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct SessionStats {
@@ -343,8 +349,11 @@ impl Session {
 
     /// Graceful close: closes every channel (EOF, CLOSE, the peer's CLOSE),
     /// sends SSH_MSG_DISCONNECT with `description`, waits until it has left,
-    /// shuts the socket down and frees libssh2's state. Nothing is sent after
-    /// the DISCONNECT.
+    /// shuts down our sending side and frees libssh2's state. Nothing is
+    /// sent after the DISCONNECT. Until the server closes its end (at most
+    /// 2 s more, within the timeout below) what it still sends is received
+    /// and dropped: closing on unread bytes would reset the connection,
+    /// possibly before the server has read the DISCONNECT.
     ///
     /// Bounded by the configured timeout (30 s if none is set); on timeout,
     /// or if this future is dropped before it finishes, the session is torn
@@ -368,6 +377,7 @@ impl Session {
         }
         let _free = FreeOnExit(inner);
         let after = inner.config.timeout.unwrap_or(CLOSE_LIMIT);
+        let started = Instant::now();
         let graceful = async {
             inner.close_channels().await;
             crate::forward::close_listeners(inner).await;
@@ -382,15 +392,17 @@ impl Session {
                 .await?;
             inner.transport.bridge().set_disconnected();
             inner.transport.drain().await;
-            inner.transport.shutdown(after).await;
-            Ok(())
+            Ok::<(), Error>(())
         };
         tokio::time::timeout(after, graceful)
             .await
             .map_err(|_| Error::Timeout {
                 operation: "close",
                 after,
-            })?
+            })??;
+        let left = after.saturating_sub(started.elapsed());
+        inner.transport.linger_close(left.min(LINGER_LIMIT)).await;
+        Ok(())
     }
 
     /// Whether the session was closed or its connection failed.

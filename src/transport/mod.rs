@@ -126,6 +126,9 @@ pub(crate) struct Transport {
     /// The recv in flight takes only what is there (`Reactor::recv_now`):
     /// its `EAGAIN` is an empty tick, not a failure.
     recv_now: Cell<bool>,
+    /// Lingering after the graceful end ([`Transport::linger_close`]):
+    /// what arrives is received and dropped.
+    discarding: Cell<bool>,
     spare_out: RefCell<Vec<u8>>,
     spare_in: RefCell<Vec<u8>>,
     waiters: RefCell<Vec<Waker>>,
@@ -154,6 +157,7 @@ impl Transport {
             batch: Cell::new(BatchPolicy::default()),
             recv_batched: Cell::new(false),
             recv_now: Cell::new(false),
+            discarding: Cell::new(false),
             spare_out: RefCell::new(Vec::new()),
             spare_in: RefCell::new(Vec::new()),
             waiters: RefCell::new(Vec::new()),
@@ -311,7 +315,7 @@ impl Transport {
         if self.recv_op.get().is_some()
             || self.delayed.get()
             || !self.link_usable()
-            || self.bridge().inbound_len() >= READAHEAD_LIMIT
+            || (self.bridge().inbound_len() >= READAHEAD_LIMIT && !self.discarding.get())
         {
             return;
         }
@@ -384,6 +388,13 @@ impl Transport {
         let now = self.recv_now.replace(false);
         match result {
             Ok(0) => self.bridge().set_peer_closed(),
+            // Lingering: nobody reads this any more, and the session's
+            // hooks are not run (nothing may be sent now).
+            Ok(_) if self.discarding.get() => {
+                *self.spare_in.borrow_mut() = std::mem::take(&mut resources.buf);
+                self.ensure_recv();
+                return;
+            }
             // A batched receive whose wait ran out before anything arrived:
             // the stream paused; receive as usual until it resumes.
             Err(e) if batched && e.raw_os_error() == Some(libc::ECANCELED) => {
@@ -462,13 +473,34 @@ impl Transport {
         .await
     }
 
-    /// Graceful end: shutdown(2) through the ring, awaited (bounded by
-    /// `timeout`); the recv in flight then completes and is reaped.
-    pub async fn shutdown(&self, timeout: Duration) {
-        let fd = self.fd.borrow_mut().take();
+    /// Graceful end once the last packet has left: `shutdown(SHUT_WR)`
+    /// puts a FIN behind it, then whatever still arrives is received and
+    /// dropped until the peer closes, the link fails or `timeout` passes;
+    /// only then is the socket torn down ([`Transport::kill`]).
+    ///
+    /// Closing with unread bytes makes the kernel answer with a reset,
+    /// which can reach a peer that is still writing before it has read our
+    /// last packet: it then fails on `EPIPE` and never sees it.
+    pub async fn linger_close(&self, timeout: Duration) {
+        let fd = self.fd.borrow().clone();
         if let Some(fd) = fd {
-            let op = self.reactor.shutdown(&fd);
-            let _ = tokio::time::timeout(timeout, op).await;
+            let linger = async {
+                let shut = self.reactor.shutdown(&fd, libc::SHUT_WR).await;
+                if shut.result().is_err() {
+                    return;
+                }
+                self.discarding.set(true);
+                std::future::poll_fn(|cx| {
+                    self.ensure_recv();
+                    if !self.link_usable() {
+                        return std::task::Poll::Ready(());
+                    }
+                    self.register(cx.waker());
+                    std::task::Poll::Pending
+                })
+                .await
+            };
+            let _ = tokio::time::timeout(timeout, linger).await;
         }
         self.kill();
     }
@@ -518,6 +550,43 @@ impl Drop for Transport {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::reactor::engine_tests::{both, tcp_pair};
+    use std::io::{Read, Write};
+
+    /// A peer that is still writing when our last packet leaves: after a
+    /// graceful end it gets every byte it wrote accepted, then our packet,
+    /// then our FIN, and no reset. The reset would come if we closed on
+    /// unread bytes (a server then fails on `EPIPE` before reading what we
+    /// sent last).
+    #[test]
+    fn a_lingering_close_lets_a_writing_peer_finish_and_read_our_last_packet() {
+        both(|reactor| async move {
+            let (fd, mut peer) = tcp_pair();
+            // More than both socket buffers hold: the peer still writes
+            // when we close.
+            const FLOOD: usize = 48 << 20;
+            let server = std::thread::spawn(move || {
+                let chunk = vec![0x5au8; 256 * 1024];
+                let mut wrote = 0;
+                while wrote < FLOOD {
+                    peer.write_all(&chunk)?;
+                    wrote += chunk.len();
+                }
+                let mut got = Vec::new();
+                peer.read_to_end(&mut got)?;
+                Ok::<_, std::io::Error>(got)
+            });
+            let t = Transport::new(reactor, fd);
+            t.pump();
+            assert_eq!(t.bridge().on_send(b"last packet"), 11);
+            t.pump();
+            assert!(t.drain().await, "the last packet did not leave");
+            t.bridge().set_disconnected();
+            t.linger_close(Duration::from_secs(30)).await;
+            let got = server.join().unwrap().expect("the peer's writes and reads");
+            assert_eq!(got, b"last packet");
+        });
+    }
 
     #[test]
     fn streams_count_the_sessions_of_this_and_the_last_millisecond() {
