@@ -482,6 +482,8 @@ impl Transport {
     /// which can reach a peer that is still writing before it has read our
     /// last packet: it then fails on `EPIPE` and never sees it.
     pub async fn linger_close(&self, timeout: Duration) {
+        // Nothing reads from here on: arrivals are dropped, not queued.
+        self.discarding.set(true);
         let fd = self.fd.borrow().clone();
         if let Some(fd) = fd {
             let linger = async {
@@ -489,7 +491,6 @@ impl Transport {
                 if shut.result().is_err() {
                     return;
                 }
-                self.discarding.set(true);
                 std::future::poll_fn(|cx| {
                     self.ensure_recv();
                     if !self.link_usable() {
@@ -585,6 +586,54 @@ mod tests {
             t.linger_close(Duration::from_secs(30)).await;
             let got = server.join().unwrap().expect("the peer's writes and reads");
             assert_eq!(got, b"last packet");
+        });
+    }
+
+    /// A peer that never stops writing and never closes holds a lingering
+    /// close only for its bound, and what it sends meanwhile is dropped,
+    /// not queued for libssh2.
+    #[test]
+    fn a_lingering_close_ends_at_its_bound_and_keeps_nothing() {
+        both(|reactor| async move {
+            let (fd, mut peer) = tcp_pair();
+            let server = std::thread::spawn(move || {
+                let chunk = vec![0xa5u8; 64 * 1024];
+                let mut wrote = 0usize;
+                // Ends when our close resets the connection.
+                while peer.write_all(&chunk).is_ok() {
+                    wrote += chunk.len();
+                }
+                wrote
+            });
+            let t = Transport::new(reactor, fd);
+            t.pump();
+            t.bridge().set_disconnected();
+            let queued = t.bridge().inbound_len();
+            assert!(queued <= 2 * READAHEAD_LIMIT, "{queued}");
+            let bound = Duration::from_millis(300);
+            let start = Instant::now();
+            tokio::time::timeout(Duration::from_secs(10), t.linger_close(bound))
+                .await
+                .expect("the linger outlived its bound");
+            assert!(
+                start.elapsed() >= bound,
+                "ended after {:?}",
+                start.elapsed()
+            );
+            assert_eq!(t.bridge().inbound_len(), queued, "lingering queued data");
+            assert_eq!(t.bridge().link(), Link::Dead);
+            // The driver must run to close the socket (that reset ends
+            // the peer's writes): wait without blocking the thread.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !server.is_finished() && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            assert!(
+                server.is_finished(),
+                "the peer still writes to a closed socket"
+            );
+            let wrote = server.join().unwrap();
+            assert!(wrote > READAHEAD_LIMIT, "the peer wrote only {wrote} bytes");
         });
     }
 
