@@ -263,3 +263,45 @@ fn an_upload_through_a_jump_arrives_intact() {
     let back = std::fs::read(dir.path().join("up.remote")).expect("uploaded file");
     assert_eq!(hex(&Sha256::digest(&back)), hex(&Sha256::digest(&data)));
 }
+
+/// A graceful close behind a jump while the target still streams: the
+/// target reads the DISCONNECT (its log says so) and meets no reset. The
+/// relay keeps carrying what the target sends after the inner session's
+/// half-close, until the target closes, as a direct session's linger does.
+#[test]
+fn a_graceful_close_through_a_jump_reaches_a_target_still_writing() {
+    let _g = serial();
+    let jump_sshd = Sshd::start();
+    let target = Sshd::start();
+    runtime().block_on(async {
+        let jump = connect(&jump_sshd).await;
+        for round in 0..3 {
+            let s = through(&jump, &target).await;
+            let mut streaming = s.exec("cat /dev/zero").await.expect("exec");
+            let mut buf = vec![0u8; 256 * 1024];
+            let mut got = 0;
+            while got < 4 * MIB {
+                got += streaming.read(&mut buf).await.expect("read");
+            }
+            let note = format!("jump round {round}");
+            tokio::time::timeout(PROMPT, s.close(&note))
+                .await
+                .expect("the close must not hang")
+                .expect("graceful close");
+            assert_eq!(s.stats().bridge.sends_after_disconnect, 0);
+            drop((streaming, s));
+            wait_until(PROMPT, "the target to log the DISCONNECT", || {
+                target.log().contains(&note)
+            })
+            .await;
+        }
+        let log = target.log();
+        for bad in ["Broken pipe", "Connection reset", "Bad packet length"] {
+            assert!(!log.contains(bad), "the target logged {bad:?}:\n{log}");
+        }
+        echo_ok(&jump).await;
+        jump.close("done").await.expect("close the jump");
+        drop(jump);
+        settled_empty().await;
+    });
+}

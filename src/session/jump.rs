@@ -9,6 +9,7 @@
 use std::future::poll_fn;
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::rc::Rc;
+use std::time::Duration;
 
 use super::{Config, Session, check_config, stream_socket};
 use crate::channel::ChannelInner;
@@ -77,32 +78,66 @@ fn socketpair() -> Result<(OwnedFd, OwnedFd)> {
     Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
+/// How long the relay keeps carrying the far end's bytes after the inner
+/// session's half-close (its graceful close lingers at most 2 s).
+const RELAY_LINGER: Duration = Duration::from_secs(3);
+
 /// Copies between `fd` (the relay's end of the socketpair) and `channel`
 /// until the inner session is gone or the channel fails, then shuts the
 /// socket down: an inner session whose jump failed sees its peer close.
 async fn relay(reactor: Rc<Reactor>, channel: Rc<ChannelInner>, fd: Rc<SharedFd>) {
-    let up = to_channel(&reactor, &channel, &fd);
-    let down = async {
-        if from_channel(&reactor, &channel, &fd).await {
-            // The far end closed: the inner session reads EOF, and may
-            // still send until it notices.
-            // SAFETY: `fd` is open while the relay holds it; shutdown(2)
-            // does not block.
-            unsafe { libc::shutdown(fd.raw(), libc::SHUT_WR) };
-            std::future::pending::<()>().await;
-        }
+    // The far end closed: the inner session reads EOF, and may still send
+    // until it notices.
+    let far_end_closed = || {
+        // SAFETY: `fd` is open while the relay holds it; shutdown(2) does
+        // not block.
+        unsafe { libc::shutdown(fd.raw(), libc::SHUT_WR) };
     };
+    let mut up = std::pin::pin!(to_channel(&reactor, &channel, &fd));
+    let mut down = std::pin::pin!(from_channel(&reactor, &channel, &fd));
     tokio::select! {
         biased;
-        () = up => {}
-        () = down => {}
+        () = &mut up => {
+            // The inner session's end: after a graceful close it lingers
+            // until the far end closes. Until then (bounded), the far end's
+            // bytes still reach it, so that the far end reads the
+            // DISCONNECT and the EOF behind it before any close of ours
+            // could reset it. A session dropped or killed is gone at once.
+            if !hung_up(&fd)
+                && let Ok(true) = tokio::time::timeout(RELAY_LINGER, down).await
+            {
+                far_end_closed();
+            }
+        }
+        eof = &mut down => {
+            if eof {
+                far_end_closed();
+                up.await;
+            }
+        }
     }
     reactor.shutdown_detached(&fd);
     // Dropping the channel hands its close to the jump session.
 }
 
-/// Inner session → channel, until the inner session shuts its socket down
-/// (it never half-closes: that is its end) or either side fails.
+/// Whether the inner session's end of the socketpair is shut down both
+/// ways or closed (a drop or a kill), rather than only for sending (a
+/// graceful close that lingers).
+fn hung_up(fd: &SharedFd) -> bool {
+    let mut p = libc::pollfd {
+        fd: fd.raw(),
+        events: 0,
+        revents: 0,
+    };
+    // SAFETY: one pollfd that lives on this stack frame for the call; a
+    // timeout of 0 never blocks.
+    let n = unsafe { libc::poll(&mut p, 1, 0) };
+    n < 0 || (n == 1 && p.revents & (libc::POLLHUP | libc::POLLERR) != 0)
+}
+
+/// Inner session → channel, until the inner session shuts down its
+/// sending side (its end, after a graceful close's DISCONNECT) or either
+/// side fails.
 async fn to_channel(reactor: &Rc<Reactor>, channel: &ChannelInner, fd: &Rc<SharedFd>) {
     let mut buf = vec![0u8; RELAY_BUF];
     loop {

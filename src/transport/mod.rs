@@ -400,6 +400,10 @@ impl Transport {
             Err(e) if batched && e.raw_os_error() == Some(libc::ECANCELED) => {
                 self.adapt(0, true, Instant::now());
                 self.ensure_recv();
+                if self.discarding.get() {
+                    // Lingering: nothing arrived, nobody is to be woken.
+                    return;
+                }
             }
             // A drain that does not wait found nothing: the buffer comes
             // back, and the next tick (or a pause) decides. Nothing
