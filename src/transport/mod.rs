@@ -506,6 +506,9 @@ impl Transport {
                 .await
             };
             let _ = tokio::time::timeout(timeout, linger).await;
+            // Closed when the last op holding it completes; no second
+            // shutdown to wait for (what `kill` would submit).
+            drop(self.fd.borrow_mut().take());
         }
         self.kill();
     }
