@@ -11,7 +11,7 @@ use std::os::fd::{FromRawFd, OwnedFd};
 use std::rc::Rc;
 use std::time::Duration;
 
-use super::{Config, Session, check_config, stream_socket};
+use super::{Config, LINGER_LIMIT, Session, check_config, stream_socket};
 use crate::channel::ChannelInner;
 use crate::error::{Error, Result};
 use crate::reactor::{Reactor, SharedFd};
@@ -79,8 +79,9 @@ fn socketpair() -> Result<(OwnedFd, OwnedFd)> {
 }
 
 /// How long the relay keeps carrying the far end's bytes after the inner
-/// session's half-close (its graceful close lingers at most 2 s).
-const RELAY_LINGER: Duration = Duration::from_secs(3);
+/// session's half-close: the inner session's own linger, and a second more
+/// for the far end's close to come back through the jump.
+const RELAY_LINGER: Duration = LINGER_LIMIT.saturating_add(Duration::from_secs(1));
 
 /// Copies between `fd` (the relay's end of the socketpair) and `channel`
 /// until the inner session is gone or the channel fails, then shuts the
