@@ -18,6 +18,9 @@
 //!   `send-zc`: SEND_ZC on the fd, each buffer reused only after the
 //!   kernel's notification that it let go of it.
 //!
+//! `--chunk` sets the ring's op size (64 KiB), `--peer-chunk` the peer's
+//! reads and writes (the same by default).
+//!
 //! Prints the ring thread's user and system CPU seconds per GiB and MB/s,
 //! medians over the rounds.
 
@@ -81,18 +84,18 @@ fn one_op(ring: &mut IoUring, sqe: squeue::Entry, zc: bool) -> i32 {
     result.expect("a result")
 }
 
-fn run(mode: &str, bytes: u64, chunk: usize) -> Run {
+fn run(mode: &str, bytes: u64, chunk: usize, peer_chunk: usize) -> Run {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = listener.local_addr().expect("addr");
     let receiving = mode.starts_with("recv");
     let peer = std::thread::spawn(move || {
         pin(1);
         let (mut s, _) = listener.accept().expect("accept");
-        let mut buf = vec![0x5au8; chunk];
+        let mut buf = vec![0x5au8; peer_chunk];
         let mut left = bytes;
         while left > 0 {
             let n = if receiving {
-                let want = (left as usize).min(chunk);
+                let want = (left as usize).min(peer_chunk);
                 s.write(&buf[..want]).expect("peer write")
             } else {
                 s.read(&mut buf).expect("peer read")
@@ -151,6 +154,7 @@ fn main() {
     let mut gib = 2.0f64;
     let mut rounds = 5usize;
     let mut chunk = 64 * 1024usize;
+    let mut peer_chunk = None;
     let mut modes: Vec<String> = MODES.iter().map(|m| m.to_string()).collect();
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -159,8 +163,11 @@ fn main() {
             "--gib" => gib = val().parse().expect("--gib"),
             "--rounds" => rounds = val().parse().expect("--rounds"),
             "--chunk" => chunk = val().parse().expect("--chunk"),
+            "--peer-chunk" => peer_chunk = Some(val().parse().expect("--peer-chunk")),
             "--modes" => modes = val().split(',').map(str::to_string).collect(),
-            _ => panic!("unknown argument {a}: --gib G --rounds N --chunk BYTES --modes a,b"),
+            _ => panic!(
+                "unknown argument {a}: --gib G --rounds N --chunk BYTES --peer-chunk BYTES --modes a,b"
+            ),
         }
     }
     for m in &modes {
@@ -171,7 +178,7 @@ fn main() {
     let mut results: Vec<Vec<Run>> = modes.iter().map(|_| Vec::new()).collect();
     for _ in 0..rounds {
         for (i, m) in modes.iter().enumerate() {
-            results[i].push(run(m, bytes, chunk));
+            results[i].push(run(m, bytes, chunk, peer_chunk.unwrap_or(chunk)));
         }
     }
     println!("mode         user s/GiB  sys s/GiB  cpu s/GiB     MB/s");
