@@ -34,11 +34,17 @@ const MODES: [&str; 5] = ["recv", "recv-fixed", "send", "send-fixed", "send-zc"]
 
 fn pin(core: usize) {
     // SAFETY: `set` is a plain bit set on the stack, valid for the call.
-    unsafe {
+    let r = unsafe {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
         libc::CPU_SET(core, &mut set);
-        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
-    }
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
+    };
+    assert_eq!(
+        r,
+        0,
+        "cannot pin to core {core}: {}",
+        std::io::Error::last_os_error()
+    );
 }
 
 fn thread_cpu() -> (Duration, Duration) {
@@ -58,17 +64,32 @@ struct Run {
     secs: f64,
 }
 
-/// Submits `sqe`, then reaps until `done` says the op is over; returns
-/// the first result.
-fn one_op(ring: &mut IoUring, sqe: squeue::Entry, zc: bool) -> i32 {
-    // SAFETY: every pointer in `sqe` refers to the caller's buffer, which
-    // outlives this call, and this call returns only after the op's last
-    // CQE (for SEND_ZC, its notification).
-    unsafe { ring.submission().push(&sqe).expect("sq full") };
+/// Submits `sqe` and reaps until its result and, for SEND_ZC (`zc`), its
+/// notification have arrived; returns the result.
+///
+/// # Safety
+///
+/// The buffer `sqe` points at must stay valid until this returns. It
+/// returns only after the op's last CQE; where the ring fails, the process
+/// aborts rather than unwind past an op the kernel may still write.
+unsafe fn one_op(ring: &mut IoUring, sqe: squeue::Entry, zc: bool) -> i32 {
+    // SAFETY: the caller keeps the buffer valid until the op's last CQE,
+    // which this function waits for (see above).
+    if unsafe { ring.submission().push(&sqe) }.is_err() {
+        eprintln!("submission queue full");
+        std::process::abort();
+    }
     let mut result = None;
     let mut notified = !zc;
     while result.is_none() || !notified {
-        ring.submit_and_wait(1).expect("enter");
+        match ring.submit_and_wait(1) {
+            Ok(_) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+            Err(e) => {
+                eprintln!("io_uring_enter: {e}");
+                std::process::abort();
+            }
+        }
         for cqe in ring.completion() {
             if cqueue::notif(cqe.flags()) {
                 notified = true;
@@ -107,6 +128,8 @@ fn run(mode: &str, bytes: u64, chunk: usize, peer_chunk: usize) -> Run {
     pin(0);
     let stream = TcpStream::connect(addr).expect("connect");
     let fd = stream.as_raw_fd();
+    // Declared before the ring: dropped after it, whatever happens.
+    let mut buf = vec![0x33u8; chunk];
     let mut ring: IoUring = IoUring::builder()
         .setup_coop_taskrun()
         .setup_taskrun_flag()
@@ -116,7 +139,6 @@ fn run(mode: &str, bytes: u64, chunk: usize, peer_chunk: usize) -> Run {
     if fixed {
         ring.submitter().register_files(&[fd]).expect("register");
     }
-    let mut buf = vec![0x33u8; chunk];
     let (u0, s0) = thread_cpu();
     let start = Instant::now();
     let mut left = bytes;
@@ -130,7 +152,9 @@ fn run(mode: &str, bytes: u64, chunk: usize, peer_chunk: usize) -> Run {
             (false, false, true) => opcode::SendZc::new(types::Fd(fd), p, want).build(),
             (false, false, false) => opcode::Send::new(types::Fd(fd), p, want).build(),
         };
-        let n = one_op(&mut ring, sqe, mode == "send-zc");
+        // SAFETY: `buf` lives until the end of this function, past the
+        // op's last CQE (`one_op` returns only then).
+        let n = unsafe { one_op(&mut ring, sqe, mode == "send-zc") };
         assert!(n > 0, "{mode}: op failed with {n}");
         left -= n as u64;
     }
@@ -170,6 +194,10 @@ fn main() {
             ),
         }
     }
+    assert!(rounds > 0, "--rounds must be at least 1");
+    assert!(chunk > 0, "--chunk must be at least 1");
+    assert!(peer_chunk != Some(0), "--peer-chunk must be at least 1");
+    assert!(gib * (1u64 << 30) as f64 >= 1.0, "--gib must be positive");
     for m in &modes {
         assert!(MODES.contains(&m.as_str()), "unknown mode {m}: {MODES:?}");
     }
