@@ -7,30 +7,36 @@
 //! cargo run --release --example many_streams -- --streams 1000 --mib 1 --rate 200 --rounds 7
 //! ```
 //!
-//! The reading thread runs on core 0. Writer threads on core 1 (four by
-//! default, like servers sharing a core) write to their streams in turn,
-//! `--burst` bytes at a time (32 KiB, about an SSH packet), on blocking
-//! sockets; with `--rate` they keep to that many MB/s together, as
-//! servers slower than the client do. Modes, run in turn round by round:
+//! The reading thread runs on core 0. Writer threads on core 1 write to
+//! their streams in turn, `--burst` bytes at a time, on blocking sockets;
+//! with `--rate` they keep to that many MB/s together, as servers slower
+//! than the client do (without it they write as fast as they can).
+//! Defaults: `--streams 1000 --mib 2 --burst 32768 --writers 4 --buf
+//! 65536 --provided 1024 --rounds 3`, every mode. Modes (`--modes a,b`),
+//! run in turn round by round:
 //!
 //! - `epoll`: non-blocking sockets in an edge-triggered epoll set; each
 //!   ready socket is read with `recv(2)` until `EAGAIN`;
-//! - `ring`: one RECV in flight per stream into its own buffer, submitted
-//!   again after each completion (what the reactor does), the thread
-//!   waiting in `io_uring_enter`;
+//! - `ring`: one RECV of `--buf` bytes in flight per stream into its own
+//!   buffer, submitted again after each completion (what the reactor
+//!   does), the thread waiting in `io_uring_enter`;
 //! - `ring-via-epoll`: the same, the thread waiting in `epoll_wait` on the
 //!   ring's fd, as the reactor does under tokio;
 //! - `multishot`: one multishot RECV per stream, each completion in a
-//!   buffer the kernel picks from a ring of provided buffers shared by
-//!   every stream, handed back as soon as it is counted;
+//!   buffer the kernel picks from a ring of `--provided` buffers shared by
+//!   every stream; the buffers a wake-up's completions used go back to
+//!   the kernel together before the next wait;
 //! - `ring-defer`, `multishot-defer`: the two ring modes on a ring with
 //!   deferred task work (`SINGLE_ISSUER | DEFER_TASKRUN`), which only a
 //!   thread waiting in `io_uring_enter` can use.
 //!
 //! The other rings use cooperative task work (`COOP_TASKRUN |
 //! TASKRUN_FLAG`), as the reactor does. Prints the reading thread's user
-//! and system CPU seconds per GiB, MB/s and wake-ups per MiB, medians over
-//! the rounds.
+//! and system CPU seconds per GiB, MB/s and wake-ups per MiB (returns
+//! from the wait, whether it slept or not), medians over the rounds.
+//!
+//! Any panic aborts the process: ring modes have receives in flight into
+//! buffers that unwinding would free.
 
 use io_uring::{IoUring, cqueue, opcode, types};
 use std::io::Write;
@@ -224,7 +230,9 @@ fn read_epoll(o: &Options, ours: &[TcpStream]) -> u64 {
 }
 
 fn new_ring(o: &Options, defer: bool) -> IoUring {
-    let entries = o.streams.next_power_of_two().max(64) as u32;
+    // Past 4,096 SQEs a full queue is submitted and refilled (`push`);
+    // completions beyond the CQ wait in the kernel (`IORING_FEAT_NODROP`).
+    let entries = o.streams.next_power_of_two().clamp(64, 4096) as u32;
     let mut b = IoUring::builder();
     if defer {
         b.setup_single_issuer().setup_defer_taskrun();
@@ -258,10 +266,15 @@ fn or_abort<T>(r: std::io::Result<T>, what: &str) -> T {
     })
 }
 
-fn push(ring: &mut IoUring, sqe: &io_uring::squeue::Entry) {
-    // SAFETY: every pointer in the SQEs pushed here (buffers, the
-    // buffer ring) outlives the ring: the callers declare them before it
-    // and reap every op before returning.
+/// Queues `sqe`, submitting what is queued first if the queue is full.
+///
+/// # Safety
+///
+/// Every pointer in `sqe` (a buffer, the buffer ring) must stay valid
+/// until the op's last CQE. The callers declare them before the ring and
+/// reap every op before returning; a panic aborts (see `main`).
+unsafe fn push(ring: &mut IoUring, sqe: &io_uring::squeue::Entry) {
+    // SAFETY: the caller keeps the SQE's pointers valid (see above).
     while unsafe { ring.submission().push(sqe) }.is_err() {
         or_abort(ring.submit(), "io_uring_enter");
     }
@@ -287,7 +300,9 @@ fn read_ring(o: &Options, ours: &[TcpStream], defer: bool, via_epoll: bool) -> u
     };
     for i in 0..ours.len() {
         let sqe = recv(&mut bufs, i);
-        push(&mut ring, &sqe);
+        // SAFETY: `bufs` is declared before the ring and not touched
+        // while its receives are in flight; every one is reaped below.
+        unsafe { push(&mut ring, &sqe) };
     }
     let waiter = via_epoll.then(|| EpollWaiter::new(ring.as_raw_fd()));
     let mut open = ours.len();
@@ -310,7 +325,8 @@ fn read_ring(o: &Options, ours: &[TcpStream], defer: bool, via_epoll: bool) -> u
                 open -= 1;
             } else {
                 let sqe = recv(&mut bufs, i);
-                push(&mut ring, &sqe);
+                // SAFETY: as above; stream `i` has no receive in flight.
+                unsafe { push(&mut ring, &sqe) };
             }
         }
     }
@@ -459,7 +475,10 @@ fn read_multishot(o: &Options, ours: &[TcpStream], defer: bool) -> u64 {
             .user_data(i as u64)
     };
     for i in 0..ours.len() {
-        push(&mut ring, &arm(i));
+        // SAFETY: no pointer in the SQE; the buffer ring it draws from is
+        // declared before the ring, and every multishot ends (cancelled
+        // and reaped) before this function returns.
+        unsafe { push(&mut ring, &arm(i)) };
     }
     let mut left: Vec<u64> = vec![o.bytes; ours.len()];
     let mut open = ours.len();
@@ -497,19 +516,19 @@ fn read_multishot(o: &Options, ours: &[TcpStream], defer: bool) -> u64 {
         for i in 0..ours.len() {
             if !armed[i] && left[i] > 0 {
                 armed[i] = true;
-                push(&mut ring, &arm(i));
+                // SAFETY: as above.
+                unsafe { push(&mut ring, &arm(i)) };
             }
         }
     }
     // Every stream has ended: cancel the multishots still armed and reap
     // them before the buffers go.
     for i in (0..ours.len()).filter(|&i| armed[i]) {
-        push(
-            &mut ring,
-            &opcode::AsyncCancel::new(i as u64)
-                .build()
-                .user_data(u64::MAX),
-        );
+        let cancel = opcode::AsyncCancel::new(i as u64)
+            .build()
+            .user_data(u64::MAX);
+        // SAFETY: a cancel points at nothing.
+        unsafe { push(&mut ring, &cancel) };
     }
     let mut pending = armed.iter().filter(|&&a| a).count();
     while pending > 0 {
@@ -521,6 +540,19 @@ fn read_multishot(o: &Options, ours: &[TcpStream], defer: bool) -> u64 {
         }
     }
     wakeups
+}
+
+/// Raises the soft limit on open files to the hard one; returns it.
+fn raise_nofile() -> u64 {
+    // SAFETY: getrlimit/setrlimit fill and read the struct they are given.
+    unsafe {
+        let mut l: libc::rlimit = std::mem::zeroed();
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut l);
+        l.rlim_cur = l.rlim_max;
+        libc::setrlimit(libc::RLIMIT_NOFILE, &l);
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut l);
+        l.rlim_cur
+    }
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -559,9 +591,33 @@ fn main() {
             ),
         }
     }
+    // A ring mode that panics has receives in flight into buffers that
+    // unwinding would free: end the process instead.
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        report(info);
+        std::process::abort();
+    }));
     assert!(
         o.streams > 0 && o.writers > 0 && rounds > 0,
         "counts must be at least 1"
+    );
+    assert!(
+        o.rate >= 0.0 && o.rate.is_finite(),
+        "--rate must be 0 or more MB/s"
+    );
+    assert!(
+        o.provided.is_power_of_two() && o.provided <= 32768,
+        "--provided must be a power of two up to 32768"
+    );
+    assert!(o.buf <= 1 << 30, "--buf must be at most 1 GiB");
+    // Two sockets per stream, plus a few.
+    let need = 2 * o.streams as u64 + 32;
+    let nofile = raise_nofile();
+    assert!(
+        nofile >= need,
+        "{} streams need {need} open files; the limit is {nofile}",
+        o.streams
     );
     assert!(
         o.bytes > 0 && o.burst > 0 && o.buf > 0,
