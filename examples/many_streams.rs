@@ -44,6 +44,7 @@ use std::net::{TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::{Duration, Instant};
+use uring_ssh_testkit::util::{pin_this_thread, raise_nofile, thread_cpu};
 
 const MODES: [&str; 6] = [
     "epoll",
@@ -56,32 +57,6 @@ const MODES: [&str; 6] = [
 
 /// Buffer group of the provided buffers.
 const GROUP: u16 = 7;
-
-fn pin(core: usize) {
-    // SAFETY: `set` is a plain bit set on the stack, valid for the call.
-    let r = unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(core, &mut set);
-        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
-    };
-    assert_eq!(
-        r,
-        0,
-        "cannot pin to core {core}: {}",
-        std::io::Error::last_os_error()
-    );
-}
-
-fn thread_cpu() -> (Duration, Duration) {
-    // SAFETY: `ru` is written by the call and read only after it.
-    let ru = unsafe {
-        let mut ru: libc::rusage = std::mem::zeroed();
-        libc::getrusage(libc::RUSAGE_THREAD, &mut ru);
-        ru
-    };
-    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
-    (tv(ru.ru_utime), tv(ru.ru_stime))
-}
 
 struct Options {
     streams: usize,
@@ -126,7 +101,7 @@ fn start_writers(o: &Options, theirs: Vec<TcpStream>) -> Vec<std::thread::JoinHa
     sets.into_iter()
         .map(|mut set| {
             std::thread::spawn(move || {
-                pin(1);
+                pin_this_thread(1);
                 let data = vec![0x5au8; burst];
                 let mut left = bytes;
                 let mut next = Instant::now();
@@ -150,7 +125,7 @@ fn start_writers(o: &Options, theirs: Vec<TcpStream>) -> Vec<std::thread::JoinHa
 
 fn run(mode: &str, o: &Options) -> Run {
     let (ours, theirs) = connect(o.streams);
-    pin(0);
+    pin_this_thread(0);
     let writers = start_writers(o, theirs);
     let (u0, s0) = thread_cpu();
     let start = Instant::now();
@@ -540,19 +515,6 @@ fn read_multishot(o: &Options, ours: &[TcpStream], defer: bool) -> u64 {
         }
     }
     wakeups
-}
-
-/// Raises the soft limit on open files to the hard one; returns it.
-fn raise_nofile() -> u64 {
-    // SAFETY: getrlimit/setrlimit fill and read the struct they are given.
-    unsafe {
-        let mut l: libc::rlimit = std::mem::zeroed();
-        libc::getrlimit(libc::RLIMIT_NOFILE, &mut l);
-        l.rlim_cur = l.rlim_max;
-        libc::setrlimit(libc::RLIMIT_NOFILE, &l);
-        libc::getrlimit(libc::RLIMIT_NOFILE, &mut l);
-        l.rlim_cur
-    }
 }
 
 fn median(mut v: Vec<f64>) -> f64 {

@@ -28,35 +28,10 @@ use io_uring::{IoUring, cqueue, opcode, squeue, types};
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
-use std::time::{Duration, Instant};
+use std::time::Instant;
+use uring_ssh_testkit::util::{pin_this_thread, thread_cpu};
 
 const MODES: [&str; 5] = ["recv", "recv-fixed", "send", "send-fixed", "send-zc"];
-
-fn pin(core: usize) {
-    // SAFETY: `set` is a plain bit set on the stack, valid for the call.
-    let r = unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(core, &mut set);
-        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
-    };
-    assert_eq!(
-        r,
-        0,
-        "cannot pin to core {core}: {}",
-        std::io::Error::last_os_error()
-    );
-}
-
-fn thread_cpu() -> (Duration, Duration) {
-    // SAFETY: `ru` is written by the call and read only after it.
-    let ru = unsafe {
-        let mut ru: libc::rusage = std::mem::zeroed();
-        libc::getrusage(libc::RUSAGE_THREAD, &mut ru);
-        ru
-    };
-    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
-    (tv(ru.ru_utime), tv(ru.ru_stime))
-}
 
 struct Run {
     user: f64,
@@ -110,7 +85,7 @@ fn run(mode: &str, bytes: u64, chunk: usize, peer_chunk: usize) -> Run {
     let addr = listener.local_addr().expect("addr");
     let receiving = mode.starts_with("recv");
     let peer = std::thread::spawn(move || {
-        pin(1);
+        pin_this_thread(1);
         let (mut s, _) = listener.accept().expect("accept");
         let mut buf = vec![0x5au8; peer_chunk];
         let mut left = bytes;
@@ -125,7 +100,7 @@ fn run(mode: &str, bytes: u64, chunk: usize, peer_chunk: usize) -> Run {
             left -= n as u64;
         }
     });
-    pin(0);
+    pin_this_thread(0);
     let stream = TcpStream::connect(addr).expect("connect");
     let fd = stream.as_raw_fd();
     // Declared before the ring: dropped after it, whatever happens.

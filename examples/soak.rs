@@ -12,7 +12,7 @@
 //! `cargo run --release --example soak -- --sessions 1000 --minutes 10`
 
 use uring_ssh_testkit::sshd;
-use uring_ssh_testkit::util::settle;
+use uring_ssh_testkit::util::{raise_nofile, settle};
 
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
@@ -119,19 +119,6 @@ fn heap_kib() -> (u64, u64) {
 
 fn open_fds() -> usize {
     std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count())
-}
-
-/// Raises the soft fd limit to the hard one (each session holds a socket).
-fn raise_nofile() -> u64 {
-    // SAFETY: getrlimit/setrlimit fill and read the struct they are given.
-    unsafe {
-        let mut l: libc::rlimit = std::mem::zeroed();
-        libc::getrlimit(libc::RLIMIT_NOFILE, &mut l);
-        l.rlim_cur = l.rlim_max;
-        libc::setrlimit(libc::RLIMIT_NOFILE, &l);
-        libc::getrlimit(libc::RLIMIT_NOFILE, &mut l);
-        l.rlim_cur
-    }
 }
 
 fn main() {

@@ -381,3 +381,49 @@ pub fn alone_in_own_process(name: &str) -> bool {
     eprint!("{stderr}");
     false
 }
+
+/// Pins the calling thread to CPU `core`. Panics if the kernel refuses
+/// (no such core, or outside the process's allowed set), so that a
+/// measurement never runs unpinned without saying so.
+pub fn pin_this_thread(core: usize) {
+    // SAFETY: a zeroed cpu_set_t is an empty set; CPU_SET writes inside
+    // it, and sched_setaffinity(0, ...) reads it for the calling thread.
+    let r = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(core, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
+    };
+    assert_eq!(
+        r,
+        0,
+        "cannot pin to core {core}: {}",
+        std::io::Error::last_os_error()
+    );
+}
+
+/// The calling thread's user and system CPU time so far
+/// (`getrusage(RUSAGE_THREAD)`).
+pub fn thread_cpu() -> (Duration, Duration) {
+    // SAFETY: `ru` is written by the call and read only after it.
+    let ru = unsafe {
+        let mut ru: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_THREAD, &mut ru);
+        ru
+    };
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    (tv(ru.ru_utime), tv(ru.ru_stime))
+}
+
+/// Raises the soft limit on open files to the hard one; returns the soft
+/// limit now in force.
+pub fn raise_nofile() -> u64 {
+    // SAFETY: getrlimit/setrlimit fill and read the struct they are given.
+    unsafe {
+        let mut l: libc::rlimit = std::mem::zeroed();
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut l);
+        l.rlim_cur = l.rlim_max;
+        libc::setrlimit(libc::RLIMIT_NOFILE, &l);
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut l);
+        l.rlim_cur
+    }
+}
