@@ -585,11 +585,15 @@ impl Reactor {
     }
 
     /// Makes this thread's reactor a ring in the first of `modes` the
-    /// kernel accepts (tests of each task-work mode). Fails if the thread
-    /// already has a reactor.
+    /// kernel accepts (tests of each task-work mode), entered through a
+    /// registered ring fd if `register`, else by its fd. Fails if the
+    /// thread already has a reactor.
     #[cfg(test)]
-    pub(crate) fn install_ring_with(modes: &[TaskWork]) -> Result<Rc<Reactor>, Error> {
-        let (ring, features) = ring::RingEngine::with_modes(modes)?;
+    pub(crate) fn install_ring_with(
+        modes: &[TaskWork],
+        register: bool,
+    ) -> Result<Rc<Reactor>, Error> {
+        let (ring, features) = ring::RingEngine::with_modes(modes, register)?;
         let r = Rc::new(Reactor::with_engine(AnyEngine::Ring(ring), features));
         CURRENT.with(|c| {
             let mut c = c.borrow_mut();

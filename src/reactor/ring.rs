@@ -49,16 +49,34 @@ impl RingEngine {
         Self::from_setup(super::probe::setup(RING_ENTRIES)?)
     }
 
-    /// A ring in one of `modes` (the reactor's tests of each mode).
+    /// A ring in one of `modes` (the reactor's tests of each mode); with
+    /// `register` false it is entered by its fd, as where
+    /// `IORING_REGISTER_RING_FDS` fails (kernels before 5.18).
     #[cfg(test)]
-    pub(super) fn with_modes(modes: &[TaskWork]) -> Result<(RingEngine, super::Features), Error> {
-        Self::from_setup(super::probe::setup_with(RING_ENTRIES, modes)?)
+    pub(super) fn with_modes(
+        modes: &[TaskWork],
+        register: bool,
+    ) -> Result<(RingEngine, super::Features), Error> {
+        let (ring, features) = super::probe::setup_with(RING_ENTRIES, modes)?;
+        Self::from_parts(ring, features, register)
     }
 
     fn from_setup(
-        (ring, mut features): (IoUring, super::Features),
+        (ring, features): (IoUring, super::Features),
     ) -> Result<(RingEngine, super::Features), Error> {
-        let registered = register_ring_fd(&ring);
+        Self::from_parts(ring, features, true)
+    }
+
+    fn from_parts(
+        ring: IoUring,
+        mut features: super::Features,
+        register: bool,
+    ) -> Result<(RingEngine, super::Features), Error> {
+        let registered = if register {
+            register_ring_fd(&ring)
+        } else {
+            None
+        };
         features.registered_ring = registered.is_some();
         Ok((
             RingEngine {

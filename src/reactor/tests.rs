@@ -774,22 +774,25 @@ async fn completions_beyond_the_cq_ring_size_are_all_reaped() {
 
 /// Each task-work mode the reactor can set up (cooperative where the kernel
 /// has it, the default ring as the fallback) wakes the driver when a recv
-/// that waited in the kernel completes, and enters through the registered
-/// ring fd where the kernel offers one (5.18+).
+/// that waited in the kernel completes, entering through the registered
+/// ring fd where the kernel offers one (5.18+) and by the ring's own fd
+/// where it does not (the fallback, forced here).
 #[test]
 fn every_task_work_mode_wakes_the_driver_and_delivers() {
     use super::probe::TaskWork;
-    for mode in [TaskWork::Cooperative, TaskWork::Signal] {
+    let modes = [TaskWork::Cooperative, TaskWork::Signal];
+    for (mode, register) in modes.into_iter().flat_map(|m| [(m, true), (m, false)]) {
         std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .unwrap();
             rt.block_on(async {
-                let reactor = Reactor::install_ring_with(&[mode]).expect("ring in this mode");
+                let reactor =
+                    Reactor::install_ring_with(&[mode], register).expect("ring in this mode");
                 let f = reactor.features();
                 assert_eq!(f.task_work, mode);
-                assert!(f.registered_ring, "5.18+ registers the ring fd");
+                assert_eq!(f.registered_ring, register, "5.18+ registers the ring fd");
                 super::nop().await.expect("warm-up nop");
                 let before = reactor.stats();
                 let (fd, peer) = socketpair();
@@ -801,12 +804,21 @@ fn every_task_work_mode_wakes_the_driver_and_delivers() {
                 });
                 let done = tokio::time::timeout(Duration::from_secs(5), op)
                     .await
-                    .unwrap_or_else(|_| panic!("{mode}: the driver was never woken"));
-                assert_eq!(done.raw(), 4, "{mode}");
+                    .unwrap_or_else(|_| {
+                        panic!("{mode}, registered {register}: the driver was never woken")
+                    });
+                assert_eq!(done.raw(), 4, "{mode}, registered {register}");
                 let _peer = writer.join().unwrap();
                 let after = reactor.stats();
-                assert_eq!(after.ops_in_flight, before.ops_in_flight, "{mode}");
-                assert_eq!(after.sqes_submitted - before.sqes_submitted, 1, "{mode}");
+                assert_eq!(
+                    after.ops_in_flight, before.ops_in_flight,
+                    "{mode}, registered {register}"
+                );
+                assert_eq!(
+                    after.sqes_submitted - before.sqes_submitted,
+                    1,
+                    "{mode}, registered {register}"
+                );
             });
         })
         .join()
