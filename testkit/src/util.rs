@@ -1,6 +1,8 @@
-//! Helpers shared by the integration tests: a connected session, a fast
-//! deterministic byte generator, hashing, leak probes, and waits for a
-//! condition under a deadline.
+//! Helpers shared by the integration tests, benches and examples: a
+//! connected session, a fast deterministic byte generator, hashing, leak
+//! probes, waits for a condition under a deadline, and for measurements
+//! pinning a thread to a core, a thread's CPU time and the open-file
+//! limit.
 
 use std::time::Duration;
 
@@ -384,7 +386,8 @@ pub fn alone_in_own_process(name: &str) -> bool {
 
 /// Pins the calling thread to CPU `core`. Panics if the kernel refuses
 /// (no such core, or outside the process's allowed set), so that a
-/// measurement never runs unpinned without saying so.
+/// measurement never runs unpinned without saying so; also panics for a
+/// `core` of 1024 or more, which a `cpu_set_t` cannot name.
 pub fn pin_this_thread(core: usize) {
     // SAFETY: a zeroed cpu_set_t is an empty set; CPU_SET writes inside
     // it, and sched_setaffinity(0, ...) reads it for the calling thread.
@@ -415,7 +418,8 @@ pub fn thread_cpu() -> (Duration, Duration) {
 }
 
 /// Raises the soft limit on open files to the hard one; returns the soft
-/// limit now in force.
+/// limit now in force. A failure to raise it is not reported; the limit
+/// returned says what the caller got.
 pub fn raise_nofile() -> u64 {
     // SAFETY: getrlimit/setrlimit fill and read the struct they are given.
     unsafe {
