@@ -46,7 +46,8 @@ pub(super) struct RingEngine {
 
 impl RingEngine {
     pub(super) fn new() -> Result<(RingEngine, super::Features), Error> {
-        Self::from_setup(super::probe::setup(RING_ENTRIES)?)
+        let (ring, features) = super::probe::setup(RING_ENTRIES)?;
+        Self::from_parts(ring, features, true)
     }
 
     /// A ring in one of `modes` (the reactor's tests of each mode); with
@@ -59,12 +60,6 @@ impl RingEngine {
     ) -> Result<(RingEngine, super::Features), Error> {
         let (ring, features) = super::probe::setup_with(RING_ENTRIES, modes)?;
         Self::from_parts(ring, features, register)
-    }
-
-    fn from_setup(
-        (ring, features): (IoUring, super::Features),
-    ) -> Result<(RingEngine, super::Features), Error> {
-        Self::from_parts(ring, features, true)
     }
 
     fn from_parts(
